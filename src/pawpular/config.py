@@ -1,0 +1,290 @@
+"""One typed config for every stage.
+
+An experiment is a YAML file (``configs/*.yaml``) mapped onto the dataclasses below. Unknown keys and values of
+the wrong type are errors that name the key; ``--set section.key=value`` overrides any field from the command
+line; the resolved config is saved as ``output/<experiment>/config.yaml`` beside what the run writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class FoldsConfig:
+    n_folds: int = 5
+    seed: int = 42
+    # Keep exact and near-duplicate images (perceptual hash) in one fold: StratifiedGroupKFold.
+    group_duplicates: bool = True
+    # Hamming distance (of 64 bits) under which two images count as duplicates.
+    hash_threshold: int = 6
+
+
+@dataclass
+class ModelConfig:
+    # Any timm model name. Extra constructor arguments (a tiny Swin for tests and the embedded default) go in kwargs.
+    name: str = "swin_large_patch4_window12_384"
+    kwargs: dict = field(default_factory=dict)
+    # none | hub | path to a .safetensors / .pth / .bin file
+    pretrained: str = "none"
+    # Input side; None takes it from the model's pretrained config (timm.data.resolve_data_config).
+    img_size: int | None = None
+    drop_rate: float = 0.1
+    # Concatenate the 12 metadata flags to the pooled features before the head.
+    use_meta: bool = False
+    # full | fpt | ssf | head
+    finetune: Literal["full", "fpt", "ssf", "head"] = "full"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 2e-5
+    head_lr: float | None = None
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5
+    accum_steps: int = 1
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    channels_last: bool = True
+    compile: bool = False
+    mixup_alpha: float = 0.0  # 0 disables mixup
+    patience: int = 3  # early stopping on validation RMSE; 0 disables
+    tta_hflip: bool = True
+    num_workers: int = 2
+    # Only these folds (None = all); lets users spread folds over machines.
+    folds: list | None = None
+    grad_clip: float = 1.0
+    save_every_epoch: bool = True  # epoch checkpoints for resume
+
+
+@dataclass
+class BackboneConfig:
+    """One extra embedding source for the multi-backbone SVR (issue: several backbones)."""
+
+    name: str = ""
+    model: str = ""
+    kwargs: dict = field(default_factory=dict)
+    pretrained: str = "none"
+    img_size: int | None = None
+
+
+@dataclass
+class EmbedConfig:
+    # finetuned: each fold's best checkpoint from `train`; pretrained: the frozen backbone, no fine-tuning.
+    source: Literal["finetuned", "pretrained"] = "finetuned"
+    tta_hflip: bool = True
+    batch_size: int = 64
+    num_workers: int = 2
+    backbones: list = field(default_factory=list)
+    compress: str = "none"  # none | int8 | prune:<fraction> | bf16
+
+
+@dataclass
+class SvrConfig:
+    n_trials: int = 30
+    c_min: float = 0.1
+    c_max: float = 100.0
+    epsilon: float = 0.1
+    tune_epsilon: bool = False
+    epsilon_min: float = 0.01
+    epsilon_max: float = 5.0
+    gamma: str = "scale"
+    use_meta: bool = False
+    # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
+    kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
+    max_kernel_gb: float = 4.0
+    # Optuna RDB URL; None = sqlite file output/<experiment>/svr/study.db
+    storage: str | None = None
+    seed: int = 42
+    # Embedding sets to concatenate (names from embed.backbones, "model" for this experiment's own).
+    features: list = field(default_factory=lambda: ["model"])
+
+
+@dataclass
+class EnsembleConfig:
+    # Extra experiment folders whose train/ and svr/ predictions join the blend.
+    experiments: list = field(default_factory=list)
+    method: Literal["nnls", "hill"] = "nnls"
+    min_improvement: float = 1e-4
+
+
+@dataclass
+class Config:
+    experiment: str = "default"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_dir: str = "input/synthetic"
+    # Experiment folder; "" means output/<experiment>.
+    output_dir: str = ""
+    # Redo finished work (folds already trained, caches already valid) instead of skipping it.
+    overwrite: bool = False
+    folds: FoldsConfig = field(default_factory=FoldsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    svr: SvrConfig = field(default_factory=SvrConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    @property
+    def out(self) -> Path:
+        """The experiment folder every stage writes into."""
+        return Path(self.output_dir) if self.output_dir else Path("output") / self.experiment
+
+    @property
+    def data(self) -> Path:
+        return Path(self.data_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, checking, overriding
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{key}': must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _name(tp: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in get_args(tp)) or str(tp)
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars: 1e-4, true, null, [a, b] and plain strings all work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[parts[-1]] = _parse_value(text)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
+    """Read a YAML experiment, apply ``--set`` overrides and top-level keyword overrides, and check it all."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    for key, value in top.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of config sections (plus any other values) for cache keys."""
+    import hashlib
+    import json
+
+    def norm(x: Any) -> Any:
+        return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+
+    blob = json.dumps([norm(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
