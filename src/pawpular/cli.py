@@ -105,8 +105,8 @@ def run_stage(name: str, cfg) -> Path:
     t0 = time.time()
     log.info("== %s ==", name)
     with experiment_lock(cfg.out, name):
-        save_config(cfg, cfg.out / "config.yaml")
         result = module.run(cfg)
+        save_config(cfg, cfg.out / "config.yaml")  # after success: the config that produced these outputs
     log.info("== %s done in %.1fs -> %s", name, time.time() - t0, result)
     _record_time(cfg.out, name, time.time() - t0)
     return result

@@ -27,7 +27,7 @@ class FoldsConfig:
     # Keep exact and near-duplicate images (perceptual hash) in one fold: StratifiedGroupKFold.
     group_duplicates: bool = True
     # Hamming distance (of 64 bits) under which two images count as duplicates.
-    hash_threshold: int = 6
+    hash_threshold: int = 4
 
 
 @dataclass

@@ -163,6 +163,15 @@ def _check_columns(df: pd.DataFrame, expected: list[str], file: str, problems: l
     return not missing
 
 
+def _fmt(v: object) -> str:
+    """A cell value as the user typed it: 3, 0.5, 'yes' (no numpy reprs)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return repr(v)
+
+
 def _line(i: int) -> str:
     return f"line {i + 2}"  # header is line 1
 
@@ -184,14 +193,14 @@ def _check_flags(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
         col = pd.to_numeric(df[c], errors="coerce")
         bad = ~col.isin([0, 1])
         for i in np.flatnonzero(bad.to_numpy()):
-            problems.append(Problem(file, f"{_line(i)} (Id {df[ID].iloc[i]})", f"'{c}' must be 0 or 1, got {df[c].iloc[i]!r}"))
+            problems.append(Problem(file, f"{_line(i)} (Id {df[ID].iloc[i]})", f"'{c}' must be 0 or 1, got {_fmt(df[c].iloc[i])}"))
 
 
 def _check_target(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
     col = pd.to_numeric(df[TARGET], errors="coerce")
     for i in np.flatnonzero(col.isna().to_numpy()):
         raw = df[TARGET].iloc[i]
-        what = "missing (NaN)" if pd.isna(raw) else f"not a number: {raw!r}"
+        what = "missing (NaN)" if pd.isna(raw) else f"not a number: {_fmt(raw)}"
         problems.append(Problem(file, f"{_line(i)} (Id {df[ID].iloc[i]})", f"Pawpularity {what}"))
     out = col.notna() & ((col < 1) | (col > 100))
     for i in np.flatnonzero(out.to_numpy()):

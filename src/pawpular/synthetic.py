@@ -1,0 +1,311 @@
+"""The embedded competition: a synthetic PetFinder with the real layout, drawn procedurally, no downloads.
+
+    pawpular make-synthetic --out input/synthetic [--n-train 1000] [--n-test 100] [--seed 0]
+
+Writes ``train.csv``, ``test.csv``, ``sample_submission.csv``, ``train/{Id}.jpg`` and ``test/{Id}.jpg``.
+
+Each photo is a drawn "pet" (cat or dog) whose visible attributes set the 12 flags: a plain, uncluttered
+background for ``Subject Focus``, drawn eyes for ``Eyes``, a face for ``Face``, a large pet for ``Near``, a
+tilted pet with motion lines for ``Action``, a collar for ``Accessory``, several pets for ``Group``, a grid of
+photos for ``Collage``, a person for ``Human``, fence bars for ``Occlusion``, text for ``Info`` and a Gaussian
+blur for ``Blur``. The target depends a little on the flags and more on what only the image shows (warmth of
+the scene, fur colour, pet size, species, eye size), so an image model can beat a metadata-only model. It is
+mapped by rank onto the real target's quantile function (integers 1-100, mean 38, std 20.6, right-skewed with
+a spike at 100); flag frequencies follow the real ones. About 1% of the photos are exact or near duplicates of
+another one, as in the real data. The same seed gives byte-identical CSVs and images.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from .data import ID, META_COLS, TARGET
+from .io import write_csv
+
+DEFAULT_N_TRAIN = 1000
+DEFAULT_N_TEST = 100
+
+# Percentiles 0..100 of the real train.csv Pawpularity (9,912 rows): its quantile function.
+REAL_QUANTILES = np.array([
+    1, 3, 4, 8, 10, 12, 13, 15, 16, 17, 18, 18, 19, 20, 20, 21, 21, 22, 22, 23, 23, 23, 24, 24, 25, 25, 25, 26,
+    26, 26, 27, 27, 27, 28, 28, 28, 28, 29, 29, 29, 30, 30, 30, 31, 31, 31, 32, 32, 32, 33, 33, 34, 34, 34, 35,
+    35, 36, 36, 36, 37, 37, 38, 38, 39, 39.04, 40, 41, 41, 42, 42, 43, 43, 44, 45, 46, 46, 47, 48, 49, 50, 51,
+    52, 53, 55, 56, 57, 59, 60, 63, 64, 66, 69, 72, 75, 79, 83.45, 89, 98, 100, 100, 100,
+], dtype=np.float64)
+# Real flag frequencies (train.csv). Eyes is drawn given Face (no eyes without a face): 0.773 / 0.904.
+FLAG_P = {
+    "Subject Focus": 0.028, "Face": 0.904, "Near": 0.862, "Action": 0.010, "Accessory": 0.068,
+    "Group": 0.129, "Collage": 0.050, "Human": 0.166, "Occlusion": 0.172, "Info": 0.061, "Blur": 0.070,
+}
+P_EYES_GIVEN_FACE = 0.773 / 0.904
+# How the flags move popularity (latent units; the image-only part has unit-scale weights on 5 factors).
+FLAG_EFFECT = {
+    "Subject Focus": 0.3, "Eyes": 0.25, "Face": 0.2, "Near": 0.25, "Action": 0.3, "Accessory": 0.35,
+    "Group": 0.35, "Collage": -0.3, "Human": 0.25, "Occlusion": -0.35, "Info": -0.3, "Blur": -0.5,
+}
+NOISE_SD = 0.4
+DUPLICATE_FRACTION = 0.01
+
+
+@dataclass
+class Pet:
+    """Everything needed to draw one photo: the flags and the hidden, image-only factors."""
+
+    flags: dict
+    warm: float  # 0 = cold dark scene, 1 = warm bright scene
+    fur: float  # 0 = dark grey fur, 1 = golden
+    size: float  # pet size within its Near / not-Near range
+    dog: bool
+    eye: float  # eye size
+    width: int
+    height: int
+    seed: int
+
+
+def _sample_pet(rng: np.random.Generator, seed: int) -> Pet:
+    flags = {k: int(rng.random() < p) for k, p in FLAG_P.items()}
+    flags["Eyes"] = int(flags["Face"] == 1 and rng.random() < P_EYES_GIVEN_FACE)
+    side = int(rng.integers(128, 225))
+    aspect = float(np.exp(rng.uniform(-0.35, 0.35)))  # portrait to landscape
+    return Pet(
+        flags={k: flags[k] for k in META_COLS}, warm=float(rng.random()), fur=float(rng.random()),
+        size=float(rng.random()), dog=bool(rng.random() < 0.5), eye=float(rng.random()),
+        width=max(96, int(side * np.sqrt(aspect))), height=max(96, int(side / np.sqrt(aspect))), seed=seed,
+    )
+
+
+def _image_score(p: Pet) -> float:
+    """The part of popularity only the photo shows."""
+    return 1.3 * p.warm + 1.1 * p.fur + 0.7 * p.size + 0.35 * p.dog + 0.5 * p.eye * p.flags["Eyes"]
+
+
+def _meta_score(p: Pet) -> float:
+    return sum(FLAG_EFFECT[k] * v for k, v in p.flags.items())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _mix(a: tuple, b: tuple, t: float) -> tuple:
+    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
+
+
+def _draw_background(img: Image.Image, p: Pet, rng: np.random.Generator, plain: bool) -> None:
+    w, h = img.size
+    top = _mix((40, 55, 95), (250, 215, 160), p.warm)
+    bottom = _mix((20, 30, 60), (215, 150, 90), p.warm)
+    grad = np.linspace(0, 1, h)[:, None, None]
+    arr = (np.array(top)[None, None] * (1 - grad) + np.array(bottom)[None, None] * grad)
+    arr = arr + rng.normal(0, 6, (h, 1, 3))  # faint horizontal texture
+    img.paste(Image.fromarray(np.clip(np.broadcast_to(arr, (h, w, 3)), 0, 255).astype(np.uint8)))
+    if plain:
+        return
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(4, 9))):  # clutter: furniture, toys, plants
+        x0, y0 = rng.integers(0, w), rng.integers(0, h)
+        x1, y1 = x0 + rng.integers(8, w // 2), y0 + rng.integers(8, h // 2)
+        color = tuple(int(c) for c in rng.integers(30, 230, 3))
+        (d.rectangle if rng.random() < 0.5 else d.ellipse)([x0, y0, x1, y1], fill=color)
+
+
+def _fur_color(p: Pet) -> tuple:
+    return _mix((55, 55, 60), (235, 165, 60), p.fur)
+
+
+def _draw_pet(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, p: Pet, rng: np.random.Generator) -> None:
+    """A pet centred at (cx, cy) with head radius r: body, head, ears, face, eyes, collar."""
+    fur = _fur_color(p)
+    dark = _mix(fur, (0, 0, 0), 0.45)
+    d.ellipse([cx - 1.5 * r, cy + 0.3 * r, cx + 1.5 * r, cy + 2.3 * r], fill=fur, outline=dark)  # body
+    if p.dog:  # floppy ears
+        d.ellipse([cx - 1.25 * r, cy - 0.6 * r, cx - 0.55 * r, cy + 0.8 * r], fill=dark)
+        d.ellipse([cx + 0.55 * r, cy - 0.6 * r, cx + 1.25 * r, cy + 0.8 * r], fill=dark)
+    else:  # pointed ears
+        d.polygon([(cx - 0.95 * r, cy - 0.3 * r), (cx - 0.75 * r, cy - 1.45 * r), (cx - 0.15 * r, cy - 0.85 * r)], fill=fur, outline=dark)
+        d.polygon([(cx + 0.95 * r, cy - 0.3 * r), (cx + 0.75 * r, cy - 1.45 * r), (cx + 0.15 * r, cy - 0.85 * r)], fill=fur, outline=dark)
+    d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fur, outline=dark)  # head
+    if p.flags["Face"]:
+        d.polygon([(cx - 0.15 * r, cy + 0.2 * r), (cx + 0.15 * r, cy + 0.2 * r), (cx, cy + 0.38 * r)], fill=(30, 20, 20))
+        d.arc([cx - 0.3 * r, cy + 0.25 * r, cx + 0.3 * r, cy + 0.65 * r], 20, 160, fill=(30, 20, 20), width=max(1, int(r / 12)))
+    else:  # head turned away: a darker patch instead of a face
+        d.ellipse([cx - 0.6 * r, cy - 0.5 * r, cx + 0.6 * r, cy + 0.5 * r], fill=dark)
+    if p.flags["Eyes"]:
+        er = r * (0.14 + 0.16 * p.eye)
+        for sx in (-0.42, 0.42):
+            ex, ey = cx + sx * r, cy - 0.2 * r
+            d.ellipse([ex - er, ey - er, ex + er, ey + er], fill=(250, 250, 240))
+            d.ellipse([ex - 0.55 * er, ey - 0.55 * er, ex + 0.55 * er, ey + 0.55 * er], fill=(20, 20, 20))
+    if p.flags["Accessory"]:  # a red collar with a tag
+        d.rectangle([cx - 0.8 * r, cy + 0.85 * r, cx + 0.8 * r, cy + 1.1 * r], fill=(210, 25, 35))
+        d.ellipse([cx - 0.12 * r, cy + 1.05 * r, cx + 0.12 * r, cy + 1.3 * r], fill=(240, 210, 40))
+
+
+def _draw_scene(w: int, h: int, p: Pet, rng: np.random.Generator) -> Image.Image:
+    img = Image.new("RGB", (w, h))
+    _draw_background(img, p, rng, plain=bool(p.flags["Subject Focus"]))
+    f = p.flags
+    scale = (0.28 + 0.14 * p.size) if f["Near"] else (0.1 + 0.08 * p.size)  # head radius / min side
+    r = scale * min(w, h) * (0.7 if f["Group"] else 1.0)
+    n_pets = int(rng.integers(2, 4)) if f["Group"] else 1
+    layer = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    for k in range(n_pets):
+        cx = w * ((k + 1) / (n_pets + 1) if n_pets > 1 else rng.uniform(0.4, 0.6))
+        cy = h * rng.uniform(0.35, 0.5)
+        _draw_pet(d, cx, cy, r, p, rng)
+    if f["Action"]:  # mid-jump: tilted with motion lines behind
+        layer = layer.rotate(float(rng.uniform(20, 35)) * (1 if rng.random() < 0.5 else -1), center=(w / 2, h / 2))
+        d = ImageDraw.Draw(layer)
+        for k in range(4):
+            y = h * (0.3 + 0.1 * k)
+            d.line([(w * 0.02, y), (w * 0.22, y)], fill=(255, 255, 255, 220), width=max(1, int(min(w, h) / 60)))
+    img.paste(layer, (0, 0), layer)
+    d = ImageDraw.Draw(img)
+    if f["Human"]:  # a person at the side: skin-toned head, shirt, arm reaching in
+        hx, hr = w * 0.86, min(w, h) * 0.09
+        d.rectangle([hx - 1.4 * hr, h * 0.45, hx + 1.4 * hr, h], fill=(40, 90, 170))
+        d.ellipse([hx - hr, h * 0.45 - 2.1 * hr, hx + hr, h * 0.45 - 0.1 * hr], fill=(225, 180, 150))
+        d.line([(hx - 1.2 * hr, h * 0.6), (w * 0.6, h * 0.7)], fill=(225, 180, 150), width=max(2, int(hr / 2)))
+    if f["Occlusion"]:  # fence bars in front of the pet
+        for x in np.linspace(w * 0.1, w * 0.9, 5):
+            d.rectangle([x - w * 0.025, 0, x + w * 0.025, h], fill=(120, 85, 55))
+    if f["Info"]:
+        size = max(10, min(w, h) // 9)
+        font = ImageFont.load_default(size=size)
+        text = ["ADOPT ME", "CALL 555-0199", "NAME: MILO", "AGE 2 MONTHS"][int(rng.integers(0, 4))]
+        d.rectangle([0, h - size * 1.6, w, h], fill=(255, 255, 255))
+        d.text((4, h - size * 1.45), text, fill=(10, 10, 10), font=font)
+    return img
+
+
+def render(p: Pet) -> Image.Image:
+    """The photo for one pet, deterministic in ``p.seed``."""
+    rng = np.random.default_rng(p.seed)
+    w, h = p.width, p.height
+    if p.flags["Collage"]:  # a grid of photos of the same pet
+        cols, rows = (2, 2) if rng.random() < 0.5 else (2, 1)
+        img = Image.new("RGB", (w, h), (245, 245, 245))
+        tw, th = w // cols, h // rows
+        for i in range(cols * rows):
+            tile = _draw_scene(tw - 4, th - 4, p, rng)
+            img.paste(tile, ((i % cols) * tw + 2, (i // cols) * th + 2))
+    else:
+        img = _draw_scene(w, h, p, rng)
+    if p.flags["Blur"]:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(2.0, 3.5)) * min(w, h) / 160))
+    return img
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The competition
+
+
+def _calibrate(latent: np.ndarray) -> np.ndarray:
+    """Map a latent score by rank onto the real target's quantile function -> integers in [1, 100]."""
+    ranks = np.argsort(np.argsort(latent, kind="stable"), kind="stable")
+    q = (ranks + 0.5) / len(latent) * 100.0
+    return np.clip(np.round(np.interp(q, np.arange(101), REAL_QUANTILES)), 1, 100).astype(int)
+
+
+def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST, seed: int = 0) -> Path:
+    """Write the synthetic competition to ``out_dir`` (replacing a previous one) and return it."""
+    if n_train < 20 or n_test < 1:
+        raise ValueError(f"make-synthetic needs n_train >= 20 and n_test >= 1, got {n_train} and {n_test}")
+    out = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    ids = [rng.bytes(16).hex() for _ in range(n)]
+    pets = [_sample_pet(rng, seed=int(rng.integers(2**62))) for _ in range(n)]
+    # Duplicates: some train photos repeat another train photo, byte for byte or re-encoded smaller.
+    n_dup = max(1, int(round(DUPLICATE_FRACTION * n_train)))
+    src = rng.choice(n_train, size=2 * n_dup, replace=False)
+    duplicate_of = {int(b): (int(a), bool(k % 2)) for k, (a, b) in enumerate(zip(src[:n_dup], src[n_dup:]))}
+    for b, (a, _) in duplicate_of.items():
+        pets[b] = pets[a]
+    latent = np.array([_image_score(p) for p in pets]) / 1.0 + np.array([_meta_score(p) for p in pets])
+    latent = latent + rng.normal(0, NOISE_SD, n)
+    target = _calibrate(latent[:n_train])
+
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "test").mkdir()
+    cache: dict[int, bytes] = {}
+    for i, (id_, p) in enumerate(zip(ids, pets)):
+        split = "train" if i < n_train else "test"
+        if i in duplicate_of:
+            a, exact = duplicate_of[i]
+            data = cache.get(a) or _jpeg(render(p), 90)
+            if not exact:  # near duplicate: resized and re-encoded at another quality
+                im = Image.open(io.BytesIO(data))
+                data = _jpeg(im.resize((int(im.width * 0.85), int(im.height * 0.85)), Image.BILINEAR), 75)
+        else:
+            data = _jpeg(render(p), 90)
+        cache[i] = data
+        (tmp / split / f"{id_}.jpg").write_bytes(data)
+
+    flags = pd.DataFrame([p.flags for p in pets], columns=META_COLS)
+    train = pd.concat([pd.DataFrame({ID: ids[:n_train]}), flags.iloc[:n_train].reset_index(drop=True)], axis=1)
+    train[TARGET] = target
+    test = pd.concat([pd.DataFrame({ID: ids[n_train:]}), flags.iloc[n_train:].reset_index(drop=True)], axis=1)
+    sample = pd.DataFrame({ID: ids[n_train:], TARGET: 38.0})
+    write_csv(train, tmp / "train.csv")
+    write_csv(test, tmp / "test.csv")
+    write_csv(sample, tmp / "sample_submission.csv")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the folder appears whole or not at all
+    return out
+
+
+def duplicate_pairs(n_train: int, seed: int) -> int:
+    """How many duplicate photos ``make_synthetic`` plants for this size (for tests and docs)."""
+    return max(1, int(round(DUPLICATE_FRACTION * n_train)))
+
+
+def baseline_scores(data_dir: str | Path, n_folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Cross-validated RMSE of three simple baselines: the mean, ridge on the 12 flags, ridge on tiny thumbnails.
+
+    Used to check the embedded competition: the image-only model must beat the metadata-only model, and both
+    must beat the mean.
+    """
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .data import load_image
+
+    root = Path(data_dir)
+    train = pd.read_csv(root / "train.csv", dtype={ID: str})
+    y = train[TARGET].to_numpy(float)
+    thumbs = []
+    for id_ in train[ID]:
+        im = Image.fromarray(load_image(root / "train" / f"{id_}.jpg")).resize((8, 8), Image.BILINEAR)
+        a = np.asarray(im, np.float32) / 255.0
+        thumbs.append(np.concatenate([a.ravel(), a.reshape(-1, 3).mean(0), a.reshape(-1, 3).std(0)]))
+    cv = KFold(n_folds, shuffle=True, random_state=seed)
+
+    def rmse(x: np.ndarray) -> float:
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))
+        return float(np.sqrt(np.mean((cross_val_predict(model, x, y, cv=cv) - y) ** 2)))
+
+    return {
+        "mean": float(y.std()),
+        "metadata": rmse(train[META_COLS].to_numpy(np.float32)),
+        "image": rmse(np.stack(thumbs)),
+    }
