@@ -1,0 +1,81 @@
+"""Compression for inference (embed and predict): ``compress: none | int8 | prune:<fraction> | bf16``.
+
+- ``int8``: post-training dynamic quantization of every ``nn.Linear`` (weights int8, activations quantized on the
+  fly). CPU only; on a Swin almost all the FLOPs are in Linear layers, so this is where a CPU notebook gains most.
+- ``prune:<f>``: global magnitude pruning: the fraction ``f`` of backbone Linear/Conv weights with the smallest
+  absolute value set to zero (made permanent, so the state dict is a plain one).
+- ``bf16``: weights and activations in bfloat16; the GPU setting (tensor cores), also accepted on CPU.
+
+The model's architecture and state-dict keys stay those of the timm model except for int8, whose Linear layers
+become ``DynamicQuantizedLinear`` (``predict`` re-applies the same setting before loading an exported state).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+log = logging.getLogger("pawpular")
+
+
+def parse(spec: str) -> tuple[str, float]:
+    """('none'|'int8'|'bf16'|'prune', fraction) or ValueError naming the setting."""
+    spec = (spec or "none").strip()
+    if spec in ("none", "int8", "bf16"):
+        return spec, 0.0
+    if spec.startswith("prune:"):
+        try:
+            frac = float(spec.split(":", 1)[1])
+        except ValueError:
+            frac = -1.0
+        if 0.0 < frac < 1.0:
+            return "prune", frac
+    raise ValueError(f"compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}")
+
+
+def _prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    root = getattr(model, "backbone", model)
+    return [(m, "weight") for m in root.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def prune_magnitude(model: nn.Module, fraction: float) -> nn.Module:
+    from torch.nn.utils import prune
+
+    params = _prunable(model)
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=fraction)
+    for module, name in params:
+        prune.remove(module, name)
+    return model
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch >= 2.10 flags the quantized-tensor API as deprecated; it still works
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Module:
+    """Apply the compression setting to a model in eval mode (returns the model to use)."""
+    kind, frac = parse(spec)
+    if kind == "none":
+        return model
+    model = model.eval()
+    if kind == "int8":
+        if device != "cpu":
+            raise ValueError("compress: int8 (dynamic quantization) runs on CPU only; use bf16 on a GPU")
+        model = quantize_int8(model.cpu())
+    elif kind == "prune":
+        model = prune_magnitude(model, frac)
+    elif kind == "bf16":
+        model = model.to(torch.bfloat16)
+    log.info("compress: %s", spec)
+    return model
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype inputs must have: that of the model's first floating-point parameter (bf16 models)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
