@@ -207,6 +207,12 @@ def _check_target(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
         problems.append(Problem(file, f"{_line(i)} (Id {df[ID].iloc[i]})", f"Pawpularity {col.iloc[i]:g} outside [1, 100]"))
 
 
+def _check_sample_ids(test: pd.DataFrame, sample: pd.DataFrame, problems: list[Problem]) -> None:
+    t, s = set(test[ID].dropna()), set(sample[ID].dropna())
+    problems += [Problem("sample_submission.csv", f"Id {v}", "in test.csv but not in sample_submission.csv") for v in sorted(t - s)]
+    problems += [Problem("sample_submission.csv", f"Id {v}", "not in test.csv") for v in sorted(s - t)]
+
+
 def check_competition(root: str | Path, images: bool = True, workers: int = 8) -> tuple[list[Problem], Competition | None]:
     """Check every rule of the contract; return (problems, competition-or-None)."""
     root = Path(root)
@@ -233,11 +239,7 @@ def check_competition(root: str | Path, images: bool = True, workers: int = 8) -
     if ok["test.csv"]:
         _check_flags(test, "test.csv", problems)
     if ok["test.csv"] and ok["sample_submission.csv"]:
-        t, s = set(test[ID].dropna()), set(sample[ID].dropna())
-        for v in sorted(t - s):
-            problems.append(Problem("sample_submission.csv", f"Id {v}", "in test.csv but not in sample_submission.csv"))
-        for v in sorted(s - t):
-            problems.append(Problem("sample_submission.csv", f"Id {v}", "not in test.csv"))
+        _check_sample_ids(test, sample, problems)
     if ok["train.csv"] and ok["test.csv"]:
         for v in sorted(set(train[ID].dropna()) & set(test[ID].dropna())):
             problems.append(Problem("test.csv", f"Id {v}", "also in train.csv"))
@@ -330,3 +332,31 @@ class PetDataset:
             raise ImageDecodeError(f"Id {self.ids[i]}: {e}") from None
         image = self.transform(image=img)["image"]
         return {"image": image, "meta": self.meta[i], "target": self.target[i], "index": i}
+
+
+def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``test.csv`` and ``sample_submission.csv`` (and the test images) checked alone: what inference needs.
+
+    A Kaggle notebook's competition folder may hold a hidden test set and no usable training data; ``predict``
+    reads only these. Raises DataError listing every problem.
+    """
+    root = Path(root)
+    problems: list[Problem] = []
+    if not root.is_dir():
+        raise DataError([Problem(str(root), "folder", "competition folder does not exist")])
+    test = _read_csv(root / "test.csv", problems)
+    sample = _read_csv(root / "sample_submission.csv", problems)
+    ok_t = test is not None and _check_columns(test, TEST_COLS, "test.csv", problems)
+    ok_s = sample is not None and _check_columns(sample, SUBMISSION_COLS, "sample_submission.csv", problems)
+    if ok_t:
+        _check_ids(test, "test.csv", problems)
+        _check_flags(test, "test.csv", problems)
+    if ok_s:
+        _check_ids(sample, "sample_submission.csv", problems)
+    if ok_t and ok_s:
+        _check_sample_ids(test, sample, problems)
+    if ok_t and images:
+        problems += _check_images(root, "test", test[ID].dropna().tolist(), workers)
+    if problems:
+        raise DataError(problems)
+    return _typed_test(test), sample
