@@ -19,6 +19,9 @@ from pathlib import Path
 
 # The pipeline, in order. `all` runs these; each is pawpular.<name>.run(cfg).
 PIPELINE = ["folds", "train", "embed", "svr", "ensemble"]
+# Stages that decode images: the data contract (images included) is checked before they start, so a bad photo
+# is rejected up front with its Id instead of failing deep in a DataLoader worker.
+IMAGE_STAGES = {"folds", "train", "embed"}
 # Stages run on demand with the same --config interface.
 EXTRA_STAGES = ["select"]
 
@@ -105,6 +108,10 @@ def run_stage(name: str, cfg) -> Path:
     t0 = time.time()
     log.info("== %s ==", name)
     with experiment_lock(cfg.out, name):
+        if name in IMAGE_STAGES:
+            from .data import ensure_valid
+
+            ensure_valid(cfg.data, cfg.out)
         result = module.run(cfg)
         save_config(cfg, cfg.out / "config.yaml")  # after success: the config that produced these outputs
     log.info("== %s done in %.1fs -> %s", name, time.time() - t0, result)

@@ -360,3 +360,40 @@ def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tu
     if problems:
         raise DataError(problems)
     return _typed_test(test), sample
+
+
+def _stat_fingerprint(root: Path, comp: Competition) -> str:
+    """Cheap fingerprint (name, size, mtime) of the CSVs and every image: changes when any file does."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    paths = [root / n for n in ("train.csv", "test.csv", "sample_submission.csv")]
+    paths += [image_path(root, "train", i) for i in comp.train[ID]] + [image_path(root, "test", i) for i in comp.test[ID]]
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def ensure_valid(root: str | Path, out: str | Path) -> Competition:
+    """Full contract check (images decoded) before a stage reads images, skipped when nothing changed since the
+    last successful check of this experiment (recorded in ``out/.data_check.json``). Raises DataError."""
+    import json
+
+    from .io import atomic_write_text
+
+    root, record = Path(root), Path(out) / ".data_check.json"
+    comp = read_competition(root, images=False)
+    try:
+        fingerprint = _stat_fingerprint(root, comp)
+    except FileNotFoundError:
+        fingerprint = None  # a missing image: the full check below names it
+    if fingerprint and record.is_file():
+        try:
+            if json.loads(record.read_text()).get(str(root.resolve())) == fingerprint:
+                return comp
+        except ValueError:
+            pass
+    comp = read_competition(root, images=True)
+    atomic_write_text(record, json.dumps({str(root.resolve()): fingerprint}))
+    return comp

@@ -103,11 +103,18 @@ def experiment_lock(folder: str | Path, stage: str) -> Iterator[None]:
             ) from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
+        _sweep_temp_files(folder)
         try:
             yield
         finally:
             lock.unlink(missing_ok=True)
         return
+
+
+def _sweep_temp_files(folder: Path) -> None:
+    """Remove temporary files that a killed run left mid-write (only done while holding the lock)."""
+    for tmp in folder.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: Any) -> bool:
