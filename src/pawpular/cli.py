@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import logging
 import sys
 import time
@@ -106,17 +108,26 @@ def run_stage(name: str, cfg) -> Path:
     if module is None:
         raise SystemExit(f"error: stage '{name}' is not available in this version")
     t0 = time.time()
+    lead = _is_lead_process()
     log.info("== %s ==", name)
-    with experiment_lock(cfg.out, name):
-        if name in IMAGE_STAGES:
+    # Under torchrun every rank runs this; only rank 0 takes the lock, checks the data and records the run.
+    with experiment_lock(cfg.out, name) if lead else contextlib.nullcontext():
+        if name in IMAGE_STAGES and lead:
             from .data import ensure_valid
 
             ensure_valid(cfg.data, cfg.out)
         result = module.run(cfg)
-        save_config(cfg, cfg.out / "config.yaml")  # after success: the config that produced these outputs
-    log.info("== %s done in %.1fs -> %s", name, time.time() - t0, result)
-    _record_time(cfg.out, name, time.time() - t0)
+        if lead:
+            save_config(cfg, cfg.out / "config.yaml")  # after success: the config that produced these outputs
+    if lead:
+        log.info("== %s done in %.1fs -> %s", name, time.time() - t0, result)
+        _record_time(cfg.out, name, time.time() - t0)
     return result
+
+
+def _is_lead_process() -> bool:
+    """False in the non-zero ranks of a torchrun / DDP launch."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _record_time(out: Path, stage: str, seconds: float) -> None:
@@ -173,7 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "all":
         from .io import experiment_lock
 
-        with experiment_lock(cfg.out, "all"):
+        with experiment_lock(cfg.out, "all") if _is_lead_process() else contextlib.nullcontext():
             for stage in available_stages():
                 run_stage(stage, cfg)
         print(f"outputs in {cfg.out}")

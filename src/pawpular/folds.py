@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from . import artifacts
 from .config import Config
-from .data import ID, TARGET, image_path, load_image, read_competition
+from .data import ID, TARGET, DataError, Problem, image_path, load_image, read_competition
 from .io import write_csv
 
 log = logging.getLogger("pawpular")
@@ -114,12 +114,19 @@ def run(cfg: Config) -> Path:
     return path
 
 
-def read_folds(out: Path, train: pd.DataFrame | None = None) -> pd.DataFrame:
-    """``folds.csv`` of an experiment; with ``train``, checks that it covers exactly the train Ids."""
+def read_folds(out: Path, train: pd.DataFrame) -> pd.DataFrame:
+    """folds.csv (Id, fold) checked against train.csv: every train Id exactly once."""
     path = artifacts.folds_csv(out)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `pawpular folds` first")
     folds = pd.read_csv(path, dtype={ID: str})
-    if train is not None and set(folds[ID]) != set(train[ID]):
-        raise ValueError(f"{path} does not match train.csv (different Ids): rerun `pawpular folds`")
-    return folds
+    problems = [Problem("folds.csv", "columns", f"missing column '{c}'") for c in (ID, "fold") if c not in folds]
+    if not problems:
+        ids, known = set(folds[ID]), set(train[ID])
+        problems += [Problem("folds.csv", f"Id {i}", "train Id without a fold") for i in sorted(known - ids)[:20]]
+        problems += [Problem("folds.csv", f"Id {i}", "not in train.csv") for i in sorted(ids - known)[:20]]
+        problems += [Problem("folds.csv", f"Id {i}", "listed more than once")
+                     for i in sorted(folds[ID][folds[ID].duplicated()])[:20]]
+    if problems:
+        raise DataError(problems)
+    return train[[ID]].merge(folds[[ID, "fold"]], on=ID, how="left")
