@@ -51,3 +51,45 @@ def default_competition(tmp_path_factory) -> Path:
     from pawpular.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("comp") / "default", DEFAULT_N_TRAIN, DEFAULT_N_TEST, seed=0)
+
+
+# --- one real, tiny run of the whole pipeline, shared by the report, notebook and fault tests ------------------
+
+CONFIG = REPO / "configs" / "default.yaml"
+TINY = ["folds.n_folds=3", "train.epochs=2", "train.num_workers=0", "embed.num_workers=0", "svr.n_trials=8"]
+
+
+def tiny_args(data: Path, out: Path) -> list[str]:
+    """CLI arguments (after the command) for the tiny config on ``data``, writing to ``out``."""
+    return ["--config", str(CONFIG), "--data", str(data), "--output", str(out), *[a for s in TINY for a in ("--set", s)]]
+
+
+def build_run(comp: Path, out: Path) -> Path:
+    """A finished experiment folder from the real pipeline (tiny config: 10-30 s), built once per session."""
+    from pawpular import cli
+
+    if not (out / "submission.csv").is_file():
+        assert cli.main(["all", *tiny_args(comp, out)]) == 0
+    return out
+
+
+def make_partial(run: Path, dest: Path) -> Path:
+    """The run as it stood before `svr`: train (and embed) finished, no svr/, ensemble/ or submission."""
+    import json
+
+    if dest.is_dir():
+        return dest
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("svr", "ensemble", "submission.csv", "report.html"))
+    timings = json.loads((dest / "timings.json").read_text())
+    (dest / "timings.json").write_text(json.dumps({k: v for k, v in timings.items() if k not in ("svr", "ensemble")}))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def experiment_run(small_competition, tmp_path_factory) -> Path:
+    return build_run(small_competition, tmp_path_factory.getbasetemp() / "report_run")
+
+
+@pytest.fixture(scope="session")
+def partial_run(experiment_run, tmp_path_factory) -> Path:
+    return make_partial(experiment_run, tmp_path_factory.getbasetemp() / "report_partial")

@@ -50,7 +50,8 @@ def available_stages() -> list[str]:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="configs/default.yaml", help="experiment YAML (default: %(default)s)")
+    p.add_argument("--config", default=None,
+                   help="experiment YAML (default: the saved config.yaml of --output if there is one, else configs/default.yaml)")
     p.add_argument("--data", help="competition folder (overrides data_dir)")
     p.add_argument("--output", help="experiment folder (overrides output_dir; default output/<experiment>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -93,10 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_config(output: str | None) -> Path:
+    """An experiment's own saved config when --output names one, else configs/default.yaml (from the current
+    folder, or from this checkout when run elsewhere)."""
+    if output and (Path(output) / "config.yaml").is_file():
+        return Path(output) / "config.yaml"
+    local = Path("configs/default.yaml")
+    repo = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+    return local if local.is_file() or not repo.is_file() else repo
+
+
 def _load_cfg(args: argparse.Namespace):
     from .config import load_config
 
-    return load_config(args.config, args.overrides, data_dir=args.data, output_dir=args.output,
+    config = args.config or default_config(args.output)
+    return load_config(config, args.overrides, data_dir=args.data, output_dir=args.output,
                        overwrite=True if args.overwrite else None)
 
 
