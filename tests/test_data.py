@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared_or_skip
-from pawpular.data import (META_COLS, TARGET, DataError, ImageDecodeError, check_competition, load_image,
+from pawpular.data import (META_COLS, TARGET, ImageDecodeError, check_competition, load_image,
                            read_competition)
 
 

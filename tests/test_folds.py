@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from pawpular import folds as folds_stage
 from pawpular.data import TARGET, read_competition

@@ -1,0 +1,84 @@
+"""Export + offline predict: a fresh process, the package from the artifact folder, no network, no training data."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pawpular.predict import export
+
+GUARD = """
+import socket, sys
+def _no_network(*a, **k):
+    raise RuntimeError("predict tried to use the network")
+socket.socket.connect = _no_network
+socket.create_connection = _no_network
+sys.path.insert(0, {src!r})
+import pawpular
+assert pawpular.__file__.startswith({src!r}), pawpular.__file__
+from pawpular.cli import main
+sys.exit(main({args!r}))
+"""
+
+
+def _predict_in_fresh_process(art: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
+    code = GUARD.format(src=str(art / "src"), args=["predict", "--artifacts", str(art), "--data", str(data), *args])
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=art.parent)
+
+
+@pytest.fixture(scope="module")
+def test_only(small_competition, tmp_path_factory) -> Path:
+    """The competition folder as a Kaggle notebook sees it at inference: test.csv, sample_submission.csv, test/."""
+    root = tmp_path_factory.mktemp("kaggle") / "competition"
+    shutil.copytree(small_competition / "test", root / "test")
+    for name in ("test.csv", "sample_submission.csv"):
+        shutil.copy(small_competition / name, root / name)
+    return root
+
+
+def test_export_holds_models_and_no_training_data(experiment_run, tmp_path):
+    art = export(experiment_run, tmp_path / "art")
+    files = {str(p.relative_to(art)) for p in art.rglob("*") if p.is_file()}
+    manifest = json.loads((art / "manifest.json").read_text())
+    name = experiment_run.name
+    assert {f"experiments/{name}/train/fold{k}/best.pt" for k in range(3)} <= files
+    assert {f"experiments/{name}/svr/fold{k}/model.pkl" for k in range(3)} <= files
+    assert "src/pawpular/predict.py" in files and f"experiments/{name}/config.yaml" in files
+    assert not [f for f in files if f.endswith((".csv", "oof.parquet", "last.pt")) or "/emb/" in f]
+    assert manifest["weights"] == json.loads((experiment_run / "ensemble" / "weights.json").read_text())["weights"]
+
+
+def test_predict_round_trip_reproduces_the_pipeline(experiment_run, test_only, tmp_path):
+    art = export(experiment_run, tmp_path / "art")
+    out = tmp_path / "submission.csv"
+    r = _predict_in_fresh_process(art, test_only, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours, pipeline = pd.read_csv(out), pd.read_csv(experiment_run / "submission.csv")
+    assert ours["Id"].tolist() == pipeline["Id"].tolist()
+    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+
+
+def test_predict_estimate_and_bad_input(experiment_run, test_only, tmp_path):
+    art = export(experiment_run, tmp_path / "art")
+    r = _predict_in_fresh_process(art, test_only, "--estimate", "6800")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "6800 images ->" in r.stdout and "Kaggle's 9 h limit" in r.stdout
+    broken = Path(shutil.copytree(test_only, tmp_path / "broken"))
+    victim = pd.read_csv(broken / "test.csv")["Id"].iloc[2]
+    (broken / "test" / f"{victim}.jpg").write_bytes(b"")
+    out = tmp_path / "sub.csv"
+    r = _predict_in_fresh_process(art, broken, "--out", str(out))
+    assert r.returncode == 2 and f"test/{victim}.jpg: Id {victim}: empty file (0 bytes)" in r.stderr
+    assert not out.exists()
+
+
+def test_export_refuses_an_unfinished_experiment(partial_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="ensemble/weights.json"):
+        export(partial_run, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
