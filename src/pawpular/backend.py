@@ -2,12 +2,28 @@
 
 ``device: auto`` means CUDA when torch sees a GPU, else CPU. RAPIDS (cuML, cuDF) is used only on a CUDA device
 where it is installed (``requirements-gpu.txt``); otherwise scikit-learn and pandas, which give the same results.
+
+- ``SVR``: the SVR head declared once (``AlgorithmPair``): ``SVR.build(device, C=..., epsilon=...)`` is a cuML
+  ``SVR`` on a RAPIDS GPU and a scikit-learn ``SVR`` elsewhere, with the same shared arguments.
+- ``array_module(device)``: ``cupy`` or ``numpy``, so array code is written once.
+- ``read_table`` / ``write_table``: parquet through cuDF on a RAPIDS GPU (the data stays on the device), through
+  pandas / pyarrow elsewhere; writes are atomic; the files hold the same columns and values either way.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .io import atomic_path
 
 log = logging.getLogger("pawpular")
 
@@ -36,3 +52,133 @@ def has_rapids() -> bool:
 
 def use_rapids(device: str) -> bool:
     return resolve_device(device) == "cuda" and has_rapids()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One estimator definition, two implementations
+
+
+@dataclass(frozen=True)
+class AlgorithmPair:
+    """An estimator declared once: its scikit-learn class, its cuML class and the arguments both receive.
+
+    The pattern of cuML's own benchmarks (``AlgorithmPair(cpu_class, gpu_class, shared_args)``): callers never
+    branch on the device, they call ``build(device, **params)``; ``params`` override ``shared_args``.
+    """
+
+    name: str
+    cpu_class: str
+    gpu_class: str
+    shared_args: dict = field(default_factory=dict)
+
+    def cls(self, device: str) -> type:
+        path = self.gpu_class if use_rapids(device) else self.cpu_class
+        module, _, attr = path.rpartition(".")
+        return getattr(importlib.import_module(module), attr)
+
+    def build(self, device: str, **params: Any) -> Any:
+        return self.cls(device)(**{**self.shared_args, **params})
+
+
+# epsilon-SVR with an RBF kernel. cache_size is MiB of kernel rows in both libraries (sklearn's default of 200 is
+# too small to hold the rows of a Pawpularity fold, cuML's default is 1024).
+SVR = AlgorithmPair("SVR", "sklearn.svm.SVR", "cuml.svm.SVR",
+                    {"kernel": "rbf", "tol": 1e-3, "cache_size": 1024.0, "max_iter": -1})
+
+# cuML SVR accepts kernel='precomputed' from this release on (cuML PR #7616).
+CUML_PRECOMPUTED = (26, 2)
+
+
+def svr_precomputed_ok(device: str) -> bool:
+    """Whether the chosen SVR implementation fits on a precomputed kernel matrix."""
+    if not use_rapids(device):
+        return True
+    import cuml
+
+    try:
+        version = tuple(int(p) for p in cuml.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return version >= CUML_PRECOMPUTED
+
+
+def portable(estimator: Any) -> Any:
+    """A scikit-learn copy of a fitted cuML estimator when cuML can convert it (``as_sklearn``), else itself.
+
+    Pickles of scikit-learn estimators load on any machine; pickles of cuML ones need cuML and a GPU.
+    """
+    if type(estimator).__module__.startswith("cuml") and hasattr(estimator, "as_sklearn"):
+        try:
+            return estimator.as_sklearn()
+        except Exception as e:  # an estimator state cuML cannot convert: keep the GPU model
+            log.warning("could not convert %s to scikit-learn (%s): it will need cuML to load",
+                        type(estimator).__name__, e)
+    return estimator
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arrays and tables: CuPy / cuDF on a RAPIDS GPU, NumPy / pandas otherwise
+
+
+def array_module(device: str) -> ModuleType:
+    """``cupy`` when the device uses RAPIDS, else ``numpy``: array code written once against ``xp``."""
+    if use_rapids(device):
+        import cupy
+
+        return cupy
+    return np
+
+
+def on_gpu(x: Any) -> bool:
+    """Whether ``x`` is a CuPy array or a cuDF table or column."""
+    return type(x).__module__.split(".")[0] in ("cupy", "cudf")
+
+
+def array_module_of(x: Any) -> ModuleType:
+    """``cupy`` for a CuPy array, else ``numpy``."""
+    if on_gpu(x):
+        import cupy
+
+        return cupy
+    return np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy array from a NumPy or CuPy array (or anything ``np.asarray`` takes)."""
+    if type(x).__module__.split(".")[0] == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+def read_table(path: str | Path, device: str, columns: list[str] | None = None) -> Any:
+    """A parquet table: a cuDF DataFrame on a RAPIDS GPU (the data goes straight to the device), else pandas."""
+    if use_rapids(device):
+        import cudf
+
+        return cudf.read_parquet(path, columns=columns)
+    return pd.read_parquet(path, columns=columns)
+
+
+def write_table(df: Any, path: str | Path, device: str) -> None:
+    """Write a pandas or cuDF table to parquet atomically, through cuDF on a RAPIDS GPU. Same columns either way."""
+    with atomic_path(path) as tmp:
+        if use_rapids(device):
+            import cudf
+
+            gdf = df if isinstance(df, cudf.DataFrame) else cudf.DataFrame.from_pandas(df)
+            gdf.to_parquet(tmp, index=False)
+        else:
+            (df.to_pandas() if on_gpu(df) else df).to_parquet(tmp, index=False)
+
+
+def column_values(df: Any, column: str) -> np.ndarray:
+    """One column of a pandas or cuDF table as a host NumPy array (e.g. the Ids, to align tables)."""
+    col = df[column]
+    return (col.to_pandas() if on_gpu(col) else col).to_numpy()
+
+
+def table_matrix(df: Any, columns: list[str], dtype: Any = np.float32) -> Any:
+    """Columns of a table as one 2-D array on the table's device (CuPy for cuDF, NumPy for pandas)."""
+    if on_gpu(df):
+        return df[columns].to_cupy(dtype=dtype)
+    return df[columns].to_numpy(dtype=dtype)

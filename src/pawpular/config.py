@@ -99,7 +99,7 @@ class SvrConfig:
     tune_epsilon: bool = False
     epsilon_min: float = 0.01
     epsilon_max: float = 5.0
-    gamma: str = "scale"
+    gamma: float | str = "scale"  # scale | auto | a number (RBF width, fixed per fold)
     use_meta: bool = False
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
