@@ -50,6 +50,11 @@ case "${1:-pipeline}" in
       fi
     fi
     "$VENV/bin/pawpular" all --config "$CONFIG"
+    OUT=$("$VENV/bin/python" -c "from pawpular.config import load_config; print(load_config('$CONFIG').out)")
+    "$VENV/bin/pawpular" report --config "$CONFIG" >/dev/null
+    echo
+    echo "submission: $OUT/submission.csv"
+    echo "report:     $OUT/report.html"
     ;;
   test)
     shift
