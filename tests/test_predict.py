@@ -82,3 +82,25 @@ def test_export_refuses_an_unfinished_experiment(partial_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="ensemble/weights.json"):
         export(partial_run, tmp_path / "art")
     assert not (tmp_path / "art").exists()
+
+
+def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competition, test_only, tmp_path):
+    from pawpular import cli
+
+    from conftest import tiny_args
+
+    run = Path(shutil.copytree(experiment_run, tmp_path / "int8_run"))
+    for stage in ("embed", "svr", "ensemble"):
+        assert cli.main([stage, *tiny_args(small_competition, run), "--set", "embed.compress=int8"]) == 0
+    art = export(run, tmp_path / "art")
+    packed = sorted(art.rglob("embed_compressed.pt"))
+    assert len(packed) == 3  # one int8 embedding model per fold travels
+    import torch
+
+    state = torch.load(packed[0], map_location="cpu", weights_only=False)
+    assert state["compress"] == "int8" and any("_packed_params" in k for k in state["model"])
+    out = tmp_path / "submission.csv"
+    r = _predict_in_fresh_process(art, test_only, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
+    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4

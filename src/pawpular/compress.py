@@ -79,3 +79,32 @@ def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Modul
 def input_dtype(model: nn.Module) -> torch.dtype:
     """The dtype inputs must have: that of the model's first floating-point parameter (bf16 models)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def save_compressed(model: nn.Module, spec: str, model_cfg: dict, data_cfg: dict, path) -> None:
+    """Save a compressed embedding model (its compressed state dict: int8 / bf16 weights are what travels)."""
+    from .io import save_torch
+
+    save_torch({"model": model.state_dict(), "compress": spec, "model_cfg": model_cfg, "data_cfg": data_cfg}, path)
+
+
+def load_compressed(path, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by ``save_compressed``: the architecture, the same compression, then the state."""
+    import dataclasses
+
+    from .config import ModelConfig
+    from .models import build_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in ckpt["model_cfg"].items() if k in names})
+    model = build_model(model_cfg, pretrained=False).eval()
+    kind, _ = parse(ckpt["compress"])
+    if kind == "int8":
+        model = quantize_int8(model)
+    elif kind == "bf16":
+        model = model.to(torch.bfloat16)
+    model.load_state_dict(ckpt["model"])
+    data_cfg = dict(ckpt["data_cfg"])
+    data_cfg["input_size"] = tuple(data_cfg["input_size"])
+    return model.to(device).eval(), data_cfg

@@ -69,8 +69,13 @@ def export(out: Path, to: Path) -> Path:
         folds = sorted(int(p.name[4:]) for p in (folder / "train").glob("fold*") if (p / "best.pt").is_file())
         if (used["nn"] > 0 or (used["svr"] > 0 and ecfg.embed.source == "finetuned")) and not folds:
             raise FileNotFoundError(f"{folder}/train has no fold checkpoints to export")
-        for k in folds if (used["nn"] > 0 or (used["svr"] > 0 and "model" in ecfg.svr.features)) else []:
-            _copy(artifacts.best_checkpoint(folder, k), artifacts.best_checkpoint(dst, k))
+        svr_on_model = used["svr"] > 0 and "model" in ecfg.svr.features
+        compressed = ecfg.embed.compress != "none"
+        for k in folds:
+            if used["nn"] > 0 or (svr_on_model and not compressed):
+                _copy(artifacts.best_checkpoint(folder, k), artifacts.best_checkpoint(dst, k))
+            if svr_on_model and compressed:  # the embedding model travels compressed (what the SVR was fit on)
+                _export_compressed_fold(folder, dst, k, ecfg.embed.compress)
         if used["svr"] > 0:
             for p in sorted((folder / "svr").glob("fold*/model.pkl")):
                 _copy(p, dst / p.relative_to(folder))
@@ -100,17 +105,47 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
+def compressed_embedder(exp_dir: Path, fold: int | None = None, backbone: str | None = None) -> Path:
+    """Where an exported, already compressed embedding model lives."""
+    return (exp_dir / "backbones" / backbone if backbone else artifacts.train_fold_dir(exp_dir, fold)) / "embed_compressed.pt"
+
+
+def _export_compressed_fold(folder: Path, dst: Path, fold: int, spec: str) -> None:
+    from .compress import compress_model, save_compressed
+    from .models import load_checkpoint
+
+    path = artifacts.best_checkpoint(folder, fold)
+    model_cfg = torch.load(path, map_location="cpu", weights_only=True)["model_cfg"]
+    model, data_cfg = load_checkpoint(path, "cpu")
+    save_compressed(compress_model(model, spec, "cpu"), spec, model_cfg, data_cfg, compressed_embedder(dst, fold))
+
+
 def _export_backbones(ecfg: Config, dst: Path) -> Config:
-    """Copy the weight files of frozen backbones and point the exported config at the copies (relative paths)."""
+    """Frozen backbones of the SVR: their compressed models, or copies of their weight files (relative paths)."""
+    import dataclasses
+
+    from .compress import compress_model, save_compressed
+    from .config import ModelConfig
+    from .embed import backbone_configs
+    from .models import build_model, data_config
+
     items = []
-    for b in ecfg.embed.backbones:
-        b = dict(b)
-        p = Path(b.get("pretrained", "none"))
-        if b.get("pretrained", "none") not in ("none", "hub") and p.is_file():
-            rel = Path("backbones") / b["name"] / p.name
-            _copy(p, dst / rel)
-            b["pretrained"] = str(rel)
-        items.append(b)
+    for b, raw in zip(backbone_configs(ecfg), ecfg.embed.backbones):
+        item = dict(raw)
+        if b.name not in ecfg.svr.features:
+            continue
+        if ecfg.embed.compress != "none":
+            mcfg = ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size)
+            model = build_model(mcfg, pretrained=True).eval()
+            data_cfg = data_config(mcfg, model.backbone)
+            save_compressed(compress_model(model, ecfg.embed.compress, "cpu"), ecfg.embed.compress,
+                            dataclasses.asdict(mcfg), data_cfg, compressed_embedder(dst, backbone=b.name))
+            item["pretrained"] = "none"  # the weights travel inside the compressed model
+        elif b.pretrained not in ("none", "hub") and Path(b.pretrained).is_file():
+            rel = Path("backbones") / b.name / Path(b.pretrained).name
+            _copy(Path(b.pretrained), dst / rel)
+            item["pretrained"] = str(rel)
+        items.append(item)
     ecfg.embed.backbones = items
     return ecfg
 
@@ -134,9 +169,9 @@ def _loader(test: pd.DataFrame, data: Path, data_cfg: dict, batch_size: int, wor
 
 def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path, device: str) -> dict[str, np.ndarray]:
     """Test predictions of one exported experiment's used heads: {'nn': [...], 'svr': [...]}."""
-    from .embed import backbone_configs, embed_dataset
-    from .compress import compress_model
+    from .compress import compress_model, load_compressed
     from .config import ModelConfig
+    from .embed import backbone_configs, embed_dataset
     from .models import build_model, data_config, load_checkpoint
     from .train import predict as nn_predict
 
@@ -148,19 +183,30 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
         for b in backbone_configs(cfg):
             if b.name not in cfg.svr.features:
                 continue
-            path = b.pretrained if b.pretrained in ("none", "hub") else str(exp_dir / b.pretrained)
-            mcfg = ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=path, img_size=b.img_size)
-            model = compress_model(build_model(mcfg, pretrained=True).to(device).eval(), cfg.embed.compress, device)
-            ds, dl = _loader(test, data, data_config(mcfg, model.backbone), bs, workers, device)
+            packed = compressed_embedder(exp_dir, backbone=b.name)
+            if packed.is_file():  # exported already compressed (embed.compress)
+                model, data_cfg = load_compressed(packed, device)
+            else:
+                path = b.pretrained if b.pretrained in ("none", "hub") else str(exp_dir / b.pretrained)
+                mcfg = ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=path, img_size=b.img_size)
+                model = compress_model(build_model(mcfg, pretrained=True).to(device).eval(), cfg.embed.compress, device)
+                data_cfg = data_config(mcfg, model.backbone)
+            ds, dl = _loader(test, data, data_cfg, bs, workers, device)
             frozen[b.name] = _emb_table(ds.ids, embed_dataset(model, ds, device, bs, workers, cfg.embed.tta_hflip))
     nn_preds, svr_preds = [], []
     for k in info["folds"]:
-        model, data_cfg = load_checkpoint(artifacts.best_checkpoint(exp_dir, k), device)
-        ds, dl = _loader(test, data, data_cfg, bs, workers, device)
+        packed = compressed_embedder(exp_dir, k)
+        if use_nn or not packed.is_file():
+            model, data_cfg = load_checkpoint(artifacts.best_checkpoint(exp_dir, k), device)
+            ds, dl = _loader(test, data, data_cfg, bs, workers, device)
         if use_nn:
             nn_preds.append(nn_predict(model, dl, device, cfg.train.tta_hflip, cfg.train.channels_last and device == "cuda"))
         if use_svr and "model" in cfg.svr.features:
-            emb_model = compress_model(model, cfg.embed.compress, device)
+            if packed.is_file():  # exported already compressed (embed.compress)
+                emb_model, data_cfg = load_compressed(packed, device)
+                ds, dl = _loader(test, data, data_cfg, bs, workers, device)
+            else:
+                emb_model = compress_model(model, cfg.embed.compress, device)
             frozen_k = dict(frozen, model=_emb_table(ds.ids, embed_dataset(emb_model, ds, device, bs, workers, cfg.embed.tta_hflip)))
             svr_preds.append(_svr_fold(exp_dir, k, cfg, frozen_k, test))
     if use_svr and "model" not in cfg.svr.features:
