@@ -104,3 +104,24 @@ def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competit
     assert r.returncode == 0, r.stderr[-3000:]
     ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
     assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+
+
+def test_round_trip_with_frozen_random_backbones(experiment_run, small_competition, test_only, tmp_path):
+    """Random-init frozen backbones must be rebuilt with the same weights at predict time (seeded init)."""
+    from pawpular import cli
+
+    from conftest import tiny_args
+
+    run = Path(shutil.copytree(experiment_run, tmp_path / "mb_run"))
+    backbones = ('embed.backbones=[{name: resnet, model: resnet18, pretrained: none, img_size: 64, '
+                 'kwargs: {layers: [1, 1, 1, 1]}}]')
+    sets = [backbones, "svr.features=[model, resnet]"]
+    for stage in ("embed", "svr", "ensemble"):
+        assert cli.main([stage, *tiny_args(small_competition, run), *[a for s in sets for a in ("--set", s)]]) == 0
+    assert (run / "emb" / "resnet" / "test.parquet").is_file()
+    art = export(run, tmp_path / "art")
+    out = tmp_path / "submission.csv"
+    r = _predict_in_fresh_process(art, test_only, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
+    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4

@@ -19,6 +19,7 @@ Every table carries ``Id`` (and ``fold`` where it has one); predictions are on t
       svr/best_params.json              best C (and epsilon), gamma per fold, RMSE
       svr/fold{k}/model.pkl             fitted scaler + SVR for fold k (used by predict)
       svr/{oof,test}.parquet            Id, (fold,) pred
+      select/selection.json             forward selection of embedding sets (pawpular select)
       ensemble/weights.json             model -> weight, OOF RMSEs
       ensemble/oof.parquet              Id, fold, pred
       submission.csv                    Id, Pawpularity in sample_submission order

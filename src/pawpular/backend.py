@@ -28,6 +28,9 @@ from .io import atomic_path
 log = logging.getLogger("pawpular")
 
 
+_LOGGED: set[str] = set()
+
+
 @functools.lru_cache(maxsize=None)
 def resolve_device(device: str = "auto") -> str:
     """'cpu' or 'cuda', decided once per process and logged."""
@@ -40,7 +43,9 @@ def resolve_device(device: str = "auto") -> str:
         raise RuntimeError("device: cuda was asked for, but torch sees no CUDA GPU")
     resolved = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
     name = torch.cuda.get_device_name(0) if resolved == "cuda" else "CPU"
-    log.info("device: %s (%s; asked for %s)", resolved, name, device)
+    if resolved not in _LOGGED:  # once per process, however many stages ask
+        _LOGGED.add(resolved)
+        log.info("device: %s (%s; asked for %s)", resolved, name, device)
     return resolved
 
 

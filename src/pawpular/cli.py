@@ -216,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ImageDecodeError, ExperimentLocked, FileNotFoundError) as e:
+    except (ConfigError, DataError, ImageDecodeError, ExperimentLocked, FileNotFoundError, ValueError) as e:
+        # Bad input of any kind: one clear line, exit 2 (-v adds the traceback for bug reports).
+        if args.verbose:
+            log.exception("failed")
         print(f"error: {e}", file=sys.stderr)
         return 2
 

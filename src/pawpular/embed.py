@@ -5,7 +5,8 @@
 Reads ``folds.csv``, each fold's ``train/fold{k}/best.pt`` (or, with ``embed.source: pretrained``, the frozen
 pretrained backbone of ``model``) and the images; writes ``emb/fold{k}/{train,test}.parquet`` (``Id`` +
 ``e0..e{D-1}`` float32, every train and every test image) and ``emb/fold{k}/meta.json``. Each extra entry of
-``embed.backbones`` (a frozen pretrained model from a local weight file) writes ``emb/<name>/``.
+``embed.backbones`` (a frozen pretrained model from a local weight file) writes ``emb/<name>/``. A frozen backbone
+with ``pretrained: none`` gets a seeded random init (``build_frozen``), the same in every process.
 
 Embeddings are the pooled pre-logit features (``forward_features`` + ``forward_head(pre_logits=True)``),
 optionally averaged with those of the horizontally flipped image. On a GPU with cuDF the tables are written
@@ -120,10 +121,29 @@ def _transform_key(data_cfg: dict, cfg: Config) -> dict:
             "tta_hflip": cfg.embed.tta_hflip, "compress": cfg.embed.compress}
 
 
+# The random init of a frozen backbone with `pretrained: none` is drawn from this seed, in a forked RNG: every
+# process (embed now, predict later, a rerun with --overwrite) builds the same weights, so test embeddings come
+# from the model whose train embeddings the SVR was fit on, and the cache key names one set of weights.
+RANDOM_INIT_SEED = 0
+
+
 def _pretrained_source(model_cfg: ModelConfig) -> str:
-    """What identifies a frozen backbone's weights: the file's bytes, or the hub name / random init."""
+    """What identifies a frozen backbone's weights: the file's bytes, or the hub name / the seeded random init."""
     p = model_cfg.pretrained
-    return p if p in ("none", "hub") else file_digest(Path(p)) if Path(p).is_file() else p
+    if p == "none":
+        return f"none:seed{RANDOM_INIT_SEED}"
+    return p if p == "hub" else file_digest(Path(p)) if Path(p).is_file() else p
+
+
+def build_frozen(model_cfg: ModelConfig) -> torch.nn.Module:
+    """A frozen backbone's PawModel with its weights: from its file / the hub, or the seeded random init."""
+    from .models import build_model
+
+    if model_cfg.pretrained != "none":
+        return build_model(model_cfg, pretrained=True)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return build_model(model_cfg, pretrained=True)
 
 
 def _embed_frozen(model_cfg: ModelConfig, folder: Path, comp: Competition, img_key: str, cfg: Config, device: str) -> str:
@@ -139,7 +159,7 @@ def _embed_frozen(model_cfg: ModelConfig, folder: Path, comp: Competition, img_k
     key = config_hash(desc, _pretrained_source(model_cfg), img_key, _transform_key(data_cfg, cfg))
     if _is_cached(folder, key, cfg.overwrite):
         return "cached"
-    model = build_model(model_cfg, pretrained=True)
+    model = build_frozen(model_cfg)
     model = compress_model(model.to(device).eval(), cfg.embed.compress, device)
     _write(folder, comp, model, data_cfg, key, {"source": "pretrained", "model": model_cfg.name}, cfg, device)
     return "computed"

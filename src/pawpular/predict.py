@@ -126,8 +126,8 @@ def _export_backbones(ecfg: Config, dst: Path) -> Config:
 
     from .compress import compress_model, save_compressed
     from .config import ModelConfig
-    from .embed import backbone_configs
-    from .models import build_model, data_config
+    from .embed import backbone_configs, build_frozen
+    from .models import data_config
 
     items = []
     for b, raw in zip(backbone_configs(ecfg), ecfg.embed.backbones):
@@ -136,7 +136,7 @@ def _export_backbones(ecfg: Config, dst: Path) -> Config:
             continue
         if ecfg.embed.compress != "none":
             mcfg = ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size)
-            model = build_model(mcfg, pretrained=True).eval()
+            model = build_frozen(mcfg).eval()
             data_cfg = data_config(mcfg, model.backbone)
             save_compressed(compress_model(model, ecfg.embed.compress, "cpu"), ecfg.embed.compress,
                             dataclasses.asdict(mcfg), data_cfg, compressed_embedder(dst, backbone=b.name))
@@ -171,8 +171,8 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
     """Test predictions of one exported experiment's used heads: {'nn': [...], 'svr': [...]}."""
     from .compress import compress_model, load_compressed
     from .config import ModelConfig
-    from .embed import backbone_configs, embed_dataset
-    from .models import build_model, data_config, load_checkpoint
+    from .embed import backbone_configs, build_frozen, embed_dataset
+    from .models import data_config, load_checkpoint
     from .train import predict as nn_predict
 
     cfg = load_config(exp_dir / "config.yaml")
@@ -189,7 +189,7 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
             else:
                 path = b.pretrained if b.pretrained in ("none", "hub") else str(exp_dir / b.pretrained)
                 mcfg = ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=path, img_size=b.img_size)
-                model = compress_model(build_model(mcfg, pretrained=True).to(device).eval(), cfg.embed.compress, device)
+                model = compress_model(build_frozen(mcfg).to(device).eval(), cfg.embed.compress, device)
                 data_cfg = data_config(mcfg, model.backbone)
             ds, dl = _loader(test, data, data_cfg, bs, workers, device)
             frozen[b.name] = _emb_table(ds.ids, embed_dataset(model, ds, device, bs, workers, cfg.embed.tta_hflip))

@@ -1,0 +1,265 @@
+"""On-demand stage, select: greedy forward selection of the embedding sets the SVR head concatenates.
+
+    pawpular embed --config configs/multi_backbone.yaml      # first: every set's embeddings
+    pawpular select --config configs/multi_backbone.yaml
+
+Reads ``folds.csv``, the competition CSVs (targets, and the flags with ``svr.use_meta``) and the train embeddings
+of every candidate set: ``"model"`` (this experiment's fine-tuned fold backbones, ``emb/fold{k}/``) when every
+fold has them, and each name in ``embed.backbones`` whose ``emb/<name>/`` exists (a missing one is skipped and
+named; none at all is an error telling you to run ``pawpular embed``). Writes ``select/selection.json``
+(candidates, every step with every set tried, the chosen sets, their OOF RMSE and C) and prints the steps as a
+table and the ``--set svr.features=[...]`` line to use. It reads ``svr.*`` settings but never writes ``svr/``.
+
+Selection: score every candidate alone and start from the best; at each step add the set whose addition lowers
+the OOF RMSE most; stop when the best addition improves it by less than ``MIN_IMPROVEMENT`` (RMSE points) or no
+set is left. Each step's RMSE is therefore at most the previous one's, so the chosen sets never score worse than
+the best single set.
+
+Scoring a set of sets is the SVR stage's own code (``svr.assemble_matrix``, ``svr.make_fold``: per-fold
+standardization and gamma, ``svr.attach_kernels``, ``svr.fit_predict``) with C tuned cheaply and
+deterministically instead of by Optuna: a fixed log grid of ``C_GRID_POINTS`` values over
+[``svr.c_min``, ``svr.c_max``], then the two geometric midpoints beside the grid's best. Epsilon is ``svr.epsilon``.
+The RMSE reported for the chosen sets is exactly what ``svr.fit_predict`` gives with that C, so ``pawpular svr``
+with those features (which tunes C by Optuna over the same range) lands at or near it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backend, svr
+from .config import Config
+from .data import ID, META_COLS, TARGET, Competition, read_competition
+from .folds import read_folds
+from .io import write_json
+
+log = logging.getLogger("pawpular")
+
+# A set is added only when it lowers the OOF RMSE by at least this much (Pawpularity points): each added set costs
+# a backbone's embedding time at inference, which a gain in the third decimal does not pay for. A module constant
+# (no config key): change it here, e.g. to 0.05 on a small data set where OOF RMSE differences are noisier.
+MIN_IMPROVEMENT = 0.01
+# C values tried per candidate: log-spaced over [svr.c_min, svr.c_max] (7 points over 0.1-100 = half-decades).
+C_GRID_POINTS = 7
+
+
+def selection_json(out: Path) -> Path:
+    return out / "select" / "selection.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring one combination of sets
+
+
+def c_grid(c_min: float, c_max: float, points: int = C_GRID_POINTS) -> list[float]:
+    """``points`` log-spaced C values from c_min to c_max (both included)."""
+    if not 0 < c_min <= c_max:
+        raise ValueError(f"svr.c_min and svr.c_max must satisfy 0 < c_min <= c_max, got {c_min}, {c_max}")
+    return [float(c) for c in np.geomspace(c_min, c_max, max(points, 1) if c_max > c_min else 1)]
+
+
+def tune_c(folds: Sequence[svr.FoldData], y: np.ndarray, grid: Sequence[float], epsilon: float,
+           device: str = "cpu") -> tuple[float, float]:
+    """(best OOF RMSE, its C): every C of ``grid``, then the geometric midpoints beside the best. Deterministic."""
+    scores: dict[float, float] = {}
+
+    def score(c: float) -> float:
+        if c not in scores:
+            scores[c] = svr.rmse(svr.fit_predict({"C": c, "epsilon": epsilon}, folds, device), y)
+        return scores[c]
+
+    for c in grid:
+        score(c)
+    i = int(np.argmin([scores[c] for c in grid]))
+    for j in (i - 1, i + 1):  # refine between the best grid point and its neighbours
+        if 0 <= j < len(grid):
+            score(float(np.sqrt(grid[i] * grid[j])))
+    best = min(scores, key=lambda c: (scores[c], c))
+    return scores[best], best
+
+
+@dataclass
+class TrainSets:
+    """Every candidate's train embeddings (per fold for "model"), the targets and the fold of each train row."""
+
+    tables: dict[tuple[str, int], Any]  # (set name, fold) -> table; frozen sets are the same table for every fold
+    ids: list[str]
+    y: np.ndarray
+    fold_of: np.ndarray
+    meta: np.ndarray | None
+
+    @property
+    def fold_ids(self) -> list[int]:
+        return sorted(np.unique(self.fold_of).tolist())
+
+    def folds(self, names: Sequence[str], gamma: float | str, device: str) -> list[svr.FoldData]:
+        """The SVR stage's folds (standardized per fold, gamma per fold) for the sets ``names`` concatenated."""
+        xp = backend.array_module(device)
+        out = []
+        for k in self.fold_ids:
+            sets = {n: self.tables[(n, k)] for n in names}
+            x, _ = svr.assemble_matrix(sets, self.ids, names, self.meta, xp)
+            out.append(svr.make_fold(k, x, self.y, self.fold_of, gamma, device))
+        return out
+
+
+def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, mode: str = "precomputed") -> tuple[float, float]:
+    """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels."""
+    folds = data.folds(names, cfg.svr.gamma, device)
+    if mode == "precomputed":
+        svr.attach_kernels(folds)
+    return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Greedy forward selection
+
+
+@dataclass
+class Step:
+    step: int
+    added: str
+    features: list[str]
+    oof_rmse: float
+    C: float
+    tried: dict[str, dict]  # every set tried at this step -> {"oof_rmse", "C"}
+
+
+def forward_select(candidates: Sequence[str], score: Any, min_improvement: float = MIN_IMPROVEMENT) -> tuple[list[Step], dict]:
+    """Greedy forward selection. ``score(names) -> (rmse, C)``; returns the steps taken and the last step's
+    rejected best addition (``{}`` when every candidate was taken). Ties go to the earlier candidate."""
+    if not candidates:
+        raise ValueError("no candidate embedding sets to select from")
+    chosen: list[str] = []
+    steps: list[Step] = []
+    remaining = list(candidates)
+    rejected: dict = {}
+    while remaining:
+        tried = {name: score([*chosen, name]) for name in remaining}
+        best = min(remaining, key=lambda n: tried[n][0])
+        rmse, c = tried[best]
+        if steps and steps[-1].oof_rmse - rmse < min_improvement:
+            rejected = {"set": best, "oof_rmse": rmse, "C": c, "improvement": steps[-1].oof_rmse - rmse,
+                        "tried": {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()}}
+            break
+        chosen.append(best)
+        remaining.remove(best)
+        steps.append(Step(len(steps) + 1, best, list(chosen), rmse, c,
+                          {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()}))
+    return steps, rejected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def find_candidates(cfg: Config, fold_ids: Sequence[int]) -> tuple[list[str], dict[str, str]]:
+    """Sets whose train and test embeddings exist, and the skipped ones with the reason."""
+    from .embed import backbone_configs
+
+    def have(name: str, folds: Sequence[int]) -> bool:
+        return all(svr.set_path(cfg.out, name, split, k).is_file() for k in folds for split in ("train", "test"))
+
+    found, skipped = [], {}
+    for name, folds in [("model", fold_ids), *((b.name, fold_ids[:1]) for b in backbone_configs(cfg))]:
+        if have(name, folds):
+            found.append(name)
+        else:
+            where = "emb/fold{k}/" if name == "model" else f"emb/{name}/"
+            skipped[name] = f"no embeddings in {where}"
+    return found, skipped
+
+
+def load_train_sets(cfg: Config, comp: Competition, folds_df: Any, names: Sequence[str], device: str) -> TrainSets:
+    """Read each set's train embeddings once (a frozen set once for all folds)."""
+    fold_of = comp.train[ID].map(folds_df.set_index(ID)["fold"]).to_numpy()
+    fold_ids = sorted(np.unique(fold_of).tolist())
+    tables: dict[tuple[str, int], Any] = {}
+    for name in names:
+        frozen = None
+        for k in fold_ids:
+            if name == "model":
+                tables[(name, k)] = backend.read_table(svr.set_path(cfg.out, name, "train", k), device)
+            else:
+                frozen = frozen if frozen is not None else backend.read_table(svr.set_path(cfg.out, name, "train", k), device)
+                tables[(name, k)] = frozen
+    meta = comp.train[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
+    return TrainSets(tables, comp.train[ID].astype(str).tolist(), comp.train[TARGET].to_numpy(np.float64), fold_of, meta)
+
+
+def features_line(names: Sequence[str]) -> str:
+    """The override to pass to `pawpular svr` / `all` (quoted: unquoted brackets are a shell glob)."""
+    return f"--set 'svr.features=[{','.join(names)}]'"
+
+
+def format_table(steps: Sequence[Step], rejected: dict) -> str:
+    rows = [f"{'step':>4}  {'added set':<20} {'OOF RMSE':>9} {'gain':>7} {'C':>9}"]
+    prev = None
+    for s in steps:
+        gain = "" if prev is None else f"{prev - s.oof_rmse:7.4f}"
+        rows.append(f"{s.step:>4}  {s.added:<20} {s.oof_rmse:9.4f} {gain:>7} {s.C:9.4g}")
+        prev = s.oof_rmse
+    if rejected:
+        rows.append(f"{'-':>4}  {rejected['set'] + ' (not added)':<20} {rejected['oof_rmse']:9.4f} "
+                    f"{rejected['improvement']:7.4f} {rejected['C']:9.4g}")
+    return "\n".join(rows)
+
+
+def run(cfg: Config) -> Path:
+    """Select embedding sets by greedy forward selection; print the steps; returns select/selection.json."""
+    t0 = time.time()
+    device = backend.resolve_device(cfg.device)
+    comp = read_competition(cfg.data)
+    folds_df = read_folds(cfg.out, comp.train)
+    fold_ids = sorted(folds_df["fold"].unique().tolist())
+    candidates, skipped = find_candidates(cfg, fold_ids)
+    for name, why in skipped.items():
+        log.warning("select: skipping %r: %s (run `pawpular embed` first)", name, why)
+    if not candidates:
+        raise FileNotFoundError(f"no embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
+    data = load_train_sets(cfg, comp, folds_df, candidates, device)
+    # Kernel memory depends on the fold sizes only, not on the sets: decide once.
+    mode = svr.resolve_kernel_cache(cfg.svr.kernel_cache, data.folds(candidates[:1], cfg.svr.gamma, device),
+                                    cfg.svr.max_kernel_gb, device)
+    log.info("select: %d candidate sets (%s), %d train rows, %d folds, C grid %s", len(candidates),
+             ", ".join(candidates), len(data.ids), len(data.fold_ids),
+             ", ".join(f"{c:.3g}" for c in c_grid(cfg.svr.c_min, cfg.svr.c_max)))
+
+    from tqdm import tqdm
+
+    n_evals = sum(range(1, len(candidates) + 1))
+    with tqdm(total=n_evals, desc="select", leave=False, disable=None) as bar:
+        def score(names: list[str]) -> tuple[float, float]:
+            result = score_sets(data, names, cfg, device, mode)
+            bar.update(1)
+            return result
+
+        steps, rejected = forward_select(candidates, score, MIN_IMPROVEMENT)
+
+    best = steps[-1]
+    chosen = best.features
+    result = {
+        "candidates": candidates, "skipped": skipped, "single": steps[0].tried,
+        "steps": [{"step": s.step, "added": s.added, "features": s.features, "oof_rmse": s.oof_rmse, "C": s.C,
+                   "tried": s.tried} for s in steps],
+        "rejected": rejected, "chosen": chosen, "oof_rmse": best.oof_rmse, "C": best.C,
+        "set_line": features_line(chosen),
+        "settings": {"min_improvement": MIN_IMPROVEMENT, "c_grid": c_grid(cfg.svr.c_min, cfg.svr.c_max),
+                     "epsilon": cfg.svr.epsilon, "gamma": cfg.svr.gamma, "use_meta": cfg.svr.use_meta,
+                     "n_folds": len(data.fold_ids), "n_train": len(data.ids)},
+        "seconds": round(time.time() - t0, 2),
+    }
+    path = selection_json(cfg.out)
+    write_json(path, result)
+    print(format_table(steps, rejected))
+    print(f"chosen: {', '.join(chosen)} (OOF RMSE {best.oof_rmse:.4f} at C={best.C:.4g}; best single "
+          f"{steps[0].added} {steps[0].oof_rmse:.4f})")
+    print(f"use:    {features_line(chosen)}")
+    log.info("select: %d of %d sets chosen in %.1fs -> %s", len(chosen), len(candidates), time.time() - t0, path)
+    return path

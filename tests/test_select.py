@@ -1,0 +1,148 @@
+"""Forward selection of embedding sets (`pawpular select`).
+
+The fixture is a tiny competition (no images) whose target is a function of three latents plus noise, and four
+embedding sets: "model" (per fold) encodes latents 0 and 1 (most of the signal), the frozen "partial" encodes
+latent 2 (the rest), "noise" encodes nothing, and "absent" is listed in embed.backbones without embeddings.
+A working selection starts from "model", adds "partial" (it lowers the RMSE by several points), never adds
+"noise" (it only dilutes the RBF distances), and skips "absent" saying so.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pawpular import cli, select, svr
+from pawpular.config import load_config
+from pawpular.data import ID, META_COLS, TARGET, read_competition
+from pawpular.folds import read_folds
+
+N_TRAIN, N_TEST, N_FOLDS = 150, 10, 3
+BACKBONES = [{"name": n, "model": "resnet18"} for n in ("noise", "partial", "absent")]
+
+
+def _emb(folder: Path, ids: list[str], x: np.ndarray, n_train: int) -> None:
+    folder.mkdir(parents=True)
+    for split, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
+        table = pd.DataFrame({ID: ids[rows], **{f"e{j}": x[rows, j].astype(np.float32) for j in range(x.shape[1])}})
+        table.iloc[::-1].to_parquet(folder / f"{split}.parquet", index=False)  # another row order than the CSVs
+
+
+@pytest.fixture
+def sel_exp(tmp_path) -> tuple[Path, Path, Path]:
+    """(competition folder, experiment folder, config file) with folds.csv and the four sets' embeddings."""
+    rng = np.random.default_rng(0)
+    comp, out = tmp_path / "comp", tmp_path / "exp"
+    comp.mkdir()
+    n = N_TRAIN + N_TEST
+    ids = [f"id{i:05d}" for i in range(n)]
+    z = rng.standard_normal((n, 3))
+    target = np.clip(np.round(38 + 10 * (np.sin(2 * z[:, 0]) + z[:, 1]) + 9 * z[:, 2] + 2 * rng.standard_normal(n)), 1, 100)
+    flags = pd.DataFrame(rng.integers(0, 2, size=(n, len(META_COLS))), columns=META_COLS)
+    table = pd.concat([pd.DataFrame({ID: ids}), flags], axis=1)
+    table.iloc[:N_TRAIN].assign(**{TARGET: target[:N_TRAIN].astype(int)}).to_csv(comp / "train.csv", index=False)
+    table.iloc[N_TRAIN:].to_csv(comp / "test.csv", index=False)
+    pd.DataFrame({ID: ids[N_TRAIN:], TARGET: 50}).to_csv(comp / "sample_submission.csv", index=False)
+    out.mkdir()
+    pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}).to_csv(out / "folds.csv", index=False)
+    mix = rng.standard_normal((2, 12))
+    for k in range(N_FOLDS):
+        _emb(out / "emb" / f"fold{k}", ids, np.tanh(z[:, :2] @ mix) + 0.05 * rng.standard_normal((n, 12)), N_TRAIN)
+    _emb(out / "emb" / "partial", ids, np.tanh(z[:, 2:3] @ rng.standard_normal((1, 4))) + 0.05 * rng.standard_normal((n, 4)), N_TRAIN)
+    _emb(out / "emb" / "noise", ids, rng.standard_normal((n, 12)), N_TRAIN)
+    config = tmp_path / "select.yaml"
+    config.write_text(yaml.safe_dump({
+        "experiment": "sel", "device": "cpu", "data_dir": str(comp), "output_dir": str(out),
+        "embed": {"backbones": BACKBONES}, "svr": {"c_min": 0.5, "c_max": 200.0, "epsilon": 0.5}}))
+    return comp, out, config
+
+
+def test_selection_adds_the_informative_set_and_never_the_noise(sel_exp):
+    _, out, config = sel_exp
+    path = select.run(load_config(config))
+    assert path == out / "select" / "selection.json"
+    result = json.loads(path.read_text())
+    assert result["candidates"] == ["model", "noise", "partial"]
+    assert "absent" in result["skipped"] and "emb/absent/" in result["skipped"]["absent"]
+    single = {name: v["oof_rmse"] for name, v in result["single"].items()}
+    assert set(single) == {"model", "noise", "partial"}
+    # The informative set wins alone; noise alone is about as bad as predicting the mean.
+    assert single["model"] == min(single.values())
+    assert single["noise"] > single["model"] + 3
+    steps = result["steps"]
+    assert [s["added"] for s in steps] == ["model", "partial"]
+    assert result["chosen"] == ["model", "partial"] and "noise" not in result["chosen"]
+    # Monotone, each step better by at least the minimum, never worse than the best single set.
+    rmses = [s["oof_rmse"] for s in steps]
+    assert rmses[0] == pytest.approx(min(single.values()))
+    assert all(a - b >= select.MIN_IMPROVEMENT for a, b in itertools.pairwise(rmses))
+    assert result["oof_rmse"] == rmses[-1] <= min(single.values()) - 1.0  # partial helps by over a point
+    # The last step stopped because adding noise does not help, and says so.
+    assert result["rejected"]["set"] == "noise" and result["rejected"]["improvement"] < select.MIN_IMPROVEMENT
+    assert result["set_line"] == "--set 'svr.features=[model,partial]'"
+    # Every C lies in the configured range.
+    assert all(0.5 <= s["C"] <= 200.0 for s in steps)
+
+
+def test_reported_rmse_is_what_the_svr_stage_gets_with_those_sets(sel_exp):
+    """Two paths: the selection's score of its chosen sets at its C == svr.load_folds + svr.fit_predict."""
+    _, out, config = sel_exp
+    result = json.loads(select.run(load_config(config)).read_text())
+    cfg = load_config(config, [f"svr.features={result['chosen']}"])
+    data = read_competition(cfg.data)
+    folds, _ = svr.load_folds(cfg, data, read_folds(cfg.out, data.train), "cpu")  # plain RBF fits, no kernels
+    pred = svr.fit_predict({"C": result["C"], "epsilon": cfg.svr.epsilon}, folds, "cpu")
+    assert svr.rmse(pred, data.train[TARGET].to_numpy(float)) == pytest.approx(result["oof_rmse"], abs=1e-3)
+    assert not (out / "svr").exists()  # select never writes the svr stage's outputs
+
+
+def test_forward_select_stops_below_the_minimum_improvement():
+    scores = {("a",): 10.0, ("b",): 11.0, ("c",): 12.0,
+              ("a", "b"): 9.0, ("a", "c"): 9.5,
+              ("a", "b", "c"): 9.0 - select.MIN_IMPROVEMENT / 2}  # a real but too small gain
+    steps, rejected = select.forward_select(["a", "b", "c"], lambda names: (scores[tuple(sorted(names))], 1.0))
+    assert [s.added for s in steps] == ["a", "b"]
+    assert [s.oof_rmse for s in steps] == [10.0, 9.0]
+    assert rejected["set"] == "c" and rejected["improvement"] == pytest.approx(select.MIN_IMPROVEMENT / 2)
+    steps, rejected = select.forward_select(["a", "b", "c"], lambda names: (scores[tuple(sorted(names))], 1.0),
+                                            min_improvement=0.0)
+    assert [s.added for s in steps] == ["a", "b", "c"] and rejected == {}
+
+
+def test_tune_c_is_deterministic_and_beats_every_grid_point(sel_exp):
+    _, _, config = sel_exp
+    cfg = load_config(config)
+    data_comp = read_competition(cfg.data)
+    data = select.load_train_sets(cfg, data_comp, read_folds(cfg.out, data_comp.train), ["model"], "cpu")
+    folds = data.folds(["model"], cfg.svr.gamma, "cpu")
+    svr.attach_kernels(folds)
+    grid = select.c_grid(0.5, 200.0)
+    assert len(grid) == select.C_GRID_POINTS and grid[0] == pytest.approx(0.5) and grid[-1] == pytest.approx(200.0)
+    best, c = select.tune_c(folds, data.y, grid, 0.5)
+    assert select.tune_c(folds, data.y, grid, 0.5) == (best, c)
+    on_grid = [svr.rmse(svr.fit_predict({"C": g, "epsilon": 0.5}, folds), data.y) for g in grid]
+    assert best <= min(on_grid) and grid[0] <= c <= grid[-1]
+
+
+def test_cli_runs_and_prints_the_table_and_the_set_line(sel_exp, capsys):
+    _, out, config = sel_exp
+    assert cli.main(["select", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "OOF RMSE" in printed and "--set 'svr.features=[model,partial]'" in printed
+    assert (out / "select" / "selection.json").is_file()
+    assert not list((out / "select").glob(".*.tmp"))  # written atomically: no temporary file left
+
+
+def test_without_embeddings_the_error_says_run_embed(sel_exp, capsys):
+    _, out, config = sel_exp
+    import shutil
+
+    shutil.rmtree(out / "emb")
+    assert cli.main(["select", "--config", str(config)]) == 2
+    assert "run `pawpular embed` first" in capsys.readouterr().err
+    assert not (out / "select" / "selection.json").exists()
