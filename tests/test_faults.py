@@ -92,8 +92,9 @@ def test_killed_stage_resumes_to_identical_outputs(reference, tmp_path, stage):
         _run(s, data=data, out=out)
     rng = random.Random(f"{stage}-kill")
     extra: list[str] = []
-    if stage == "train":  # mid-fold, after at least one epoch checkpoint
-        ready, delay = (lambda: any(out.glob("train/fold*/last.pt"))), rng.uniform(0.0, 1.0)
+    if stage == "train":  # mid-fold of a random fold, right after its first epoch checkpoint (whatever the speed)
+        fold = rng.randrange(3)
+        ready, delay = (lambda: (out / f"train/fold{fold}/last.pt").is_file()), 0.0
     elif stage == "embed":  # mid-way through the folds, fold 0 already cached
         ready, delay = (lambda: (out / "emb/fold0/meta.json").is_file()), rng.uniform(0.0, 0.5)
     else:  # mid-study: a longer study, compared with its own uninterrupted twin
