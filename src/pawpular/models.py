@@ -60,7 +60,10 @@ class PawModel(nn.Module):
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B]; sigmoid(logit) * 100 is the predicted Pawpularity."""
-        x = self.embed(image)
+        return self.head_logits(self.embed(image), meta)
+
+    def head_logits(self, x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        """The head on pooled features from ``embed``: predict gets logits and embeddings from one pass."""
         if self.use_meta:
             if meta is None:
                 raise ValueError("this model was built with use_meta: true; pass the 12 metadata flags")

@@ -199,6 +199,13 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
         if use_nn or not packed.is_file():
             model, data_cfg = load_checkpoint(artifacts.best_checkpoint(exp_dir, k), device)
             ds, dl = _loader(test, data, data_cfg, bs, workers, device)
+        one_pass = (use_nn and use_svr and "model" in cfg.svr.features and not packed.is_file()
+                    and cfg.embed.compress == "none" and cfg.train.tta_hflip == cfg.embed.tta_hflip)
+        if one_pass:
+            pred, emb = nn_and_embeddings(model, dl, device, cfg.train.tta_hflip)
+            nn_preds.append(pred)
+            svr_preds.append(_svr_fold(exp_dir, k, cfg, dict(frozen, model=_emb_table(ds.ids, emb)), test))
+            continue
         if use_nn:
             nn_preds.append(nn_predict(model, dl, device, cfg.train.tta_hflip, cfg.train.channels_last and device == "cuda"))
         if use_svr and "model" in cfg.svr.features:
@@ -218,6 +225,34 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
     if use_svr:
         out["svr"] = np.mean(svr_preds, axis=0)
     return out
+
+
+@torch.inference_mode()
+def nn_and_embeddings(model, loader, device: str, tta_hflip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """NN-head predictions (0-100) and embeddings from ONE backbone pass per image (and its mirror with TTA).
+
+    The same arithmetic as ``train.predict`` and ``embed.embed_dataset`` (CPU results are identical), at half
+    the cost of running both: what matters under Kaggle's time limit.
+    """
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    preds, embs = [], []
+    model.eval()
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        meta = batch["meta"].to(device, non_blocking=True)
+        if device == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp:
+            e = model.embed(x)
+            prob = torch.sigmoid(model.head_logits(e, meta).float())
+            emb = e.float()
+            if tta_hflip:
+                e2 = model.embed(x.flip(3))
+                prob = (prob + torch.sigmoid(model.head_logits(e2, meta).float())) / 2
+                emb = (emb + e2.float()) / 2
+        preds.append((prob * 100).cpu().double().numpy())
+        embs.append(emb.cpu().numpy())
+    return np.concatenate(preds), np.concatenate(embs).astype(np.float32)
 
 
 def _emb_table(ids: list[str], emb: np.ndarray) -> pd.DataFrame:
