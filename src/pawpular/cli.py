@@ -38,19 +38,6 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _stage_module(name: str):
-    try:
-        return importlib.import_module(f"pawpular.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"pawpular.{name}":
-            return None
-        raise
-
-
-def available_stages() -> list[str]:
-    return [s for s in PIPELINE if _stage_module(s) is not None]
-
-
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None,
                    help="experiment YAML (default: the saved config.yaml of --output if there is one, else configs/default.yaml)")
@@ -118,9 +105,7 @@ def run_stage(name: str, cfg) -> Path:
     from .config import save_config
     from .io import experiment_lock
 
-    module = _stage_module(name)
-    if module is None:
-        raise SystemExit(f"error: stage '{name}' is not available in this version")
+    module = importlib.import_module(f"pawpular.{name}")
     t0 = time.time()
     lead = _is_lead_process()
     log.info("== %s ==", name)
@@ -199,7 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .io import experiment_lock
 
         with experiment_lock(cfg.out, "all") if _is_lead_process() else contextlib.nullcontext():
-            for stage in available_stages():
+            for stage in PIPELINE:
                 run_stage(stage, cfg)
         print(f"outputs in {cfg.out}")
         return 0

@@ -394,6 +394,8 @@ def ensure_valid(root: str | Path, out: str | Path) -> Competition:
                 return comp
         except ValueError:
             pass
-    comp = read_competition(root, images=True)
+    problems = _check_images(root, "train", comp.train[ID].tolist(), 8) + _check_images(root, "test", comp.test[ID].tolist(), 8)
+    if problems:
+        raise DataError(problems)
     atomic_write_text(record, json.dumps({str(root.resolve()): fingerprint}))
     return comp

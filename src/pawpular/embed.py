@@ -36,17 +36,9 @@ from .compress import compress_model, input_dtype
 from .config import BackboneConfig, Config, ModelConfig, _build, config_hash
 from .data import ID, Competition, PetDataset, build_transform, image_path, read_competition
 from .folds import read_folds
-from .io import read_json, write_json
+from .io import file_digest, read_json, write_json
 
 log = logging.getLogger("pawpular")
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def images_digest(comp: Competition) -> str:
@@ -80,7 +72,15 @@ def embed_dataset(model: torch.nn.Module, dataset: PetDataset, device: str, batc
     return np.concatenate(out).astype(np.float32)
 
 
-def _table(ids: list[str], emb: np.ndarray) -> pd.DataFrame:
+def eval_dataset(df: pd.DataFrame, image_dir: Path, data_cfg: dict) -> PetDataset:
+    """Images as a model sees them at inference: resized to its input size, its normalization."""
+    size = data_cfg["input_size"][1]
+    transform = build_transform(size, data_cfg["mean"], data_cfg["std"], train=False)
+    return PetDataset(df, image_dir, transform, min_side=size)
+
+
+def embedding_table(ids: list[str], emb: np.ndarray) -> pd.DataFrame:
+    """The on-disk layout of embeddings: ``Id`` + ``e0..e{D-1}``."""
     cols = {f"e{j}": emb[:, j] for j in range(emb.shape[1])}
     return pd.DataFrame({ID: ids, **cols})
 
@@ -97,15 +97,13 @@ def _is_cached(folder: Path, key: str, overwrite: bool) -> bool:
 
 
 def _write(folder: Path, comp: Competition, model, data_cfg: dict, key: str, info: dict, cfg: Config, device: str) -> None:
-    size = data_cfg["input_size"][1]
-    transform = build_transform(size, data_cfg["mean"], data_cfg["std"], train=False)
     t0 = time.time()
     tables = {}
     for split, df in (("train", comp.train), ("test", comp.test)):
-        ds = PetDataset(df, comp.root / split, transform, min_side=size)
+        ds = eval_dataset(df, comp.root / split, data_cfg)
         emb = embed_dataset(model, ds, device, cfg.embed.batch_size, cfg.embed.num_workers, cfg.embed.tta_hflip,
                             desc=f"{folder.name}/{split}")
-        tables[split] = _table(ds.ids, emb)
+        tables[split] = embedding_table(ds.ids, emb)
     for split, table in tables.items():
         backend.write_table(table, folder / f"{split}.parquet", cfg.device)
     seconds = time.time() - t0

@@ -25,6 +25,7 @@ from . import artifacts
 from .config import Config
 from .data import ID, TARGET, read_competition
 from .io import write_csv, write_json, write_parquet
+from .metrics import rmse
 
 log = logging.getLogger("pawpular")
 HEADS = ("train", "svr")  # artifact folders holding {oof,test}.parquet, in blend order
@@ -32,10 +33,6 @@ HEADS = ("train", "svr")  # artifact folders holding {oof,test}.parquet, in blen
 
 class SubmissionError(ValueError):
     pass
-
-
-def rmse(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(a, float) - np.asarray(b, float)) ** 2)))
 
 
 @dataclass

@@ -93,7 +93,7 @@ def image_hashes(root: Path, ids: list[str], workers: int = 8) -> np.ndarray:
 
 
 def run(cfg: Config) -> Path:
-    comp = read_competition(cfg.data, images=cfg.folds.group_duplicates)
+    comp = read_competition(cfg.data)  # images: checked up front by the CLI, decoded once more by the hashes
     train = comp.train
     groups = None
     if cfg.folds.group_duplicates:

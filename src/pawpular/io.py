@@ -41,6 +41,17 @@ def _umask() -> int:
     return mask
 
 
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """A content hash of a file (for cache keys): changes exactly when its bytes do."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from PIL import Image
 
 from .data import ID, META_COLS, TARGET, image_path, load_image
+from .metrics import rmse
 
 # One colour per head, the same in every figure.
 HEAD_COLORS = {"nn": "#1f77b4", "svr": "#ff7f0e", "ensemble": "#2ca02c"}
@@ -75,11 +76,6 @@ def message(text: str, title: str = "", size: tuple[float, float] = (7, 2)) -> F
     if title:
         ax.set_title(title)
     return fig
-
-
-def rmse(pred: Iterable[float], y: Iterable[float]) -> float:
-    d = np.asarray(pred, float) - np.asarray(y, float)
-    return float(np.sqrt(np.mean(d**2))) if len(d) else float("nan")
 
 
 def image_sizes(root: str | Path, ids: Sequence[str], split: str = "train") -> pd.DataFrame:

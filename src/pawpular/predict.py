@@ -33,7 +33,8 @@ import torch
 
 from . import __version__, artifacts, backend
 from .config import Config, load_config, save_config
-from .data import ID, PetDataset, build_transform, read_test_set
+from .data import ID, read_test_set
+from .embed import embedding_table, eval_dataset
 from .io import read_json, write_json
 
 log = logging.getLogger("pawpular")
@@ -154,15 +155,8 @@ def _export_backbones(ecfg: Config, dst: Path) -> Config:
 # Predict
 
 
-class _Timer:
-    def __init__(self) -> None:
-        self.images = 0
-        self.seconds = 0.0
-
-
 def _loader(test: pd.DataFrame, data: Path, data_cfg: dict, batch_size: int, workers: int, device: str):
-    size = data_cfg["input_size"][1]
-    ds = PetDataset(test, data / "test", build_transform(size, data_cfg["mean"], data_cfg["std"], train=False), min_side=size)
+    ds = eval_dataset(test, data / "test", data_cfg)
     return ds, torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                            pin_memory=device == "cuda")
 
@@ -192,7 +186,7 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
                 model = compress_model(build_frozen(mcfg).to(device).eval(), cfg.embed.compress, device)
                 data_cfg = data_config(mcfg, model.backbone)
             ds, dl = _loader(test, data, data_cfg, bs, workers, device)
-            frozen[b.name] = _emb_table(ds.ids, embed_dataset(model, ds, device, bs, workers, cfg.embed.tta_hflip))
+            frozen[b.name] = embedding_table(ds.ids, embed_dataset(model, ds, device, bs, workers, cfg.embed.tta_hflip))
     nn_preds, svr_preds = [], []
     for k in info["folds"]:
         packed = compressed_embedder(exp_dir, k)
@@ -204,7 +198,7 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
         if one_pass:
             pred, emb = nn_and_embeddings(model, dl, device, cfg.train.tta_hflip)
             nn_preds.append(pred)
-            svr_preds.append(_svr_fold(exp_dir, k, cfg, dict(frozen, model=_emb_table(ds.ids, emb)), test))
+            svr_preds.append(_svr_fold(exp_dir, k, cfg, dict(frozen, model=embedding_table(ds.ids, emb)), test))
             continue
         if use_nn:
             nn_preds.append(nn_predict(model, dl, device, cfg.train.tta_hflip, cfg.train.channels_last and device == "cuda"))
@@ -214,7 +208,7 @@ def _experiment_preds(exp_dir: Path, info: dict, test: pd.DataFrame, data: Path,
                 ds, dl = _loader(test, data, data_cfg, bs, workers, device)
             else:
                 emb_model = compress_model(model, cfg.embed.compress, device)
-            frozen_k = dict(frozen, model=_emb_table(ds.ids, embed_dataset(emb_model, ds, device, bs, workers, cfg.embed.tta_hflip)))
+            frozen_k = dict(frozen, model=embedding_table(ds.ids, embed_dataset(emb_model, ds, device, bs, workers, cfg.embed.tta_hflip)))
             svr_preds.append(_svr_fold(exp_dir, k, cfg, frozen_k, test))
     if use_svr and "model" not in cfg.svr.features:
         folds = sorted(int(p.parent.name[4:]) for p in (exp_dir / "svr").glob("fold*/model.pkl"))
@@ -253,10 +247,6 @@ def nn_and_embeddings(model, loader, device: str, tta_hflip: bool) -> tuple[np.n
         preds.append((prob * 100).cpu().double().numpy())
         embs.append(emb.cpu().numpy())
     return np.concatenate(preds), np.concatenate(embs).astype(np.float32)
-
-
-def _emb_table(ids: list[str], emb: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({ID: ids, **{f"e{j}": emb[:, j] for j in range(emb.shape[1])}})
 
 
 def _svr_fold(exp_dir: Path, fold: int, cfg: Config, sets: dict[str, pd.DataFrame], test: pd.DataFrame) -> np.ndarray:

@@ -45,7 +45,8 @@ from . import artifacts, backend
 from .config import Config, SvrConfig, config_hash
 from .data import ID, META_COLS, TARGET, Competition, read_competition
 from .folds import read_folds
-from .io import atomic_write_bytes, read_json, write_json
+from .io import atomic_write_bytes, file_digest, read_json, write_json
+from .metrics import rmse
 
 log = logging.getLogger("pawpular")
 Array = Any  # numpy.ndarray on CPU, cupy.ndarray on a RAPIDS GPU
@@ -230,10 +231,6 @@ def fit_predict(params: dict, folds: Sequence[FoldData], device: str = "cpu") ->
     return np.clip(oof, LO, HI)
 
 
-def rmse(pred: np.ndarray, y: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - np.asarray(y, np.float64)) ** 2)))
-
-
 @dataclass
 class SvrHead:
     """What ``predict`` needs for one fold: the feature columns in order, the fitted scaler and SVR."""
@@ -347,14 +344,6 @@ def best_params(study: Any, s: SvrConfig) -> dict:
 # The stage
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _table_digest(df: pd.DataFrame) -> str:
     return hashlib.blake2b(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes(), digest_size=16).hexdigest()
 
@@ -374,7 +363,7 @@ def input_files(cfg: Config, fold_ids: Sequence[int]) -> list[Path]:
 def input_key(cfg: Config, comp: Competition, fold_ids: Sequence[int]) -> str:
     """Hash of what the results depend on: input files' bytes, the competition tables and the svr settings
     (less n_trials, which a rerun may raise to continue the study, and settings that do not change results)."""
-    files = {str(p.relative_to(cfg.out)): _file_digest(p) for p in input_files(cfg, fold_ids)}
+    files = {str(p.relative_to(cfg.out)): file_digest(p) for p in input_files(cfg, fold_ids)}
     svr = {k: v for k, v in dataclasses.asdict(cfg.svr).items()
            if k not in ("n_trials", "storage", "kernel_cache", "max_kernel_gb")}
     return config_hash(svr, files, _table_digest(comp.train), _table_digest(comp.test))

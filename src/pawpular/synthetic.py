@@ -272,11 +272,6 @@ def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: 
     return out
 
 
-def duplicate_pairs(n_train: int, seed: int) -> int:
-    """How many duplicate photos ``make_synthetic`` plants for this size (for tests and docs)."""
-    return max(1, int(round(DUPLICATE_FRACTION * n_train)))
-
-
 def baseline_scores(data_dir: str | Path, n_folds: int = 5, seed: int = 0) -> dict[str, float]:
     """Cross-validated RMSE of three simple baselines: the mean, ridge on the 12 flags, ridge on tiny thumbnails.
 

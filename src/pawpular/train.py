@@ -40,6 +40,7 @@ from .config import Config, ConfigError, TrainConfig, config_hash
 from .data import ID, TARGET, Competition, PetDataset, build_transform, read_competition
 from .folds import read_folds
 from .io import save_torch, write_csv, write_parquet
+from .metrics import rmse
 from .models import POSITION_TERMS, PawModel, build_model, data_config, export_state_dict, load_checkpoint, setup_finetune
 
 log = logging.getLogger("pawpular")
@@ -255,10 +256,6 @@ def predict_dataset(model: nn.Module, ds: Dataset, device: torch.device, tc: Tra
     for i, p in parts:
         pred[i] = p
     return pred
-
-
-def rmse(pred: np.ndarray, target: np.ndarray) -> float:
-    return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - np.asarray(target, np.float64)) ** 2)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
