@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import RidgeCV
 from sklearn.model_selection import KFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from pawpular.data import META_COLS, TARGET
 from pawpular.metrics import rmse
@@ -39,7 +41,8 @@ def main() -> None:
     if (args.real / "train.csv").is_file():
         real = pd.read_csv(args.real / "train.csv")
         y = real[TARGET].to_numpy(float)
-        flags = cross_val_predict(RidgeCV(alphas=np.logspace(-2, 4, 13)), real[META_COLS].to_numpy(float), y,
+        model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))  # as baseline_scores
+        flags = cross_val_predict(model, real[META_COLS].to_numpy(float), y,
                                   cv=KFold(5, shuffle=True, random_state=0))
         for key, value in zip(rows, [y.mean(), y.std(ddof=1), y.std(), rmse(flags, y), np.nan]):
             rows[key].append(value)

@@ -59,7 +59,7 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
 
     t0 = time.perf_counter()
     folds = [svr.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
-    mode = svr.resolve_kernel_cache(s.kernel_cache, folds, s.max_kernel_gb, device)
+    mode = svr.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
     if mode == "precomputed":
         svr.attach_kernels(folds)
     t_prep = time.perf_counter() - t0

@@ -15,7 +15,7 @@ import torch
 from pawpular import train
 from pawpular.config import ConfigError, ModelConfig, TrainConfig, load_config
 from pawpular.data import ID, TARGET, PetDataset, build_transform, read_competition
-from pawpular.models import build_model, count_parameters, load_checkpoint
+from pawpular.models import build_model, load_checkpoint
 
 N_FOLDS = 3
 TINY = [
@@ -165,8 +165,7 @@ def test_ssf_run_saves_a_plain_checkpoint(small_competition, tmp_path):
     base = build_model(cfg.model, pretrained=False)
     assert set(ckpt["model"]) == set(base.state_dict())
     assert sum(v.numel() for k, v in ckpt["model"].items()) == sum(v.numel() for v in base.state_dict().values())
-    model, _ = load_checkpoint(out / "fold2" / "best.pt")
-    assert count_parameters(model) == count_parameters(base)
+    load_checkpoint(out / "fold2" / "best.pt")  # a strict load into the base architecture
     trained_norm = ckpt["model"]["backbone.layers.0.blocks.0.norm1.weight"]
     torch.manual_seed(cfg.seed + 1000 * 2)  # the fold's initial weights: SSF changed the merged layers
     init = build_model(cfg.model, pretrained=False).state_dict()["backbone.layers.0.blocks.0.norm1.weight"]

@@ -90,14 +90,9 @@ def save_compressed(model: nn.Module, spec: str, model_cfg: dict, data_cfg: dict
 
 def load_compressed(path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild a model saved by ``save_compressed``: the architecture, the same compression, then the state."""
-    import dataclasses
+    from .models import build_model, read_checkpoint
 
-    from .config import ModelConfig
-    from .models import build_model
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_cfg = ModelConfig(**{k: v for k, v in ckpt["model_cfg"].items() if k in names})
+    ckpt, model_cfg, data_cfg = read_checkpoint(path)  # weights_only: int8 packed states load that way too
     model = build_model(model_cfg, pretrained=False).eval()
     kind, _ = parse(ckpt["compress"])
     if kind == "int8":
@@ -105,6 +100,4 @@ def load_compressed(path, device: str = "cpu") -> tuple[nn.Module, dict]:
     elif kind == "bf16":
         model = model.to(torch.bfloat16)
     model.load_state_dict(ckpt["model"])
-    data_cfg = dict(ckpt["data_cfg"])
-    data_cfg["input_size"] = tuple(data_cfg["input_size"])
     return model.to(device).eval(), data_cfg

@@ -305,6 +305,13 @@ def build_transform(img_size: int, mean: tuple, std: tuple, train: bool):
     ])
 
 
+def eval_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> "PetDataset":
+    """Images as a model sees them at inference: resized to its input size, its normalization."""
+    size = data_cfg["input_size"][1]
+    transform = build_transform(size, data_cfg["mean"], data_cfg["std"], train=False)
+    return PetDataset(df, image_dir, transform, min_side=max(data_cfg["input_size"][1:]))
+
+
 class PetDataset:
     """Images (+ metadata flags, + target/100 when present) for a table with an ``Id`` column.
 

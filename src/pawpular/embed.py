@@ -34,7 +34,7 @@ from tqdm import tqdm
 from . import artifacts, backend
 from .compress import compress_model, input_dtype
 from .config import BackboneConfig, Config, ModelConfig, _build, config_hash
-from .data import ID, Competition, PetDataset, build_transform, image_path, read_competition
+from .data import ID, Competition, PetDataset, eval_dataset, image_path, read_competition
 from .folds import read_folds
 from .io import file_digest, read_json, write_json
 
@@ -70,13 +70,6 @@ def embed_dataset(model: torch.nn.Module, dataset: PetDataset, device: str, batc
                 e = (e + model.embed(torch.flip(x, dims=[3])).float()) / 2
         out.append(e.cpu().numpy())
     return np.concatenate(out).astype(np.float32)
-
-
-def eval_dataset(df: pd.DataFrame, image_dir: Path, data_cfg: dict) -> PetDataset:
-    """Images as a model sees them at inference: resized to its input size, its normalization."""
-    size = data_cfg["input_size"][1]
-    transform = build_transform(size, data_cfg["mean"], data_cfg["std"], train=False)
-    return PetDataset(df, image_dir, transform, min_side=size)
 
 
 def embedding_table(ids: list[str], emb: np.ndarray) -> pd.DataFrame:
@@ -188,7 +181,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def run(cfg: Config) -> Path:
-    from .models import load_checkpoint
+    from .models import load_checkpoint, read_checkpoint
 
     device = backend.resolve_device(cfg.device)
     comp = read_competition(cfg.data)
@@ -214,12 +207,12 @@ def run(cfg: Config) -> Path:
             if not ckpt.is_file():
                 raise FileNotFoundError(f"{ckpt} not found: run `pawpular train` first (or set embed.source: pretrained)")
             folder = artifacts.emb_dir(cfg.out, fold=k)
-            model, data_cfg = load_checkpoint(ckpt, device)
+            _, _, data_cfg = read_checkpoint(ckpt)  # the cache key needs no model
             key = config_hash(file_digest(ckpt), img_key, _transform_key(data_cfg, cfg))
             if _is_cached(folder, key, cfg.overwrite):
                 status[f"fold{k}"] = "cached"
                 continue
-            model = compress_model(model, cfg.embed.compress, device)
+            model = compress_model(load_checkpoint(ckpt, device)[0], cfg.embed.compress, device)
             _write(folder, comp, model, data_cfg, key, {"source": "finetuned", "checkpoint": str(ckpt)}, cfg, device)
             status[f"fold{k}"] = "computed"
 

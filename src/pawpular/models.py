@@ -188,18 +188,24 @@ def data_config(model_cfg: ModelConfig, backbone: nn.Module) -> dict:
     return {"input_size": input_size, "mean": tuple(resolved["mean"]), "std": tuple(resolved["std"])}
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PawModel, dict]:
-    """Rebuild a PawModel from ``best.pt`` (no pretrained download) in eval mode; also its data config."""
+def read_checkpoint(path: str | Path) -> tuple[dict, ModelConfig, dict]:
+    """A saved model file (``best.pt``, a compressed embedder): its dict, ModelConfig and data config."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in ckpt["model_cfg"].items() if k in names})
-    model = build_model(model_cfg, pretrained=False)
-    model.load_state_dict(ckpt["model"], strict=True)
     data_cfg = dict(ckpt["data_cfg"])
     data_cfg["input_size"] = tuple(data_cfg["input_size"])
+    return ckpt, model_cfg, data_cfg
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[PawModel, dict]:
+    """Rebuild a PawModel from ``best.pt`` (no pretrained download) in eval mode; also its data config."""
+    ckpt, model_cfg, data_cfg = read_checkpoint(path)
+    model = build_model(model_cfg, pretrained=False)
+    model.load_state_dict(ckpt["model"], strict=True)
     return model.to(device).eval(), data_cfg
 
 
@@ -240,7 +246,7 @@ def setup_finetune(model: PawModel, mode: str) -> tuple[int, int]:
         add_ssf(model)
     else:
         raise ConfigError(f"model.finetune must be full, fpt, ssf or head, got {mode!r}")
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("finetune %s: %s of %s parameters trainable (%.2f%%)", mode, f"{trainable:,}", f"{total:,}",
              100.0 * trainable / max(total, 1))

@@ -34,7 +34,8 @@ import torch
 from . import __version__, artifacts, backend
 from .config import Config, load_config, save_config
 from .data import ID, read_test_set
-from .embed import embedding_table, eval_dataset
+from .data import eval_dataset
+from .embed import embedding_table
 from .io import read_json, write_json
 
 log = logging.getLogger("pawpular")
@@ -113,12 +114,12 @@ def compressed_embedder(exp_dir: Path, fold: int | None = None, backbone: str | 
 
 def _export_compressed_fold(folder: Path, dst: Path, fold: int, spec: str) -> None:
     from .compress import compress_model, save_compressed
-    from .models import load_checkpoint
+    from .models import build_model, read_checkpoint
 
-    path = artifacts.best_checkpoint(folder, fold)
-    model_cfg = torch.load(path, map_location="cpu", weights_only=True)["model_cfg"]
-    model, data_cfg = load_checkpoint(path, "cpu")
-    save_compressed(compress_model(model, spec, "cpu"), spec, model_cfg, data_cfg, compressed_embedder(dst, fold))
+    ckpt, model_cfg, data_cfg = read_checkpoint(artifacts.best_checkpoint(folder, fold))
+    model = build_model(model_cfg, pretrained=False)
+    model.load_state_dict(ckpt["model"], strict=True)
+    save_compressed(compress_model(model.eval(), spec, "cpu"), spec, ckpt["model_cfg"], data_cfg, compressed_embedder(dst, fold))
 
 
 def _export_backbones(ecfg: Config, dst: Path) -> Config:

@@ -178,7 +178,7 @@ def find_candidates(cfg: Config, fold_ids: Sequence[int]) -> tuple[list[str], di
 
 def load_train_sets(cfg: Config, comp: Competition, folds_df: Any, names: Sequence[str], device: str) -> TrainSets:
     """Read each set's train embeddings once (a frozen set once for all folds)."""
-    fold_of = comp.train[ID].map(folds_df.set_index(ID)["fold"]).to_numpy()
+    fold_of = folds_df["fold"].to_numpy()  # read_folds returns them in train-table order
     fold_ids = sorted(np.unique(fold_of).tolist())
     tables: dict[tuple[str, int], Any] = {}
     for name in names:
@@ -225,8 +225,7 @@ def run(cfg: Config) -> Path:
         raise FileNotFoundError(f"no embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
     data = load_train_sets(cfg, comp, folds_df, candidates, device)
     # Kernel memory depends on the fold sizes only, not on the sets: decide once.
-    mode = svr.resolve_kernel_cache(cfg.svr.kernel_cache, data.folds(candidates[:1], cfg.svr.gamma, device),
-                                    cfg.svr.max_kernel_gb, device)
+    mode = svr.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)
     log.info("select: %d candidate sets (%s), %d train rows, %d folds, C grid %s", len(candidates),
              ", ".join(candidates), len(data.ids), len(data.fold_ids),
              ", ".join(f"{c:.3g}" for c in c_grid(cfg.svr.c_min, cfg.svr.c_max)))

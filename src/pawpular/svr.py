@@ -167,15 +167,18 @@ def make_fold(fold: int, x: Array, y: np.ndarray, fold_of: np.ndarray, gamma: fl
     x = xp.asarray(x)
     val = np.flatnonzero(fold_of == fold)
     tr = np.flatnonzero(fold_of != fold)
-    scaler = Standardizer.fit(x[xp.asarray(tr)])
-    x_train = scaler.transform(x[xp.asarray(tr)])
+    rows = x[xp.asarray(tr)]
+    scaler = Standardizer.fit(rows)
+    x_train = scaler.transform(rows)
     return FoldData(fold, x_train, xp.asarray(y[tr], dtype=np.float64), scaler.transform(x[xp.asarray(val)]), val,
                     scaler, resolve_gamma(x_train, gamma))
 
 
-def kernel_gb(folds: Sequence[FoldData]) -> float:
-    """Memory the cached float64 kernels of these folds take."""
-    return sum(8 * len(f.x_train) * (len(f.x_train) + len(f.x_val)) for f in folds) / 2**30
+def kernel_gb(fold_of: np.ndarray) -> float:
+    """Memory the cached float64 kernels take: per fold, train x (train + validation) rows. Fold sizes alone
+    decide it, so it is known before any fold is built."""
+    n = len(fold_of)
+    return sum(8 * int((fold_of != k).sum()) * n for k in np.unique(fold_of)) / 2**30
 
 
 def attach_kernels(folds: Sequence[FoldData]) -> None:
@@ -184,9 +187,9 @@ def attach_kernels(folds: Sequence[FoldData]) -> None:
         f.k_val = rbf_kernel(f.x_val, f.x_train, f.gamma)
 
 
-def resolve_kernel_cache(mode: str, folds: Sequence[FoldData], max_gb: float, device: str) -> str:
+def resolve_kernel_cache(mode: str, fold_of: np.ndarray, max_gb: float, device: str) -> str:
     """'precomputed' or 'plain' for ``svr.kernel_cache`` (auto | precomputed | plain), logged with the reason."""
-    need = kernel_gb(folds)
+    need = kernel_gb(fold_of)
     if mode == "plain":
         chosen, why = "plain", "asked for"
     elif not backend.svr_precomputed_ok(device):
@@ -396,7 +399,7 @@ def load_folds(cfg: Config, comp: Competition, folds_df: pd.DataFrame, device: s
     """Every fold's standardized features and targets (train-table row order), and the feature column names."""
     xp = backend.array_module(device)
     ids = comp.train[ID].astype(str).tolist()
-    fold_of = comp.train[ID].map(folds_df.set_index(ID)["fold"]).to_numpy()
+    fold_of = folds_df["fold"].to_numpy()  # read_folds returns them in train-table order
     y = comp.train[TARGET].to_numpy(np.float64)
     meta = comp.train[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
     frozen: dict = {}
@@ -457,7 +460,7 @@ def run(cfg: Config) -> Path:
         log.info("svr: continuing study %s: %d of %d trials done", name, done_before, cfg.svr.n_trials)
     folds, columns = load_folds(cfg, comp, folds_df, device)
     y = comp.train[TARGET].to_numpy(np.float64)
-    mode = resolve_kernel_cache(cfg.svr.kernel_cache, folds, cfg.svr.max_kernel_gb, device)
+    mode = resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
     if mode == "precomputed":
         attach_kernels(folds)
     t_tune = time.time()

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from . import artifacts
 from .backend import resolve_device
 from .config import Config, ConfigError, TrainConfig, config_hash
-from .data import ID, TARGET, Competition, PetDataset, build_transform, read_competition
+from .data import ID, TARGET, Competition, PetDataset, build_transform, eval_dataset, read_competition
 from .folds import read_folds
 from .io import save_torch, write_csv, write_parquet
 from .metrics import rmse
@@ -311,7 +311,7 @@ def train_fold(cfg: Config, comp: Competition, folds: pd.DataFrame, fold: int, d
     resume_key = _resume_key(cfg, fold, val_df[ID].tolist())
 
     torch.manual_seed(seed)
-    model = build_model(cfg.model, pretrained=cfg.model.pretrained != "none")
+    model = build_model(cfg.model)
     dcfg = data_config(cfg.model, model.backbone)
     with torch.no_grad():  # start the head at the mean target: the first epochs need not learn the offset
         p = float(np.clip(trn_df[TARGET].mean() / 100, 0.01, 0.99))
@@ -324,7 +324,7 @@ def train_fold(cfg: Config, comp: Competition, folds: pd.DataFrame, fold: int, d
     size, mean, std = dcfg["input_size"][1], dcfg["mean"], dcfg["std"]
     min_side = max(dcfg["input_size"][1:])
     train_ds = PetDataset(trn_df, comp.root / "train", build_transform(size, mean, std, train=True), min_side)
-    val_ds = PetDataset(val_df, comp.root / "train", build_transform(size, mean, std, train=False), min_side)
+    val_ds = eval_dataset(val_df, comp.root / "train", dcfg)
     train_loader = make_loader(train_ds, tc, True, device, dist)
     optimizer = make_optimizer(model, tc)
     steps_per_epoch = math.ceil(len(train_loader) / tc.accum_steps)
@@ -403,7 +403,7 @@ def train_fold(cfg: Config, comp: Competition, folds: pd.DataFrame, fold: int, d
     best_model, _ = load_checkpoint(best_path, dev)
     if tc.channels_last:
         best_model.to(memory_format=torch.channels_last)
-    test_ds = PetDataset(comp.test, comp.root / "test", build_transform(size, mean, std, train=False), min_side)
+    test_ds = eval_dataset(comp.test, comp.root / "test", dcfg)
     test_pred = predict_dataset(best_model, test_ds, dev, tc, dist)
     if dist.main:
         write_parquet(pd.DataFrame({ID: comp.test[ID], "pred": test_pred}), fold_dir / "test.parquet")
