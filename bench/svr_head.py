@@ -40,6 +40,7 @@ import numpy as np
 
 from pawpular import backend, svr
 from pawpular.config import SvrConfig
+from pawpular.metrics import rmse
 
 
 def make_data(rows: int, dims: int, latent: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -123,7 +124,7 @@ def main() -> int:
     with ThreadPoolExecutor(threads) as pool:
         for i in replay:
             t1 = time.perf_counter()
-            naive_rmse[i] = svr.rmse(naive_trial(trials[i].params | {"epsilon": s.epsilon}, x, y, fold_of, pool), y)
+            naive_rmse[i] = rmse(naive_trial(trials[i].params | {"epsilon": s.epsilon}, x, y, fold_of, pool), y)
             print(f"  naive trial {i:2d}: C={trials[i].params['C']:9.4f}  RMSE {naive_rmse[i]:.5f} "
                   f"(fast {fast_rmse[i]:.5f})  {time.perf_counter() - t1:.1f} s", flush=True)
     naive_s = (time.perf_counter() - t0) / len(replay) * len(trials)

@@ -65,6 +65,11 @@ def svr_dir(out: Path) -> Path:
     return out / "svr"
 
 
+def study_db(out: Path) -> Path:
+    """The SVR stage's Optuna study (sqlite), unless svr.storage names another database."""
+    return svr_dir(out) / "study.db"
+
+
 def svr_model(out: Path, fold: int) -> Path:
     return svr_dir(out) / f"fold{fold}" / "model.pkl"
 

@@ -34,6 +34,7 @@ from . import artifacts, plots
 from .config import Config
 from .data import ID, TARGET, DataError, read_competition
 from .io import atomic_write_text, read_json
+from .metrics import rmse
 
 log = logging.getLogger("pawpular")
 # Head name -> artifact folder holding its {oof,test}.parquet.
@@ -146,7 +147,7 @@ class Study(NamedTuple):
 
 def load_study(out: Path, storage: str | None = None, name: str | None = None) -> Study:
     """The SVR's Optuna study: the one called ``name`` if the storage holds it, else the newest."""
-    db = artifacts.svr_dir(out) / "study.db"
+    db = artifacts.study_db(out)
     url = storage or (f"sqlite:///{db.resolve()}" if db.is_file() else None)
     if url is None:
         return Study(None, None, note=NOT_RUN)
@@ -227,7 +228,7 @@ def oof_rmse(res: RunResults, head: str) -> float:
     if not res.has_target or head not in res.oof:
         return np.nan
     sel = res.oof[[head, TARGET]].dropna()
-    return plots.rmse(sel[head], sel[TARGET])
+    return rmse(sel[head], sel[TARGET])
 
 
 def model_table(res: RunResults) -> pd.DataFrame:
@@ -257,7 +258,7 @@ def model_table(res: RunResults) -> pd.DataFrame:
     mean = scores.get("predict_mean")
     if mean is None and res.train is not None:
         y = res.train[TARGET].to_numpy(float)
-        mean = plots.rmse(np.full_like(y, y.mean()), y)
+        mean = rmse(np.full_like(y, y.mean()), y)
     rows.append(("predict the mean", np.nan if mean is None else mean, np.nan, "baseline"))
     return pd.DataFrame(rows, columns=["model", "oof_rmse", "weight", "status"])
 

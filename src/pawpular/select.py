@@ -38,6 +38,7 @@ from .config import Config
 from .data import ID, META_COLS, TARGET, Competition, read_competition
 from .folds import read_folds
 from .io import write_json
+from .metrics import rmse
 
 log = logging.getLogger("pawpular")
 
@@ -71,7 +72,7 @@ def tune_c(folds: Sequence[svr.FoldData], y: np.ndarray, grid: Sequence[float], 
 
     def score(c: float) -> float:
         if c not in scores:
-            scores[c] = svr.rmse(svr.fit_predict({"C": c, "epsilon": epsilon}, folds, device), y)
+            scores[c] = rmse(svr.fit_predict({"C": c, "epsilon": epsilon}, folds, device), y)
         return scores[c]
 
     for c in grid:

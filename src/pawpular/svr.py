@@ -373,7 +373,7 @@ def input_key(cfg: Config, comp: Competition, fold_ids: Sequence[int]) -> str:
 
 
 def _storage(cfg: Config) -> str:
-    return cfg.svr.storage or f"sqlite:///{(artifacts.svr_dir(cfg.out) / 'study.db').resolve()}"
+    return cfg.svr.storage or f"sqlite:///{artifacts.study_db(cfg.out).resolve()}"
 
 
 def _outputs(cfg: Config, fold_ids: Sequence[int]) -> list[Path]:
