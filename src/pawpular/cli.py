@@ -31,8 +31,6 @@ log = logging.getLogger("pawpular")
 
 
 def _setup_logging(verbose: bool) -> None:
-    if not sys.stderr.isatty():  # progress bars only on a terminal: in CI logs and files they are noise
-        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("PIL", "matplotlib", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -329,7 +329,7 @@ def tune(study: Any, folds: Sequence[FoldData], y: np.ndarray, s: SvrConfig, dev
     missing = max(0, s.n_trials - n_complete(study))
     if missing == 0:
         return 0
-    with tqdm(total=missing, desc="svr trials", leave=False) as bar:
+    with tqdm(total=missing, desc="svr trials", leave=False, disable=None) as bar:
         def progress(study: Any, trial: Any) -> None:
             bar.update(1)
             bar.set_postfix(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")

@@ -191,7 +191,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     criterion = nn.BCEWithLogitsLoss()
     n = len(loader)  # type: ignore[arg-type]
     total, seen = 0.0, 0
-    bar = tqdm(loader, desc=desc, total=n, leave=False, disable=not show, mininterval=1.0)
+    bar = tqdm(loader, desc=desc, total=n, leave=False, disable=None if show else True, mininterval=1.0)
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(bar):
         image, meta, target = _to_device(batch, device, tc.channels_last)
