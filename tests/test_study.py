@@ -341,7 +341,7 @@ def test_open_never_deletes_delete_is_explicit_and_a_failing_objective_stops_the
         st.run_trials(study, objective, 5, poll=POLL)
     assert st.run_trials(study, objective, 5, poll=POLL) == 2  # a rerun fills the budget exactly
 
-    again = st.open_study("svr", st.make_storage(None, db), seed=0, shared=False)  # reopening keeps every trial
+    again = st.open_study("svr", st.storage_url(None, db), seed=0)  # reopening (from the URL) keeps every trial
     assert st.n_complete(again) == 5 and states(again) == {"COMPLETE": 5, "FAIL": 2}
     assert st.delete_study("svr", storage) is True
     assert st.delete_study("svr", storage) is False

@@ -229,10 +229,15 @@ def _replayable_tpe(seed: int, shared: bool) -> Any:
     return ReplayableTPESampler(seed=seed)
 
 
-def open_study(name: str, storage: Any, seed: int, shared: bool) -> Any:
-    """Create study ``name`` in ``storage`` (a ``make_storage`` result), or load it; never deletes anything."""
+def open_study(name: str, storage: Any, seed: int, shared: bool = False) -> Any:
+    """Create study ``name`` in ``storage`` (a ``make_storage`` result, or a URL given to it), or load it; never
+    deletes anything."""
     import optuna
 
+    if isinstance(storage, str):
+        storage = make_storage(storage, Path())
+    elif storage is None:
+        raise ValueError("open_study needs a storage: make_storage(cfg.svr.storage, <the experiment's study.db>)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
                                sampler=_replayable_tpe(seed, shared))
@@ -355,7 +360,7 @@ def _heartbeat(rdb: Any, trial_id: int) -> Iterator[None]:
 
 
 def run_trials(study: Any, objective: Callable[[Any], float], n_trials: int, *,
-               callbacks: Sequence[Callable[[Any, Any], None]] = (),
+               callbacks: Sequence[Callable[[Any, Any], None]] | None = (),
                lock: Callable[[], contextlib.AbstractContextManager] | None = None,
                poll: float | None = None) -> int:
     """Run trials in this process until ``study`` holds ``n_trials`` COMPLETE trials across all its workers.
@@ -411,7 +416,7 @@ def run_trials(study: Any, objective: Callable[[Any], float], n_trials: int, *,
                         study.study_name, trial.number)
             continue
         ran += 1
-        for callback in callbacks:
+        for callback in callbacks or ():
             callback(study, frozen)
 
 
