@@ -47,12 +47,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pawpular import select, svr
-from pawpular.compress import _prunable, compress_model, input_dtype, parse
+from pawpular import svm
+from pawpular.compress import _prunable, compress_model, parse
 from pawpular.config import ModelConfig
-from pawpular.data import TARGET, PetDataset, build_transform, read_competition
-from pawpular.folds import make_folds
+from pawpular.data import TARGET, read_competition
+from pawpular.dataset import eval_dataset
+from pawpular.inference import input_dtype
 from pawpular.models import build_model, data_config, load_checkpoint
+from pawpular.splits import make_folds
+from pawpular.stages import select
 
 SETTINGS = "none,int8,prune:0.3,prune:0.6,bf16"
 
@@ -71,9 +74,7 @@ def load_images(args: argparse.Namespace, data_cfg: dict) -> tuple[torch.Tensor,
     """The first ``--n-images`` train images, decoded and transformed as ``embed`` does, as one tensor."""
     comp = read_competition(args.data)
     train = comp.train.iloc[: args.n_images].reset_index(drop=True)
-    size = data_cfg["input_size"][1]
-    ds = PetDataset(train, comp.root / "train", build_transform(size, data_cfg["mean"], data_cfg["std"], train=False),
-                    min_side=size)
+    ds = eval_dataset(train, comp.root / "train", data_cfg)
     return torch.stack([ds[i]["image"] for i in range(len(ds))]), train
 
 
@@ -119,8 +120,8 @@ def zero_fraction(model: torch.nn.Module) -> float | None:
 
 def svr_oof(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray) -> tuple[float, float]:
     """(OOF RMSE, C) of the SVR head on ``x``: same folds, same C grid for every setting."""
-    folds = [svr.make_fold(k, x, y, fold_of, "scale", "cpu") for k in sorted(np.unique(fold_of))]
-    svr.attach_kernels(folds)
+    folds = [svm.make_fold(k, x, y, fold_of, "scale", "cpu") for k in sorted(np.unique(fold_of))]
+    svm.attach_kernels(folds)
     return select.tune_c(folds, y, select.c_grid(0.1, 100.0), 0.1, "cpu")
 
 

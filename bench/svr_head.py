@@ -8,15 +8,16 @@ Data: embedding-shaped synthetic rows: a latent z (8 dims) encoded into ``--dims
 noise and tanh; the target is a nonlinear function of z plus noise, scaled to mean ~38 and std ~20 and clipped to
 [1, 100] (Pawpularity's range), so C matters and the RMSE has a real optimum.
 
-Fast loop: the stage's own code on these arrays: ``svr.make_fold`` (standardize per fold, gamma='scale'),
-``svr.attach_kernels`` (one BLAS product per fold) and ``svr.tune`` (a seeded Optuna TPE study whose objective is
-``svr.fit_predict`` with SVR(kernel='precomputed')). Timed from the raw features to the last trial.
+Fast loop: the stage's own code on these arrays: ``svm.make_fold`` (standardize per fold, gamma='scale'),
+``svm.attach_kernels`` (one BLAS product per fold) and a seeded Optuna TPE study whose objective is
+``svm.make_objective`` (``svm.fit_predict`` with SVR(kernel='precomputed')). Timed from the raw features to the last
+trial.
 
 Naive loop: for each trial, for each fold, standardize the raw features (StandardScaler fit on the fold's training
 rows) and fit scikit-learn's SVR(kernel='rbf', gamma='scale') on them, then predict the fold's rows: what a
 notebook without caching does. It REPLAYS the trials the fast study chose (the same C and epsilon, in order), so
 both loops evaluate the same sequence of C values and "same best C" is the argmin of two RMSE columns over the
-same candidates. Both loops use the same SVR arguments (``backend.SVR.shared_args``: tol, cache_size) and run a
+same candidates. Both loops use the same SVR arguments (``backend.SVR_ARGS``: tol, cache_size) and run a
 trial's folds on the same thread pool (libsvm releases the GIL): the ratio measures the kernel caching alone.
 
 The full naive loop takes hours on 2 CPU cores (each fit evaluates ~63M kernel entries of 1,536 dims). With
@@ -38,7 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pawpular import backend, svr
+from pawpular import backend, svm
+from pawpular.heads import HI, LO
 from pawpular.config import SvrConfig
 from pawpular.metrics import rmse
 
@@ -59,14 +61,14 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
     import optuna
 
     t0 = time.perf_counter()
-    folds = [svr.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
-    mode = svr.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
+    folds = [svm.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
+    mode = svm.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
     if mode == "precomputed":
-        svr.attach_kernels(folds)
+        svm.attach_kernels(folds)
     t_prep = time.perf_counter() - t0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=s.seed))
-    svr.tune(study, folds, y, s, device)
+    study.optimize(svm.make_objective(folds, y, s, device), n_trials=s.n_trials)
     return {"seconds": time.perf_counter() - t0, "prep": t_prep, "mode": mode, "study": study}
 
 
@@ -78,14 +80,14 @@ def naive_trial(params: dict, x: np.ndarray, y: np.ndarray, fold_of: np.ndarray,
     def one(k: int) -> tuple[np.ndarray, np.ndarray]:
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         scaler = StandardScaler().fit(x[tr].astype(np.float64))
-        model = SVR(**{**backend.SVR.shared_args, "kernel": "rbf", "gamma": "scale", **params})
+        model = SVR(**{**backend.SVR_ARGS, "kernel": "rbf", "gamma": "scale", **params})
         model.fit(scaler.transform(x[tr].astype(np.float64)), y[tr])
         return va, model.predict(scaler.transform(x[va].astype(np.float64)))
 
     oof = np.full(len(y), np.nan)
     for va, pred in pool.map(one, np.unique(fold_of)):
         oof[va] = pred
-    return np.clip(oof, svr.LO, svr.HI)
+    return np.clip(oof, LO, HI)
 
 
 def main() -> int:
@@ -106,7 +108,7 @@ def main() -> int:
     fold_of = np.random.default_rng(1).permutation(args.rows) % args.folds
     s = SvrConfig(n_trials=args.trials, c_min=args.c_min, c_max=args.c_max, seed=args.seed,
                   kernel_cache="precomputed", max_kernel_gb=args.max_kernel_gb)
-    threads = svr._n_jobs("cpu", args.folds)
+    threads = svm._n_jobs("cpu", args.folds)
     print(f"data: {args.rows} rows x {args.dims} dims, {args.folds} folds, {args.trials} trials; target mean "
           f"{y.mean():.1f} std {y.std():.1f}; {threads} threads for the folds of a trial; {os.cpu_count()} CPUs",
           flush=True)

@@ -18,8 +18,10 @@ from torch import nn
 
 from pawpular.backend import resolve_device
 from pawpular.config import load_config
-from pawpular.models import build_model, data_config, setup_finetune
-from pawpular.train import amp_dtype, make_optimizer, make_scheduler, train_one_epoch
+from pawpular.finetune import setup_finetune
+from pawpular.inference import precision_for
+from pawpular.models import build_model, data_config
+from pawpular.training import grad_scaler, make_optimizer, make_scheduler, train_one_epoch
 
 
 def _sync(device: torch.device) -> None:
@@ -71,12 +73,12 @@ def main() -> None:
                 "target": torch.rand(tc.batch_size, generator=g).to(device)} for _ in range(args.steps)]
     opt_ours = make_optimizer(ours, tc)
     sched = make_scheduler(opt_ours, tc, steps_per_epoch=args.steps * (args.rounds + 1))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device.type, tc.amp) == torch.float16)
+    precision = precision_for(device.type, tc.amp)
+    scaler = grad_scaler(precision)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=tc.lr)
-    dtype = amp_dtype(device.type, tc.amp)
 
     def run_ours() -> None:
-        train_one_epoch(forward, batches, opt_ours, sched, scaler, device, tc, dtype=dtype, show=False)
+        train_one_epoch(forward, batches, opt_ours, sched, scaler, device, tc, precision=precision, show=False)
 
     def run_plain() -> None:
         plain_epoch(plain, batches, opt_plain)
@@ -94,7 +96,7 @@ def main() -> None:
     n = args.steps * tc.batch_size
     ours_ips, plain_ips = n / best["ours"], n / best["plain"]
     what = f"{cfg.model.name} {c}x{h}x{w}, batch {tc.batch_size}, finetune {cfg.model.finetune}"
-    extras = ", ".join(f for f, on in (("bf16/fp16 autocast", dtype is not None), ("channels_last", tc.channels_last),
+    extras = ", ".join(f for f, on in ((f"{precision} autocast", precision != "fp32"), ("channels_last", tc.channels_last),
                                        ("compile", tc.compile)) if on) or "fp32"
     print(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'}); {what}")
     print(f"ours  ({extras}): {ours_ips:9.1f} images/s")

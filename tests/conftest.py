@@ -73,6 +73,28 @@ def build_run(comp: Path, out: Path) -> Path:
     return out
 
 
+def adopt_folds(cfg, folds) -> None:
+    """Write ``folds`` (Id, fold) as the experiment's folds.csv with the folds stage's manifest, as if the stage
+    had made them (tests that need a particular split: round-robin folds, planted embeddings)."""
+    from pawpular import artifacts, manifest
+    from pawpular.files import write_csv
+    from pawpular.runner import Context
+    from pawpular.stages import folds as folds_stage
+
+    write_csv(folds, artifacts.folds_csv(cfg.out))
+    plan = folds_stage.plan(Context(cfg))
+    manifest.commit(artifacts.manifest(cfg.out, "folds"), cfg.out, manifest.Record(plan.config, plan.inputs),
+                    [artifacts.folds_csv(cfg.out)])
+
+
+def plant_finished(out: Path, folder: Path) -> None:
+    """Mark planted files in ``folder`` (e.g. embeddings written by a test) as a finished unit of work."""
+    from pawpular import manifest
+
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
+    manifest.commit(folder / "manifest.json", out, manifest.Record({}, {}), files)
+
+
 def make_partial(run: Path, dest: Path) -> Path:
     """The run as it stood before `svr`: train (and embed) finished, no svr/, ensemble/ or submission."""
     import json

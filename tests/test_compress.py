@@ -20,11 +20,17 @@ import pytest
 import torch
 from torch import nn
 
-from pawpular.compress import _prunable, compress_model, input_dtype, parse
+from pawpular.compress import _prunable, compress_model, parse
 from pawpular.config import ModelConfig
-from pawpular.data import PetDataset, build_transform, read_competition
-from pawpular.embed import embed_dataset
+from pawpular.data import read_competition
+from pawpular.dataset import PetDataset, build_transform
+from pawpular.inference import input_dtype, run_backbone
 from pawpular.models import build_model, data_config
+
+
+def embed_dataset(model, ds, device, batch_size, num_workers, tta_hflip):
+    """Embeddings through the one inference path (what the embed stage and predict run)."""
+    return run_backbone(model, ds, device, batch_size=batch_size, num_workers=num_workers, emb_tta=tta_hflip).emb
 
 TINY_SWIN = ModelConfig(name="swin_tiny_patch4_window7_224", pretrained="none", img_size=64,
                         kwargs={"embed_dim": 24, "depths": [1, 1], "num_heads": [1, 2], "img_size": 64, "window_size": 4})

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from conftest import shared_or_skip
-from pawpular.data import (META_COLS, TARGET, ImageDecodeError, check_competition, load_image,
-                           read_competition)
+from pawpular.data import META_COLS, TARGET, check_competition, read_competition
+from pawpular.images import ImageDecodeError, load_image
 
 
 def _edit_csv(path: Path, fn) -> None:
@@ -155,7 +155,7 @@ def test_tiny_and_huge_images(tmp_path):
 def test_dataset_error_names_the_id(competition_copy):
     import albumentations as A
 
-    from pawpular.data import PetDataset
+    from pawpular.dataset import PetDataset
 
     comp = read_competition(competition_copy)
     id_ = comp.train["Id"].iloc[3]

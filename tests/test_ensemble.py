@@ -5,9 +5,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pawpular import ensemble
+from pawpular.blend import cross_validated, fit_weights
 from pawpular.data import read_competition
-from pawpular.ensemble import SubmissionError, fit_weights, rmse, validate_submission, write_submission
+from pawpular.metrics import rmse
+from pawpular.runner import Context, run_planned
+from pawpular.submission import SubmissionError, validate_submission, write_submission
+
+from conftest import adopt_folds, plant_finished
 
 
 @pytest.mark.parametrize("method", ["nnls", "hill"])
@@ -79,17 +83,31 @@ def _fake_head(out, head, comp, noise, seed):
     (out / head).mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"Id": comp.train["Id"], "fold": folds, "pred": y + rng.normal(0, noise, len(y))}).to_parquet(out / head / "oof.parquet")
     pd.DataFrame({"Id": comp.test["Id"], "pred": rng.uniform(-5, 110, len(comp.test))}).to_parquet(out / head / "test.parquet")
+    plant_finished(out, out / head)
+
+
+def _cfg_with_folds(make_cfg, comp_dir):
+    cfg = make_cfg(comp_dir)
+    ids = read_competition(comp_dir).train["Id"]
+    adopt_folds(cfg, pd.DataFrame({"Id": ids, "fold": np.arange(len(ids)) % 5}))
+    return cfg
+
+
+def _run(cfg):
+    """The ensemble stage on planted heads (they stand in for train and svr)."""
+    run_planned(Context(cfg, "cpu"), "ensemble")
+    return cfg.out / "submission.csv"
 
 
 def test_stage_blends_heads_and_writes_a_valid_submission(make_cfg, small_competition, tmp_path):
-    cfg = make_cfg(small_competition)
+    cfg = _cfg_with_folds(make_cfg, small_competition)
     comp = read_competition(small_competition)
     _fake_head(cfg.out, "train", comp, 12, 0)
     _fake_head(cfg.out, "svr", comp, 12, 1)
     other = tmp_path / "other_exp"
     _fake_head(other, "svr", comp, 15, 2)
     cfg.ensemble.experiments = [str(other)]
-    path = ensemble.run(cfg)
+    path = _run(cfg)
     sub = pd.read_csv(path)
     assert sub["Id"].tolist() == comp.sample["Id"].tolist() and sub["Pawpularity"].between(1, 100).all()
     w = pd.read_json(cfg.out / "ensemble" / "weights.json", typ="series")
@@ -98,7 +116,7 @@ def test_stage_blends_heads_and_writes_a_valid_submission(make_cfg, small_compet
 
 
 def test_stage_refuses_mismatched_folds(make_cfg, small_competition):
-    cfg = make_cfg(small_competition)
+    cfg = _cfg_with_folds(make_cfg, small_competition)
     comp = read_competition(small_competition)
     _fake_head(cfg.out, "train", comp, 12, 0)
     _fake_head(cfg.out, "svr", comp, 12, 1)
@@ -106,5 +124,5 @@ def test_stage_refuses_mismatched_folds(make_cfg, small_competition):
     oof["fold"] = (oof["fold"] + 1) % 5
     oof.to_parquet(cfg.out / "svr" / "oof.parquet")
     with pytest.raises(ValueError, match="different folds"):
-        ensemble.run(cfg)
+        _run(cfg)
     assert not (cfg.out / "submission.csv").exists()

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 from conftest import REPO, tiny_args
 
 # Every file whose content a resumed run must reproduce.
-OUTPUTS = ["folds.csv", "train/oof.parquet", "train/test.parquet", "emb/fold0/train.parquet", "emb/fold2/test.parquet",
+OUTPUTS = ["folds/folds.csv", "train/oof.parquet", "train/test.parquet", "emb/fold0/train.parquet", "emb/fold2/test.parquet",
            "svr/oof.parquet", "svr/test.parquet", "ensemble/oof.parquet", "submission.csv"]
 
 
@@ -96,7 +96,7 @@ def test_killed_stage_resumes_to_identical_outputs(reference, tmp_path, stage):
         fold = rng.randrange(3)
         ready, delay = (lambda: (out / f"train/fold{fold}/last.pt").is_file()), 0.0
     elif stage == "embed":  # mid-way through the folds, fold 0 already cached
-        ready, delay = (lambda: (out / "emb/fold0/meta.json").is_file()), rng.uniform(0.0, 0.5)
+        ready, delay = (lambda: (out / "emb/fold0/manifest.json").is_file()), rng.uniform(0.0, 0.5)
     else:  # mid-study: a longer study, compared with its own uninterrupted twin
         extra = ["--set", "svr.n_trials=120"]
         k = rng.randint(15, 90)
@@ -148,7 +148,7 @@ def test_unchanged_rerun_reuses_everything_and_transform_change_recomputes(refer
     data, ref = reference
     out = Path(shutil.copytree(ref, tmp_path / "exp"))
     r = _run("embed", data=data, out=out)
-    assert "reused from cache" in r.stderr and "fold0=cached" in r.stderr and "=computed" not in r.stderr
+    assert "embed: cached" in r.stderr and "=computed" not in r.stderr
     r = _run("embed", data=data, out=out, extra=["--set", "embed.tta_hflip=false"])
     assert "fold0=computed" in r.stderr
     a, b = pd.read_parquet(ref / "emb/fold0/train.parquet"), pd.read_parquet(out / "emb/fold0/train.parquet")
@@ -159,7 +159,7 @@ def test_same_config_and_seed_same_results(reference, tmp_path):
     data, ref = reference
     out = tmp_path / "again"
     _run("all", data=data, out=out)
-    for name in ("folds.csv", "svr/oof.parquet", "svr/test.parquet", "submission.csv"):
+    for name in ("folds/folds.csv", "svr/oof.parquet", "svr/test.parquet", "submission.csv"):
         _same(ref, out, name)
     w1, w2 = (pd.read_json(d / "ensemble" / "weights.json", typ="series")["weights"] for d in (ref, out))
     assert w1 == w2
@@ -173,4 +173,4 @@ def test_bad_image_is_rejected_before_any_stage_writes(reference, tmp_path):
     out = tmp_path / "exp"
     r = subprocess.run(_cli("all", data=data2, out=out), capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and f"train/{victim}.jpg: Id {victim}" in r.stderr
-    assert "Traceback" not in r.stderr and not (out / "folds.csv").exists()
+    assert "Traceback" not in r.stderr and not (out / "folds" / "folds.csv").exists()

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from pawpular.config import ConfigError, ModelConfig
-from pawpular.models import (PretrainedWeightsError, add_ssf, build_model, count_parameters, data_config,
-                             export_state_dict, has_ssf, load_checkpoint, merge_ssf, setup_finetune)
+from pawpular.finetune import add_ssf, count_parameters, export_state_dict, has_ssf, merge_ssf, setup_finetune
+from pawpular.models import PretrainedWeightsError, build_model, data_config, load_checkpoint
 
 SWIN = dict(name="swin_tiny_patch4_window7_224", img_size=32,
             kwargs=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], img_size=32, window_size=4))

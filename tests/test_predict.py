@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pawpular.predict import export
+from pawpular.exporter import export
 
 GUARD = """
 import socket, sys
@@ -49,7 +49,7 @@ def test_export_holds_models_and_no_training_data(experiment_run, tmp_path):
     name = experiment_run.name
     assert {f"experiments/{name}/train/fold{k}/best.pt" for k in range(3)} <= files
     assert {f"experiments/{name}/svr/fold{k}/model.pkl" for k in range(3)} <= files
-    assert "src/pawpular/predict.py" in files and f"experiments/{name}/config.yaml" in files
+    assert "src/pawpular/predictor.py" in files and f"experiments/{name}/config.yaml" in files
     assert not [f for f in files if f.endswith((".csv", "oof.parquet", "last.pt")) or "/emb/" in f]
     assert manifest["weights"] == json.loads((experiment_run / "ensemble" / "weights.json").read_text())["weights"]
 

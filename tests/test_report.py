@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pawpular import cli, plots, report
-from pawpular.config import load_config
+from pawpular import cli, plots, reporting as report, results
 from pawpular.data import ID, TARGET
+from pawpular.metrics import rmse
 
-from conftest import CONFIG
+from conftest import CONFIG  # noqa: F401  (the run's config)
 
 N_FIGURES_FULL = 9  # folds, curves, OOF scatter, residuals, worst, Optuna, ensemble, target, flags
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -85,10 +85,6 @@ def models_by_name(doc: str) -> dict[str, dict]:
     return {r["attrs"]["data-model"]: r for r in table_rows(doc, "models") if "data-model" in r["attrs"]}
 
 
-def _cfg(out: Path, data: Path | str):
-    return load_config(CONFIG, output_dir=str(out), data_dir=str(data))
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -121,7 +117,7 @@ def test_report_of_a_finished_run(experiment_run, small_competition, capsys):
         per_fold = np.sqrt(oof.assign(se=(oof["pred"] - oof[TARGET]) ** 2).groupby("fold")["se"].mean())
         for k, value in per_fold.items():
             assert float(folds[str(k)][j][0]) == pytest.approx(value, rel=1e-12)
-        assert float(folds["all (OOF)"][j][0]) == pytest.approx(plots.rmse(oof["pred"], oof[TARGET]), rel=1e-12)
+        assert float(folds["all (OOF)"][j][0]) == pytest.approx(rmse(oof["pred"], oof[TARGET]), rel=1e-12)
 
     timings = json.loads((experiment_run / "timings.json").read_text())
     shown = {r["cells"][0][1]: r["cells"][1][0] for r in table_rows(doc, "timings")[1:]}
@@ -131,7 +127,7 @@ def test_report_of_a_finished_run(experiment_run, small_competition, capsys):
 
 
 def test_partial_run_says_not_run(partial_run, small_competition):
-    path = report.run(_cfg(partial_run, small_competition))
+    path = report.write_report(partial_run, small_competition)
     assert path == partial_run / "report.html"
     doc = path.read_text()
     models = models_by_name(doc)
@@ -152,10 +148,10 @@ def test_unfinished_training_is_partial(partial_run, small_competition, tmp_path
     (run / "train" / "oof.parquet").unlink()
     (run / "train" / "test.parquet").unlink()
     shutil.rmtree(run / "train" / "fold2")
-    res = report.load_results(run, small_competition)
+    res = results.load_results(run, small_competition)
     assert res.status["nn"] == "partial: folds 0, 1 of 3"
     assert sorted(res.oof.dropna(subset=["nn"])["fold"].unique()) == [0, 1]
-    doc = report.run(_cfg(run, small_competition)).read_text()
+    doc = report.write_report(run, small_competition).read_text()
     assert models_by_name(doc)["nn"]["attrs"]["data-status"] == "partial: folds 0, 1 of 3"
     folds = {r["cells"][0][1]: r["cells"][1] for r in table_rows(doc, "folds")[1:]}
     assert list(folds) == ["0", "1", "2", "all (OOF)"]
@@ -167,7 +163,7 @@ def test_report_without_the_competition_data(experiment_run, tmp_path):
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     config = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(re.sub(r"(?m)^data_dir: .*$", f"data_dir: {tmp_path / 'gone'}", config))
-    doc = report.run(_cfg(run, tmp_path / "missing")).read_text()
+    doc = report.write_report(run, tmp_path / "missing").read_text()
     assert "competition data not found" in doc
     weights = json.loads((run / "ensemble" / "weights.json").read_text())
     models = models_by_name(doc)
@@ -185,12 +181,12 @@ def test_study_chosen_by_name_else_newest(tmp_path):
     for name, n in (("older", 2), ("newer", 3)):
         optuna.create_study(study_name=name, storage=storage).optimize(
             lambda t: t.suggest_float("C", 0.1, 10, log=True), n_trials=n)
-    study = report.load_study(tmp_path, name="older")
+    study = results.load_study(tmp_path, name="older")
     assert (study.name, len(study.trials), study.minimize, study.note) == ("older", 2, True, "")
-    assert report.c_param(study.trials) == "C"
-    assert report.load_study(tmp_path).name == "newer"
-    assert report.load_study(tmp_path, name="gone").name == "newer"
-    assert report.load_study(tmp_path / "elsewhere") == report.Study(None, None, True, "not run")
+    assert "params_C" in study.trials
+    assert results.load_study(tmp_path).name == "newer"
+    assert results.load_study(tmp_path, name="gone").name == "newer"
+    assert results.load_study(tmp_path / "elsewhere") == results.Study(None, None, True, "not run")
 
 
 def test_figures_say_what_is_missing_instead_of_failing():
@@ -212,6 +208,6 @@ def test_report_finds_the_runs_own_data(experiment_run, small_competition, tmp_p
     from pawpular.synthetic import make_synthetic
 
     other = make_synthetic(tmp_path / "other", n_train=20, n_test=4, seed=11)
-    res = report.load_results(experiment_run, other)
+    res = results.load_results(experiment_run, other)
     assert res.data == small_competition and len(res.train) == 120
     assert any("not those of folds.csv" in n for n in res.notes)

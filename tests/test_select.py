@@ -17,10 +17,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from pawpular import cli, select, svr
+from pawpular import cli, svm
+from pawpular.api import run_config
 from pawpular.config import load_config
 from pawpular.data import ID, META_COLS, TARGET, read_competition
-from pawpular.folds import read_folds
+from pawpular.metrics import rmse
+from pawpular.splits import read_folds
+from pawpular.stages import select, svr
+
+from conftest import adopt_folds, plant_finished
 
 N_TRAIN, N_TEST, N_FOLDS = 150, 10, 3
 BACKBONES = [{"name": n, "model": "resnet18"} for n in ("noise", "partial", "absent")]
@@ -31,6 +36,7 @@ def _emb(folder: Path, ids: list[str], x: np.ndarray, n_train: int) -> None:
     for split, rows in (("train", slice(0, n_train)), ("test", slice(n_train, None))):
         table = pd.DataFrame({ID: ids[rows], **{f"e{j}": x[rows, j].astype(np.float32) for j in range(x.shape[1])}})
         table.iloc[::-1].to_parquet(folder / f"{split}.parquet", index=False)  # another row order than the CSVs
+    plant_finished(folder.parent.parent, folder)
 
 
 @pytest.fixture
@@ -48,8 +54,6 @@ def sel_exp(tmp_path) -> tuple[Path, Path, Path]:
     table.iloc[:N_TRAIN].assign(**{TARGET: target[:N_TRAIN].astype(int)}).to_csv(comp / "train.csv", index=False)
     table.iloc[N_TRAIN:].to_csv(comp / "test.csv", index=False)
     pd.DataFrame({ID: ids[N_TRAIN:], TARGET: 50}).to_csv(comp / "sample_submission.csv", index=False)
-    out.mkdir()
-    pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}).to_csv(out / "folds.csv", index=False)
     mix = rng.standard_normal((2, 12))
     for k in range(N_FOLDS):
         _emb(out / "emb" / f"fold{k}", ids, np.tanh(z[:, :2] @ mix) + 0.05 * rng.standard_normal((n, 12)), N_TRAIN)
@@ -58,13 +62,15 @@ def sel_exp(tmp_path) -> tuple[Path, Path, Path]:
     config = tmp_path / "select.yaml"
     config.write_text(yaml.safe_dump({
         "experiment": "sel", "device": "cpu", "data_dir": str(comp), "output_dir": str(out),
+        "folds": {"n_folds": N_FOLDS, "group_duplicates": False},
         "embed": {"backbones": BACKBONES}, "svr": {"c_min": 0.5, "c_max": 200.0, "epsilon": 0.5}}))
+    adopt_folds(load_config(config), pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}))
     return comp, out, config
 
 
 def test_selection_adds_the_informative_set_and_never_the_noise(sel_exp):
     _, out, config = sel_exp
-    path = select.run(load_config(config))
+    path = run_config("select", load_config(config))
     assert path == out / "select" / "selection.json"
     result = json.loads(path.read_text())
     assert result["candidates"] == ["model", "noise", "partial"]
@@ -92,12 +98,12 @@ def test_selection_adds_the_informative_set_and_never_the_noise(sel_exp):
 def test_reported_rmse_is_what_the_svr_stage_gets_with_those_sets(sel_exp):
     """Two paths: the selection's score of its chosen sets at its C == svr.load_folds + svr.fit_predict."""
     _, out, config = sel_exp
-    result = json.loads(select.run(load_config(config)).read_text())
+    result = json.loads(run_config("select", load_config(config)).read_text())
     cfg = load_config(config, [f"svr.features={result['chosen']}"])
     data = read_competition(cfg.data)
-    folds, _ = svr.load_folds(cfg, data, read_folds(cfg.out, data.train), "cpu")  # plain RBF fits, no kernels
-    pred = svr.fit_predict({"C": result["C"], "epsilon": cfg.svr.epsilon}, folds, "cpu")
-    assert svr.rmse(pred, data.train[TARGET].to_numpy(float)) == pytest.approx(result["oof_rmse"], abs=1e-3)
+    folds, _, _ = svr.load_folds(cfg, data, read_folds(cfg.out, data.train, cfg.folds), "cpu")  # plain RBF fits
+    pred = svm.fit_predict({"C": result["C"], "epsilon": cfg.svr.epsilon}, folds, "cpu")
+    assert rmse(pred, data.train[TARGET].to_numpy(float)) == pytest.approx(result["oof_rmse"], abs=1e-3)
     assert not (out / "svr").exists()  # select never writes the svr stage's outputs
 
 
@@ -118,14 +124,14 @@ def test_tune_c_is_deterministic_and_beats_every_grid_point(sel_exp):
     _, _, config = sel_exp
     cfg = load_config(config)
     data_comp = read_competition(cfg.data)
-    data = select.load_train_sets(cfg, data_comp, read_folds(cfg.out, data_comp.train), ["model"], "cpu")
+    data = select.load_train_sets(cfg, data_comp, read_folds(cfg.out, data_comp.train, cfg.folds), ["model"], "cpu")
     folds = data.folds(["model"], cfg.svr.gamma, "cpu")
-    svr.attach_kernels(folds)
+    svm.attach_kernels(folds)
     grid = select.c_grid(0.5, 200.0)
     assert len(grid) == select.C_GRID_POINTS and grid[0] == pytest.approx(0.5) and grid[-1] == pytest.approx(200.0)
     best, c = select.tune_c(folds, data.y, grid, 0.5)
     assert select.tune_c(folds, data.y, grid, 0.5) == (best, c)
-    on_grid = [svr.rmse(svr.fit_predict({"C": g, "epsilon": 0.5}, folds), data.y) for g in grid]
+    on_grid = [rmse(svm.fit_predict({"C": g, "epsilon": 0.5}, folds), data.y) for g in grid]
     assert best <= min(on_grid) and grid[0] <= c <= grid[-1]
 
 

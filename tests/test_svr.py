@@ -13,10 +13,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pawpular import artifacts, backend, svr
+from pawpular import artifacts, backend, svm
 from pawpular.config import load_config
 from pawpular.data import ID, META_COLS, TARGET, read_competition
-from pawpular.folds import read_folds
+from pawpular.features import assemble_features
+from pawpular.files import read_json
+from pawpular.heads import SvrHead, rbf_kernel
+from pawpular.metrics import rmse
+from pawpular.runner import Context, run_planned
+from pawpular.splits import read_folds
+from pawpular.stages import svr
+from pawpular.study import open_study, storage_url
 
 N_TRAIN, N_TEST, DIM, N_FOLDS = 90, 12, 16, 3
 
@@ -40,8 +47,8 @@ def _write_comp(root: Path, seed: int = 0) -> tuple[Path, Path]:
     table.iloc[:N_TRAIN].assign(**{TARGET: target[:N_TRAIN].astype(int)}).to_csv(comp / "train.csv", index=False)
     table.iloc[N_TRAIN:].to_csv(comp / "test.csv", index=False)
     pd.DataFrame({ID: ids[N_TRAIN:], TARGET: 50}).to_csv(comp / "sample_submission.csv", index=False)
-    out.mkdir()
-    pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}).to_csv(out / "folds.csv", index=False)
+    (out / "folds").mkdir(parents=True)
+    pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}).to_csv(out / "folds" / "folds.csv", index=False)
     mix = rng.standard_normal((3, DIM))
     sets = {f"fold{k}": None for k in range(N_FOLDS)} | {"frozen": None}
     for name in sets:  # each fold's "fine-tuned" backbone sees the latent through its own noise
@@ -62,31 +69,36 @@ def svr_exp(tmp_path):
 
 
 def _cfg(comp: Path, out: Path, *overrides: str):
-    base = ["device=cpu", "svr.n_trials=3", "svr.c_min=0.5", "svr.c_max=200", "svr.epsilon=0.5"]
+    base = ["device=cpu", "svr.n_trials=3", "svr.c_min=0.5", "svr.c_max=200", "svr.epsilon=0.5", f"folds.n_folds={N_FOLDS}"]
     return load_config(None, [*base, *overrides], data_dir=str(comp), output_dir=str(out))
+
+
+def _run(cfg):
+    """The SVR stage with its manifest (cache) logic; the planted embeddings stand in for the embed stage."""
+    return run_planned(Context(cfg, "cpu"), "svr")
 
 
 def _folds(cfg):
     comp = read_competition(cfg.data)
-    folds, columns = svr.load_folds(cfg, comp, read_folds(cfg.out, comp.train), "cpu")
+    folds, columns, _ = svr.load_folds(cfg, comp, read_folds(cfg.out, comp.train, cfg.folds), "cpu")
     return comp, folds, columns
 
 
 def _study(cfg):
     import optuna
 
-    return optuna.load_study(study_name=svr.read_json(artifacts.svr_dir(cfg.out) / "best_params.json")["study_name"],
-                             storage=f"sqlite:///{(artifacts.svr_dir(cfg.out) / 'study.db').resolve()}")
+    return optuna.load_study(study_name=read_json(artifacts.best_params(cfg.out))["study_name"],
+                             storage=storage_url(None, artifacts.study_db(cfg.out)))
 
 
 def test_cpu_device_builds_scikit_learn_svr_with_shared_args():
     from sklearn.svm import SVR
 
-    model = backend.SVR.build("cpu", C=3.0, epsilon=0.2)
+    model = backend.build_svr("cpu", C=3.0, epsilon=0.2)
     assert type(model) is SVR
     assert (model.C, model.epsilon, model.kernel) == (3.0, 0.2, "rbf")
-    assert model.cache_size == backend.SVR.shared_args["cache_size"] and model.tol == backend.SVR.shared_args["tol"]
-    assert backend.SVR.build("cpu", kernel="precomputed").kernel == "precomputed"  # params override shared args
+    assert model.cache_size == backend.SVR_ARGS["cache_size"] and model.tol == backend.SVR_ARGS["tol"]
+    assert backend.build_svr("cpu", kernel="precomputed").kernel == "precomputed"  # params override shared args
     assert backend.array_module("cpu") is np and backend.svr_precomputed_ok("cpu")
 
 
@@ -96,12 +108,12 @@ def test_rbf_kernel_and_gamma_match_scikit_learn():
 
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((40, 7)) * 3, rng.standard_normal((9, 7)) * 3
-    np.testing.assert_allclose(svr.rbf_kernel(a, b, 0.05), rbf_kernel(a, b, gamma=0.05), rtol=1e-10, atol=1e-12)
-    gamma = svr.resolve_gamma(a, "scale")
+    np.testing.assert_allclose(rbf_kernel(a, b, 0.05), rbf_kernel(a, b, gamma=0.05), rtol=1e-10, atol=1e-12)
+    gamma = svm.resolve_gamma(a, "scale")
     assert gamma == pytest.approx(SVR(gamma="scale").fit(a, rng.standard_normal(40))._gamma, rel=1e-12)
-    assert svr.resolve_gamma(a, 0.3) == 0.3 and svr.resolve_gamma(a, "auto") == pytest.approx(1 / 7)
+    assert svm.resolve_gamma(a, 0.3) == 0.3 and svm.resolve_gamma(a, "auto") == pytest.approx(1 / 7)
     with pytest.raises(ValueError, match="svr.gamma"):
-        svr.resolve_gamma(a, "wide")
+        svm.resolve_gamma(a, "wide")
 
 
 def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
@@ -111,63 +123,64 @@ def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
     assert len(columns) == DIM and [len(f.val_rows) for f in folds] == [N_TRAIN // N_FOLDS] * N_FOLDS
     scores = []
     for params in ({"C": 30.0, "epsilon": 0.5}, {"C": 2.0, "epsilon": 3.0}):
-        plain = svr.fit_predict(params, folds)
-        svr.attach_kernels(folds)
-        cached = svr.fit_predict(params, folds)
+        plain = svm.fit_predict(params, folds)
+        svm.attach_kernels(folds)
+        cached = svm.fit_predict(params, folds)
         for f in folds:
             f.k_train = f.k_val = None
-        assert svr.rmse(plain, cached) < 1e-3
+        assert rmse(plain, cached) < 1e-3
         assert not np.isnan(plain).any() and plain.min() >= 1 and plain.max() <= 100
-        scores.append(svr.rmse(plain, y))
+        scores.append(rmse(plain, y))
     # The features reach the SVR aligned with their targets: it clearly beats the mean, and C matters.
-    assert scores[0] < 0.75 * svr.rmse(np.full_like(y, y.mean()), y)
+    assert scores[0] < 0.75 * rmse(np.full_like(y, y.mean()), y)
     assert scores[0] < scores[1] - 2
     # The Optuna objective is only sampling + fit_predict: a fixed trial scores exactly what fit_predict gives.
     from optuna.trial import FixedTrial
 
-    objective = svr.make_objective(folds, y, cfg.svr, "cpu")
-    assert objective(FixedTrial({"C": 30.0})) == svr.rmse(svr.fit_predict({"C": 30.0, "epsilon": 0.5}, folds), y)
+    objective = svm.make_objective(folds, y, cfg.svr, "cpu")
+    assert objective(FixedTrial({"C": 30.0})) == rmse(svm.fit_predict({"C": 30.0, "epsilon": 0.5}, folds), y)
+    assert objective(FixedTrial({"C": 30.0})) == svm.oof_rmse({"C": 30.0, "epsilon": 0.5}, folds, y)
 
 
 def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp):
     cfg = _cfg(*svr_exp, "svr.features=[model, frozen]", "svr.use_meta=true")
-    result = svr.run(cfg)
-    assert result == artifacts.svr_dir(cfg.out)
+    result = _run(cfg)
+    assert artifacts.svr_model(cfg.out, 0) in result.outputs and not result.cached
     comp = read_competition(cfg.data)
     oof = pd.read_parquet(artifacts.preds(cfg.out, "svr", "oof"))
     assert list(oof.columns) == [ID, "fold", "pred"]
     assert sorted(oof[ID]) == sorted(comp.train[ID]) and oof[ID].is_unique
-    folds = pd.read_csv(cfg.out / "folds.csv", dtype={ID: str})
+    folds = pd.read_csv(artifacts.folds_csv(cfg.out), dtype={ID: str})
     assert oof.merge(folds, on=ID, suffixes=("", "_csv")).eval("fold == fold_csv").all()
     assert oof["pred"].between(1, 100).all()
     test = pd.read_parquet(artifacts.preds(cfg.out, "svr", "test"))
     assert list(test[ID]) == list(comp.test[ID]) and test["pred"].between(1, 100).all()
-    best = svr.read_json(artifacts.svr_dir(cfg.out) / "best_params.json")
+    best = read_json(artifacts.best_params(cfg.out))
     assert 0.5 <= best["C"] <= 200 and best["n_trials"] == 3 and best["n_features"] == 2 * DIM + len(META_COLS)
     y = comp.train.set_index(ID).loc[oof[ID], TARGET].to_numpy(float)
-    assert best["oof_rmse"] == pytest.approx(svr.rmse(oof["pred"], y), rel=1e-9)
+    assert best["oof_rmse"] == pytest.approx(rmse(oof["pred"], y), rel=1e-9)
     assert best["oof_rmse"] == pytest.approx(best["best_trial_rmse"], abs=1e-3)  # final fit = best trial's model
 
     # Each fold's model.pkl, applied to freshly assembled test features, gives the stage's test predictions.
-    sets = {name: pd.read_parquet(svr.set_path(cfg.out, name, "test", 0)) for name in ("frozen",)}
+    sets = {name: pd.read_parquet(artifacts.set_file(cfg.out, name, "test", 0)) for name in ("frozen",)}
     preds = []
     for k in range(N_FOLDS):
         with open(artifacts.svr_model(cfg.out, k), "rb") as f:
             head = pickle.load(f)
-        assert isinstance(head, svr.SvrHead) and head.fold == k and head.svr.kernel != "precomputed"
+        assert isinstance(head, SvrHead) and head.fold == k and head.svr.kernel != "precomputed"
         assert head.columns[:DIM] == [f"model/e{j}" for j in range(DIM)] and head.columns[-12:] == META_COLS
-        features = svr.assemble_features({**sets, "model": pd.read_parquet(svr.set_path(cfg.out, "model", "test", k))},
-                                         comp.test, cfg)
+        features = assemble_features({**sets, "model": pd.read_parquet(artifacts.set_file(cfg.out, "model", "test", k))},
+                                     comp.test, cfg.svr.features, cfg.svr.use_meta)
         preds.append(head.predict(features))
     np.testing.assert_allclose(np.mean(preds, axis=0), test["pred"], rtol=1e-6)
 
 
 def test_study_resumes_with_more_trials(svr_exp):
     cfg = _cfg(*svr_exp)
-    svr.run(cfg)
+    _run(cfg)
     first = [(t.params, t.value) for t in _study(cfg).trials]
     assert len(first) == 3
-    svr.run(_cfg(*svr_exp, "svr.n_trials=5"))
+    _run(_cfg(*svr_exp, "svr.n_trials=5"))
     trials = _study(cfg).trials
     assert len(trials) == 5 and all(t.state.name == "COMPLETE" for t in trials)
     assert [(t.params, t.value) for t in trials[:3]] == first
@@ -178,29 +191,29 @@ def test_second_run_skips_and_changed_embeddings_recompute(svr_exp, caplog, monk
     import optuna
 
     cfg = _cfg(*svr_exp, "svr.n_trials=2")
-    svr.run(cfg)
+    _run(cfg)
     oof_path = artifacts.preds(cfg.out, "svr", "oof")
     stamp = oof_path.stat().st_mtime_ns
-    name = svr.read_json(artifacts.svr_dir(cfg.out) / "meta.json")["study_name"]
+    name = read_json(artifacts.manifest(cfg.out, "svr"))["info"]["study_name"]
 
     def boom(*args, **kwargs):
         raise AssertionError("a cached stage must not refit")
 
     with monkeypatch.context() as m:
-        m.setattr(svr, "fit_predict", boom)
-        m.setattr(svr, "fit_head", boom)
+        m.setattr(svm, "fit_predict", boom)
+        m.setattr(svm, "fit_head", boom)
         with caplog.at_level(logging.INFO, logger="pawpular"):
-            svr.run(cfg)
+            _run(cfg)
     assert "cached" in caplog.text and oof_path.stat().st_mtime_ns == stamp
 
     emb = artifacts.emb_file(cfg.out, "train", fold=1)
     table = pd.read_parquet(emb)
     table["e0"] = table["e0"] * 2
     table.to_parquet(emb, index=False)
-    svr.run(cfg)
-    new_name = svr.read_json(artifacts.svr_dir(cfg.out) / "meta.json")["study_name"]
+    _run(cfg)
+    new_name = read_json(artifacts.manifest(cfg.out, "svr"))["info"]["study_name"]
     assert new_name != name and oof_path.stat().st_mtime_ns != stamp
-    storage = f"sqlite:///{(artifacts.svr_dir(cfg.out) / 'study.db').resolve()}"
+    storage = storage_url(None, artifacts.study_db(cfg.out))
     studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
     assert studies == {name: 2, new_name: 2}  # trials on different inputs never share a study
 
@@ -208,9 +221,9 @@ def test_second_run_skips_and_changed_embeddings_recompute(svr_exp, caplog, monk
 def test_plain_path_when_kernels_exceed_the_memory_budget(svr_exp, caplog):
     cfg = _cfg(*svr_exp, "svr.n_trials=2", "svr.max_kernel_gb=1e-6", "svr.gamma=0.05", "svr.tune_epsilon=true")
     with caplog.at_level(logging.INFO, logger="pawpular"):
-        svr.run(cfg)
+        _run(cfg)
     assert "kernel_cache: auto -> plain" in caplog.text
-    best = svr.read_json(artifacts.svr_dir(cfg.out) / "best_params.json")
+    best = read_json(artifacts.best_params(cfg.out))
     assert best["kernel_cache"] == "plain" and set(best["gamma"].values()) == {0.05}
     assert 0.01 <= best["epsilon"] <= 5.0 and best["epsilon"] != 0.5  # tuned, not the fixed svr.epsilon
     with open(artifacts.svr_model(cfg.out, 0), "rb") as f:
@@ -220,7 +233,7 @@ def test_plain_path_when_kernels_exceed_the_memory_budget(svr_exp, caplog):
 def test_missing_embedding_set_names_the_file(svr_exp):
     cfg = _cfg(*svr_exp, "svr.features=[model, dinov2]")
     with pytest.raises(FileNotFoundError, match=r"emb/dinov2/train.parquet"):
-        svr.run(cfg)
+        _run(cfg)
 
 
 @pytest.mark.gpu
@@ -231,23 +244,21 @@ def test_cuml_svr_on_gpu_matches_scikit_learn(svr_exp):
         pytest.skip("no CUDA GPU")
     cfg = _cfg(*svr_exp, "device=cuda")
     comp = read_competition(cfg.data)
-    folds_df = read_folds(cfg.out, comp.train)
-    gpu, _ = svr.load_folds(cfg, comp, folds_df, "cuda")
-    cpu, _ = svr.load_folds(cfg, comp, folds_df, "cpu")
-    assert type(backend.SVR.build("cuda")).__module__.startswith("cuml")
+    folds_df = read_folds(cfg.out, comp.train, cfg.folds)
+    gpu, _, _ = svr.load_folds(cfg, comp, folds_df, "cuda")
+    cpu, _, _ = svr.load_folds(cfg, comp, folds_df, "cpu")
+    assert type(backend.build_svr("cuda")).__module__.startswith("cuml")
     params = {"C": 20.0, "epsilon": 0.5}
-    plain_gpu, plain_cpu = svr.fit_predict(params, gpu, "cuda"), svr.fit_predict(params, cpu, "cpu")
-    assert svr.rmse(plain_gpu, plain_cpu) < 0.1  # two SMO solvers, both stopped at tol=1e-3
+    plain_gpu, plain_cpu = svm.fit_predict(params, gpu, "cuda"), svm.fit_predict(params, cpu, "cpu")
+    assert rmse(plain_gpu, plain_cpu) < 0.1  # two SMO solvers, both stopped at tol=1e-3
     if backend.svr_precomputed_ok("cuda"):
-        svr.attach_kernels(gpu)
-        assert svr.rmse(svr.fit_predict(params, gpu, "cuda"), plain_gpu) < 1e-2
+        svm.attach_kernels(gpu)
+        assert rmse(svm.fit_predict(params, gpu, "cuda"), plain_gpu) < 1e-2
 
 
 def test_killed_study_resumes_to_the_uninterrupted_sequence(tmp_path):
     """A trial killed mid-run stays RUNNING in sqlite; the rerun must sample what an uninterrupted study samples."""
     import optuna
-
-    from pawpular.svr import open_study
 
     def objective(trial):
         c = trial.suggest_float("C", 0.1, 100, log=True)

@@ -12,14 +12,23 @@ import pandas as pd
 import pytest
 import torch
 
-from pawpular import train
+from pawpular import training
+from pawpular.api import run_config
 from pawpular.config import ConfigError, ModelConfig, TrainConfig, load_config
-from pawpular.data import ID, TARGET, PetDataset, build_transform, read_competition
+from pawpular.data import ID, TARGET, read_competition
+from pawpular.dataset import PetDataset, build_transform
+from pawpular.files import ArtifactError
+from pawpular.inference import predict
+from pawpular.metrics import rmse
 from pawpular.models import build_model, load_checkpoint
+from pawpular.runner import run_stage
+
+from conftest import adopt_folds
 
 N_FOLDS = 3
 TINY = [
     "device=cpu",
+    f"folds.n_folds={N_FOLDS}",
     "model.name=swin_tiny_patch4_window7_224",
     "model.kwargs={embed_dim: 16, depths: [1, 1], num_heads: [1, 2], img_size: 32, window_size: 4}",
     "model.img_size=32",
@@ -36,15 +45,14 @@ def make_experiment(data: Path, out: Path, *overrides: str):
     """A config for ``data`` writing to ``out``, with a round-robin folds.csv."""
     cfg = load_config(None, [*TINY, *overrides], data_dir=str(data), output_dir=str(out))
     ids = read_competition(data).train[ID]
-    out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({ID: ids, "fold": np.arange(len(ids)) % N_FOLDS}).to_csv(out / "folds.csv", index=False)
+    adopt_folds(cfg, pd.DataFrame({ID: ids, "fold": np.arange(len(ids)) % N_FOLDS}))
     return cfg
 
 
 @pytest.fixture(scope="module")
 def trained(small_competition, tmp_path_factory):
     cfg = make_experiment(small_competition, tmp_path_factory.mktemp("train") / "exp")
-    return cfg, train.run(cfg)
+    return cfg, run_config("train", cfg)
 
 
 def test_loss_falls_on_a_tiny_set():
@@ -57,13 +65,13 @@ def test_loss_falls_on_a_tiny_set():
                for _ in range(2)]
     y = np.concatenate([b["target"].numpy() * 100 for b in batches])
     tc = TrainConfig(epochs=15, lr=3e-3, warmup_epochs=0, batch_size=8, channels_last=False)
-    opt = train.make_optimizer(model, tc)
-    sched = train.make_scheduler(opt, tc, steps_per_epoch=2)
+    opt = training.make_optimizer(model, tc)
+    sched = training.make_scheduler(opt, tc, steps_per_epoch=2)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    before = train.rmse(train.predict(model, batches, "cpu"), y)
-    losses = [train.train_one_epoch(model, batches, opt, sched, scaler, torch.device("cpu"), tc, show=False)
+    before = rmse(predict(model, batches, "cpu"), y)
+    losses = [training.train_one_epoch(model, batches, opt, sched, scaler, torch.device("cpu"), tc, show=False)
               for _ in range(tc.epochs)]
-    after = train.rmse(train.predict(model, batches, "cpu"), y)
+    after = rmse(predict(model, batches, "cpu"), y)
     assert losses[-1] < losses[0] - 0.01
     assert after < 0.25 * before, (before, after)
     assert sched.get_last_lr()[0] == pytest.approx(0.0, abs=1e-9)  # the cosine ran its full course
@@ -72,7 +80,7 @@ def test_loss_falls_on_a_tiny_set():
 def test_oof_covers_every_id_once_and_files_agree(trained, small_competition):
     cfg, out = trained
     comp = read_competition(small_competition)
-    folds = pd.read_csv(cfg.out / "folds.csv", dtype={ID: str})
+    folds = pd.read_csv(cfg.out / "folds" / "folds.csv", dtype={ID: str})
     oof = pd.read_parquet(out / "oof.parquet")
     assert list(oof.columns) == [ID, "fold", "pred"]
     assert sorted(oof[ID]) == sorted(comp.train[ID]) and not oof[ID].duplicated().any()
@@ -92,7 +100,7 @@ def test_oof_covers_every_id_once_and_files_agree(trained, small_competition):
         assert ckpt["data_cfg"]["input_size"] == (3, 32, 32) and ckpt["epoch"] == metrics["val_rmse"].idxmin() + 1
         fold_oof = oof[oof["fold"] == k]
         target = comp.train.set_index(ID).loc[fold_oof[ID], TARGET].to_numpy()
-        assert train.rmse(fold_oof["pred"], target) == pytest.approx(ckpt["val_rmse"])
+        assert rmse(fold_oof["pred"], target) == pytest.approx(ckpt["val_rmse"])
 
 
 def test_best_checkpoint_reproduces_the_oof_predictions(trained, small_competition):
@@ -103,7 +111,7 @@ def test_best_checkpoint_reproduces_the_oof_predictions(trained, small_competiti
     df = comp.train.set_index(ID).loc[oof[ID]].reset_index()
     ds = PetDataset(df, comp.root / "train", build_transform(dc["input_size"][1], dc["mean"], dc["std"], train=False), 32)
     loader = torch.utils.data.DataLoader(ds, batch_size=64)
-    pred = train.predict(model, loader, "cpu", tta_hflip=cfg.train.tta_hflip)
+    pred = predict(model, loader, "cpu", tta_hflip=cfg.train.tta_hflip)
     np.testing.assert_allclose(pred, oof["pred"], atol=1e-4)
 
 
@@ -111,7 +119,11 @@ def test_rerun_skips_finished_folds(trained, caplog):
     cfg, out = trained
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.p*")}
     caplog.set_level("INFO", logger="pawpular")
-    train.run(cfg)
+    run_config("train", cfg)
+    assert "train: cached" in caplog.text  # the stage's manifest holds: nothing to look at fold by fold
+    (out / "manifest.json").unlink()  # without it, each fold's own manifest decides
+    caplog.clear()
+    run_config("train", cfg)
     assert caplog.text.count("already trained") == N_FOLDS
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.p*") if p.parent.name.startswith("fold")} == \
         {p: t for p, t in stamps.items() if p.parent.name.startswith("fold")}
@@ -120,10 +132,10 @@ def test_rerun_skips_finished_folds(trained, caplog):
 def test_clear_errors_for_missing_folds_and_unknown_fold(small_competition, tmp_path):
     cfg = make_experiment(small_competition, tmp_path / "exp", "train.folds=[7]")
     with pytest.raises(ConfigError, match=r"train.folds: \[7\]"):
-        train.run(cfg)
-    (tmp_path / "exp" / "folds.csv").unlink()
-    with pytest.raises(FileNotFoundError, match="pawpular folds"):
-        train.run(cfg)
+        run_config("train", cfg)
+    (tmp_path / "exp" / "folds" / "folds.csv").unlink()
+    with pytest.raises(ArtifactError, match="run `pawpular folds`"):
+        run_config("train", cfg)
 
 
 def _final_weights(store: dict, stop_at: tuple[int, int] | None = None):
@@ -138,15 +150,15 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(small_competiti
     # workers, mixup, dropout and augmentations all draw random numbers: each must replay after the resume
     over = ["train.epochs=2", "train.folds=[0]", "train.num_workers=1", "train.mixup_alpha=0.4", "model.drop_rate=0.3"]
     a, b = {}, {}
-    train.run(make_experiment(small_competition, tmp_path / "a", *over), on_epoch_end=_final_weights(a))
+    run_stage("train", make_experiment(small_competition, tmp_path / "a", *over), {"on_epoch_end": _final_weights(a)})
     cfg_b = make_experiment(small_competition, tmp_path / "b", *over)
     with pytest.raises(KeyboardInterrupt):
-        train.run(cfg_b, on_epoch_end=_final_weights(b, stop_at=(0, 0)))
+        run_stage("train", cfg_b, {"on_epoch_end": _final_weights(b, stop_at=(0, 0))})
     fold_dir = tmp_path / "b" / "train" / "fold0"
     assert (fold_dir / "last.pt").exists() and not (fold_dir / "oof.parquet").exists()
     assert torch.load(fold_dir / "last.pt", weights_only=True)["state"]["epoch"] == 1
     b.clear()
-    train.run(cfg_b, on_epoch_end=_final_weights(b))
+    run_stage("train", cfg_b, {"on_epoch_end": _final_weights(b)})
     assert list(b) == [(0, 1)]  # only the second epoch ran again
     assert all(torch.equal(a[(0, 1)][k], v) for k, v in b[(0, 1)].items())
     ma, mb = (pd.read_csv(tmp_path / x / "train" / "fold0" / "metrics.csv").drop(columns="seconds") for x in "ab")
@@ -159,7 +171,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(small_competiti
 def test_ssf_run_saves_a_plain_checkpoint(small_competition, tmp_path):
     cfg = make_experiment(small_competition, tmp_path / "exp", "model.finetune=ssf", "train.epochs=1", "train.folds=[2]",
                           "train.lr=1e-2")
-    out = train.run(cfg)
+    out = run_config("train", cfg)
     assert not (out / "oof.parquet").exists()  # folds 0 and 1 are not trained
     ckpt = torch.load(out / "fold2" / "best.pt", weights_only=True)
     base = build_model(cfg.model, pretrained=False)
@@ -174,14 +186,14 @@ def test_ssf_run_saves_a_plain_checkpoint(small_competition, tmp_path):
 
 DDP_SCRIPT = """
 import logging, os, sys, torch
-from pawpular import train
 from pawpular.config import load_config
+from pawpular.runner import run_stage
 logging.basicConfig(level=logging.INFO)
 cfg = load_config(sys.argv[1])
 rank = int(os.environ["RANK"])
 def record(fold, epoch, model):
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{sys.argv[2]}/rank{rank}_fold{fold}.pt")
-train.run(cfg, on_epoch_end=record)
+run_stage("train", cfg, {"on_epoch_end": record})
 """
 
 

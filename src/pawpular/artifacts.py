@@ -1,40 +1,94 @@
-"""Where every stage reads and writes: files are the only interface between stages.
+"""Where everything is: the only module that builds a path or maps a name to a file.
 
-Every table carries ``Id`` (and ``fold`` where it has one); predictions are on the Pawpularity scale (0-100).
+Every table carries ``Id`` (and ``fold`` where it has one); predictions are on the Pawpularity scale. Each
+stage folder holds a ``manifest.json`` saying what made its files (``manifest.py``)::
 
     output/<experiment>/
-      config.yaml                       resolved config of the last stage run
-      folds.csv                         Id, fold
-      train/fold{k}/best.pt             best checkpoint: {"model": state_dict, "model_cfg": {...},
-                                        "data_cfg": {"input_size", "mean", "std"}, "epoch", "val_rmse"}
-      train/fold{k}/last.pt             resume state (model, optimizer, scheduler, scaler, RNG, epoch)
-      train/fold{k}/metrics.csv         epoch, train_loss, val_rmse, lr, seconds
-      train/fold{k}/{oof,test}.parquet  Id, (fold,) pred  for one fold
-      train/oof.parquet                 Id, fold, pred   (every train Id exactly once)
-      train/test.parquet                Id, pred         (mean over folds)
-      emb/fold{k}/{train,test}.parquet  Id, e0..e{D-1} (float32): fold k's fine-tuned backbone, every image
-      emb/fold{k}/meta.json             cache key of those files
-      emb/<backbone>/{train,test}.parquet  frozen pretrained backbone (fold-independent), + meta.json
-      svr/study.db                      Optuna study (sqlite)
-      svr/best_params.json              best C (and epsilon), gamma per fold, RMSE
-      svr/fold{k}/model.pkl             fitted scaler + SVR for fold k (used by predict)
-      svr/{oof,test}.parquet            Id, (fold,) pred
-      select/selection.json             forward selection of embedding sets (pawpular select)
-      ensemble/weights.json             model -> weight, OOF RMSEs
-      ensemble/oof.parquet              Id, fold, pred
-      submission.csv                    Id, Pawpularity in sample_submission order
+      config.yaml                          assembled from the manifests: the settings that made the artifacts
+      folds/folds.csv                      Id, fold  (fold -1: the holdout rows, with folds.holdout > 0)
+      folds/duplicates.csv                 Id, group, hash: photos with an exact or near duplicate
+      train/fold{k}/best.pt                {"model", "model_cfg", "data_cfg", "epoch", "val_rmse"}
+      train/fold{k}/last.pt                resume state; removed when the fold is done
+      train/fold{k}/metrics.csv            epoch, train_loss, val_rmse, lr, seconds
+      train/fold{k}/{oof,test,holdout}.parquet   Id, (fold,) pred  for one fold
+      train/{oof,test,holdout}.parquet     every fold-assigned train Id once / means over folds
+      emb/fold{k}/{train,test}.parquet     Id, e0..e{D-1} float32: fold k's backbone on every image
+      emb/<backbone>/{train,test}.parquet  a frozen backbone of embed.backbones (fold-independent)
+      svr/study.db                         Optuna study (sqlite) unless svr.storage names a database
+      svr/best_params.json, svr/fold{k}/model.pkl, svr/{oof,test,holdout}.parquet
+      ensemble/weights.json, ensemble/{oof,test,holdout}.parquet
+      submission.csv                       Id, Pawpularity in sample_submission order
+      select/selection.json                forward selection of embedding sets (pawpular select)
+      report.html, timings.json            pawpular report; seconds of the last run that did each stage's work
 """
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+
+# The pipeline in order, and each stage's folder inside the experiment.
+PIPELINE = ("folds", "train", "embed", "svr", "ensemble")
+STAGE_DIRS = {"folds": "folds", "train": "train", "embed": "emb", "svr": "svr", "ensemble": "ensemble",
+              "select": "select"}
+# Heads whose predictions are blended: head name -> the stage folder holding its {oof,test,holdout}.parquet.
+HEADS = {"nn": "train", "svr": "svr"}
+SPLITS = ("train", "test")  # embedding tables
+PRED_SPLITS = ("oof", "test", "holdout")  # prediction tables
+MODEL_SET = "model"  # svr.features name of this experiment's own fine-tuned fold backbones
+_FOLD_RE = re.compile(r"fold(\d+)")
+
+
+def relative(out: Path, path: Path) -> str:
+    """How manifests name a file: its path inside the experiment folder (else the path as given)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(out).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def stage_dir(out: Path, stage: str) -> Path:
+    return Path(out) / STAGE_DIRS[stage]
+
+
+def manifest(out: Path, stage: str) -> Path:
+    return stage_dir(out, stage) / "manifest.json"
+
+
+def config_yaml(out: Path) -> Path:
+    return Path(out) / "config.yaml"
 
 
 def folds_csv(out: Path) -> Path:
-    return out / "folds.csv"
+    return Path(out) / "folds" / "folds.csv"
+
+
+def duplicates_csv(out: Path) -> Path:
+    return Path(out) / "folds" / "duplicates.csv"
+
+
+def fold_name(fold: int) -> str:
+    return f"fold{fold}"
+
+
+def parse_fold(name: str) -> int | None:
+    """k for a folder named ``fold{k}``, else None."""
+    m = _FOLD_RE.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def fold_dirs(parent: Path) -> dict[int, Path]:
+    """The ``fold{k}`` folders under ``parent``, by k."""
+    found = {}
+    for p in Path(parent).iterdir() if Path(parent).is_dir() else ():
+        k = parse_fold(p.name)
+        if k is not None and p.is_dir():
+            found[k] = p
+    return dict(sorted(found.items()))
 
 
 def train_fold_dir(out: Path, fold: int) -> Path:
-    return out / "train" / f"fold{fold}"
+    return Path(out) / "train" / fold_name(fold)
 
 
 def best_checkpoint(out: Path, fold: int) -> Path:
@@ -45,24 +99,36 @@ def last_checkpoint(out: Path, fold: int) -> Path:
     return train_fold_dir(out, fold) / "last.pt"
 
 
+def fold_metrics(out: Path, fold: int) -> Path:
+    return train_fold_dir(out, fold) / "metrics.csv"
+
+
+def fold_preds(out: Path, fold: int, split: str) -> Path:
+    return train_fold_dir(out, fold) / f"{split}.parquet"
+
+
 def preds(out: Path, head: str, split: str) -> Path:
-    """OOF (split='oof') or test predictions of a head ('train' = NN head, 'svr', 'ensemble')."""
-    return out / head / f"{split}.parquet"
+    """Predictions of a head (nn, svr) or of the ensemble; split: oof, test or holdout."""
+    folder = HEADS.get(head, head)
+    return Path(out) / folder / f"{split}.parquet"
 
 
 def emb_dir(out: Path, fold: int | None = None, backbone: str | None = None) -> Path:
-    """Embeddings of this experiment's fine-tuned fold model, or of a named frozen backbone."""
-    if backbone is not None:
-        return out / "emb" / backbone
-    return out / "emb" / f"fold{fold}"
+    """Embeddings of this experiment's fold-k backbone, or of a named frozen backbone."""
+    return Path(out) / "emb" / (backbone if backbone is not None else fold_name(fold))
 
 
 def emb_file(out: Path, split: str, fold: int | None = None, backbone: str | None = None) -> Path:
     return emb_dir(out, fold, backbone) / f"{split}.parquet"
 
 
+def set_file(out: Path, name: str, split: str, fold: int) -> Path:
+    """Embedding file of svr.features set ``name``: 'model' is fold k's own backbone, else a frozen one."""
+    return emb_file(out, split, fold=fold) if name == MODEL_SET else emb_file(out, split, backbone=name)
+
+
 def svr_dir(out: Path) -> Path:
-    return out / "svr"
+    return Path(out) / "svr"
 
 
 def study_db(out: Path) -> Path:
@@ -70,9 +136,89 @@ def study_db(out: Path) -> Path:
     return svr_dir(out) / "study.db"
 
 
+def best_params(out: Path) -> Path:
+    return svr_dir(out) / "best_params.json"
+
+
 def svr_model(out: Path, fold: int) -> Path:
-    return svr_dir(out) / f"fold{fold}" / "model.pkl"
+    return svr_dir(out) / fold_name(fold) / "model.pkl"
+
+
+def weights_json(out: Path) -> Path:
+    return Path(out) / "ensemble" / "weights.json"
 
 
 def submission(out: Path) -> Path:
-    return out / "submission.csv"
+    return Path(out) / "submission.csv"
+
+
+def selection_json(out: Path) -> Path:
+    return Path(out) / "select" / "selection.json"
+
+
+def report_html(out: Path) -> Path:
+    return Path(out) / "report.html"
+
+
+def timings_json(out: Path) -> Path:
+    return Path(out) / "timings.json"
+
+
+def data_check_record(out: Path) -> Path:
+    return Path(out) / ".data_check.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# An exported artifact folder (pawpular export -> pawpular predict)
+
+
+def export_manifest(art: Path) -> Path:
+    return Path(art) / "manifest.json"
+
+
+def export_source(art: Path) -> Path:
+    return Path(art) / "src"
+
+
+def export_experiment(art: Path, name: str) -> Path:
+    return Path(art) / "experiments" / name
+
+
+def compressed_embedder(exp_dir: Path, fold: int | None = None, backbone: str | None = None) -> Path:
+    """An exported embedding model saved already compressed (embed.compress), per fold or frozen backbone."""
+    folder = exp_dir / "backbones" / backbone if backbone else train_fold_dir(exp_dir, fold)
+    return folder / "embed_compressed.pt"
+
+
+def exported_backbone_weights(exp_dir: Path, backbone: str, filename: str) -> Path:
+    return exp_dir / "backbones" / backbone / filename
+
+
+def inference_notebook(art: Path) -> Path:
+    return Path(art) / "inference.ipynb"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The checkout (notebooks and the CLI's default config find it from anywhere inside)
+
+
+def repo_root(start: str | Path | None = None) -> Path:
+    """The checkout holding ``pyproject.toml`` and ``src/pawpular``, searched upwards from ``start`` (cwd)."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "src" / "pawpular").is_dir():
+            return folder
+    return here
+
+
+def resolve(path: str | Path, root: str | Path | None = None) -> Path:
+    """An absolute path as is; a relative one relative to the repo root (notebooks run from notebooks/)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else repo_root(root) / path
+
+
+def default_config() -> Path:
+    """configs/default.yaml from the current folder, or from this checkout when run elsewhere."""
+    local = Path("configs/default.yaml")
+    repo = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+    return local if local.is_file() or not repo.is_file() else repo

@@ -3,8 +3,8 @@
 ``device: auto`` means CUDA when torch sees a GPU, else CPU. RAPIDS (cuML, cuDF) is used only on a CUDA device
 where it is installed (``requirements-gpu.txt``); otherwise scikit-learn and pandas, which give the same results.
 
-- ``SVR``: the SVR head declared once (``AlgorithmPair``): ``SVR.build(device, C=..., epsilon=...)`` is a cuML
-  ``SVR`` on a RAPIDS GPU and a scikit-learn ``SVR`` elsewhere, with the same shared arguments.
+- ``build_svr(device, C=..., epsilon=...)``: the SVR head declared once (``SVR_ARGS``): a cuML ``SVR`` on a
+  RAPIDS GPU and a scikit-learn ``SVR`` elsewhere, with the same shared arguments.
 - ``array_module(device)``: ``cupy`` or ``numpy``, so array code is written once.
 - ``read_table`` / ``write_table``: parquet through cuDF on a RAPIDS GPU (the data stays on the device), through
   pandas / pyarrow elsewhere; writes are atomic; the files hold the same columns and values either way.
@@ -15,7 +15,6 @@ import functools
 import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path
+from .files import atomic_path
 
 log = logging.getLogger("pawpular")
 
@@ -63,32 +62,24 @@ def use_rapids(device: str) -> bool:
 # One estimator definition, two implementations
 
 
-@dataclass(frozen=True)
-class AlgorithmPair:
-    """An estimator declared once: its scikit-learn class, its cuML class and the arguments both receive.
-
-    The pattern of cuML's own benchmarks (``AlgorithmPair(cpu_class, gpu_class, shared_args)``): callers never
-    branch on the device, they call ``build(device, **params)``; ``params`` override ``shared_args``.
-    """
-
-    name: str
-    cpu_class: str
-    gpu_class: str
-    shared_args: dict = field(default_factory=dict)
-
-    def cls(self, device: str) -> type:
-        path = self.gpu_class if use_rapids(device) else self.cpu_class
-        module, _, attr = path.rpartition(".")
-        return getattr(importlib.import_module(module), attr)
-
-    def build(self, device: str, **params: Any) -> Any:
-        return self.cls(device)(**{**self.shared_args, **params})
+# epsilon-SVR with an RBF kernel: the arguments both libraries receive. cache_size is MiB of kernel rows in both
+# (scikit-learn's default of 200 is too small to hold the rows of a Pawpularity fold, cuML's default is 1024).
+SVR_ARGS = {"kernel": "rbf", "tol": 1e-3, "cache_size": 1024.0, "max_iter": -1}
 
 
-# epsilon-SVR with an RBF kernel. cache_size is MiB of kernel rows in both libraries (sklearn's default of 200 is
-# too small to hold the rows of a Pawpularity fold, cuML's default is 1024).
-SVR = AlgorithmPair("SVR", "sklearn.svm.SVR", "cuml.svm.SVR",
-                    {"kernel": "rbf", "tol": 1e-3, "cache_size": 1024.0, "max_iter": -1})
+def svr_class(device: str) -> type:
+    """cuML's SVR on a RAPIDS GPU, scikit-learn's elsewhere: callers never branch on the device."""
+    if use_rapids(device):
+        from cuml.svm import SVR
+    else:
+        from sklearn.svm import SVR
+    return SVR
+
+
+def build_svr(device: str, **params: Any) -> Any:
+    """The SVR head's estimator with the shared arguments; ``params`` (C, epsilon, kernel, gamma) override them."""
+    return svr_class(device)(**{**SVR_ARGS, **params})
+
 
 # cuML SVR accepts kernel='precomputed' from this release on (cuML PR #7616).
 CUML_PRECOMPUTED = (26, 2)

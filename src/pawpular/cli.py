@@ -1,55 +1,60 @@
-"""`pawpular COMMAND ...`: the command line. Each pipeline stage is a module exposing ``run(cfg) -> Path``.
+"""`pawpular COMMAND ...`: the command line, a thin layer over the Python API (``api.py``).
 
-    pawpular make-synthetic --out DIR [--n-train N] [--n-test N] [--seed S]
-    pawpular check-data --data DIR [--no-images]
-    pawpular STAGE --config FILE [--data DIR] [--output DIR] [--set key=value ...] [--overwrite]
-    pawpular all --config FILE ...            every stage in order
-    pawpular export --output DIR --to ARTIFACTS
-    pawpular predict --artifacts ARTIFACTS --data COMPETITION_DIR --out submission.csv
-    pawpular report --output DIR
+Exit codes: 0 done; 2 bad input (config, data, a stale or damaged artifact, a file that cannot be written), with
+one line naming the problem (``-v`` adds the traceback); 130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the
+same command to resume).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import os
+import errno
 import logging
+import os
 import sys
-import time
 from pathlib import Path
 
-# The pipeline, in order. `all` runs these; each is pawpular.<name>.run(cfg).
-PIPELINE = ["folds", "train", "embed", "svr", "ensemble"]
-# Stages that decode images: the data contract (images included) is checked before they start, so a bad photo
-# is rejected up front with its Id instead of failing deep in a DataLoader worker.
-IMAGE_STAGES = {"folds", "train", "embed"}
-# Stages run on demand with the same --config interface.
-EXTRA_STAGES = ["select"]
+from .artifacts import PIPELINE
 
+DESCRIPTION = """\
+Predict PetFinder Pawpularity from photos: fine-tune a timm backbone per fold, embed every photo, fit an SVR head
+on the embeddings, blend the two heads on out-of-fold predictions, write submission.csv.
+
+  pawpular all --config configs/default.yaml     every stage in order (each skips what is already done)
+  pawpular status --config configs/default.yaml  which stages are done, stale (and why) or missing
+  pawpular STAGE --help                          what a stage reads, writes, needs first, and its keys
+
+Stages, in order: folds -> train -> embed -> svr -> ensemble (select: on demand).
+"""
+EPILOG = "The Python API does the same from a notebook: import pawpular; pawpular.run('all', config=...)."
 log = logging.getLogger("pawpular")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("PIL", "matplotlib", "timm"):
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    for noisy in ("PIL", "matplotlib", "timm", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None,
-                   help="experiment YAML (default: the saved config.yaml of --output if there is one, else configs/default.yaml)")
+def _config_args(p: argparse.ArgumentParser, stage: bool = True) -> None:
+    p.add_argument("--config", default=None, help="experiment YAML (default: the saved config.yaml of --output "
+                   "if there is one, else configs/default.yaml)")
     p.add_argument("--data", help="competition folder (overrides data_dir)")
     p.add_argument("--output", help="experiment folder (overrides output_dir; default output/<experiment>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="redo finished work instead of skipping it")
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable); "
+                        "`pawpular config keys` lists them")
+    if stage:
+        p.add_argument("--overwrite", action="store_true", help="redo finished work instead of skipping it")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pawpular", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import stages
+
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="pawpular", description=DESCRIPTION, epilog=EPILOG, formatter_class=raw)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-synthetic", help="write the embedded synthetic competition")
     p.add_argument("--out", required=True)
@@ -61,15 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--no-images", action="store_true", help="check the CSVs only")
 
-    for stage in [*PIPELINE, *EXTRA_STAGES, "all"]:
-        _config_args(sub.add_parser(stage, help="run every stage in order" if stage == "all" else f"run the {stage} stage"))
+    for name in (*PIPELINE, *stages.ON_DEMAND):
+        module = stages.get(name)
+        p = sub.add_parser(name, help=module.SUMMARY, description=module.HELP, formatter_class=raw)
+        _config_args(p)
+        if name == "svr":
+            p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
+                           "(svr.workers): they share svr.n_trials exactly")
+    p = sub.add_parser("delete-study", help="delete the SVR's Optuna study (a shared svr.storage one too)",
+                       description="Delete an Optuna study of the SVR head: the one named by --name, else the one "
+                       "this experiment's svr/best_params.json names. Workers still on it fail. `--overwrite` "
+                       "never deletes a shared study; this command is the way.", formatter_class=raw)
+    _config_args(p, stage=False)
+    p.add_argument("--name", help="the study's name (svr-...)")
+    _config_args(sub.add_parser("all", help="every stage in order; each skips what is already done",
+                                description="Run folds, train, embed, svr and ensemble in order under one lock. "
+                                "A stage whose settings and inputs are unchanged and whose outputs are intact is "
+                                "skipped; exactly what is stale is recomputed.", formatter_class=raw))
+    _config_args(sub.add_parser("status", help="each stage: done / stale (why) / damaged / missing",
+                                description="Check every stage's manifest against the current config and inputs; "
+                                "writes nothing.", formatter_class=raw), stage=False)
+    p = sub.add_parser("report", help="write report.html for an experiment folder")
+    for flag, text in (("--config", "experiment YAML (to find its folder)"), ("--output", "experiment folder"),
+                       ("--data", "competition folder (default: the experiment's data_dir)")):
+        p.add_argument(flag, help=text)
 
-    p = sub.add_parser("report", help="write report.html into an experiment folder")
-    _config_args(p)
-
-    p = sub.add_parser("export", help="copy what inference needs into one folder")
+    p = sub.add_parser("export", help="copy what inference needs into one folder (+ a Kaggle notebook)")
     p.add_argument("--output", required=True, help="experiment folder")
     p.add_argument("--to", required=True, help="artifact folder to create")
+    p.add_argument("--data", help="competition folder, to check the experiment is current (default: its data_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty artifact folder")
 
     p = sub.add_parser("predict", help="inference only, from an exported artifact folder")
     p.add_argument("--artifacts", required=True)
@@ -77,133 +103,141 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.csv")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--estimate", type=int, default=None, metavar="N_IMAGES",
-                   help="only time a few images and estimate the run time for N_IMAGES")
+                   help="only time a few images and estimate the run time for N_IMAGES (writes no submission)")
     return parser
 
 
-def default_config(output: str | None) -> Path:
-    """An experiment's own saved config when --output names one, else configs/default.yaml (from the current
-    folder, or from this checkout when run elsewhere)."""
-    if output and (Path(output) / "config.yaml").is_file():
-        return Path(output) / "config.yaml"
-    local = Path("configs/default.yaml")
-    repo = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
-    return local if local.is_file() or not repo.is_file() else repo
+def _config(args: argparse.Namespace):
+    from .api import config_from
+
+    extra = [f"svr.workers={args.workers}"] if getattr(args, "workers", None) else []
+    return config_from(args.config, output=args.output, data=args.data, overwrite=getattr(args, "overwrite", False),
+                       set=[*args.overrides, *extra])
 
 
-def _load_cfg(args: argparse.Namespace):
-    from .config import load_config
+def _delete_study(args: argparse.Namespace) -> int:
+    from . import artifacts
+    from .files import read_json
+    from .stages.svr import open_storage
+    from .study import delete_study
 
-    config = args.config or default_config(args.output)
-    return load_config(config, args.overrides, data_dir=args.data, output_dir=args.output,
-                       overwrite=True if args.overwrite else None)
-
-
-def run_stage(name: str, cfg) -> Path:
-    from .config import save_config
-    from .io import experiment_lock
-
-    module = importlib.import_module(f"pawpular.{name}")
-    t0 = time.time()
-    lead = _is_lead_process()
-    log.info("== %s ==", name)
-    # Under torchrun every rank runs this; only rank 0 takes the lock, checks the data and records the run.
-    with experiment_lock(cfg.out, name) if lead else contextlib.nullcontext():
-        if name in IMAGE_STAGES and lead:
-            from .data import ensure_valid
-
-            ensure_valid(cfg.data, cfg.out)
-        result = module.run(cfg)
-        if lead:
-            save_config(cfg, cfg.out / "config.yaml")  # after success: the config that produced these outputs
-    if lead:
-        log.info("== %s done in %.1fs -> %s", name, time.time() - t0, result)
-        _record_time(cfg.out, name, time.time() - t0)
-    return result
+    cfg = _config(args)
+    name = args.name
+    if name is None and artifacts.best_params(cfg.out).is_file():
+        name = read_json(artifacts.best_params(cfg.out)).get("study_name")
+    if name is None:
+        raise ValueError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
+    deleted = delete_study(name, open_storage(cfg))
+    print(f"{'deleted' if deleted else 'no such study:'} {name}")
+    return 0 if deleted else 2
 
 
-def _is_lead_process() -> bool:
-    """False in the non-zero ranks of a torchrun / DDP launch."""
-    return int(os.environ.get("RANK", "0")) == 0
+def _check_data(args: argparse.Namespace) -> int:
+    from .data import check_competition
 
-
-def _record_time(out: Path, stage: str, seconds: float) -> None:
-    from .io import read_json, write_json
-
-    path = out / "timings.json"
-    timings = read_json(path) if path.exists() else {}
-    timings[stage] = round(seconds, 2)
-    write_json(path, timings)
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    if args.command == "make-synthetic":
-        from .synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
-
-        out = make_synthetic(args.out, n_train=args.n_train or DEFAULT_N_TRAIN, n_test=args.n_test or DEFAULT_N_TEST, seed=args.seed)
-        print(f"wrote the synthetic competition to {out}")
-        return 0
-
-    if args.command == "check-data":
-        from .data import check_competition
-
-        problems, comp = check_competition(args.data, images=not args.no_images)
-        if problems:
-            print(f"{args.data}: {len(problems)} problem(s):", file=sys.stderr)
-            for p in problems[:200]:
-                print(f"  {p}", file=sys.stderr)
-            if len(problems) > 200:
-                print(f"  ... and {len(problems) - 200} more", file=sys.stderr)
-            return 2
-        assert comp is not None
-        what = "CSVs and images" if not args.no_images else "CSVs (images not checked)"
-        print(f"{args.data}: valid ({len(comp.train)} train, {len(comp.test)} test; {what})")
-        return 0
-
-    if args.command == "export":
-        from .predict import export
-
-        print(export(Path(args.output), Path(args.to)))
-        return 0
-
-    if args.command == "predict":
-        from .predict import predict
-
-        print(predict(Path(args.artifacts), Path(args.data), Path(args.out), device=args.device, estimate=args.estimate))
-        return 0
-
-    cfg = _load_cfg(args)
-    if args.command == "report":
-        from .report import run as report_run
-
-        print(report_run(cfg))
-        return 0
-    if args.command == "all":
-        from .io import experiment_lock
-
-        with experiment_lock(cfg.out, "all") if _is_lead_process() else contextlib.nullcontext():
-            for stage in PIPELINE:
-                run_stage(stage, cfg)
-        print(f"outputs in {cfg.out}")
-        return 0
-    print(run_stage(args.command, cfg))
+    problems, comp = check_competition(args.data, images=not args.no_images)
+    if problems:
+        print(f"{args.data}: {len(problems)} problem(s):", file=sys.stderr)
+        for p in problems[:200]:
+            print(f"  {p}", file=sys.stderr)
+        if len(problems) > 200:
+            print(f"  ... and {len(problems) - 200} more", file=sys.stderr)
+        return 2
+    what = "CSVs and images" if not args.no_images else "CSVs (images not checked)"
+    print(f"{args.data}: valid ({len(comp.train)} train, {len(comp.test)} test; {what})")
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from .runner import status
+
+    cfg = _config(args)
+    verdicts = status(cfg)
+    print(f"{cfg.out} (data {cfg.data}):")
+    for name, v in verdicts.items():
+        print(f"  {name:<9} {v.state:<8} {v.why(4)}")
+    todo = [n for n, v in verdicts.items() if not v.done]
+    print(f"next: pawpular all (recomputes {', '.join(todo)})" if todo else "everything is done and current")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from . import api
+
+    if args.command == "make-synthetic":
+        from .synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
+
+        out = make_synthetic(args.out, n_train=args.n_train or DEFAULT_N_TRAIN, n_test=args.n_test or DEFAULT_N_TEST,
+                             seed=args.seed)
+        print(f"wrote the synthetic competition to {out}")
+        return 0
+    if args.command == "check-data":
+        return _check_data(args)
+    if args.command == "status":
+        return _status(args)
+    if args.command == "delete-study":
+        return _delete_study(args)
+    if args.command == "export":
+        print(api.export(args.output, args.to, overwrite=args.overwrite, data=args.data))
+        return 0
+    if args.command == "predict":
+        from .predictor import predict
+
+        from .runner import interruptible
+
+        with interruptible():
+            written = predict(Path(args.artifacts), Path(args.data), Path(args.out), args.device, args.estimate)
+        if written is not None:
+            print(written)
+        return 0
+    if args.command == "report":
+        from .api import config_from
+
+        output = args.output or config_from(args.config, output=args.output).out
+        print(api.report(output, args.data))
+        return 0
+    print(api.run_config(args.command, _config(args)))
+    return 0
+
+
+def _os_error(e: OSError) -> str:
+    """One line for an OS error: ours carry their own message; the system's name the path and the reason."""
+    if e.errno is None:
+        return str(e)
+    reason = "no space left on device" if e.errno == errno.ENOSPC else os.strerror(e.errno).lower()
+    if e.filename is None:
+        return reason
+    if e.errno == errno.ENOENT:
+        return f"{e.filename}: {reason}"
+    return f"cannot write {e.filename}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit code (never raises for bad input)."""
     from .config import ConfigError
     from .data import DataError, ImageDecodeError
-    from .io import ExperimentLocked
+    from .files import ArtifactError
+    from .lock import ExperimentLocked
+    from .submission import SubmissionError
 
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, ImageDecodeError, ExperimentLocked, FileNotFoundError, ValueError) as e:
-        # Bad input of any kind: one clear line, exit 2 (-v adds the traceback for bug reports).
+    except KeyboardInterrupt as e:
+        code = 143 if "signal" in str(e) else 130
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return code
+    except (ConfigError, DataError, ImageDecodeError, ExperimentLocked, ArtifactError, SubmissionError,
+            ValueError) as e:
         if args.verbose:
             log.exception("failed")
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, read-only, not a directory, permission: one line, not a traceback
+        if args.verbose:
+            log.exception("failed")
+        print(f"error: {_os_error(e)}", file=sys.stderr)
         return 2
 
 

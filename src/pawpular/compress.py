@@ -76,14 +76,9 @@ def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Modul
     return model
 
 
-def input_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype inputs must have: that of the model's first floating-point parameter (bf16 models)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
 def save_compressed(model: nn.Module, spec: str, model_cfg: dict, data_cfg: dict, path) -> None:
     """Save a compressed embedding model (its compressed state dict: int8 / bf16 weights are what travels)."""
-    from .io import save_torch
+    from .files import save_torch
 
     save_torch({"model": model.state_dict(), "compress": spec, "model_cfg": model_cfg, "data_cfg": data_cfg}, path)
 

@@ -28,6 +28,9 @@ class FoldsConfig:
     group_duplicates: bool = True
     # Hamming distance (of 64 bits) under which two images count as duplicates.
     hash_threshold: int = 4
+    # Fraction of train.csv set aside before the folds (stratified, fold -1): no stage fits on it, and the
+    # ensemble scores the submission's recipe on it ("holdout RMSE"). 0 = none.
+    holdout: float = 0.0
 
 
 @dataclass
@@ -104,8 +107,11 @@ class SvrConfig:
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
     max_kernel_gb: float = 4.0
-    # Optuna RDB URL; None = sqlite file output/<experiment>/svr/study.db
+    # Optuna RDB URL (postgresql://user:password@host:port/db, shared by workers on several machines);
+    # None = the experiment's own sqlite file output/<experiment>/svr/study.db
     storage: str | None = None
+    # Local worker processes on the study (each loads the folds; they share the trial budget exactly)
+    workers: int = 1
     seed: int = 42
     # Embedding sets to concatenate (names from embed.backbones, "model" for this experiment's own).
     features: list = field(default_factory=lambda: ["model"])
@@ -272,10 +278,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
-def save_config(cfg: Config, path: Path) -> None:
-    from .io import atomic_write_text
+def load_config_dict(data: dict) -> Config:
+    """A Config from a dict as ``Config.to_dict`` gives it (checked like a file)."""
+    return _build(Config, data)
 
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+def save_config(cfg: Config | dict, path: Path) -> None:
+    from .files import write_text
+
+    data = cfg if isinstance(cfg, dict) else cfg.to_dict()
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def backbone_configs(cfg: Config) -> list[BackboneConfig]:
+    """``embed.backbones`` checked against BackboneConfig (unknown keys are errors that name them)."""
+    out = []
+    for i, item in enumerate(cfg.embed.backbones):
+        b = _build(BackboneConfig, item, f"embed.backbones[{i}].")
+        if not b.name or not b.model:
+            raise ConfigError(f"embed.backbones[{i}]: 'name' and 'model' are required")
+        if b.name.startswith("fold") or b.name == "model":
+            raise ConfigError(f"embed.backbones[{i}]: name {b.name!r} is reserved")
+        out.append(b)
+    return out
+
+
+def backbone_model_config(b: BackboneConfig) -> ModelConfig:
+    """The ModelConfig of a frozen backbone of ``embed.backbones``."""
+    return ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size)
 
 
 def config_hash(*parts: Any) -> str:

@@ -1,4 +1,4 @@
-"""The competition's data contract: read and validate the CSVs and images, decode photos robustly, the dataset.
+"""The competition's data contract: read and validate the CSVs and images; fingerprints of the data.
 
 Layout (exactly Kaggle's)::
 
@@ -7,11 +7,14 @@ Layout (exactly Kaggle's)::
     DIR/sample_submission.csv   Id, Pawpularity
     DIR/train/{Id}.jpg, DIR/test/{Id}.jpg
 
-``pawpular check-data --data DIR`` lists every problem with its file, line or Id and reason, and exits 2.
+``pawpular check-data --data DIR`` lists every problem with its file, line or Id and reason, and exits 2. Reads
+the competition folder; writes only ``<experiment>/.data_check.json`` (what was last checked, and digests).
 """
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .images import ImageDecodeError, check_image, image_path
 
 ID = "Id"
 TARGET = "Pawpularity"
@@ -31,8 +35,8 @@ TRAIN_COLS = [ID, *META_COLS, TARGET]
 TEST_COLS = [ID, *META_COLS]
 SUBMISSION_COLS = [ID, TARGET]
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-# 8000 x 8000 photos are legitimate; PIL's default bomb guard (89 MP) would warn. Refuse only the absurd.
-Image.MAX_IMAGE_PIXELS = 200_000_000
+__all__ = ["ID", "TARGET", "META_COLS", "DataError", "ImageDecodeError", "Problem", "Competition",
+           "check_competition", "read_competition", "read_test_set", "ensure_valid", "images_digest"]
 
 
 class DataError(ValueError):
@@ -43,10 +47,6 @@ class DataError(ValueError):
         head = "\n".join(f"  {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         super().__init__(f"{len(problems)} data problem(s):\n{head}{more}")
-
-
-class ImageDecodeError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -65,73 +65,6 @@ class Competition:
     train: pd.DataFrame
     test: pd.DataFrame
     sample: pd.DataFrame
-
-    def image_path(self, split: str, id_: str) -> Path:
-        return image_path(self.root, split, id_)
-
-
-def image_path(root: str | Path, split: str, id_: str) -> Path:
-    return Path(root) / split / f"{id_}.jpg"
-
-
-# -------------------------------------------------------------------------------------------------------------
-# Images
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit or float grayscale: rescale to 8 bits
-        a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    if im.mode == "RGB":
-        return im
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX ...
-
-
-def load_image(path: str | Path, min_side: int | None = None) -> np.ndarray:
-    """Decode any photo to an HxWx3 uint8 RGB array, upright.
-
-    Handles PNG (or anything PIL reads) named .jpg, grayscale, CMYK, 16-bit, alpha and EXIF orientation. With
-    ``min_side``, large JPEGs are decoded at a reduced DCT scale that still keeps both sides >= min_side, which
-    makes an 8000x8000 photo cost about as much as a small one.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            if min_side and im.format == "JPEG":
-                im.draft("RGB", (min_side, min_side))
-            im = ImageOps.exif_transpose(im)
-            rgb = _to_rgb(im)
-            arr = np.asarray(rgb)
-    except FileNotFoundError:
-        raise ImageDecodeError(f"{path}: image file missing") from None
-    except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
-        reason = "empty file (0 bytes)" if size == 0 else "not an image PIL can read"
-        raise ImageDecodeError(f"{path}: {reason}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageDecodeError(f"{path}: cannot be decoded ({e})") from None
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageDecodeError(f"{path}: decoded to an unusable shape {arr.shape}")
-    return arr
-
-
-def check_image(path: Path) -> str | None:
-    """The reason ``path`` is unusable, or None."""
-    if not path.is_file():
-        return "image file missing"
-    if path.stat().st_size == 0:
-        return "empty file (0 bytes)"
-    try:
-        load_image(path, min_side=64)
-    except ImageDecodeError as e:
-        return str(e).split(": ", 1)[1]
-    return None
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -284,63 +217,6 @@ def read_competition(root: str | Path, images: bool = False) -> Competition:
     return comp
 
 
-# -------------------------------------------------------------------------------------------------------------
-# Dataset and transforms
-
-
-def build_transform(img_size: int, mean: tuple, std: tuple, train: bool):
-    """albumentations pipelines: train = crop, flips, affine, colour jitter; eval = resize."""
-    import albumentations as A
-    from albumentations.pytorch import ToTensorV2
-
-    tail = [A.Normalize(mean=mean, std=std), ToTensorV2()]
-    if not train:
-        return A.Compose([A.Resize(img_size, img_size), *tail])
-    return A.Compose([
-        A.RandomResizedCrop(size=(img_size, img_size), scale=(0.75, 1.0), ratio=(0.8, 1.25)),
-        A.HorizontalFlip(p=0.5),
-        A.Affine(rotate=(-10, 10), translate_percent=(-0.05, 0.05), scale=(0.95, 1.05), p=0.5),
-        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.02, p=0.5),
-        *tail,
-    ])
-
-
-def eval_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> "PetDataset":
-    """Images as a model sees them at inference: resized to its input size, its normalization."""
-    size = data_cfg["input_size"][1]
-    transform = build_transform(size, data_cfg["mean"], data_cfg["std"], train=False)
-    return PetDataset(df, image_dir, transform, min_side=max(data_cfg["input_size"][1:]))
-
-
-class PetDataset:
-    """Images (+ metadata flags, + target/100 when present) for a table with an ``Id`` column.
-
-    Items are dicts: ``image`` (CxHxW float tensor), ``meta`` (12 floats), ``target`` (Pawpularity/100, or -1 when
-    unknown) and ``index`` (row position). A photo that fails to decode raises ImageDecodeError naming its Id and
-    path, which the DataLoader re-raises in the main process.
-    """
-
-    def __init__(self, df: pd.DataFrame, image_dir: str | Path, transform, min_side: int | None = None):
-        self.ids = df[ID].astype(str).tolist()
-        self.meta = df[META_COLS].to_numpy(np.float32)
-        self.target = (df[TARGET].to_numpy(np.float32) / 100.0) if TARGET in df.columns else np.full(len(df), -1.0, np.float32)
-        self.image_dir = Path(image_dir)
-        self.transform = transform
-        self.min_side = min_side
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        path = self.image_dir / f"{self.ids[i]}.jpg"
-        try:
-            img = load_image(path, self.min_side)
-        except ImageDecodeError as e:
-            raise ImageDecodeError(f"Id {self.ids[i]}: {e}") from None
-        image = self.transform(image=img)["image"]
-        return {"image": image, "meta": self.meta[i], "target": self.target[i], "index": i}
-
-
 def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``test.csv`` and ``sample_submission.csv`` (and the test images) checked alone: what inference needs.
 
@@ -369,40 +245,70 @@ def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tu
     return _typed_test(test), sample
 
 
-def _stat_fingerprint(root: Path, comp: Competition) -> str:
-    """Cheap fingerprint (name, size, mtime) of the CSVs and every image: changes when any file does."""
-    import hashlib
+def _image_paths(comp: Competition) -> list[Path]:
+    return [image_path(comp.root, split, i) for split, df in (("train", comp.train), ("test", comp.test)) for i in df[ID]]
 
+
+def _stat_fingerprint(comp: Competition) -> str:
+    """Cheap fingerprint (name, size, mtime) of the CSVs and every image: changes when any file does."""
     h = hashlib.blake2b(digest_size=16)
-    paths = [root / n for n in ("train.csv", "test.csv", "sample_submission.csv")]
-    paths += [image_path(root, "train", i) for i in comp.train[ID]] + [image_path(root, "test", i) for i in comp.test[ID]]
+    paths = [comp.root / n for n in ("train.csv", "test.csv", "sample_submission.csv")] + _image_paths(comp)
     for p in paths:
         st = p.stat()
-        h.update(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(f"{p.relative_to(comp.root)}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()
 
 
-def ensure_valid(root: str | Path, out: str | Path) -> Competition:
+def _read_record(record: Path, root: Path) -> dict:
+    try:
+        entry = json.loads(record.read_text()).get(str(root.resolve()))
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return entry if isinstance(entry, dict) else {}
+
+
+def _write_record(record: Path, root: Path, entry: dict) -> None:
+    from .files import write_json
+
+    write_json(record, {str(root.resolve()): entry})
+
+
+def ensure_valid(root: str | Path, record: str | Path) -> Competition:
     """Full contract check (images decoded) before a stage reads images, skipped when nothing changed since the
-    last successful check of this experiment (recorded in ``out/.data_check.json``). Raises DataError."""
-    import json
-
-    from .io import atomic_write_text
-
-    root, record = Path(root), Path(out) / ".data_check.json"
+    last successful check of this experiment (recorded in ``record``). Raises DataError."""
+    root, record = Path(root), Path(record)
     comp = read_competition(root, images=False)
     try:
-        fingerprint = _stat_fingerprint(root, comp)
+        fingerprint = _stat_fingerprint(comp)
     except FileNotFoundError:
         fingerprint = None  # a missing image: the full check below names it
-    if fingerprint and record.is_file():
-        try:
-            if json.loads(record.read_text()).get(str(root.resolve())) == fingerprint:
-                return comp
-        except ValueError:
-            pass
+    if fingerprint and _read_record(record, root).get("fingerprint") == fingerprint:
+        return comp
     problems = _check_images(root, "train", comp.train[ID].tolist(), 8) + _check_images(root, "test", comp.test[ID].tolist(), 8)
     if problems:
         raise DataError(problems)
-    atomic_write_text(record, json.dumps({str(root.resolve()): fingerprint}))
+    _write_record(record, root, {"fingerprint": fingerprint})
     return comp
+
+
+def images_digest(comp: Competition, record: str | Path | None = None) -> dict[str, str]:
+    """Per split (train, test), one hash over every image's Id and bytes: a changed photo changes its split's.
+
+    Reading every photo costs about a second per GB; with ``record`` the digests are kept beside the data check's
+    stat fingerprint and reused while no image's size or mtime changed (as make and DVC judge inputs).
+    """
+    from .files import file_digest
+
+    fingerprint = _stat_fingerprint(comp)
+    entry = _read_record(Path(record), comp.root) if record else {}
+    if entry.get("fingerprint") == fingerprint and isinstance(entry.get("images"), dict):
+        return entry["images"]
+    digests = {}
+    for split, df in (("train", comp.train), ("test", comp.test)):
+        h = hashlib.blake2b(digest_size=16)
+        for id_ in df[ID]:
+            h.update(f"{id_}:{file_digest(image_path(comp.root, split, id_))};".encode())
+        digests[split] = h.hexdigest()
+    if record:
+        _write_record(Path(record), comp.root, {**entry, "fingerprint": fingerprint, "images": digests})
+    return digests

@@ -1,22 +1,13 @@
-"""The model: a timm backbone (``num_classes=0``) + a head, pretrained weights, and the fine-tuning modes.
+"""The model: a timm backbone (``num_classes=0``) + a head; building it, its weights, its checkpoints.
 
-Reads ``cfg.model`` (and a local pretrained file or ``train/fold{k}/best.pt`` when asked); writes nothing.
-Used by ``train.py`` (fine-tuning), ``embed.py`` (pooled features) and ``predict.py`` (inference)::
+Reads ``cfg.model`` (and a local pretrained file or ``train/fold{k}/best.pt`` when asked); writes nothing::
 
     model = build_model(cfg.model)                  # PawModel, weights per cfg.model.pretrained
     data_cfg = data_config(cfg.model, model.backbone)
-    setup_finetune(model, "ssf")                    # freeze / add adapters; returns (trainable, total)
-    state = export_state_dict(model)                # SSF merged in: a plain PawModel state dict
     model, data_cfg = load_checkpoint("output/default/train/fold0/best.pt")
+    model = build_frozen(model_cfg)                 # a frozen backbone: its weight file, or a seeded random init
 
-Fine-tuning modes (``cfg.model.finetune``):
-  full  every parameter trains.
-  fpt   "frozen pretrained transformer": attention and MLP weights frozen; norm scales/biases, the patch
-        embedding (a CNN's stem), position terms (Swin relative_position_bias_table, ViT pos_embed / cls_token) and the head train.
-  ssf   backbone frozen; a learnable per-channel scale (init 1) and shift (init 0) after each Linear, Conv2d and
-        LayerNorm. They are merged into the preceding layer (W' = diag(s) W, b' = s*b + t), so saved weights are a
-        plain timm state dict with the original parameter count.
-  head  linear probe: only the head trains.
+Fine-tuning modes (which parameters train; SSF adapters) are in ``finetune.py``.
 """
 from __future__ import annotations
 
@@ -35,8 +26,10 @@ from .data import META_COLS
 
 log = logging.getLogger("pawpular")
 
-# Parameter names (last component) that are position terms: they train in `fpt`.
-POSITION_TERMS = ("relative_position_bias_table", "pos_embed", "cls_token", "reg_token", "dist_token", "absolute_pos_embed")
+# The random init of a frozen backbone with `pretrained: none` is drawn from this seed, in a forked RNG: every
+# process (embed now, predict later, a rerun with --overwrite) builds the same weights, so test embeddings come
+# from the model whose train embeddings the SVR was fit on, and the cache key names one set of weights.
+RANDOM_INIT_SEED = 0
 
 
 class PretrainedWeightsError(ConfigError):
@@ -151,8 +144,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
                                          f"(timm's checkpoint filter failed: {e!r})") from None
     expected = backbone.state_dict()
     heads = _classifier_prefixes(backbone)
-    state = {k: v for k, v in state.items() if k in expected or not k.startswith(heads)}
-    missing = sorted(set(expected) - set(state))
+    ignored = _non_persistent_buffers(backbone)
+    state = {k: v for k, v in state.items() if (k in expected or not k.startswith(heads)) and k not in ignored}
+    # As torch's own strict load: BatchNorm fills a missing num_batches_tracked (converted ResNet/EfficientNet files)
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
     shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                     if k in state and state[k].shape != v.shape)
@@ -166,8 +161,20 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise PretrainedWeightsError(f"model.pretrained: {path} does not fit {type(backbone).__name__} "
                                      f"({sum(v.numel() for v in expected.values())} values): "
                                      + "; ".join(p for p in parts if p))
+    for k in set(expected) - set(state):  # only num_batches_tracked is left: start it at 0, as torch does
+        state[k] = torch.zeros_like(expected[k])
     backbone.load_state_dict(state, strict=True)
     log.info("loaded pretrained weights from %s (%d tensors)", path, len(state))
+
+
+def _non_persistent_buffers(module: nn.Module) -> set[str]:
+    """State-dict names of buffers a module keeps out of its state dict (e.g. Swin's relative_position_index,
+    which older checkpoints still carry): a file holding them is not wrong."""
+    names = set()
+    for prefix, m in module.named_modules():
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            names.add(f"{prefix}.{b}" if prefix else b)
+    return names
 
 
 def data_config(model_cfg: ModelConfig, backbone: nn.Module) -> dict:
@@ -190,10 +197,15 @@ def data_config(model_cfg: ModelConfig, backbone: nn.Module) -> dict:
 
 def read_checkpoint(path: str | Path) -> tuple[dict, ModelConfig, dict]:
     """A saved model file (``best.pt``, a compressed embedder): its dict, ModelConfig and data config."""
+    from .files import ArtifactError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file: name it instead of a zip-reader traceback
+        raise ArtifactError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e})") from None
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in ckpt["model_cfg"].items() if k in names})
     data_cfg = dict(ckpt["data_cfg"])
@@ -210,139 +222,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fine-tuning modes
+# Frozen backbones (embed.source: pretrained, embed.backbones)
 
 
-def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-        return True
-    return "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))
+def pretrained_source(model_cfg: ModelConfig) -> str:
+    """What identifies a frozen backbone's weights: the file's bytes, or the hub name / the seeded random init."""
+    from .files import file_digest
+
+    p = model_cfg.pretrained
+    if p == "none":
+        return f"none:seed{RANDOM_INIT_SEED}"
+    return p if p == "hub" else file_digest(Path(p)) if Path(p).is_file() else p
 
 
-def fpt_trainable_names(model: PawModel) -> set[str]:
-    """Names (in ``model``) of the parameters that train in ``fpt`` mode."""
-    names = {f"head.{n}" for n, _ in model.head.named_parameters()}
-    for mname, module in model.backbone.named_modules():
-        if _is_norm(module):
-            names |= {f"backbone.{mname}.{n}".replace("..", ".") for n, _ in module.named_parameters(recurse=False)}
-    for n, _ in model.backbone.named_parameters():
-        if n.startswith(("patch_embed.", "stem.")) or n.split(".")[-1] in POSITION_TERMS:
-            names.add(f"backbone.{n}")
-    return names
+def build_frozen(model_cfg: ModelConfig) -> PawModel:
+    """A frozen backbone's PawModel with its weights: from its file / the hub, or the seeded random init."""
+    if model_cfg.pretrained != "none":
+        return build_model(model_cfg, pretrained=True)
+    log.warning("backbone %s has random weights (pretrained: none): fine for tests, useless for a score",
+                model_cfg.name)
+    with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return build_model(model_cfg, pretrained=True)
 
 
-def setup_finetune(model: PawModel, mode: str) -> tuple[int, int]:
-    """Freeze / adapt ``model`` for ``mode`` in place; log and return (trainable, total) parameter counts."""
-    if mode == "full":
-        model.requires_grad_(True)
-    elif mode == "head":
-        model.backbone.requires_grad_(False)
-    elif mode == "fpt":
-        keep = fpt_trainable_names(model)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name in keep)
-    elif mode == "ssf":
-        model.backbone.requires_grad_(False)
-        add_ssf(model)
-    else:
-        raise ConfigError(f"model.finetune must be full, fpt, ssf or head, got {mode!r}")
-    total = count_parameters(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("finetune %s: %s of %s parameters trainable (%.2f%%)", mode, f"{trainable:,}", f"{total:,}",
-             100.0 * trainable / max(total, 1))
-    return trainable, total
-
-
-class SSF(nn.Module):
-    """Per-channel scale and shift of a layer's output along ``dim`` (-1 for Linear/LayerNorm, 1 for Conv2d)."""
-
-    def __init__(self, channels: int, dim: int, shift: bool):
-        super().__init__()
-        self.dim = dim
-        self.scale = nn.Parameter(torch.ones(channels))
-        self.shift = nn.Parameter(torch.zeros(channels)) if shift else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[self.dim] = -1
-        x = x * self.scale.view(shape).to(x.dtype)
-        return x if self.shift is None else x + self.shift.view(shape).to(x.dtype)
-
-
-def _ssf_target(module: nn.Module) -> tuple[int, int, bool] | None:
-    """(channels, channel dim, has bias) for a layer SSF can follow and later merge into, else None."""
-    from timm.layers import LayerNorm2d
-
-    if isinstance(module, nn.Linear):
-        return module.out_features, -1, module.bias is not None
-    if isinstance(module, nn.Conv2d):
-        return module.out_channels, 1, module.bias is not None
-    if isinstance(module, nn.LayerNorm) and module.elementwise_affine and len(module.normalized_shape) == 1:
-        dim = 1 if isinstance(module, LayerNorm2d) or type(module).__name__.startswith("LayerNorm2d") else -1
-        return module.normalized_shape[0], dim, module.bias is not None
-    return None
-
-
-def _apply_ssf(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-    return module.ssf(out)
-
-
-def has_ssf(model: nn.Module) -> bool:
-    return any(isinstance(m, SSF) for m in model.modules())
-
-
-def add_ssf(model: PawModel) -> int:
-    """Attach an SSF adapter after every Linear / Conv2d / LayerNorm of the backbone; return how many.
-
-    Each adapter is a child ``ssf`` of its layer applied by a forward hook, so the backbone keeps its structure
-    (state dict keys gain ``.ssf.scale`` / ``.ssf.shift``, which export_state_dict merges away). A layer without
-    bias gets a scale only: there is nothing to merge a shift into without changing the architecture.
-    """
-    if has_ssf(model):
-        return sum(isinstance(m, SSF) for m in model.modules())
-    device = next(model.backbone.parameters()).device
-    targets = [(m, t) for _, m in model.backbone.named_modules() if (t := _ssf_target(m)) is not None]
-    for module, (channels, dim, has_bias) in targets:
-        module.ssf = SSF(channels, dim, shift=has_bias).to(device)
-        module.register_forward_hook(_apply_ssf)
-    return len(targets)
-
-
-@torch.no_grad()
-def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict on CPU with any SSF adapters merged in: always a plain PawModel state dict.
-
-    Merge: W' = diag(s) W (per output channel for Conv2d), b' = s * b + t; LayerNorm likewise on weight and bias.
-    """
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if ".ssf." not in k}
-    for name, module in model.named_modules():
-        if not isinstance(module, SSF):
-            continue
-        layer = name[: -len(".ssf")]
-        s = module.scale.detach().float().cpu()
-        w = state[f"{layer}.weight"]
-        state[f"{layer}.weight"] = (w.float() * s.view(-1, *[1] * (w.ndim - 1))).to(w.dtype)
-        bias = state.get(f"{layer}.bias")
-        if bias is not None:
-            t = module.shift.detach().float().cpu()
-            state[f"{layer}.bias"] = (bias.float() * s + t).to(bias.dtype)
-    return state
-
-
-def merge_ssf(model: PawModel) -> PawModel:
-    """Fold the SSF adapters into their layers and remove them: same outputs, the original architecture."""
-    if not has_ssf(model):
-        return model
-    state = export_state_dict(model)
-    for module in list(model.modules()):
-        if isinstance(getattr(module, "ssf", None), SSF):
-            del module.ssf
-            for key, hook in list(module._forward_hooks.items()):
-                if hook is _apply_ssf:
-                    del module._forward_hooks[key]
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def frozen_description(model_cfg: ModelConfig) -> dict:
+    """The settings that decide a frozen backbone's embeddings (its cache key), less the head's."""
+    desc = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("finetune", "drop_rate", "use_meta")}
+    return {**desc, "weights": pretrained_source(model_cfg)}

@@ -11,7 +11,6 @@ close, safe in a report loop; a notebook shows one when it is a cell's value (af
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 from PIL import Image
 
-from .data import ID, META_COLS, TARGET, image_path, load_image
+from .data import ID, META_COLS, TARGET
+from .images import image_path, load_image
 from .metrics import rmse
 
 # One colour per head, the same in every figure.
@@ -35,22 +35,7 @@ def color(name: str, i: int = 0) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Paths and helpers
-
-
-def repo_root(start: str | Path | None = None) -> Path:
-    """The checkout holding ``pyproject.toml`` and ``src/pawpular``, searched upwards from ``start`` (cwd)."""
-    here = Path(start or os.getcwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "src" / "pawpular").is_dir():
-            return folder
-    return here
-
-
-def resolve(path: str | Path, root: str | Path | None = None) -> Path:
-    """An absolute path as is; a relative one relative to the repo root (notebooks run from notebooks/)."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else repo_root(root) / path
+# Helpers
 
 
 def to_png(fig: Figure, dpi: int = 100, colors: int | None = None) -> bytes:
@@ -76,37 +61,6 @@ def message(text: str, title: str = "", size: tuple[float, float] = (7, 2)) -> F
     if title:
         ax.set_title(title)
     return fig
-
-
-def image_sizes(root: str | Path, ids: Sequence[str], split: str = "train") -> pd.DataFrame:
-    """Id, width, height, aspect (width/height) from the image headers, EXIF rotation applied; nothing decoded."""
-    rows = []
-    for id_ in ids:
-        with Image.open(image_path(root, split, id_)) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated by 90 degrees: exif_transpose swaps sides
-                w, h = h, w
-        rows.append((id_, w, h))
-    sizes = pd.DataFrame(rows, columns=[ID, "width", "height"])
-    sizes["aspect"] = sizes["width"] / sizes["height"]
-    return sizes
-
-
-def find_duplicates(data: str | Path, ids: Sequence[str], out: str | Path | None = None,
-                    threshold: int = 4) -> pd.DataFrame:
-    """Id, group of every photo in a duplicate group: ``out/duplicates.csv`` if the folds stage wrote it, else
-    computed here with the same perceptual hash (``pawpular.folds``)."""
-    saved = Path(out) / "duplicates.csv" if out is not None else None
-    if saved is not None and saved.is_file():
-        dups = pd.read_csv(saved, dtype={ID: str})[[ID, "group"]]
-        if dups[ID].isin(set(ids)).all():  # else it belongs to another competition folder: recompute
-            return dups
-    from .folds import duplicate_groups, image_hashes
-
-    groups = duplicate_groups(image_hashes(Path(data), list(ids)), threshold)
-    sizes = pd.Series(groups).value_counts()
-    keep = pd.Series(groups).map(sizes).to_numpy() > 1
-    return pd.DataFrame({ID: np.asarray(ids)[keep], "group": groups[keep]})
 
 
 def _thumb(root: str | Path, split: str, id_: str, side: int = 384) -> np.ndarray:

@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .data import ID, META_COLS, TARGET
-from .io import write_csv
+from .files import write_csv
 
 DEFAULT_N_TRAIN = 1000
 DEFAULT_N_TEST = 100
@@ -283,7 +283,7 @@ def baseline_scores(data_dir: str | Path, n_folds: int = 5, seed: int = 0) -> di
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .data import load_image
+    from .images import load_image
 
     root = Path(data_dir)
     train = pd.read_csv(root / "train.csv", dtype={ID: str})

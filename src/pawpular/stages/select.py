@@ -1,29 +1,25 @@
 """On-demand stage, select: greedy forward selection of the embedding sets the SVR head concatenates.
 
-    pawpular embed --config configs/multi_backbone.yaml      # first: every set's embeddings
-    pawpular select --config configs/multi_backbone.yaml
-
-Reads ``folds.csv``, the competition CSVs (targets, and the flags with ``svr.use_meta``) and the train embeddings
-of every candidate set: ``"model"`` (this experiment's fine-tuned fold backbones, ``emb/fold{k}/``) when every
-fold has them, and each name in ``embed.backbones`` whose ``emb/<name>/`` exists (a missing one is skipped and
-named; none at all is an error telling you to run ``pawpular embed``). Writes ``select/selection.json``
-(candidates, every step with every set tried, the chosen sets, their OOF RMSE and C) and prints the steps as a
-table and the ``--set svr.features=[...]`` line to use. It reads ``svr.*`` settings but never writes ``svr/``.
+Reads   folds/folds.csv, train.csv (targets; flags with svr.use_meta) and the train embeddings of every candidate:
+        "model" (this experiment's fold backbones, emb/fold{k}/) when every fold has finished embeddings, and each
+        name in embed.backbones whose emb/<name>/ is finished (a missing one is skipped and named)
+Writes  select/selection.json (candidates, every step with every set tried, the chosen sets, their OOF RMSE and
+        C); prints the steps and the --set 'svr.features=[...]' line to use. Never writes svr/.
+Needs   pawpular embed (with embed.backbones listing the candidates)
+Keys    embed.backbones, svr.c_min / c_max, svr.epsilon, svr.gamma, svr.use_meta
+Run     pawpular select --config configs/multi_backbone.yaml
 
 Selection: score every candidate alone and start from the best; at each step add the set whose addition lowers
-the OOF RMSE most; stop when the best addition improves it by less than ``MIN_IMPROVEMENT`` (RMSE points) or no
-set is left. Each step's RMSE is therefore at most the previous one's, so the chosen sets never score worse than
-the best single set.
-
-Scoring a set of sets is the SVR stage's own code (``svr.assemble_matrix``, ``svr.make_fold``: per-fold
-standardization and gamma, ``svr.attach_kernels``, ``svr.fit_predict``) with C tuned cheaply and
-deterministically instead of by Optuna: a fixed log grid of ``C_GRID_POINTS`` values over
-[``svr.c_min``, ``svr.c_max``], then the two geometric midpoints beside the grid's best. Epsilon is ``svr.epsilon``.
-The RMSE reported for the chosen sets is exactly what ``svr.fit_predict`` gives with that C, so ``pawpular svr``
-with those features (which tunes C by Optuna over the same range) lands at or near it.
+the OOF RMSE most; stop when the best addition improves it by less than MIN_IMPROVEMENT (RMSE points) or no set
+is left, so the chosen sets never score worse than the best single set. Scoring is the SVR stage's own code
+(``features.assemble_matrix``, ``svm.make_fold``, ``svm.attach_kernels``, ``svm.oof_rmse``) with C tuned
+deterministically instead of by Optuna: a log grid of C_GRID_POINTS values over [svr.c_min, svr.c_max], then the
+two geometric midpoints beside the grid's best. ``pawpular svr`` with the chosen features (Optuna over the same
+range) lands at or near the reported RMSE.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -33,14 +29,20 @@ from typing import Any
 
 import numpy as np
 
-from . import backend, svr
-from .config import Config
-from .data import ID, META_COLS, TARGET, Competition, read_competition
-from .folds import read_folds
-from .io import write_json
-from .metrics import rmse
+from .. import artifacts, backend, manifest, svm
+from ..config import Config, backbone_configs
+from ..data import ID, META_COLS, TARGET, Competition
+from ..features import assemble_matrix
+from ..files import write_json
+from ..splits import read_folds
+from ..progress import Progress
+from . import Plan, Result
 
 log = logging.getLogger("pawpular")
+NAME = "select"
+SUMMARY = "forward selection of embedding sets for the SVR head (several backbones)"
+HELP = __doc__
+IMAGES = False
 
 # A set is added only when it lowers the OOF RMSE by at least this much (Pawpularity points): each added set costs
 # a backbone's embedding time at inference, which a gain in the third decimal does not pay for. A module constant
@@ -48,10 +50,6 @@ log = logging.getLogger("pawpular")
 MIN_IMPROVEMENT = 0.01
 # C values tried per candidate: log-spaced over [svr.c_min, svr.c_max] (7 points over 0.1-100 = half-decades).
 C_GRID_POINTS = 7
-
-
-def selection_json(out: Path) -> Path:
-    return out / "select" / "selection.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,14 +63,14 @@ def c_grid(c_min: float, c_max: float, points: int = C_GRID_POINTS) -> list[floa
     return [float(c) for c in np.geomspace(c_min, c_max, max(points, 1) if c_max > c_min else 1)]
 
 
-def tune_c(folds: Sequence[svr.FoldData], y: np.ndarray, grid: Sequence[float], epsilon: float,
+def tune_c(folds: Sequence[svm.FoldData], y: np.ndarray, grid: Sequence[float], epsilon: float,
            device: str = "cpu") -> tuple[float, float]:
     """(best OOF RMSE, its C): every C of ``grid``, then the geometric midpoints beside the best. Deterministic."""
     scores: dict[float, float] = {}
 
     def score(c: float) -> float:
         if c not in scores:
-            scores[c] = rmse(svr.fit_predict({"C": c, "epsilon": epsilon}, folds, device), y)
+            scores[c] = svm.oof_rmse({"C": c, "epsilon": epsilon}, folds, y, device)
         return scores[c]
 
     for c in grid:
@@ -97,16 +95,16 @@ class TrainSets:
 
     @property
     def fold_ids(self) -> list[int]:
-        return sorted(np.unique(self.fold_of).tolist())
+        return sorted(k for k in np.unique(self.fold_of).tolist() if k >= 0)
 
-    def folds(self, names: Sequence[str], gamma: float | str, device: str) -> list[svr.FoldData]:
+    def folds(self, names: Sequence[str], gamma: float | str, device: str) -> list[svm.FoldData]:
         """The SVR stage's folds (standardized per fold, gamma per fold) for the sets ``names`` concatenated."""
         xp = backend.array_module(device)
         out = []
         for k in self.fold_ids:
             sets = {n: self.tables[(n, k)] for n in names}
-            x, _ = svr.assemble_matrix(sets, self.ids, names, self.meta, xp)
-            out.append(svr.make_fold(k, x, self.y, self.fold_of, gamma, device))
+            x, _ = assemble_matrix(sets, self.ids, names, self.meta, xp)
+            out.append(svm.make_fold(k, x, self.y, self.fold_of, gamma, device))
         return out
 
 
@@ -114,7 +112,7 @@ def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, 
     """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels."""
     folds = data.folds(names, cfg.svr.gamma, device)
     if mode == "precomputed":
-        svr.attach_kernels(folds)
+        svm.attach_kernels(folds)
     return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device)
 
 
@@ -160,35 +158,37 @@ def forward_select(candidates: Sequence[str], score: Any, min_improvement: float
 # The stage
 
 
+def _finished(folder: Path) -> bool:
+    """An embedding folder whose manifest exists and whose files are the ones it records."""
+    record = manifest.read(folder / "manifest.json")
+    return record is not None and not manifest.damaged_outputs(record, folder.parent.parent)
+
+
 def find_candidates(cfg: Config, fold_ids: Sequence[int]) -> tuple[list[str], dict[str, str]]:
-    """Sets whose train and test embeddings exist, and the skipped ones with the reason."""
-    from .embed import backbone_configs
-
-    def have(name: str, folds: Sequence[int]) -> bool:
-        return all(svr.set_path(cfg.out, name, split, k).is_file() for k in folds for split in ("train", "test"))
-
+    """Sets whose embeddings are finished, and the skipped ones with the reason."""
     found, skipped = [], {}
-    for name, folds in [("model", fold_ids), *((b.name, fold_ids[:1]) for b in backbone_configs(cfg))]:
-        if have(name, folds):
+    candidates = [(artifacts.MODEL_SET, fold_ids), *((b.name, fold_ids[:1]) for b in backbone_configs(cfg))]
+    for name, folds in candidates:
+        if all(_finished(artifacts.set_file(cfg.out, name, "train", k).parent) for k in folds):
             found.append(name)
         else:
-            where = "emb/fold{k}/" if name == "model" else f"emb/{name}/"
-            skipped[name] = f"no embeddings in {where}"
+            where = "emb/fold{k}/" if name == artifacts.MODEL_SET else f"emb/{name}/"
+            skipped[name] = f"no finished embeddings in {where}"
     return found, skipped
 
 
 def load_train_sets(cfg: Config, comp: Competition, folds_df: Any, names: Sequence[str], device: str) -> TrainSets:
     """Read each set's train embeddings once (a frozen set once for all folds)."""
     fold_of = folds_df["fold"].to_numpy()  # read_folds returns them in train-table order
-    fold_ids = sorted(np.unique(fold_of).tolist())
     tables: dict[tuple[str, int], Any] = {}
     for name in names:
         frozen = None
-        for k in fold_ids:
-            if name == "model":
-                tables[(name, k)] = backend.read_table(svr.set_path(cfg.out, name, "train", k), device)
+        for k in sorted(k for k in np.unique(fold_of).tolist() if k >= 0):
+            path = artifacts.set_file(cfg.out, name, "train", k)
+            if name == artifacts.MODEL_SET:
+                tables[(name, k)] = backend.read_table(path, device)
             else:
-                frozen = frozen if frozen is not None else backend.read_table(svr.set_path(cfg.out, name, "train", k), device)
+                frozen = frozen if frozen is not None else backend.read_table(path, device)
                 tables[(name, k)] = frozen
     meta = comp.train[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
     return TrainSets(tables, comp.train[ID].astype(str).tolist(), comp.train[TARGET].to_numpy(np.float64), fold_of, meta)
@@ -212,54 +212,58 @@ def format_table(steps: Sequence[Step], rejected: dict) -> str:
     return "\n".join(rows)
 
 
-def run(cfg: Config) -> Path:
-    """Select embedding sets by greedy forward selection; print the steps; returns select/selection.json."""
+def needs(cfg) -> list[str]:
+    return ["folds"]  # the embedding sets are checked one by one (find_candidates): a missing one is skipped
+
+
+def plan(ctx) -> Plan:
+    s = ctx.cfg.svr
+    settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta}
+    folds = range(ctx.cfg.folds.n_folds)
+    files = [artifacts.set_file(ctx.out, b.name, "train", 0) for b in backbone_configs(ctx.cfg)]
+    files += [artifacts.set_file(ctx.out, artifacts.MODEL_SET, "train", k) for k in folds]
+    return Plan({"svr": settings, "embed": {"backbones": ctx.cfg.embed.backbones}},
+                {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *files]), **ctx.data_inputs("train.csv")})
+
+
+def run(ctx) -> Result:
+    """Select embedding sets by greedy forward selection; print the steps; writes select/selection.json."""
+    cfg, device, comp = ctx.cfg, ctx.device, ctx.comp
     t0 = time.time()
-    device = backend.resolve_device(cfg.device)
-    comp = read_competition(cfg.data)
-    folds_df = read_folds(cfg.out, comp.train)
-    fold_ids = sorted(folds_df["fold"].unique().tolist())
+    folds_df = read_folds(cfg.out, comp.train, cfg.folds)
+    fold_ids = sorted(k for k in folds_df["fold"].unique().tolist() if k >= 0)
     candidates, skipped = find_candidates(cfg, fold_ids)
     for name, why in skipped.items():
         log.warning("select: skipping %r: %s (run `pawpular embed` first)", name, why)
     if not candidates:
-        raise FileNotFoundError(f"no embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
+        raise FileNotFoundError(f"no finished embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
     data = load_train_sets(cfg, comp, folds_df, candidates, device)
     # Kernel memory depends on the fold sizes only, not on the sets: decide once.
-    mode = svr.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)
+    mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)
+    grid = c_grid(cfg.svr.c_min, cfg.svr.c_max)
     log.info("select: %d candidate sets (%s), %d train rows, %d folds, C grid %s", len(candidates),
-             ", ".join(candidates), len(data.ids), len(data.fold_ids),
-             ", ".join(f"{c:.3g}" for c in c_grid(cfg.svr.c_min, cfg.svr.c_max)))
-
-    from tqdm import tqdm
-
-    n_evals = sum(range(1, len(candidates) + 1))
-    with tqdm(total=n_evals, desc="select", leave=False, disable=None) as bar:
+             ", ".join(candidates), len(data.ids), len(data.fold_ids), ", ".join(f"{c:.3g}" for c in grid))
+    with Progress(desc="select", total=sum(range(1, len(candidates) + 1)), unit="fit") as bar:
         def score(names: list[str]) -> tuple[float, float]:
             result = score_sets(data, names, cfg, device, mode)
-            bar.update(1)
+            bar.update()
             return result
 
         steps, rejected = forward_select(candidates, score, MIN_IMPROVEMENT)
-
     best = steps[-1]
-    chosen = best.features
     result = {
         "candidates": candidates, "skipped": skipped, "single": steps[0].tried,
-        "steps": [{"step": s.step, "added": s.added, "features": s.features, "oof_rmse": s.oof_rmse, "C": s.C,
-                   "tried": s.tried} for s in steps],
-        "rejected": rejected, "chosen": chosen, "oof_rmse": best.oof_rmse, "C": best.C,
-        "set_line": features_line(chosen),
-        "settings": {"min_improvement": MIN_IMPROVEMENT, "c_grid": c_grid(cfg.svr.c_min, cfg.svr.c_max),
-                     "epsilon": cfg.svr.epsilon, "gamma": cfg.svr.gamma, "use_meta": cfg.svr.use_meta,
-                     "n_folds": len(data.fold_ids), "n_train": len(data.ids)},
-        "seconds": round(time.time() - t0, 2),
+        "steps": [dataclasses.asdict(s) for s in steps], "rejected": rejected, "chosen": best.features,
+        "oof_rmse": best.oof_rmse, "C": best.C, "set_line": features_line(best.features),
+        "settings": {"min_improvement": MIN_IMPROVEMENT, "c_grid": grid, "epsilon": cfg.svr.epsilon,
+                     "gamma": cfg.svr.gamma, "use_meta": cfg.svr.use_meta, "n_folds": len(data.fold_ids),
+                     "n_train": len(data.ids)},
     }
-    path = selection_json(cfg.out)
+    path = artifacts.selection_json(cfg.out)
     write_json(path, result)
     print(format_table(steps, rejected))
-    print(f"chosen: {', '.join(chosen)} (OOF RMSE {best.oof_rmse:.4f} at C={best.C:.4g}; best single "
+    print(f"chosen: {', '.join(best.features)} (OOF RMSE {best.oof_rmse:.4f} at C={best.C:.4g}; best single "
           f"{steps[0].added} {steps[0].oof_rmse:.4f})")
-    print(f"use:    {features_line(chosen)}")
-    log.info("select: %d of %d sets chosen in %.1fs -> %s", len(chosen), len(candidates), time.time() - t0, path)
-    return path
+    print(f"use:    {features_line(best.features)}")
+    log.info("select: %d of %d sets chosen in %.1fs -> %s", len(best.features), len(candidates), time.time() - t0, path)
+    return Result([path], {"chosen": best.features, "oof_rmse": best.oof_rmse})

@@ -1,4 +1,4 @@
-"""Atomic writes and the experiment lock."""
+"""Atomic writes, byte-stable checkpoints and the experiment lock."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pawpular.io import ExperimentLocked, atomic_path, atomic_write_text, experiment_lock
+from pawpular.files import atomic_path, write_text as atomic_write_text
+from pawpular.lock import ExperimentLocked, experiment_lock
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):
@@ -24,7 +25,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
 def test_sigkill_mid_write_leaves_old_file_and_the_sweep_removes_the_temp(tmp_path):
     path = tmp_path / "exp" / "table.parquet"
     atomic_write_text(path, "complete")
-    code = ("import os, signal, sys; from pawpular.io import atomic_path\n"
+    code = ("import os, signal, sys; from pawpular.files import atomic_path\n"
             f"with atomic_path({str(path)!r}) as t:\n"
             "    t.write_text('partial'); os.kill(os.getpid(), signal.SIGKILL)\n")
     r = subprocess.run([sys.executable, "-c", code])
@@ -38,7 +39,7 @@ def test_sigkill_mid_write_leaves_old_file_and_the_sweep_removes_the_temp(tmp_pa
 
 
 def test_second_run_is_refused_with_a_clear_message(tmp_path):
-    code = ("import time, sys; from pawpular.io import experiment_lock\n"
+    code = ("import time, sys; from pawpular.lock import experiment_lock\n"
             f"with experiment_lock({str(tmp_path)!r}, 'train'):\n"
             "    print('locked', flush=True); time.sleep(30)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -1,0 +1,103 @@
+"""The Python API: what the command line does, for notebooks. Failures raise (never a silent return code).
+
+    import pawpular
+    pawpular.run("all", config="configs/default.yaml", train={"epochs": 3})   # -> output/default/submission.csv
+    pawpular.run("svr", output="output/default", svr__n_trials=60)           # section__key=value works too
+    pawpular.status(output="output/default")                                  # {stage: Verdict}
+    pawpular.export("output/default", "artifacts/default")
+    pawpular.predict("artifacts/default", "input/petfinder", "submission.csv")
+
+Overrides are the command line's ``--set``: ``section={"key": value}``, ``section__key=value`` or
+``set=["section.key=value"]``; unknown keys are errors that say so (with "did you mean").
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from . import artifacts
+from .config import Config, load_config
+
+# The main thing each stage writes (what run() returns).
+MAIN_OUTPUT = {"folds": artifacts.folds_csv, "train": lambda out: out / "train", "embed": lambda out: out / "emb",
+               "svr": artifacts.svr_dir, "ensemble": artifacts.submission, "select": artifacts.selection_json}
+
+
+def _override_strings(overrides: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            out += _override_strings({f"{key}.{k}": v for k, v in value.items()})
+        else:  # JSON is YAML: the value arrives typed, as from the command line
+            out.append(f"{key.replace('__', '.')}={json.dumps(value)}")
+    return out
+
+
+def config_from(config: str | Path | None = None, *, output: str | Path | None = None, data: str | Path | None = None,
+                overwrite: bool = False, set: list[str] | None = None, **overrides: Any) -> Config:
+    """The resolved config: the file (default: the experiment's own config.yaml when ``output`` has one, else
+    configs/default.yaml), then ``set`` / keyword overrides, then data / output / overwrite."""
+    path = config
+    if path is None:
+        saved = artifacts.config_yaml(Path(output)) if output else None
+        path = saved if saved is not None and saved.is_file() else artifacts.default_config()
+    return load_config(path, [*(set or []), *_override_strings(overrides)], data_dir=str(data) if data else None,
+                       output_dir=str(output) if output else None, overwrite=True if overwrite else None)
+
+
+def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
+    """Run ``stage`` ("all" = every pipeline stage in order, under one lock) with a resolved config."""
+    from .distributed import is_lead_process
+    from .lock import experiment_lock
+    from .runner import interruptible, run_stage
+
+    with interruptible():
+        if stage != "all":
+            run_stage(stage, cfg, hooks)
+            return MAIN_OUTPUT[stage](cfg.out)
+        with experiment_lock(cfg.out, "all") if is_lead_process() else contextlib.nullcontext():
+            for name in artifacts.PIPELINE:
+                run_stage(name, cfg, hooks)
+        return artifacts.submission(cfg.out)
+
+
+def run(stage: str = "all", config: str | Path | None = None, *, output: str | Path | None = None,
+        data: str | Path | None = None, overwrite: bool = False, set: list[str] | None = None, **overrides: Any) -> Path:
+    """Run one stage (or "all") and return its main output; raises on any failure."""
+    cfg = config_from(config, output=output, data=data, overwrite=overwrite, set=set, **overrides)
+    return run_config(stage, cfg)
+
+
+def status(config: str | Path | None = None, *, output: str | Path | None = None, data: str | Path | None = None,
+           set: list[str] | None = None, **overrides: Any) -> dict:
+    """Each pipeline stage's verdict: done / stale / damaged / missing / partial, with the reasons."""
+    from .runner import status as stage_status
+
+    return stage_status(config_from(config, output=output, data=data, set=set, **overrides))
+
+
+def export(output: str | Path, to: str | Path, overwrite: bool = False, data: str | Path | None = None) -> Path:
+    """Export a finished experiment for offline inference (see ``pawpular.export``); returns the folder."""
+    from .exporter import export as _export
+    from .runner import interruptible
+
+    with interruptible():
+        return _export(Path(output), Path(to), overwrite=overwrite, data=str(data) if data else None)
+
+
+def predict(artifacts_dir: str | Path, data: str | Path, out: str | Path = "submission.csv", device: str = "auto") -> Path:
+    """Write a validated submission from an exported folder; returns its path (raises on any problem)."""
+    from .predictor import predict as _predict
+    from .runner import interruptible
+
+    with interruptible():
+        return _predict(Path(artifacts_dir), Path(data), Path(out), device=device)
+
+
+def report(output: str | Path, data: str | Path | None = None) -> Path:
+    """Write ``report.html`` for an experiment folder; returns its path."""
+    from .reporting import write_report
+
+    return write_report(Path(output), Path(data) if data else None)

@@ -1,0 +1,77 @@
+"""The images as a model sees them: albumentations transforms and a Dataset of dicts.
+
+Items are dicts: ``image`` (CxHxW float tensor), ``meta`` (12 floats), ``target`` (Pawpularity/100, or -1 when
+unknown) and ``index`` (row position). Used by training (``train_dataset``) and by every inference
+(``eval_dataset``: resize to the model's input size, its normalization).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .data import ID, META_COLS, TARGET
+from .images import ImageDecodeError, load_image
+
+
+def build_transform(img_size: int, mean: tuple, std: tuple, train: bool):
+    """albumentations pipelines: train = crop, flips, affine, colour jitter; eval = resize."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would ask the network for a newer version
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    tail = [A.Normalize(mean=mean, std=std), ToTensorV2()]
+    if not train:
+        return A.Compose([A.Resize(img_size, img_size), *tail])
+    return A.Compose([
+        A.RandomResizedCrop(size=(img_size, img_size), scale=(0.75, 1.0), ratio=(0.8, 1.25)),
+        A.HorizontalFlip(p=0.5),
+        A.Affine(rotate=(-10, 10), translate_percent=(-0.05, 0.05), scale=(0.95, 1.05), p=0.5),
+        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.02, p=0.5),
+        *tail,
+    ])
+
+
+def train_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> "PetDataset":
+    """Training images: random crops, flips, affine and colour jitter at the model's input size."""
+    size = data_cfg["input_size"][1]
+    transform = build_transform(size, data_cfg["mean"], data_cfg["std"], train=True)
+    return PetDataset(df, image_dir, transform, min_side=max(data_cfg["input_size"][1:]))
+
+
+def eval_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> "PetDataset":
+    """Images as a model sees them at inference: resized to its input size, its normalization."""
+    size = data_cfg["input_size"][1]
+    transform = build_transform(size, data_cfg["mean"], data_cfg["std"], train=False)
+    return PetDataset(df, image_dir, transform, min_side=max(data_cfg["input_size"][1:]))
+
+
+class PetDataset:
+    """Images (+ metadata flags, + target/100 when present) for a table with an ``Id`` column.
+
+    Items are dicts: ``image`` (CxHxW float tensor), ``meta`` (12 floats), ``target`` (Pawpularity/100, or -1 when
+    unknown) and ``index`` (row position). A photo that fails to decode raises ImageDecodeError naming its Id and
+    path, which the DataLoader re-raises in the main process.
+    """
+
+    def __init__(self, df: pd.DataFrame, image_dir: str | Path, transform, min_side: int | None = None):
+        self.ids = df[ID].astype(str).tolist()
+        self.meta = df[META_COLS].to_numpy(np.float32)
+        self.target = (df[TARGET].to_numpy(np.float32) / 100.0) if TARGET in df.columns else np.full(len(df), -1.0, np.float32)
+        self.image_dir = Path(image_dir)
+        self.transform = transform
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        path = self.image_dir / f"{self.ids[i]}.jpg"
+        try:
+            img = load_image(path, self.min_side)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(f"Id {self.ids[i]}: {e}") from None
+        image = self.transform(image=img)["image"]
+        return {"image": image, "meta": self.meta[i], "target": self.target[i], "index": i}

@@ -1,0 +1,268 @@
+"""Writing files so that a kill never leaves half of one, and digests that say whether a file changed.
+
+Every artifact is written to a temporary file in its own folder, fsync'd, and moved into place with one
+``os.replace`` (a *commit*). A run killed at any instant leaves the previous file or the new one, never a mix;
+the stage manifests (``manifest.py``) make a stage's files valid together. Every commit, removal and folder
+swap goes through ``_commit_point``, where the fault-injection tests kill the process at the k-th one:
+
+    PAWPULAR_FAULT_KILL_AT=k     SIGKILL this process just before its k-th commit (1-based)
+    PAWPULAR_FAULT_LOG=FILE      append "k op path" for every commit (how many there are to sweep)
+
+``torch.save`` output is made byte-stable (saved through memory: a file name is not stored inside the zip), so
+the same weights give the same digest and a retrain that changes nothing invalidates nothing downstream.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+TEMP_GLOB = ".*.tmp"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact that is missing, damaged or stale for what is asked; the message names it and what to run."""
+_commits = 0
+
+
+def _commit_point(op: str, path: Path) -> None:
+    """Count a commit; the fault-injection hook kills the process here (see the module docstring)."""
+    global _commits
+    _commits += 1
+    log = os.environ.get("PAWPULAR_FAULT_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{_commits} {op} {path}\n")
+    if os.environ.get("PAWPULAR_FAULT_KILL_AT") == str(_commits):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened for fsync
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:  # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
+        _commit_point("replace", path)
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_parquet(df: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def write_csv(df: Any, path: str | Path, **kwargs: Any) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False, **kwargs)
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """``torch.save`` through memory: the same tensors give the same bytes (a file save records its name)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    write_bytes(path, torch_bytes(obj))
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (a copy where links are not possible), atomically."""
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def remove(path: str | Path) -> bool:
+    """Delete a file (a commit: the fault hook counts it); True if there was one."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    _commit_point("unlink", path)
+    path.unlink()
+    return True
+
+
+def remove_tree(path: str | Path) -> bool:
+    """Delete a folder: renamed aside first (one commit), so a kill never leaves half of it under its name."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    trash = path.with_name(f".{path.name}.{os.getpid()}.trash.tmp")
+    _commit_point("rename", path)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def sweep_temp_files(folder: str | Path) -> int:
+    """Remove what killed writers left (temporary files and folders); only done while holding the lock."""
+    n = 0
+    for tmp in sorted(Path(folder).rglob(TEMP_GLOB), key=lambda p: -len(p.parts)):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+_RENAME_EXCHANGE = 2
+
+
+def swap_dirs(new: Path, target: Path) -> None:
+    """Put folder ``new`` in place of ``target`` so that ``target`` is always the old whole or the new whole.
+
+    Linux's renameat2(RENAME_EXCHANGE) swaps the two names in one step; elsewhere ``target`` is first renamed
+    aside (``recover_swap`` puts it back if a kill falls between the two renames). The old folder is deleted.
+    """
+    old = target.with_name(f".{target.name}.old.tmp")
+    if not target.exists():
+        _commit_point("rename", target)
+        os.replace(new, target)
+        return
+    _commit_point("exchange", target)
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old contents
+        return
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_swap(target: Path) -> None:
+    """After a kill between the two renames of ``swap_dirs``'s fallback: the old folder comes back."""
+    old = target.with_name(f".{target.name}.old.tmp")
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EXDEV):  # file system without it
+        return False
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()), str(b))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Digests
+
+
+_digests: dict[tuple, str] = {}
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """A content hash of a file: changes exactly when its bytes do. Memoized per process on the file's stat
+    (a rewrite changes size, mtime or inode), so a stage chain hashes each file once."""
+    path = Path(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if key not in _digests:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
+
+
+def digest_or_none(path: str | Path) -> str | None:
+    """``file_digest``, or None for a missing or unreadable file."""
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
+
+
+def value_digest(*parts: Any) -> str:
+    """A hash of values (numbers, strings, lists, dicts, numpy arrays, pandas tables), not of how they were stored."""
+    import numpy as np
+    import pandas as pd
+
+    h = hashlib.blake2b(digest_size=16)
+
+    def feed(x: Any) -> None:
+        if isinstance(x, pd.DataFrame):
+            h.update(json.dumps([list(map(str, x.columns)), list(map(str, x.dtypes))]).encode())
+            for c in x.columns:
+                feed(x[c].to_numpy())
+        elif isinstance(x, np.ndarray):
+            if x.dtype == object:
+                h.update("\x1f".join(map(str, x.tolist())).encode())
+            else:
+                h.update(f"{x.dtype.str}{x.shape}".encode())
+                h.update(np.ascontiguousarray(x).tobytes())
+        else:
+            h.update(json.dumps(x, sort_keys=True, default=str).encode())
+        h.update(b"\x1e")
+
+    for p in parts:
+        feed(p)
+    return h.hexdigest()

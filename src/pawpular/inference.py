@@ -1,0 +1,126 @@
+"""The one way a backbone runs over images: train's OOF/test predictions, ``embed``, and ``predict`` all call it.
+
+One precision rule (``Policy.for_run``): bf16 autocast on a GPU that has bf16, else fp16, and only with
+``train.amp``; fp32 on a CPU. channels_last on a GPU with ``train.channels_last``. One batch size for every
+inference pass: ``embed.batch_size``. One TTA rule: with hflip TTA the NN prediction is the mean of
+sigmoid(logit) over the image and its mirror, and the embedding the mean of the two embeddings; one pass over the
+images serves both, each with its own TTA setting. The policy a stage used is recorded in its manifest and travels
+with an export, so ``predict`` computes exactly what the pipeline computed.
+
+Under torchrun the images are sharded over the ranks and gathered once (every rank gets the whole result).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .distributed import Dist
+
+log = logging.getLogger("pawpular")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How inference computes: autocast precision (fp32 | bf16 | fp16) and memory format."""
+
+    precision: str = "fp32"
+    channels_last: bool = False
+
+    @classmethod
+    def for_run(cls, device: str, amp: bool, channels_last: bool) -> "Policy":
+        return cls(precision_for(device, amp), device == "cuda" and channels_last)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Policy":
+        return cls(**d) if d else cls()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def usable_on(self, device: str) -> "Policy":
+        """This policy, or fp32 where ``device`` cannot run its precision (logged: results will differ a little)."""
+        if self.precision == "fp32" or device == "cuda":
+            return self if device == "cuda" else Policy(self.precision, False)
+        log.warning("the pipeline ran inference in %s on a GPU; this %s run uses fp32: predictions may differ "
+                    "from the pipeline's in the third decimal", self.precision, device)
+        return Policy("fp32", False)
+
+
+def precision_for(device: str, amp: bool) -> str:
+    """bf16 on a GPU that has it, else fp16; fp32 on a CPU or with amp off."""
+    if device != "cuda" or not amp:
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+
+
+def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=DTYPES[precision])
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype inputs must have: that of the model's first floating-point parameter (bf16-compressed models)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+@dataclass
+class Outputs:
+    pred: np.ndarray | None = None  # Pawpularity 0-100 (float64), one per image
+    emb: np.ndarray | None = None  # pooled pre-logit features [N, D] (float32)
+
+
+@torch.inference_mode()
+def forward_batches(model: torch.nn.Module, batches: Iterable[dict], device: str | torch.device, policy: Policy = Policy(),
+                    *, pred_tta: bool | None = None, emb_tta: bool | None = None, desc: str = "") -> Outputs:
+    """Run ``model`` (a PawModel) over ``batches`` (dicts of image, meta) in order.
+
+    ``pred_tta`` / ``emb_tta``: None = not wanted, False = plain, True = averaged with the mirror image.
+    """
+    from .progress import progress
+
+    device = torch.device(device)
+    model.eval()
+    dtype = input_dtype(model)
+    fmt = torch.channels_last if policy.channels_last else torch.contiguous_format
+    preds, embs = [], []
+    for batch in progress(batches, desc=desc, unit="batch"):
+        x = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=fmt)
+        meta = torch.as_tensor(batch["meta"]).to(device, non_blocking=True).float()
+        with autocast(device.type, policy.precision):
+            e = model.embed(x)
+            flipped = model.embed(x.flip(3)) if (pred_tta or emb_tta) else None
+            if pred_tta is not None:
+                prob = torch.sigmoid(model.head_logits(e, meta).float())
+                if pred_tta:
+                    prob = (prob + torch.sigmoid(model.head_logits(flipped, meta).float())) / 2
+                preds.append((prob * 100).cpu().double().numpy())
+            if emb_tta is not None:
+                emb = e.float() if not emb_tta else (e.float() + flipped.float()) / 2
+                embs.append(emb.cpu().numpy())
+    return Outputs(np.concatenate(preds) if pred_tta is not None else None,
+                   np.concatenate(embs).astype(np.float32) if emb_tta is not None else None)
+
+
+def run_backbone(model: torch.nn.Module, dataset: Any, device: str | torch.device, policy: Policy = Policy(), *,
+                 batch_size: int, num_workers: int = 0, pred_tta: bool | None = None, emb_tta: bool | None = None,
+                 dist: Dist = Dist(), desc: str = "") -> Outputs:
+    """``forward_batches`` over a whole dataset (under torchrun: this rank's shard, then gathered)."""
+    idx = dist.shard(len(dataset))
+    part = dataset if not dist.enabled else torch.utils.data.Subset(dataset, idx.tolist())
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    out = forward_batches(model, loader, device, policy, pred_tta=pred_tta, emb_tta=emb_tta, desc=desc)
+    return Outputs(dist.gather(idx, out.pred, len(dataset)), dist.gather(idx, out.emb, len(dataset)))
+
+
+def predict(model: torch.nn.Module, batches: Iterable[dict], device: str | torch.device = "cpu",
+            tta_hflip: bool = False, policy: Policy = Policy()) -> np.ndarray:
+    """Pawpularity (0-100) for every item of ``batches``, in order."""
+    return forward_batches(model, batches, device, policy, pred_tta=tta_hflip).pred

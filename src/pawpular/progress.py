@@ -1,0 +1,125 @@
+"""Progress that shows wherever a long job runs: a terminal, a Jupyter cell, or a log file.
+
+- In a terminal: a tqdm bar (stderr). In a Jupyter kernel: a notebook bar when ipywidgets is installed, else a
+  text bar (no "IProgress not found" warning).
+- Anywhere else (piped output: a Kaggle "save & run all" commit, ``nohup``, ``| tee log``): no bar, but a log
+  line every ``PAWPULAR_PROGRESS_SECONDS`` seconds (default 30) with the count, rate, ETA and the loop's own
+  numbers (loss, lr, ...), and one at the end.
+
+    for batch in (bar := Progress(loader, "fold 0 epoch 1/5", unit="img", scale=batch_size)):
+        ...
+        bar.set(loss=f"{loss:.4f}")
+
+    with Progress(total=30, desc="svr trials", unit="trial") as bar:   # manual updates
+        bar.update()
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterable, Iterator
+
+log = logging.getLogger("pawpular")
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter/IPython kernel (where stderr is not a terminal but output is seen)."""
+    shell = sys.modules.get("IPython")
+    try:
+        ip = shell.get_ipython() if shell else None  # type: ignore[union-attr]
+    except Exception:
+        return False
+    return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
+
+
+def _bar_class() -> Any:
+    """tqdm's class for where we are, or None when no bar can render (plain log lines then)."""
+    if os.environ.get("PAWPULAR_NO_BARS"):
+        return None
+    if in_notebook():
+        try:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm
+        except ImportError:
+            from tqdm.std import tqdm
+        return tqdm
+    if sys.stderr.isatty():
+        from tqdm.std import tqdm
+
+        return tqdm
+    return None
+
+
+def clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Progress over ``iterable`` (or ``total`` manual updates): a bar where one renders, else log lines."""
+
+    def __init__(self, iterable: Iterable | None = None, desc: str = "", total: int | None = None, unit: str = "it",
+                 scale: int = 1, every: float | None = None, quiet: bool = False):
+        self.iterable = iterable
+        self.desc = desc
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        self.total = total
+        self.unit = unit
+        self.scale = scale  # units per item (images per batch)
+        self.every = float(os.environ.get("PAWPULAR_PROGRESS_SECONDS", "30")) if every is None else every
+        self.quiet = quiet  # under torchrun only rank 0 shows progress
+        self.metrics: dict[str, Any] = {}
+        self.bar: Any = None
+        self.done, self.t0, self.last, self.logged = 0, 0.0, 0.0, False
+
+    def __enter__(self) -> "Progress":
+        self.t0 = self.last = time.time()
+        bar_class = None if self.quiet else _bar_class()
+        if bar_class is not None:
+            self.bar = bar_class(desc=self.desc, total=self.total, leave=False, mininterval=1.0)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elif self.logged:
+            log.info("%s", self.line())
+
+    def __iter__(self) -> Iterator:
+        with self:
+            for item in self.iterable or ():
+                yield item
+                self.update()
+
+    def set(self, **metrics: Any) -> None:
+        """Numbers to show beside the count (the bar's postfix, or the log line's tail)."""
+        self.metrics.update(metrics)
+        if self.bar is not None:
+            self.bar.set_postfix(self.metrics, refresh=False)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and self.every >= 0 and time.time() - self.last >= self.every:
+            log.info("%s", self.line())
+            self.last, self.logged = time.time(), True
+
+    def line(self) -> str:
+        elapsed = max(time.time() - self.t0, 1e-9)
+        head = f"{self.desc}: {self.done}" + (f"/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else "")
+        parts = [head, f"{self.done * self.scale / elapsed:.1f} {self.unit}/s"]
+        if self.total and self.done < self.total:
+            parts.append(f"ETA {clock((self.total - self.done) * elapsed / max(self.done, 1))}")
+        else:
+            parts.append(f"took {clock(elapsed)}")
+        return ", ".join(parts + [f"{k} {v}" for k, v in self.metrics.items()])
+
+
+def progress(iterable: Iterable, desc: str = "", total: int | None = None, unit: str = "it") -> Progress:
+    return Progress(iterable, desc, total, unit)

@@ -1,0 +1,241 @@
+"""The stage runner: what every stage needs around its own work, done once here.
+
+    run_stage("svr", cfg)   lock -> device -> data check -> upstream done? -> manifest verdict (skip when done)
+                            -> clear manifest -> stage.run -> commit manifest -> config.yaml, timings.json
+    status(cfg)             each stage: done / stale (why) / damaged / missing / partial, without running anything
+
+Rules it enforces: only rank 0 of a torchrun launch writes; a stage whose upstream is not done refuses with the
+command to run; a cache hit never overwrites a stage's recorded time; ``config.yaml`` is assembled from the
+manifests, so it says what made the artifacts, never what was merely asked for.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import artifacts, manifest, stages
+from .config import Config, save_config
+from .distributed import Dist, process_group
+from .files import ArtifactError, digest_or_none, read_json, write_json
+
+log = logging.getLogger("pawpular")
+DERIVED = "derived"  # a plan's config entry for values computed from the config (transforms, fold lists): not settings
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or Ctrl-C): the lock is released on the way out and the run can be resumed."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM into an exception (like Ctrl-C), so every ``finally`` runs: locks released, temp files gone."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (e.g. inside a notebook's worker): nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass
+class Context:
+    """What a stage's plan and run get: the config, the resolved device, the launch, and the data (read once)."""
+
+    cfg: Config
+    device: str = "cpu"
+    dist: Dist = field(default_factory=Dist)
+    hooks: dict = field(default_factory=dict)  # test hooks, e.g. on_epoch_end(fold, epoch, model) in train
+    _comp: Any = None
+    _images: dict | None = None
+
+    @property
+    def out(self) -> Path:
+        return self.cfg.out
+
+    @property
+    def comp(self) -> Any:
+        if self._comp is None:
+            from .data import read_competition
+
+            self._comp = read_competition(self.cfg.data)
+        return self._comp
+
+    def images_digest(self, split: str) -> str:
+        if self._images is None:
+            from .data import images_digest
+
+            self._images = images_digest(self.comp, artifacts.data_check_record(self.out))
+        return self._images[split]
+
+    def data_inputs(self, *names: str, images: tuple[str, ...] | bool = ()) -> dict[str, str | None]:
+        """Digests of the competition's CSVs (by file name) and of the photos of ``images`` (True: both splits)."""
+        found = {f"data:{n}": digest_or_none(self.cfg.data / n) for n in names}
+        for split in ("train", "test") if images is True else images or ():
+            found[f"data:{split} photos"] = self.images_digest(split)
+        return found
+
+    def file_inputs(self, paths: list[Path]) -> dict[str, str | None]:
+        """Digests of experiment files, labelled by their path inside the experiment folder."""
+        return {artifacts.relative(self.out, p): digest_or_none(p) for p in paths}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verdicts
+
+
+def stage_verdict(ctx: Context, name: str, plan: stages.Plan | None = None) -> manifest.Verdict:
+    """This stage's own verdict: its manifest against its current plan."""
+    stage = stages.get(name)
+    plan = plan or stage.plan(ctx)
+    v = manifest.verdict(artifacts.manifest(ctx.out, name), ctx.out, plan.config, plan.inputs)
+    if v.state == manifest.MISSING and getattr(stage, "partial", None) and (why := stage.partial(ctx)):
+        return manifest.Verdict(manifest.PARTIAL, [why])
+    if v.done and plan.extra is not None and (reasons := plan.extra(v.record)):
+        return manifest.Verdict(manifest.STALE, reasons, v.record)
+    return v
+
+
+def upstream(cfg: Config, name: str) -> list[str]:
+    """Every stage ``name`` reads from, directly or through others, in pipeline order."""
+    seen: list[str] = []
+
+    def visit(n: str) -> None:
+        for u in stages.get(n).needs(cfg):
+            if u not in seen:
+                visit(u)
+                seen.append(u)
+
+    visit(name)
+    return [s for s in (*stages.PIPELINE, *stages.ON_DEMAND) if s in seen]
+
+
+def chain(ctx: Context, names: list[str]) -> dict[str, manifest.Verdict]:
+    """Verdicts of ``names`` in order; a stage downstream of one that is not done is stale through it."""
+    out: dict[str, manifest.Verdict] = {}
+    for name in names:
+        v = stage_verdict(ctx, name)
+        blocked = [u for u in stages.get(name).needs(ctx.cfg) if u in out and not out[u].done]
+        if v.done and blocked:
+            v = manifest.Verdict(manifest.STALE, [f"upstream {u} is {out[u].state}" for u in blocked], v.record)
+        out[name] = v
+    return out
+
+
+def status(cfg: Config, names: list[str] | None = None) -> dict[str, manifest.Verdict]:
+    """Each pipeline stage's verdict (reads and hashes files; writes nothing but the data digest cache)."""
+    return chain(Context(cfg), list(names or stages.PIPELINE))
+
+
+def require_upstream(ctx: Context, name: str) -> None:
+    for u, v in chain(ctx, upstream(ctx.cfg, name)).items():
+        if not v.done:
+            raise ArtifactError(f"{name} needs {u}, which is {v.state} ({v.why()}): run `pawpular {u}` "
+                                f"(or `pawpular all`, which recomputes exactly what is stale)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-probe.{os.getpid()}.tmp"
+    try:
+        probe.write_bytes(b"0" * 4096)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Result:
+    """Run one stage with everything around it; returns what it wrote (or, when cached, what it had written)."""
+    from .backend import resolve_device
+    from .lock import experiment_lock
+
+    stage = stages.get(name)
+    device = resolve_device(cfg.device)
+    t0 = time.time()
+    with process_group(device) as dist:
+        ctx = Context(cfg, device, dist, hooks or {})
+        with experiment_lock(cfg.out, name) if dist.main else contextlib.nullcontext():
+            if dist.main:
+                check_writable(cfg.out)
+                log.info("== %s ==", name)
+            if stage.IMAGES and dist.main:
+                from .data import ensure_valid
+
+                ctx._comp = ensure_valid(cfg.data, artifacts.data_check_record(cfg.out))
+            require_upstream(ctx, name)
+            result = run_planned(ctx, name)
+    if dist.main:
+        seconds = time.time() - t0
+        if not result.cached:
+            record_time(cfg.out, name, seconds)
+        write_config(cfg)
+        log.info("== %s %s in %.1fs", name, "cached" if result.cached else "done", seconds)
+    return result
+
+
+def run_planned(ctx: Context, name: str) -> stages.Result:
+    """The stage's own part of the protocol: plan -> verdict (skip when done) -> clear -> run -> commit."""
+    stage = stages.get(name)
+    plan = stage.plan(ctx)
+    path = artifacts.manifest(ctx.out, name)
+    v = stage_verdict(ctx, name, plan)
+    ctx.dist.barrier()  # every rank decided before rank 0 touches the manifest
+    if v.done and not ctx.cfg.overwrite:
+        log.info("%s: cached: settings and inputs unchanged since it ran, outputs intact (--overwrite redoes it)", name)
+        return stages.Result([ctx.out / p for p in v.record.outputs], v.record.info, cached=True)
+    if v.state in (manifest.STALE, manifest.DAMAGED):
+        log.info("%s: %s: %s", name, v.state, v.why(6))
+    if ctx.dist.main:
+        manifest.clear(path)
+    result = stage.run(ctx)
+    if ctx.dist.main and result.complete:
+        record = manifest.Record(plan.config, plan.inputs, info=result.info)
+        manifest.commit(path, ctx.out, record, result.outputs)
+    return result
+
+
+def record_time(out: Path, stage: str, seconds: float) -> None:
+    """timings.json: the seconds of the last run that did the stage's work (a cache hit leaves it alone)."""
+    path = artifacts.timings_json(out)
+    try:
+        timings = read_json(path)
+    except (OSError, ValueError):
+        timings = {}
+    timings[stage] = round(seconds, 2)
+    write_json(path, timings)
+
+
+def _overlay(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def assembled_config(cfg: Config) -> dict:
+    """The config as the artifacts were made: every finished stage's recorded settings over ``cfg``."""
+    data = cfg.to_dict()
+    for name in (*stages.PIPELINE, *stages.ON_DEMAND):
+        record = manifest.read(artifacts.manifest(cfg.out, name))
+        if record is not None:
+            data = _overlay(data, {k: v for k, v in record.config.items() if k != DERIVED})
+    return data
+
+
+def write_config(cfg: Config) -> None:
+    save_config(assembled_config(cfg), artifacts.config_yaml(cfg.out))

@@ -1,0 +1,94 @@
+"""The k-fold split (and the optional holdout) and ``folds.csv``, the file every later stage takes folds from.
+
+``folds.csv`` has ``Id,fold``: fold k in 0..n_folds-1 marks validation rows of fold k; fold -1 marks the holdout
+(``folds.holdout > 0``): rows no stage ever fits on, scored once by the ensemble. ``read_folds`` checks the file
+against train.csv and the config (every train Id once, integer folds in range, no empty fold) before any stage
+uses it, so a hand-edited file with fold 7, NaN or 1.5 is an error naming the row, not a 1-row fold.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from . import artifacts
+from .config import FoldsConfig
+from .data import ID, TARGET, DataError, Problem
+
+HOLDOUT = -1
+
+
+def sturges_bins(y: np.ndarray) -> np.ndarray:
+    """Equal-width bins of the target, their number by Sturges' rule (one bin when every target is equal)."""
+    n_bins = int(np.ceil(np.log2(max(len(y), 1)) + 1))
+    if np.ptp(y) == 0:
+        return np.zeros(len(y), dtype=int)
+    return pd.cut(y, bins=n_bins, labels=False).astype(int)
+
+
+def _splitter(n_splits: int, seed: int, grouped: bool):
+    cls = StratifiedGroupKFold if grouped else StratifiedKFold
+    return cls(n_splits, shuffle=True, random_state=seed)
+
+
+def make_folds(train: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray | None = None,
+               holdout: float = 0.0) -> np.ndarray:
+    """Fold index per row of ``train`` (-1: holdout), stratified on binned targets; deterministic in ``seed``.
+
+    The holdout is one part of a stratified (group) k-fold with k = round(1 / holdout), taken before the folds,
+    so its share is 1/k (0.1 -> 10%, 0.2 -> 20%); duplicate groups stay on one side.
+    """
+    y = train[TARGET].to_numpy(float)
+    fold = np.full(len(train), -1, dtype=int)
+    rows = np.arange(len(train))
+    if holdout > 0:
+        k = max(2, int(round(1 / holdout)))
+        _, held = next(_splitter(k, seed + 1, groups is not None).split(rows, sturges_bins(y), groups))
+        rows = np.setdiff1d(rows, held)
+    sub_groups = None if groups is None else groups[rows]
+    for k, (_, val) in enumerate(_splitter(n_folds, seed, groups is not None).split(rows, sturges_bins(y[rows]), sub_groups)):
+        fold[rows[val]] = k
+    return fold
+
+
+def read_folds(out, train: pd.DataFrame, folds_cfg: FoldsConfig) -> pd.DataFrame:
+    """folds.csv (Id, fold) in train.csv's row order, checked; raises DataError listing every problem."""
+    path = artifacts.folds_csv(out)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `pawpular folds` first")
+    folds = pd.read_csv(path, dtype={ID: str})
+    problems = [Problem("folds.csv", "columns", f"missing column '{c}'") for c in (ID, "fold") if c not in folds]
+    if not problems:
+        problems = _id_problems(folds, train) + _fold_problems(folds, folds_cfg)
+    if problems:
+        raise DataError(problems)
+    out_df = train[[ID]].merge(folds[[ID, "fold"]], on=ID, how="left")
+    out_df["fold"] = out_df["fold"].astype(int)
+    return out_df
+
+
+def _id_problems(folds: pd.DataFrame, train: pd.DataFrame) -> list[Problem]:
+    ids, known = set(folds[ID]), set(train[ID])
+    return ([Problem("folds.csv", f"Id {i}", "train Id without a fold") for i in sorted(known - ids)[:20]]
+            + [Problem("folds.csv", f"Id {i}", "not in train.csv") for i in sorted(ids - known)[:20]]
+            + [Problem("folds.csv", f"Id {i}", "listed more than once") for i in sorted(folds[ID][folds[ID].duplicated()])[:20]])
+
+
+def _fold_problems(folds: pd.DataFrame, fc: FoldsConfig) -> list[Problem]:
+    values = pd.to_numeric(folds["fold"], errors="coerce")
+    allowed = set(range(fc.n_folds)) | ({HOLDOUT} if fc.holdout > 0 else set())
+    problems = []
+    for i in np.flatnonzero(~(values.isin(list(allowed))).to_numpy())[:20]:
+        raw, id_ = folds["fold"].iloc[i], folds[ID].iloc[i]
+        why = ("fold -1 marks the holdout, but folds.holdout is 0" if values.iloc[i] == HOLDOUT
+               else f"fold must be an integer in 0..{fc.n_folds - 1} (folds.n_folds={fc.n_folds}), got {raw!r}")
+        problems.append(Problem("folds.csv", f"line {i + 2} (Id {id_})", why))
+    if not problems:
+        empty = sorted(set(range(fc.n_folds)) - set(values.astype(int)))
+        problems += [Problem("folds.csv", f"fold {k}", f"has no rows (folds.n_folds={fc.n_folds})") for k in empty]
+    return problems
+
+
+def fold_ids(folds: pd.DataFrame) -> list[int]:
+    """The validation folds (the holdout is not one)."""
+    return sorted(k for k in folds["fold"].unique().tolist() if k != HOLDOUT)

@@ -1,0 +1,55 @@
+"""The pipeline's stages, in order: folds -> train -> embed -> svr -> ensemble (and select, on demand).
+
+Each stage is a module here with the same small interface; the runner (``runner.py``) does what every stage
+needs before and after (lock, device, data check, upstream checks, manifest verdict / skip, timing), so a stage's
+``run`` reads as inputs -> compute -> outputs:
+
+    NAME, SUMMARY                    the command's name and one line for `pawpular --help`
+    HELP                             what it reads, writes, needs first, and its main config keys
+    IMAGES                           True when it decodes photos (the data contract is checked first)
+    needs(cfg) -> [stage, ...]       upstream stages whose outputs it reads (each must be done first)
+    plan(ctx) -> Plan                the config and input digests that decide its outputs (the cache key)
+    run(ctx) -> Result               the work; returns the files it wrote
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..artifacts import PIPELINE
+
+if TYPE_CHECKING:
+    from ..runner import Context
+
+ON_DEMAND = ("select",)
+__all__ = ["PIPELINE", "ON_DEMAND", "Plan", "Result", "get"]
+
+
+@dataclass
+class Plan:
+    """What decides a stage's outputs: config sections and input digests (None: an input is missing)."""
+
+    config: dict
+    inputs: dict[str, str | None]
+    # Extra reasons the recorded work no longer serves (e.g. svr.n_trials raised): record -> reasons.
+    extra: Callable[[Any], list[str]] | None = None
+
+
+@dataclass
+class Result:
+    """What a stage's run wrote. ``complete=False``: only part of the work (e.g. train.folds) - no manifest."""
+
+    outputs: list[Path]
+    info: dict = field(default_factory=dict)
+    complete: bool = True
+    cached: bool = False  # nothing needed doing: every unit was already done
+
+
+def get(name: str) -> ModuleType:
+    """The stage module called ``name``."""
+    if name not in (*PIPELINE, *ON_DEMAND):
+        raise KeyError(f"no stage {name!r}: stages are {', '.join((*PIPELINE, *ON_DEMAND))}")
+    return importlib.import_module(f"pawpular.stages.{name}")

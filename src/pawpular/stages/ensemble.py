@@ -1,0 +1,202 @@
+"""Stage 5, ensemble: blend the heads with weights fit on out-of-fold predictions -> submission.csv.
+
+Reads   train/{oof,test,holdout}.parquet (NN head) and svr/{oof,test,holdout}.parquet (SVR head) of this
+        experiment and of every folder in ensemble.experiments; folds/folds.csv; train.csv; sample_submission.csv
+Writes  ensemble/weights.json (weights, every model's OOF RMSE, the cross-validated and holdout RMSE),
+        ensemble/{oof,test,holdout}.parquet, submission.csv (Id,Pawpularity in sample order, checked as the
+        grader checks it)
+Needs   pawpular train and/or pawpular svr (a head that has not run is left out, with a warning)
+Keys    ensemble.method (nnls | hill), ensemble.min_improvement, ensemble.experiments
+Run     pawpular ensemble --config configs/default.yaml
+
+Three scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
+cross-validated one (weights refit without each fold, scored on it), and with folds.holdout > 0 the holdout RMSE
+of the submission's own recipe on rows no stage ever fit on: the honest test number. A head or blend no better
+than predicting the mean is a loud warning here and in the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import artifacts, manifest
+from ..blend import cross_validated, fit_weights
+from ..data import ID, TARGET
+from ..files import ArtifactError, write_json, write_parquet
+from ..metrics import rmse
+from ..splits import HOLDOUT, read_folds
+from ..submission import build_submission
+from ..files import write_csv
+from . import Plan, Result
+
+log = logging.getLogger("pawpular")
+NAME = "ensemble"
+SUMMARY = "blend the NN and SVR heads with weights fit on out-of-fold predictions -> submission.csv"
+HELP = __doc__
+IMAGES = False
+
+
+def experiments(cfg) -> list[tuple[str, Path]]:
+    """(model-name prefix, experiment folder): this one, then ensemble.experiments."""
+    return [("", cfg.out)] + [(Path(e).name + "/", Path(e)) for e in cfg.ensemble.experiments]
+
+
+def _heads(out: Path) -> list[str]:
+    """Heads of an experiment whose predictions exist."""
+    return [h for h in artifacts.HEADS if artifacts.preds(out, h, "oof").is_file()]
+
+
+def needs(cfg) -> list[str]:
+    own = [artifacts.HEADS[h] for h in artifacts.HEADS if artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file()
+           or artifacts.preds(cfg.out, h, "oof").is_file()]
+    return ["folds", *own]
+
+
+def _pred_files(cfg) -> list[Path]:
+    return [artifacts.preds(folder, h, s) for _, folder in experiments(cfg) for h in _heads(folder)
+            for s in artifacts.PRED_SPLITS if s != "holdout" or artifacts.preds(folder, h, s).is_file()]
+
+
+def plan(ctx) -> Plan:
+    cfg = ctx.cfg
+    inputs = {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *_pred_files(cfg)]),
+              **ctx.data_inputs("train.csv", "sample_submission.csv")}
+    return Plan({"ensemble": dataclasses.asdict(cfg.ensemble)}, inputs)
+
+
+def _check_foreign(prefix: str, folder: Path) -> None:
+    """Another experiment's heads must be whole: their manifests' output digests must hold."""
+    for h in _heads(folder):
+        record = manifest.read(artifacts.manifest(folder, artifacts.HEADS[h]))
+        problems = ["no manifest (not finished)"] if record is None else manifest.damaged_outputs(record, folder)
+        if problems:
+            raise ArtifactError(f"{folder} (in ensemble.experiments): its {artifacts.HEADS[h]} stage is not whole: "
+                                f"{'; '.join(problems[:3])}; rerun it there")
+
+
+def gather(cfg) -> tuple[list[str], dict[str, pd.DataFrame]]:
+    """Names, and per split (oof, test, holdout) a table of Id (+ fold for oof) and one column per model."""
+    names, parts = [], {s: [] for s in artifacts.PRED_SPLITS}
+    for prefix, folder in experiments(cfg):
+        found = _heads(folder)
+        missing = [h for h in artifacts.HEADS if h not in found]
+        if prefix:
+            if not found:
+                raise FileNotFoundError(f"{folder} (in ensemble.experiments) has no train/ or svr/ predictions")
+            _check_foreign(prefix, folder)
+        for h in missing:
+            log.warning("no %s predictions in %s: blending without that head", h, folder)
+        for h in found:
+            name = f"{prefix}{h}"
+            names.append(name)
+            for split in artifacts.PRED_SPLITS:
+                path = artifacts.preds(folder, h, split)
+                if path.is_file():
+                    cols = [ID, "pred"] + (["fold"] if split == "oof" else [])
+                    parts[split].append(pd.read_parquet(path)[cols].rename(columns={"pred": name, "fold": f"fold:{name}"}))
+    if not names:
+        raise FileNotFoundError(f"no predictions to blend in {cfg.out}: run `pawpular train` and/or `pawpular svr` first")
+    return names, {s: _join(tables, names, s) for s, tables in parts.items() if tables}
+
+
+def _join(tables: list[pd.DataFrame], names: list[str], split: str) -> pd.DataFrame:
+    table = tables[0]
+    for t in tables[1:]:
+        table = table.merge(t, on=ID, how="outer")
+    if len(tables) != len(names) or table[names].isna().any().any():
+        bad = [n for n in names if n not in table or table[n].isna().any()]
+        raise ValueError(f"{split} predictions do not cover the same Ids: {', '.join(bad)} miss some "
+                         "(rerun them on the same data and folds)")
+    if split == "oof":
+        fold_cols = [f"fold:{n}" for n in names]
+        if (table[fold_cols].nunique(axis=1) > 1).any():
+            raise ValueError("the blended models used different folds: OOF weights would leak; use one folds.csv for all")
+        table = table.rename(columns={fold_cols[0]: "fold"}).drop(columns=fold_cols[1:])
+    return table
+
+
+def run(ctx) -> Result:
+    cfg, comp = ctx.cfg, ctx.comp
+    folds = read_folds(cfg.out, comp.train, cfg.folds)
+    names, tables = gather(cfg)
+    target = comp.train.set_index(ID)[TARGET].astype(float)
+    oof = tables["oof"]
+    expected = int((folds["fold"] != HOLDOUT).sum())
+    if len(oof) != expected or not oof[ID].isin(target.index).all():
+        raise ValueError(f"OOF predictions cover {len(oof)} train Ids; folds.csv assigns {expected} to folds")
+    y, P = target.loc[oof[ID]].to_numpy(), oof[names].to_numpy(float)
+    method, min_imp = cfg.ensemble.method, cfg.ensemble.min_improvement
+    blend = fit_weights(P, y, names, method, min_imp)
+    scores = {n: rmse(P[:, j], y) for j, n in enumerate(names)}
+    cv, _ = cross_validated(P, y, oof["fold"].to_numpy(), names, method, min_imp)
+    summary = {**scores, "ensemble": rmse(np.clip(P @ blend.weights, 1, 100), y),
+               "ensemble_cv": cv, "equal_weights": rmse(np.clip(P.mean(1), 1, 100), y),
+               "predict_mean": rmse(np.full_like(y, y.mean()), y)}
+    holdout = _holdout_scores(tables, names, blend.weights, target, y.mean())
+    outputs = _write(ctx, tables, names, blend, summary, holdout)
+    _log(cfg, names, blend, summary, holdout)
+    return Result(outputs, {"oof_rmse": summary, "holdout_rmse": holdout})
+
+
+def _holdout_scores(tables: dict, names: list[str], w: np.ndarray, target: pd.Series, train_mean: float) -> dict:
+    if "holdout" not in tables:
+        return {}
+    h = tables["holdout"]
+    y = target.loc[h[ID]].to_numpy()
+    H = h[names].to_numpy(float)
+    return {**{n: rmse(H[:, j], y) for j, n in enumerate(names)}, "ensemble": rmse(np.clip(H @ w, 1, 100), y),
+            "predict_mean": rmse(np.full_like(y, train_mean), y), "rows": int(len(y))}
+
+
+def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: dict) -> list[Path]:
+    out, w = ctx.out / "ensemble", blend.weights
+    oof = tables["oof"]
+    paths = [out / "oof.parquet", out / "test.parquet"]
+    write_parquet(pd.DataFrame({ID: oof[ID], "fold": oof["fold"], "pred": np.clip(oof[names].to_numpy(float) @ w, 1, 100)}),
+                  paths[0])
+    test = pd.DataFrame({ID: tables["test"][ID], "pred": np.clip(tables["test"][names].to_numpy(float) @ w, 1, 100)})
+    write_parquet(test, paths[1])
+    if "holdout" in tables:
+        h = tables["holdout"]
+        paths.append(out / "holdout.parquet")
+        write_parquet(pd.DataFrame({ID: h[ID], "pred": np.clip(h[names].to_numpy(float) @ w, 1, 100)}), paths[-1])
+    sub = build_submission(test, ctx.comp.sample)  # validated before anything is written for it
+    write_json(artifacts.weights_json(ctx.out), {
+        "weights": dict(zip(names, map(float, w))), "method": ctx.cfg.ensemble.method, "oof_rmse": summary,
+        "holdout_rmse": holdout, "worse_than_mean": worse_than_mean(summary, holdout),
+        "steps": [{"added": a, "oof_rmse": r} for a, r in blend.steps]})
+    write_csv(sub, artifacts.submission(ctx.out), float_format="%.5f")
+    return paths + [artifacts.weights_json(ctx.out), artifacts.submission(ctx.out)]
+
+
+def worse_than_mean(summary: dict, holdout: dict) -> list[str]:
+    """Models (and the blend) whose OOF (or holdout) RMSE is no better than predicting the mean."""
+    bad = []
+    for scores, where in ((summary, "OOF"), (holdout, "holdout")):
+        mean = scores.get("predict_mean")
+        for name, value in scores.items():
+            if name not in ("predict_mean", "equal_weights", "rows") and mean is not None and value >= mean:
+                bad.append(f"{name} {where} RMSE {value:.3f} >= predicting the mean {mean:.3f}")
+    return bad
+
+
+def _log(cfg, names: list[str], blend, summary: dict, holdout: dict) -> None:
+    mean = summary["predict_mean"]
+    ratio = summary["ensemble_cv"] / mean if mean > 0 else float("nan")
+    rows = [f"  {n:<24} {summary[n]:>8.3f} {w:>8.3f}" for n, w in zip(names, blend.weights)]
+    rows += [f"  {'predict the mean':<24} {mean:>8.3f}", f"  {'equal-weight blend':<24} {summary['equal_weights']:>8.3f}",
+             f"  {'ensemble (in-sample)':<24} {summary['ensemble']:>8.3f}",
+             f"  {'ensemble (cross-val.)':<24} {summary['ensemble_cv']:>8.3f}  ({ratio:.3f}x the mean's)"]
+    if holdout:
+        rows.append(f"  {'holdout RMSE':<24} {holdout['ensemble']:>8.3f}  ({holdout['rows']} rows no stage fit on; "
+                    f"the mean: {holdout['predict_mean']:.3f})")
+    log.info("ensemble (%s):\n  %-24s %8s %8s\n%s\nsubmission: %s", cfg.ensemble.method, "model", "OOF RMSE",
+             "weight", "\n".join(rows), artifacts.submission(cfg.out))
+    if cfg.ensemble.method == "hill":
+        log.info("hill climbing: %s", " -> ".join(f"{a} {r:.3f}" for a, r in blend.steps))
+    for line in worse_than_mean(summary, holdout):
+        log.warning("WARNING: %s: this model adds nothing; check the data, the folds and the training", line)

@@ -1,0 +1,71 @@
+"""Stage 1, folds: k-fold split stratified on the binned target, duplicates kept together, optional holdout.
+
+Reads   train.csv (and the train photos with folds.group_duplicates)
+Writes  folds/folds.csv       Id, fold (-1: holdout)
+        folds/duplicates.csv  Id, group, hash of every photo with an exact or near duplicate
+Run     pawpular folds --config configs/default.yaml [--set folds.n_folds=10] [--set folds.holdout=0.1]
+
+The target is cut into Sturges' rule bins and StratifiedKFold keeps each bin's share in every fold. With
+group_duplicates, photos whose 64-bit DCT pHashes differ in at most hash_threshold bits form one group and
+StratifiedGroupKFold keeps it in one fold, so a duplicate never flatters the validation score. When the folds
+change, fold folders of a larger earlier n_folds are removed so nothing downstream can pick them up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import pandas as pd
+
+from .. import artifacts
+from ..data import ID, TARGET
+from ..duplicates import duplicate_groups, group_table, image_hashes
+from ..files import remove, remove_tree, write_csv
+from ..splits import make_folds
+from . import Plan, Result
+
+log = logging.getLogger("pawpular")
+NAME = "folds"
+SUMMARY = "split train.csv into stratified folds (duplicates kept together; optional holdout)"
+HELP = __doc__
+IMAGES = True
+
+
+def needs(cfg) -> list[str]:
+    return []
+
+
+def plan(ctx) -> Plan:
+    fc = ctx.cfg.folds
+    return Plan({"folds": dataclasses.asdict(fc)}, ctx.data_inputs("train.csv", images=("train",) if fc.group_duplicates else ()))
+
+
+def run(ctx) -> Result:
+    cfg, train = ctx.cfg, ctx.comp.train
+    outputs, groups = [artifacts.folds_csv(cfg.out)], None
+    if cfg.folds.group_duplicates:
+        hashes = image_hashes(ctx.comp.root, train[ID].tolist())
+        groups = duplicate_groups(hashes, cfg.folds.hash_threshold)
+        dups = group_table(train[ID].tolist(), hashes, groups)
+        log.info("duplicates: %d groups holding %d photos (pHash distance <= %d)", dups["group"].nunique(),
+                 len(dups), cfg.folds.hash_threshold)
+        write_csv(dups, artifacts.duplicates_csv(cfg.out))
+        outputs.append(artifacts.duplicates_csv(cfg.out))
+    else:
+        remove(artifacts.duplicates_csv(cfg.out))  # an earlier run's groups do not describe these folds
+    fold = make_folds(train, cfg.folds.n_folds, cfg.folds.seed, groups, cfg.folds.holdout)
+    write_csv(pd.DataFrame({ID: train[ID], "fold": fold}), artifacts.folds_csv(cfg.out))
+    _remove_extra_fold_dirs(cfg.out, cfg.folds.n_folds)
+    summary = train.assign(fold=fold).groupby("fold")[TARGET].agg(["size", "mean", "std"]).round(2)
+    held = int((fold < 0).sum())
+    log.info("folds (%d, seed %d%s):\n%s", cfg.folds.n_folds, cfg.folds.seed,
+             f"; holdout: {held} rows, fold -1" if held else "", summary.to_string())
+    return Result(outputs, {"n_folds": cfg.folds.n_folds, "holdout_rows": held})
+
+
+def _remove_extra_fold_dirs(out, n_folds: int) -> None:
+    for parent in (out / "train", out / "emb", artifacts.svr_dir(out)):
+        for k, folder in artifacts.fold_dirs(parent).items():
+            if k >= n_folds:
+                log.info("folds: removing %s (n_folds is now %d)", folder, n_folds)
+                remove_tree(folder)

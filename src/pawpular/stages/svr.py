@@ -1,0 +1,270 @@
+"""Stage 4, svr: an RBF support-vector regressor on the cached embeddings, its C tuned by Optuna on OOF RMSE.
+
+Reads   folds/folds.csv, train.csv / test.csv (targets, flags), and for every name in svr.features the
+        embeddings emb/fold{k}/{train,test}.parquet ("model": fold k's backbone) or emb/<name>/ (a frozen one)
+Writes  svr/study.db (the Optuna study, unless svr.storage names a database), svr/best_params.json,
+        svr/fold{k}/model.pkl (an SvrHead: columns + scaler + fitted SVR, for predict),
+        svr/{oof,test,holdout}.parquet
+Needs   pawpular embed
+Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma, svr.use_meta, svr.features,
+        svr.kernel_cache, svr.storage
+Run     pawpular svr --config configs/default.yaml [--set svr.n_trials=60] [--workers 3]
+        pawpular delete-study --config ...   (the only way a shared svr.storage study is deleted)
+
+Per fold k the listed sets are joined on Id and concatenated (plus the 12 flags with svr.use_meta), standardized
+on the rows of the other folds (never the holdout), and an SVR fit on those rows predicts fold k (OOF), the test
+set and the holdout. ``svr.n_trials`` is the total of one study: a rerun with more trials continues it. The
+study's name is a hash of the values it is tuned on (the feature matrices, folds, targets and svr settings), so
+the same embeddings written by cuDF on one machine and pandas on another share a study, and new inputs never mix
+with old ones. The SVR is scikit-learn on a CPU and cuML on a RAPIDS GPU (``backend.build_svr``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import pickle
+import time
+
+import numpy as np
+import pandas as pd
+
+from .. import artifacts, backend, study as studies, svm
+from ..data import ID, META_COLS, TARGET
+from ..features import assemble_matrix
+from ..files import write_bytes, write_json
+from ..metrics import rmse
+from ..splits import HOLDOUT, read_folds
+from . import Plan, Result
+
+log = logging.getLogger("pawpular")
+NAME = "svr"
+SUMMARY = "fit the SVR head per fold on the embeddings, Optuna tuning C on out-of-fold RMSE"
+HELP = __doc__
+IMAGES = False
+# Settings that do not change the results (n_trials is checked on its own: raising it continues the study).
+NOT_RESULTS = ("n_trials", "storage", "kernel_cache", "max_kernel_gb", "workers")
+
+
+def needs(cfg) -> list[str]:
+    return ["folds", "embed"]
+
+
+def input_files(ctx) -> list:
+    out, names = ctx.out, dict.fromkeys(ctx.cfg.svr.features)
+    folds = range(ctx.cfg.folds.n_folds)
+    return [artifacts.folds_csv(out)] + [artifacts.set_file(out, name, split, k) for name in names
+                                         for k in (folds if name == artifacts.MODEL_SET else [0])
+                                         for split in artifacts.SPLITS]
+
+
+def plan(ctx) -> Plan:
+    svr = {k: v for k, v in dataclasses.asdict(ctx.cfg.svr).items() if k not in NOT_RESULTS}
+    n_trials = ctx.cfg.svr.n_trials
+
+    def extra(record) -> list[str]:
+        done = record.info.get("n_trials", 0)
+        return [] if done >= n_trials else [f"svr.n_trials raised ({done} trials done, {n_trials} asked)"]
+
+    return Plan({"svr": svr}, {**ctx.file_inputs(input_files(ctx)), **ctx.data_inputs("train.csv", "test.csv")}, extra)
+
+
+def _load_sets(cfg, fold: int, split: str, frozen: dict, device: str) -> dict:
+    """The embedding tables for one fold and split; frozen backbones are read once and kept in ``frozen``."""
+    sets = {}
+    for name in cfg.svr.features:
+        path = artifacts.set_file(cfg.out, name, split, fold)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `pawpular embed` first (svr.features lists {name!r})")
+        if name != artifacts.MODEL_SET and (name, split) in frozen:
+            sets[name] = frozen[(name, split)]
+            continue
+        sets[name] = backend.read_table(path, device)
+        if name != artifacts.MODEL_SET:
+            frozen[(name, split)] = sets[name]
+    return sets
+
+
+def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svm.FoldData], list[str], str]:
+    """Every fold's standardized features and targets (train-table row order), the column names, and a digest
+    of the values the study is tuned on."""
+    xp = backend.array_module(device)
+    ids = comp.train[ID].astype(str).tolist()
+    fold_of = folds_df["fold"].to_numpy()
+    y = comp.train[TARGET].to_numpy(np.float64)
+    meta = comp.train[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
+    h = hashlib.blake2b(digest_size=8)
+    h.update(fold_of.astype(np.int64).tobytes() + y.tobytes())
+    frozen: dict = {}
+    folds, columns = [], []
+    for k in sorted(k for k in np.unique(fold_of).tolist() if k != HOLDOUT):
+        x, columns = assemble_matrix(_load_sets(cfg, k, "train", frozen, device), ids, cfg.svr.features, meta, xp)
+        h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
+        folds.append(svm.make_fold(k, x, y, fold_of, cfg.svr.gamma, device))
+        del x
+    return folds, columns, h.hexdigest()
+
+
+def run(ctx) -> Result:
+    cfg, device, comp = ctx.cfg, ctx.device, ctx.comp
+    t0 = time.time()
+    if not cfg.svr.features:
+        raise ValueError("svr.features is empty: list embedding sets, e.g. [model]")
+    storage = open_storage(cfg)  # a bad svr.storage fails here, before minutes of loading
+    folds_df = read_folds(cfg.out, comp.train, cfg.folds)
+    folds, columns, values = load_folds(cfg, comp, folds_df, device)
+    y = comp.train[TARGET].to_numpy(np.float64)
+    name = study_name(cfg, values)
+    shared = cfg.svr.storage is not None or cfg.svr.workers > 1
+    if cfg.overwrite and cfg.svr.storage is None:  # the experiment's own study; a shared one is never deleted here
+        studies.delete_study(name, storage)
+    study = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
+    mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
+    ran, t_tune = _tune(study, folds, y, cfg, mode, device)
+    params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
+    preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
+    outputs = write_predictions(ctx, folds_df, preds)
+    oof_rmse = rmse(preds["oof"][1], y[folds_df["fold"].to_numpy() != HOLDOUT])
+    best = {**params, "oof_rmse": oof_rmse, "best_trial_rmse": float(study.best_value),
+            "n_trials": studies.n_complete(study), "study_name": name, "gamma": {str(f.fold): f.gamma for f in folds},
+            "n_features": len(columns), "features": list(cfg.svr.features), "use_meta": cfg.svr.use_meta,
+            "kernel_cache": mode, "device": device, "svr_class": svr_class}
+    write_json(artifacts.best_params(cfg.out), best)  # no timings in it: the same inputs give the same bytes
+    log.info("svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
+             "features, %s kernels, %s; %.1fs in all -> %s", params["C"], params["epsilon"], oof_rmse,
+             study.best_value, best["n_trials"], ran, t_tune, len(columns), mode, device, time.time() - t0,
+             artifacts.svr_dir(cfg.out))
+    models = [artifacts.svr_model(cfg.out, f.fold) for f in folds]
+    return Result([*outputs, *models, artifacts.best_params(cfg.out)],
+                  {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse, "tune_seconds": round(t_tune, 2)})
+
+
+def study_name(cfg, values: str) -> str:
+    """The study's name: a hash of the values it is tuned on and of the settings that change results."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg.svr).items() if k not in NOT_RESULTS}
+    return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
+
+
+def open_storage(cfg):
+    """The study's storage: the experiment's own SQLite file (one writer: the experiment lock), where a killed
+    trial is stale after 2 s; or svr.storage, shared by workers on other machines (stale after a minute)."""
+    if cfg.svr.storage is None:
+        return studies.make_storage(None, artifacts.study_db(cfg.out), heartbeat_interval=1, grace_period=2)
+    return studies.make_storage(cfg.svr.storage, artifacts.study_db(cfg.out))
+
+
+def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str) -> tuple[int, float]:
+    """Run the trials the study lacks (with svr.workers local processes); the kernels live only while trials
+    run. Returns (trials this process ran, seconds)."""
+    from ..progress import Progress
+
+    s, t0 = cfg.svr, time.time()
+    missing = max(0, s.n_trials - studies.n_complete(study))
+    if not missing:
+        return 0, 0.0
+    log.info("svr: study %s: %d of %d trials done%s", study.study_name, s.n_trials - missing, s.n_trials,
+             f"; {s.workers} local workers" if s.workers > 1 else "")
+    helpers = start_workers(cfg, study.study_name, s.workers - 1, device)
+    if mode == "precomputed":
+        svm.attach_kernels(folds)
+    try:
+        with Progress(desc="svr trials", total=missing, unit="trial") as bar:
+            def progress(study, trial) -> None:
+                bar.update()
+                bar.set(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")
+
+            ran = studies.run_trials(study, svm.make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
+    finally:
+        svm.detach_kernels(folds)
+        stop_workers(helpers)
+    return ran, time.time() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local workers (svr.workers > 1): more processes on the same study; the stage's own process writes the outputs
+
+
+def start_workers(cfg, name: str, n: int, device: str) -> list:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(cfg.to_dict(), name, device), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def stop_workers(procs: list) -> None:
+    for p in procs:
+        p.join(timeout=5)  # the budget is full once our run_trials returns: they are finishing
+        if p.is_alive():
+            p.terminate()
+            p.join()
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, None, -15)]
+    if failed:
+        raise RuntimeError(f"svr: {len(failed)} local worker(s) failed (exit codes {failed}); see the log above")
+
+
+def _worker(cfg_dict: dict, name: str, device: str) -> None:
+    """A local worker: the same folds and objective, trials from the shared budget; writes nothing else."""
+    import os
+
+    from ..cli import _setup_logging
+    from ..config import load_config_dict
+    from ..runner import Context
+
+    os.environ["PAWPULAR_SVR_THREADS"] = "1"  # the stage's process and its workers share the cores
+    _setup_logging(False)
+    cfg = load_config_dict(cfg_dict)
+    ctx = Context(cfg, device)
+    folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
+    folds, _, _ = load_folds(cfg, ctx.comp, folds_df, device)
+    mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
+    if mode == "precomputed":
+        svm.attach_kernels(folds)
+    study = studies.open_study(name, open_storage(cfg), cfg.svr.seed, shared=True)
+    y = ctx.comp.train[TARGET].to_numpy(np.float64)
+    ran = studies.run_trials(study, svm.make_objective(folds, y, cfg.svr, device), cfg.svr.n_trials)
+    log.info("svr worker %d: %d trials", os.getpid(), ran)
+
+
+def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], params: dict,
+               mode: str) -> tuple[dict[str, tuple[pd.Series, np.ndarray]], str]:
+    """Each fold's SVR with the best params, saved as model.pkl; OOF, test and holdout predictions."""
+    cfg, comp, device = ctx.cfg, ctx.comp, ctx.device
+    xp = backend.array_module(device)
+    held = folds_df["fold"].to_numpy() == HOLDOUT
+    tables = {"test": comp.test, **({"holdout": comp.train[held]} if held.any() else {})}
+    n = len(comp.train)
+    oof, fold_of, other = np.full(n, np.nan), np.full(n, HOLDOUT, dtype=np.int64), {s: [] for s in tables}
+    frozen: dict = {}
+    for f in folds:
+        head, model = fit_head_and_save(cfg, f, params, columns, mode, device)
+        oof[f.val_rows] = np.clip(backend.to_numpy(model.predict(f.x_val)), 1, 100)
+        fold_of[f.val_rows] = f.fold
+        for split, table in tables.items():
+            sets = _load_sets(cfg, f.fold, "test" if split == "test" else "train", frozen, device)
+            meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
+            x, _ = assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
+            other[split].append(np.clip(backend.to_numpy(model.predict(f.scaler.transform(x))), 1, 100))
+    keep = ~held
+    preds = {"oof": (comp.train[ID][keep].astype(str), oof[keep], fold_of[keep])}
+    for split, table in tables.items():
+        preds[split] = (table[ID].astype(str), np.mean(other[split], axis=0), None)
+    return preds, f"{type(model).__module__}.{type(model).__name__}"
+
+
+def fit_head_and_save(cfg, f: svm.FoldData, params: dict, columns: list[str], mode: str, device: str):
+    head, model = svm.fit_head(f, params, columns, mode, device)
+    write_bytes(artifacts.svr_model(cfg.out, f.fold), pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
+    return head, model
+
+
+def write_predictions(ctx, folds_df: pd.DataFrame, preds: dict) -> list:
+    paths = []
+    for split, (ids, values, fold) in preds.items():
+        table = pd.DataFrame({ID: ids.to_numpy(), **({"fold": fold} if fold is not None else {}), "pred": values})
+        path = artifacts.preds(ctx.out, "svr", split)
+        backend.write_table(table, path, ctx.device)
+        paths.append(path)
+    return paths
