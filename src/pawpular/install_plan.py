@@ -255,9 +255,10 @@ def torch_verdict(torch: TorchInfo | None, driver: Driver | None, env: Mapping[s
         return TorchVerdict(True)
     if driver is None or not driver.gpus or gpus_hidden(env):
         return TorchVerdict(False)
-    where = f"the NVIDIA driver {driver.version or '?'} runs CUDA {driver.cuda_text} at most"
+    where = f"the driver {driver.version or '?'} runs CUDA {driver.cuda_text} at most"
     if driver.cuda and driver.cuda[0] < min(SUPPORTED_CUDA):
-        return TorchVerdict(False, f"{where}, older than any torch or RAPIDS build pawpular installs (CUDA 12 or 13)")
+        return TorchVerdict(False, f"torch {torch.label if torch else '(not installed)'} cannot use it: {where}, older "
+                                   "than any torch or RAPIDS build pawpular installs (CUDA 12 or 13)")
     if torch is None:
         return TorchVerdict(False, "torch is not installed", True)
     if torch.error:
@@ -265,7 +266,7 @@ def torch_verdict(torch: TorchInfo | None, driver: Driver | None, env: Mapping[s
     if torch.cuda is None:
         return TorchVerdict(False, f"torch {torch.label} is a CPU-only build", True)
     if driver.cuda and (torch.cuda_major or 0) > driver.cuda[0]:
-        return TorchVerdict(False, f"torch {torch.label} is built for CUDA {torch.cuda}, but {where}", True)
+        return TorchVerdict(False, f"torch {torch.label} is built for CUDA {torch.cuda} while {where}", True)
     return TorchVerdict(False, f"torch {torch.label} (built for CUDA {torch.cuda}) sees no GPU although {where} and "
                                f"lists {gpu_names(driver)}")
 
