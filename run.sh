@@ -1,47 +1,93 @@
 #!/usr/bin/env bash
 # pawpular: set up, then run the pipeline or the tests.
 #
-#   ./run.sh                 set up (.venv + requirements), build the embedded competition if absent,
-#                            run every stage on configs/default.yaml -> output/default/submission.csv
-#   ./run.sh test [ARGS]     set up, then the test suite (ARGS go to pytest, e.g. -k svr)
-#   ./run.sh STAGE [ARGS]    set up, then one command: ./run.sh train --config configs/my.yaml
+#   ./run.sh [--config FILE] [--data DIR] [--output DIR] [--set KEY=VALUE ...] [--overwrite]
+#                            set up (.venv + requirements), build the embedded competition if absent, print where
+#                            each stage will run (pawpular doctor --short), run every stage (configs/default.yaml
+#                            unless --config), write the report -> output/<experiment>/submission.csv
+#   ./run.sh test [ARGS]     set up (with the PostgreSQL driver the tests use), then the test suite (ARGS go to
+#                            pytest, e.g. -k svr, -m "not slow")
+#   ./run.sh COMMAND [ARGS]  set up, then one pawpular command: ./run.sh train --config configs/my.yaml,
+#                            ./run.sh status, ./run.sh doctor, ./run.sh all --help (every command has --help)
+#   ./run.sh help            this text
+#
+# What gets installed is decided by src/pawpular/install_plan.py (run with the system python; it prints its plan):
+#   - no NVIDIA GPU: requirements.txt at the tested versions in constraints.txt (what CI runs);
+#   - an NVIDIA GPU (nvidia-smi lists one): a torch in .venv that already uses it is kept; otherwise torch comes
+#     from PyTorch's index for the driver's CUDA major (cu126 for CUDA 12, cu130 for CUDA 13), and
+#     requirements-gpu.txt adds cuml-cuXX / cudf-cuXX for the same major;
+#   - requirements-distributed.txt (the PostgreSQL driver) for `./run.sh test` and for a config whose
+#     svr.storage is a postgresql:// URL.
+# The install reruns only when the requirement files, pyproject.toml, the installer or that choice change.
 #
 # Environment: CONFIG (default configs/default.yaml), PYTHON (interpreter for the venv, default python3),
-# PAWPULAR_GPU=1 installs requirements-gpu.txt (cuML/cuDF) as well; it is also chosen when nvidia-smi sees a GPU.
+# PAWPULAR_GPU=0|1 (force the CPU or the GPU install), PAWPULAR_CUDA=12|13 (force the CUDA major of the GPU builds),
+# PAWPULAR_TORCH_INDEX (a torch wheel index instead of download.pytorch.org/whl/cuXXX).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 CONFIG=${CONFIG:-configs/default.yaml}
 VENV=.venv
 
+usage() {
+  sed -n '2,/^$/p' "$0" | sed -e 's/^# \{0,1\}//'
+}
+
+case "${1:-}" in
+  help|-h|--help) usage; exit 0 ;;
+esac
+
+# The PostgreSQL driver: for the tests (a throwaway server) and for a config that names a postgresql:// study.
+wants_distributed() {
+  [ "${1:-}" = test ] && return 0
+  grep -Eqs 'storage:[[:space:]]*["'"'"']?postgres' "$CONFIG" && return 0
+  case " $* " in *svr.storage=postgres*) return 0 ;; esac
+  return 1
+}
+
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
-  local reqs=requirements.txt
-  if [ "${PAWPULAR_GPU:-}" = 1 ] || { [ -z "${PAWPULAR_GPU:-}" ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
-    [ -f requirements-gpu.txt ] && reqs=requirements-gpu.txt
-  fi
-  # Reinstall only when the requirements or the package metadata changed: a no-op takes well under a second.
-  local want stamp="$VENV/.pawpular-installed"
-  want=$(cat requirements.txt "$reqs" pyproject.toml | sha256sum | cut -d' ' -f1)
+  # -I: standard library only, whatever the environment; the installer imports nothing else.
+  local plan=("$PYTHON" -I src/pawpular/install_plan.py --python "$VENV/bin/python")
+  local key want stamp="$VENV/.pawpular-installed"
+  key=$("${plan[@]}" --key)  # cpu | gpu cu12 | gpu cu13: nvidia-smi and the overrides, no torch import (fast)
+  # Reinstall only when the requirements, the package metadata, the installer or its choice changed: a no-op
+  # takes well under a second.
+  local extra=""
+  if wants_distributed "$@"; then extra=distributed; fi
+  want=$({ cat requirements.txt requirements-gpu.txt requirements-distributed.txt constraints.txt pyproject.toml \
+               src/pawpular/install_plan.py; echo "$key $extra"; } | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import pawpular" 2>/dev/null; then
-    echo "[setup] installing $reqs (first run downloads torch: a few minutes)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$reqs"
+    echo "[setup] installing for: $key${extra:+ + $extra} (a first run downloads torch: a few minutes)"
+    "${plan[@]}" --run --quiet
+    if [ -n "$extra" ]; then
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-distributed.txt -c constraints.txt
+    fi
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
     echo "$want" > "$stamp"
   fi
 }
 
-data_dir() {
-  "$VENV/bin/python" -c "from pawpular.config import load_config; print(load_config('$CONFIG').data_dir)"
+# The resolved setting KEY of the pipeline's config, --set / --data / --output included.
+setting() {
+  "$VENV/bin/pawpular" config show --key "$1" --config "$CONFIG" "${ARGS[@]}"
 }
 
-setup
-case "${1:-pipeline}" in
-  pipeline)
-    DATA=$(data_dir)
+setup "$@"
+case "${1:---}" in
+  --*)  # the pipeline, with any --config / --data / --output / --set / --overwrite given
+    ARGS=()
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --config) CONFIG=$2; shift 2 ;;
+        --config=*) CONFIG=${1#--config=}; shift ;;
+        *) ARGS+=("$1"); shift ;;
+      esac
+    done
+    DATA=$(setting data_dir)
     if [ ! -f "$DATA/train.csv" ]; then
       if [ "$DATA" = input/synthetic ]; then
         "$VENV/bin/pawpular" make-synthetic --out "$DATA"
@@ -49,9 +95,15 @@ case "${1:-pipeline}" in
         echo "error: $DATA/train.csv not found: put the competition there (see README)" >&2; exit 2
       fi
     fi
-    "$VENV/bin/pawpular" all --config "$CONFIG"
-    OUT=$("$VENV/bin/python" -c "from pawpular.config import load_config; print(load_config('$CONFIG').out)")
-    "$VENV/bin/pawpular" report --config "$CONFIG" >/dev/null
+    # Where each stage runs. A GPU that torch cannot use is printed loudly but does not stop the run (it goes on
+    # on the CPU, as a machine without a GPU does); `pawpular doctor` prints the full report and the fix.
+    if ! "$VENV/bin/python" -m pawpular.doctor --short --config "$CONFIG"; then
+      echo "[run.sh] WARNING: the doctor found a problem (above); the run goes on. Details and fix:" \
+           "./run.sh doctor --config $CONFIG" >&2
+    fi
+    "$VENV/bin/pawpular" all --config "$CONFIG" "${ARGS[@]}"
+    OUT=$(setting out)
+    "$VENV/bin/pawpular" report --output "$OUT" --data "$DATA" >/dev/null
     echo
     echo "submission: $OUT/submission.csv"
     echo "report:     $OUT/report.html"

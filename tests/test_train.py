@@ -130,9 +130,9 @@ def test_rerun_skips_finished_folds(trained, caplog):
 
 
 def test_clear_errors_for_missing_folds_and_unknown_fold(small_competition, tmp_path):
-    cfg = make_experiment(small_competition, tmp_path / "exp", "train.folds=[7]")
-    with pytest.raises(ConfigError, match=r"train.folds: \[7\]"):
-        run_config("train", cfg)
+    with pytest.raises(ConfigError, match=r"train.folds=\[7\]"):  # caught when the config loads, before any work
+        make_experiment(small_competition, tmp_path / "exp", "train.folds=[7]")
+    cfg = make_experiment(small_competition, tmp_path / "exp")
     (tmp_path / "exp" / "folds" / "folds.csv").unlink()
     with pytest.raises(ArtifactError, match="run `pawpular folds`"):
         run_config("train", cfg)

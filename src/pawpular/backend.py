@@ -13,8 +13,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -22,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import install_plan
 from .files import atomic_path
 
 log = logging.getLogger("pawpular")
@@ -32,14 +38,24 @@ _LOGGED: set[str] = set()
 
 @functools.lru_cache(maxsize=None)
 def resolve_device(device: str = "auto") -> str:
-    """'cpu' or 'cuda', decided once per process and logged."""
+    """'cpu' or 'cuda', decided once per process and logged.
+
+    Never a silent CPU run: when nvidia-smi lists a GPU that torch cannot use (a CPU-only torch, or one built for a
+    newer CUDA than the driver runs), ``auto`` logs a warning that names the torch build, the driver's CUDA version
+    and the fix, and ``cuda`` raises with them.
+    """
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     has_cuda = torch.cuda.is_available()
+    unusable = None if has_cuda or device == "cpu" else unusable_gpu()
     if device == "cuda" and not has_cuda:
-        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA GPU")
+        raise RuntimeError("device: cuda was asked for, but "
+                           + (unusable or "torch sees no CUDA GPU and no NVIDIA driver lists one (nvidia-smi)"))
+    if unusable and "unusable-gpu" not in _LOGGED:
+        _LOGGED.add("unusable-gpu")
+        log.warning("device: auto falls back to the CPU for every stage: %s", unusable)
     resolved = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
     name = torch.cuda.get_device_name(0) if resolved == "cuda" else "CPU"
     if resolved not in _LOGGED:  # once per process, however many stages ask
@@ -48,13 +64,120 @@ def resolve_device(device: str = "auto") -> str:
     return resolved
 
 
+def unusable_gpu() -> str | None:
+    """Why a GPU that nvidia-smi lists is out of this torch's reach, with the fix; None when torch uses it or
+    there is none (no nvidia-smi: a PATH lookup, nothing more)."""
+    import torch
+
+    driver = install_plan.read_driver()
+    if driver is None or not driver.gpus:
+        return None
+    info = install_plan.TorchInfo(dist=_dist_version("torch") or torch.__version__, version=torch.__version__,
+                                  cuda=torch.version.cuda, available=torch.cuda.is_available())
+    verdict = install_plan.torch_verdict(info, driver, os.environ)
+    if verdict.problem is None:
+        return None
+    fix = install_plan.torch_fix(sys.executable, driver, install_plan.read_tested(), os.environ)
+    return f"nvidia-smi lists {install_plan.gpu_names(driver)} but {verdict.problem}. Fix: {fix}"
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class RapidsStatus:
+    """Whether RAPIDS is here and imports: the versions when it does, the import error when it does not."""
+
+    installed: bool  # a cuml or cudf package is present
+    cuml: str | None = None
+    cudf: str | None = None
+    error: str | None = None  # 'ImportError: libcuml++.so: ...' when installed but not importable
+    dists: tuple[str, ...] = ()  # the installed RAPIDS distributions, e.g. ('cudf-cu12', 'cuml-cu12')
+
+    @property
+    def ok(self) -> bool:
+        return self.installed and self.error is None and self.cuml is not None and self.cudf is not None
+
+    @property
+    def cuda_major(self) -> int | None:
+        """The CUDA major of the installed wheels (cuml-cu12 -> 12)."""
+        majors = {int(d.rsplit("-cu", 1)[1]) for d in self.dists if d.rsplit("-cu", 1)[-1].isdigit()}
+        return majors.pop() if len(majors) == 1 else None
+
+
+def rapids_status() -> RapidsStatus:
+    """Import cuML and cuDF (not just find them): a broken install is reported with its error, not crashed on."""
+    dists = tuple(f"{name}-cu{major}" for name in install_plan.RAPIDS_PACKAGES for major in install_plan.SUPPORTED_CUDA
+                  if _dist_version(f"{name}-cu{major}") is not None)
+    found = {name: importlib.util.find_spec(name) is not None for name in install_plan.RAPIDS_PACKAGES}
+    if not any(found.values()):
+        return RapidsStatus(False, dists=dists)
+    missing = [name for name, ok in found.items() if not ok]
+    if missing:
+        return RapidsStatus(True, error=f"{' and '.join(missing)} not installed (only half of RAPIDS is)", dists=dists)
+    try:
+        cuml = importlib.import_module("cuml")
+        cudf = importlib.import_module("cudf")
+    except Exception as e:  # ImportError, OSError for a missing libcu*.so, RuntimeError for a CUDA mismatch...
+        return RapidsStatus(True, error=f"{type(e).__name__}: {e}", dists=dists)
+    return RapidsStatus(True, str(getattr(cuml, "__version__", "?")), str(getattr(cudf, "__version__", "?")), None, dists)
+
+
+def rapids_fix(status: RapidsStatus, python: str = sys.executable, major: int | None = None) -> str:
+    """Reinstall RAPIDS for the CUDA major in use (replacing wheels of another major), or remove it."""
+    major = major or status.cuda_major or min(install_plan.SUPPORTED_CUDA)
+    remove = [python, "-m", "pip", "uninstall", "-y", *(status.dists or install_plan.RAPIDS_PACKAGES)]
+    install = [python, "-m", "pip", "install", *install_plan.rapids_requirements(major),
+               "--extra-index-url", install_plan.NVIDIA_INDEX]
+    if status.cuda_major == major or not status.dists:
+        fix = f"reinstall RAPIDS for CUDA {major}:  {shlex.join(install[:4] + ['--force-reinstall'] + install[4:])}"
+    else:
+        fix = f"replace it with RAPIDS for CUDA {major}:  {shlex.join(remove)} && {shlex.join(install)}"
+    return f"{fix}  or remove it (scikit-learn and pandas give the same results, slower):  {shlex.join(remove)}"
+
+
+def _rapids_gpu_blocker(status: RapidsStatus) -> str | None:
+    """Why RAPIDS cannot run on GPU 0 (RAPIDS 26 needs compute capability 7.0, 7.5 for its CUDA 13 wheels)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    need = install_plan.RAPIDS_MIN_CAPABILITY[status.cuda_major or min(install_plan.SUPPORTED_CUDA)]
+    cap = torch.cuda.get_device_capability(0)
+    if tuple(cap) < need:
+        return (f"GPU 0 ({torch.cuda.get_device_name(0)}) has compute capability {cap[0]}.{cap[1]}; RAPIDS needs "
+                f"{need[0]}.{need[1]}")
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def has_rapids() -> bool:
-    """True when cuML and cuDF are importable (GPU machines with requirements-gpu.txt)."""
-    return importlib.util.find_spec("cuml") is not None and importlib.util.find_spec("cudf") is not None
+    """True when cuML and cuDF import and can run on GPU 0. A RAPIDS install that does not import (or a GPU it
+    does not support) falls back to scikit-learn and pandas with one warning naming the reason."""
+    status = rapids_status()
+    if not status.installed:
+        return False
+    if status.error:
+        import torch
+
+        major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None  # RAPIDS to match torch
+        log.warning("RAPIDS is installed but does not import (%s): the SVR head runs on scikit-learn and tables go "
+                    "through pandas. Fix: %s", status.error, rapids_fix(status, major=major))
+        return False
+    blocker = _rapids_gpu_blocker(status)
+    if blocker:
+        log.warning("RAPIDS %s is installed but %s: the SVR head runs on scikit-learn and tables go through pandas",
+                    status.cuml, blocker)
+        return False
+    return True
 
 
 def use_rapids(device: str) -> bool:
+    """cuML / cuDF for this device: a CUDA device and a RAPIDS that imports and runs there."""
     return resolve_device(device) == "cuda" and has_rapids()
 
 

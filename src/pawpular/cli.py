@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
 import sys
@@ -73,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "svr":
             p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
                            "(svr.workers): they share svr.n_trials exactly")
+    p = sub.add_parser("config", help="show the resolved config (every key, value, default, type)",
+                       description="`pawpular config show [--config FILE] [--set ...]`: every setting with its value, "
+                       "default and type, as a stage would see it; `--key KEY` prints one value (`out`: the "
+                       "experiment folder). `pawpular config keys`: every key with its default and type.",
+                       formatter_class=raw)
+    p.add_argument("action", choices=["show", "keys"])
+    _config_args(p, stage=False)
+    p.add_argument("--key", help="print only this setting's value")
+    sub.add_parser("doctor", help="what will run where: GPU, torch, RAPIDS, each stage's device and backend "
+                   "(`pawpular doctor --help`)")
     p = sub.add_parser("delete-study", help="delete the SVR's Optuna study (a shared svr.storage one too)",
                        description="Delete an Optuna study of the SVR head: the one named by --name, else the one "
                        "this experiment's svr/best_params.json names. Workers still on it fail. `--overwrite` "
@@ -113,6 +124,31 @@ def _config(args: argparse.Namespace):
     extra = [f"svr.workers={args.workers}"] if getattr(args, "workers", None) else []
     return config_from(args.config, output=args.output, data=args.data, overwrite=getattr(args, "overwrite", False),
                        set=[*args.overrides, *extra])
+
+
+def _show_config(args: argparse.Namespace) -> int:
+    from .config import Config, describe
+
+    cfg = Config() if args.action == "keys" else _config(args)
+    if args.key:
+        values = {k: v for k, v, _, _ in describe(cfg)} | {"out": cfg.out}
+        if args.key not in values:
+            from .config_checks import ConfigError, unknown_key_message
+
+            raise ConfigError(unknown_key_message(args.key, list(values)))
+        value = values[args.key]
+        print(value if not isinstance(value, (list, dict)) else json.dumps(value))
+        return 0
+    rows = describe(cfg)
+    width = max(len(k) for k, *_ in rows)
+    for key, value, default, tp in rows:
+        shown = json.dumps(value, default=str)
+        if args.action == "keys":
+            print(f"{key:<{width}}  {tp:<24} default {shown}")
+        else:
+            mark = "" if value == default else f"   (default {json.dumps(default, default=str)})"
+            print(f"{key:<{width}}  {shown}{mark}   [{tp}]")
+    return 0
 
 
 def _delete_study(args: argparse.Namespace) -> int:
@@ -177,6 +213,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(args)
     if args.command == "delete-study":
         return _delete_study(args)
+    if args.command == "config":
+        return _show_config(args)
     if args.command == "export":
         print(api.export(args.output, args.to, overwrite=args.overwrite, data=args.data))
         return 0
@@ -220,10 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     from .lock import ExperimentLocked
     from .submission import SubmissionError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["doctor"]:  # its own options (--short, --config): doctor.py parses them
+        from .doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return _dispatch(args)
+    except BrokenPipeError:  # `pawpular config show | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 141
     except KeyboardInterrupt as e:
         code = 143 if "signal" in str(e) else 130
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -17,7 +17,11 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema; ``keys`` names the settings at fault."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
 
 
 @dataclass
@@ -123,6 +127,8 @@ class EnsembleConfig:
     experiments: list = field(default_factory=list)
     method: Literal["nnls", "hill"] = "nnls"
     min_improvement: float = 1e-4
+    # This experiment's heads to blend (e.g. [svr]: the NN head gets weight 0 and predict never runs it)
+    heads: list = field(default_factory=lambda: ["nn", "svr"])
 
 
 @dataclass
@@ -156,80 +162,7 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Loading, checking, overriding
-
-
-def _check(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
-    origin = get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': expected {_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"config key '{key}': must be one of {list(get_args(tp))}, got {value!r}")
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected a boolean, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-    if tp is list or origin is list:
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")
-
-
-def _name(tp: Any) -> str:
-    return " or ".join(getattr(a, "__name__", str(a)) for a in get_args(tp)) or str(tp)
-
-
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'" + (f" (and {unknown[1:]})" if unknown[1:] else ""))
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+# Loading and overriding (the checks are in config_checks.py)
 
 
 def _parse_value(text: str) -> Any:
@@ -240,19 +173,23 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str]) -> dict[str, str]:
+    """Apply ``--set key=value`` items to ``data`` in place; returns {key: the item as given} (for messages)."""
+    given = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, text = item.split("=", 1)
+        key = key.strip()
         node = data
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
+                raise ConfigError(f"--set {item}: '{part}' is not a section")
         node[parts[-1]] = _parse_value(text)
-    return data
+        given[key] = item
+    return given
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **top: Any) -> Config:
@@ -268,19 +205,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
-    data = apply_overrides(data, overrides or [])
+    given = apply_overrides(data, overrides or [])
     for key, value in top.items():
         if value is not None:
             data[key] = value
+    from .config_checks import build, validate
+
     try:
-        return _build(Config, data)
+        cfg = build(Config, data)
+        validate(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(_blame(e, path, given, top)) from None
+    return cfg
+
+
+def _blame(e: ConfigError, path: Path | None, given: dict[str, str], top: dict) -> str:
+    """The message with where the bad value came from: the --set item, the command-line flag, or the file."""
+    keys = getattr(e, "keys", ())
+    for key in keys:
+        for k, item in given.items():
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return f"--set {item}: {e}"
+        if key in top and top[key] is not None:
+            return f"--{key.replace('_dir', '').replace('_', '-')} {top[key]}: {e}"
+    return f"{path}: {e}" if path else str(e)
 
 
 def load_config_dict(data: dict) -> Config:
     """A Config from a dict as ``Config.to_dict`` gives it (checked like a file)."""
-    return _build(Config, data)
+    from .config_checks import build, validate
+
+    cfg = build(Config, data)
+    validate(cfg)
+    return cfg
 
 
 def save_config(cfg: Config | dict, path: Path) -> None:
@@ -292,9 +249,11 @@ def save_config(cfg: Config | dict, path: Path) -> None:
 
 def backbone_configs(cfg: Config) -> list[BackboneConfig]:
     """``embed.backbones`` checked against BackboneConfig (unknown keys are errors that name them)."""
+    from .config_checks import build
+
     out = []
     for i, item in enumerate(cfg.embed.backbones):
-        b = _build(BackboneConfig, item, f"embed.backbones[{i}].")
+        b = build(BackboneConfig, item, f"embed.backbones[{i}].")
         if not b.name or not b.model:
             raise ConfigError(f"embed.backbones[{i}]: 'name' and 'model' are required")
         if b.name.startswith("fold") or b.name == "model":
@@ -306,6 +265,31 @@ def backbone_configs(cfg: Config) -> list[BackboneConfig]:
 def backbone_model_config(b: BackboneConfig) -> ModelConfig:
     """The ModelConfig of a frozen backbone of ``embed.backbones``."""
     return ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size)
+
+
+def describe(cfg: Config) -> list[tuple[str, Any, Any, str]]:
+    """(key, value, default, type) of every setting, sections flattened to ``section.key``."""
+    rows: list[tuple[str, Any, Any, str]] = []
+
+    def walk(obj: Any, default: Any, prefix: str) -> None:
+        hints = typing.get_type_hints(type(obj))
+        for f in dataclasses.fields(obj):
+            value, base = getattr(obj, f.name), getattr(default, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, base, f"{prefix}{f.name}.")
+            else:
+                rows.append((f"{prefix}{f.name}", value, base, _type_name(hints[f.name])))
+
+    walk(cfg, Config(), "")
+    return rows
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(map(str, get_args(tp)))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def config_hash(*parts: Any) -> str:

@@ -52,11 +52,16 @@ class Policy:
         return Policy("fp32", False)
 
 
-def precision_for(device: str, amp: bool) -> str:
-    """bf16 on a GPU that has it, else fp16; fp32 on a CPU or with amp off."""
+def precision_rule(device: str, amp: bool, bf16: bool) -> str:
+    """The rule: bf16 on a GPU that has it (``bf16``), else fp16; fp32 on a CPU or with amp off."""
     if device != "cuda" or not amp:
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return "bf16" if bf16 else "fp16"
+
+
+def precision_for(device: str, amp: bool) -> str:
+    """``precision_rule`` for this machine's GPU."""
+    return precision_rule(device, amp, device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
 def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:

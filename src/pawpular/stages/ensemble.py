@@ -45,19 +45,24 @@ def experiments(cfg) -> list[tuple[str, Path]]:
     return [("", cfg.out)] + [(Path(e).name + "/", Path(e)) for e in cfg.ensemble.experiments]
 
 
-def _heads(out: Path) -> list[str]:
-    """Heads of an experiment whose predictions exist."""
-    return [h for h in artifacts.HEADS if artifacts.preds(out, h, "oof").is_file()]
+def _heads(out: Path, wanted: list[str] | None = None) -> list[str]:
+    """Heads of an experiment whose predictions exist (of ``wanted``, when given)."""
+    return [h for h in artifacts.HEADS if artifacts.preds(out, h, "oof").is_file() and (wanted is None or h in wanted)]
+
+
+def _used(cfg, prefix: str) -> list[str] | None:
+    """This experiment's heads come from ensemble.heads; another experiment's: all it has."""
+    return None if prefix else list(cfg.ensemble.heads)
 
 
 def needs(cfg) -> list[str]:
-    own = [artifacts.HEADS[h] for h in artifacts.HEADS if artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file()
-           or artifacts.preds(cfg.out, h, "oof").is_file()]
+    own = [artifacts.HEADS[h] for h in cfg.ensemble.heads if h in artifacts.HEADS and (
+        artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file() or artifacts.preds(cfg.out, h, "oof").is_file())]
     return ["folds", *own]
 
 
 def _pred_files(cfg) -> list[Path]:
-    return [artifacts.preds(folder, h, s) for _, folder in experiments(cfg) for h in _heads(folder)
+    return [artifacts.preds(folder, h, s) for prefix, folder in experiments(cfg) for h in _heads(folder, _used(cfg, prefix))
             for s in artifacts.PRED_SPLITS if s != "holdout" or artifacts.preds(folder, h, s).is_file()]
 
 
@@ -82,8 +87,8 @@ def gather(cfg) -> tuple[list[str], dict[str, pd.DataFrame]]:
     """Names, and per split (oof, test, holdout) a table of Id (+ fold for oof) and one column per model."""
     names, parts = [], {s: [] for s in artifacts.PRED_SPLITS}
     for prefix, folder in experiments(cfg):
-        found = _heads(folder)
-        missing = [h for h in artifacts.HEADS if h not in found]
+        found = _heads(folder, _used(cfg, prefix))
+        missing = [h for h in (_used(cfg, prefix) or artifacts.HEADS) if h not in found]
         if prefix:
             if not found:
                 raise FileNotFoundError(f"{folder} (in ensemble.experiments) has no train/ or svr/ predictions")

@@ -1,0 +1,183 @@
+"""The config's checks: types (with the key named), unknown keys (with "did you mean"), ranges and cross-field
+rules, all at load time, so a bad value fails before any work and says which setting is wrong.
+
+``config.load_config`` calls ``build`` (types, unknown keys) and ``validate`` (values), and prefixes the error with
+where the value came from: the ``--set`` item, or the config file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Callable, Literal, Union, get_args, get_origin
+
+from .config import Config, ConfigError
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {_name(tp)}, got {value!r}", (key,))
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{key}': must be one of {list(get_args(tp))}, got {value!r}", (key,))
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected a boolean, got {value!r}", (key,))
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}", (key,))
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}", (key,))
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}", (key,))
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}", (key,))
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"config key '{key}': expected a list, got {value!r}", (key,))
+    raise ConfigError(f"config key '{key}': unsupported type {tp}", (key,))
+
+
+def _name(tp: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in get_args(tp)) or str(tp)
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every setting's dotted key (sections too)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(f"{prefix}{f.name}")
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown config key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "; `pawpular config keys` lists them")
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """``cls`` from ``data``, every value type-checked; unknown keys and wrong types name the key."""
+    if not isinstance(data, dict):
+        section = prefix.rstrip(".") or "<root>"
+        raise ConfigError(f"config section '{section}': expected a mapping, got {data!r}", (section,))
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        keys = [f"{prefix}{u}" for u in unknown]
+        known = [f"{prefix}{k}" for k in all_keys(cls)]
+        more = f" (and {keys[1:]})" if keys[1:] else ""
+        raise ConfigError(unknown_key_message(keys[0], known) + more, tuple(keys))
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values: ranges and rules between settings
+
+
+Rule = tuple[tuple[str, ...], Callable[[Config], bool], str]
+
+
+def _positive(key: str) -> Rule:
+    return (key,), lambda c: _get(c, key) > 0, "must be > 0"
+
+
+def _at_least(key: str, low: float) -> Rule:
+    return (key,), lambda c: _get(c, key) >= low, f"must be >= {low:g}"
+
+
+def _get(cfg: Config, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+RULES: list[Rule] = [
+    ((("folds.n_folds",), lambda c: c.folds.n_folds >= 2, "must be >= 2 (a fold needs other folds to train on)")),
+    ((("folds.holdout",), lambda c: 0 <= c.folds.holdout < 0.5, "must be in [0, 0.5): a fraction of train.csv")),
+    ((("folds.hash_threshold",), lambda c: 0 <= c.folds.hash_threshold <= 64, "must be in 0..64 (bits of the hash)")),
+    ((("model.img_size",), lambda c: c.model.img_size is None or c.model.img_size > 0, "must be > 0 or null")),
+    ((("model.drop_rate",), lambda c: 0 <= c.model.drop_rate < 1, "must be in [0, 1)")),
+    _positive("train.epochs"), _positive("train.batch_size"), _positive("train.lr"), _positive("train.accum_steps"),
+    ((("train.head_lr",), lambda c: c.train.head_lr is None or c.train.head_lr > 0, "must be > 0 or null")),
+    _at_least("train.weight_decay", 0), _at_least("train.warmup_epochs", 0), _at_least("train.mixup_alpha", 0),
+    _at_least("train.patience", 0), _at_least("train.num_workers", 0), _at_least("train.grad_clip", 0),
+    ((("train.folds", "folds.n_folds"), lambda c: c.train.folds is None or (
+        all(isinstance(k, int) and not isinstance(k, bool) for k in c.train.folds)
+        and set(c.train.folds) <= set(range(c.folds.n_folds)) and len(set(c.train.folds)) == len(c.train.folds)),
+      "train.folds must list distinct folds in 0..folds.n_folds-1")),
+    _positive("embed.batch_size"), _at_least("embed.num_workers", 0),
+    ((("embed.compress",), lambda c: _compress_ok(c.embed.compress),
+      "must be none, int8, bf16 or prune:<fraction in (0, 1)>")),
+    _positive("svr.n_trials"), _positive("svr.c_min"), _positive("svr.max_kernel_gb"), _at_least("svr.workers", 1),
+    _at_least("svr.epsilon", 0), _positive("svr.epsilon_min"),
+    ((("svr.c_min", "svr.c_max"), lambda c: c.svr.c_min < c.svr.c_max, "svr.c_min must be < svr.c_max")),
+    ((("svr.epsilon_min", "svr.epsilon_max"), lambda c: c.svr.epsilon_min < c.svr.epsilon_max,
+      "svr.epsilon_min must be < svr.epsilon_max")),
+    ((("svr.gamma",), lambda c: c.svr.gamma in ("scale", "auto") or (isinstance(c.svr.gamma, float) and c.svr.gamma > 0),
+      "must be 'scale', 'auto' or a number > 0")),
+    ((("svr.features",), lambda c: bool(c.svr.features) and all(isinstance(n, str) and n for n in c.svr.features),
+      "must list embedding sets, e.g. [model]")),
+    _at_least("ensemble.min_improvement", 0),
+    ((("ensemble.heads",), lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
+      "must list heads among nn, svr")),
+]
+
+
+def _compress_ok(spec: str) -> bool:
+    from .compress import parse
+
+    try:
+        parse(spec)
+    except ValueError:
+        return False
+    return True
+
+
+def validate(cfg: Config) -> None:
+    """Every rule of RULES; the first broken one raises ConfigError naming its settings and their values."""
+    for keys, ok, message in RULES:
+        if not ok(cfg):
+            values = ", ".join(f"{k}={_get(cfg, k)!r}" for k in keys)
+            raise ConfigError(f"{values}: {message}" if len(keys) == 1 else f"{message} (got {values})", keys)
