@@ -122,11 +122,11 @@ def _check_ids(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
 
 
 def _check_flags(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
-    for c in META_COLS:
+    for c in (c for c in META_COLS if c in df.columns):
         col = pd.to_numeric(df[c], errors="coerce")
         bad = ~col.isin([0, 1])
         for i in np.flatnonzero(bad.to_numpy()):
-            problems.append(Problem(file, f"{_line(i)} (Id {df[ID].iloc[i]})", f"'{c}' must be 0 or 1, got {_fmt(df[c].iloc[i])}"))
+            problems.append(Problem(file, _where(df, i), f"'{c}' must be 0 or 1, got {_fmt(df[c].iloc[i])}"))
 
 
 def _check_target(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
@@ -134,10 +134,10 @@ def _check_target(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
     for i in np.flatnonzero(col.isna().to_numpy()):
         raw = df[TARGET].iloc[i]
         what = "missing (NaN)" if pd.isna(raw) else f"not a number: {_fmt(raw)}"
-        problems.append(Problem(file, f"{_line(i)} (Id {df[ID].iloc[i]})", f"Pawpularity {what}"))
+        problems.append(Problem(file, _where(df, i), f"Pawpularity {what}"))
     out = col.notna() & ((col < 1) | (col > 100))
     for i in np.flatnonzero(out.to_numpy()):
-        problems.append(Problem(file, f"{_line(i)} (Id {df[ID].iloc[i]})", f"Pawpularity {col.iloc[i]:g} outside [1, 100]"))
+        problems.append(Problem(file, _where(df, i), f"Pawpularity {col.iloc[i]:g} outside [1, 100]"))
 
 
 def _check_sample_ids(test: pd.DataFrame, sample: pd.DataFrame, problems: list[Problem]) -> None:
@@ -146,8 +146,21 @@ def _check_sample_ids(test: pd.DataFrame, sample: pd.DataFrame, problems: list[P
     problems += [Problem("sample_submission.csv", f"Id {v}", "not in test.csv") for v in sorted(s - t)]
 
 
+def _where(df: pd.DataFrame, i: int) -> str:
+    return f"{_line(i)} (Id {df[ID].iloc[i]})" if ID in df.columns else _line(i)
+
+
+def _check_rows(df: pd.DataFrame, file: str, problems: list[Problem], target: bool) -> None:
+    """Every row check whose columns are there: a missing column does not hide the other columns' problems."""
+    if ID in df.columns:
+        _check_ids(df, file, problems)
+    _check_flags(df, file, problems)
+    if target and TARGET in df.columns:
+        _check_target(df, file, problems)
+
+
 def check_competition(root: str | Path, images: bool = True, workers: int = 8) -> tuple[list[Problem], Competition | None]:
-    """Check every rule of the contract; return (problems, competition-or-None)."""
+    """Check every rule of the contract in one pass; return (problems, competition-or-None)."""
     root = Path(root)
     problems: list[Problem] = []
     if not root.is_dir():
@@ -155,31 +168,29 @@ def check_competition(root: str | Path, images: bool = True, workers: int = 8) -
     train = _read_csv(root / "train.csv", problems)
     test = _read_csv(root / "test.csv", problems)
     sample = _read_csv(root / "sample_submission.csv", problems)
-    ok = {}
+    ok, has_id = {}, {}
     for name, df, cols in (("train.csv", train, TRAIN_COLS), ("test.csv", test, TEST_COLS), ("sample_submission.csv", sample, SUBMISSION_COLS)):
         ok[name] = df is not None and _check_columns(df, cols, name, problems)
-        if df is not None and ok[name] and len(df) == 0:
+        has_id[name] = df is not None and ID in df.columns and len(df) > 0
+        if df is not None and len(df) == 0:
             problems.append(Problem(name, "file", "has no rows"))
             ok[name] = False
     if test is not None and TARGET in test.columns:
         problems.append(Problem("test.csv", "columns", "must not contain the target 'Pawpularity'"))
-    for name, df in (("train.csv", train), ("test.csv", test), ("sample_submission.csv", sample)):
-        if ok[name]:
-            _check_ids(df, name, problems)
-    if ok["train.csv"]:
-        _check_flags(train, "train.csv", problems)
-        _check_target(train, "train.csv", problems)
-    if ok["test.csv"]:
-        _check_flags(test, "test.csv", problems)
-    if ok["test.csv"] and ok["sample_submission.csv"]:
+    for name, df in (("train.csv", train), ("test.csv", test)):
+        if df is not None and len(df):
+            _check_rows(df, name, problems, target=name == "train.csv")
+    if has_id["sample_submission.csv"]:
+        _check_ids(sample, "sample_submission.csv", problems)
+    if has_id["test.csv"] and has_id["sample_submission.csv"]:
         _check_sample_ids(test, sample, problems)
-    if ok["train.csv"] and ok["test.csv"]:
+    if has_id["train.csv"] and has_id["test.csv"]:
         for v in sorted(set(train[ID].dropna()) & set(test[ID].dropna())):
             problems.append(Problem("test.csv", f"Id {v}", "also in train.csv"))
     if images:
         for name, df, split in (("train.csv", train, "train"), ("test.csv", test, "test")):
-            if ok[name]:
-                problems += _check_images(root, split, df[ID].dropna().tolist(), workers)
+            if has_id[name]:
+                problems += _check_images(root, split, df[ID].dropna().astype(str).tolist(), workers)
     if problems:
         return problems, None
     return [], Competition(root, _typed_train(train), _typed_test(test), sample)
@@ -229,17 +240,18 @@ def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tu
         raise DataError([Problem(str(root), "folder", "competition folder does not exist")])
     test = _read_csv(root / "test.csv", problems)
     sample = _read_csv(root / "sample_submission.csv", problems)
-    ok_t = test is not None and _check_columns(test, TEST_COLS, "test.csv", problems)
-    ok_s = sample is not None and _check_columns(sample, SUBMISSION_COLS, "sample_submission.csv", problems)
-    if ok_t:
-        _check_ids(test, "test.csv", problems)
-        _check_flags(test, "test.csv", problems)
-    if ok_s:
+    if test is not None:
+        _check_columns(test, TEST_COLS, "test.csv", problems)
+        _check_rows(test, "test.csv", problems, target=False)
+    if sample is not None:
+        _check_columns(sample, SUBMISSION_COLS, "sample_submission.csv", problems)
+    has_t, has_s = test is not None and ID in test.columns, sample is not None and ID in sample.columns
+    if has_s:
         _check_ids(sample, "sample_submission.csv", problems)
-    if ok_t and ok_s:
+    if has_t and has_s:
         _check_sample_ids(test, sample, problems)
-    if ok_t and images:
-        problems += _check_images(root, "test", test[ID].dropna().tolist(), workers)
+    if has_t and images:
+        problems += _check_images(root, "test", test[ID].dropna().astype(str).tolist(), workers)
     if problems:
         raise DataError(problems)
     return _typed_test(test), sample

@@ -11,8 +11,10 @@ Fine-tuning modes (which parameters train; SSF adapters) are in ``finetune.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -76,20 +78,65 @@ def _img_size(model_cfg: ModelConfig) -> Any:
     return size if size is not None else kw
 
 
+HUB_HOST = ("huggingface.co", 443)
+LOCAL_FILE_HINT = ("set model.pretrained to a local .safetensors / .pth file instead: where there is internet, "
+                   "python -c \"import timm, safetensors.torch as st; m = timm.create_model('{name}', pretrained=True);"
+                   " st.save_file(m.state_dict(), '{name}.safetensors')\" (see configs/swin_large.yaml)")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_from_hub(model_cfg: ModelConfig, kwargs: dict) -> nn.Module:
+    """timm's download, failing in seconds offline (the hub's own retries take a minute) with the local-file hint.
+
+    Offline, only weights already in the Hugging Face cache can load (hub's offline mode is switched on).
+    """
+    import timm
+
+    online = _hub_reachable()
+    if not online:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        with contextlib.suppress(ImportError, AttributeError):
+            import huggingface_hub.constants as hub_constants
+
+            hub_constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(model_cfg.name, pretrained=True, num_classes=0, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        if "Unknown model" in str(e):
+            raise ConfigError(f"model.name: {e}") from None
+        why = "no internet (huggingface.co unreachable) and not in the local cache" if not online else str(e)[:300]
+        raise PretrainedWeightsError(f"model.pretrained: hub: cannot get {model_cfg.name}'s weights ({why}); "
+                                     + LOCAL_FILE_HINT.format(name=model_cfg.name)) from None
+
+
 def _create_backbone(model_cfg: ModelConfig, hub: bool) -> nn.Module:
     import timm
 
     kwargs = dict(model_cfg.kwargs)
     # Transformers are built for their input size (position tables); CNNs take any size and have no img_size.
     sized = _img_size(model_cfg) is not None and "img_size" not in kwargs
+
+    def create(kw: dict) -> nn.Module:
+        if hub:
+            return _create_from_hub(model_cfg, kw)
+        return timm.create_model(model_cfg.name, pretrained=False, num_classes=0, **kw)
+
     try:
         try:
-            return timm.create_model(model_cfg.name, pretrained=hub, num_classes=0,
-                                     **({**kwargs, "img_size": model_cfg.img_size} if sized else kwargs))
+            return create({**kwargs, "img_size": model_cfg.img_size} if sized else kwargs)
         except TypeError as e:
             if not (sized and "img_size" in str(e)):
                 raise
-            return timm.create_model(model_cfg.name, pretrained=hub, num_classes=0, **kwargs)
+            return create(kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"model.name: {e}") from None
