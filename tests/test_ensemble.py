@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pawpular.blend import cross_validated, fit_weights
+from pawpular.blend import fit_weights
 from pawpular.data import read_competition
 from pawpular.metrics import rmse
 from pawpular.runner import Context, run_planned

@@ -221,3 +221,30 @@ def test_load_checkpoint_rebuilds_the_model(tmp_path):
         assert torch.allclose(loaded(x, meta), model(x, meta), atol=1e-5)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_weights_load_as_torch_loads_them(tmp_path):
+    """Old: a converted ResNet file without BatchNorm's num_batches_tracked was refused as "missing keys", though
+    torch's own strict load takes it; a Swin file carrying its non-persistent relative_position_index likewise."""
+    cnn_cfg = ModelConfig(name="resnet18", kwargs={"layers": [1, 1, 1, 1]}, img_size=32)
+    torch.manual_seed(3)
+    source = build_model(cnn_cfg, pretrained=False).backbone
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) < len(source.state_dict())  # the file really lacks them
+    build_model(cnn_cfg, pretrained=False).backbone.load_state_dict(state, strict=True)  # torch accepts it
+    save_file(state, str(tmp_path / "resnet.safetensors"))
+    loaded = build_model(ModelConfig(**{**cnn_cfg.__dict__, "pretrained": str(tmp_path / "resnet.safetensors")})).backbone
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert all(int(v) == 0 for k, v in loaded.state_dict().items() if k.endswith("num_batches_tracked"))
+
+    swin = build_model(cfg_of("swin"), pretrained=False).backbone
+    index = dict(swin.named_buffers())["layers.0.blocks.0.attn.relative_position_index"]
+    assert "layers.0.blocks.0.attn.relative_position_index" not in swin.state_dict()  # non-persistent
+    state = {**{k: v.clone() for k, v in swin.state_dict().items()}, "layers.0.blocks.0.attn.relative_position_index": index}
+    save_file(state, str(tmp_path / "swin.safetensors"))
+    model = build_model(cfg_of("swin", pretrained=str(tmp_path / "swin.safetensors")))
+    assert torch.equal(model.backbone.norm.weight, swin.norm.weight)
+    del state["layers.0.blocks.0.attn.qkv.weight"]  # a real mismatch still names its key
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(PretrainedWeightsError, match="missing key.*layers.0.blocks.0.attn.qkv.weight"):
+        build_model(cfg_of("swin", pretrained=str(tmp_path / "bad.safetensors")))

@@ -32,6 +32,16 @@ def _predict_in_fresh_process(art: Path, data: Path, *args: str) -> subprocess.C
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=art.parent)
 
 
+def assert_predict_matches(art: Path, data: Path, run: Path, tmp_path: Path) -> None:
+    """predict in a fresh process writes the pipeline's submission.csv (same Ids in order, values within 1e-4)."""
+    out = tmp_path / "submission.csv"
+    r = _predict_in_fresh_process(art, data, "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
+    assert ours["Id"].tolist() == pipeline["Id"].tolist()
+    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+
+
 @pytest.fixture(scope="module")
 def test_only(small_competition, tmp_path_factory) -> Path:
     """The competition folder as a Kaggle notebook sees it at inference: test.csv, sample_submission.csv, test/."""
@@ -56,12 +66,7 @@ def test_export_holds_models_and_no_training_data(experiment_run, tmp_path):
 
 def test_predict_round_trip_reproduces_the_pipeline(experiment_run, test_only, tmp_path):
     art = export(experiment_run, tmp_path / "art")
-    out = tmp_path / "submission.csv"
-    r = _predict_in_fresh_process(art, test_only, "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    ours, pipeline = pd.read_csv(out), pd.read_csv(experiment_run / "submission.csv")
-    assert ours["Id"].tolist() == pipeline["Id"].tolist()
-    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+    assert_predict_matches(art, test_only, experiment_run, tmp_path)
 
 
 def test_predict_estimate_and_bad_input(experiment_run, test_only, tmp_path):
@@ -99,11 +104,7 @@ def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competit
 
     state = torch.load(packed[0], map_location="cpu", weights_only=False)
     assert state["compress"] == "int8" and any("_packed_params" in k for k in state["model"])
-    out = tmp_path / "submission.csv"
-    r = _predict_in_fresh_process(art, test_only, "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
-    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+    assert_predict_matches(art, test_only, run, tmp_path)
 
 
 def test_round_trip_with_frozen_random_backbones(experiment_run, small_competition, test_only, tmp_path):
@@ -119,9 +120,43 @@ def test_round_trip_with_frozen_random_backbones(experiment_run, small_competiti
     for stage in ("embed", "svr", "ensemble"):
         assert cli.main([stage, *tiny_args(small_competition, run), *[a for s in sets for a in ("--set", s)]]) == 0
     assert (run / "emb" / "resnet" / "test.parquet").is_file()
-    art = export(run, tmp_path / "art")
-    out = tmp_path / "submission.csv"
-    r = _predict_in_fresh_process(art, test_only, "--out", str(out))
-    assert r.returncode == 0, r.stderr[-3000:]
-    ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
-    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+    assert_predict_matches(export(run, tmp_path / "art"), test_only, run, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every configuration the pipeline can produce: predict (fresh process, package from the folder, no network, test
+# set only) reproduces the pipeline's submission.csv within 1e-4.
+
+OTHER = "other_exp"
+MATRIX = {
+    "embed.source pretrained (frozen seeded backbone)": ["embed.source=pretrained"],
+    "NN weight 0 (SVR head only)": ["ensemble.heads=[svr]"],
+    "TTA in train, not in embed": ["embed.tta_hflip=false"],
+    "TTA in embed, not in train": ["train.tta_hflip=false"],
+    "bf16-compressed embedder": ["embed.compress=bf16"],
+    "pretrained source, int8-compressed": ["embed.source=pretrained", "embed.compress=int8"],
+    "two experiments blended": [f"ensemble.experiments=[{OTHER}]"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(MATRIX))
+def test_predict_matrix_reproduces_the_pipeline(variant, experiment_run, small_competition, test_only, tmp_path):
+    from pawpular import cli
+
+    from conftest import tiny_args
+
+    run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
+    sets = list(MATRIX[variant])
+    if OTHER in variant or OTHER in " ".join(sets):
+        other = Path(shutil.copytree(experiment_run, tmp_path / OTHER))  # its own SVR head (no flags, other C range)
+        assert cli.main(["all", *tiny_args(small_competition, other), "--set", "svr.use_meta=false",
+                         "--set", "svr.c_max=30"]) == 0
+        sets = [f"ensemble.experiments=[{other}]"]
+    assert cli.main(["all", *tiny_args(small_competition, run), *[a for s in sets for a in ("--set", s)]]) == 0
+    weights = json.loads((run / "ensemble" / "weights.json").read_text())["weights"]
+    if "NN weight 0" in variant:
+        assert "nn" not in weights
+    if "two experiments" in variant:
+        assert f"{OTHER}/svr" in weights
+    assert_predict_matches(export(run, tmp_path / "art"), test_only, run, tmp_path)

@@ -9,7 +9,7 @@ stage folder holds a ``manifest.json`` saying what made its files (``manifest.py
       folds/duplicates.csv                 Id, group, hash: photos with an exact or near duplicate
       train/fold{k}/best.pt                {"model", "model_cfg", "data_cfg", "epoch", "val_rmse"}
       train/fold{k}/last.pt                resume state; removed when the fold is done
-      train/fold{k}/metrics.csv            epoch, train_loss, val_rmse, lr, seconds
+      train/fold{k}/metrics.csv            epoch, train_loss, val_rmse, lr
       train/fold{k}/{oof,test,holdout}.parquet   Id, (fold,) pred  for one fold
       train/{oof,test,holdout}.parquet     every fold-assigned train Id once / means over folds
       emb/fold{k}/{train,test}.parquet     Id, e0..e{D-1} float32: fold k's backbone on every image

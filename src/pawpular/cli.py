@@ -32,7 +32,7 @@ log = logging.getLogger("pawpular")
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt="%H:%M:%S")
     for noisy in ("PIL", "matplotlib", "timm", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -49,23 +49,19 @@ def _config_args(p: argparse.ArgumentParser, stage: bool = True) -> None:
         p.add_argument("--overwrite", action="store_true", help="redo finished work instead of skipping it")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import stages
-
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="pawpular", description=DESCRIPTION, epilog=EPILOG, formatter_class=raw)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _data_commands(sub) -> None:
     p = sub.add_parser("make-synthetic", help="write the embedded synthetic competition")
     p.add_argument("--out", required=True)
     p.add_argument("--n-train", type=int, default=None)
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-
     p = sub.add_parser("check-data", help="validate a competition folder against the data contract")
     p.add_argument("--data", required=True)
     p.add_argument("--no-images", action="store_true", help="check the CSVs only")
+
+
+def _stage_commands(sub, raw) -> None:
+    from . import stages
 
     for name in (*PIPELINE, *stages.ON_DEMAND):
         module = stages.get(name)
@@ -74,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "svr":
             p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
                            "(svr.workers): they share svr.n_trials exactly")
+    _config_args(sub.add_parser("all", help="every stage in order; each skips what is already done",
+                                description="Run folds, train, embed, svr and ensemble in order under one lock. "
+                                "A stage whose settings and inputs are unchanged and whose outputs are intact is "
+                                "skipped; exactly what is stale is recomputed.", formatter_class=raw))
+    _config_args(sub.add_parser("status", help="each stage: done / stale (why) / damaged / missing",
+                                description="Check every stage's manifest against the current config and inputs; "
+                                "writes nothing.", formatter_class=raw), stage=False)
+    p = sub.add_parser("delete-study", help="delete the SVR's Optuna study (a shared svr.storage one too)",
+                       description="Delete an Optuna study of the SVR head: the one named by --name, else the one "
+                       "this experiment's svr/best_params.json names. Workers still on it fail. `--overwrite` "
+                       "never deletes a shared study; this command is the way.", formatter_class=raw)
+    _config_args(p, stage=False)
+    p.add_argument("--name", help="the study's name (svr-...)")
+
+
+def _tool_commands(sub, raw) -> None:
     p = sub.add_parser("config", help="show the resolved config (every key, value, default, type)",
                        description="`pawpular config show [--config FILE] [--set ...]`: every setting with its value, "
                        "default and type, as a stage would see it; `--key KEY` prints one value (`out`: the "
@@ -84,30 +96,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="print only this setting's value")
     sub.add_parser("doctor", help="what will run where: GPU, torch, RAPIDS, each stage's device and backend "
                    "(`pawpular doctor --help`)")
-    p = sub.add_parser("delete-study", help="delete the SVR's Optuna study (a shared svr.storage one too)",
-                       description="Delete an Optuna study of the SVR head: the one named by --name, else the one "
-                       "this experiment's svr/best_params.json names. Workers still on it fail. `--overwrite` "
-                       "never deletes a shared study; this command is the way.", formatter_class=raw)
-    _config_args(p, stage=False)
-    p.add_argument("--name", help="the study's name (svr-...)")
-    _config_args(sub.add_parser("all", help="every stage in order; each skips what is already done",
-                                description="Run folds, train, embed, svr and ensemble in order under one lock. "
-                                "A stage whose settings and inputs are unchanged and whose outputs are intact is "
-                                "skipped; exactly what is stale is recomputed.", formatter_class=raw))
-    _config_args(sub.add_parser("status", help="each stage: done / stale (why) / damaged / missing",
-                                description="Check every stage's manifest against the current config and inputs; "
-                                "writes nothing.", formatter_class=raw), stage=False)
     p = sub.add_parser("report", help="write report.html for an experiment folder")
     for flag, text in (("--config", "experiment YAML (to find its folder)"), ("--output", "experiment folder"),
                        ("--data", "competition folder (default: the experiment's data_dir)")):
         p.add_argument(flag, help=text)
 
+
+def _inference_commands(sub) -> None:
     p = sub.add_parser("export", help="copy what inference needs into one folder (+ a Kaggle notebook)")
     p.add_argument("--output", required=True, help="experiment folder")
     p.add_argument("--to", required=True, help="artifact folder to create")
     p.add_argument("--data", help="competition folder, to check the experiment is current (default: its data_dir)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty artifact folder")
-
     p = sub.add_parser("predict", help="inference only, from an exported artifact folder")
     p.add_argument("--artifacts", required=True)
     p.add_argument("--data", required=True)
@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--estimate", type=int, default=None, metavar="N_IMAGES",
                    help="only time a few images and estimate the run time for N_IMAGES (writes no submission)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="pawpular", description=DESCRIPTION, epilog=EPILOG, formatter_class=raw)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _data_commands(sub)
+    _stage_commands(sub, raw)
+    _tool_commands(sub, raw)
+    _inference_commands(sub)
     return parser
 
 
@@ -284,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.exception("failed")
         print(f"error: {_os_error(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if type(e).__module__.split(".")[0] != "sqlalchemy":
+            raise
+        if args.verbose:  # the study database failed mid-run (e.g. SQLite's "database or disk is full")
+            log.exception("failed")
+        print(f"error: the Optuna study's database: {str(getattr(e, 'orig', None) or e).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

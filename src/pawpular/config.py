@@ -35,6 +35,8 @@ class FoldsConfig:
     # Fraction of train.csv set aside before the folds (stratified, fold -1): no stage fits on it, and the
     # ensemble scores the submission's recipe on it ("holdout RMSE"). 0 = none.
     holdout: float = 0.0
+    # Your own split instead: a CSV of Id,fold (fold -1 = holdout), checked and copied to folds/folds.csv.
+    file: str | None = None
 
 
 @dataclass

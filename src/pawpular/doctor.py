@@ -122,14 +122,11 @@ def _rapids_blocker(facts: Facts) -> str | None:
     return None
 
 
-def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
-    problems: list[Problem] = []
-    notes: list[str] = []
-    torch, driver, rapids = facts.torch, facts.driver, facts.rapids
-    verdict = install_plan.torch_verdict(torch, driver, facts.env)
+def _device(facts: Facts, cfg: Config, problems: list[Problem], notes: list[str]) -> str:
+    """The device, as backend.resolve_device decides it ('none': device: cuda that cannot be met)."""
+    driver = facts.driver
+    verdict = install_plan.torch_verdict(facts.torch, driver, facts.env)
     torch_fix = install_plan.torch_fix(facts.executable, driver, facts.tested, facts.env)
-
-    # the device, as backend.resolve_device decides it
     if cfg.device == "cpu":
         device = "cpu"
         if verdict.usable:
@@ -152,8 +149,12 @@ def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
         notes.append(f"nvidia-smi failed: {driver.error}")
     if driver is not None and driver.gpus and install_plan.gpus_hidden(facts.env):
         notes.append(f"CUDA_VISIBLE_DEVICES={facts.env['CUDA_VISIBLE_DEVICES']!r} hides the GPUs from torch")
+    return device
 
-    # RAPIDS, as backend.has_rapids decides it
+
+def _rapids(facts: Facts, device: str, problems: list[Problem], notes: list[str]) -> bool:
+    """Whether cuML / cuDF will be used, as backend.has_rapids decides it; problems and notes on the way."""
+    torch, driver, rapids = facts.torch, facts.driver, facts.rapids
     blocker = _rapids_blocker(facts) if rapids.ok else None
     use_rapids = device == "cuda" and rapids.ok and blocker is None
     if rapids.error:
@@ -170,15 +171,39 @@ def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
     elif device == "cuda" and not rapids.installed and torch is not None:
         major = torch.cuda_major if torch.cuda_major in install_plan.SUPPORTED_CUDA else min(install_plan.SUPPORTED_CUDA)
         rapids_blocked = install_plan.rapids_blocker(major, driver)
-        notes.append(f"RAPIDS is not installed: the SVR head runs on scikit-learn on the CPU" + (
+        notes.append("RAPIDS is not installed: the SVR head runs on scikit-learn on the CPU" + (
             f" ({rapids_blocked})" if rapids_blocked else
             f"; for cuML: PAWPULAR_CUDA={major} {facts.executable} -m pip install -r requirements-gpu.txt "
             f"torch=={torch.dist} --extra-index-url {install_plan.NVIDIA_INDEX}"))
     if use_rapids and torch is not None and rapids.cuda_major and torch.cuda_major != rapids.cuda_major:
         notes.append(f"torch is built for CUDA {torch.cuda} but RAPIDS for CUDA {rapids.cuda_major} ("
                      f"{', '.join(rapids.dists)}): both load their own CUDA libraries; one major is safer")
+    return use_rapids
 
-    # per stage
+
+def _svr_line(facts: Facts, cfg: Config, use_rapids: bool, notes: list[str]) -> str:
+    rapids, cache = facts.rapids, cfg.svr.kernel_cache
+    if not use_rapids:
+        sklearn = facts.packages.get("scikit-learn") or "?"
+        kernels = ("refit from features every trial (svr.kernel_cache: plain)" if cache == "plain" else
+                   "precomputed kernels" + (f" (up to svr.max_kernel_gb = {cfg.svr.max_kernel_gb:g} GB)"
+                                            if cache == "auto" else ""))
+        return f"scikit-learn {sklearn} on CPU, {kernels}"
+    precomputed_ok = (_cuml_version(rapids.cuml) or (0, 0)) >= backend.CUML_PRECOMPUTED
+    kernels = ("precomputed kernels" if precomputed_ok and cache != "plain" else
+               "refit from features every trial" + (" (svr.kernel_cache: plain)" if cache == "plain" else
+                                                    " (cuML < 26.02 takes no precomputed kernels)"))
+    if not precomputed_ok:
+        notes.append(f"cuML {rapids.cuml} predates precomputed kernels (26.02): each Optuna trial refits from "
+                     f"features; upgrade: {' '.join(install_plan.rapids_requirements(rapids.cuda_major or 12))}")
+    return f"cuML {rapids.cuml} on cuda:0, {kernels}"
+
+
+def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
+    problems: list[Problem] = []
+    notes: list[str] = []
+    device = _device(facts, cfg, problems, notes)
+    use_rapids = _rapids(facts, device, problems, notes)
     gpu = facts.torch_gpus[0] if facts.torch_gpus else None
     on = f"cuda:0 ({gpu.name})" if device == "cuda" and gpu else "cuda:0" if device == "cuda" else "CPU"
     prec = precision(device, gpu, cfg.train.amp)
@@ -191,22 +216,7 @@ def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
                                                     f"{len(facts.torch_gpus)} GPUs)" if multi else "")))
         compress = f", compress: {cfg.embed.compress}" if cfg.embed.compress != "none" else ""
         stages.append(("embed", f"{on}, {prec}{compress}, parquet through " + ("cuDF" if use_rapids else "pandas")))
-        cache = cfg.svr.kernel_cache
-        if use_rapids:
-            precomputed_ok = (_cuml_version(rapids.cuml) or (0, 0)) >= backend.CUML_PRECOMPUTED
-            kernels = ("precomputed kernels" if precomputed_ok and cache != "plain" else
-                       "refit from features every trial" + (" (svr.kernel_cache: plain)" if cache == "plain" else
-                                                            " (cuML < 26.02 takes no precomputed kernels)"))
-            if not precomputed_ok:
-                notes.append(f"cuML {rapids.cuml} predates precomputed kernels (26.02): each Optuna trial refits from "
-                             f"features; upgrade: {' '.join(install_plan.rapids_requirements(rapids.cuda_major or 12))}")
-            stages.append(("svr", f"cuML {rapids.cuml} on cuda:0, {kernels}"))
-        else:
-            sklearn = facts.packages.get("scikit-learn") or "?"
-            kernels = ("refit from features every trial (svr.kernel_cache: plain)" if cache == "plain" else
-                       "precomputed kernels" + (f" (up to svr.max_kernel_gb = {cfg.svr.max_kernel_gb:g} GB)"
-                                                if cache == "auto" else ""))
-            stages.append(("svr", f"scikit-learn {sklearn} on CPU, {kernels}"))
+        stages.append(("svr", _svr_line(facts, cfg, use_rapids, notes)))
     stages.append(("folds, ensemble", "CPU"))
     return Diagnosis(device, tuple(stages), tuple(problems), tuple(notes))
 

@@ -57,7 +57,13 @@ def export(out: Path, to: Path, overwrite: bool = False, data: str | None = None
     recover_swap(to)
     if to.exists() and (not to.is_dir() or any(to.iterdir())) and not overwrite:
         raise FileExistsError(f"{to} exists and is not empty: pass --overwrite to replace it")
-    cfg = load_config(artifacts.config_yaml(out), output_dir=str(out), data_dir=data)
+    from .lock import experiment_lock
+
+    with experiment_lock(out, "export"):  # no stage rewrites the experiment while it is read
+        return _export(out, to, load_config(artifacts.config_yaml(out), output_dir=str(out), data_dir=data))
+
+
+def _export(out: Path, to: Path, cfg: Config) -> Path:
     check_current(cfg)
     weights = read_json(artifacts.weights_json(out))["weights"]
     staging = to.with_name(f".{to.name}.partial.tmp")

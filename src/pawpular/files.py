@@ -64,9 +64,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:  # data on disk before the rename makes it visible
-            os.fsync(f.fileno())
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:  # data on disk before the rename makes it visible
+                os.fsync(f.fileno())
+        except OSError as e:  # disk full, quota, I/O error: name the file being written, not the temporary one
+            if e.errno is None:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from None
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
         _commit_point("replace", path)
         os.replace(tmp_path, path)

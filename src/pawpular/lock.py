@@ -55,11 +55,14 @@ def _try_lock(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def experiment_lock(folder: str | Path, command: str) -> Iterator[None]:
-    """Hold ``folder``'s lock for the block; sweep temporary files of killed writers once it is ours."""
+def experiment_lock(folder: str | Path, command: str, *, name: str = LOCK_NAME, sweep: bool = True) -> Iterator[None]:
+    """Hold ``folder``'s lock for the block; sweep temporary files of killed writers once it is ours.
+
+    ``name``/``sweep=False``: a lock for one output file in a folder that is not ours (predict's --out).
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
+    path = folder / name
     key = str(path.resolve())
     if key in _held:
         _held[key][1] += 1
@@ -73,13 +76,15 @@ def experiment_lock(folder: str | Path, command: str) -> Iterator[None]:
         owner = _owner(path)
         who = (f"pid {owner.get('pid')} on {owner.get('host')}, stage {owner.get('command')}"
                if owner.get("pid") else "a process that has not written its name yet")
-        raise ExperimentLocked(f"{folder} is being written by another run ({who}); wait for it to finish")
+        what = folder if name == LOCK_NAME else folder / name.removeprefix(".").removesuffix(".lock")
+        raise ExperimentLocked(f"{what} is being written by another run ({who}); wait for it to finish")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     _held[key] = [fd, 1]
     try:
-        sweep_temp_files(folder)
+        if sweep:
+            sweep_temp_files(folder)
         yield
     finally:
         del _held[key]

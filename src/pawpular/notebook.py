@@ -36,8 +36,8 @@ print(f"{path}: {len(sub)} rows, Pawpularity {sub['Pawpularity'].min():.2f}-{sub
 sub.head()'''
 
 
-def _cell(kind: str, source: str) -> dict:
-    cell = {"cell_type": kind, "metadata": {}, "source": source.splitlines(keepends=True)}
+def _cell(kind: str, source: str, cell_id: str) -> dict:
+    cell = {"cell_type": kind, "id": cell_id, "metadata": {}, "source": source.splitlines(keepends=True)}
     if kind == "code":
         cell.update(execution_count=None, outputs=[])
     return cell
@@ -47,9 +47,10 @@ def kaggle_notebook(name: str) -> str:
     """The notebook's JSON for the artifact folder called ``name``."""
     cells = [
         _cell("markdown", f"# Pawpularity inference: `{name}`\n\nMade by `pawpular export`. Add this folder as a "
-                          "dataset and the competition's data, keep internet off, run all. Writes `submission.csv`."),
-        _cell("code", FIND),
-        _cell("code", PREDICT),
+                          "dataset and the competition's data, keep internet off, run all. Writes `submission.csv`.",
+              "about"),
+        _cell("code", FIND, "find-the-export"),
+        _cell("code", PREDICT, "predict"),
     ]
     nb = {"cells": cells, "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
                                        "language_info": {"name": "python"}}, "nbformat": 4, "nbformat_minor": 5}

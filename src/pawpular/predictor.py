@@ -30,6 +30,7 @@ from .dataset import eval_dataset
 from .features import assemble_features, embedding_table
 from .files import ArtifactError, file_digest, read_json
 from .inference import Policy, run_backbone
+from .lock import experiment_lock
 from .models import build_frozen, data_config, load_checkpoint
 from .submission import check_output_path, write_submission
 
@@ -134,9 +135,17 @@ class Experiment:
 def predict(artifacts_dir: Path, data: Path, out: Path | None = Path("submission.csv"), device: str = "auto",
             estimate: int | None = None) -> Path | None:
     """Write ``out`` (a validated submission.csv); with ``estimate`` only time a few images (returns None)."""
-    art, data = Path(artifacts_dir), Path(data)
-    if estimate is None:
-        check_output_path(Path(out))
+    if estimate is not None:
+        return _predict(Path(artifacts_dir), Path(data), None, device, estimate)
+    out = Path(out)
+    check_output_path(out)  # a folder or an unwritable place fails now, not after the whole inference
+    with experiment_lock(out.parent, "predict", name=f".{out.name}.lock", sweep=False):
+        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed predict's half-written file
+            stale.unlink(missing_ok=True)
+        return _predict(Path(artifacts_dir), Path(data), out, device, None)
+
+
+def _predict(art: Path, data: Path, out: Path | None, device: str, estimate: int | None) -> Path | None:
     found = read_manifest(art)
     device = backend.resolve_device(device)
     test, sample = read_test_set(data)
@@ -154,7 +163,7 @@ def predict(artifacts_dir: Path, data: Path, out: Path | None = Path("submission
         return None
     weights = found["weights"]
     blend = sum(weights[m] * columns[m] for m in columns)
-    write_submission(pd.DataFrame({ID: test[ID], "pred": blend}), sample, Path(out))
+    write_submission(pd.DataFrame({ID: test[ID], "pred": blend}), sample, out)
     log.info("predict: %d test images, %s in %.1fs -> %s", n_total,
              ", ".join(f"{m} x {weights[m]:.3f}" for m in columns), seconds, out)
     return Path(out)

@@ -151,10 +151,19 @@ def require_upstream(ctx: Context, name: str) -> None:
 
 def check_writable(folder: Path) -> None:
     """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space)."""
+    import errno
+
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     probe = folder / f".write-probe.{os.getpid()}.tmp"
     try:
-        probe.write_bytes(b"0" * 4096)
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(folder)) from None
     finally:
         probe.unlink(missing_ok=True)
 
@@ -169,9 +178,10 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     t0 = time.time()
     with process_group(device) as dist:
         ctx = Context(cfg, device, dist, hooks or {})
+        if dist.main:
+            check_writable(cfg.out)
         with experiment_lock(cfg.out, name) if dist.main else contextlib.nullcontext():
             if dist.main:
-                check_writable(cfg.out)
                 log.info("== %s ==", name)
             if stage.IMAGES and dist.main:
                 from .data import ensure_valid
@@ -179,6 +189,8 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
                 ctx._comp = ensure_valid(cfg.data, artifacts.data_check_record(cfg.out))
             require_upstream(ctx, name)
             result = run_planned(ctx, name)
+            if dist.main and hasattr(stage, "tidy"):
+                stage.tidy(ctx)  # leftovers of killed runs that no manifest lists (e.g. a done fold's last.pt)
     if dist.main:
         seconds = time.time() - t0
         if not result.cached:

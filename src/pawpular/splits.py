@@ -56,10 +56,14 @@ def read_folds(out, train: pd.DataFrame, folds_cfg: FoldsConfig) -> pd.DataFrame
     path = artifacts.folds_csv(out)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `pawpular folds` first")
-    folds = pd.read_csv(path, dtype={ID: str})
-    problems = [Problem("folds.csv", "columns", f"missing column '{c}'") for c in (ID, "fold") if c not in folds]
+    return check_folds(pd.read_csv(path, dtype={ID: str}), train, folds_cfg)
+
+
+def check_folds(folds: pd.DataFrame, train: pd.DataFrame, folds_cfg: FoldsConfig, name: str = "folds.csv") -> pd.DataFrame:
+    """A folds table (Id, fold) checked against train.csv and the config; in train.csv's row order."""
+    problems = [Problem(name, "columns", f"missing column '{c}'") for c in (ID, "fold") if c not in folds]
     if not problems:
-        problems = _id_problems(folds, train) + _fold_problems(folds, folds_cfg)
+        problems = _id_problems(folds, train, name) + _fold_problems(folds, folds_cfg, name)
     if problems:
         raise DataError(problems)
     out_df = train[[ID]].merge(folds[[ID, "fold"]], on=ID, how="left")
@@ -67,25 +71,26 @@ def read_folds(out, train: pd.DataFrame, folds_cfg: FoldsConfig) -> pd.DataFrame
     return out_df
 
 
-def _id_problems(folds: pd.DataFrame, train: pd.DataFrame) -> list[Problem]:
+def _id_problems(folds: pd.DataFrame, train: pd.DataFrame, name: str) -> list[Problem]:
     ids, known = set(folds[ID]), set(train[ID])
-    return ([Problem("folds.csv", f"Id {i}", "train Id without a fold") for i in sorted(known - ids)[:20]]
-            + [Problem("folds.csv", f"Id {i}", "not in train.csv") for i in sorted(ids - known)[:20]]
-            + [Problem("folds.csv", f"Id {i}", "listed more than once") for i in sorted(folds[ID][folds[ID].duplicated()])[:20]])
+    return ([Problem(name, f"Id {i}", "train Id without a fold") for i in sorted(known - ids)[:20]]
+            + [Problem(name, f"Id {i}", "not in train.csv") for i in sorted(ids - known)[:20]]
+            + [Problem(name, f"Id {i}", "listed more than once") for i in sorted(folds[ID][folds[ID].duplicated()])[:20]])
 
 
-def _fold_problems(folds: pd.DataFrame, fc: FoldsConfig) -> list[Problem]:
+def _fold_problems(folds: pd.DataFrame, fc: FoldsConfig, name: str) -> list[Problem]:
     values = pd.to_numeric(folds["fold"], errors="coerce")
-    allowed = set(range(fc.n_folds)) | ({HOLDOUT} if fc.holdout > 0 else set())
+    allowed = set(range(fc.n_folds)) | ({HOLDOUT} if fc.holdout > 0 or fc.file else set())
     problems = []
     for i in np.flatnonzero(~(values.isin(list(allowed))).to_numpy())[:20]:
         raw, id_ = folds["fold"].iloc[i], folds[ID].iloc[i]
-        why = ("fold -1 marks the holdout, but folds.holdout is 0" if values.iloc[i] == HOLDOUT
+        raw = raw.item() if isinstance(raw, np.generic) else raw  # 7, 1.5, nan or 'x' as written, not np.int64(7)
+        why = ("fold -1 marks the holdout, but folds.holdout is 0 (and no folds.file)" if values.iloc[i] == HOLDOUT
                else f"fold must be an integer in 0..{fc.n_folds - 1} (folds.n_folds={fc.n_folds}), got {raw!r}")
-        problems.append(Problem("folds.csv", f"line {i + 2} (Id {id_})", why))
+        problems.append(Problem(name, f"line {i + 2} (Id {id_})", why))
     if not problems:
         empty = sorted(set(range(fc.n_folds)) - set(values.astype(int)))
-        problems += [Problem("folds.csv", f"fold {k}", f"has no rows (folds.n_folds={fc.n_folds})") for k in empty]
+        problems += [Problem(name, f"fold {k}", f"has no rows (folds.n_folds={fc.n_folds})") for k in empty]
     return problems
 
 

@@ -22,173 +22,19 @@ import contextlib
 import hashlib
 import logging
 import math
-import re
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
+
+# Re-exported: the stage and the tests take the storage functions from here, with the study's.
+from .study_storage import SETTING, StudyStorageError, make_storage, mask_url, sqlite_path, storage_url  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-SETTING = "svr.storage"  # the config key users set; named in every storage error
 _CLAIM = "pawpular:claimed"  # system attr: the trial number a worker wrote when it claimed the trial (see _claim)
-
-
-class StudyStorageError(ValueError):
-    """The study storage cannot be used: bad URL, missing driver, server down, refused or wrong credentials."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Storage
-
-
-def storage_url(setting: str | None, default_sqlite: Path) -> str:
-    """The storage URL: ``setting`` as given, or for ``None`` the SQLite file ``default_sqlite`` (absolute).
-
-    The file name goes through an SQLite URI (``?uri=true``), percent-encoded for SQLite and again for
-    SQLAlchemy's URL parser (which decodes the database part once), so ``?``, ``#``, ``%41``, ``{}`` and spaces
-    reach SQLite verbatim. A plain ``sqlite:///{path}`` cuts the name at ``?`` and trips on ``%``.
-    """
-    import sqlalchemy
-
-    if setting is not None:
-        # A bare postgresql:// means psycopg2 (requirements-distributed.txt), whatever SQLAlchemy's default
-        # driver is (2.0: psycopg2, 2.1: psycopg 3); postgresql+DRIVER:// is taken as written.
-        try:
-            u = sqlalchemy.make_url(setting)
-        except sqlalchemy.exc.ArgumentError:
-            return setting  # make_storage reports it
-        if u.drivername in ("postgresql", "postgres"):  # postgres:// too, as libpq and Heroku write it
-            return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
-        return setting
-
-    database = "file:" + quote(str(Path(default_sqlite).resolve()), safe="/")
-    return sqlalchemy.URL.create("sqlite", database=database, query={"uri": "true"}).render_as_string(
-        hide_password=False)
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a SQLite URL (plain or URI form); ``None`` for other databases and in-memory ones."""
-    import sqlalchemy
-
-    u = sqlalchemy.make_url(url)
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
-        return None
-    db = u.database
-    if u.query.get("uri") in ("true", "1", "True") and db.startswith("file:"):
-        db = db[len("file:"):].split("?", 1)[0].split("#", 1)[0]
-        if db.startswith("//"):  # file:///abs/path: an empty authority
-            db = db[2:]
-        db = unquote(db)
-        if db in ("", ":memory:"):
-            return None
-    return Path(db)
-
-
-def mask_url(url: str) -> str:
-    """``url`` with its password replaced by ``***`` (also for a URL SQLAlchemy cannot parse)."""
-    try:
-        import sqlalchemy
-
-        return sqlalchemy.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - an unparsable URL still gets masked by hand
-        return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
-
-
-def _engine_kwargs(url: str, connect_timeout: int) -> dict:
-    import sqlalchemy
-
-    u = sqlalchemy.make_url(url)
-    if u.get_backend_name() == "sqlite":  # wait for other processes' write locks instead of "database is locked"
-        return {"connect_args": {"timeout": 60}}
-    # pool_pre_ping: a trial may run for minutes; a connection dropped meanwhile is replaced, not an error.
-    # libpq's connect_timeout: an unreachable host fails in seconds, not after the OS's minutes-long TCP timeout.
-    libpq = u.get_driver_name() in ("psycopg2", "psycopg")
-    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": connect_timeout} if libpq else {}}
-
-
-def _storage_error(url: str, err: BaseException, connected: bool = False) -> StudyStorageError:
-    """A StudyStorageError naming the setting, the masked URL and what to do."""
-    import sqlalchemy
-
-    masked = mask_url(url)
-    try:
-        password = sqlalchemy.make_url(url).password
-    except Exception:  # noqa: BLE001
-        password = None
-    if isinstance(err, ImportError):
-        reason = f"the database driver is not installed ({type(err).__name__}: {err}); " + (
-            "pip install -r requirements-distributed.txt" if getattr(err, "name", None) == "psycopg2"
-            else "install that module, or write postgresql:// (psycopg2, from requirements-distributed.txt)")
-    elif isinstance(err, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError)):
-        reason = (f"not a database URL ({err}); expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
-                  "or leave it unset for the experiment's own SQLite file")
-    else:
-        detail = " ".join(line.strip() for line in str(getattr(err, "orig", None) or err).strip().splitlines()[:3])
-        sqlite = url.startswith("sqlite")
-        if connected:  # e.g. PostgreSQL 15+: only the database owner may create tables in schema public
-            reason = (f"connected, but cannot create Optuna's tables ({detail}); the user needs to own the "
-                      "database, or GRANT CREATE ON SCHEMA public TO the user")
-        else:
-            reason = (f"cannot {'open' if sqlite else 'connect'} ({detail}); "
-                      + ("does its folder exist, and may we write there?" if sqlite else
-                         "is the server running and reachable, and are the user, password and database right?"))
-    message = f"{SETTING}: {masked}: {reason}"
-    if password:
-        message = message.replace(password, "***")
-    return StudyStorageError(message)
-
-
-def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interval: int = 10,
-                 grace_period: int = 60, max_retry: int | None = 3, connect_timeout: int = 5) -> Any:
-    """An ``optuna.storages.RDBStorage`` for ``setting`` (see ``storage_url``), checked by connecting once.
-
-    Heartbeat: a running trial records one every ``heartbeat_interval`` s; one silent for more than
-    ``grace_period`` s is failed and its parameters are retried up to ``max_retry`` times (None: forever).
-    Raises ``StudyStorageError`` for a bad URL, a missing driver or a server that is down or refuses us,
-    before any table is created. With ``setting=None`` the folder of ``default_sqlite`` is created.
-    """
-    import optuna
-    import sqlalchemy
-
-    url = storage_url(setting, default_sqlite)
-    try:
-        backend = sqlalchemy.make_url(url).get_backend_name()
-    except sqlalchemy.exc.ArgumentError as e:
-        raise _storage_error(url, e) from None
-    if backend not in ("postgresql", "sqlite"):
-        raise StudyStorageError(f"{SETTING}: {mask_url(url)}: not a postgresql:// or sqlite:// URL, the two this "
-                                "supports (workers share the trial budget through a lock implemented for them); "
-                                "expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
-    if setting is None:
-        Path(default_sqlite).parent.mkdir(parents=True, exist_ok=True)
-    kwargs = _engine_kwargs(url, connect_timeout)
-    try:  # connect once with a throwaway engine: errors surface here, before RDBStorage creates its tables
-        engine = sqlalchemy.create_engine(url, **kwargs)
-        try:
-            with engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-        finally:
-            engine.dispose()
-    except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
-        raise _storage_error(url, e) from None
-
-    # Optuna 4.9 renamed RetryFailedTrialCallback / failed_trial_callback (deprecated since, removed in 6).
-    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if retry_cls is not None:
-            retry = {"heartbeat_stale_trial_callback": retry_cls(max_retry=max_retry)}
-        else:
-            retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
-                                              grace_period=grace_period, **retry)
-        except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
-            raise _storage_error(url, e, connected=True) from None
 
 
 def _rdb(study: Any) -> Any:

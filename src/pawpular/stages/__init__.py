@@ -17,12 +17,9 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..artifacts import PIPELINE
-
-if TYPE_CHECKING:
-    from ..runner import Context
 
 ON_DEMAND = ("select",)
 __all__ = ["PIPELINE", "ON_DEMAND", "Plan", "Result", "get"]

@@ -29,14 +29,13 @@ from ..config import ModelConfig, backbone_configs, backbone_model_config
 from ..dataset import eval_dataset
 from ..distributed import torch_device
 from ..features import embedding_table
-from ..files import file_digest, link_or_copy
+from ..files import ArtifactError, file_digest, link_or_copy
 from ..inference import Policy, run_backbone
 from ..models import build_frozen, build_model, data_config, frozen_description, load_checkpoint, read_checkpoint
 from ..splits import fold_ids, read_folds
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-NAME = "embed"
 SUMMARY = "embed every image with each fold's backbone (and frozen backbones): parquet tables"
 HELP = __doc__
 IMAGES = True
@@ -88,7 +87,10 @@ def unit_plan(ctx, unit: Unit) -> Plan:
     config = {"embed": {"tta_hflip": e.tta_hflip, "compress": e.compress}}
     if unit.checkpoint is not None:
         inputs = ctx.file_inputs([unit.checkpoint])
-        transform = unit.data_cfg() if unit.checkpoint.is_file() else None
+        try:
+            transform = unit.data_cfg() if unit.checkpoint.is_file() else None
+        except ArtifactError:  # a damaged best.pt: the checkpoint's digest already says it changed
+            transform = None
     else:
         inputs = {"frozen backbone": manifest.key_of(frozen_description(unit.model_cfg), {})}
         transform = unit.data_cfg()
@@ -139,7 +141,7 @@ def run(ctx) -> Result:
     if cached:
         log.info("embeddings unchanged, reused from cache: %s", ", ".join(cached))
     log.info("embed summary: %s", ", ".join(f"{k}={v}" for k, v in status.items()))
-    info = {"policy": policy.to_dict(), "device": ctx.device, "units": status}
+    info = {"policy": policy.to_dict(), "device": ctx.device}  # what the files are, not how this run went
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 
@@ -170,7 +172,7 @@ def _compute(ctx, unit: Unit, plan_: Plan, policy: Policy) -> None:
     files = [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS]
     manifest.commit(path, ctx.out, manifest.Record(plan_.config, plan_.inputs, info={
         "policy": policy.to_dict(), "device": ctx.device, "dim": int(tables["train"].shape[1] - 1), "images": n,
-        "seconds": round(seconds, 2), "source": "finetuned" if unit.checkpoint else "frozen"}), files)
+        "source": "finetuned" if unit.checkpoint else "frozen"}), files)  # no timings: same work, same bytes
 
 
 def _link_unit(ctx, src: Unit, dst: Unit, plan_: Plan) -> None:

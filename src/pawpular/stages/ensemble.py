@@ -34,7 +34,6 @@ from ..files import write_csv
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-NAME = "ensemble"
 SUMMARY = "blend the NN and SVR heads with weights fit on out-of-fold predictions -> submission.csv"
 HELP = __doc__
 IMAGES = False

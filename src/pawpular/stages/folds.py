@@ -4,6 +4,7 @@ Reads   train.csv (and the train photos with folds.group_duplicates)
 Writes  folds/folds.csv       Id, fold (-1: holdout)
         folds/duplicates.csv  Id, group, hash of every photo with an exact or near duplicate
 Run     pawpular folds --config configs/default.yaml [--set folds.n_folds=10] [--set folds.holdout=0.1]
+        pawpular folds --set folds.file=my_folds.csv    your own split (Id,fold), checked and copied
 
 The target is cut into Sturges' rule bins and StratifiedKFold keeps each bin's share in every fold. With
 group_duplicates, photos whose 64-bit DCT pHashes differ in at most hash_threshold bits form one group and
@@ -14,18 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 import pandas as pd
 
 from .. import artifacts
 from ..data import ID, TARGET
 from ..duplicates import duplicate_groups, group_table, image_hashes
-from ..files import remove, remove_tree, write_csv
-from ..splits import make_folds
+from ..files import digest_or_none, remove, remove_tree, write_csv
+from ..splits import check_folds, make_folds
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-NAME = "folds"
 SUMMARY = "split train.csv into stratified folds (duplicates kept together; optional holdout)"
 HELP = __doc__
 IMAGES = True
@@ -37,10 +38,30 @@ def needs(cfg) -> list[str]:
 
 def plan(ctx) -> Plan:
     fc = ctx.cfg.folds
+    if fc.file:  # the user's split: its bytes decide, not the split settings
+        return Plan({"folds": {"file": fc.file, "n_folds": fc.n_folds, "holdout": fc.holdout}},
+                    {"folds.file": digest_or_none(fc.file), **ctx.data_inputs("train.csv")})
     return Plan({"folds": dataclasses.asdict(fc)}, ctx.data_inputs("train.csv", images=("train",) if fc.group_duplicates else ()))
 
 
+def _from_file(ctx) -> Result:
+    """folds.file: checked against train.csv and the config (splits.check_folds), then copied as folds.csv."""
+    cfg = ctx.cfg
+    path = Path(cfg.folds.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"folds.file: {path} not found")
+    folds = check_folds(pd.read_csv(path, dtype={ID: str}), ctx.comp.train, cfg.folds, path.name)
+    write_csv(folds, artifacts.folds_csv(cfg.out))
+    remove(artifacts.duplicates_csv(cfg.out))
+    _remove_extra_fold_dirs(cfg.out, cfg.folds.n_folds)
+    log.info("folds: %s (%d folds, %d holdout rows) -> %s", path, cfg.folds.n_folds, int((folds["fold"] < 0).sum()),
+             artifacts.folds_csv(cfg.out))
+    return Result([artifacts.folds_csv(cfg.out)], {"n_folds": cfg.folds.n_folds, "file": str(path)})
+
+
 def run(ctx) -> Result:
+    if ctx.cfg.folds.file:
+        return _from_file(ctx)
     cfg, train = ctx.cfg, ctx.comp.train
     outputs, groups = [artifacts.folds_csv(cfg.out)], None
     if cfg.folds.group_duplicates:

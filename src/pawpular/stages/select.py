@@ -39,7 +39,6 @@ from ..progress import Progress
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-NAME = "select"
 SUMMARY = "forward selection of embedding sets for the SVR head (several backbones)"
 HELP = __doc__
 IMAGES = False

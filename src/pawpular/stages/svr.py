@@ -38,7 +38,6 @@ from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-NAME = "svr"
 SUMMARY = "fit the SVR head per fold on the embeddings, Optuna tuning C on out-of-fold RMSE"
 HELP = __doc__
 IMAGES = False
@@ -136,7 +135,7 @@ def run(ctx) -> Result:
              artifacts.svr_dir(cfg.out))
     models = [artifacts.svr_model(cfg.out, f.fold) for f in folds]
     return Result([*outputs, *models, artifacts.best_params(cfg.out)],
-                  {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse, "tune_seconds": round(t_tune, 2)})
+                  {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse})
 
 
 def study_name(cfg, values: str) -> str:

@@ -3,11 +3,13 @@
 Reads   the competition (train.csv, test.csv, photos), folds/folds.csv
 Writes  train/fold{k}/best.pt       best epoch by validation RMSE (SSF merged: a plain PawModel)
         train/fold{k}/last.pt       resume state after each epoch; removed when the fold is done
-        train/fold{k}/metrics.csv   epoch, train_loss, val_rmse, lr, seconds
+        train/fold{k}/metrics.csv   epoch, train_loss, val_rmse, lr
         train/fold{k}/{oof,test,holdout}.parquet   the best epoch's predictions (holdout with folds.holdout)
         train/{oof,test,holdout}.parquet   every fold-assigned train Id once / means over folds
 Needs   pawpular folds
-Keys    model.* (name, pretrained, finetune, img_size, use_meta), train.* (epochs, lr, batch_size, amp, ...)
+Keys    model.name, model.pretrained, model.finetune (full | fpt | ssf | head), model.img_size, model.use_meta;
+        train.epochs, train.lr, train.head_lr, train.batch_size, train.accum_steps, train.amp, train.tta_hflip,
+        train.patience, train.folds (only these folds); `pawpular config keys` lists every setting
 Run     pawpular train --config configs/default.yaml [--set train.epochs=3] [--set train.folds=[0,1]]
         torchrun --nproc_per_node N -m pawpular.cli train --config ...   DistributedDataParallel, rank 0 writes
 
@@ -41,7 +43,6 @@ from ..training import FoldState, Trainer, grad_scaler, make_optimizer, make_sch
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-NAME = "train"
 SUMMARY = "fine-tune the backbone + head on every fold (BCE on target/100); OOF and test predictions"
 HELP = __doc__
 IMAGES = True
@@ -109,8 +110,6 @@ def run(ctx) -> Result:
         if v.done and not cfg.overwrite:
             log.info("fold %d: already trained (%s); skipping (--overwrite retrains)", fold,
                      artifacts.train_fold_dir(cfg.out, fold))
-            if ctx.dist.main:  # a kill between the fold's manifest and removing last.pt leaves one behind
-                remove(artifacts.last_checkpoint(cfg.out, fold))
             continue
         if not cfg.overwrite and _weights_current(ctx, fold, v):
             log.info("fold %d: %s (%s); its weights still hold: predicting again", fold, v.state, v.why())
@@ -124,6 +123,13 @@ def run(ctx) -> Result:
     outputs = combine(ctx, folds, known) if complete else []
     info = {"folds": known, "policy": policy.to_dict(), "device": ctx.device}
     return Result(outputs, info, complete=complete, cached=ran == 0 and complete)
+
+
+def tidy(ctx) -> None:
+    """A done fold needs no last.pt: a kill between its manifest and the removal leaves one (GBs for big models)."""
+    for fold in range(ctx.cfg.folds.n_folds):
+        if _fold_verdict(ctx, fold).done:
+            remove(artifacts.last_checkpoint(ctx.out, fold))
 
 
 class FoldRun:
@@ -232,8 +238,8 @@ class FoldRun:
             state.bad_epochs += 1
         state.stopped = tc.patience > 0 and state.bad_epochs >= tc.patience
         lr = self.trainer.optimizer.param_groups[0]["lr"]
-        state.history.append({"epoch": epoch + 1, "train_loss": loss, "val_rmse": val_rmse, "lr": lr,
-                              "seconds": round(seconds, 2)})
+        # No timings in metrics.csv: a resumed run writes the same bytes as an uninterrupted one (they are logged).
+        state.history.append({"epoch": epoch + 1, "train_loss": loss, "val_rmse": val_rmse, "lr": lr})
         if self.ctx.dist.main:
             if improved:
                 save_torch({"model": export_state_dict(model), "model_cfg": dataclasses.asdict(self.cfg.model),
