@@ -67,6 +67,23 @@ def test_csv_problem_is_named(competition_copy, case):
     assert any(expected.format(id=first) in p for p in problems), problems
 
 
+def test_a_column_error_does_not_hide_the_rest_of_the_file(competition_copy):
+    """Old: a renamed column hid every other problem of train.csv until it was fixed: one pass lists them all."""
+    first = _first_id(competition_copy)
+
+    def break_it(d: pd.DataFrame) -> pd.DataFrame:
+        d = d.rename(columns={"Subject Focus": "SubjectFocus"})
+        d.loc[0, "Blur"] = 7
+        d.loc[1, TARGET] = 250
+        return d
+
+    _edit_csv(competition_copy / "train.csv", break_it)
+    problems = _problems(competition_copy, images=False)
+    assert any("missing column 'Subject Focus'" in p for p in problems)
+    assert f"train.csv: line 2 (Id {first}): 'Blur' must be 0 or 1, got 7" in problems
+    assert any("Pawpularity 250 outside [1, 100]" in p for p in problems)
+
+
 def test_missing_csv_and_unparseable_csv(competition_copy):
     (competition_copy / "test.csv").unlink()
     (competition_copy / "train.csv").write_bytes(b"\xff\xfe\x00garbage\x00")

@@ -226,3 +226,17 @@ def test_run_sh_passes_set_data_and_output_to_the_pipeline(small_competition, tm
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"submission: {out}/submission.csv" in r.stdout and (out / "report.html").is_file()
     assert load_config(out / "config.yaml").svr.n_trials == 8 and load_config(out / "config.yaml").folds.n_folds == 3
+
+
+def test_offline_hub_fails_in_seconds_with_the_local_file_hint(small_competition, tmp_path, capsys):
+    """Old: about a minute of retries, then a generic Hugging Face error that never named model.pretrained."""
+    out = tmp_path / "exp"
+    assert cli.main(["folds", *tiny_args(small_competition, out)]) == 0
+    t0 = time.time()
+    code = cli.main(["train", *tiny_args(small_competition, out), "--set", "model.pretrained=hub"])
+    seconds = time.time() - t0
+    err = capsys.readouterr().err
+    if "unreachable" not in err:
+        pytest.skip("this machine reaches huggingface.co: the offline path cannot be shown here")
+    assert code == 2 and seconds < 30
+    assert "model.pretrained: hub" in err and "local .safetensors" in err and "Traceback" not in err
