@@ -145,9 +145,9 @@ def test_machines_started_together_on_a_fresh_database(postgres_db, tmp_path):
         "try:\n    st.make_storage(sys.argv[1], Path('unused'))\n    print('ok')\n"
         "except st.StudyStorageError as e:\n    print(e)\n")
     procs = [subprocess.Popen([sys.executable, str(script), postgres_db], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(3)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(5)]
     try:
-        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 3  # imports done: start them together
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 5  # imports done: start them together
         for p in procs:
             p.stdin.write("go\n")
             p.stdin.flush()
@@ -157,7 +157,7 @@ def test_machines_started_together_on_a_fresh_database(postgres_db, tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    assert said == ["ok"] * 3
+    assert said == ["ok"] * 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,16 +266,25 @@ def test_overwrite_keeps_a_shared_study_and_delete_study_removes_it(experiment_r
 # e. local workers on the experiment's own SQLite study
 
 
-def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run, small_competition, tmp_path):
-    """`pawpular svr --workers 3`: exactly n COMPLETE trials in svr/study.db, shared between the stage's process
-    and its workers (their logged counts add up to n, at least 2 processes ran trials; a trial here takes ~0.2 s
-    and a worker starts in a few seconds, hence n=80), and one set of outputs, fitted with the study's best C."""
+def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run, small_competition, tmp_path,
+                                                                   monkeypatch, capfd):
+    """`pawpular svr --workers 3` (cli.main in this process): exactly n COMPLETE trials in svr/study.db, shared
+    between the stage's process and its 2 workers (their logged counts add up to n, and at least 2 processes
+    ran trials), and one set of outputs, fitted with the study's best C.
+
+    A trial on the tiny run takes ~0.1 s and a spawned worker needs 5-20 s (imports, folds, kernels) on a busy
+    2-core machine, so the stage's process alone could fill the budget before a worker starts: its trials are
+    slowed here to 1 s (the workers, fresh interpreters, run the real speed)."""
     import pickle
 
-    n = 80
+    from pawpular import cli as pcli, svm
+
+    n = 40
+    real = svm.oof_rmse
+    monkeypatch.setattr(svm, "oof_rmse", lambda *a, **k: (time.sleep(1.0), real(*a, **k))[1])
     out = machine(experiment_run, tmp_path / "w")
-    (r,) = run_all(cli("svr", small_competition, out, f"svr.n_trials={n}", flags=("--workers", "3")))
-    ok([r])
+    assert pcli.main(["svr", *tiny_args(small_competition, out), "--set", f"svr.n_trials={n}", "--workers", "3"]) == 0
+    r = subprocess.CompletedProcess([], 0, *capfd.readouterr())
 
     b = best(out)
     study = load(st.storage_url(None, artifacts.study_db(out)), b["study_name"])
