@@ -42,18 +42,23 @@ class Dist:
         return np.arange(self.rank, n, self.world)
 
     def gather(self, idx: np.ndarray, part: np.ndarray | None, n: int) -> np.ndarray | None:
-        """Every rank's (positions, rows) put back in order; every rank gets the whole array."""
+        """Every rank's (positions, rows) put back in order; every rank gets the whole array.
+
+        A rank with no positions (more ranks than items) sends None for its rows; None from every rank: None.
+        """
         if not self.enabled:
             return part
         import torch
 
         parts: list = [None] * self.world
         torch.distributed.all_gather_object(parts, (idx, part))
-        if parts[0][1] is None:
+        rows = [p for i, p in parts if len(i) and p is not None]
+        if not rows:
             return None
-        whole = np.empty((n, *parts[0][1].shape[1:]), dtype=parts[0][1].dtype)
+        whole = np.empty((n, *rows[0].shape[1:]), dtype=rows[0].dtype)
         for i, p in parts:
-            whole[i] = p
+            if len(i):
+                whole[i] = p
         return whole
 
     def mean(self, value: float, device: Any) -> float:

@@ -118,10 +118,13 @@ def run_backbone(model: torch.nn.Module, dataset: Any, device: str | torch.devic
                  dist: Dist = Dist(), desc: str = "") -> Outputs:
     """``forward_batches`` over a whole dataset (under torchrun: this rank's shard, then gathered)."""
     idx = dist.shard(len(dataset))
-    part = dataset if not dist.enabled else torch.utils.data.Subset(dataset, idx.tolist())
-    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         pin_memory=torch.device(device).type == "cuda")
-    out = forward_batches(model, loader, device, policy, pred_tta=pred_tta, emb_tta=emb_tta, desc=desc)
+    if dist.enabled and not len(idx):  # more ranks than images (Kaggle's 8 test photos): nothing to run here,
+        out = Outputs()                # but the gathers are collective: every rank must join them
+    else:
+        part = dataset if not dist.enabled else torch.utils.data.Subset(dataset, idx.tolist())
+        loader = torch.utils.data.DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                             pin_memory=torch.device(device).type == "cuda")
+        out = forward_batches(model, loader, device, policy, pred_tta=pred_tta, emb_tta=emb_tta, desc=desc)
     return Outputs(dist.gather(idx, out.pred, len(dataset)), dist.gather(idx, out.emb, len(dataset)))
 
 

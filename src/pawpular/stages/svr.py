@@ -20,10 +20,12 @@ with old ones. The SVR is scikit-learn on a CPU and cuML on a RAPIDS GPU (``back
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import pickle
+import signal
 import time
 
 import numpy as np
@@ -175,7 +177,9 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str) -> tup
             ran = studies.run_trials(study, svm.make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
     finally:
         svm.detach_kernels(folds)
-        stop_workers(helpers)
+        failed = stop_workers(helpers)  # never raises: an error or Ctrl-C on its way out stays the one reported
+    if failed:
+        raise RuntimeError(f"svr: {len(failed)} local worker(s) failed (exit codes {failed}); see the log above")
     return ran, time.time() - t0
 
 
@@ -188,20 +192,44 @@ def start_workers(cfg, name: str, n: int, device: str) -> list:
 
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(cfg.to_dict(), name, device), daemon=True) for _ in range(n)]
-    for p in procs:
-        p.start()
+    with _ignoring_sigint():  # inherited through exec: a Ctrl-C is the stage's process's to handle, from the start
+        for p in procs:
+            p.start()
     return procs
 
 
-def stop_workers(procs: list) -> None:
-    for p in procs:
-        p.join(timeout=5)  # the budget is full once our run_trials returns: they are finishing
+@contextlib.contextmanager
+def _ignoring_sigint():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_workers(procs: list, wait: float = 10.0) -> list[int]:
+    """Stop the local workers at once; returns the exit codes of those that had failed on their own.
+
+    Called when the stage's run_trials returned (the study holds n_trials COMPLETE trials, so no worker can claim
+    another: waiting for one that is still loading its folds, or sleeping a poll interval, gains nothing) or
+    raised (its error, or a Ctrl-C, is what gets reported). SIGTERM makes a worker log its count and exit 0;
+    one busy in C code past ``wait`` seconds is killed (a trial it left RUNNING goes stale and is retried).
+    """
+    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]  # exited before we asked: their own error
+    alive = [p for p in procs if p.exitcode is None]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + wait
+    for p in alive:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
         if p.is_alive():
-            p.terminate()
+            p.kill()
             p.join()
-    failed = [p.exitcode for p in procs if p.exitcode not in (0, None, -15)]
-    if failed:
-        raise RuntimeError(f"svr: {len(failed)} local worker(s) failed (exit codes {failed}); see the log above")
+    return failed
 
 
 def _worker(cfg_dict: dict, name: str, device: str) -> None:
@@ -212,6 +240,14 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     from ..config import load_config_dict
     from ..runner import Context
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the stage stops us
+    ran = 0
+
+    def stop(signum, frame) -> None:  # stop_workers: the study is full, or the stage is failing
+        log.info("svr worker %d: %d trials (stopped by the stage)", os.getpid(), ran)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     os.environ["PAWPULAR_SVR_THREADS"] = "1"  # the stage's process and its workers share the cores
     _setup_logging(False)
     cfg = load_config_dict(cfg_dict)
@@ -223,7 +259,12 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
         svm.attach_kernels(folds)
     study = studies.open_study(name, open_storage(cfg), cfg.svr.seed, shared=True)
     y = ctx.comp.train[TARGET].to_numpy(np.float64)
-    ran = studies.run_trials(study, svm.make_objective(folds, y, cfg.svr, device), cfg.svr.n_trials)
+
+    def count(study, trial) -> None:
+        nonlocal ran
+        ran += 1
+
+    studies.run_trials(study, svm.make_objective(folds, y, cfg.svr, device), cfg.svr.n_trials, callbacks=[count])
     log.info("svr worker %d: %d trials", os.getpid(), ran)
 
 
