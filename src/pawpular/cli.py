@@ -210,6 +210,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import api
+    from .distributed import is_lead_process
 
     if args.command == "make-synthetic":
         from .synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
@@ -245,7 +246,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         output = args.output or config_from(args.config, output=args.output).out
         print(api.report(output, args.data))
         return 0
-    print(api.run_config(args.command, _config(args)))
+    result = api.run_config(args.command, _config(args))
+    if is_lead_process():  # under torchrun, one line, not one per rank
+        print(result)
     return 0
 
 

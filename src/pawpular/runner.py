@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from . import artifacts, manifest, stages
 from .config import Config, save_config
-from .distributed import Dist, process_group
+from .distributed import Dist, is_lead_process, process_group
 from .files import ArtifactError, digest_or_none, read_json, write_json
 
 log = logging.getLogger("pawpular")
@@ -176,6 +176,8 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     stage = stages.get(name)
     device = resolve_device(cfg.device)
     t0 = time.time()
+    if not getattr(stage, "DISTRIBUTED", False) and not is_lead_process():
+        return stages.Result([], cached=True)  # under torchrun only train and embed use the other ranks
     with process_group(device) as dist:
         ctx = Context(cfg, device, dist, hooks or {})
         if dist.main:
@@ -212,6 +214,8 @@ def run_planned(ctx: Context, name: str) -> stages.Result:
         return stages.Result([ctx.out / p for p in v.record.outputs], v.record.info, cached=True)
     if v.state in (manifest.STALE, manifest.DAMAGED):
         log.info("%s: %s: %s", name, v.state, v.why(6))
+    if hasattr(stage, "check"):
+        stage.check(ctx)  # fails before the manifest is cleared: a bad setting leaves a finished stage finished
     if ctx.dist.main:
         manifest.clear(path)
     result = stage.run(ctx)

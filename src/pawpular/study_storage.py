@@ -6,8 +6,10 @@ before any table exists. The storage has heartbeats: a trial of a killed worker 
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -163,7 +165,30 @@ def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interva
         else:
             retry = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
-                                              grace_period=grace_period, **retry)
+            with _creating_tables(url, kwargs):
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
+                                                  grace_period=grace_period, **retry)
         except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
             raise _storage_error(url, e, connected=True) from None
+
+
+@contextlib.contextmanager
+def _creating_tables(url: str, kwargs: dict) -> Iterator[None]:
+    """PostgreSQL: one process at a time creates Optuna's tables (machines started together on a fresh database
+    otherwise collide on "duplicate key ... pg_type_typname_nsp_index"). A session advisory lock, dropped by the
+    server if this process dies."""
+    import sqlalchemy
+
+    if sqlalchemy.make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    engine = sqlalchemy.create_engine(url, **kwargs)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_advisory_lock(8327713490)")  # a fixed key: "creating pawpular's tables"
+            try:
+                yield
+            finally:
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(8327713490)")
+    finally:
+        engine.dispose()

@@ -39,6 +39,7 @@ log = logging.getLogger("pawpular")
 SUMMARY = "embed every image with each fold's backbone (and frozen backbones): parquet tables"
 HELP = __doc__
 IMAGES = True
+DISTRIBUTED = True  # under torchrun every rank takes part (rank 0 writes)
 
 
 def needs(cfg) -> list[str]:

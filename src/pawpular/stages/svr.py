@@ -51,6 +51,11 @@ def needs(cfg) -> list[str]:
     return ["folds", "embed"]
 
 
+def check(ctx) -> None:
+    """Before anything changes: a bad svr.storage fails here, the finished stage's files untouched."""
+    open_storage(ctx.cfg)
+
+
 def input_files(ctx) -> list:
     out, names = ctx.out, dict.fromkeys(ctx.cfg.svr.features)
     folds = range(ctx.cfg.folds.n_folds)
@@ -170,8 +175,8 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str) -> tup
         svm.attach_kernels(folds)
     try:
         with Progress(desc="svr trials", total=missing, unit="trial") as bar:
-            def progress(study, trial) -> None:
-                bar.update()
+            def progress(study, trial) -> None:  # the study's count: local workers' trials too
+                bar.update(studies.n_complete(study) - (s.n_trials - missing) - bar.done)
                 bar.set(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")
 
             ran = studies.run_trials(study, svm.make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])

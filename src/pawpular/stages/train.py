@@ -46,6 +46,7 @@ log = logging.getLogger("pawpular")
 SUMMARY = "fine-tune the backbone + head on every fold (BCE on target/100); OOF and test predictions"
 HELP = __doc__
 IMAGES = True
+DISTRIBUTED = True  # under torchrun every rank takes part (rank 0 writes)
 FOLD_FILES = ("best.pt", "metrics.csv", "oof.parquet", "test.parquet")
 
 
