@@ -202,7 +202,7 @@ def _status(args: argparse.Namespace) -> int:
     verdicts = status(cfg)
     print(f"{cfg.out} (data {cfg.data}):")
     for name, v in verdicts.items():
-        print(f"  {name:<9} {v.state:<8} {v.why(4)}")
+        print(f"  {name:<9} {v.state:<8} {v.why(4)}".rstrip())
     todo = [n for n, v in verdicts.items() if not v.done]
     print(f"next: pawpular all (recomputes {', '.join(todo)})" if todo else "everything is done and current")
     return 0

@@ -4,12 +4,16 @@ Each stage is a module here with the same small interface; the runner (``runner.
 needs before and after (lock, device, data check, upstream checks, manifest verdict / skip, timing), so a stage's
 ``run`` reads as inputs -> compute -> outputs:
 
-    NAME, SUMMARY                    the command's name and one line for `pawpular --help`
-    HELP                             what it reads, writes, needs first, and its main config keys
+    SUMMARY                          one line for `pawpular --help`
+    HELP                             what it reads, writes, needs first, and its main config keys (its docstring)
     IMAGES                           True when it decodes photos (the data contract is checked first)
     needs(cfg) -> [stage, ...]       upstream stages whose outputs it reads (each must be done first)
     plan(ctx) -> Plan                the config and input digests that decide its outputs (the cache key)
     run(ctx) -> Result               the work; returns the files it wrote
+
+and, where a stage needs them: DISTRIBUTED (every torchrun rank takes part: train, embed), check(ctx) (fail before
+anything changes: svr's storage), partial(ctx) (how much of an unfinished stage is done: train's folds),
+tidy(ctx) (leftovers no manifest lists: train's stray last.pt).
 """
 from __future__ import annotations
 
