@@ -1,4 +1,4 @@
-"""Training throughput: our loop (``pawpular.train.train_one_epoch``: bf16 autocast on GPU, channels_last, optional
+"""Training throughput: our loop (``pawpular.training.train_one_epoch``: bf16 or fp16 autocast on GPU, channels_last, optional
 torch.compile, grad clipping, per-step schedule) against a plain fp32 PyTorch loop, same model, image size and batch.
 
     python bench/train_throughput.py [--config configs/default.yaml] [--steps 20] [--rounds 3] [--set model.name=...]

@@ -23,7 +23,7 @@ import pawpular
 assert pawpular.__file__.startswith({src!r}), pawpular.__file__
 from pawpular.cli import main
 code = main({args!r})
-stages = sorted(m for m in sys.modules if m.startswith(("pawpular.stages", "pawpular.runner", "pawpular.training")))
+stages = sorted(m for m in sys.modules if m.startswith(("pawpular.stages.", "pawpular.runner", "pawpular.training")))
 assert not stages, f"predict imported pipeline-stage modules: {{stages}}"
 sys.exit(code)
 """

@@ -113,6 +113,15 @@ def test_stage_help_says_what_it_reads_writes_and_needs(stage, names, capsys):
         assert word in text, f"{stage} --help lacks {word!r}"
 
 
+def test_help_text_is_read_without_importing_stages():
+    """The parser's stage help comes from the sources (predict never imports training code): it is each module's own."""
+    from pawpular import stages
+
+    for name in (*stages.PIPELINE, *stages.ON_DEMAND):
+        module = stages.get(name)
+        assert stages.describe(name) == (module.SUMMARY, module.HELP), name
+
+
 def test_top_help_and_report_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])

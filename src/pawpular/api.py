@@ -51,7 +51,8 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     """Run ``stage`` ("all" = every pipeline stage in order, under one lock) with a resolved config."""
     from .distributed import is_lead_process
     from .lock import experiment_lock
-    from .runner import interruptible, run_stage
+    from .lock import interruptible
+    from .runner import run_stage
 
     with interruptible():
         if stage != "all":
@@ -81,7 +82,7 @@ def status(config: str | Path | None = None, *, output: str | Path | None = None
 def export(output: str | Path, to: str | Path, overwrite: bool = False, data: str | Path | None = None) -> Path:
     """Export a finished experiment for offline inference (see ``pawpular.export``); returns the folder."""
     from .exporter import export as _export
-    from .runner import interruptible
+    from .lock import interruptible
 
     with interruptible():
         return _export(Path(output), Path(to), overwrite=overwrite, data=str(data) if data else None)
@@ -90,7 +91,7 @@ def export(output: str | Path, to: str | Path, overwrite: bool = False, data: st
 def predict(artifacts_dir: str | Path, data: str | Path, out: str | Path = "submission.csv", device: str = "auto") -> Path:
     """Write a validated submission from an exported folder; returns its path (raises on any problem)."""
     from .predictor import predict as _predict
-    from .runner import interruptible
+    from .lock import interruptible
 
     with interruptible():
         return _predict(Path(artifacts_dir), Path(data), Path(out), device=device)

@@ -64,8 +64,8 @@ def _stage_commands(sub, raw) -> None:
     from . import stages
 
     for name in (*PIPELINE, *stages.ON_DEMAND):
-        module = stages.get(name)
-        p = sub.add_parser(name, help=module.SUMMARY, description=module.HELP, formatter_class=raw)
+        summary, description = stages.describe(name)
+        p = sub.add_parser(name, help=summary, description=description, formatter_class=raw)
         _config_args(p)
         if name == "svr":
             p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
@@ -233,7 +233,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "predict":
         from .predictor import predict
 
-        from .runner import interruptible
+        from .lock import interruptible
 
         with interruptible():
             written = predict(Path(args.artifacts), Path(args.data), Path(args.out), args.device, args.estimate)

@@ -5,7 +5,8 @@ drops it when the process ends, however it ends, so a killed run never blocks th
 foreign lock file means nothing by itself. The file also records the owner (pid, host, command) for the message
 a second writer gets. After taking the lock we check that the path still names the file we locked (a releaser
 may have unlinked it in between) and retry if not; release unlinks the file only while we still hold it.
-Re-entrant within one process: ``pawpular all`` holds it while each stage takes it again.
+Re-entrant within one process: ``pawpular all`` holds it while each stage takes it again. ``interruptible()``
+turns SIGTERM into an exception like Ctrl-C, so the lock is released and temp files swept on the way out.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .files import sweep_temp_files
 
@@ -92,3 +94,24 @@ def experiment_lock(folder: str | Path, command: str, *, name: str = LOCK_NAME, 
             if os.fstat(fd).st_ino == os.stat(path).st_ino:  # still our file: nobody else's lock is removed
                 os.unlink(path)
         os.close(fd)  # releases the flock
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or Ctrl-C): the lock is released on the way out and the run can be resumed."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM into an exception (like Ctrl-C), so every ``finally`` runs: locks released, temp files gone."""
+    def on_term(signum: int, frame: Any) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (e.g. inside a notebook's worker): nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -13,40 +13,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import artifacts, manifest, stages
 from .config import Config, save_config
 from .distributed import Dist, is_lead_process, process_group
 from .files import ArtifactError, digest_or_none, read_json, write_json
+from .lock import Interrupted, interruptible  # noqa: F401  (re-exported: the runner's callers use them)
 
 log = logging.getLogger("pawpular")
 DERIVED = "derived"  # a plan's config entry for values computed from the config (transforms, fold lists): not settings
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM (or Ctrl-C): the lock is released on the way out and the run can be resumed."""
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """Turn SIGTERM into an exception (like Ctrl-C), so every ``finally`` runs: locks released, temp files gone."""
-    def on_term(signum: int, frame: Any) -> None:
-        raise Interrupted(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread (e.g. inside a notebook's worker): nothing to install
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass

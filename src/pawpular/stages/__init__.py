@@ -17,7 +17,9 @@ tidy(ctx) (leftovers no manifest lists: train's stray last.pt).
 """
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +28,7 @@ from typing import Any, Callable
 from ..artifacts import PIPELINE
 
 ON_DEMAND = ("select",)
-__all__ = ["PIPELINE", "ON_DEMAND", "Plan", "Result", "get"]
+__all__ = ["PIPELINE", "ON_DEMAND", "Plan", "Result", "describe", "get"]
 
 
 @dataclass
@@ -54,3 +56,13 @@ def get(name: str) -> ModuleType:
     if name not in (*PIPELINE, *ON_DEMAND):
         raise KeyError(f"no stage {name!r}: stages are {', '.join((*PIPELINE, *ON_DEMAND))}")
     return importlib.import_module(f"pawpular.stages.{name}")
+
+
+def describe(name: str) -> tuple[str, str]:
+    """A stage's SUMMARY and HELP, read from its source without importing it: the CLI's parser lists every stage,
+    and ``pawpular predict`` (an offline notebook) must not import training code or Optuna to build it."""
+    spec = importlib.util.find_spec(f"pawpular.stages.{name}")
+    tree = ast.parse(Path(spec.origin).read_text())
+    summary = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                   and any(isinstance(t, ast.Name) and t.id == "SUMMARY" for t in node.targets))
+    return summary, ast.get_docstring(tree, clean=False) or ""
