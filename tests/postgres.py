@@ -1,8 +1,9 @@
 """A throwaway PostgreSQL server for tests (the Debian PostgreSQL 15 server binaries, no system service).
 
-    from postgres import postgres_server, postgres_db  # noqa: F401  (fixtures)
+    from postgres import postgres_server, postgres_db, postgres_role  # noqa: F401  (fixtures)
 
     def test_x(postgres_db): ...   # postgres_db: the URL of a fresh, empty database on the session's server
+    def test_y(postgres_role): ... # postgres_role: a login role with a password, no privileges on it
 
 ``postgres_server`` (session) runs ``initdb`` into a folder under /tmp and starts the cluster on a free TCP port
 of 127.0.0.1 (plus a unix socket in that folder), stops it with ``pg_ctl stop -m fast`` and removes the folder at
@@ -187,3 +188,15 @@ def postgres_db(postgres_server: PostgresServer) -> Iterator[str]:
         yield postgres_server.url(name)
     finally:
         postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def postgres_role(postgres_server: PostgresServer, postgres_db: str) -> Iterator[str]:
+    """A login role (password ``right-password``) with no privileges on postgres_db's schema; dropped after."""
+    name = "svr_worker"
+    postgres_server.create_role(name, "right-password")
+    try:
+        yield name
+    finally:
+        postgres_server.sql(f"DROP OWNED BY {name}", postgres_db.rsplit("/", 1)[1])
+        postgres_server.sql(f"DROP ROLE {name}")

@@ -30,7 +30,7 @@ from pawpular import study as st
 from pawpular.data import ID
 
 from conftest import tiny_args
-from postgres import postgres_db, postgres_server  # noqa: F401  (fixtures)
+from postgres import postgres_db, postgres_role, postgres_server  # noqa: F401  (fixtures)
 
 SRC = str(Path(pawpular.__file__).resolve().parents[1])  # subprocesses import the same pawpular as the tests
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
@@ -187,17 +187,9 @@ def test_two_experiments_on_one_server_keep_their_own_studies(experiment_run, sm
 # c. a bad svr.storage
 
 
-@pytest.fixture
-def role(postgres_server, postgres_db):
-    """A login role with a password on postgres_db's server."""
-    postgres_server.create_role("svr_machine", "right-password")
-    yield "svr_machine"
-    postgres_server.sql("DROP OWNED BY svr_machine", postgres_db.rsplit("/", 1)[1])
-    postgres_server.sql("DROP ROLE svr_machine")
-
-
 def test_bad_storage_fails_in_seconds_with_one_line_and_writes_nothing(experiment_run, small_competition, tmp_path,
-                                                                         postgres_server, postgres_db, role, capfd):
+                                                                         postgres_server, postgres_db, postgres_role,
+                                                                         capfd):
     """An unreachable server (a real process), a scheme we do not support and a wrong password (in this process,
     through cli.main): exit 2 and one line naming svr.storage with the password masked, before the stage reads
     any embedding, leaving the experiment folder exactly as it was."""
@@ -210,7 +202,7 @@ def test_bad_storage_fails_in_seconds_with_one_line_and_writes_nothing(experimen
     cases = {
         f"postgresql://postgres:pw-unreachable@127.0.0.1:{closed}/{database}": ("pw-unreachable", "cannot connect"),
         "mysql://root:pw-mysql@127.0.0.1:3306/optuna": ("pw-mysql", "not a postgresql:// or sqlite:// URL"),
-        postgres_server.url(database, role, "pw-wrong"): ("pw-wrong", "password authentication failed"),
+        postgres_server.url(database, postgres_role, "pw-wrong"): ("pw-wrong", "password authentication failed"),
     }
     for i, (url, (password, reason)) in enumerate(cases.items()):
         out = machine(experiment_run, tmp_path / f"bad{i}")

@@ -1,11 +1,14 @@
 """Atomic writes, byte-stable checkpoints and the experiment lock."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,19 +42,26 @@ def test_sigkill_mid_write_leaves_old_file_and_the_sweep_removes_the_temp(tmp_pa
     assert not list(path.parent.glob(".*.tmp"))
 
 
-def test_second_run_is_refused_with_a_clear_message(tmp_path):
+@contextlib.contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``folder``'s lock for stage train until the block ends (then it is killed)."""
     code = ("import time, sys; from pawpular.lock import experiment_lock\n"
-            f"with experiment_lock({str(tmp_path)!r}, 'train'):\n"
-            "    print('locked', flush=True); time.sleep(30)\n")
+            f"with experiment_lock({str(folder)!r}, 'train'):\n"
+            "    print('locked', flush=True); time.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ExperimentLocked, match=rf"being written by another run \(pid {holder.pid}.*stage train"):
-            with experiment_lock(tmp_path, "embed"):
-                pass
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_second_run_is_refused_with_a_clear_message(tmp_path):
+    with lock_held_elsewhere(tmp_path) as holder:
+        with pytest.raises(ExperimentLocked, match=rf"being written by another run \(pid {holder.pid}.*stage train"):
+            with experiment_lock(tmp_path, "embed"):
+                pass
     with experiment_lock(tmp_path, "embed"):  # the killed holder's lock is stale: taken over
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert not (tmp_path / ".lock").exists()
@@ -112,19 +122,11 @@ def test_racing_writers_get_exactly_one_lock(tmp_path):
 def test_report_and_export_take_the_lock_and_refuse_a_live_writer(experiment_run, tmp_path, capsys):
     from pawpular import cli
 
-    code = ("import time, sys; from pawpular.lock import experiment_lock\n"
-            f"with experiment_lock({str(experiment_run)!r}, 'train'):\n"
-            "    print('locked', flush=True); time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(experiment_run) as holder:
         for argv in (["report", "--output", str(experiment_run)],
                      ["export", "--output", str(experiment_run), "--to", str(tmp_path / "art")]):
             assert cli.main(argv) == 2
             assert f"pid {holder.pid}" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
     assert not (tmp_path / "art").exists()
 
 

@@ -52,7 +52,7 @@ if __name__ == "__main__":  # a worker process
     _worker(json.loads(sys.argv[1]))
     sys.exit(0)
 
-from postgres import postgres_db, postgres_server  # noqa: E402,F401  (fixtures)
+from postgres import postgres_db, postgres_role, postgres_server  # noqa: E402,F401  (fixtures)
 
 import pawpular  # noqa: E402
 from pawpular import study as st  # noqa: E402
@@ -203,23 +203,15 @@ def test_two_studies_on_one_server_do_not_mix(postgres_db):
         assert len({t.params["C"] for t in study.trials}) == n  # shared seeding: workers draw different C
 
 
-@pytest.fixture
-def role(postgres_server, postgres_db):
-    """A login role with a password and no privileges on postgres_db's schema."""
-    postgres_server.create_role("svr_worker", "right-password")
-    yield "svr_worker"
-    postgres_server.sql("DROP OWNED BY svr_worker", postgres_db.rsplit("/", 1)[1])
-    postgres_server.sql("DROP ROLE svr_worker")
-
-
-def test_bad_storage_is_a_clear_error_before_anything_is_written(postgres_server, postgres_db, role, monkeypatch):
+def test_bad_storage_is_a_clear_error_before_anything_is_written(postgres_server, postgres_db, postgres_role,
+                                                                  monkeypatch):
     database = postgres_db.rsplit("/", 1)[1]
     down = socket_port_with_nothing_listening()
     cases = {
         "postgresql://nouser@127.0.0.1:1/nodb": "cannot connect",
         f"postgresql://postgres@127.0.0.1:{down}/{database}": "cannot connect",
         postgres_server.url("no_such_db"): 'database "no_such_db" does not exist',
-        postgres_server.url(database, role, "wrong-password"): "password authentication failed",
+        postgres_server.url(database, postgres_role, "wrong-password"): "password authentication failed",
         "notaurl://x": "not a postgresql:// or sqlite:// URL",
         "::not a url": "not a database URL",
     }
@@ -229,7 +221,7 @@ def test_bad_storage_is_a_clear_error_before_anything_is_written(postgres_server
         assert isinstance(error, ValueError)
         assert message.startswith("svr.storage: ") and reason in message, message
         assert "wrong-password" not in message
-    assert "svr_worker:***@" in str(_error(postgres_server.url(database, role, "wrong-password")))
+    assert "svr_worker:***@" in str(_error(postgres_server.url(database, postgres_role, "wrong-password")))
 
     monkeypatch.setitem(sys.modules, "psycopg2", None)  # as if requirements-distributed.txt was not installed
     message = str(_error(postgres_db))
@@ -237,15 +229,14 @@ def test_bad_storage_is_a_clear_error_before_anything_is_written(postgres_server
     monkeypatch.undo()
 
     # The right password, but PostgreSQL 15 lets only the owner create tables in schema public.
-    message = str(_error(postgres_server.url(database, role, "right-password")))
+    message = str(_error(postgres_server.url(database, postgres_role, "right-password")))
     assert "cannot create Optuna's tables (permission denied for schema public)" in message, message
     assert "right-password" not in message
 
     assert postgres_server.tables(database) == []  # no failed attempt created any of Optuna's tables
-    postgres_server.sql(f"GRANT CREATE ON SCHEMA public TO {role}", database)
-    st.make_storage(postgres_server.url(database, role, "right-password"), Path("unused"))
+    postgres_server.sql(f"GRANT CREATE ON SCHEMA public TO {postgres_role}", database)
+    st.make_storage(postgres_server.url(database, postgres_role, "right-password"), Path("unused"))
     assert "trials" in postgres_server.tables(database)
-
 
 
 def _error(url: str) -> st.StudyStorageError:
