@@ -113,8 +113,9 @@ def test_stage_help_says_what_it_reads_writes_and_needs(stage, names, capsys):
         assert word in text, f"{stage} --help lacks {word!r}"
 
 
-def test_help_text_is_read_without_importing_stages():
-    """The parser's stage help comes from the sources (predict never imports training code): it is each module's own."""
+def test_stage_help_read_from_the_sources_is_each_modules_own():
+    """The parser reads stage help from the sources (so predict imports no stage; test_predict checks that), and
+    what it reads is exactly each module's SUMMARY and docstring."""
     from pawpular import stages
 
     for name in (*stages.PIPELINE, *stages.ON_DEMAND):

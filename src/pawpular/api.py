@@ -50,8 +50,7 @@ def config_from(config: str | Path | None = None, *, output: str | Path | None =
 def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     """Run ``stage`` ("all" = every pipeline stage in order, under one lock) with a resolved config."""
     from .distributed import is_lead_process
-    from .lock import experiment_lock
-    from .lock import interruptible
+    from .lock import experiment_lock, interruptible
     from .runner import run_stage
 
     with interruptible():

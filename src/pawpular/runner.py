@@ -22,7 +22,6 @@ from . import artifacts, manifest, stages
 from .config import Config, save_config
 from .distributed import Dist, is_lead_process, process_group
 from .files import ArtifactError, digest_or_none, read_json, write_json
-from .lock import Interrupted, interruptible  # noqa: F401  (re-exported: the runner's callers use them)
 
 log = logging.getLogger("pawpular")
 DERIVED = "derived"  # a plan's config entry for values computed from the config (transforms, fold lists): not settings

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -51,18 +50,21 @@ class Result:
     cached: bool = False  # nothing needed doing: every unit was already done
 
 
-def get(name: str) -> ModuleType:
-    """The stage module called ``name``."""
+def _known(name: str) -> str:
     if name not in (*PIPELINE, *ON_DEMAND):
         raise KeyError(f"no stage {name!r}: stages are {', '.join((*PIPELINE, *ON_DEMAND))}")
-    return importlib.import_module(f"pawpular.stages.{name}")
+    return name
+
+
+def get(name: str) -> ModuleType:
+    """The stage module called ``name``."""
+    return importlib.import_module(f"pawpular.stages.{_known(name)}")
 
 
 def describe(name: str) -> tuple[str, str]:
     """A stage's SUMMARY and HELP, read from its source without importing it: the CLI's parser lists every stage,
     and ``pawpular predict`` (an offline notebook) must not import training code or Optuna to build it."""
-    spec = importlib.util.find_spec(f"pawpular.stages.{name}")
-    tree = ast.parse(Path(spec.origin).read_text())
+    tree = ast.parse((Path(__file__).parent / f"{_known(name)}.py").read_text())
     summary = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
                    and any(isinstance(t, ast.Name) and t.id == "SUMMARY" for t in node.targets))
     return summary, ast.get_docstring(tree, clean=False) or ""
