@@ -3,7 +3,8 @@
 Reads   folds/folds.csv, train.csv / test.csv (targets, flags), and for every name in svr.features the
         embeddings emb/fold{k}/{train,test}.parquet ("model": fold k's backbone) or emb/<name>/ (a frozen one)
 Writes  svr/study.db (the Optuna study, unless svr.storage names a database), svr/best_params.json,
-        svr/fold{k}/model.pkl (an SvrHead: columns + scaler + fitted SVR, for predict),
+        svr/fold{k}/head.safetensors (the head as arrays: columns, scaler, support vectors, dual
+        coefficients, intercept, gamma; what predict computes from),
         svr/{oof,test,holdout}.parquet
 Needs   pawpular embed
 Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma, svr.use_meta, svr.features,
@@ -24,7 +25,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import pickle
 import signal
 import time
 
@@ -140,7 +140,7 @@ def run(ctx) -> Result:
              "features, %s kernels, %s; %.1fs in all -> %s", params["C"], params["epsilon"], oof_rmse,
              study.best_value, best["n_trials"], ran, t_tune, len(columns), mode, device, time.time() - t0,
              artifacts.svr_dir(cfg.out))
-    models = [artifacts.svr_model(cfg.out, f.fold) for f in folds]
+    models = [artifacts.svr_head(cfg.out, f.fold) for f in folds]
     return Result([*outputs, *models, artifacts.best_params(cfg.out)],
                   {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse})
 
@@ -275,7 +275,8 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
 
 def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], params: dict,
                mode: str) -> tuple[dict[str, tuple[pd.Series, np.ndarray]], str]:
-    """Each fold's SVR with the best params, saved as model.pkl; OOF, test and holdout predictions."""
+    """Each fold's SVR with the best params, saved as arrays (head.safetensors); OOF, test and holdout
+    predictions computed from those arrays, as predict computes them."""
     cfg, comp, device = ctx.cfg, ctx.comp, ctx.device
     xp = backend.array_module(device)
     held = folds_df["fold"].to_numpy() == HOLDOUT
@@ -284,25 +285,20 @@ def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], par
     oof, fold_of, other = np.full(n, np.nan), np.full(n, HOLDOUT, dtype=np.int64), {s: [] for s in tables}
     frozen: dict = {}
     for f in folds:
-        head, model = fit_head_and_save(cfg, f, params, columns, mode, device)
-        oof[f.val_rows] = np.clip(backend.to_numpy(model.predict(f.x_val)), 1, 100)
+        head, model = svm.fit_head(f, params, columns, mode, device)
+        write_bytes(artifacts.svr_head(cfg.out, f.fold), head.to_bytes())
+        oof[f.val_rows] = np.clip(head.decision(backend.to_numpy(f.x_val)), 1, 100)
         fold_of[f.val_rows] = f.fold
         for split, table in tables.items():
             sets = _load_sets(cfg, f.fold, "test" if split == "test" else "train", frozen, device)
             meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
             x, _ = assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
-            other[split].append(np.clip(backend.to_numpy(model.predict(f.scaler.transform(x))), 1, 100))
+            other[split].append(head.predict_matrix(x))
     keep = ~held
     preds = {"oof": (comp.train[ID][keep].astype(str), oof[keep], fold_of[keep])}
     for split, table in tables.items():
         preds[split] = (table[ID].astype(str), np.mean(other[split], axis=0), None)
     return preds, f"{type(model).__module__}.{type(model).__name__}"
-
-
-def fit_head_and_save(cfg, f: svm.FoldData, params: dict, columns: list[str], mode: str, device: str):
-    head, model = svm.fit_head(f, params, columns, mode, device)
-    write_bytes(artifacts.svr_model(cfg.out, f.fold), pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
-    return head, model
 
 
 def write_predictions(ctx, folds_df: pd.DataFrame, preds: dict) -> list:

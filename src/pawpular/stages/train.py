@@ -122,7 +122,8 @@ def run(ctx) -> Result:
         ran += 1
     complete = all(_fold_verdict(ctx, k).done for k in known) if ctx.dist.main else False
     outputs = combine(ctx, folds, known) if complete else []
-    info = {"folds": known, "policy": policy.to_dict(), "device": ctx.device}
+    # Each fold's own policy (its manifest's): folds trained earlier or elsewhere keep theirs
+    info = {"folds": known, "policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("train/")}}
     return Result(outputs, info, complete=complete, cached=ran == 0 and complete)
 
 
