@@ -52,7 +52,9 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     from .distributed import is_lead_process
     from .lock import experiment_lock, interruptible
     from .runner import run_stage
+    from .tracking import require
 
+    require(cfg)  # a tracking backend that is not installed: one line before anything is written
     with interruptible():
         if stage != "all":
             run_stage(stage, cfg, hooks)

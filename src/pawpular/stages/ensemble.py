@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, manifest
+from .. import artifacts, manifest, tracking
 from ..blend import cross_validated, fit_weights
 from ..data import ID, TARGET
 from ..files import ArtifactError, write_json, write_parquet
@@ -143,6 +143,7 @@ def run(ctx) -> Result:
     holdout = _holdout_scores(tables, names, blend.weights, target, y.mean())
     outputs = _write(ctx, tables, names, blend, summary, holdout)
     _log(cfg, names, blend, summary, holdout)
+    tracking.log_blend(ctx.tracker, dict(zip(names, map(float, blend.weights))), summary, holdout)
     return Result(outputs, {"oof_rmse": summary, "holdout_rmse": holdout})
 
 
