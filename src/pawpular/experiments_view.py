@@ -4,8 +4,9 @@
 
 Text: the table (scores with 3 decimals, times in seconds), why each row that is not done is not, then the
 settings that differ between the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
-HTML: both tables and a figure of each run's blend scores (in-sample, cross-validated, holdout) beside its heads
-and the RMSE of predicting the mean; figures are embedded PNGs (the page opens offline, as report.html does).
+HTML: both tables, why each row that is not done is not, and a figure of each run's blend scores (in-sample,
+cross-validated, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as report.html
+does).
 """
 from __future__ import annotations
 
@@ -97,31 +98,42 @@ def blend_figure(df: pd.DataFrame) -> Figure:
         return plots.message("no experiment has a blend score yet (run pawpular ensemble)", "Blend scores")
     order = df.sort_values("blend_cv", na_position="first", ascending=False, kind="stable")
     pos = np.arange(len(order))
-    fig = Figure(figsize=(10, 0.42 * len(order) + 1.6), layout="constrained")
+    fig = Figure(figsize=(10, 0.5 * len(order) + 1.8), layout="constrained")
     ax = fig.add_subplot()
-    marks = [("mean", "predict the mean", "|", "#999999", 12), ("nn", "NN head (OOF)", ".", plots.color("nn"), 9),
-             ("svr", "SVR head (OOF)", ".", plots.color("svr"), 9), ("blend", "blend, in-sample", "o", "#2ca02c", 7),
-             ("blend_cv", "blend, cross-validated", "D", "#145214", 7), ("holdout", "blend, holdout", "s", "#d62728", 7)]
-    for column, label, marker, color, size in marks:
+    # (column, label, marker, colour, size, hollow, row offset): the heads above the blend, the holdout below it
+    marks = [("nn", "NN head (OOF)", "o", plots.color("nn"), 5, False, 0.22),
+             ("svr", "SVR head (OOF)", "o", plots.color("svr"), 5, False, 0.22),
+             ("blend", "blend, in-sample", "o", "#2ca02c", 10, True, 0.0),
+             ("blend_cv", "blend, cross-validated", "D", "#145214", 6, False, 0.0),
+             ("holdout", "blend, holdout", "s", "#d62728", 6, False, -0.22)]
+    for column, label, marker, color, size, hollow, offset in marks:
         values = order[column].to_numpy(float)
         if not np.isnan(values).all():
-            ax.plot(values, pos, marker, color=color, markersize=size, label=label, linestyle="none")
+            ax.plot(values, pos + offset, marker, color=color, markersize=size, label=label, linestyle="none",
+                    markerfacecolor="none" if hollow else color, markeredgewidth=1.5 if hollow else 1)
     for p, v in zip(pos, order["blend_cv"].to_numpy(float)):
         if not np.isnan(v):
-            ax.annotate(f"{v:.3f}", (v, p), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+            ax.annotate(f"{v:.3f}", (v, p), textcoords="offset points", xytext=(9, -3), fontsize=8)
     labels = [f"{e} ({s})" if s != "done" else e for e, s in zip(order["experiment"], order["status"])]
-    ax.set(yticks=pos, yticklabels=labels, xlabel="RMSE (lower is better)", title="Blend score of each run")
-    ax.set_ylim(-0.7, len(order) - 0.3)
+    ax.set(yticks=pos, yticklabels=labels, xlabel="OOF RMSE (lower is better)", title="Blend score of each run")
+    ax.set_ylim(-0.6, len(order) - 0.4)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / (len(order) + 3)), ncol=6, fontsize=8,
-              frameon=False)
+    fig.legend(loc="outside lower center", ncol=5, fontsize=8, frameon=False)
     return fig
 
 
+def _mean_note(df: pd.DataFrame) -> str:
+    means = sorted({round(v, 3) for v in df["mean"].dropna()})
+    if not means:
+        return ""
+    shown = f"{means[0]:.3f}" if len(means) == 1 else f"{means[0]:.3f} to {means[-1]:.3f}"
+    return f" Predicting the mean scores {shown}."
+
+
 PAGE_CSS = """
+body{max-width:1560px}table{font-size:.85em}th,td{padding:3px 6px}th{white-space:nowrap}td.model{max-width:150px}
 td.done{color:#1b7f2a;font-weight:600}td.stale,td.partial{color:#a05a00;font-weight:600}
-td.damaged{color:#c5221f;font-weight:600}td.why{color:#555;font-size:.85em;max-width:360px}
-table{font-size:.88em}
+td.damaged{color:#c5221f;font-weight:600}ul.why{font-size:.9em;color:#444}
 """  # after the report's own CSS (reporting.CSS)
 
 
@@ -133,9 +145,9 @@ def _html_table(df: pd.DataFrame, cols: list[str], table_id: str) -> str:
         for c in cols:
             value, shown = r[c], html.escape(_cell(c, r[c]))
             if c == "status":
-                cells.append(f'<td class="{html.escape(str(value))}">{shown}</td>')
-            elif c == "why":
-                cells.append(f'<td class="why">{html.escape(str(value or ""))}</td>')
+                cells.append(f'<td class="{html.escape(str(value))}" title="{html.escape(str(r["why"]))}">{shown}</td>')
+            elif c == "model":  # long timm names break after their underscores, not the page
+                cells.append(f'<td class="model">{shown.replace("_", "_<wbr>")}</td>')
             elif isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
                 data = "" if isinstance(value, float) and math.isnan(value) else f' data-value="{float(value)!r}"'
                 cells.append(f'<td class="num"{data}>{shown}</td>')
@@ -155,14 +167,17 @@ def page(df: pd.DataFrame) -> str:
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     differ = (_html_table(df, ["experiment", *settings], "settings") if settings
               else '<p class="missing">none: the listed runs have the same settings</p>')
+    why = "".join(f'<li><b>{html.escape(str(r["experiment"]))}</b> {html.escape(str(r["status"]))}: '
+                  f'{html.escape(str(r["why"]))}</li>' for _, r in df.iterrows() if r["status"] != "done")
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>pawpular runs</title>'
             f"<style>{CSS}{PAGE_CSS}</style></head><body><h1>pawpular runs</h1>"
             f'<p class="sub">{len(df)} experiment(s) &middot; written {stamp} &middot; scores are OOF RMSE '
-            "(lower is better); status from the manifests</p><h2>Experiments</h2>"
-            + _html_table(df, [*SHOWN, "why"], "runs") + "<h2>Settings that differ</h2>" + differ
+            "(lower is better); times in seconds; status from the manifests</p><h2>Experiments</h2>"
+            + _html_table(df, list(SHOWN), "runs") + (f'<ul class="why">{why}</ul>' if why else "")
+            + "<h2>Settings that differ</h2>" + differ
             + '<h2>Blend scores</h2><figure><img alt="Blend score of each run" '
             f'src="data:image/png;base64,{png}"><figcaption>Each run\'s blend RMSE in-sample, cross-validated and '
-            "on the holdout (where there is one), beside its heads and predicting the mean.</figcaption></figure>"
+            f"on the holdout (where there is one), beside its heads' OOF RMSE.{_mean_note(df)}</figcaption></figure>"
             "</body></html>")
 
 
