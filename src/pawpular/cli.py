@@ -97,11 +97,12 @@ def _tool_commands(sub, raw) -> None:
     sub.add_parser("doctor", help="what will run where: GPU, torch, RAPIDS, each stage's device and backend "
                    "(`pawpular doctor --help`)")
     p = sub.add_parser("runs", help="experiments side by side: status, scores, settings, time per stage",
-                       description="One row per experiment (default: every one under output/; a named folder of "
-                       "experiments is expanded): status (done / stale / partial / damaged, from the manifests), NN, "
-                       "SVR and blend OOF RMSE (in-sample, cross-validated, holdout), best C, model, image size, "
-                       "fine-tuning mode, epochs, device, precision, seconds per stage; then the settings that "
-                       "differ between the rows. Reads manifests and result files only.", formatter_class=raw)
+                       description="One row per experiment (default: every one under output/; a named folder of\n"
+                       "experiments is expanded): status (done / stale / partial / damaged, from the manifests), NN,\n"
+                       "SVR and blend OOF RMSE (in-sample, cross-validated, holdout), best C, model, image size,\n"
+                       "fine-tuning mode, epochs, device, precision, seconds per stage; then the settings that\n"
+                       "differ between the rows. Reads manifests and result files only (no photo, no output over\n"
+                       "1 MiB): `pawpular status` hashes everything.", formatter_class=raw)
     p.add_argument("folders", nargs="*", metavar="FOLDER", help="experiment folders, or folders of them")
     p.add_argument("--sort", metavar="KEY", help="sort by a column (blend_cv, t_train, svr.use_meta, ...); "
                    "--sort=-KEY descending")
