@@ -20,6 +20,7 @@ stage folder holds a ``manifest.json`` saying what made its files (``manifest.py
       submission.csv                       Id, Pawpularity in sample_submission order
       select/selection.json                forward selection of embedding sets (pawpular select)
       report.html, timings.json            pawpular report; seconds of the last run that did each stage's work
+      tensorboard/<stage>/<start>/, wandb/ with `tracking`: curves and scores (logs, in no manifest)
 """
 from __future__ import annotations
 
@@ -188,6 +189,11 @@ def report_html(out: Path) -> Path:
 
 def timings_json(out: Path) -> Path:
     return Path(out) / "timings.json"
+
+
+def tensorboard_dir(out: Path, stage: str) -> Path:
+    """TensorBoard event files of a stage (one subfolder per execution); in no manifest: logs, not artifacts."""
+    return Path(out) / "tensorboard" / stage
 
 
 def data_check_record(out: Path) -> Path:

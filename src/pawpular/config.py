@@ -147,6 +147,9 @@ class Config:
     output_dir: str = ""
     # Redo finished work (folds already trained, caches already valid) instead of skipping it.
     overwrite: bool = False
+    # Curves and scores to TensorBoard and/or Weights & Biases: [tensorboard, wandb] (requirements-tracking.txt).
+    # Logging only: it changes no result and no stage's cache key.
+    tracking: list = field(default_factory=list)
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, manifest
+from .. import artifacts, manifest, tracking
 from ..blend import cross_validated, fit_weights
 from ..data import ID, TARGET
 from ..files import ArtifactError, write_json, write_parquet
@@ -144,6 +144,7 @@ def run(ctx) -> Result:
     policies = _policies(cfg)
     outputs = _write(ctx, tables, names, blend, summary, holdout, policies)
     _log(cfg, names, blend, summary, holdout)
+    tracking.log_blend(ctx.tracker, dict(zip(names, map(float, blend.weights))), summary, holdout)
     return Result(outputs, {"oof_rmse": summary, "holdout_rmse": holdout})
 
 

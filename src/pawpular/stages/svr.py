@@ -31,7 +31,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, study as studies, svm
+from .. import artifacts, backend, study as studies, svm, tracking
 from ..data import ID, META_COLS, TARGET
 from ..features import assemble_matrix
 from ..files import write_bytes, write_json
@@ -126,7 +126,8 @@ def run(ctx) -> Result:
         studies.delete_study(name, storage)
     study = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
     mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
-    ran, t_tune = _tune(study, folds, y, cfg, mode, device)
+    ran, t_tune = _tune(study, folds, y, cfg, mode, device, ctx.tracker)
+    tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
     preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
     outputs = write_predictions(ctx, folds_df, preds)
@@ -136,6 +137,7 @@ def run(ctx) -> Result:
             "n_features": len(columns), "features": list(cfg.svr.features), "use_meta": cfg.svr.use_meta,
             "kernel_cache": mode, "device": device, "svr_class": svr_class}
     write_json(artifacts.best_params(cfg.out), best)  # no timings in it: the same inputs give the same bytes
+    ctx.tracker.summary({"best/C": params["C"], "best/oof_rmse": oof_rmse, "n_trials": best["n_trials"]})
     log.info("svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
              "features, %s kernels, %s; %.1fs in all -> %s", params["C"], params["epsilon"], oof_rmse,
              study.best_value, best["n_trials"], ran, t_tune, len(columns), mode, device, time.time() - t0,
@@ -159,7 +161,7 @@ def open_storage(cfg):
     return studies.make_storage(cfg.svr.storage, artifacts.study_db(cfg.out))
 
 
-def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str) -> tuple[int, float]:
+def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
     """Run the trials the study lacks (with svr.workers local processes); the kernels live only while trials
     run. Returns (trials this process ran, seconds)."""
     from ..progress import Progress
@@ -178,6 +180,8 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str) -> tup
             def progress(study, trial) -> None:  # the study's count: local workers' trials too
                 bar.update(studies.n_complete(study) - (s.n_trials - missing) - bar.done)
                 bar.set(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")
+                if tracker is not None:
+                    tracking.log_trials(tracker, study)
 
             ran = studies.run_trials(study, svm.make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
     finally:

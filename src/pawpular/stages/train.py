@@ -39,6 +39,7 @@ from ..inference import Policy, run_backbone
 from ..metrics import rmse
 from ..models import build_model, data_config, load_checkpoint
 from ..splits import HOLDOUT, fold_ids, read_folds
+from ..tracking import StepMeter
 from ..training import FoldState, Trainer, grad_scaler, make_optimizer, make_scheduler, seed_epoch, train_loader, train_one_epoch
 from . import Plan, Result
 
@@ -215,16 +216,21 @@ class FoldRun:
         while state.epoch < tc.epochs and not state.stopped:
             epoch, t0 = state.epoch, time.time()
             seed_epoch(self.seed + epoch, self.loader, dist.rank)
+            meter = StepMeter(self.ctx.tracker, self.fold, epoch, len(self.loader), dist.world)
             loss = train_one_epoch(forward, self.loader, self.trainer.optimizer, self.trainer.scheduler,
                                    self.trainer.scaler, self.dev, tc, precision=self.policy.precision, ddp=ddp,
                                    frozen_backbone=model.backbone if cfg.model.finetune == "head" else None,
-                                   desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main)
+                                   desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main,
+                                   on_step=meter if self.ctx.tracker.enabled else None)
             loss = dist.mean(loss, self.dev)
             pred = self.predict(model, self.val_ds)
             best_pred = self.end_epoch(state, epoch, loss, pred, best_pred, time.time() - t0)
         if state.stopped:
             log.info("fold %d: early stop after epoch %d (no improvement for %d epochs)", self.fold, state.epoch,
                      tc.patience)
+        self.ctx.tracker.log({"best/epoch": state.best_epoch, "best/val_rmse": state.best_rmse}, self.fold, axis="fold")
+        self.ctx.tracker.summary({f"fold{self.fold}/best_epoch": state.best_epoch,
+                                  f"fold{self.fold}/best_val_rmse": state.best_rmse})
         return state, best_pred
 
     def end_epoch(self, state: FoldState, epoch: int, loss: float, pred: np.ndarray, best_pred: np.ndarray,
@@ -252,6 +258,7 @@ class FoldRun:
                 self.trainer.save(artifacts.last_checkpoint(self.cfg.out, self.fold), state, best_pred, self.key)
         log.info("fold %d epoch %d/%d: train_loss %.4f val_rmse %.4f lr %.2e (%.1fs)%s", self.fold, epoch + 1,
                  tc.epochs, loss, val_rmse, lr, seconds, " *" if improved else "")
+        self.ctx.tracker.log({"val/rmse": val_rmse, "train/epoch_loss": loss}, epoch + 1, f"fold{self.fold}", "epoch")
         self.ctx.dist.barrier()
         hook = self.ctx.hooks.get("on_epoch_end")
         if hook is not None:
