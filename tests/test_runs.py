@@ -58,8 +58,8 @@ def test_each_row_holds_its_own_result_files_numbers(runs_dir):
         config = yaml.safe_load((out / "config.yaml").read_text())
         assert (row["model"], row["img_size"], row["finetune"], row["epochs"]) == (
             config["model"]["name"], config["model"]["img_size"], config["model"]["finetune"], config["train"]["epochs"])
-        info = read(out / "train" / "manifest.json")["info"]
-        assert (row["device"], row["precision"]) == (info["device"], info["policy"]["precision"])
+        info = read(out / "train" / "fold0" / "manifest.json")["info"]  # every unit of these runs: one policy
+        assert (row["device"], row["precision"]) == (info["device"], info["policy"]["precision"]) == ("cpu", "fp32")
     held = read(runs_dir / "holdout" / "ensemble" / "weights.json")["holdout_rmse"]
     assert df.loc["holdout", "holdout"] == held["ensemble"] and held["rows"] > 0
     assert df.loc[["done", "stale"], "holdout"].isna().all()

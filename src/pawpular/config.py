@@ -256,13 +256,14 @@ def redact_url(url: str, mask: str = "") -> str:
     return re.sub(r"([?&])password=[^&#]*&?", r"\1" + (f"password={mask}&" if mask else ""), url).rstrip("?&")
 
 
-def public_dict(cfg: Config | dict) -> dict:
-    """The config as it may be written to a file: ``svr.storage`` without its password. Secrets never reach a
-    file; a config read back from one connects with PGPASSWORD / ~/.pgpass, or ``env:NAME``."""
+def public_dict(cfg: Config | dict, mask: str = "") -> dict:
+    """The config as it may be written or shown anywhere: ``svr.storage`` with its password replaced by ``mask``
+    (by default removed). Secrets never reach a file; a config read back from one connects with PGPASSWORD /
+    ~/.pgpass, or ``env:NAME``."""
     data = copy.deepcopy(cfg if isinstance(cfg, dict) else cfg.to_dict())
     svr = data.get("svr")
     if isinstance(svr, dict) and isinstance(svr.get("storage"), str):
-        svr["storage"] = redact_url(svr["storage"])
+        svr["storage"] = redact_url(svr["storage"], mask)
     return data
 
 

@@ -217,7 +217,9 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
     weights, best = _json(artifacts.weights_json(out)), _json(artifacts.best_params(out))
     oof, held = weights.get("oof_rmse") or {}, weights.get("holdout_rmse") or {}
     model, train = config.get("model") or {}, config.get("train") or {}
-    info = next((r.info for s in ("train", "embed") if (r := manifest.read(artifacts.manifest(out, s)))), {})
+    units = manifest.unit_records(out).values()  # each fold's and embedding set's own device and policy
+    devices = sorted({r.info["device"] for r in units if r.info.get("device")})
+    precisions = sorted({r.info["policy"]["precision"] for r in units if r.info.get("policy")})
     timings = _json(artifacts.timings_json(out))
     times = {f"t_{s}": _number(timings.get(s)) for s in artifacts.PIPELINE}
     return {"experiment": out.name, "status": status, "nn": _number(oof.get("nn")),
@@ -225,7 +227,7 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
             "blend_cv": _number(oof.get("ensemble_cv")), "holdout": _number(held.get("ensemble")),
             "mean": _number(oof.get("predict_mean")), "best_C": _number(best.get("C")), "model": model.get("name"),
             "img_size": _img_size(out, model), "finetune": model.get("finetune"), "epochs": train.get("epochs"),
-            "device": info.get("device"), "precision": (info.get("policy") or {}).get("precision"), **times,
+            "device": "/".join(devices) or None, "precision": "/".join(precisions) or None, **times,
             "t_total": sum(v for v in times.values() if not math.isnan(v)) if timings else math.nan,
             "why": why, "path": str(out), "stages": {s: st for s, (st, _) in states.items()},
             "config": _flatten({k: v for k, v in config.items() if k not in NOT_SETTINGS})}

@@ -31,37 +31,22 @@ import importlib
 import logging
 import os
 import random
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import artifacts
-from .config import ConfigError
+from .config import ConfigError, public_dict
 
 log = logging.getLogger("pawpular")
 BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # config name -> the module that must import
 STAGES = ("train", "svr", "ensemble")  # the stages that log something; the others get no run
 INSTALL = "pip install -r requirements-tracking.txt"
-_SECRET_KEY = re.compile(r"password|passwd|secret|token|api_?key", re.I)
-_URL_PASSWORD = re.compile(r"(\b[a-z][\w+.-]*://[^/:@\s]*:)[^@/\s]*@", re.I)
 
 
 class TrackingError(ConfigError):
     """A tracking backend that is asked for but cannot run (not installed, or its start failed)."""
-
-
-def masked(value: Any) -> Any:
-    """``value`` (a config dict) with secrets replaced by ``***``: a URL's password (``svr.storage``) and any key
-    that names a password, secret, token or API key."""
-    if isinstance(value, dict):
-        return {k: "***" if _SECRET_KEY.search(str(k)) and value[k] else masked(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [masked(v) for v in value]
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1***@", value)
-    return value
 
 
 def require(cfg) -> None:
@@ -144,7 +129,7 @@ class _WandB:
         mode = os.environ.get("WANDB_MODE") or "offline"
         where = {} if os.environ.get("WANDB_DIR") else {"dir": str(cfg.out)}
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "pawpular", group=cfg.out.name,
-                              name=f"{cfg.out.name}/{stage}", job_type=stage, config=masked(cfg.to_dict()),
+                              name=f"{cfg.out.name}/{stage}", job_type=stage, config=public_dict(cfg, "***"),
                               mode=mode, settings=wandb.Settings(console="off", silent=True),
                               **where)
         self.defined: set[str] = set()
