@@ -48,7 +48,8 @@ import pandas as pd
 import torch
 
 from pawpular import svm
-from pawpular.compress import _prunable, compress_model, parse
+from pawpular.compress import _prunable, compress_model
+from pawpular.config import compress_spec as parse
 from pawpular.config import ModelConfig
 from pawpular.data import TARGET, read_competition
 from pawpular.dataset import eval_dataset

@@ -125,3 +125,13 @@ HOLDOUT = ["folds.holdout=0.2"]
 @pytest.fixture(scope="session")
 def partial_run(experiment_run, tmp_path_factory) -> Path:
     return make_partial(experiment_run, tmp_path_factory.getbasetemp() / "report_partial")
+
+
+@pytest.fixture(scope="session")
+def test_only(small_competition, tmp_path_factory) -> Path:
+    """The competition folder as a Kaggle notebook sees it at inference: test.csv, sample_submission.csv, test/."""
+    root = tmp_path_factory.mktemp("kaggle") / "competition"
+    shutil.copytree(small_competition / "test", root / "test")
+    for name in ("test.csv", "sample_submission.csv"):
+        shutil.copy(small_competition / name, root / name)
+    return root

@@ -59,16 +59,6 @@ def assert_predict_matches(art: Path, data: Path, run: Path, tmp_path: Path, pyt
     return r
 
 
-@pytest.fixture(scope="module")
-def test_only(small_competition, tmp_path_factory) -> Path:
-    """The competition folder as a Kaggle notebook sees it at inference: test.csv, sample_submission.csv, test/."""
-    root = tmp_path_factory.mktemp("kaggle") / "competition"
-    shutil.copytree(small_competition / "test", root / "test")
-    for name in ("test.csv", "sample_submission.csv"):
-        shutil.copy(small_competition / name, root / name)
-    return root
-
-
 def test_export_holds_models_as_data_and_no_training_data(experiment_run, tmp_path):
     art = export(experiment_run, tmp_path / "art")
     files = {str(p.relative_to(art)) for p in art.rglob("*") if p.is_file()}

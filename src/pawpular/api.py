@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from .config import Config, load_config
 if TYPE_CHECKING:
     import pandas as pd
 
+log = logging.getLogger("pawpular")
 # The main thing each stage writes (what run() returns).
 MAIN_OUTPUT = {"folds": artifacts.folds_csv, "train": lambda out: out / "train", "embed": lambda out: out / "emb",
                "svr": artifacts.svr_dir, "ensemble": artifacts.submission, "select": artifacts.selection_json}
@@ -55,7 +57,8 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     """Run ``stage`` ("all" = every pipeline stage in order, under one lock) with a resolved config."""
     from .distributed import is_lead_process
     from .lock import experiment_lock, interruptible
-    from .runner import run_stage
+    from .runner import not_needed_why, run_stage
+    from .stages import needed
     from .tracking import require
 
     require(cfg)  # a tracking backend that is not installed: one line before anything is written
@@ -64,8 +67,12 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
             run_stage(stage, cfg, hooks)
             return MAIN_OUTPUT[stage](cfg.out)
         with experiment_lock(cfg.out, "all") if is_lead_process() else contextlib.nullcontext():
+            want = needed(cfg)
             for name in artifacts.PIPELINE:
-                run_stage(name, cfg, hooks)
+                if name in want:
+                    run_stage(name, cfg, hooks)
+                elif is_lead_process():
+                    log.info("== %s: not needed, skipped: %s", name, not_needed_why(cfg, name))
         return artifacts.submission(cfg.out)
 
 

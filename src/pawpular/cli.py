@@ -208,14 +208,15 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from .manifest import NOT_NEEDED
     from .runner import status
 
     cfg = _config(args)
     verdicts = status(cfg)
     print(f"{cfg.out} (data {cfg.data}):")
     for name, v in verdicts.items():
-        print(f"  {name:<9} {v.state:<8} {v.why(4)}".rstrip())
-    todo = [n for n, v in verdicts.items() if not v.done]
+        print(f"  {name:<9} {v.state:<10} {v.why(4)}".rstrip())
+    todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
     print(f"next: pawpular all (recomputes {', '.join(todo)})" if todo else "everything is done and current")
     return 0
 

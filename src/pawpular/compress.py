@@ -17,22 +17,9 @@ import warnings
 import torch
 from torch import nn
 
+from .config import compress_spec
+
 log = logging.getLogger("pawpular")
-
-
-def parse(spec: str) -> tuple[str, float]:
-    """('none'|'int8'|'bf16'|'prune', fraction) or ValueError naming the setting."""
-    spec = (spec or "none").strip()
-    if spec in ("none", "int8", "bf16"):
-        return spec, 0.0
-    if spec.startswith("prune:"):
-        try:
-            frac = float(spec.split(":", 1)[1])
-        except ValueError:
-            frac = -1.0
-        if 0.0 < frac < 1.0:
-            return "prune", frac
-    raise ValueError(f"compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}")
 
 
 def _prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -60,7 +47,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Module:
     """Apply the compression setting to a model in eval mode (returns the model to use)."""
-    kind, frac = parse(spec)
+    kind, frac = compress_spec(spec)
     if kind == "none":
         return model
     model = model.eval()

@@ -321,6 +321,22 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
+def compress_spec(spec: str) -> tuple[str, float]:
+    """``embed.compress`` read: ('none'|'int8'|'bf16'|'prune', fraction), or ValueError naming the setting.
+    Plain string work (the config checks use it; ``compress.py`` applies it)."""
+    spec = (spec or "none").strip()
+    if spec in ("none", "int8", "bf16"):
+        return spec, 0.0
+    if spec.startswith("prune:"):
+        try:
+            frac = float(spec.split(":", 1)[1])
+        except ValueError:
+            frac = -1.0
+        if 0.0 < frac < 1.0:
+            return "prune", frac
+    raise ValueError(f"compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}")
+
+
 def config_hash(*parts: Any) -> str:
     """A short stable hash of config sections (plus any other values) for cache keys."""
     import hashlib

@@ -168,10 +168,10 @@ RULES: list[Rule] = [
 
 
 def _compress_ok(spec: str) -> bool:
-    from .compress import parse
+    from .config import compress_spec
 
     try:
-        parse(spec)
+        compress_spec(spec)
     except ValueError:
         return False
     return True

@@ -32,7 +32,8 @@ from .files import ArtifactError, digest_or_none, read_json
 
 SMALL = 1 << 20  # outputs up to this size are hashed; bigger ones (checkpoints, embeddings) only must exist
 NOT_SETTINGS = ("experiment", "output_dir", "overwrite")  # differ between experiments by definition
-ORDER = {manifest.DAMAGED: 3, manifest.STALE: 2, manifest.PARTIAL: 1, manifest.MISSING: 1, manifest.DONE: 0}
+ORDER = {manifest.DAMAGED: 3, manifest.STALE: 2, manifest.PARTIAL: 1, manifest.MISSING: 1, manifest.DONE: 0,
+         manifest.NOT_NEEDED: 0}
 COLUMNS = ["experiment", "status", "nn", "svr", "blend", "blend_cv", "holdout", "mean", "best_C", "model",
            "img_size", "finetune", "epochs", "device", "precision",
            *[f"t_{s}" for s in artifacts.PIPELINE], "t_total", "why", "path", "stages"]
@@ -151,8 +152,11 @@ def quick_status(out: Path, config: dict, cache: dict | None = None) -> dict[str
     produced = {rel: (s, d) for s, r in records.items() if r for rel, d in r.outputs.items()}
     data = _Data(out, Path(config["data_dir"]) if config.get("data_dir") else None, {} if cache is None else cache)
     states: dict[str, tuple[str, list[str]]] = {}
+    want = _needed(out, config)
     for s, record in records.items():
-        if record is None:
+        if s not in want:
+            states[s] = (manifest.NOT_NEEDED, ["nothing the config asks for reads it"])
+        elif record is None:
             states[s] = _unfinished(out, s, (config.get("folds") or {}).get("n_folds"))
         elif damaged := _damaged(out, record):
             states[s] = (manifest.DAMAGED, damaged)
@@ -160,6 +164,17 @@ def quick_status(out: Path, config: dict, cache: dict | None = None) -> dict[str
             why = [w for label, d in record.inputs.items() if (w := _input_change(out, label, d, produced, states, data))]
             states[s] = (manifest.STALE, why) if why else (manifest.DONE, [])
     return states
+
+
+def _needed(out: Path, config: dict) -> list[str]:
+    """The stages the experiment's config needs (``stages.needed``); every stage when the config cannot be read."""
+    from .config import load_config_dict
+    from .stages import needed
+
+    try:
+        return needed(load_config_dict({**config, "output_dir": str(out)}))
+    except (ValueError, TypeError):  # a config.yaml of another version: judge every stage
+        return list(artifacts.PIPELINE)
 
 
 def overall(states: dict[str, tuple[str, list[str]]]) -> tuple[str, str]:

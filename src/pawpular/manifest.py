@@ -24,6 +24,7 @@ from . import __version__, artifacts
 from .files import digest_or_none, read_json, remove, value_digest, write_json
 
 DONE, STALE, MISSING, DAMAGED, PARTIAL = "done", "stale", "missing", "damaged", "partial"
+NOT_NEEDED = "not needed"  # a stage no output of the config reads (runner.status; `all` skips it)
 
 
 @dataclass

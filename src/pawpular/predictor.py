@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from . import artifacts, backend, versions
-from .compress import compress_model, parse
-from .config import Config, load_config
+from .compress import compress_model
+from .config import Config, compress_spec, load_config
 from .data import ID, read_test_set
 from .dataset import eval_dataset
 from .features import assemble_features, embedding_table
@@ -111,7 +111,7 @@ class Experiment:
         """Embeddings of the test photos as the pipeline made this set: its compression, TTA and policy."""
         device = model_device(entry["compress"], self.device)
         model = compress_model(model.to(device), entry["compress"], device)
-        if parse(entry["compress"])[0] == "bf16" and device == "cuda" and not gpu_has_bf16():
+        if compress_spec(entry["compress"])[0] == "bf16" and device == "cuda" and not gpu_has_bf16():
             log.warning("embed.compress: bf16 on a GPU without native bf16: this model's weights run in fp16")
             model = model.half()
         policy = Policy.from_dict(entry["policy"]).usable_on(device)
@@ -133,7 +133,7 @@ class Experiment:
         ds = eval_dataset(test, data / "test", data_cfg)
         kw = dict(batch_size=self.cfg.embed.batch_size, num_workers=self.cfg.embed.num_workers, desc=f"fold {k}")
         model = model.to(self.device)
-        one_pass = (emb_entry is not None and parse(emb_entry["compress"])[0] == "none"
+        one_pass = (emb_entry is not None and compress_spec(emb_entry["compress"])[0] == "none"
                     and Policy.from_dict(emb_entry["policy"]).usable_on(self.device) == policy)
         if one_pass:
             out = run_backbone(model, ds, self.device, policy, pred_tta=nn_entry["tta_hflip"],

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import artifacts, plots
+from . import artifacts, manifest, plots
 from .files import write_text
 from .data import TARGET
 from .results import NOT_RUN, RunResults, fold_table, load_results, model_table, oof_rmse
@@ -127,7 +127,7 @@ def _stages_section(page: _Page, res: RunResults) -> None:
     rows = "".join(f'<tr data-stage="{s}" data-state="{st}"><td>{s}</td><td>{st}</td><td>{html.escape(why)}</td></tr>'
                    for s, (st, why) in res.stages.items())
     page.add(f'<table id="stages"><tr><th>stage</th><th>state</th><th>why</th></tr>{rows}</table>')
-    stale = [s for s, (st, _) in res.stages.items() if st not in ("done", "missing")]
+    stale = [s for s, (st, _) in res.stages.items() if st not in ("done", "missing", manifest.NOT_NEEDED)]
     if stale:
         page.add(f'<p class="warn">WARNING: {", ".join(stale)} no longer match their inputs or settings: the '
                  "numbers below describe the old results; run <code>pawpular all</code>.</p>")
@@ -151,8 +151,9 @@ def _models_section(page: _Page, res: RunResults) -> None:
                           "folds", "fold"))
     page.figure(lambda: plots.fold_scores(folds), "Validation RMSE of every head on every fold.",
                 missing=None if len(folds) else "no fold scores: no head has run")
-    page.figure(lambda: plots.training_curves(res.metrics), "NN head: loss and validation RMSE per epoch and fold.",
-                missing=None if len(res.metrics) else "NN head: not run (no train/fold*/metrics.csv)")
+    if res.status.get("nn") != manifest.NOT_NEEDED:  # the frozen recipe trains nothing: no figure to miss
+        page.figure(lambda: plots.training_curves(res.metrics), "NN head: loss and validation RMSE per epoch and fold.",
+                    missing=None if len(res.metrics) else "NN head: not run (no train/fold*/metrics.csv)")
 
 
 def _oof_section(page: _Page, res: RunResults) -> None:
@@ -181,11 +182,12 @@ def _svr_section(page: _Page, res: RunResults, config: dict) -> None:
         page.add(f"<pre>{html.escape(yaml.safe_dump(res.best_params, sort_keys=False, default_flow_style=None))}</pre>")
 
 
-def _timings_table(timings: dict[str, float]) -> str:
+def _timings_table(timings: dict[str, float], states: dict[str, tuple[str, str]]) -> str:
     stages = artifacts.PIPELINE
     rows = [(s, timings.get(s)) for s in stages] + [(s, v) for s, v in timings.items() if s not in stages]
     total = sum(v for _, v in rows if v is not None)
-    body = "".join(f"<tr><td>{s}</td>{_num(v, '{:.1f}')}<td>{_duration(v) if v is not None else NOT_RUN}</td></tr>"
+    unrun = {s: manifest.NOT_NEEDED if states.get(s, ("",))[0] == manifest.NOT_NEEDED else NOT_RUN for s, _ in rows}
+    body = "".join(f"<tr><td>{s}</td>{_num(v, '{:.1f}')}<td>{_duration(v) if v is not None else unrun[s]}</td></tr>"
                    for s, v in rows)
     return (f'<table id="timings"><tr><th>stage</th><th>seconds</th><th>duration</th></tr>{body}'
             f"<tr><th>total</th>{_num(total, '{:.1f}')}<th>{_duration(total)}</th></tr></table>")
@@ -207,7 +209,7 @@ def render(res: RunResults, config: dict, title: str = "") -> tuple[str, int]:
     page.figure(lambda: plots.target_distribution(res.train[TARGET]), "Pawpularity in train.csv.", no_data)
     page.figure(lambda: plots.metadata_effect(res.train), "The 12 metadata flags and the target.", no_data)
     page.section("Time per stage")
-    page.add(_timings_table(res.timings))
+    page.add(_timings_table(res.timings, res.stages))
     page.section("Config")
     page.add(f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False, default_flow_style=None))}</pre>")
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import artifacts
+from . import artifacts, manifest
 from .data import ID, TARGET, DataError, read_competition
 from .files import read_json
 from .metrics import rmse
@@ -208,6 +208,9 @@ def load_results(out: str | Path, data: str | Path | None = None, storage: str |
     t = artifacts.timings_json(out)
     res.timings = read_json(t) if t.is_file() else {}
     res.stages = stage_states(out, res.data, res.notes)
+    for head, folder in HEAD_DIRS.items():  # the frozen recipe: a head nothing asks for is not missing
+        if res.status.get(head) == NOT_RUN and res.stages.get(folder, ("",))[0] == manifest.NOT_NEEDED:
+            res.status[head] = manifest.NOT_NEEDED
     return res
 
 
@@ -248,6 +251,8 @@ def model_table(res: RunResults) -> pd.DataFrame:
     rows = []
     for head in ["nn", "svr", *[n for n in w if n not in ("nn", "svr")]]:
         status = res.status.get(head, "ok")
+        if status == manifest.NOT_NEEDED:
+            continue
         if status == NOT_RUN:
             rows.append((head, np.nan, np.nan, NOT_RUN))
             continue

@@ -91,7 +91,7 @@ def upstream(cfg: Config, name: str) -> list[str]:
     seen: list[str] = []
 
     def visit(n: str) -> None:
-        for u in stages.get(n).needs(cfg):
+        for u in stages.needs(n, cfg):
             if u not in seen:
                 visit(u)
                 seen.append(u)
@@ -100,12 +100,19 @@ def upstream(cfg: Config, name: str) -> list[str]:
     return [s for s in (*stages.PIPELINE, *stages.ON_DEMAND) if s in seen]
 
 
+
+
+def not_needed_why(cfg: Config, name: str) -> str:
+    return (f"nothing the config asks for reads it (ensemble.heads {list(cfg.ensemble.heads)}, svr.features "
+            f"{list(cfg.svr.features)}, embed.source {cfg.embed.source}); `pawpular {name}` runs it anyway")
+
+
 def chain(ctx: Context, names: list[str]) -> dict[str, manifest.Verdict]:
     """Verdicts of ``names`` in order; a stage downstream of one that is not done is stale through it."""
     out: dict[str, manifest.Verdict] = {}
     for name in names:
         v = stage_verdict(ctx, name)
-        blocked = [u for u in stages.get(name).needs(ctx.cfg) if u in out and not out[u].done]
+        blocked = [u for u in stages.needs(name, ctx.cfg) if u in out and not out[u].done]
         if v.done and blocked:
             v = manifest.Verdict(manifest.STALE, [f"upstream {u} is {out[u].state}" for u in blocked], v.record)
         out[name] = v
@@ -113,8 +120,12 @@ def chain(ctx: Context, names: list[str]) -> dict[str, manifest.Verdict]:
 
 
 def status(cfg: Config, names: list[str] | None = None) -> dict[str, manifest.Verdict]:
-    """Each pipeline stage's verdict (reads and hashes files; writes nothing but the data digest cache)."""
-    return chain(Context(cfg), list(names or stages.PIPELINE))
+    """Each pipeline stage's verdict (reads and hashes files; writes nothing but the data digest cache); a stage
+    nothing needs (``needed``) is "not needed", whatever its files."""
+    names = list(names or stages.PIPELINE)
+    want = stages.needed(cfg)
+    verdicts = chain(Context(cfg), [n for n in names if n in want or n not in stages.PIPELINE])
+    return {n: verdicts.get(n) or manifest.Verdict(manifest.NOT_NEEDED, [not_needed_why(cfg, n)]) for n in names}
 
 
 def require_upstream(ctx: Context, name: str) -> None:

@@ -7,9 +7,12 @@ needs before and after (lock, device, data check, upstream checks, manifest verd
     SUMMARY                          one line for `pawpular --help`
     HELP                             what it reads, writes, needs first, and its main config keys (its docstring)
     IMAGES                           True when it decodes photos (the data contract is checked first)
-    needs(cfg) -> [stage, ...]       upstream stages whose outputs it reads (each must be done first)
     plan(ctx) -> Plan                the config and input digests that decide its outputs (the cache key)
     run(ctx) -> Result               the work; returns the files it wrote
+
+The graph between them is here, in one place, and imports no stage module (``status``, ``runs`` and the CLI ask
+it without loading torch): ``needs(name, cfg)`` says which stages a stage reads, ``needed(cfg)`` which stages the
+config's outputs need at all (a frozen recipe needs no ``train``).
 
 and, where a stage needs them: DISTRIBUTED (every torchrun rank takes part: train, embed), check(ctx) (fail before
 anything changes: svr's storage), partial(ctx) (how much of an unfinished stage is done: train's folds),
@@ -24,10 +27,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from .. import artifacts
 from ..artifacts import PIPELINE
 
 ON_DEMAND = ("select",)
-__all__ = ["PIPELINE", "ON_DEMAND", "Plan", "Result", "describe", "get"]
+__all__ = ["PIPELINE", "ON_DEMAND", "Plan", "Result", "describe", "get", "needs", "needed"]
 
 
 @dataclass
@@ -68,3 +72,36 @@ def describe(name: str) -> tuple[str, str]:
     summary = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
                    and any(isinstance(t, ast.Name) and t.id == "SUMMARY" for t in node.targets))
     return summary, ast.get_docstring(tree, clean=False) or ""
+
+
+def needs(name: str, cfg: Any) -> list[str]:
+    """The stages whose outputs stage ``name`` reads (each must be done before it runs).
+
+    embed reads train only for the fine-tuned folds' own embeddings (svr.features lists "model" and
+    embed.source is finetuned); the ensemble reads the stages of its heads (ensemble.heads) that have run, so
+    ``pawpular ensemble`` after train alone blends the NN head and says the SVR's is missing.
+    """
+    if name == "folds":
+        return []
+    if name == "embed":
+        finetuned = cfg.embed.source == "finetuned" and artifacts.MODEL_SET in cfg.svr.features
+        return ["folds", "train"] if finetuned else ["folds"]
+    if name == "svr":
+        return ["folds", "embed"]
+    if name == "ensemble":
+        return ["folds", *(artifacts.HEADS[h] for h in cfg.ensemble.heads if h in artifacts.HEADS and (
+            artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file() or artifacts.preds(cfg.out, h, "oof").is_file()))]
+    return ["folds"]  # train, select
+
+
+def needed(cfg: Any) -> list[str]:
+    """The pipeline stages the config's outputs need, in order: the ensemble, the stages of its heads
+    (``ensemble.heads``), and everything those read. ``pawpular all`` runs only these."""
+    todo = ["ensemble", *(artifacts.HEADS[h] for h in cfg.ensemble.heads if h in artifacts.HEADS)]
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += [u for u in needs(name, cfg) if u != "ensemble"]
+    return [s for s in PIPELINE if s in seen]

@@ -2,9 +2,11 @@
 
 Reads   folds/folds.csv, each fold's train/fold{k}/best.pt (or, with embed.source: pretrained, the frozen
         pretrained backbone of model.*), each backbone of embed.backbones, and the photos
-Writes  emb/fold{k}/{train,test}.parquet   Id + e0..e{D-1} float32 (every train and test image); + manifest.json
+Writes  emb/fold{k}/{train,test}.parquet   Id + e0..e{D-1} float32 (every train and test image); + manifest.json;
+                                           only when svr.features lists "model" (the folds' own backbones)
         emb/<backbone>/{train,test}.parquet  a frozen backbone of embed.backbones, shared by every fold
-Needs   pawpular train (embed.source: finetuned) or nothing more than folds (pretrained)
+Needs   pawpular train (embed.source: finetuned, with "model" in svr.features) or nothing more than folds
+        (embed.source: pretrained, or only frozen backbones of embed.backbones in svr.features)
 Keys    embed.source, embed.tta_hflip, embed.compress, embed.backbones, embed.batch_size
 Run     pawpular embed --config configs/default.yaml
         torchrun --nproc_per_node N -m pawpular.cli embed ...   images sharded over ranks, rank 0 writes
@@ -42,8 +44,9 @@ IMAGES = True
 DISTRIBUTED = True  # under torchrun every rank takes part (rank 0 writes)
 
 
-def needs(cfg) -> list[str]:
-    return ["folds", "train"] if cfg.embed.source == "finetuned" else ["folds"]
+def fold_sets(cfg) -> bool:
+    """Whether the folds' own embeddings (emb/fold{k}, the SVR's set "model") are wanted: svr.features lists it."""
+    return artifacts.MODEL_SET in cfg.svr.features
 
 
 @dataclass
@@ -74,7 +77,8 @@ def units(ctx) -> list[Unit]:
     cfg, out = ctx.cfg, ctx.out
     found = [Unit(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
              for b in backbone_configs(cfg)]
-    folds = fold_ids(read_folds(out, ctx.comp.train, cfg.folds)) if artifacts.folds_csv(out).is_file() else []
+    have_folds = fold_sets(cfg) and artifacts.folds_csv(out).is_file()
+    folds = fold_ids(read_folds(out, ctx.comp.train, cfg.folds)) if have_folds else []
     for k in folds:
         if cfg.embed.source == "finetuned":
             found.append(Unit(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k)))

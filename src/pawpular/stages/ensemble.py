@@ -54,12 +54,6 @@ def _used(cfg, prefix: str) -> list[str] | None:
     return None if prefix else list(cfg.ensemble.heads)
 
 
-def needs(cfg) -> list[str]:
-    own = [artifacts.HEADS[h] for h in cfg.ensemble.heads if h in artifacts.HEADS and (
-        artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file() or artifacts.preds(cfg.out, h, "oof").is_file())]
-    return ["folds", *own]
-
-
 def _pred_files(cfg) -> list[Path]:
     return [artifacts.preds(folder, h, s) for prefix, folder in experiments(cfg) for h in _heads(folder, _used(cfg, prefix))
             for s in artifacts.PRED_SPLITS if s != "holdout" or artifacts.preds(folder, h, s).is_file()]

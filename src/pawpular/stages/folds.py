@@ -32,10 +32,6 @@ HELP = __doc__
 IMAGES = True
 
 
-def needs(cfg) -> list[str]:
-    return []
-
-
 def plan(ctx) -> Plan:
     fc = ctx.cfg.folds
     if fc.file:  # the user's split: its bytes decide, not the split settings

@@ -211,10 +211,6 @@ def format_table(steps: Sequence[Step], rejected: dict) -> str:
     return "\n".join(rows)
 
 
-def needs(cfg) -> list[str]:
-    return ["folds"]  # the embedding sets are checked one by one (find_candidates): a missing one is skipped
-
-
 def plan(ctx) -> Plan:
     s = ctx.cfg.svr
     settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta}

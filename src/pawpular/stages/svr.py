@@ -47,10 +47,6 @@ IMAGES = False
 NOT_RESULTS = ("n_trials", "storage", "kernel_cache", "max_kernel_gb", "workers")
 
 
-def needs(cfg) -> list[str]:
-    return ["folds", "embed"]
-
-
 def check(ctx) -> None:
     """Before anything changes: a bad svr.storage fails here, the finished stage's files untouched."""
     open_storage(ctx.cfg)

@@ -51,10 +51,6 @@ DISTRIBUTED = True  # under torchrun every rank takes part (rank 0 writes)
 FOLD_FILES = ("best.pt", "metrics.csv", "oof.parquet", "test.parquet")
 
 
-def needs(cfg) -> list[str]:
-    return ["folds"]
-
-
 def settings(cfg) -> dict:
     """The settings a fold's weights depend on (not: workers, which folds to run, epoch checkpoints)."""
     tc = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("num_workers", "folds", "save_every_epoch")}
