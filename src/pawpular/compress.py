@@ -17,6 +17,8 @@ import warnings
 import torch
 from torch import nn
 
+from .config import ConfigError
+
 log = logging.getLogger("pawpular")
 
 
@@ -32,7 +34,7 @@ def parse(spec: str) -> tuple[str, float]:
             frac = -1.0
         if 0.0 < frac < 1.0:
             return "prune", frac
-    raise ValueError(f"compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}")
+    raise ConfigError(f"embed.compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}")
 
 
 def _prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -66,7 +68,7 @@ def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Modul
     model = model.eval()
     if kind == "int8":
         if device != "cpu":
-            raise ValueError("compress: int8 (dynamic quantization) runs on CPU only; use bf16 on a GPU")
+            raise ConfigError("embed.compress: int8 (dynamic quantization) runs on CPU only; use bf16 on a GPU")
         model = quantize_int8(model.cpu())
     elif kind == "prune":
         model = prune_magnitude(model, frac)
