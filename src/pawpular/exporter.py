@@ -11,7 +11,8 @@ Run     pawpular export --output output/default --to artifacts/default [--overwr
 
 Only a current experiment is exported: every stage up to the ensemble must be done (``pawpular status``), else
 the error names the stage to run. The folder is built beside the target and swapped in with one rename, so the
-target is always the old export whole or the new one whole; an existing non-empty target needs --overwrite.
+target is always the old export whole or the new one whole; an existing non-empty target needs --overwrite
+and must be an earlier export (``guards.check_export_target``: never the experiment or a folder above it).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from pathlib import Path
 from . import __version__, artifacts, manifest
 from .compress import compress_model, save_compressed
 from .config import Config, backbone_configs, backbone_model_config, load_config, save_config
-from .files import ArtifactError, file_digest, read_json, recover_swap, swap_dirs, write_json, write_text
+from .files import (ArtifactError, MissingArtifact, file_digest, read_json, recover_swap, swap_dirs, temp_path,
+                    write_json, write_text)
 
 log = logging.getLogger("pawpular")
 
@@ -51,13 +53,14 @@ def check_current(cfg: Config) -> None:
 
 def export(out: Path, to: Path, overwrite: bool = False, data: str | None = None) -> Path:
     """Copy what inference needs from experiment ``out`` into ``to``; returns ``to``."""
+    from .guards import check_export_target
+    from .lock import experiment_lock
+
     out, to = Path(out), Path(to)
     if not artifacts.config_yaml(out).is_file() or not artifacts.weights_json(out).is_file():
-        raise FileNotFoundError(f"{out} has no config.yaml or ensemble/weights.json: run the pipeline to the ensemble first")
+        raise MissingArtifact(f"{out} has no config.yaml or ensemble/weights.json: run the pipeline to the ensemble first")
     recover_swap(to)
-    if to.exists() and (not to.is_dir() or any(to.iterdir())) and not overwrite:
-        raise FileExistsError(f"{to} exists and is not empty: pass --overwrite to replace it")
-    from .lock import experiment_lock
+    check_export_target(out, to, overwrite)  # never the experiment; --overwrite replaces only an earlier export
 
     with experiment_lock(out, "export"):  # no stage rewrites the experiment while it is read
         return _export(out, to, load_config(artifacts.config_yaml(out), output_dir=str(out), data_dir=data))
@@ -66,7 +69,7 @@ def export(out: Path, to: Path, overwrite: bool = False, data: str | None = None
 def _export(out: Path, to: Path, cfg: Config) -> Path:
     check_current(cfg)
     weights = read_json(artifacts.weights_json(out))["weights"]
-    staging = to.with_name(f".{to.name}.partial.tmp")
+    staging = temp_path(to, "partial")
     shutil.rmtree(staging, ignore_errors=True)
     models = {name: _export_experiment(folder, artifacts.export_experiment(staging, name), prefix, weights)
               for name, prefix, folder in _experiments(cfg)}
