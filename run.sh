@@ -17,7 +17,9 @@
 #     from PyTorch's index for the driver's CUDA major (cu126 for CUDA 12, cu130 for CUDA 13), and
 #     requirements-gpu.txt adds cuml-cuXX / cudf-cuXX for the same major;
 #   - requirements-distributed.txt (the PostgreSQL driver) for `./run.sh test` and for a config whose
-#     svr.storage is a postgresql:// URL.
+#     svr.storage is a postgresql:// URL;
+#   - requirements-tracking.txt (TensorBoard, Weights & Biases) for `./run.sh test` and for a config (or --set)
+#     that turns `tracking` on.
 # The install reruns only when the requirement files, pyproject.toml, the installer or that choice change.
 #
 # Environment: CONFIG (default configs/default.yaml), PYTHON (interpreter for the venv, default python3),
@@ -45,6 +47,15 @@ wants_distributed() {
   return 1
 }
 
+# TensorBoard and W&B: for the tests (they read the logs back) and for a config or --set that asks for them
+# (`tracking: [tensorboard]` on one line in the config, or --set tracking=[wandb]).
+wants_tracking() {
+  [ "${1:-}" = test ] && return 0
+  grep -Eqs '^tracking:[[:space:]]*\[?[[:space:]]*[A-Za-z]' "$CONFIG" && return 0
+  case " $* " in *" tracking=["[A-Za-z]*|*" tracking=[ "[A-Za-z]*|*" tracking="[A-Za-z]*) return 0 ;; esac
+  return 1
+}
+
 setup() {
   if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV"
@@ -56,15 +67,17 @@ setup() {
   key=$("${plan[@]}" --key)  # cpu | gpu cu12 | gpu cu13: nvidia-smi and the overrides, no torch import (fast)
   # Reinstall only when the requirements, the package metadata, the installer or its choice changed: a no-op
   # takes well under a second.
-  local extra=""
+  local extra="" e reqs=()
   if wants_distributed "$@"; then extra=distributed; fi
-  want=$({ cat requirements.txt requirements-gpu.txt requirements-distributed.txt constraints.txt pyproject.toml \
-               src/pawpular/install_plan.py; echo "$key $extra"; } | sha256sum | cut -d' ' -f1)
+  if wants_tracking "$@"; then extra="${extra:+$extra }tracking"; fi
+  want=$({ cat requirements.txt requirements-gpu.txt requirements-distributed.txt requirements-tracking.txt \
+               constraints.txt pyproject.toml src/pawpular/install_plan.py; echo "$key $extra"; } | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import pawpular" 2>/dev/null; then
     echo "[setup] installing for: $key${extra:+ + $extra} (a first run downloads torch: a few minutes)"
     "${plan[@]}" --run --quiet
     if [ -n "$extra" ]; then
-      "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-distributed.txt -c constraints.txt
+      for e in $extra; do reqs+=(-r "requirements-$e.txt"); done
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${reqs[@]}" -c constraints.txt
     fi
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
     echo "$want" > "$stamp"

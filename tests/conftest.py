@@ -59,17 +59,18 @@ CONFIG = REPO / "configs" / "default.yaml"
 TINY = ["folds.n_folds=3", "train.epochs=2", "train.num_workers=0", "embed.num_workers=0", "svr.n_trials=8"]
 
 
-def tiny_args(data: Path, out: Path) -> list[str]:
-    """CLI arguments (after the command) for the tiny config on ``data``, writing to ``out``."""
-    return ["--config", str(CONFIG), "--data", str(data), "--output", str(out), *[a for s in TINY for a in ("--set", s)]]
+def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """CLI arguments (after the command) for the tiny config (plus ``extra`` settings) on ``data``, into ``out``."""
+    return ["--config", str(CONFIG), "--data", str(data), "--output", str(out),
+            *[a for s in (*TINY, *extra) for a in ("--set", s)]]
 
 
-def build_run(comp: Path, out: Path) -> Path:
+def build_run(comp: Path, out: Path, *extra: str) -> Path:
     """A finished experiment folder from the real pipeline (tiny config: 10-30 s), built once per session."""
     from pawpular import cli
 
     if not (out / "submission.csv").is_file():
-        assert cli.main(["all", *tiny_args(comp, out)]) == 0
+        assert cli.main(["all", *tiny_args(comp, out, *extra)]) == 0
     return out
 
 
@@ -110,6 +111,15 @@ def make_partial(run: Path, dest: Path) -> Path:
 @pytest.fixture(scope="session")
 def experiment_run(small_competition, tmp_path_factory) -> Path:
     return build_run(small_competition, tmp_path_factory.getbasetemp() / "report_run")
+
+
+@pytest.fixture(scope="session")
+def holdout_run(small_competition, tmp_path_factory) -> Path:
+    """The tiny run with a holdout (folds.holdout=0.2): holdout predictions and a holdout RMSE in weights.json."""
+    return build_run(small_competition, tmp_path_factory.getbasetemp() / "holdout_run", *HOLDOUT)
+
+
+HOLDOUT = ["folds.holdout=0.2"]
 
 
 @pytest.fixture(scope="session")

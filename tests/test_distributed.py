@@ -265,9 +265,8 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run
     A trial on the tiny run takes ~0.1 s and a spawned worker needs 5-20 s (imports, folds, kernels) on a busy
     2-core machine, so the stage's process alone could fill the budget before a worker starts: its trials are
     slowed here to 1 s (the workers, fresh interpreters, run the real speed)."""
-    import pickle
-
     from pawpular import cli as pcli, svm
+    from pawpular.heads import SvrHead
 
     n = 40
     real = svm.oof_rmse
@@ -290,11 +289,11 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run
     assert b["n_trials"] == n and b["C"] == study.best_params["C"]
     assert artifacts.manifest(out, "svr").is_file()
     for k in range(3):
-        head = pickle.loads(artifacts.svr_model(out, k).read_bytes())
-        assert head.svr.C == b["C"]
+        head = SvrHead.load(artifacts.svr_head(out, k))
+        assert head.params["C"] == b["C"]
     written = sorted(str(p.relative_to(out / "svr")) for p in (out / "svr").rglob("*") if p.is_file())
     assert written == sorted(["best_params.json", "manifest.json", "oof.parquet", "test.parquet", "study.db",
-                              "study.db.lock", *[f"fold{k}/model.pkl" for k in range(3)]])
+                              "study.db.lock", *[f"fold{k}/head.safetensors" for k in range(3)]])
 
 
 def _sigint_default() -> None:  # a test run in the background inherits SIGINT ignored: a terminal's child has it

@@ -68,7 +68,7 @@ def test_embed_killed_under_other_settings_then_rerun_with_the_original_ones(exp
 
 
 @pytest.mark.parametrize("victim, stage", [("emb/fold1/test.parquet", "embed"), ("train/fold0/best.pt", "train"),
-                                           ("svr/oof.parquet", "svr"), ("svr/fold2/model.pkl", "svr"),
+                                           ("svr/oof.parquet", "svr"), ("svr/fold2/head.safetensors", "svr"),
                                            ("ensemble/weights.json", "ensemble")])
 def test_damaged_files_are_recomputed_never_trusted(experiment_run, small_competition, tmp_path, capsys, victim, stage):
     run = _copy(experiment_run, tmp_path / "run")

@@ -1,4 +1,5 @@
-"""Export + offline predict: a fresh process, the package from the artifact folder, no network, no training data."""
+"""Export + offline predict: a fresh process, the package from the artifact folder, no network, no training data,
+no unpickling, and no scikit-learn, albumentations or Optuna imported."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,14 @@ def _no_network(*a, **k):
     raise RuntimeError("predict tried to use the network")
 socket.socket.connect = _no_network
 socket.create_connection = _no_network
+import pickle
+def _no_unpickling(*a, **k):
+    raise RuntimeError("predict tried to unpickle something")
+pickle.load = pickle.loads = _no_unpickling
+class _NoUnpickler:
+    def __init__(self, *a, **k):
+        _no_unpickling()
+pickle.Unpickler = _NoUnpickler
 sys.path.insert(0, {src!r})
 import pawpular
 assert pawpular.__file__.startswith({src!r}), pawpular.__file__
@@ -25,24 +34,29 @@ from pawpular.cli import main
 code = main({args!r})
 stages = sorted(m for m in sys.modules if m.startswith(("pawpular.stages.", "pawpular.runner", "pawpular.training")))
 assert not stages, f"predict imported pipeline-stage modules: {{stages}}"
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"sklearn", "albumentations", "optuna", "scipy", "cuml"}})
+assert not heavy, f"predict imported {{heavy}}: it needs neither scikit-learn nor cuML, nor training libraries"
 sys.exit(code)
 """
 
 
-def _predict_in_fresh_process(art: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
+def _predict_in_fresh_process(art: Path, data: Path, *args: str, python: str | Path = sys.executable
+                              ) -> subprocess.CompletedProcess:
     code = GUARD.format(src=str(art / "src"), args=["predict", "--artifacts", str(art), "--data", str(data), *args])
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=art.parent)
+    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=art.parent)
 
 
-def assert_predict_matches(art: Path, data: Path, run: Path, tmp_path: Path) -> None:
+def assert_predict_matches(art: Path, data: Path, run: Path, tmp_path: Path, python: str | Path = sys.executable
+                           ) -> subprocess.CompletedProcess:
     """predict in a fresh process writes the pipeline's submission.csv (same Ids in order, values within 1e-4)."""
     out = tmp_path / "submission.csv"
-    r = _predict_in_fresh_process(art, data, "--out", str(out))
+    r = _predict_in_fresh_process(art, data, "--out", str(out), python=python)
     assert r.returncode == 0, r.stderr[-3000:]
     ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
     assert ours["Id"].tolist() == pipeline["Id"].tolist()
     assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +69,33 @@ def test_only(small_competition, tmp_path_factory) -> Path:
     return root
 
 
-def test_export_holds_models_and_no_training_data(experiment_run, tmp_path):
+def test_export_holds_models_as_data_and_no_training_data(experiment_run, tmp_path):
     art = export(experiment_run, tmp_path / "art")
     files = {str(p.relative_to(art)) for p in art.rglob("*") if p.is_file()}
     manifest = json.loads((art / "manifest.json").read_text())
     name = experiment_run.name
-    assert {f"experiments/{name}/train/fold{k}/best.pt" for k in range(3)} <= files
-    assert {f"experiments/{name}/svr/fold{k}/model.pkl" for k in range(3)} <= files
+    assert {f"experiments/{name}/train/fold{k}/model.safetensors" for k in range(3)} <= files
+    assert {f"experiments/{name}/svr/fold{k}/head.safetensors" for k in range(3)} <= files
     assert "src/pawpular/predictor.py" in files and f"experiments/{name}/config.yaml" in files
     assert not [f for f in files if f.endswith((".csv", "oof.parquet", "last.pt")) or "/emb/" in f]
+    # Nothing but the package source is code: no pickle (torch .pt/.pth, .pkl) anywhere, only arrays and settings
+    data_files = [f for f in files if not f.startswith("src/")]
+    assert {Path(f).suffix for f in data_files} <= {".safetensors", ".yaml", ".json", ".ipynb"}, data_files
+    assert not [f for f in data_files if _is_pickle(art / f)]
     assert manifest["weights"] == json.loads((experiment_run / "ensemble" / "weights.json").read_text())["weights"]
+    assert {"python", "torch", "timm", "numpy", "pandas"} <= set(manifest["versions"])
+    fold0 = manifest["experiments"][name]
+    assert fold0["nn"]["0"]["policy"] == {"precision": "fp32", "channels_last": False}
+    assert fold0["embeddings"]["fold0"] == {"policy": {"precision": "fp32", "channels_last": False},
+                                            "compress": "none", "tta_hflip": True}
+
+
+def _is_pickle(path: Path) -> bool:
+    """A pickle, bare or inside a zip (torch.save's format holds data.pkl)."""
+    import zipfile
+
+    head = path.read_bytes()[:2]
+    return head[:1] == b"\x80" or (zipfile.is_zipfile(path) and any(n.endswith(".pkl") for n in zipfile.ZipFile(path).namelist()))
 
 
 def test_predict_round_trip_reproduces_the_pipeline(experiment_run, test_only, tmp_path):
@@ -93,21 +124,29 @@ def test_export_refuses_an_unfinished_experiment(partial_run, tmp_path):
 
 
 def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competition, test_only, tmp_path):
-    from pawpular import cli
+    """int8 travels as the weights it was quantized from plus the setting; predict quantizes them again and runs
+    the int8 model on the CPU, even when predict's device is a GPU."""
+    from pawpular import artifacts, cli
+    from pawpular.data import read_test_set
+    from pawpular.predictor import Experiment, read_manifest
 
     from conftest import tiny_args
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "int8_run"))
+    sets = ["embed.compress=int8", "ensemble.heads=[svr]"]
     for stage in ("embed", "svr", "ensemble"):
-        assert cli.main([stage, *tiny_args(small_competition, run), "--set", "embed.compress=int8"]) == 0
+        assert cli.main([stage, *tiny_args(small_competition, run), *[a for s in sets for a in ("--set", s)]]) == 0
     art = export(run, tmp_path / "art")
-    packed = sorted(art.rglob("embed_compressed.pt"))
-    assert len(packed) == 3  # one int8 embedding model per fold travels
-    import torch
-
-    state = torch.load(packed[0], map_location="cpu", weights_only=False)
-    assert state["compress"] == "int8" and any("_packed_params" in k for k in state["model"])
+    info = read_manifest(art)["experiments"][run.name]
+    assert {e["compress"] for e in info["embeddings"].values()} == {"int8"} and len(info["embeddings"]) == 3
+    assert len(list(art.rglob("model.safetensors"))) == 3
     assert_predict_matches(art, test_only, run, tmp_path)
+    # device "cuda" on this CPU-only machine: only an int8 model kept on the CPU can run at all
+    test, _ = read_test_set(test_only)
+    svr = Experiment(artifacts.export_experiment(art, run.name), info, "cuda").run(test, test_only)["svr"]
+    pipeline = pd.read_parquet(run / "svr" / "test.parquet")
+    assert pipeline["Id"].tolist() == test["Id"].tolist()
+    assert abs(svr - pipeline["pred"].to_numpy()).max() < 1e-4
 
 
 def test_round_trip_with_frozen_random_backbones(experiment_run, small_competition, test_only, tmp_path):
@@ -163,3 +202,90 @@ def test_predict_matrix_reproduces_the_pipeline(variant, experiment_run, small_c
     if "two experiments" in variant:
         assert f"{OTHER}/svr" in weights
     assert_predict_matches(export(run, tmp_path / "art"), test_only, run, tmp_path)
+
+
+@pytest.mark.slow
+def test_experiments_sharing_a_folder_name_are_refused_at_ensemble(experiment_run, small_competition, tmp_path, capsys):
+    """Two blended experiments called alike would be one in weights.json and in the export: refused, nothing written."""
+    from pawpular import cli
+
+    from conftest import tiny_args
+
+    run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
+    a = Path(shutil.copytree(experiment_run, tmp_path / "a" / OTHER))
+    b = Path(shutil.copytree(experiment_run, tmp_path / "b" / OTHER))
+    before = (run / "ensemble" / "weights.json").read_bytes()
+    for listed, why in (([a, b], f"{a} and {b} are both called '{OTHER}'"), ([a, a], f"{a} is listed twice"),
+                        ([run], "is listed twice (or is this experiment itself)")):
+        code = cli.main(["ensemble", *tiny_args(small_competition, run), "--set",
+                         f"ensemble.experiments=[{', '.join(map(str, listed))}]"])
+        err = capsys.readouterr().err
+        assert code == 2 and "ensemble.experiments" in err and why in err, err
+    assert (run / "ensemble" / "weights.json").read_bytes() == before
+
+
+def test_predict_refuses_weights_it_cannot_honour(experiment_run, test_only, tmp_path):
+    """A weighted model missing from the folder, or weights not summing to 1: refused, no submission."""
+    art = export(experiment_run, tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    out = tmp_path / "sub.csv"
+    for change, why in ((lambda m: m["weights"].update({"other/svr": 0.25}), "the blend weighs other/svr"),
+                        (lambda m: m["weights"].update(nn=m["weights"]["nn"] + 0.1), "weights sum to")):
+        broken = json.loads(json.dumps(manifest))
+        change(broken)
+        (art / "manifest.json").write_text(json.dumps(broken))
+        r = _predict_in_fresh_process(art, test_only, "--out", str(out))
+        assert r.returncode == 2 and why in r.stderr, r.stderr[-2000:]
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_predict_at_the_lowest_supported_versions(experiment_run, test_only, tmp_path):
+    """predict in an environment at requirements.txt's lower bounds (numpy, pandas, pyarrow, timm, pillow,
+    safetensors, opencv, pyyaml, tqdm; torch stays), with no scikit-learn, albumentations or Optuna installed,
+    reproduces the pipeline's submission, and says which versions differ from the export's."""
+    from lowest_env import _release, build, lower_bounds
+
+    python = build()
+    found = subprocess.run([str(python), "-c", "import numpy, pandas, timm, PIL, pyarrow; print(numpy.__version__, "
+                            "pandas.__version__, timm.__version__, PIL.__version__, pyarrow.__version__)"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    bounds = lower_bounds()
+    for version, name in zip(found, ("numpy", "pandas", "timm", "pillow", "pyarrow"), strict=True):
+        assert _release(version)[:len(_release(bounds[name]))] == _release(bounds[name]), (name, version)
+    missing = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('sklearn', "
+                              "'albumentations', 'optuna') if u.find_spec(m)])"], capture_output=True, text=True)
+    assert missing.stdout.strip() == "[]"
+    r = assert_predict_matches(export(experiment_run, tmp_path / "art"), test_only, experiment_run, tmp_path, python)
+    assert "library versions differ from the export's" in r.stderr and "numpy" in r.stderr
+
+
+@pytest.mark.slow
+def test_each_model_ships_and_uses_its_own_policy(experiment_run, small_competition, test_only, tmp_path, caplog):
+    """Folds made on another machine keep their policy: the manifests of one fold's model and of another fold's
+    embeddings say bf16 (as on an A100); the ensemble says the blend mixes policies, the export ships each
+    model's own, and predict on this CPU runs those in fp32 with a warning, the others as recorded."""
+    import logging
+
+    from pawpular import cli, manifest
+
+    from conftest import tiny_args
+
+    run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
+    gpu = {"precision": "bf16", "channels_last": True}
+    for unit in ("train/fold2", "emb/fold1"):
+        path = run / unit / "manifest.json"
+        record = manifest.read(path)
+        record.info["policy"] = gpu
+        manifest.commit(path, run, record, [run / p for p in record.outputs])
+    with caplog.at_level(logging.WARNING, logger="pawpular"):
+        assert cli.main(["ensemble", *tiny_args(small_competition, run), "--overwrite"]) == 0
+    assert "made under different inference policies" in caplog.text and "bf16: emb/fold1, train/fold2" in caplog.text
+    precision = json.loads((run / "ensemble" / "weights.json").read_text())["precision"]
+    assert precision["train/fold2"] == precision["emb/fold1"] == "bf16" and precision["train/fold0"] == "fp32"
+    art = export(run, tmp_path / "art")
+    info = json.loads((art / "manifest.json").read_text())["experiments"][run.name]
+    assert info["nn"]["2"]["policy"] == gpu and info["nn"]["1"]["policy"]["precision"] == "fp32"
+    assert info["embeddings"]["fold1"]["policy"] == gpu and info["embeddings"]["fold2"]["policy"]["precision"] == "fp32"
+    r = assert_predict_matches(art, test_only, run, tmp_path)
+    assert r.stderr.count("the pipeline ran this model in bf16 on a GPU; this cpu run uses fp32") == 1

@@ -6,7 +6,6 @@ latent the embeddings encode, so a working SVR beats predicting the mean and mis
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +144,7 @@ def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
 def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp):
     cfg = _cfg(*svr_exp, "svr.features=[model, frozen]", "svr.use_meta=true")
     result = _run(cfg)
-    assert artifacts.svr_model(cfg.out, 0) in result.outputs and not result.cached
+    assert artifacts.svr_head(cfg.out, 0) in result.outputs and not result.cached
     comp = read_competition(cfg.data)
     oof = pd.read_parquet(artifacts.preds(cfg.out, "svr", "oof"))
     assert list(oof.columns) == [ID, "fold", "pred"]
@@ -161,13 +160,12 @@ def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp
     assert best["oof_rmse"] == pytest.approx(rmse(oof["pred"], y), rel=1e-9)
     assert best["oof_rmse"] == pytest.approx(best["best_trial_rmse"], abs=1e-3)  # final fit = best trial's model
 
-    # Each fold's model.pkl, applied to freshly assembled test features, gives the stage's test predictions.
+    # Each fold's head file, applied to freshly assembled test features, gives the stage's test predictions.
     sets = {name: pd.read_parquet(artifacts.set_file(cfg.out, name, "test", 0)) for name in ("frozen",)}
     preds = []
     for k in range(N_FOLDS):
-        with open(artifacts.svr_model(cfg.out, k), "rb") as f:
-            head = pickle.load(f)
-        assert isinstance(head, SvrHead) and head.fold == k and head.svr.kernel != "precomputed"
+        head = SvrHead.load(artifacts.svr_head(cfg.out, k))
+        assert head.fold == k and head.params == {"C": best["C"], "epsilon": best["epsilon"]}
         assert head.columns[:DIM] == [f"model/e{j}" for j in range(DIM)] and head.columns[-12:] == META_COLS
         features = assemble_features({**sets, "model": pd.read_parquet(artifacts.set_file(cfg.out, "model", "test", k))},
                                      comp.test, cfg.svr.features, cfg.svr.use_meta)
@@ -226,8 +224,8 @@ def test_plain_path_when_kernels_exceed_the_memory_budget(svr_exp, caplog):
     best = read_json(artifacts.best_params(cfg.out))
     assert best["kernel_cache"] == "plain" and set(best["gamma"].values()) == {0.05}
     assert 0.01 <= best["epsilon"] <= 5.0 and best["epsilon"] != 0.5  # tuned, not the fixed svr.epsilon
-    with open(artifacts.svr_model(cfg.out, 0), "rb") as f:
-        assert pickle.load(f).svr.kernel == "rbf"
+    head = SvrHead.load(artifacts.svr_head(cfg.out, 0))
+    assert head.gamma == 0.05 and head.params["epsilon"] == best["epsilon"]
 
 
 def test_missing_embedding_set_names_the_file(svr_exp):

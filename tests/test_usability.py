@@ -105,7 +105,7 @@ def test_export_refuses_a_non_empty_target_without_overwrite(experiment_run, tmp
 @pytest.mark.parametrize("stage, names", [
     ("folds", ["folds/folds.csv", "train.csv"]), ("train", ["train/fold{k}/best.pt", "folds/folds.csv", "train.lr"]),
     ("embed", ["emb/fold{k}/{train,test}.parquet", "best.pt", "embed.tta_hflip"]),
-    ("svr", ["svr/fold{k}/model.pkl", "svr.n_trials", "emb/"]),
+    ("svr", ["svr/fold{k}/head.safetensors", "svr.n_trials", "emb/"]),
     ("ensemble", ["submission.csv", "ensemble/weights.json", "ensemble.method"]),
     ("select", ["select/selection.json", "embed.backbones"]),
 ])

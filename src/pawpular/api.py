@@ -4,6 +4,7 @@
     pawpular.run("all", config="configs/default.yaml", train={"epochs": 3})   # -> output/default/submission.csv
     pawpular.run("svr", output="output/default", svr__n_trials=60)           # section__key=value works too
     pawpular.status(output="output/default")                                  # {stage: Verdict}
+    pawpular.runs("output")                                                   # DataFrame: one row per experiment
     pawpular.export("output/default", "artifacts/default")
     pawpular.predict("artifacts/default", "input/petfinder", "submission.csv")
 
@@ -15,11 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import artifacts
 from .config import Config, ConfigError, load_config
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The main thing each stage writes (what run() returns).
 MAIN_OUTPUT = {"folds": artifacts.folds_csv, "train": lambda out: out / "train", "embed": lambda out: out / "emb",
@@ -59,9 +63,11 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     from .distributed import is_lead_process
     from .lock import experiment_lock, interruptible
     from .runner import run_stage
+    from .tracking import require
 
     if stage not in ("all", *MAIN_OUTPUT):
         raise UsageError(f"no stage {stage!r}: stages are all, {', '.join(MAIN_OUTPUT)}")
+    require(cfg)  # a tracking backend that is not installed: one line before anything is written
     with interruptible():
         if stage != "all":
             run_stage(stage, cfg, hooks)
@@ -113,3 +119,12 @@ def report(output: str | Path, data: str | Path | None = None) -> Path:
     if Path(output).is_dir() and not is_experiment(Path(output)):  # never a report.html into a user's folder
         raise UsageError(f"report --output {output}: holds no pawpular experiment (no config.yaml or stage manifest)")
     return write_report(Path(output), Path(data) if data else None)
+
+
+def runs(*folders: str | Path | list, sort: str | None = None) -> "pd.DataFrame":
+    """One row per experiment (default: every one under output/): status, scores, settings, seconds per stage;
+    then the settings that differ between the rows (listed in ``attrs["settings"]``). See ``experiments.py``."""
+    from .experiments import table
+
+    flat = [f for item in folders for f in (item if isinstance(item, (list, tuple)) else [item])]
+    return table(flat or None, sort)

@@ -15,11 +15,12 @@ stage folder holds a ``manifest.json`` saying what made its files (``manifest.py
       emb/fold{k}/{train,test}.parquet     Id, e0..e{D-1} float32: fold k's backbone on every image
       emb/<backbone>/{train,test}.parquet  a frozen backbone of embed.backbones (fold-independent)
       svr/study.db                         Optuna study (sqlite) unless svr.storage names a database
-      svr/best_params.json, svr/fold{k}/model.pkl, svr/{oof,test,holdout}.parquet
+      svr/best_params.json, svr/fold{k}/head.safetensors, svr/{oof,test,holdout}.parquet
       ensemble/weights.json, ensemble/{oof,test,holdout}.parquet
       submission.csv                       Id, Pawpularity in sample_submission order
       select/selection.json                forward selection of embedding sets (pawpular select)
       report.html, timings.json            pawpular report; seconds of the last run that did each stage's work
+      tensorboard/<stage>/<start>/, wandb/ with `tracking`: curves and scores (logs, in no manifest)
 """
 from __future__ import annotations
 
@@ -127,6 +128,31 @@ def set_file(out: Path, name: str, split: str, fold: int) -> Path:
     return emb_file(out, split, fold=fold) if name == MODEL_SET else emb_file(out, split, backbone=name)
 
 
+def blend_members(out: Path, experiments: list) -> list[tuple[str, Path]]:
+    """(model-name prefix, folder) of every experiment a blend holds: this one (prefix ""), then
+    ``ensemble.experiments`` (prefix "<folder name>/": their models are "<name>/nn", "<name>/svr").
+
+    The names must be unique, or two experiments' models would be one in weights.json and in an export: a folder
+    listed twice, or two folders with one name, is an error that says so.
+    """
+    from .config import ConfigError
+
+    members = [("", Path(out))] + [(Path(e).name + "/", Path(e)) for e in experiments]
+    seen: dict[str, Path] = {}
+    for prefix, folder in members:
+        name = prefix.rstrip("/") or Path(out).resolve().name
+        where = {p.resolve(): p for p in seen.values()}
+        if folder.resolve() in where:
+            raise ConfigError(f"ensemble.experiments: {folder} is listed twice (or is this experiment itself)",
+                              ("ensemble.experiments",))
+        if name in seen:
+            raise ConfigError(f"ensemble.experiments: {seen[name]} and {folder} are both called {name!r}: the blend "
+                              f"names each experiment's models by its folder name ({name}/nn, {name}/svr), so the "
+                              "two would be one; rename or move one of the folders", ("ensemble.experiments",))
+        seen[name] = folder
+    return members
+
+
 def svr_dir(out: Path) -> Path:
     return Path(out) / "svr"
 
@@ -140,8 +166,9 @@ def best_params(out: Path) -> Path:
     return svr_dir(out) / "best_params.json"
 
 
-def svr_model(out: Path, fold: int) -> Path:
-    return svr_dir(out) / fold_name(fold) / "model.pkl"
+def svr_head(out: Path, fold: int) -> Path:
+    """A fold's SVR head as arrays (heads.SvrHead): what predict computes the SVR's output from."""
+    return svr_dir(out) / fold_name(fold) / "head.safetensors"
 
 
 def weights_json(out: Path) -> Path:
@@ -164,6 +191,11 @@ def timings_json(out: Path) -> Path:
     return Path(out) / "timings.json"
 
 
+def tensorboard_dir(out: Path, stage: str) -> Path:
+    """TensorBoard event files of a stage (one subfolder per execution); in no manifest: logs, not artifacts."""
+    return Path(out) / "tensorboard" / stage
+
+
 def data_check_record(out: Path) -> Path:
     return Path(out) / ".data_check.json"
 
@@ -184,14 +216,10 @@ def export_experiment(art: Path, name: str) -> Path:
     return Path(art) / "experiments" / name
 
 
-def compressed_embedder(exp_dir: Path, fold: int | None = None, backbone: str | None = None) -> Path:
-    """An exported embedding model saved already compressed (embed.compress), per fold or frozen backbone."""
-    folder = exp_dir / "backbones" / backbone if backbone else train_fold_dir(exp_dir, fold)
-    return folder / "embed_compressed.pt"
-
-
-def exported_backbone_weights(exp_dir: Path, backbone: str, filename: str) -> Path:
-    return exp_dir / "backbones" / backbone / filename
+def exported_model(exp_dir: Path, fold: int | None = None, backbone: str | None = None) -> Path:
+    """An exported model file (safetensors): fold k's fine-tuned model, or a frozen backbone of the SVR's sets."""
+    folder = Path(exp_dir) / "backbones" / backbone if backbone else train_fold_dir(exp_dir, fold)
+    return folder / "model.safetensors"
 
 
 def inference_notebook(art: Path) -> Path:

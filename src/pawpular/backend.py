@@ -226,20 +226,6 @@ def svr_precomputed_ok(device: str) -> bool:
     return version >= CUML_PRECOMPUTED
 
 
-def portable(estimator: Any) -> Any:
-    """A scikit-learn copy of a fitted cuML estimator when cuML can convert it (``as_sklearn``), else itself.
-
-    Pickles of scikit-learn estimators load on any machine; pickles of cuML ones need cuML and a GPU.
-    """
-    if type(estimator).__module__.startswith("cuml") and hasattr(estimator, "as_sklearn"):
-        try:
-            return estimator.as_sklearn()
-        except Exception as e:  # an estimator state cuML cannot convert: keep the GPU model
-            log.warning("could not convert %s to scikit-learn (%s): it will need cuML to load",
-                        type(estimator).__name__, e)
-    return estimator
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Arrays and tables: CuPy / cuDF on a RAPIDS GPU, NumPy / pandas otherwise
 

@@ -97,6 +97,18 @@ def _tool_commands(sub, raw) -> None:
     p.add_argument("--key", help="print only this setting's value")
     sub.add_parser("doctor", help="what will run where: GPU, torch, RAPIDS, each stage's device and backend "
                    "(`pawpular doctor --help`)")
+    p = sub.add_parser("runs", help="experiments side by side: status, scores, settings, time per stage",
+                       description="One row per experiment (default: every one under output/; a named folder of\n"
+                       "experiments is expanded): status (done / stale / partial / damaged, from the manifests), NN,\n"
+                       "SVR and blend OOF RMSE (in-sample, cross-validated, holdout), best C, model, image size,\n"
+                       "fine-tuning mode, epochs, device, precision, seconds per stage; then the settings that\n"
+                       "differ between the rows. Reads manifests and result files only (no photo, no output over\n"
+                       "1 MiB): `pawpular status` hashes everything.", formatter_class=raw)
+    p.add_argument("folders", nargs="*", metavar="FOLDER", help="experiment folders, or folders of them")
+    p.add_argument("--sort", metavar="KEY", help="sort by a column (blend_cv, t_train, svr.use_meta, ...); "
+                   "--sort=-KEY descending")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.add_argument("--html", metavar="FILE", help="also write one self-contained page: the table and a figure")
     p = sub.add_parser("report", help="write report.html for an experiment folder")
     for flag, text in (("--config", "experiment YAML (to find its folder)"), ("--output", "experiment folder"),
                        ("--data", "competition folder (default: the experiment's data_dir)")):
@@ -256,6 +268,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _delete_study(args)
     if args.command == "config":
         return _show_config(args)
+    if args.command == "runs":
+        from .experiments_view import main as runs_main
+
+        return runs_main(args.folders, args.sort, args.json, args.html)
     if args.command == "export":
         print(api.export(args.output, args.to, overwrite=args.overwrite, data=args.data))
         return 0

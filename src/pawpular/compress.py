@@ -6,8 +6,8 @@
   absolute value set to zero (made permanent, so the state dict is a plain one).
 - ``bf16``: weights and activations in bfloat16; the GPU setting (tensor cores), also accepted on CPU.
 
-The model's architecture and state-dict keys stay those of the timm model except for int8, whose Linear layers
-become ``DynamicQuantizedLinear`` (``predict`` re-applies the same setting before loading an exported state).
+Each is a deterministic function of the weights: ``export`` ships the weights a model was compressed from with
+the setting, and ``predict`` applies the same compression (int8 on the CPU, where its kernels are).
 """
 from __future__ import annotations
 
@@ -76,25 +76,3 @@ def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Modul
         model = model.to(torch.bfloat16)
     log.info("compress: %s", spec)
     return model
-
-
-def save_compressed(model: nn.Module, spec: str, model_cfg: dict, data_cfg: dict, path) -> None:
-    """Save a compressed embedding model (its compressed state dict: int8 / bf16 weights are what travels)."""
-    from .files import save_torch
-
-    save_torch({"model": model.state_dict(), "compress": spec, "model_cfg": model_cfg, "data_cfg": data_cfg}, path)
-
-
-def load_compressed(path, device: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model saved by ``save_compressed``: the architecture, the same compression, then the state."""
-    from .models import build_model, read_checkpoint
-
-    ckpt, model_cfg, data_cfg = read_checkpoint(path)  # weights_only: int8 packed states load that way too
-    model = build_model(model_cfg, pretrained=False).eval()
-    kind, _ = parse(ckpt["compress"])
-    if kind == "int8":
-        model = quantize_int8(model)
-    elif kind == "bf16":
-        model = model.to(torch.bfloat16)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), data_cfg

@@ -6,7 +6,9 @@ line; the resolved config is saved as ``output/<experiment>/config.yaml`` beside
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,7 +117,9 @@ class SvrConfig:
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
     max_kernel_gb: float = 4.0
-    # Optuna RDB URL (postgresql://user:password@host:port/db, shared by workers on several machines);
+    # Optuna RDB URL shared by workers on several machines: postgresql://user@host:port/db with the password
+    # from PGPASSWORD or ~/.pgpass (libpq's own conventions), or env:NAME = the whole URL from environment
+    # variable NAME; a password written in the URL works too. No password is ever written to a file (masked).
     # None = the experiment's own sqlite file output/<experiment>/svr/study.db
     storage: str | None = None
     # Local worker processes on the study (each loads the folds; they share the trial budget exactly)
@@ -145,6 +149,9 @@ class Config:
     output_dir: str = ""
     # Redo finished work (folds already trained, caches already valid) instead of skipping it.
     overwrite: bool = False
+    # Curves and scores to TensorBoard and/or Weights & Biases: [tensorboard, wandb] (requirements-tracking.txt).
+    # Logging only: it changes no result and no stage's cache key.
+    tracking: list = field(default_factory=list)
     folds: FoldsConfig = field(default_factory=FoldsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -285,11 +292,29 @@ def load_config_dict(data: dict) -> Config:
     return cfg
 
 
+def redact_url(url: str, mask: str = "") -> str:
+    """``url`` with its password replaced by ``mask`` (by default removed): the one of ``scheme://user:password@``
+    (up to the first ``@``, as SQLAlchemy reads it) and a ``password=`` query parameter. The rest as given."""
+    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*):[^@]*@", r"\1" + (f":{mask}" if mask else "") + "@", url)
+    return re.sub(r"([?&])password=[^&#]*&?", r"\1" + (f"password={mask}&" if mask else ""), url).rstrip("?&")
+
+
+def public_dict(cfg: Config | dict, mask: str = "") -> dict:
+    """The config as it may be written or shown anywhere: ``svr.storage`` with its password replaced by ``mask``
+    (by default removed). Secrets never reach a file; a config read back from one connects with PGPASSWORD /
+    ~/.pgpass, or ``env:NAME``."""
+    data = copy.deepcopy(cfg if isinstance(cfg, dict) else cfg.to_dict())
+    svr = data.get("svr")
+    if isinstance(svr, dict) and isinstance(svr.get("storage"), str):
+        svr["storage"] = redact_url(svr["storage"], mask)
+    return data
+
+
 def save_config(cfg: Config | dict, path: Path) -> None:
+    """Write a config as YAML (``public_dict``: no password)."""
     from .files import write_text
 
-    data = cfg if isinstance(cfg, dict) else cfg.to_dict()
-    write_text(path, yaml.safe_dump(data, sort_keys=False))
+    write_text(path, yaml.safe_dump(public_dict(cfg), sort_keys=False))
 
 
 def backbone_configs(cfg: Config) -> list[BackboneConfig]:
@@ -323,6 +348,8 @@ def describe(cfg: Config) -> list[tuple[str, Any, Any, str]]:
             if dataclasses.is_dataclass(value):
                 walk(value, base, f"{prefix}{f.name}.")
             else:
+                if f"{prefix}{f.name}" == "svr.storage" and isinstance(value, str):
+                    value = redact_url(value, "***")  # shown, never the password
                 rows.append((f"{prefix}{f.name}", value, base, _type_name(hints[f.name])))
 
     walk(cfg, Config(), "")

@@ -180,6 +180,8 @@ RULES: list[Rule] = [
     _at_least("ensemble.min_improvement", 0),
     ((("ensemble.heads",), lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
       "must list heads among nn, svr")),
+    ((("tracking",), lambda c: all(b in ("tensorboard", "wandb") for b in c.tracking),
+      "must list tracking backends among tensorboard, wandb (e.g. [tensorboard])")),
 ]
 
 

@@ -321,6 +321,17 @@ def _write_record(record: Path, root: Path, entry: dict) -> None:
     write_json(record, {str(root.resolve()): entry})
 
 
+def cached_images_digest(comp: Competition, record: str | Path) -> dict[str, str] | None:
+    """The photo digests ``images_digest`` cached in ``record`` while no photo's size or mtime changed since, else
+    None; reads no photo (``pawpular runs``: a status that never hashes images)."""
+    entry = _read_record(Path(record), comp.root)
+    try:
+        fresh = entry.get("fingerprint") == _stat_fingerprint(comp)
+    except FileNotFoundError:  # a photo is gone
+        return None
+    return entry["images"] if fresh and isinstance(entry.get("images"), dict) else None
+
+
 def ensure_valid(root: str | Path, record: str | Path) -> Competition:
     """Full contract check (images decoded) before a stage reads images, skipped when nothing changed since the
     last successful check of this experiment (recorded in ``record``). Raises DataError."""

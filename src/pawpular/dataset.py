@@ -1,4 +1,4 @@
-"""The images as a model sees them: albumentations transforms and a Dataset of dicts.
+"""The images as a model sees them: transforms (albumentations for training) and a Dataset of dicts.
 
 Items are dicts: ``image`` (CxHxW float tensor), ``meta`` (12 floats), ``target`` (Pawpularity/100, or -1 when
 unknown) and ``index`` (row position). Used by training (``train_dataset``) and by every inference
@@ -16,21 +16,41 @@ from .data import ID, META_COLS, TARGET
 from .images import ImageDecodeError, load_image
 
 
+class EvalTransform:
+    """Inference: resize to the model's input size (bilinear, OpenCV's INTER_LINEAR, as albumentations' Resize),
+    normalize, HWC uint8 -> CHW float32 tensor. Plain OpenCV and numpy: ``predict`` (a Kaggle notebook) needs no
+    albumentations, and every inference (train's predictions, embed, predict) uses this one function."""
+
+    def __init__(self, img_size: int, mean: tuple, std: tuple):
+        self.size = int(img_size)
+        self.mean = np.asarray(mean, np.float32) * 255.0
+        self.inv_std = 1.0 / (np.asarray(std, np.float32) * 255.0)
+
+    def __call__(self, image: np.ndarray) -> dict:
+        import cv2
+        import torch
+
+        if image.shape[:2] != (self.size, self.size):
+            image = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        x = (image.astype(np.float32) - self.mean) * self.inv_std
+        return {"image": torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))}
+
+
 def build_transform(img_size: int, mean: tuple, std: tuple, train: bool):
-    """albumentations pipelines: train = crop, flips, affine, colour jitter; eval = resize."""
+    """train = albumentations: crop, flips, affine, colour jitter; eval = ``EvalTransform`` (resize)."""
+    if not train:
+        return EvalTransform(img_size, mean, std)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # its import would ask the network for a newer version
     import albumentations as A
     from albumentations.pytorch import ToTensorV2
 
-    tail = [A.Normalize(mean=mean, std=std), ToTensorV2()]
-    if not train:
-        return A.Compose([A.Resize(img_size, img_size), *tail])
     return A.Compose([
         A.RandomResizedCrop(size=(img_size, img_size), scale=(0.75, 1.0), ratio=(0.8, 1.25)),
         A.HorizontalFlip(p=0.5),
         A.Affine(rotate=(-10, 10), translate_percent=(-0.05, 0.05), scale=(0.95, 1.05), p=0.5),
         A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.02, p=0.5),
-        *tail,
+        A.Normalize(mean=mean, std=std),
+        ToTensorV2(),
     ])
 
 

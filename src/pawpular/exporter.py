@@ -1,13 +1,21 @@
 """``pawpular export``: one folder holding everything offline inference needs, and nothing of the training data.
 
-Reads   a finished experiment: its manifests (what made each file, and the settings), ensemble/weights.json,
-        train/fold{k}/best.pt, svr/fold{k}/model.pkl, frozen backbones' weight files; ensemble.experiments too
-Writes  ARTIFACTS/manifest.json                  versions, models, weights, inference policies, every file's digest
-        ARTIFACTS/src/pawpular/                  this package's source (importable with no install)
+Reads   a finished experiment: its manifests (what made each file, each model's inference policy), the settings,
+        ensemble/weights.json, train/fold{k}/best.pt, svr/fold{k}/head.safetensors, frozen backbones' weights;
+        the experiments of ensemble.experiments too
+Writes  ARTIFACTS/manifest.json                  library versions, models and their policies, weights, digests
+        ARTIFACTS/src/pawpular/                  this package's source (importable with no install): it is code
         ARTIFACTS/inference.ipynb                a Kaggle notebook that runs predict and fails loudly
-        ARTIFACTS/experiments/<name>/config.yaml the settings that made the shipped models
-        ARTIFACTS/experiments/<name>/train/fold{k}/best.pt, svr/fold{k}/model.pkl, backbones/<set>/...
+        ARTIFACTS/experiments/<name>/config.yaml the settings that made the shipped models (no password)
+        ARTIFACTS/experiments/<name>/train/fold{k}/model.safetensors   a fold's fine-tuned model
+        ARTIFACTS/experiments/<name>/backbones/<set>/model.safetensors a frozen backbone, as embed built it
+        ARTIFACTS/experiments/<name>/svr/fold{k}/head.safetensors      a fold's SVR head as arrays
 Run     pawpular export --output output/default --to artifacts/default [--overwrite]
+
+Everything but the source is data: models and SVR heads are safetensors (tensors, settings as JSON metadata),
+settings YAML and JSON; nothing is a pickle, so nothing runs code when it is loaded. A compressed embedder
+(embed.compress) travels as the weights it was compressed from, with the setting: predict applies the same
+(deterministic) compression. Each model carries the inference policy its own manifest recorded.
 
 Only a current experiment is exported: every stage up to the ensemble must be done (``pawpular status``), else
 the error names the stage to run. The folder is built beside the target and swapped in with one rename, so the
@@ -22,18 +30,13 @@ import shutil
 import time
 from pathlib import Path
 
-from . import __version__, artifacts, manifest
-from .compress import compress_model, save_compressed
+from . import __version__, artifacts, manifest, versions
 from .config import Config, backbone_configs, backbone_model_config, load_config, save_config
 from .files import (ArtifactError, MissingArtifact, file_digest, read_json, recover_swap, swap_dirs, temp_path,
-                    write_json, write_text)
+                    write_bytes, write_json, write_text)
 
 log = logging.getLogger("pawpular")
-
-
-def _experiments(cfg: Config) -> list[tuple[str, str, Path]]:
-    """(name, model-name prefix in weights.json, folder) of every blended experiment."""
-    return [(cfg.out.name, "", cfg.out)] + [(Path(e).name, Path(e).name + "/", Path(e)) for e in cfg.ensemble.experiments]
+FORMAT = 3
 
 
 def check_current(cfg: Config) -> None:
@@ -44,7 +47,7 @@ def check_current(cfg: Config) -> None:
         if not v.done:
             raise ArtifactError(f"cannot export {cfg.out}: {name} is {v.state} ({v.why()}): run `pawpular {name}` "
                                 f"(or `pawpular all`) first")
-    for _, _, folder in _experiments(cfg)[1:]:
+    for _, folder in artifacts.blend_members(cfg.out, cfg.ensemble.experiments)[1:]:
         for stage in ("train", "svr"):
             record = manifest.read(artifacts.manifest(folder, stage))
             if record is not None and (bad := manifest.damaged_outputs(record, folder)):
@@ -69,16 +72,22 @@ def export(out: Path, to: Path, overwrite: bool = False, data: str | None = None
 def _export(out: Path, to: Path, cfg: Config) -> Path:
     check_current(cfg)
     weights = read_json(artifacts.weights_json(out))["weights"]
+    members = artifacts.blend_members(out, cfg.ensemble.experiments)
     staging = temp_path(to, "partial")
     shutil.rmtree(staging, ignore_errors=True)
-    models = {name: _export_experiment(folder, artifacts.export_experiment(staging, name), prefix, weights)
-              for name, prefix, folder in _experiments(cfg)}
+    models = {(prefix.rstrip("/") or out.resolve().name): _export_experiment(
+        folder, artifacts.export_experiment(staging, prefix.rstrip("/") or out.resolve().name), prefix, weights)
+        for prefix, folder in members}
+    shipped = {f"{m['prefix']}{h}" for m in models.values() for h, w in m["weights"].items() if w > 0}
+    if lost := sorted(n for n, w in weights.items() if w > 0 and n not in shipped):
+        raise ArtifactError(f"cannot export {out}: weights.json weighs {', '.join(lost)}, which no experiment of the "
+                            "blend provides: run `pawpular ensemble` again")
     shutil.copytree(Path(__file__).resolve().parent, artifacts.export_source(staging) / "pawpular",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     from .notebook import kaggle_notebook
 
     write_text(artifacts.inference_notebook(staging), kaggle_notebook(to.name))
-    _write_manifest(staging, out.name, models, weights)
+    _write_manifest(staging, out.resolve().name, models, weights)
     to.parent.mkdir(parents=True, exist_ok=True)
     swap_dirs(staging, to)
     size = sum(p.stat().st_size for p in to.rglob("*") if p.is_file()) / 2**20
@@ -87,84 +96,86 @@ def _export(out: Path, to: Path, cfg: Config) -> Path:
 
 
 def _write_manifest(staging: Path, main: str, models: dict, weights: dict) -> None:
-    import timm
-    import torch
-
     files = {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*"))
              if p.is_file() and p.parts[len(staging.parts)] == "experiments"}
     write_json(artifacts.export_manifest(staging), {
-        "format": 2, "pawpular": __version__, "torch": torch.__version__, "timm": timm.__version__, "main": main,
+        "format": FORMAT, "pawpular": __version__, "versions": versions.installed(), "main": main,
         "experiments": models, "weights": weights, "files": files, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
-def _policy(folder: Path, stage: str) -> dict:
-    record = manifest.read(artifacts.manifest(folder, stage))
-    return (record.info.get("policy") if record else None) or {}
-
-
 def _export_experiment(folder: Path, dst: Path, prefix: str, weights: dict) -> dict:
-    """Copy one experiment's used models into ``dst``; return its entry of the artifact manifest."""
+    """Write one experiment's used models into ``dst``; return its entry of the artifact manifest."""
     ecfg = load_config(artifacts.config_yaml(folder))
     used = {h: float(weights.get(f"{prefix}{h}", 0.0)) for h in artifacts.HEADS}
     folds = list(range(ecfg.folds.n_folds))
     svr_sets = list(ecfg.svr.features) if used["svr"] > 0 else []
     finetuned = artifacts.MODEL_SET in svr_sets and ecfg.embed.source == "finetuned"
-    compressed = ecfg.embed.compress != "none"
+    records = manifest.unit_records(folder)
+    nn, embeddings = {}, {}
     for k in folds:
-        if used["nn"] > 0 or (finetuned and not compressed):
-            _copy(artifacts.best_checkpoint(folder, k), artifacts.best_checkpoint(dst, k))
-        if finetuned and compressed:  # the embedding model travels compressed: what the SVR was fit on
-            _export_compressed(folder, dst, ecfg, fold=k)
+        if used["nn"] > 0 or finetuned:
+            _write_fold_model(folder, dst, k)
+        if used["nn"] > 0:
+            nn[str(k)] = _nn_entry(records, k)
+        if finetuned:
+            embeddings[artifacts.fold_name(k)] = _embedding_entry(records, artifacts.fold_name(k))
         if used["svr"] > 0:
-            _copy(artifacts.svr_model(folder, k), artifacts.svr_model(dst, k))
-    ecfg = _export_frozen(ecfg, dst, svr_sets)
-    ecfg.output_dir, ecfg.data_dir = "", ""
+            _copy(artifacts.svr_head(folder, k), artifacts.svr_head(dst, k))
+    for name, model_cfg in _frozen_sets(ecfg, svr_sets):
+        _write_frozen_model(model_cfg, artifacts.exported_model(dst, backbone=name))
+        unit = name if name != artifacts.MODEL_SET else artifacts.fold_name(folds[0])  # linked: one per fold
+        embeddings[name] = _embedding_entry(records, unit)
+    ecfg.output_dir, ecfg.data_dir, ecfg.svr.storage, ecfg.ensemble.experiments = "", "", None, []
     save_config(ecfg, artifacts.config_yaml(dst))
-    return {"prefix": prefix, "folds": folds, "weights": used, "nn_policy": _policy(folder, "train"),
-            "emb_policy": _policy(folder, "embed"), "svr_sets": svr_sets}
+    return {"prefix": prefix, "folds": folds, "weights": used, "svr_sets": svr_sets, "nn": nn,
+            "embeddings": embeddings}
+
+
+def _nn_entry(records: dict, fold: int) -> dict:
+    """How fold ``fold``'s NN predictions were made: its own manifest's policy and TTA."""
+    record = records.get(f"train/{artifacts.fold_name(fold)}")
+    if record is None or "policy" not in record.info:
+        raise ArtifactError(f"train/{artifacts.fold_name(fold)}: no manifest recording its inference policy: run "
+                            "`pawpular train` (it re-predicts with the same weights)")
+    return {"policy": record.info["policy"], "tta_hflip": bool(record.config["train"]["tta_hflip"])}
+
+
+def _embedding_entry(records: dict, unit: str) -> dict:
+    """How embedding set ``unit`` (emb/<unit>) was made: its policy, compression and TTA, from its manifest."""
+    record = records.get(f"emb/{unit}")
+    if record is None or "policy" not in record.info:
+        raise ArtifactError(f"emb/{unit}: no manifest recording its inference policy: run `pawpular embed`")
+    e = record.config["embed"]
+    return {"policy": record.info["policy"], "compress": e["compress"], "tta_hflip": bool(e["tta_hflip"])}
+
+
+def _frozen_sets(ecfg: Config, svr_sets: list[str]) -> list[tuple[str, object]]:
+    """(set name, ModelConfig) of the frozen backbones the SVR reads: embed.backbones, and model.* with
+    embed.source: pretrained."""
+    frozen = [(b.name, backbone_model_config(b)) for b in backbone_configs(ecfg) if b.name in svr_sets]
+    if artifacts.MODEL_SET in svr_sets and ecfg.embed.source == "pretrained":
+        frozen.append((artifacts.MODEL_SET, ecfg.model))
+    return frozen
+
+
+def _write_fold_model(folder: Path, dst: Path, fold: int) -> None:
+    """A fold's best.pt as a model file (safetensors: weights, and its settings as metadata)."""
+    from .models import model_file_bytes, read_checkpoint
+
+    ckpt, _, data_cfg = read_checkpoint(artifacts.best_checkpoint(folder, fold))
+    write_bytes(artifacts.exported_model(dst, fold), model_file_bytes(ckpt["model"], ckpt["model_cfg"], data_cfg))
+
+
+def _write_frozen_model(model_cfg, path: Path) -> None:
+    """A frozen backbone as embed builds it (its weight file, or the seeded random init), as a model file."""
+    from .models import build_frozen, data_config, model_file_bytes
+
+    model = build_frozen(model_cfg)
+    shipped = dataclasses.replace(model_cfg, pretrained="none")  # the weights are in the file
+    write_bytes(path, model_file_bytes(model.state_dict(), dataclasses.asdict(shipped),
+                                       data_config(model_cfg, model.backbone)))
 
 
 def _copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src, dst)
-
-
-def _export_compressed(folder: Path, dst: Path, ecfg: Config, fold: int | None = None,
-                       frozen: tuple[str, object] | None = None) -> None:
-    """Save the compressed embedding model of a fold (from best.pt) or of a frozen backbone (name, ModelConfig)."""
-    from .models import build_frozen, build_model, data_config, read_checkpoint
-
-    if frozen is None:
-        ckpt, model_cfg, data_cfg = read_checkpoint(artifacts.best_checkpoint(folder, fold))
-        model = build_model(model_cfg, pretrained=False)
-        model.load_state_dict(ckpt["model"], strict=True)
-        path, cfg_dict = artifacts.compressed_embedder(dst, fold), ckpt["model_cfg"]
-    else:
-        name, model_cfg = frozen
-        model = build_frozen(model_cfg)
-        data_cfg = data_config(model_cfg, model.backbone)
-        path, cfg_dict = artifacts.compressed_embedder(dst, backbone=name), dataclasses.asdict(model_cfg)
-    save_compressed(compress_model(model.eval(), ecfg.embed.compress, "cpu"), ecfg.embed.compress, cfg_dict, data_cfg, path)
-
-
-def _export_frozen(ecfg: Config, dst: Path, svr_sets: list[str]) -> Config:
-    """Frozen backbones the SVR reads (embed.backbones, and model.* with embed.source: pretrained): their
-    compressed models, or copies of their weight files at paths relative to the experiment folder."""
-    frozen = [(b.name, backbone_model_config(b), i) for i, b in enumerate(backbone_configs(ecfg)) if b.name in svr_sets]
-    if artifacts.MODEL_SET in svr_sets and ecfg.embed.source == "pretrained":
-        frozen.append((artifacts.MODEL_SET, ecfg.model, None))
-    for name, model_cfg, index in frozen:
-        if ecfg.embed.compress != "none":
-            _export_compressed(dst, dst, ecfg, frozen=(name, model_cfg))
-            shipped = "none"  # the weights travel inside the compressed model
-        elif model_cfg.pretrained not in ("none", "hub") and Path(model_cfg.pretrained).is_file():
-            rel = artifacts.exported_backbone_weights(Path("."), name, Path(model_cfg.pretrained).name)
-            _copy(Path(model_cfg.pretrained), dst / rel)
-            shipped = str(rel)
-        else:
-            shipped = model_cfg.pretrained
-        if index is None:
-            ecfg.model.pretrained = shipped
-        else:
-            ecfg.embed.backbones[index] = {**ecfg.embed.backbones[index], "pretrained": shipped}
-    return ecfg

@@ -115,6 +115,31 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def safetensors_bytes(tensors: dict, meta: dict, framework: str = "np") -> bytes:
+    """A safetensors file of ``tensors`` (numpy arrays, or torch tensors with framework="pt") and ``meta`` as one
+    JSON metadata entry: safetensors writes several entries in a random order; one keeps a rerun's bytes equal."""
+    import importlib
+
+    save = importlib.import_module(f"safetensors.{'torch' if framework == 'pt' else 'numpy'}").save
+    return save(tensors, metadata={"pawpular": json.dumps(meta, sort_keys=True)})
+
+
+def read_safetensors(path: str | Path, framework: str, what: str, fmt: str) -> tuple[dict, dict]:
+    """(metadata, tensors) of a file of ``safetensors_bytes`` whose metadata says ``format: fmt``; anything else (a
+    truncated file, a pickle, another format) is an ArtifactError naming the file and ``what`` it should be."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework=framework) as f:
+            meta = json.loads((f.metadata() or {}).get("pawpular", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise ArtifactError(f"{path}: not {what} ({type(e).__name__}: {e})") from None
+    if meta.get("format") != fmt:
+        raise ArtifactError(f"{path}: not {what} of this version (format {meta.get('format')!r}, expected {fmt!r})")
+    return meta, tensors
+
+
 def write_parquet(df: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)

@@ -43,13 +43,42 @@ class Policy:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def usable_on(self, device: str) -> "Policy":
-        """This policy, or fp32 where ``device`` cannot run its precision (logged: results will differ a little)."""
-        if self.precision == "fp32" or device == "cuda":
-            return self if device == "cuda" else Policy(self.precision, False)
-        log.warning("the pipeline ran inference in %s on a GPU; this %s run uses fp32: predictions may differ "
-                    "from the pipeline's in the third decimal", self.precision, device)
-        return Policy("fp32", False)
+    def usable_on(self, device: str, bf16: bool | None = None) -> "Policy":
+        """This policy as ``device`` can run it (each change logged once: results differ a little).
+
+        A CPU runs fp32 (autocast to bf16/fp16 there is slow or absent); a GPU without native bf16 (T4, P100,
+        V100) runs fp16 for bf16. ``bf16``: whether the GPU has it (None: ask torch).
+        """
+        if device != "cuda":
+            if self.precision != "fp32":
+                _warn_once(f"the pipeline ran this model in {self.precision} on a GPU; this {device} run uses fp32: "
+                           "predictions may differ from the pipeline's in the third decimal")
+            return Policy("fp32", False)
+        bf16 = gpu_has_bf16() if bf16 is None else bf16
+        if self.precision == "bf16" and not bf16:
+            _warn_once("this GPU has no native bf16: the models made in bf16 run in fp16 here (predictions may "
+                       "differ from the pipeline's in the third decimal)")
+            return Policy("fp16", self.channels_last)
+        return self
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
+
+
+def gpu_has_bf16() -> bool:
+    """Native bf16 on the current GPU (Ampere and newer); emulation does not count."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def model_device(compress: str, device: str) -> str:
+    """Where a model compressed by ``compress`` runs: int8 (dynamic quantization) has CPU kernels only."""
+    return "cpu" if (compress or "none").strip() == "int8" else device
 
 
 def precision_rule(device: str, amp: bool, bf16: bool) -> str:
@@ -61,7 +90,7 @@ def precision_rule(device: str, amp: bool, bf16: bool) -> str:
 
 def precision_for(device: str, amp: bool) -> str:
     """``precision_rule`` for this machine's GPU."""
-    return precision_rule(device, amp, device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False))
+    return precision_rule(device, amp, device == "cuda" and gpu_has_bf16())
 
 
 def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:

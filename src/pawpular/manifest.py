@@ -162,3 +162,22 @@ def verdict(path: Path, root: Path, config: dict, inputs: dict) -> Verdict:
     if damaged:
         return Verdict(DAMAGED, damaged, record)
     return Verdict(DONE, [], record)
+
+
+def unit_records(out: Path) -> dict[str, Record]:
+    """The manifests of an experiment's units of work: ``train/fold{k}`` (a fine-tuned model and its
+    predictions) and ``emb/<set>`` (an embedding set), by folder. Each records the inference policy it was made
+    with (``info["policy"]``): folds trained on another machine keep their own."""
+    found = {}
+    for stage in ("train", "embed"):
+        root = artifacts.stage_dir(out, stage)
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else ():
+            record = read(folder / "manifest.json")
+            if record is not None:
+                found[f"{root.name}/{folder.name}"] = record
+    return found
+
+
+def policies(out: Path) -> dict[str, dict]:
+    """``unit_records``' inference policies: {"train/fold0": {"precision": "bf16", ...}, "emb/fold0": ...}."""
+    return {unit: r.info["policy"] for unit, r in unit_records(out).items() if r.info.get("policy")}

@@ -2,7 +2,8 @@
 
 Upload the artifact folder as a Kaggle dataset, add it and the competition to a notebook (internet off), and run
 this notebook: it finds the folder under /kaggle/input, imports the package shipped inside it (Kaggle's image
-already has torch, timm, albumentations, scikit-learn, pandas, pyarrow and pyyaml), calls ``pawpular.predict``,
+already has what predict needs: torch, timm, numpy, pandas, pillow, opencv, safetensors, pyyaml; neither
+scikit-learn nor albumentations is used), calls ``pawpular.predict``,
 which raises on any problem (so the commit fails visibly, not with "Submission CSV Not Found" hours later), and
 checks the written submission.csv. ``PAWPULAR_ARTIFACTS`` / ``PAWPULAR_DATA`` / ``PAWPULAR_OUT`` override the
 paths (the tests run it that way).

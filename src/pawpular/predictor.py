@@ -1,42 +1,50 @@
 """``pawpular predict``: a submission from an exported folder and a competition's test set, offline.
 
-Reads   ARTIFACTS/ (written by ``pawpular export``: models, heads, settings, inference policies, digests) and
-        DATA/test.csv, DATA/sample_submission.csv, DATA/test/ (no training data, no network)
+Reads   ARTIFACTS/ (written by ``pawpular export``: model files, SVR heads as arrays, settings, each model's
+        inference policy, library versions, digests) and DATA/test.csv, DATA/sample_submission.csv, DATA/test/
+        (no training data, no network)
 Writes  --out (default submission.csv): Id,Pawpularity in sample order, checked as the grader checks it
 Run     pawpular predict --artifacts artifacts/default --data input/petfinder --out submission.csv [--estimate 6800]
 
-Every file it loads is checked against the digest export recorded (a truncated copy is an error naming it).
-Each blended head's test predictions are recomputed exactly as the pipeline computed them: the same transforms,
-TTA, compression and inference policy (``inference.Policy``), through the same ``inference.run_backbone``. One
-backbone pass per fold feeds both the NN head and the SVR's embeddings; models with weight 0 are skipped.
-``--estimate N`` times a few test images and prints the run time for N images against Kaggle's 9-hour limit; it
-writes no submission.
+What it checks first: every file it loads has the digest export recorded (a truncated copy is an error naming
+it); the libraries here against the export's (``versions.check``: differences logged, a missing or too old one
+is an error); the blend's weights (every weighted model is in the folder, the weights sum to 1). It loads no
+pickle: models and heads are safetensors, the SVR's decision function is computed with numpy (no scikit-learn).
+
+Each blended head's test predictions are recomputed as the pipeline computed them: the same transforms, TTA,
+compression and, per model, the inference policy its own manifest recorded (``inference.Policy``), through the
+same ``inference.run_backbone``. Per model, the device: an int8 model runs on the CPU (dynamic quantization has
+no CUDA kernels), bf16 becomes fp16 on a GPU without native bf16 (one warning), a CPU runs fp32. One backbone
+pass per fold feeds both the NN head and the SVR's embeddings when the two agree; models with weight 0 are
+skipped. ``--estimate N`` times a few test images and prints the run time for N images against Kaggle's 9-hour
+limit; it writes no submission.
 """
 from __future__ import annotations
 
 import logging
-import pickle
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from . import artifacts, backend
-from .compress import compress_model, load_compressed
-from .config import Config, backbone_configs, backbone_model_config, load_config
+from . import artifacts, backend, versions
+from .compress import compress_model, parse
+from .config import Config, load_config
 from .data import ID, read_test_set
 from .dataset import eval_dataset
 from .features import assemble_features, embedding_table
 from .errors import UsageError
 from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json
-from .inference import Policy, run_backbone
+from .heads import SvrHead
+from .inference import Policy, gpu_has_bf16, model_device, run_backbone
 from .lock import experiment_lock
-from .models import build_frozen, data_config, load_checkpoint
+from .models import load_model_file
 from .submission import check_output_path, write_submission
 
 log = logging.getLogger("pawpular")
 KAGGLE_LIMIT_H = 9.0
+FORMAT = 3  # exporter.FORMAT (predict imports nothing of the export side)
 
 
 def read_manifest(art: Path, verify: bool = True) -> dict:
@@ -45,7 +53,7 @@ def read_manifest(art: Path, verify: bool = True) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {art} a folder written by `pawpular export`?")
     found = read_json(path)
-    if found.get("format") != 2:
+    if found.get("format") != FORMAT:
         raise ArtifactError(f"{path}: written by another version of pawpular (format {found.get('format')}); export again")
     for rel, digest in found["files"].items() if verify else ():
         p = art / rel
@@ -55,20 +63,35 @@ def read_manifest(art: Path, verify: bool = True) -> dict:
     return found
 
 
+def check_weights(found: dict) -> dict[str, float]:
+    """The blend's weights, refused unless every weighted model is shipped and the weights sum to 1."""
+    weights = {m: float(w) for m, w in found["weights"].items()}
+    shipped = {f"{e['prefix']}{h}" for e in found["experiments"].values() for h, w in e["weights"].items() if w > 0}
+    lost = sorted(m for m, w in weights.items() if w > 0 and m not in shipped)
+    if lost:
+        raise ArtifactError(f"the blend weighs {', '.join(lost)}, but the exported folder holds no such model: "
+                            "export again")
+    total = sum(w for m, w in weights.items() if m in shipped)
+    if abs(total - 1.0) > 1e-6:
+        raise ArtifactError(f"the blend's weights sum to {total:.6f}, not 1: export again")
+    return weights
+
+
 class Experiment:
-    """One exported experiment's inference: its settings, policies and models, on one device."""
+    """One exported experiment's inference: its settings, models and their policies, on one device."""
 
     def __init__(self, folder: Path, info: dict, device: str):
         self.folder, self.info, self.device = folder, info, device
         self.cfg: Config = load_config(artifacts.config_yaml(folder))
-        self.nn_policy = Policy.from_dict(info["nn_policy"]).usable_on(device)
-        self.emb_policy = Policy.from_dict(info["emb_policy"]).usable_on(device)
         self.use_nn, self.sets = info["weights"]["nn"] > 0, info["svr_sets"]
+        self.finetuned = artifacts.MODEL_SET in self.sets and self.cfg.embed.source == "finetuned"
 
     def run(self, test: pd.DataFrame, data: Path) -> dict[str, np.ndarray]:
         """Test predictions of the used heads: {'nn': ..., 'svr': ...}, each the mean over folds."""
-        frozen = {name: self.embed(test, data, *self.frozen_model(name))
-                  for name in self.frozen_sets()}
+        frozen = {}
+        for name in self.frozen_sets():
+            model, data_cfg = load_model_file(artifacts.exported_model(self.folder, backbone=name))
+            frozen[name] = self.embed(model, data_cfg, self.info["embeddings"][name], test, data, name)
         nn_preds, svr_preds = [], []
         for k in self.info["folds"]:
             nn, emb = self.fold_pass(k, test, data)
@@ -76,61 +99,50 @@ class Experiment:
                 nn_preds.append(nn)
             if self.sets:
                 sets = dict(frozen, **({artifacts.MODEL_SET: emb} if emb is not None else {}))
-                svr_preds.append(self.svr(k, sets, test))
+                head = SvrHead.load(artifacts.svr_head(self.folder, k))
+                svr_preds.append(head.predict(assemble_features(sets, test, self.sets, self.cfg.svr.use_meta)))
         out = {"nn": np.mean(nn_preds, axis=0)} if self.use_nn else {}
         return {**out, "svr": np.mean(svr_preds, axis=0)} if self.sets else out
 
     def frozen_sets(self) -> list[str]:
         """SVR sets computed once for every fold: frozen backbones (and model.* with embed.source: pretrained)."""
-        finetuned = self.cfg.embed.source == "finetuned"
-        return [s for s in self.sets if s != artifacts.MODEL_SET or not finetuned]
+        return [s for s in self.sets if s != artifacts.MODEL_SET or not self.finetuned]
 
-    def frozen_model(self, name: str):
-        packed = artifacts.compressed_embedder(self.folder, backbone=name)
-        if packed.is_file():
-            return load_compressed(packed, self.device)
-        if name == artifacts.MODEL_SET:
-            mcfg = self.cfg.model
-        else:
-            mcfg = backbone_model_config(next(b for b in backbone_configs(self.cfg) if b.name == name))
-        if mcfg.pretrained not in ("none", "hub"):
-            mcfg.pretrained = str(self.folder / mcfg.pretrained)
-        model = build_frozen(mcfg).to(self.device).eval()
-        return compress_model(model, self.cfg.embed.compress, self.device), data_config(mcfg, model.backbone)
-
-    def embed(self, test: pd.DataFrame, data: Path, model, data_cfg: dict) -> pd.DataFrame:
+    def embed(self, model, data_cfg: dict, entry: dict, test: pd.DataFrame, data: Path, desc: str) -> pd.DataFrame:
+        """Embeddings of the test photos as the pipeline made this set: its compression, TTA and policy."""
+        device = model_device(entry["compress"], self.device)
+        model = compress_model(model.to(device), entry["compress"], device)
+        if parse(entry["compress"])[0] == "bf16" and device == "cuda" and not gpu_has_bf16():
+            log.warning("embed.compress: bf16 on a GPU without native bf16: this model's weights run in fp16")
+            model = model.half()
+        policy = Policy.from_dict(entry["policy"]).usable_on(device)
         ds = eval_dataset(test, data / "test", data_cfg)
-        emb = run_backbone(model, ds, self.device, self.emb_policy, batch_size=self.cfg.embed.batch_size,
-                           num_workers=self.cfg.embed.num_workers, emb_tta=self.cfg.embed.tta_hflip).emb
+        emb = run_backbone(model, ds, device, policy, batch_size=self.cfg.embed.batch_size,
+                           num_workers=self.cfg.embed.num_workers, emb_tta=entry["tta_hflip"], desc=desc).emb
         return embedding_table(ds.ids, emb)
 
     def fold_pass(self, k: int, test: pd.DataFrame, data: Path) -> tuple[np.ndarray | None, pd.DataFrame | None]:
         """(NN predictions, the fold backbone's embeddings) of fold k, from one pass when the two agree."""
-        wants_emb = artifacts.MODEL_SET in self.sets and self.cfg.embed.source == "finetuned"
-        packed = artifacts.compressed_embedder(self.folder, k)
-        one_pass = self.use_nn and wants_emb and not packed.is_file() and self.nn_policy == self.emb_policy
-        nn = emb = None
-        if self.use_nn or (wants_emb and not packed.is_file()):
-            model, data_cfg = load_checkpoint(artifacts.best_checkpoint(self.folder, k), self.device)
-            ds = eval_dataset(test, data / "test", data_cfg)
-            kw = dict(batch_size=self.cfg.embed.batch_size, num_workers=self.cfg.embed.num_workers, desc=f"fold {k}")
-            if one_pass:
-                out = run_backbone(model, ds, self.device, self.nn_policy, pred_tta=self.cfg.train.tta_hflip,
-                                   emb_tta=self.cfg.embed.tta_hflip, **kw)
-                return out.pred, embedding_table(ds.ids, out.emb)
-            if self.use_nn:
-                nn = run_backbone(model, ds, self.device, self.nn_policy, pred_tta=self.cfg.train.tta_hflip, **kw).pred
-            if wants_emb:
-                model = compress_model(model, self.cfg.embed.compress, self.device)
-                emb = self.embed(test, data, model, data_cfg)
-        if wants_emb and packed.is_file():
-            emb = self.embed(test, data, *load_compressed(packed, self.device))
+        if not (self.use_nn or self.finetuned):
+            return None, None
+        model, data_cfg = load_model_file(artifacts.exported_model(self.folder, k))
+        emb_entry = self.info["embeddings"].get(artifacts.fold_name(k)) if self.finetuned else None
+        if not self.use_nn:
+            return None, self.embed(model, data_cfg, emb_entry, test, data, f"fold {k}")
+        nn_entry = self.info["nn"][str(k)]
+        policy = Policy.from_dict(nn_entry["policy"]).usable_on(self.device)
+        ds = eval_dataset(test, data / "test", data_cfg)
+        kw = dict(batch_size=self.cfg.embed.batch_size, num_workers=self.cfg.embed.num_workers, desc=f"fold {k}")
+        model = model.to(self.device)
+        one_pass = (emb_entry is not None and parse(emb_entry["compress"])[0] == "none"
+                    and Policy.from_dict(emb_entry["policy"]).usable_on(self.device) == policy)
+        if one_pass:
+            out = run_backbone(model, ds, self.device, policy, pred_tta=nn_entry["tta_hflip"],
+                               emb_tta=emb_entry["tta_hflip"], **kw)
+            return out.pred, embedding_table(ds.ids, out.emb)
+        nn = run_backbone(model, ds, self.device, policy, pred_tta=nn_entry["tta_hflip"], **kw).pred
+        emb = self.embed(model, data_cfg, emb_entry, test, data, f"fold {k}") if emb_entry is not None else None
         return nn, emb
-
-    def svr(self, k: int, sets: dict[str, pd.DataFrame], test: pd.DataFrame) -> np.ndarray:
-        with open(artifacts.svr_model(self.folder, k), "rb") as f:
-            head = pickle.load(f)
-        return head.predict(assemble_features(sets, test, self.sets, self.cfg.svr.use_meta))
 
 
 def predict(artifacts_dir: Path, data: Path, out: Path | None = Path("submission.csv"), device: str = "auto",
@@ -156,6 +168,8 @@ def predict(artifacts_dir: Path, data: Path, out: Path | None = Path("submission
 
 def _predict(art: Path, data: Path, out: Path | None, device: str, estimate: int | None) -> Path | None:
     found = read_manifest(art)
+    versions.check(found.get("versions", {}))
+    weights = check_weights(found)
     device = backend.resolve_device(device)
     test, sample = read_test_set(data)
     n_total = len(test)
@@ -170,7 +184,6 @@ def _predict(art: Path, data: Path, out: Path | None, device: str, estimate: int
     if estimate is not None:
         _print_estimate(seconds, len(test), estimate, device)
         return None
-    weights = found["weights"]
     blend = sum(weights[m] * columns[m] for m in columns)
     write_submission(pd.DataFrame({ID: test[ID], "pred": blend}), sample, out)
     log.info("predict: %d test images, %s in %.1fs -> %s", n_total,

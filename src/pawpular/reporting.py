@@ -235,8 +235,10 @@ def write_report(out: Path, data: Path | None = None) -> Path:
     from .lock import experiment_lock
 
     t0 = time.time()
+    from .config import public_dict
+
     res = load_results(out, data)
-    config = res.config
+    config = public_dict(res.config)  # a config.yaml of an older version may still hold a password
     with experiment_lock(out, "report"):
         doc, n_figures = render(res, config, title=f"pawpular report: {config.get('experiment', out.name)}")
         path = artifacts.report_html(out)

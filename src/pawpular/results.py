@@ -122,10 +122,13 @@ class Study(NamedTuple):
 
 def load_study(out: Path, storage: str | None = None, name: str | None = None) -> Study:
     """The SVR's Optuna study: the one called ``name`` if the storage holds it, else the newest."""
-    from .study import storage_url
+    from .study_storage import StudyStorageError, mask_url, storage_url
 
     db = artifacts.study_db(out)
-    url = storage or (storage_url(None, db) if db.is_file() else None)
+    try:  # env:NAME resolved; a bare postgresql:// means psycopg2, as for the stage
+        url = storage_url(storage, db) if storage else (storage_url(None, db) if db.is_file() else None)
+    except StudyStorageError as e:
+        return Study(None, None, note=f"could not read the Optuna study ({e})")
     if url is None:
         return Study(None, None, note=NOT_RUN)
     with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns inside a notebook without ipywidgets
@@ -143,11 +146,20 @@ def load_study(out: Path, storage: str | None = None, name: str | None = None) -
         study = optuna.load_study(study_name=chosen.study_name, storage=url)
         trials = study.trials_dataframe()
     except Exception as e:  # a locked, foreign or newer-schema database must not sink the whole report
-        return Study(None, None, note=f"could not read the Optuna study ({type(e).__name__}: {e})")
+        note = f"could not read the Optuna study at {mask_url(url)} ({type(e).__name__}: {e})"
+        return Study(None, None, note=_without_password(note, url))
     if "state" in trials:
         trials = trials[trials["state"] == "COMPLETE"]
     minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
     return Study(chosen.study_name, trials.reset_index(drop=True), minimize)
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (if any) masked: a driver's error may quote its connection string."""
+    from .study_storage import url_password
+
+    password = url_password(url)
+    return text.replace(password, "***") if password else text
 
 
 def load_results(out: str | Path, data: str | Path | None = None, storage: str | None = None) -> RunResults:

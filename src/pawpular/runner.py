@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, manifest, stages
+from . import artifacts, manifest, stages, tracking
 from .config import Config, save_config
 from .distributed import Dist, is_lead_process, process_group
 from .files import ArtifactError, digest_or_none, read_json, write_json
@@ -35,6 +35,7 @@ class Context:
     device: str = "cpu"
     dist: Dist = field(default_factory=Dist)
     hooks: dict = field(default_factory=dict)  # test hooks, e.g. on_epoch_end(fold, epoch, model) in train
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)  # curves to TensorBoard / W&B (logs only)
     _comp: Any = None
     _images: dict | None = None
 
@@ -209,9 +210,10 @@ def run_planned(ctx: Context, name: str) -> stages.Result:
         log.info("%s: %s: %s", name, v.state, v.why(6))
     if hasattr(stage, "check"):
         stage.check(ctx)  # fails before the manifest is cleared: a bad setting leaves a finished stage finished
-    if ctx.dist.main:
-        manifest.clear(path)
-    result = stage.run(ctx)
+    with tracking.opened(ctx, name):  # sets ctx.tracker for the stage's work: logs only, in no manifest
+        if ctx.dist.main:
+            manifest.clear(path)
+        result = stage.run(ctx)
     if ctx.dist.main and result.complete:
         record = manifest.Record(plan.config, plan.inputs, info=result.info)
         manifest.commit(path, ctx.out, record, result.outputs)

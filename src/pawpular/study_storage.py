@@ -7,6 +7,7 @@ before any table exists. The storage has heartbeats: a trial of a killed worker 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from urllib.parse import quote, unquote
 from .errors import PawpularError
 
 SETTING = "svr.storage"  # the config key users set; named in every storage error
+ENV_PREFIX = "env:"  # svr.storage: env:NAME = the URL is the value of environment variable NAME
 
 
 class StudyStorageError(PawpularError, ValueError):
@@ -27,8 +29,24 @@ class StudyStorageError(PawpularError, ValueError):
 # Storage
 
 
+def resolve_setting(setting: str | None) -> str | None:
+    """``svr.storage`` as a URL: ``env:NAME`` is the value of environment variable NAME, anything else as given.
+
+    Keeping the URL (and its password) in the environment keeps it out of every file: the config, and so every
+    manifest, report and export, holds only ``env:NAME``.
+    """
+    if setting is None or not setting.startswith(ENV_PREFIX):
+        return setting
+    name = setting[len(ENV_PREFIX):]
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise StudyStorageError(f"{SETTING}: {setting}: the environment variable {name} is not set (it should hold "
+                                "the study's URL, e.g. postgresql://USER:PASSWORD@HOST:5432/DATABASE)")
+    return value
+
+
 def storage_url(setting: str | None, default_sqlite: Path) -> str:
-    """The storage URL: ``setting`` as given, or for ``None`` the SQLite file ``default_sqlite`` (absolute).
+    """The storage URL: ``setting`` (``env:NAME`` resolved), or for ``None`` the SQLite file ``default_sqlite``.
 
     The file name goes through an SQLite URI (``?uri=true``), percent-encoded for SQLite and again for
     SQLAlchemy's URL parser (which decodes the database part once), so ``?``, ``#``, ``%41``, ``{}`` and spaces
@@ -36,6 +54,7 @@ def storage_url(setting: str | None, default_sqlite: Path) -> str:
     """
     import sqlalchemy
 
+    setting = resolve_setting(setting)
     if setting is not None:
         # A bare postgresql:// means psycopg2 (requirements-distributed.txt), whatever SQLAlchemy's default
         # driver is (2.0: psycopg2, 2.1: psycopg 3); postgresql+DRIVER:// is taken as written.
@@ -80,6 +99,17 @@ def mask_url(url: str) -> str:
         return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
+def url_password(url: str) -> str | None:
+    """The password a URL carries (for masking it in messages), or None."""
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.make_url(url).password or None
+    except Exception:  # noqa: BLE001 - an unparsable URL: by hand
+        m = re.search(r"://[^/:@]*:([^@/]*)@", url)
+        return m.group(1) if m else None
+
+
 def _engine_kwargs(url: str, connect_timeout: int) -> dict:
     import sqlalchemy
 
@@ -97,10 +127,7 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
     import sqlalchemy
 
     masked = mask_url(url)
-    try:
-        password = sqlalchemy.make_url(url).password
-    except Exception:  # noqa: BLE001
-        password = None
+    password = url_password(url)
     if isinstance(err, ImportError):
         reason = f"the database driver is not installed ({type(err).__name__}: {err}); " + (
             "pip install -r requirements-distributed.txt" if getattr(err, "name", None) == "psycopg2"
@@ -118,6 +145,9 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
             reason = (f"cannot {'open' if sqlite else 'connect'} ({detail}); "
                       + ("does its folder exist, and may we write there?" if sqlite else
                          "is the server running and reachable, and are the user, password and database right?"))
+    if "password" in reason and "no password supplied" in reason or "password authentication failed" in reason:
+        reason += ("; a password is never written to a file, so a config read back (config.yaml) has none: give "
+                   "it with PGPASSWORD or ~/.pgpass (libpq), or the whole URL with svr.storage: env:NAME")
     message = f"{SETTING}: {masked}: {reason}"
     if password:
         message = message.replace(password, "***")

@@ -144,14 +144,15 @@ def oof_rmse(params: dict, folds: Sequence[FoldData], y: np.ndarray, device: str
 
 
 def fit_head(f: FoldData, params: dict, columns: list[str], mode: str, device: str) -> tuple[SvrHead, Any]:
-    """The final SVR of a fold, fitted on its standardized features; returns (picklable head, fitted estimator).
+    """The final SVR of a fold, fitted on its standardized features; returns (the head's arrays, the estimator).
 
     On a CPU with cached kernels its kernel is ``RbfKernel(gamma)`` (scikit-learn computes the Gram matrix by one
-    BLAS product instead of libsvm's row by row dot products); otherwise kernel='rbf'. Same model either way.
+    BLAS product instead of libsvm's row by row dot products); otherwise kernel='rbf'. Same model either way, and
+    the same arrays: what ships is ``SvrHead``, never the estimator.
     """
     kernel: Any = RbfKernel(f.gamma) if mode == "precomputed" and not backend.use_rapids(device) else "rbf"
     model = backend.build_svr(device, kernel=kernel, gamma=f.gamma, **params).fit(f.x_train, f.y_train)
-    return SvrHead(columns, f.scaler, backend.portable(model), f.fold), model
+    return SvrHead.from_fitted(model, f.x_train, f.scaler, f.gamma, columns, f.fold, params), model
 
 
 def suggest(trial: Any, s: SvrConfig) -> dict:

@@ -118,11 +118,13 @@ def _mixup(alpha: float, image: torch.Tensor, meta: torch.Tensor, target: torch.
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, device: torch.device, tc: TrainConfig, *,
                     precision: str = "fp32", ddp: nn.Module | None = None,
-                    frozen_backbone: nn.Module | None = None, desc: str = "", show: bool = True) -> float:
+                    frozen_backbone: nn.Module | None = None, desc: str = "", show: bool = True,
+                    on_step: Any = None) -> float:
     """One pass over ``loader`` (dicts of image, meta, target in [0, 1]); returns the mean BCE loss.
 
     ``model`` is what runs forward (maybe compiled / DDP-wrapped; ``ddp`` is the DDP wrapper for no_sync during
-    gradient accumulation). ``frozen_backbone`` is kept in eval mode (linear probe).
+    gradient accumulation). ``frozen_backbone`` is kept in eval mode (linear probe). ``on_step(i, loss, lr,
+    images)`` is called after each batch with numbers already computed (tracking: it changes nothing).
     """
     from .inference import autocast
 
@@ -156,9 +158,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        total += loss.item() * image.shape[0]
+        batch_loss = loss.item()
+        total += batch_loss * image.shape[0]
         seen += image.shape[0]
         bar.set(loss=f"{total / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        if on_step is not None:
+            on_step(i, batch_loss, optimizer.param_groups[0]["lr"], image.shape[0])
     return total / max(seen, 1)
 
 

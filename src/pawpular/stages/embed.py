@@ -155,7 +155,8 @@ def run(ctx) -> Result:
     if cached:
         log.info("embeddings unchanged, reused from cache: %s", ", ".join(cached))
     log.info("embed summary: %s", ", ".join(f"{k}={v}" for k, v in status.items()))
-    info = {"policy": policy.to_dict(), "device": ctx.device}  # what the files are, not how this run went
+    # what the files are, not how this run went: each set's own policy (its manifest's)
+    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")}}
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, manifest
+from .. import artifacts, manifest, tracking
 from ..blend import cross_validated, fit_weights
 from ..data import ID, TARGET
 from ..config import ConfigError
@@ -41,8 +41,8 @@ IMAGES = False
 
 
 def experiments(cfg) -> list[tuple[str, Path]]:
-    """(model-name prefix, experiment folder): this one, then ensemble.experiments."""
-    return [("", cfg.out)] + [(Path(e).name + "/", Path(e)) for e in cfg.ensemble.experiments]
+    """(model-name prefix, experiment folder): this one, then ensemble.experiments (names checked unique)."""
+    return artifacts.blend_members(cfg.out, cfg.ensemble.experiments)
 
 
 def _heads(out: Path, wanted: list[str] | None = None) -> list[str]:
@@ -143,8 +143,10 @@ def run(ctx) -> Result:
                "ensemble_cv": cv, "equal_weights": rmse(np.clip(P.mean(1), 1, 100), y),
                "predict_mean": rmse(np.full_like(y, y.mean()), y)}
     holdout = _holdout_scores(tables, names, blend.weights, target, y.mean())
-    outputs = _write(ctx, tables, names, blend, summary, holdout)
+    policies = _policies(cfg)
+    outputs = _write(ctx, tables, names, blend, summary, holdout, policies)
     _log(cfg, names, blend, summary, holdout)
+    tracking.log_blend(ctx.tracker, dict(zip(names, map(float, blend.weights))), summary, holdout)
     return Result(outputs, {"oof_rmse": summary, "holdout_rmse": holdout})
 
 
@@ -158,7 +160,23 @@ def _holdout_scores(tables: dict, names: list[str], w: np.ndarray, target: pd.Se
             "predict_mean": rmse(np.full_like(y, train_mean), y), "rows": int(len(y))}
 
 
-def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: dict) -> list[Path]:
+def _policies(cfg) -> dict[str, str]:
+    """The precision each blended experiment's models and embeddings were made with (their own manifests); a
+    warning when they differ: predict repeats each one's own, but the heads were fit on mixed inputs."""
+    found = {f"{prefix}{unit}": p["precision"] for prefix, folder in experiments(cfg)
+             for unit, p in manifest.policies(folder).items()}
+    if len(set(found.values())) > 1:
+        by = {}
+        for unit, precision in sorted(found.items()):
+            by.setdefault(precision, []).append(unit)
+        log.warning("ensemble: the blended models and embeddings were made under different inference policies "
+                    "(%s): the SVR heads were fit on embeddings of mixed precision; predict repeats each model's "
+                    "own policy", "; ".join(f"{p}: {', '.join(u[:4])}{' ...' if len(u) > 4 else ''}"
+                                              for p, u in sorted(by.items())))
+    return found
+
+
+def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: dict, policies: dict) -> list[Path]:
     out, w = ctx.out / "ensemble", blend.weights
     oof = tables["oof"]
     paths = [out / "oof.parquet", out / "test.parquet"]
@@ -173,7 +191,7 @@ def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: d
     sub = build_submission(test, ctx.comp.sample)  # validated before anything is written for it
     write_json(artifacts.weights_json(ctx.out), {
         "weights": dict(zip(names, map(float, w))), "method": ctx.cfg.ensemble.method, "oof_rmse": summary,
-        "holdout_rmse": holdout, "worse_than_mean": worse_than_mean(summary, holdout),
+        "holdout_rmse": holdout, "worse_than_mean": worse_than_mean(summary, holdout), "precision": policies,
         "steps": [{"added": a, "oof_rmse": r} for a, r in blend.steps]})
     write_csv(sub, artifacts.submission(ctx.out), float_format="%.5f")
     return paths + [artifacts.weights_json(ctx.out), artifacts.submission(ctx.out)]

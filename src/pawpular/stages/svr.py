@@ -3,7 +3,8 @@
 Reads   folds/folds.csv, train.csv / test.csv (targets, flags), and for every name in svr.features the
         embeddings emb/fold{k}/{train,test}.parquet ("model": fold k's backbone) or emb/<name>/ (a frozen one)
 Writes  svr/study.db (the Optuna study, unless svr.storage names a database), svr/best_params.json,
-        svr/fold{k}/model.pkl (an SvrHead: columns + scaler + fitted SVR, for predict),
+        svr/fold{k}/head.safetensors (the head as arrays: columns, scaler, support vectors, dual
+        coefficients, intercept, gamma; what predict computes from),
         svr/{oof,test,holdout}.parquet
 Needs   pawpular embed
 Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma, svr.use_meta, svr.features,
@@ -24,14 +25,13 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import pickle
 import signal
 import time
 
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, study as studies, svm
+from .. import artifacts, backend, study as studies, svm, tracking
 from ..data import ID, META_COLS, TARGET
 from ..features import assemble_matrix
 from ..files import ArtifactError, MissingArtifact, remove, write_bytes, write_json
@@ -134,7 +134,8 @@ def run(ctx) -> Result:
         studies.delete_study(name, storage)
     study = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
     mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
-    ran, t_tune = _tune(study, folds, y, cfg, mode, device)
+    ran, t_tune = _tune(study, folds, y, cfg, mode, device, ctx.tracker)
+    tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
     preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
     outputs = write_predictions(ctx, folds_df, preds)
@@ -144,11 +145,12 @@ def run(ctx) -> Result:
             "n_features": len(columns), "features": list(cfg.svr.features), "use_meta": cfg.svr.use_meta,
             "kernel_cache": mode, "device": device, "svr_class": svr_class}
     write_json(artifacts.best_params(cfg.out), best)  # no timings in it: the same inputs give the same bytes
+    ctx.tracker.summary({"best/C": params["C"], "best/oof_rmse": oof_rmse, "n_trials": best["n_trials"]})
     log.info("svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
              "features, %s kernels, %s; %.1fs in all -> %s", params["C"], params["epsilon"], oof_rmse,
              study.best_value, best["n_trials"], ran, t_tune, len(columns), mode, device, time.time() - t0,
              artifacts.svr_dir(cfg.out))
-    models = [artifacts.svr_model(cfg.out, f.fold) for f in folds]
+    models = [artifacts.svr_head(cfg.out, f.fold) for f in folds]
     return Result([*outputs, *models, artifacts.best_params(cfg.out)],
                   {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse})
 
@@ -178,7 +180,7 @@ def open_storage(cfg, replace_damaged: bool = False):
     return studies.make_storage(cfg.svr.storage, artifacts.study_db(cfg.out))
 
 
-def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str) -> tuple[int, float]:
+def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
     """Run the trials the study lacks (with svr.workers local processes); the kernels live only while trials
     run. Returns (trials this process ran, seconds)."""
     from ..progress import Progress
@@ -197,6 +199,8 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str) -> tup
             def progress(study, trial) -> None:  # the study's count: local workers' trials too
                 bar.update(studies.n_complete(study) - (s.n_trials - missing) - bar.done)
                 bar.set(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")
+                if tracker is not None:
+                    tracking.log_trials(tracker, study)
 
             ran = studies.run_trials(study, svm.make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
     finally:
@@ -294,7 +298,8 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
 
 def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], params: dict,
                mode: str) -> tuple[dict[str, tuple[pd.Series, np.ndarray]], str]:
-    """Each fold's SVR with the best params, saved as model.pkl; OOF, test and holdout predictions."""
+    """Each fold's SVR with the best params, saved as arrays (head.safetensors); OOF, test and holdout
+    predictions computed from those arrays, as predict computes them."""
     cfg, comp, device = ctx.cfg, ctx.comp, ctx.device
     xp = backend.array_module(device)
     held = folds_df["fold"].to_numpy() == HOLDOUT
@@ -303,25 +308,20 @@ def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], par
     oof, fold_of, other = np.full(n, np.nan), np.full(n, HOLDOUT, dtype=np.int64), {s: [] for s in tables}
     frozen: dict = {}
     for f in folds:
-        head, model = fit_head_and_save(cfg, f, params, columns, mode, device)
-        oof[f.val_rows] = np.clip(backend.to_numpy(model.predict(f.x_val)), 1, 100)
+        head, model = svm.fit_head(f, params, columns, mode, device)
+        write_bytes(artifacts.svr_head(cfg.out, f.fold), head.to_bytes())
+        oof[f.val_rows] = np.clip(head.decision(backend.to_numpy(f.x_val)), 1, 100)
         fold_of[f.val_rows] = f.fold
         for split, table in tables.items():
             sets = _load_sets(cfg, f.fold, "test" if split == "test" else "train", frozen, device)
             meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
             x, _ = assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
-            other[split].append(np.clip(backend.to_numpy(model.predict(f.scaler.transform(x))), 1, 100))
+            other[split].append(head.predict_matrix(x))
     keep = ~held
     preds = {"oof": (comp.train[ID][keep].astype(str), oof[keep], fold_of[keep])}
     for split, table in tables.items():
         preds[split] = (table[ID].astype(str), np.mean(other[split], axis=0), None)
     return preds, f"{type(model).__module__}.{type(model).__name__}"
-
-
-def fit_head_and_save(cfg, f: svm.FoldData, params: dict, columns: list[str], mode: str, device: str):
-    head, model = svm.fit_head(f, params, columns, mode, device)
-    write_bytes(artifacts.svr_model(cfg.out, f.fold), pickle.dumps(head, protocol=pickle.HIGHEST_PROTOCOL))
-    return head, model
 
 
 def write_predictions(ctx, folds_df: pd.DataFrame, preds: dict) -> list:

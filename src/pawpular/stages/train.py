@@ -39,6 +39,7 @@ from ..inference import Policy, run_backbone
 from ..metrics import rmse
 from ..models import build_model, check_buildable, data_config, load_checkpoint
 from ..splits import HOLDOUT, fold_ids, read_folds
+from ..tracking import StepMeter
 from ..training import (DIVERGED_HINT, FoldState, LossNotFinite, Trainer, grad_scaler, make_optimizer, make_scheduler,
                         seed_epoch, train_loader, train_one_epoch)
 from . import Plan, Result
@@ -128,7 +129,8 @@ def run(ctx) -> Result:
         ran += 1
     complete = all(_fold_verdict(ctx, k).done for k in known) if ctx.dist.main else False
     outputs = combine(ctx, folds, known) if complete else []
-    info = {"folds": known, "policy": policy.to_dict(), "device": ctx.device}
+    # Each fold's own policy (its manifest's): folds trained earlier or elsewhere keep theirs
+    info = {"folds": known, "policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("train/")}}
     return Result(outputs, info, complete=complete, cached=ran == 0 and complete)
 
 
@@ -225,11 +227,13 @@ class FoldRun:
         while state.epoch < tc.epochs and not state.stopped:
             epoch, t0 = state.epoch, time.time()
             seed_epoch(self.seed + epoch, self.loader, dist.rank)
+            meter = StepMeter(self.ctx.tracker, self.fold, epoch, len(self.loader), dist.world)
             try:
                 loss = train_one_epoch(forward, self.loader, self.trainer.optimizer, self.trainer.scheduler,
                                        self.trainer.scaler, self.dev, tc, precision=self.policy.precision, ddp=ddp,
                                        frozen_backbone=model.backbone if cfg.model.finetune == "head" else None,
-                                       desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main)
+                                       desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main,
+                                       on_step=meter if self.ctx.tracker.enabled else None)
             except LossNotFinite as e:
                 self.diverged(epoch, e.value, e.step)
             loss = dist.mean(loss, self.dev)
@@ -240,6 +244,9 @@ class FoldRun:
         if state.stopped:
             log.info("fold %d: early stop after epoch %d (no improvement for %d epochs)", self.fold, state.epoch,
                      tc.patience)
+        self.ctx.tracker.log({"best/epoch": state.best_epoch, "best/val_rmse": state.best_rmse}, self.fold, axis="fold")
+        self.ctx.tracker.summary({f"fold{self.fold}/best_epoch": state.best_epoch,
+                                  f"fold{self.fold}/best_val_rmse": state.best_rmse})
         return state, best_pred
 
     def diverged(self, epoch: int, value: float, step: int = 0) -> None:
@@ -277,6 +284,7 @@ class FoldRun:
                 self.trainer.save(artifacts.last_checkpoint(self.cfg.out, self.fold), state, best_pred, self.key)
         log.info("fold %d epoch %d/%d: train_loss %.4f val_rmse %.4f lr %.2e (%.1fs)%s", self.fold, epoch + 1,
                  tc.epochs, loss, val_rmse, lr, seconds, " *" if improved else "")
+        self.ctx.tracker.log({"val/rmse": val_rmse, "train/epoch_loss": loss}, epoch + 1, f"fold{self.fold}", "epoch")
         self.ctx.dist.barrier()
         hook = self.ctx.hooks.get("on_epoch_end")
         if hook is not None:
