@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import backend
-from .files import ArtifactError, read_safetensors, safetensors_bytes
+from .files import read_safetensors, safetensors_bytes
 
 LO, HI = 1.0, 100.0  # Pawpularity range: predictions are clipped to it
 Array = Any  # numpy.ndarray on CPU, cupy.ndarray on a RAPIDS GPU
@@ -119,8 +119,7 @@ class SvrHead:
         """Pawpularity (clipped to [1, 100]) for a table holding at least ``columns``."""
         missing = [c for c in self.columns if c not in features.columns]
         if missing:
-            raise ArtifactError(f"SVR fold {self.fold}: {len(missing)} feature columns missing, e.g. {missing[:3]}: "
-                                "the embeddings are not the ones this head was fit on (export or run svr again)")
+            raise ValueError(f"SVR fold {self.fold}: {len(missing)} feature columns missing, e.g. {missing[:3]}")
         return self.predict_matrix(features[self.columns].to_numpy(np.float64))
 
     def to_bytes(self) -> bytes:

@@ -15,7 +15,8 @@ the reasons: which setting or input changed) or *damaged* (which output was chan
 
 The manifest also holds ``digest``, a hash of everything else in it, checked on every read: a manifest changed
 by hand (a setting edited so that old outputs pass for new settings) is *damaged* and trusted by nothing, so the
-work is redone. It guards against edits and accidents, not against someone who recomputes the hash.
+work is redone. It guards against edits and accidents, not against someone who recomputes the hash or deletes
+it (a manifest without one, as older versions wrote them, is trusted as it was then).
 """
 from __future__ import annotations
 
@@ -53,14 +54,14 @@ def record_digest(data: dict) -> str:
 
 
 def _load(path: Path) -> tuple[Record | None, str | None]:
-    """(the record, or why a manifest that is there is not trusted: altered since it was written, or older)."""
+    """(the record, or why a manifest that is there is not trusted: it was altered since it was written)."""
     try:
         data = read_json(path)
         record = Record(**{k: data[k] for k in ("config", "inputs", "outputs", "info", "key")})
     except (OSError, ValueError, KeyError, TypeError):
         return None, None
-    if "digest" not in data:
-        return None, "has no record digest (an older pawpular wrote it): the work is redone once"
+    if "digest" not in data:  # written before manifests carried one: trusted as then (no retraining on upgrade)
+        return record, None
     if data["digest"] != record_digest(data):
         return None, "was changed after it was written (its record digest does not match): it is not trusted"
     return record, None
