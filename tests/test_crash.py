@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 SETS = ["folds.n_folds=2", "train.epochs=2", "train.batch_size=16", "train.num_workers=0", "embed.num_workers=0",
         "svr.n_trials=4"]
 SKIP = {"timings.json", ".data_check.json", "study.db", "study.db.lock", ".lock"}  # times, caches, sqlite pages
+OLD_EXPORT = "an older export"  # the starting export's "created": tells it from the new one
 
 
 def _cli(*args: str) -> list[str]:
@@ -114,7 +115,9 @@ def crash_base(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     assert r.returncode == 0, r.stderr[-2000:]
     r = _run(_cli("export", "--output", str(out), "--to", str(root / "art")))
     assert r.returncode == 0, r.stderr[-2000:]
-    (root / "art" / "left-by-an-older-export.txt").write_text("old")  # so old and new exports differ
+    manifest = root / "art" / "manifest.json"  # so old and new exports differ (a stray file would be a user's:
+    record = json.loads(manifest.read_text())  # export --overwrite refuses to remove it)
+    manifest.write_text(json.dumps({**record, "created": OLD_EXPORT}))
     return root, small_competition
 
 
@@ -158,7 +161,7 @@ def _artifact_folder_whole(art: Path) -> str:
 
     read_manifest(art)  # raises on a missing or damaged file
     assert (art / "src" / "pawpular" / "cli.py").is_file(), "the package must travel whole"
-    return "old" if (art / "left-by-an-older-export.txt").exists() else "new"
+    return "old" if json.loads((art / "manifest.json").read_text())["created"] == OLD_EXPORT else "new"
 
 
 def killed_then_rerun(sc: Scenario, root: Path, tmp: Path, k: int) -> tuple[int, dict[str, bytes]]:

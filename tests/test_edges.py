@@ -130,7 +130,8 @@ def test_bad_fold_values_are_refused_naming_the_row(small_competition, tmp_path,
 
 def test_temporary_litter_and_a_stray_last_pt_are_swept(experiment_run, small_competition, tmp_path):
     run = _copy(experiment_run, tmp_path / "run")
-    litter = [run / ".report.html.abc123.tmp", run / "svr" / ".oof.parquet.x.tmp"]
+    # what killed writers leave (the project's own temporary names: a user's .*.tmp is never swept)
+    litter = [run / ".report.html.pawpular-abc123.tmp", run / "svr" / ".oof.parquet.pawpular-x.tmp"]
     for p in litter:
         p.write_text("half")
     shutil.copy(run / "train" / "fold0" / "best.pt", run / "train" / "fold0" / "last.pt")
@@ -140,7 +141,7 @@ def test_temporary_litter_and_a_stray_last_pt_are_swept(experiment_run, small_co
     assert not (run / "train" / "fold0" / "last.pt").exists()
     sub = tmp_path / "out" / "submission.csv"
     sub.parent.mkdir()
-    (sub.parent / ".submission.csv.zz.tmp").write_text("half")
+    (sub.parent / ".submission.csv.pawpular-zz.tmp").write_text("half")
     assert _main("export", "--output", str(run), "--to", str(tmp_path / "art")) == 0
     assert _main("predict", "--artifacts", str(tmp_path / "art"), "--data", str(small_competition), "--out", str(sub)) == 0
     assert sorted(p.name for p in sub.parent.iterdir()) == ["submission.csv"]

@@ -197,8 +197,11 @@ def test_pretrained_errors_name_the_problem(tmp_path):
         build_model(cfg_of("swin", pretrained=str(tmp_path / "wide.safetensors")))
 
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
-    with pytest.raises(PretrainedWeightsError, match="cannot read"):
+    with pytest.raises(PretrainedWeightsError, match="model.pretrained: .*junk.bin is not a weight file"):
         build_model(cfg_of("swin", pretrained=str(tmp_path / "junk.bin")))
+    (tmp_path / "torn.pth").write_bytes(b"PK\x03\x04 a torch zip cut short")
+    with pytest.raises(PretrainedWeightsError, match="model.pretrained: cannot read .*torn.pth"):
+        build_model(cfg_of("swin", pretrained=str(tmp_path / "torn.pth")))
 
 
 def test_load_checkpoint_rebuilds_the_model(tmp_path):

@@ -85,13 +85,17 @@ def test_estimate_says_it_wrote_no_submission(experiment_run, small_competition,
 
 def test_export_refuses_a_non_empty_target_without_overwrite(experiment_run, tmp_path, capsys):
     target = tmp_path / "art"
-    target.mkdir()
-    (target / "mine.txt").write_text("not an export")
+    assert cli.main(["export", "--output", str(experiment_run), "--to", str(target)]) == 0
     assert cli.main(["export", "--output", str(experiment_run), "--to", str(target)]) == 2
     assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
-    assert (target / "mine.txt").read_text() == "not an export"
+    before = (target / "manifest.json").stat().st_ino
     assert cli.main(["export", "--output", str(experiment_run), "--to", str(target), "--overwrite"]) == 0
-    assert not (target / "mine.txt").exists() and (target / "manifest.json").is_file()
+    assert (target / "manifest.json").stat().st_ino != before  # a new export, written beside the old one
+    mine = tmp_path / "mine"  # a folder that is no export is never replaced (tests/test_adversarial.py: the rest)
+    mine.mkdir()
+    (mine / "mine.txt").write_text("not an export")
+    assert cli.main(["export", "--output", str(experiment_run), "--to", str(mine), "--overwrite"]) == 2
+    assert "not an export" in capsys.readouterr().err and (mine / "mine.txt").read_text() == "not an export"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import artifacts
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
+from .errors import UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -31,13 +33,17 @@ MAIN_OUTPUT = {"folds": artifacts.folds_csv, "train": lambda out: out / "train",
                "svr": artifacts.svr_dir, "ensemble": artifacts.submission, "select": artifacts.selection_json}
 
 
-def _override_strings(overrides: dict[str, Any]) -> list[str]:
+def _override_items(overrides: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """Keyword overrides as (key, value, how the caller wrote it): typed values, checked like the config file's."""
     out = []
     for key, value in overrides.items():
+        key = key.replace("__", ".")
         if isinstance(value, dict):
-            out += _override_strings({f"{key}.{k}": v for k, v in value.items()})
-        else:  # JSON is YAML: the value arrives typed, as from the command line
-            out.append(f"{key.replace('__', '.')}={json.dumps(value)}")
+            out += _override_items({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            value = os.fspath(value) if isinstance(value, os.PathLike) else value
+            value = list(value) if isinstance(value, tuple) else value
+            out.append((key, value, f"keyword argument {key}={value!r}"))
     return out
 
 
@@ -45,11 +51,13 @@ def config_from(config: str | Path | None = None, *, output: str | Path | None =
                 overwrite: bool = False, set: list[str] | None = None, **overrides: Any) -> Config:
     """The resolved config: the file (default: the experiment's own config.yaml when ``output`` has one, else
     configs/default.yaml), then ``set`` / keyword overrides, then data / output / overwrite."""
+    if isinstance(set, (str, bytes)):
+        raise ConfigError(f"set= takes a list of 'key=value' strings, got the string {set!r} (write set=[{set!r}])")
     path = config
     if path is None:
         saved = artifacts.config_yaml(Path(output)) if output else None
         path = saved if saved is not None and saved.is_file() else artifacts.default_config()
-    return load_config(path, [*(set or []), *_override_strings(overrides)], data_dir=str(data) if data else None,
+    return load_config(path, [*(set or []), *_override_items(overrides)], data_dir=str(data) if data else None,
                        output_dir=str(output) if output else None, overwrite=True if overwrite else None)
 
 
@@ -61,6 +69,8 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     from .stages import needed
     from .tracking import require
 
+    if stage not in ("all", *MAIN_OUTPUT):
+        raise UsageError(f"no stage {stage!r}: stages are all, {', '.join(MAIN_OUTPUT)}")
     require(cfg)  # a tracking backend that is not installed: one line before anything is written
     with interruptible():
         if stage != "all":
@@ -111,8 +121,11 @@ def predict(artifacts_dir: str | Path, data: str | Path, out: str | Path = "subm
 
 def report(output: str | Path, data: str | Path | None = None) -> Path:
     """Write ``report.html`` for an experiment folder; returns its path."""
+    from .guards import is_experiment
     from .reporting import write_report
 
+    if Path(output).is_dir() and not is_experiment(Path(output)):  # never a report.html into a user's folder
+        raise UsageError(f"report --output {output}: holds no pawpular experiment (no config.yaml or stage manifest)")
     return write_report(Path(output), Path(data) if data else None)
 
 

@@ -28,9 +28,14 @@ import numpy as np
 import pandas as pd
 
 from . import install_plan
+from .errors import PawpularError
 from .files import atomic_path
 
 log = logging.getLogger("pawpular")
+
+
+class DeviceError(PawpularError, RuntimeError):
+    """``device: cuda`` on a machine where torch cannot use a GPU; the message says why and the fix."""
 
 
 _LOGGED: set[str] = set()
@@ -47,11 +52,11 @@ def resolve_device(device: str = "auto") -> str:
     import torch
 
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise DeviceError(f"device must be auto, cpu or cuda, got {device!r}")
     has_cuda = torch.cuda.is_available()
     unusable = None if has_cuda or device == "cpu" else unusable_gpu()
     if device == "cuda" and not has_cuda:
-        raise RuntimeError("device: cuda was asked for, but "
+        raise DeviceError("device: cuda was asked for, but "
                            + (unusable or "torch sees no CUDA GPU and no NVIDIA driver lists one (nvidia-smi)"))
     if unusable and "unusable-gpu" not in _LOGGED:
         _LOGGED.add("unusable-gpu")

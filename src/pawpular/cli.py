@@ -1,8 +1,9 @@
 """`pawpular COMMAND ...`: the command line, a thin layer over the Python API (``api.py``).
 
-Exit codes: 0 done; 2 bad input (config, data, a stale or damaged artifact, a file that cannot be written), with
-one line naming the problem (``-v`` adds the traceback); 130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the
-same command to resume).
+Exit codes: 0 done; 2 bad input (config, data, a stale or damaged artifact, a refused write, a file that cannot be
+read or written), with one line naming the problem (``-v`` adds the traceback); 70 a bug in pawpular (any other
+exception): its traceback and a line saying what to put in a report; 130 / 143 interrupted by Ctrl-C / SIGTERM
+(rerun the same command to resume).
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import argparse
 import errno
 import json
 import logging
-import os
 import sys
+import traceback
 from pathlib import Path
 
 from .artifacts import PIPELINE
@@ -176,16 +177,42 @@ def _show_config(args: argparse.Namespace) -> int:
 
 def _delete_study(args: argparse.Namespace) -> int:
     from . import artifacts
+    from .errors import UsageError
+    from .files import read_json
+    from .lock import experiment_lock
+
+    cfg = _config(args)
+    db = artifacts.study_db(cfg.out)
+    if cfg.svr.storage is not None:
+        return _delete_named_study(cfg, args.name)
+    if not db.is_file():
+        print(f"no study: {db} does not exist")
+        return 2
+    with experiment_lock(cfg.out, "delete-study"):  # the experiment's own file: not while a stage uses it
+        from .files import remove
+        from .study import sqlite_damage
+
+        if why := sqlite_damage(db):
+            for path in (db, db.with_name(db.name + "-journal")):
+                remove(path)
+            print(f"removed {db}: it was damaged ({why}); the next `pawpular svr` starts a new study")
+            return 0
+        if args.name is None and not artifacts.best_params(cfg.out).is_file():
+            raise UsageError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
+        return _delete_named_study(cfg, args.name or read_json(artifacts.best_params(cfg.out)).get("study_name"))
+
+
+def _delete_named_study(cfg, name: str | None) -> int:
+    from . import artifacts
+    from .errors import UsageError
     from .files import read_json
     from .stages.svr import open_storage
     from .study import delete_study
 
-    cfg = _config(args)
-    name = args.name
     if name is None and artifacts.best_params(cfg.out).is_file():
         name = read_json(artifacts.best_params(cfg.out)).get("study_name")
     if name is None:
-        raise ValueError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
+        raise UsageError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
     deleted = delete_study(name, open_storage(cfg))
     print(f"{'deleted' if deleted else 'no such study:'} {name}")
     return 0 if deleted else 2
@@ -217,7 +244,9 @@ def _status(args: argparse.Namespace) -> int:
     for name, v in verdicts.items():
         print(f"  {name:<9} {v.state:<10} {v.why(4)}".rstrip())
     todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
-    print(f"next: pawpular all (recomputes {', '.join(todo)})" if todo else "everything is done and current")
+    partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"
+    run_all = "pawpular all --set train.folds=null" if partial else "pawpular all"  # else it trains the same folds
+    print(f"next: {run_all} (recomputes {', '.join(todo)})" if todo else "everything is done and current")
     return 0
 
 
@@ -269,26 +298,48 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+# OS errors that say something about the machine or the paths given (space, permissions, the file system), not
+# about the code: one line wherever they happen. Others (a missing file, a folder where a file was expected) are
+# one line only where the project reads or writes (ReadError, WriteError); elsewhere they are a bug's symptom.
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM,
+                  errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENAMETOOLONG, errno.ELOOP, errno.EBUSY,
+                  errno.ETXTBSY, errno.ESTALE, errno.ENODEV, errno.ENXIO}
+BUG_REPORT = ("this is a bug in pawpular, not a problem with your input ({kind}): please report it with the "
+              "command you ran, the traceback above and the output of `pawpular doctor`")
+
+
 def _os_error(e: OSError) -> str:
-    """One line for an OS error: ours carry their own message; the system's name the path and the reason."""
-    if e.errno is None:
-        return str(e)
-    reason = "no space left on device" if e.errno == errno.ENOSPC else os.strerror(e.errno).lower()
+    """One line for an OS error: what was being done (read / write, where known), the path and the reason."""
+    from .errors import ReadError, WriteError, reason
+
+    why = reason(e)
     if e.filename is None:
-        return reason
-    if e.errno == errno.ENOENT:
-        return f"{e.filename}: {reason}"
-    return f"cannot write {e.filename}: {reason}"
+        return why
+    verb = "cannot write " if isinstance(e, WriteError) else "cannot read " if isinstance(e, ReadError) else ""
+    return f"{verb}{e.filename}: {why}"
+
+
+def _one_line(e: BaseException) -> str | None:
+    """The line for a failure a user can fix (exit 2), or None for a bug (traceback, exit 70)."""
+    from .errors import PawpularError, ReadError, WriteError
+
+    if isinstance(e, PawpularError):
+        return str(e)
+    if isinstance(e, OSError) and e.errno is not None and (isinstance(e, (ReadError, WriteError))
+                                                           or e.errno in MACHINE_ERRNOS):
+        return _os_error(e)
+    top, name = type(e).__module__.split(".")[0], type(e).__name__
+    if top == "sqlalchemy":  # the study database failed mid-run (e.g. SQLite's "database or disk is full")
+        return f"the Optuna study's database: {str(getattr(e, 'orig', None) or e).splitlines()[0]}"
+    if top == "torch" and name == "OutOfMemoryError":
+        return (f"the GPU ran out of memory ({str(e).splitlines()[0][:160]}): lower train.batch_size / "
+                "embed.batch_size (train.accum_steps keeps the effective batch), or model.img_size")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit code (never raises for bad input)."""
-    from .config import ConfigError
-    from .data import DataError, ImageDecodeError
-    from .files import ArtifactError
-    from .lock import ExperimentLocked
-    from .submission import SubmissionError
-
+    """The command line; returns the exit code: 2 (one line) for what a user can fix, 70 with the traceback for a
+    bug (EX_SOFTWARE)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["doctor"]:  # its own options (--short, --config): doctor.py parses them
         from .doctor import main as doctor_main
@@ -305,23 +356,17 @@ def main(argv: list[str] | None = None) -> int:
         code = 143 if "signal" in str(e) else 130
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return code
-    except (ConfigError, DataError, ImageDecodeError, ExperimentLocked, ArtifactError, SubmissionError,
-            ValueError) as e:
-        if args.verbose:
-            log.exception("failed")
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, read-only, not a directory, permission: one line, not a traceback
-        if args.verbose:
-            log.exception("failed")
-        print(f"error: {_os_error(e)}", file=sys.stderr)
-        return 2
     except Exception as e:
-        if type(e).__module__.split(".")[0] != "sqlalchemy":
-            raise
-        if args.verbose:  # the study database failed mid-run (e.g. SQLite's "database or disk is full")
+        line = _one_line(e)
+        if line is None:  # a bug: its traceback, and what a report needs
+            traceback.print_exc()
+            first = (str(e).splitlines() or [""])[0][:200]
+            kind = type(e).__name__ + (f": {first}" if first else "")
+            print(f"error: {BUG_REPORT.format(kind=kind)}", file=sys.stderr)
+            return 70
+        if args.verbose:
             log.exception("failed")
-        print(f"error: the Optuna study's database: {str(getattr(e, 'orig', None) or e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         return 2
 
 

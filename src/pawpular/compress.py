@@ -53,7 +53,7 @@ def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Modul
     model = model.eval()
     if kind == "int8":
         if device != "cpu":
-            raise ValueError("compress: int8 (dynamic quantization) runs on CPU only; use bf16 on a GPU")
+            raise ConfigError("embed.compress: int8 (dynamic quantization) runs on CPU only; use bf16 on a GPU")
         model = quantize_int8(model.cpu())
     elif kind == "prune":
         model = prune_magnitude(model, frac)

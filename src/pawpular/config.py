@@ -17,8 +17,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from .errors import PawpularError
 
-class ConfigError(ValueError):
+
+class ConfigError(PawpularError, ValueError):
     """A config file or override that does not fit the schema; ``keys`` names the settings at fault."""
 
     def __init__(self, message: str, keys: tuple[str, ...] = ()):
@@ -174,30 +176,67 @@ class Config:
 # Loading and overriding (the checks are in config_checks.py)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently: a
+    second ``train:`` would replace the whole first section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; explicit keys override it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"line {line}: duplicate key '{key}' (first on line {seen[key]}): the second would "
+                                  "silently replace the first; keep one", (str(key),))
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text as values (safe: no objects), refusing duplicate keys (ConfigError naming the key and line)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 1e-4, true, null, [a, b] and plain strings all work."""
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError:
         return text
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict[str, str]:
-    """Apply ``--set key=value`` items to ``data`` in place; returns {key: the item as given} (for messages)."""
+Override = Union[str, tuple]  # "key=value" (YAML-typed, as --set), or (key, value, how the caller wrote it)
+
+
+def apply_overrides(data: dict, overrides: list[Override]) -> dict[str, str]:
+    """Apply ``--set key=value`` items (or the API's typed ``(key, value, shown)``) to ``data`` in place; returns
+    {key: the item as the caller wrote it} (for messages)."""
     given = {}
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r} "
+                          f"(write [{overrides!r}])")
     for item in overrides:
-        if "=" not in item:
+        if isinstance(item, tuple):
+            key, value, shown = item
+        elif isinstance(item, str) and "=" in item:
+            key, text = item.split("=", 1)
+            try:
+                value, shown = _parse_value(text), f"--set {item}"
+            except ConfigError as e:
+                raise ConfigError(f"--set {item}: {e}") from None
+        else:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        key, text = item.split("=", 1)
         key = key.strip()
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: '{part}' is not a section")
-        node[parts[-1]] = _parse_value(text)
-        given[key] = item
+                raise ConfigError(f"{shown}: '{part}' is not a section")
+        node[parts[-1]] = value
+        given[key] = shown
     return given
 
 
@@ -209,9 +248,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}", e.keys) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     given = apply_overrides(data, overrides or [])
@@ -234,7 +277,7 @@ def _blame(e: ConfigError, path: Path | None, given: dict[str, str], top: dict) 
     for key in keys:
         for k, item in given.items():
             if key == k or key.startswith(k + ".") or k.startswith(key + "."):
-                return f"--set {item}: {e}"
+                return f"{item}: {e}"
         if key in top and top[key] is not None:
             return f"--{key.replace('_dir', '').replace('_', '-')} {top[key]}: {e}"
     return f"{path}: {e}" if path else str(e)
@@ -334,7 +377,8 @@ def compress_spec(spec: str) -> tuple[str, float]:
             frac = -1.0
         if 0.0 < frac < 1.0:
             return "prune", frac
-    raise ValueError(f"compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}")
+    raise ConfigError(f"embed.compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}",
+                      ("embed.compress",))
 
 
 def config_hash(*parts: Any) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Callable, Literal, Union, get_args, get_origin
@@ -15,8 +16,25 @@ from typing import Any, Callable, Literal, Union, get_args, get_origin
 from .config import Config, ConfigError
 
 
+def _finite(value: Any, key: str) -> Any:
+    """``value`` unless it is (or holds, in a list or mapping) a NaN or infinite number: ConfigError naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}': must be a finite number, got {value!r}", (key.split("[")[0],))
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _finite(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _finite(v, f"{key}[{i}]")
+    return value
+
+
 def _check(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    """Return ``value`` converted to ``tp`` (finite, where a number) or raise ConfigError naming ``key``."""
+    return _finite(_convert(value, tp, key), key)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -26,7 +44,7 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _check(value, arg, key)
+                return _convert(value, arg, key)
             except ConfigError:
                 pass
         raise ConfigError(f"config key '{key}': expected {_name(tp)}, got {value!r}", (key,))

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .images import ImageDecodeError, check_image, image_path
+from .errors import PawpularError
+from .images import ImageDecodeError, PixelBudget, check_image, image_path, max_pixels
 
 ID = "Id"
 TARGET = "Pawpularity"
@@ -35,11 +36,15 @@ TRAIN_COLS = [ID, *META_COLS, TARGET]
 TEST_COLS = [ID, *META_COLS]
 SUBMISSION_COLS = [ID, TARGET]
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# pandas' default spellings of a missing value (read_csv's na_values), for every column but Id: an Id "NA" or
+# "null" is an Id, not an empty cell.
+NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 __all__ = ["ID", "TARGET", "META_COLS", "DataError", "ImageDecodeError", "Problem", "Competition",
            "check_competition", "read_competition", "read_test_set", "ensure_valid", "images_digest"]
 
 
-class DataError(ValueError):
+class DataError(PawpularError, ValueError):
     """The competition folder breaks the contract; ``problems`` lists each one."""
 
     def __init__(self, problems: list["Problem"]):
@@ -71,15 +76,36 @@ class Competition:
 # CSVs
 
 
-def _read_csv(path: Path, problems: list[Problem]) -> pd.DataFrame | None:
+def read_id_csv(path: str | Path) -> pd.DataFrame:
+    """A CSV with an ``Id`` column, Ids as written (``NA`` is an Id); other columns' empty cells are NaN."""
+    others = [c for c in (*TRAIN_COLS, "fold", "group") if c != ID]
+    return pd.read_csv(path, dtype={ID: str}, keep_default_na=False, na_values={c: NA_STRINGS for c in others})
+
+
+def _read_csv(path: Path, problems: list[Problem], name: str | None = None) -> pd.DataFrame | None:
+    from .errors import reason
+
+    name = name or path.name
     if not path.is_file():
-        problems.append(Problem(path.name, "file", f"missing (expected at {path})"))
+        what = "is not a file" if path.exists() else "missing"
+        problems.append(Problem(name, "file", f"{what} (expected at {path})"))
         return None
     try:
-        return pd.read_csv(path, dtype={ID: str}, keep_default_na=True)
+        return read_id_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        problems.append(Problem(path.name, "file", f"cannot be parsed as CSV: {str(e).strip()}"))
-        return None
+        problems.append(Problem(name, "file", f"cannot be parsed as CSV: {str(e).strip()}"))
+    except OSError as e:  # permission, I/O error: one listed problem, the others still checked
+        problems.append(Problem(name, "file", f"cannot be read ({reason(e)})"))
+    return None
+
+
+def read_csv_or_raise(path: str | Path, name: str | None = None) -> pd.DataFrame:
+    """``read_id_csv``, or DataError naming the file when it is missing, unreadable or not CSV."""
+    problems: list[Problem] = []
+    df = _read_csv(Path(path), problems, name)
+    if df is None:
+        raise DataError(problems)
+    return df
 
 
 def _check_columns(df: pd.DataFrame, expected: list[str], file: str, problems: list[Problem]) -> bool:
@@ -111,10 +137,11 @@ def _line(i: int) -> str:
 
 def _check_ids(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
     ids = df[ID]
-    for i in np.flatnonzero(ids.isna().to_numpy()):
+    empty = (ids.isna() | (ids.astype(str).str.strip() == "")).to_numpy()
+    for i in np.flatnonzero(empty):
         problems.append(Problem(file, _line(i), "empty Id"))
     for i, v in ids.items():
-        if isinstance(v, str) and not _ID_RE.match(v):
+        if isinstance(v, str) and v.strip() and not _ID_RE.match(v):
             problems.append(Problem(file, _line(i), f"Id {v!r} has characters not allowed in a file name"))
     dup = ids[ids.duplicated(keep=False) & ids.notna()]
     for v, rows in dup.groupby(dup).groups.items():
@@ -190,10 +217,15 @@ def check_competition(root: str | Path, images: bool = True, workers: int = 8) -
     if images:
         for name, df, split in (("train.csv", train, "train"), ("test.csv", test, "test")):
             if has_id[name]:
-                problems += _check_images(root, split, df[ID].dropna().astype(str).tolist(), workers)
+                problems += _check_images(root, split, _named_ids(df), workers)
     if problems:
         return problems, None
     return [], Competition(root, _typed_train(train), _typed_test(test), sample)
+
+
+def _named_ids(df: pd.DataFrame) -> list[str]:
+    """The non-empty Ids (an empty one is reported as such, not as a missing image)."""
+    return [i for i in df[ID].dropna().astype(str) if i.strip()]
 
 
 def _check_images(root: Path, split: str, ids: list[str], workers: int) -> list[Problem]:
@@ -201,8 +233,9 @@ def _check_images(root: Path, split: str, ids: list[str], workers: int) -> list[
     if not folder.is_dir():
         return [Problem(f"{split}/", "folder", f"image folder missing: {len(ids)} images expected as {split}/<Id>.jpg")]
     paths = [image_path(root, split, i) for i in ids]
+    budget = PixelBudget(max_pixels())  # memory bound: at most one cap of decoded pixels in flight (images.py)
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        reasons = list(pool.map(check_image, paths))
+        reasons = list(pool.map(lambda p: check_image(p, budget), paths))
     return [Problem(f"{split}/{i}.jpg", f"Id {i}", r) for i, r in zip(ids, reasons) if r]
 
 
@@ -245,13 +278,16 @@ def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tu
         _check_rows(test, "test.csv", problems, target=False)
     if sample is not None:
         _check_columns(sample, SUBMISSION_COLS, "sample_submission.csv", problems)
+    for name, df in (("test.csv", test), ("sample_submission.csv", sample)):
+        if df is not None and len(df) == 0:
+            problems.append(Problem(name, "file", "has no rows (only a header): there is nothing to predict"))
     has_t, has_s = test is not None and ID in test.columns, sample is not None and ID in sample.columns
     if has_s:
         _check_ids(sample, "sample_submission.csv", problems)
     if has_t and has_s:
         _check_sample_ids(test, sample, problems)
     if has_t and images:
-        problems += _check_images(root, "test", test[ID].dropna().astype(str).tolist(), workers)
+        problems += _check_images(root, "test", _named_ids(test), workers)
     if problems:
         raise DataError(problems)
     return _typed_test(test), sample
@@ -303,8 +339,8 @@ def ensure_valid(root: str | Path, record: str | Path) -> Competition:
     comp = read_competition(root, images=False)
     try:
         fingerprint = _stat_fingerprint(comp)
-    except FileNotFoundError:
-        fingerprint = None  # a missing image: the full check below names it
+    except OSError:
+        fingerprint = None  # a missing or unreadable image: the full check below names it
     if fingerprint and _read_record(record, root).get("fingerprint") == fingerprint:
         return comp
     problems = _check_images(root, "train", comp.train[ID].tolist(), 8) + _check_images(root, "test", comp.test[ID].tolist(), 8)

@@ -14,7 +14,7 @@ import pandas as pd
 from PIL import Image
 from scipy.fft import dctn
 
-from .data import ID
+from .data import ID, read_id_csv
 from .images import image_path, load_image
 
 
@@ -71,7 +71,7 @@ def find_duplicates(data: str | Path, ids: Sequence[str], saved: str | Path | No
     """Id, group of every photo in a duplicate group: the folds stage's ``duplicates.csv`` (``saved``) when it
     covers these Ids, else computed here with the same hash."""
     if saved is not None and Path(saved).is_file():
-        dups = pd.read_csv(saved, dtype={ID: str})[[ID, "group"]]
+        dups = read_id_csv(saved)[[ID, "group"]]
         if dups[ID].isin(set(ids)).all():  # else it belongs to another competition folder: recompute
             return dups
     hashes = image_hashes(Path(data), list(ids))

@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 
 from . import artifacts, manifest
+from .errors import UsageError
 from .files import ArtifactError, digest_or_none, read_json
 
 SMALL = 1 << 20  # outputs up to this size are hashed; bigger ones (checkpoints, embeddings) only must exist
@@ -274,7 +275,7 @@ def table(folders: list[str | Path] | None = None, sort: str | None = None) -> p
     if sort:
         key = sort.lstrip("-")
         if key not in df.columns:
-            raise ValueError(f"--sort {sort}: no such column; columns: {', '.join(c for c in df.columns if c != 'stages')}")
+            raise UsageError(f"--sort {sort}: no such column; columns: {', '.join(c for c in df.columns if c != 'stages')}")
         df = df.sort_values(key, ascending=not sort.startswith("-"), na_position="last", kind="stable",
                             key=lambda s: s.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v))
     df = df.reset_index(drop=True)

@@ -19,7 +19,8 @@ settings YAML and JSON; nothing is a pickle, so nothing runs code when it is loa
 
 Only a current experiment is exported: every stage up to the ensemble must be done (``pawpular status``), else
 the error names the stage to run. The folder is built beside the target and swapped in with one rename, so the
-target is always the old export whole or the new one whole; an existing non-empty target needs --overwrite.
+target is always the old export whole or the new one whole; an existing non-empty target needs --overwrite
+and must be an earlier export (``guards.check_export_target``: never the experiment or a folder above it).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from pathlib import Path
 
 from . import __version__, artifacts, manifest, versions
 from .config import Config, backbone_configs, backbone_model_config, load_config, save_config
-from .files import ArtifactError, file_digest, read_json, recover_swap, swap_dirs, write_bytes, write_json, write_text
+from .files import (ArtifactError, MissingArtifact, file_digest, read_json, recover_swap, swap_dirs, temp_path,
+                    write_bytes, write_json, write_text)
 
 log = logging.getLogger("pawpular")
 FORMAT = 3
@@ -54,13 +56,14 @@ def check_current(cfg: Config) -> None:
 
 def export(out: Path, to: Path, overwrite: bool = False, data: str | None = None) -> Path:
     """Copy what inference needs from experiment ``out`` into ``to``; returns ``to``."""
+    from .guards import check_export_target
+    from .lock import experiment_lock
+
     out, to = Path(out), Path(to)
     if not artifacts.config_yaml(out).is_file() or not artifacts.weights_json(out).is_file():
-        raise FileNotFoundError(f"{out} has no config.yaml or ensemble/weights.json: run the pipeline to the ensemble first")
+        raise MissingArtifact(f"{out} has no config.yaml or ensemble/weights.json: run the pipeline to the ensemble first")
     recover_swap(to)
-    if to.exists() and (not to.is_dir() or any(to.iterdir())) and not overwrite:
-        raise FileExistsError(f"{to} exists and is not empty: pass --overwrite to replace it")
-    from .lock import experiment_lock
+    check_export_target(out, to, overwrite)  # never the experiment; --overwrite replaces only an earlier export
 
     with experiment_lock(out, "export"):  # no stage rewrites the experiment while it is read
         return _export(out, to, load_config(artifacts.config_yaml(out), output_dir=str(out), data_dir=data))
@@ -70,7 +73,7 @@ def _export(out: Path, to: Path, cfg: Config) -> Path:
     check_current(cfg)
     weights = read_json(artifacts.weights_json(out))["weights"]
     members = artifacts.blend_members(out, cfg.ensemble.experiments)
-    staging = to.with_name(f".{to.name}.partial.tmp")
+    staging = temp_path(to, "partial")
     shutil.rmtree(staging, ignore_errors=True)
     models = {(prefix.rstrip("/") or out.resolve().name): _export_experiment(
         folder, artifacts.export_experiment(staging, prefix.rstrip("/") or out.resolve().name), prefix, weights)

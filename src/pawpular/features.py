@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import backend
 from .data import ID, META_COLS
+from .errors import ArtifactError
 
 Array = Any  # numpy.ndarray on CPU, cupy.ndarray on a RAPIDS GPU
 
@@ -32,11 +33,11 @@ def assemble_matrix(sets: dict[str, Any], ids: Sequence[str], names: Sequence[st
         table = sets[name]
         have = pd.Index(backend.column_values(table, ID).astype(str))
         if not have.is_unique:
-            raise ValueError(f"embedding set {name!r} has duplicated Ids, e.g. {have[have.duplicated()][0]!r}")
+            raise ArtifactError(f"embedding set {name!r} has duplicated Ids, e.g. {have[have.duplicated()][0]!r}")
         pos = have.get_indexer(pd.Index(ids))
         if (pos < 0).any():
             missing = [ids[i] for i in np.flatnonzero(pos < 0)[:3]]
-            raise ValueError(f"embedding set {name!r} lacks {int((pos < 0).sum())} Ids, e.g. {missing}: rerun `pawpular embed`")
+            raise ArtifactError(f"embedding set {name!r} lacks {int((pos < 0).sum())} Ids, e.g. {missing}: rerun `pawpular embed`")
         cols = [c for c in table.columns if c != ID]
         blocks.append(backend.table_matrix(table, cols)[xp.asarray(pos)])
         columns += [f"{name}/{c}" for c in cols]

@@ -26,12 +26,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-TEMP_GLOB = ".*.tmp"
+from .errors import ArtifactError, MissingArtifact, as_read_error, as_write_error  # noqa: F401 (re-exported)
 
-
-class ArtifactError(RuntimeError):
-    """An artifact that is missing, damaged or stale for what is asked; the message names it and what to run."""
+# Every temporary name this project makes: ``.{name}.pawpular-{tag}.tmp`` beside ``name``. The lock's sweep
+# removes only names of this pattern, never a user's own ``.*.tmp``.
+TEMP_MARK = ".pawpular-"
+TEMP_GLOB = f".*{TEMP_MARK}*.tmp"
 _commits = 0
+
+
+def temp_path(path: str | Path, tag: str) -> Path:
+    """The project's temporary name for ``path`` (beside it): ``.{name}.pawpular-{tag}.tmp``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TEMP_MARK}{tag}.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and TEMP_MARK in name and name.endswith(".tmp")
 
 
 def _commit_point(op: str, path: Path) -> None:
@@ -60,7 +71,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARK}", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -71,7 +82,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         except OSError as e:  # disk full, quota, I/O error: name the file being written, not the temporary one
             if e.errno is None:
                 raise
-            raise OSError(e.errno, e.strerror, str(path)) from None
+            raise as_write_error(e, path) from None
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
         _commit_point("replace", path)
         os.replace(tmp_path, path)
@@ -177,7 +188,7 @@ def remove_tree(path: str | Path) -> bool:
     path = Path(path)
     if not path.exists():
         return False
-    trash = path.with_name(f".{path.name}.{os.getpid()}.trash.tmp")
+    trash = temp_path(path, f"trash-{os.getpid()}")
     _commit_point("rename", path)
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -185,9 +196,12 @@ def remove_tree(path: str | Path) -> bool:
 
 
 def sweep_temp_files(folder: str | Path) -> int:
-    """Remove what killed writers left (temporary files and folders); only done while holding the lock."""
+    """Remove what killed writers of this project left (its temporary names only: ``TEMP_GLOB``, never a user's
+    own ``.*.tmp``); only done while holding the lock."""
     n = 0
     for tmp in sorted(Path(folder).rglob(TEMP_GLOB), key=lambda p: -len(p.parts)):
+        if not is_temp_name(tmp.name):
+            continue
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -205,7 +219,7 @@ def swap_dirs(new: Path, target: Path) -> None:
     Linux's renameat2(RENAME_EXCHANGE) swaps the two names in one step; elsewhere ``target`` is first renamed
     aside (``recover_swap`` puts it back if a kill falls between the two renames). The old folder is deleted.
     """
-    old = target.with_name(f".{target.name}.old.tmp")
+    old = temp_path(target, "old")
     if not target.exists():
         _commit_point("rename", target)
         os.replace(new, target)
@@ -222,7 +236,7 @@ def swap_dirs(new: Path, target: Path) -> None:
 
 def recover_swap(target: Path) -> None:
     """After a kill between the two renames of ``swap_dirs``'s fallback: the old folder comes back."""
-    old = target.with_name(f".{target.name}.old.tmp")
+    old = temp_path(target, "old")
     if old.is_dir() and not target.exists():
         os.replace(old, target)
 
@@ -252,14 +266,21 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     """A content hash of a file: changes exactly when its bytes do. Memoized per process on the file's stat
     (a rewrite changes size, mtime or inode), so a stage chain hashes each file once."""
     path = Path(path)
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    if key not in _digests:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _digests[key] = h.hexdigest()
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        if key not in _digests:
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                while block := f.read(chunk):
+                    h.update(block)
+            _digests[key] = h.hexdigest()
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # permission, I/O error, a folder: a read that failed, named as one
+        if e.errno is None:
+            raise
+        raise as_read_error(e, path) from None
     return _digests[key]
 
 

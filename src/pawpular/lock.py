@@ -19,13 +19,14 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import PawpularError
 from .files import sweep_temp_files
 
 LOCK_NAME = ".lock"
 _held: dict[str, list] = {}  # resolved lock path -> [fd, depth]
 
 
-class ExperimentLocked(RuntimeError):
+class ExperimentLocked(PawpularError, RuntimeError):
     """Another live process is writing this experiment folder."""
 
 

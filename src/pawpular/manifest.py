@@ -12,6 +12,11 @@ output is on disk. So a manifest exists only over a whole, finished set of files
 whether those files are still the ones it wrote. Work is *done* when the manifest exists, its config and inputs
 equal the current ones, and every output still has its recorded digest; otherwise it is *missing*, *stale* (with
 the reasons: which setting or input changed) or *damaged* (which output was changed or removed).
+
+The manifest also holds ``digest``, a hash of everything else in it, checked on every read: a manifest changed
+by hand (a setting edited so that old outputs pass for new settings) is *damaged* and trusted by nothing, so the
+work is redone. It guards against edits and accidents, not against someone who recomputes the hash or deletes
+it (a manifest without one, as older versions wrote them, is trusted as it was then).
 """
 from __future__ import annotations
 
@@ -44,13 +49,29 @@ def key_of(config: dict, inputs: dict) -> str:
     return value_digest(config, inputs)[:16]
 
 
-def read(path: Path) -> Record | None:
-    """The manifest at ``path``, or None when there is none (or it cannot be read: then the work is redone)."""
+def record_digest(data: dict) -> str:
+    """The hash a manifest carries of its own contents (every field but ``digest``), as they read back from JSON."""
+    return value_digest(json.dumps({k: v for k, v in data.items() if k != "digest"}, sort_keys=True, default=str))
+
+
+def _load(path: Path) -> tuple[Record | None, str | None]:
+    """(the record, or why a manifest that is there is not trusted: it was altered since it was written)."""
     try:
         data = read_json(path)
-        return Record(**{k: data[k] for k in ("config", "inputs", "outputs", "info", "key")})
+        record = Record(**{k: data[k] for k in ("config", "inputs", "outputs", "info", "key")})
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, None
+    if "digest" not in data:  # written before manifests carried one: trusted as then (no retraining on upgrade)
+        return record, None
+    if data["digest"] != record_digest(data):
+        return None, "was changed after it was written (its record digest does not match): it is not trusted"
+    return record, None
+
+
+def read(path: Path) -> Record | None:
+    """The manifest at ``path``, or None when there is none, it cannot be read or it was altered after it was
+    written (then the work is redone)."""
+    return _load(path)[0]
 
 
 def clear(path: Path) -> None:
@@ -67,7 +88,8 @@ def commit(path: Path, root: Path, record: Record, outputs: list[Path]) -> Recor
         if digest is None:
             raise FileNotFoundError(f"{p}: expected output is missing; the manifest is not written")
         record.outputs[artifacts.relative(root, p)] = digest
-    write_json(path, asdict(record))
+    data = json.loads(json.dumps(asdict(record), default=str))  # as it will read back
+    write_json(path, {**data, "digest": record_digest(data)})
     return record
 
 
@@ -130,7 +152,9 @@ def damaged_outputs(record: Record, root: Path) -> list[str]:
 
 def verdict(path: Path, root: Path, config: dict, inputs: dict) -> Verdict:
     """Is the work recorded at ``path`` still what ``config`` and ``inputs`` ask for, with its outputs intact?"""
-    record = read(path)
+    record, distrust = _load(path)
+    if distrust:
+        return Verdict(DAMAGED, [f"{artifacts.relative(root, Path(path))} {distrust}"])
     if record is None:
         return Verdict(MISSING, ["never finished" if not Path(path).parent.exists() else "not finished"])
     reasons = config_changes(record.config, config) + input_changes(record.inputs, inputs)

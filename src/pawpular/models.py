@@ -137,10 +137,61 @@ def _create_backbone(model_cfg: ModelConfig, hub: bool) -> nn.Module:
             if not (sized and "img_size" in str(e)):
                 raise
             return create(kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise ConfigError(f"model.name: {e}") from None
+    except ConfigError:
         raise
+    except Exception as e:
+        raise _blame(model_cfg, e) from None
+
+
+def _blame(model_cfg: ModelConfig, e: Exception) -> Exception:
+    """What to raise when timm could not build the model: model.name for an unknown one; model.kwargs when the
+    same model builds without them (checked on the meta device: no memory); otherwise the error itself (a bug)."""
+    import timm
+
+    if "Unknown model" in str(e):
+        return ConfigError(f"model.name: {e}", ("model.name",))
+    if not model_cfg.kwargs:
+        return e
+    try:
+        with torch.device("meta"):
+            timm.create_model(model_cfg.name, pretrained=False, num_classes=0)
+    except Exception:  # noqa: BLE001 - it fails without the kwargs too: not theirs to blame
+        return e
+    return ConfigError(f"model.kwargs {model_cfg.kwargs}: timm.create_model({model_cfg.name!r}) rejects them "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})", ("model.kwargs",))
+
+
+def check_buildable(model_cfg: ModelConfig) -> None:
+    """Fail now, not minutes into a stage, on model settings timm rejects (built on the meta device: no memory,
+    no weights) or a model.pretrained that is no weight file. Models that cannot be built on the meta device
+    are left to the real build, which names the same causes."""
+    try:
+        with torch.device("meta"):
+            _create_backbone(model_cfg, hub=False)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - not buildable on the meta device; the real build reports what is wrong
+        pass
+    if model_cfg.pretrained not in ("none", "hub"):
+        _check_weight_file(Path(model_cfg.pretrained))
+
+
+def _check_weight_file(path: Path) -> None:
+    """``path`` exists and starts like a weight file (safetensors, a torch zip or a pickle), else
+    PretrainedWeightsError naming model.pretrained and the file."""
+    if not path.is_file():
+        raise PretrainedWeightsError(f"model.pretrained: weight file not found: {path} (use none, hub, or a path to "
+                                     ".safetensors / .pth / .bin)")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise PretrainedWeightsError(f"model.pretrained: cannot read {path} ({e.strerror or e})") from None
+    size = path.stat().st_size
+    safetensors = len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80") or safetensors):
+        raise PretrainedWeightsError(f"model.pretrained: {path} is not a weight file: neither safetensors nor a torch "
+                                     f".pth / .bin (it starts with {head[:12]!r}); give the weight file itself")
 
 
 def build_model(model_cfg: ModelConfig, pretrained: bool = True) -> PawModel:
@@ -173,9 +224,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     from timm.models import load_state_dict
 
     path = Path(path)
-    if not path.is_file():
-        raise PretrainedWeightsError(f"model.pretrained: weight file not found: {path} (use none, hub, or a path to "
-                                     ".safetensors / .pth / .bin)")
+    _check_weight_file(path)
     try:
         state = load_state_dict(str(path), use_ema=True, weights_only=True)
     except Exception as e:  # corrupt file, pickle with unsafe globals, ...
@@ -244,11 +293,11 @@ def data_config(model_cfg: ModelConfig, backbone: nn.Module) -> dict:
 
 def read_checkpoint(path: str | Path) -> tuple[dict, ModelConfig, dict]:
     """A saved model file (``best.pt``, a compressed embedder): its dict, ModelConfig and data config."""
-    from .files import ArtifactError
+    from .files import ArtifactError, MissingArtifact
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingArtifact(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or foreign file: name it instead of a zip-reader traceback

@@ -34,7 +34,8 @@ from .config import Config, compress_spec, load_config
 from .data import ID, read_test_set
 from .dataset import eval_dataset
 from .features import assemble_features, embedding_table
-from .files import ArtifactError, file_digest, read_json
+from .errors import UsageError
+from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json
 from .heads import SvrHead
 from .inference import Policy, gpu_has_bf16, model_device, run_backbone
 from .lock import experiment_lock
@@ -147,12 +148,20 @@ class Experiment:
 def predict(artifacts_dir: Path, data: Path, out: Path | None = Path("submission.csv"), device: str = "auto",
             estimate: int | None = None) -> Path | None:
     """Write ``out`` (a validated submission.csv); with ``estimate`` only time a few images (returns None)."""
+    from .guards import check_predict_out, export_files
+
+    if estimate is not None and estimate < 1:
+        raise UsageError(f"--estimate {estimate}: expected the number of test images to estimate for (>= 1)")
+    if export_files(Path(artifacts_dir)) is None:
+        raise MissingArtifact(f"{artifacts.export_manifest(Path(artifacts_dir))} not found or damaged: is "
+                              f"{artifacts_dir} a folder written by `pawpular export`? (export, or copy it, again)")
     if estimate is not None:
         return _predict(Path(artifacts_dir), Path(data), None, device, estimate)
     out = Path(out)
+    check_predict_out(out, Path(artifacts_dir), Path(data))  # never onto test.csv, the sample or a model
     check_output_path(out)  # a folder or an unwritable place fails now, not after the whole inference
     with experiment_lock(out.parent, "predict", name=f".{out.name}.lock", sweep=False):
-        for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed predict's half-written file
+        for stale in out.parent.glob(f".{out.name}{TEMP_MARK}*.tmp"):  # a killed predict's half-written file
             stale.unlink(missing_ok=True)
         return _predict(Path(artifacts_dir), Path(data), out, device, None)
 

@@ -22,8 +22,8 @@ import pandas as pd
 import yaml
 
 from . import artifacts, manifest
-from .data import ID, TARGET, DataError, read_competition
-from .files import read_json
+from .data import ID, TARGET, DataError, read_competition, read_id_csv
+from .files import MissingArtifact, read_json
 from .metrics import rmse
 
 # Head name -> the stage folder holding its {oof,test}.parquet; the ensemble's own.
@@ -166,9 +166,9 @@ def load_results(out: str | Path, data: str | Path | None = None, storage: str |
     """Gather an experiment folder's tables. ``data`` is tried first, then the data_dir in its config.yaml."""
     out = Path(out)
     if not out.is_dir():
-        raise FileNotFoundError(f"{out}: no such experiment folder (run the pipeline first: ./run.sh)")
+        raise MissingArtifact(f"{out}: no such experiment folder (run the pipeline first: ./run.sh)")
     res = RunResults(out=out, config=_read_yaml(out / "config.yaml"))
-    folds = pd.read_csv(artifacts.folds_csv(out), dtype={ID: str}) if artifacts.folds_csv(out).is_file() else None
+    folds = read_id_csv(artifacts.folds_csv(out)) if artifacts.folds_csv(out).is_file() else None
     res.data, res.train = _pick_data([data, res.config.get("data_dir")], folds, res.notes)
 
     if folds is not None:  # the holdout rows (fold -1) have no OOF predictions: the holdout scores are apart

@@ -128,34 +128,49 @@ def status(cfg: Config, names: list[str] | None = None) -> dict[str, manifest.Ve
     return {n: verdicts.get(n) or manifest.Verdict(manifest.NOT_NEEDED, [not_needed_why(cfg, n)]) for n in names}
 
 
+def fix_command(cfg: Config, name: str, v: manifest.Verdict) -> str:
+    """The command that makes stage ``name`` done: with train.folds naming only some folds, rerunning the same
+    command would train the same folds again, so the command trains the rest."""
+    if name == "train" and v.state == manifest.PARTIAL and cfg.train.folds is not None:
+        return (f"`pawpular train --set train.folds=null` (train.folds={cfg.train.folds} trains only those; or list "
+                "the missing folds)")
+    return f"`pawpular {name}` (or `pawpular all`, which recomputes exactly what is stale)"
+
+
 def require_upstream(ctx: Context, name: str) -> None:
     for u, v in chain(ctx, upstream(ctx.cfg, name)).items():
         if not v.done:
-            raise ArtifactError(f"{name} needs {u}, which is {v.state} ({v.why()}): run `pawpular {u}` "
-                                f"(or `pawpular all`, which recomputes exactly what is stale)")
+            raise ArtifactError(f"{name} needs {u}, which is {v.state} ({v.why()}): run {fix_command(ctx.cfg, u, v)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space)."""
+def check_writable(folder: Path, data: Path | None = None) -> None:
+    """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space), or
+    must not be (the competition folder, a non-empty folder that holds no experiment: ``guards``)."""
     import errno
 
+    from .errors import WriteError
+    from .files import temp_path
+    from .guards import check_experiment_folder
+
     if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(folder))
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write-probe.{os.getpid()}.tmp"
+        raise WriteError(errno.ENOTDIR, "not a directory", str(folder))
+    check_experiment_folder(folder, data)
+    probe = temp_path(folder / "write-probe", str(os.getpid()))
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as f:
             f.write(b"0" * 4096)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise OSError(e.errno, e.strerror, str(folder)) from None
+        raise WriteError(e.errno, e.strerror, str(folder)) from None
     finally:
-        probe.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
 
 
 def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Result:
@@ -171,7 +186,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     with process_group(device) as dist:
         ctx = Context(cfg, device, dist, hooks or {})
         if dist.main:
-            check_writable(cfg.out)
+            check_writable(cfg.out, cfg.data)
         with experiment_lock(cfg.out, name) if dist.main else contextlib.nullcontext():
             if dist.main:
                 log.info("== %s ==", name)
@@ -237,10 +252,13 @@ def _overlay(base: dict, top: dict) -> dict:
 def assembled_config(cfg: Config) -> dict:
     """The config as the artifacts were made: every finished stage's recorded settings over ``cfg``."""
     data = cfg.to_dict()
+    data["train"]["folds"] = None  # which folds this command ran is no setting of the artifacts (fold manifests are)
     for name in (*stages.PIPELINE, *stages.ON_DEMAND):
         record = manifest.read(artifacts.manifest(cfg.out, name))
         if record is not None:
             data = _overlay(data, {k: v for k, v in record.config.items() if k != DERIVED})
+            recorded = getattr(stages.get(name), "recorded_settings", None)  # e.g. the trials svr's study holds
+            data = _overlay(data, recorded(record) if recorded else {})
     return data
 
 

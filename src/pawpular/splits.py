@@ -13,7 +13,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from . import artifacts
 from .config import FoldsConfig
-from .data import ID, TARGET, DataError, Problem
+from .errors import MissingArtifact
+from .data import ID, TARGET, DataError, Problem, read_csv_or_raise, read_id_csv
 
 HOLDOUT = -1
 
@@ -55,8 +56,19 @@ def read_folds(out, train: pd.DataFrame, folds_cfg: FoldsConfig) -> pd.DataFrame
     """folds.csv (Id, fold) in train.csv's row order, checked; raises DataError listing every problem."""
     path = artifacts.folds_csv(out)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `pawpular folds` first")
-    return check_folds(pd.read_csv(path, dtype={ID: str}), train, folds_cfg)
+        raise MissingArtifact(f"{path} not found: run `pawpular folds` first")
+    return check_folds(read_csv_or_raise(path), train, folds_cfg)
+
+
+def written_fold_ids(out) -> list[int]:
+    """The validation folds folds.csv holds as the folds stage wrote it, not checked against today's config (a
+    changed folds.n_folds makes the folds stage stale, which its verdict says); [] when there is none or it
+    cannot be read."""
+    try:
+        values = pd.to_numeric(read_id_csv(artifacts.folds_csv(out))["fold"], errors="coerce").dropna()
+    except (OSError, ValueError, KeyError):
+        return []
+    return sorted(int(k) for k in values.unique() if k != HOLDOUT and float(k).is_integer())
 
 
 def check_folds(folds: pd.DataFrame, train: pd.DataFrame, folds_cfg: FoldsConfig, name: str = "folds.csv") -> pd.DataFrame:

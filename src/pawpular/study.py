@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 # Re-exported: the stage and the tests take the storage functions from here, with the study's.
-from .study_storage import SETTING, StudyStorageError, make_storage, mask_url, sqlite_path, storage_url  # noqa: F401
+from .study_storage import (SETTING, StudyStorageError, make_storage, mask_url, sqlite_damage,  # noqa: F401
+                            sqlite_path, storage_url)
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+from .errors import PawpularError
+
 SETTING = "svr.storage"  # the config key users set; named in every storage error
 ENV_PREFIX = "env:"  # svr.storage: env:NAME = the URL is the value of environment variable NAME
 
 
-class StudyStorageError(ValueError):
+class StudyStorageError(PawpularError, ValueError):
     """The study storage cannot be used: bad URL, missing driver, server down, refused or wrong credentials."""
 
 
@@ -150,6 +152,28 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
     if password:
         message = message.replace(password, "***")
     return StudyStorageError(message)
+
+
+def sqlite_damage(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is not a usable database (not SQLite, corrupt), or None (fine, empty or
+    absent). Read-only: the file is opened with ``mode=ro`` and checked with ``PRAGMA quick_check``."""
+    import sqlite3
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            return "not an SQLite database"
+    try:
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        return f"corrupt ({e})"
+    return None if verdict == "ok" else f"corrupt ({verdict})"
 
 
 def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interval: int = 10,

@@ -9,11 +9,12 @@ from pathlib import Path
 import pandas as pd
 
 from .data import ID, TARGET
+from .errors import PawpularError
 from .files import write_csv
 
 
-class SubmissionError(ValueError):
-    pass
+class SubmissionError(PawpularError, ValueError):
+    """A submission the grader would reject (columns, Ids, values); never written."""
 
 
 def _ids(s: pd.Series) -> str:
@@ -64,12 +65,18 @@ def write_submission(test_pred: pd.DataFrame, sample: pd.DataFrame, path: Path) 
 
 def check_output_path(path: Path) -> None:
     """Fail before long work when ``path`` cannot become a file: a folder, or a parent that is not writable."""
+    import errno
     import os
+
+    from .errors import UsageError, WriteError
 
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory: give a file name, e.g. {path / 'submission.csv'}")
+        raise UsageError(f"{path} is a directory: give a file name, e.g. {path / 'submission.csv'}")
     parent = path.parent if str(path.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror, str(path)) from None
     if not os.access(parent, os.W_OK):
-        raise PermissionError(f"cannot write {path}: {parent} is not writable")
+        raise WriteError(errno.EACCES, f"{parent} is not writable", str(path))

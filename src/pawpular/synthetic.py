@@ -17,6 +17,8 @@ another one, as in the real data. The same seed gives byte-identical CSVs and im
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +28,11 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .data import ID, META_COLS, TARGET
-from .files import write_csv
+from .errors import UsageError
+from .files import swap_dirs, temp_path, write_csv, write_text
 
 DEFAULT_N_TRAIN = 1000
+MARKER = ".pawpular-synthetic.json"  # written last into the folder: the files make-synthetic wrote there
 DEFAULT_N_TEST = 100
 
 # Percentiles 0..100 of the real train.csv Pawpularity (9,912 rows): its quantile function.
@@ -220,11 +224,55 @@ def _calibrate(latent: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.interp(q, np.arange(101), REAL_QUANTILES)), 1, 100).astype(int)
 
 
+def _listed(folder: Path) -> set[str] | None:
+    """The files the marker in ``folder`` says make-synthetic wrote, or None without a readable marker."""
+    try:
+        files = json.loads((folder / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return set(files) if isinstance(files, list) else None
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MARKER}
+
+
+def check_target(out: Path) -> None:
+    """make-synthetic replaces only its own output: ``out`` is new, empty, or a folder its marker lists whole."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"make-synthetic --out {out}: exists and is not a folder; choose another --out")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    listed = _listed(out)
+    if listed is None:
+        raise UsageError(f"make-synthetic --out {out}: not empty and not written by make-synthetic (no {MARKER}): "
+                         "it replaces only its own output; choose a new or empty folder")
+    if extra := sorted(_files(out) - listed):
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise UsageError(f"make-synthetic --out {out}: holds files make-synthetic did not write ({', '.join(extra[:3])}"
+                         f"{more}): replacing it would remove them; move them out or choose another --out")
+
+
+def _staging(out: Path) -> Path:
+    """A fresh staging folder beside ``out`` holding the marker; a killed run's leftover (marked) is removed."""
+    tmp = temp_path(out, "partial")
+    if tmp.exists():
+        if _listed(tmp) is None:
+            raise UsageError(f"{tmp} exists and was not made by make-synthetic: remove it or choose another --out")
+        shutil.rmtree(tmp)
+    (tmp / "train").mkdir(parents=True)
+    (tmp / "test").mkdir()
+    write_text(tmp / MARKER, json.dumps({"written_by": "pawpular make-synthetic", "files": []}))
+    return tmp
+
+
 def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST, seed: int = 0) -> Path:
-    """Write the synthetic competition to ``out_dir`` (replacing a previous one) and return it."""
+    """Write the synthetic competition to ``out_dir`` and return it. It replaces only a folder it wrote itself
+    (``MARKER`` lists the files); a non-empty folder it did not make is refused (UsageError)."""
     if n_train < 20 or n_test < 1:
-        raise ValueError(f"make-synthetic needs n_train >= 20 and n_test >= 1, got {n_train} and {n_test}")
-    out = Path(out_dir)
+        raise UsageError(f"make-synthetic needs n_train >= 20 and n_test >= 1, got {n_train} and {n_test}")
+    out = Path(os.path.abspath(out_dir))  # `--out ..` names the parent: checked like any folder
+    check_target(out)
     rng = np.random.default_rng(seed)
     n = n_train + n_test
     ids = [rng.bytes(16).hex() for _ in range(n)]
@@ -239,11 +287,7 @@ def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: 
     latent = latent + rng.normal(0, NOISE_SD, n)
     target = _calibrate(latent[:n_train])
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "train").mkdir(parents=True)
-    (tmp / "test").mkdir()
+    tmp = _staging(out)
     cache: dict[int, bytes] = {}
     for i, (id_, p) in enumerate(zip(ids, pets)):
         split = "train" if i < n_train else "test"
@@ -266,10 +310,10 @@ def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: 
     write_csv(train, tmp / "train.csv")
     write_csv(test, tmp / "test.csv")
     write_csv(sample, tmp / "sample_submission.csv")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # the folder appears whole or not at all
-    return out
+    meta = {"written_by": "pawpular make-synthetic", "n_train": n_train, "n_test": n_test, "seed": seed}
+    write_text(tmp / MARKER, json.dumps({**meta, "files": sorted(_files(tmp))}, indent=1))
+    swap_dirs(tmp, out)  # the folder appears whole or not at all; the old one (ours, checked) is removed
+    return Path(out_dir)
 
 
 def baseline_scores(data_dir: str | Path, n_folds: int = 5, seed: int = 0) -> dict[str, float]:

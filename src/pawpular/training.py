@@ -21,9 +21,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from .config import TrainConfig
 from .distributed import Dist
+from .errors import PawpularError
 from .finetune import POSITION_TERMS
 from .inference import DTYPES
 from .progress import Progress
+
+
+class LossNotFinite(PawpularError, FloatingPointError):
+    """Training diverged: the loss became NaN or infinite (``step``: the batch of the epoch, 1-based; 0 unknown)."""
+
+    def __init__(self, message: str, step: int = 0, value: float = float("nan")):
+        super().__init__(message)
+        self.step, self.value = step, value
+
+
+DIVERGED_HINT = ("lower train.lr (and train.head_lr), raise train.warmup_epochs, keep train.grad_clip > 0, or on a "
+                 "GPU try train.amp: false")
 
 
 def _base_dataset(ds: Any) -> Any:
@@ -134,6 +147,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
             with autocast(device.type, precision):
                 logits = model(image, meta)
             loss = criterion(logits.float(), target)
+            if ddp is None and not torch.isfinite(loss):  # under DDP the epoch's mean says it, on every rank at once
+                raise LossNotFinite(f"the loss became {loss.item()} at step {i + 1}", i + 1, loss.item())
             scaler.scale(loss / tc.accum_steps).backward()
         if step_now:
             if tc.grad_clip > 0:

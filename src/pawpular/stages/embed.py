@@ -27,14 +27,15 @@ from pathlib import Path
 
 from .. import artifacts, backend, manifest
 from ..compress import compress_model
-from ..config import ModelConfig, backbone_configs, backbone_model_config
+from ..config import ConfigError, ModelConfig, backbone_configs, backbone_model_config
 from ..dataset import eval_dataset
 from ..distributed import torch_device
 from ..features import embedding_table
-from ..files import ArtifactError, file_digest, link_or_copy
+from ..files import ArtifactError, MissingArtifact, file_digest, link_or_copy
 from ..inference import Policy, run_backbone
-from ..models import build_frozen, build_model, data_config, frozen_description, load_checkpoint, read_checkpoint
-from ..splits import fold_ids, read_folds
+from ..models import (build_frozen, build_model, check_buildable, data_config, frozen_description, load_checkpoint,
+                      read_checkpoint)
+from ..splits import written_fold_ids
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
@@ -47,6 +48,18 @@ DISTRIBUTED = True  # under torchrun every rank takes part (rank 0 writes)
 def fold_sets(cfg) -> bool:
     """Whether the folds' own embeddings (emb/fold{k}, the SVR's set "model") are wanted: svr.features lists it."""
     return artifacts.MODEL_SET in cfg.svr.features
+
+
+def check(ctx) -> None:
+    """Before anything changes: frozen backbones' settings timm rejects, or weight files that are none."""
+    cfg = ctx.cfg
+    if cfg.embed.source == "pretrained":
+        check_buildable(cfg.model)
+    for i, b in enumerate(backbone_configs(cfg)):
+        try:
+            check_buildable(backbone_model_config(b))
+        except ConfigError as e:
+            raise ConfigError(f"embed.backbones[{i}] ({b.name}): {e}", ("embed.backbones",)) from None
 
 
 @dataclass
@@ -77,8 +90,8 @@ def units(ctx) -> list[Unit]:
     cfg, out = ctx.cfg, ctx.out
     found = [Unit(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
              for b in backbone_configs(cfg)]
-    have_folds = fold_sets(cfg) and artifacts.folds_csv(out).is_file()
-    folds = fold_ids(read_folds(out, ctx.comp.train, cfg.folds)) if have_folds else []
+    # as written: a stale folds.csv is the folds stage's verdict, not a data error
+    folds = written_fold_ids(out) if fold_sets(cfg) else []
     for k in folds:
         if cfg.embed.source == "finetuned":
             found.append(Unit(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k)))
@@ -135,8 +148,8 @@ def run(ctx) -> Result:
             status[unit.name] = "linked"
         else:
             if unit.checkpoint is not None and not unit.checkpoint.is_file():
-                raise FileNotFoundError(f"{unit.checkpoint} not found: run `pawpular train` first "
-                                        "(or set embed.source: pretrained)")
+                raise MissingArtifact(f"{unit.checkpoint} not found: run `pawpular train` first "
+                                      "(or set embed.source: pretrained)")
             _compute(ctx, unit, p, policy)
             status[unit.name] = "computed"
         if unit.model_cfg is cfg.model:

@@ -26,7 +26,8 @@ import pandas as pd
 from .. import artifacts, manifest, tracking
 from ..blend import cross_validated, fit_weights
 from ..data import ID, TARGET
-from ..files import ArtifactError, write_json, write_parquet
+from ..config import ConfigError
+from ..files import ArtifactError, MissingArtifact, write_json, write_parquet
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from ..submission import build_submission
@@ -84,7 +85,7 @@ def gather(cfg) -> tuple[list[str], dict[str, pd.DataFrame]]:
         missing = [h for h in (_used(cfg, prefix) or artifacts.HEADS) if h not in found]
         if prefix:
             if not found:
-                raise FileNotFoundError(f"{folder} (in ensemble.experiments) has no train/ or svr/ predictions")
+                raise MissingArtifact(f"{folder} (in ensemble.experiments) has no train/ or svr/ predictions")
             _check_foreign(prefix, folder)
         for h in missing:
             log.warning("no %s predictions in %s: blending without that head", h, folder)
@@ -97,7 +98,7 @@ def gather(cfg) -> tuple[list[str], dict[str, pd.DataFrame]]:
                     cols = [ID, "pred"] + (["fold"] if split == "oof" else [])
                     parts[split].append(pd.read_parquet(path)[cols].rename(columns={"pred": name, "fold": f"fold:{name}"}))
     if not names:
-        raise FileNotFoundError(f"no predictions to blend in {cfg.out}: run `pawpular train` and/or `pawpular svr` first")
+        raise MissingArtifact(f"no predictions to blend in {cfg.out}: run `pawpular train` and/or `pawpular svr` first")
     return names, {s: _join(tables, names, s) for s, tables in parts.items() if tables}
 
 
@@ -107,12 +108,13 @@ def _join(tables: list[pd.DataFrame], names: list[str], split: str) -> pd.DataFr
         table = table.merge(t, on=ID, how="outer")
     if len(tables) != len(names) or table[names].isna().any().any():
         bad = [n for n in names if n not in table or table[n].isna().any()]
-        raise ValueError(f"{split} predictions do not cover the same Ids: {', '.join(bad)} miss some "
+        raise ConfigError(f"{split} predictions do not cover the same Ids: {', '.join(bad)} miss some "
                          "(rerun them on the same data and folds)")
     if split == "oof":
         fold_cols = [f"fold:{n}" for n in names]
         if (table[fold_cols].nunique(axis=1) > 1).any():
-            raise ValueError("the blended models used different folds: OOF weights would leak; use one folds.csv for all")
+            raise ConfigError("ensemble.experiments: the blended models used different folds: OOF weights would leak; "
+                              "use one folds.csv for all")
         table = table.rename(columns={fold_cols[0]: "fold"}).drop(columns=fold_cols[1:])
     return table
 
@@ -125,7 +127,7 @@ def run(ctx) -> Result:
     oof = tables["oof"]
     expected = int((folds["fold"] != HOLDOUT).sum())
     if len(oof) != expected or not oof[ID].isin(target.index).all():
-        raise ValueError(f"OOF predictions cover {len(oof)} train Ids; folds.csv assigns {expected} to folds")
+        raise ArtifactError(f"OOF predictions cover {len(oof)} train Ids; folds.csv assigns {expected} to folds")
     y, P = target.loc[oof[ID]].to_numpy(), oof[names].to_numpy(float)
     method, min_imp = cfg.ensemble.method, cfg.ensemble.min_improvement
     blend = fit_weights(P, y, names, method, min_imp)

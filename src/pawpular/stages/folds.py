@@ -20,7 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from .. import artifacts
-from ..data import ID, TARGET
+from ..config import ConfigError
+from ..data import ID, TARGET, read_csv_or_raise
 from ..duplicates import duplicate_groups, group_table, image_hashes
 from ..files import digest_or_none, remove, remove_tree, write_csv
 from ..splits import check_folds, make_folds
@@ -45,8 +46,8 @@ def _from_file(ctx) -> Result:
     cfg = ctx.cfg
     path = Path(cfg.folds.file)
     if not path.is_file():
-        raise FileNotFoundError(f"folds.file: {path} not found")
-    folds = check_folds(pd.read_csv(path, dtype={ID: str}), ctx.comp.train, cfg.folds, path.name)
+        raise ConfigError(f"folds.file: {path} not found", ("folds.file",))
+    folds = check_folds(read_csv_or_raise(path, path.name), ctx.comp.train, cfg.folds, path.name)
     write_csv(folds, artifacts.folds_csv(cfg.out))
     remove(artifacts.duplicates_csv(cfg.out))
     _remove_extra_fold_dirs(cfg.out, cfg.folds.n_folds)

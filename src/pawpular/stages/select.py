@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from .. import artifacts, backend, manifest, svm
-from ..config import Config, backbone_configs
+from ..config import Config, ConfigError, backbone_configs
 from ..data import ID, META_COLS, TARGET, Competition
 from ..features import assemble_matrix
-from ..files import write_json
+from ..files import MissingArtifact, write_json
 from ..splits import read_folds
 from ..progress import Progress
 from . import Plan, Result
@@ -58,7 +58,7 @@ C_GRID_POINTS = 7
 def c_grid(c_min: float, c_max: float, points: int = C_GRID_POINTS) -> list[float]:
     """``points`` log-spaced C values from c_min to c_max (both included)."""
     if not 0 < c_min <= c_max:
-        raise ValueError(f"svr.c_min and svr.c_max must satisfy 0 < c_min <= c_max, got {c_min}, {c_max}")
+        raise ConfigError(f"svr.c_min and svr.c_max must satisfy 0 < c_min <= c_max, got {c_min}, {c_max}")
     return [float(c) for c in np.geomspace(c_min, c_max, max(points, 1) if c_max > c_min else 1)]
 
 
@@ -231,7 +231,7 @@ def run(ctx) -> Result:
     for name, why in skipped.items():
         log.warning("select: skipping %r: %s (run `pawpular embed` first)", name, why)
     if not candidates:
-        raise FileNotFoundError(f"no finished embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
+        raise MissingArtifact(f"no finished embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
     data = load_train_sets(cfg, comp, folds_df, candidates, device)
     # Kernel memory depends on the fold sizes only, not on the sets: decide once.
     mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)

@@ -34,7 +34,7 @@ import pandas as pd
 from .. import artifacts, backend, study as studies, svm, tracking
 from ..data import ID, META_COLS, TARGET
 from ..features import assemble_matrix
-from ..files import write_bytes, write_json
+from ..files import ArtifactError, MissingArtifact, remove, write_bytes, write_json
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
@@ -48,8 +48,9 @@ NOT_RESULTS = ("n_trials", "storage", "kernel_cache", "max_kernel_gb", "workers"
 
 
 def check(ctx) -> None:
-    """Before anything changes: a bad svr.storage fails here, the finished stage's files untouched."""
-    open_storage(ctx.cfg)
+    """Before anything changes: a bad svr.storage fails here, the finished stage's files untouched; a damaged
+    study.db of the experiment's own is replaced with --overwrite."""
+    open_storage(ctx.cfg, replace_damaged=ctx.cfg.overwrite)
 
 
 def input_files(ctx) -> list:
@@ -71,13 +72,20 @@ def plan(ctx) -> Plan:
     return Plan({"svr": svr}, {**ctx.file_inputs(input_files(ctx)), **ctx.data_inputs("train.csv", "test.csv")}, extra)
 
 
+def recorded_settings(record) -> dict:
+    """For config.yaml: svr.n_trials is the trials the study held when the stage ran (a later, lower request
+    reuses that study and changes nothing)."""
+    n = record.info.get("n_trials")
+    return {"svr": {"n_trials": n}} if isinstance(n, int) and n > 0 else {}
+
+
 def _load_sets(cfg, fold: int, split: str, frozen: dict, device: str) -> dict:
     """The embedding tables for one fold and split; frozen backbones are read once and kept in ``frozen``."""
     sets = {}
     for name in cfg.svr.features:
         path = artifacts.set_file(cfg.out, name, split, fold)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: run `pawpular embed` first (svr.features lists {name!r})")
+            raise MissingArtifact(f"{path} not found: run `pawpular embed` first (svr.features lists {name!r})")
         if name != artifacts.MODEL_SET and (name, split) in frozen:
             sets[name] = frozen[(name, split)]
             continue
@@ -149,11 +157,22 @@ def study_name(cfg, values: str) -> str:
     return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
 
 
-def open_storage(cfg):
+def open_storage(cfg, replace_damaged: bool = False):
     """The study's storage: the experiment's own SQLite file (one writer: the experiment lock), where a killed
-    trial is stale after 2 s; or svr.storage, shared by workers on other machines (stale after a minute)."""
+    trial is stale after 2 s; or svr.storage, shared by workers on other machines (stale after a minute).
+
+    A damaged own study.db (not SQLite, corrupt) is an ArtifactError naming it, or with ``replace_damaged`` is
+    removed (it is the experiment's file, holding only its studies) so a new study starts."""
     if cfg.svr.storage is None:
-        return studies.make_storage(None, artifacts.study_db(cfg.out), heartbeat_interval=1, grace_period=2)
+        db = artifacts.study_db(cfg.out)
+        if why := studies.sqlite_damage(db):
+            if not replace_damaged:
+                raise ArtifactError(f"{db} is damaged ({why}): rerun with --overwrite to start a new study, or "
+                                    "`pawpular delete-study` to remove it")
+            log.warning("svr: %s is damaged (%s): removing it; a new study starts", db, why)
+            for extra in (db, db.with_name(db.name + "-journal"), db.with_name(db.name + "-wal")):
+                remove(extra)
+        return studies.make_storage(None, db, heartbeat_interval=1, grace_period=2)
     return studies.make_storage(cfg.svr.storage, artifacts.study_db(cfg.out))
 
 

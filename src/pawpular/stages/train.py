@@ -37,10 +37,11 @@ from ..files import digest_or_none, remove, save_torch, write_csv, write_parquet
 from ..finetune import export_state_dict, setup_finetune
 from ..inference import Policy, run_backbone
 from ..metrics import rmse
-from ..models import build_model, data_config, load_checkpoint
+from ..models import build_model, check_buildable, data_config, load_checkpoint
 from ..splits import HOLDOUT, fold_ids, read_folds
 from ..tracking import StepMeter
-from ..training import FoldState, Trainer, grad_scaler, make_optimizer, make_scheduler, seed_epoch, train_loader, train_one_epoch
+from ..training import (DIVERGED_HINT, FoldState, LossNotFinite, Trainer, grad_scaler, make_optimizer, make_scheduler,
+                        seed_epoch, train_loader, train_one_epoch)
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
@@ -49,6 +50,11 @@ HELP = __doc__
 IMAGES = True
 DISTRIBUTED = True  # under torchrun every rank takes part (rank 0 writes)
 FOLD_FILES = ("best.pt", "metrics.csv", "oof.parquet", "test.parquet")
+
+
+def check(ctx) -> None:
+    """Before anything changes: model.kwargs timm rejects, or a model.pretrained that is no weight file."""
+    check_buildable(ctx.cfg.model)
 
 
 def settings(cfg) -> dict:
@@ -189,12 +195,17 @@ class FoldRun:
         last = artifacts.last_checkpoint(self.cfg.out, self.fold)
         if last.is_file() and not self.cfg.overwrite:
             restored = self.trainer.restore(last, self.key)
-            if restored is not None:
+            if restored is not None and restored[0].epoch > 0 and restored[0].best_epoch == 0:
+                log.warning("fold %d: %s holds no epoch with a finite score; starting the fold afresh", self.fold, last)
+                self.build()  # its weights were loaded: build the fold's start again
+            elif restored is not None:
                 state = restored[0]
                 log.info("fold %d: resuming after epoch %d of %d (best val RMSE %.4f at epoch %d)", self.fold,
                          state.epoch, self.cfg.train.epochs, state.best_rmse, state.best_epoch)
                 return restored
-            log.warning("fold %d: %s was written for other settings or data; starting the fold afresh", self.fold, last)
+            else:
+                log.warning("fold %d: %s was written for other settings or data; starting the fold afresh", self.fold,
+                            last)
         if self.ctx.dist.main:  # a fresh start: stale files must not look like this run's
             for f in (*FOLD_FILES, "holdout.parquet", "last.pt"):
                 remove(self.dir / f)
@@ -213,12 +224,17 @@ class FoldRun:
             epoch, t0 = state.epoch, time.time()
             seed_epoch(self.seed + epoch, self.loader, dist.rank)
             meter = StepMeter(self.ctx.tracker, self.fold, epoch, len(self.loader), dist.world)
-            loss = train_one_epoch(forward, self.loader, self.trainer.optimizer, self.trainer.scheduler,
-                                   self.trainer.scaler, self.dev, tc, precision=self.policy.precision, ddp=ddp,
-                                   frozen_backbone=model.backbone if cfg.model.finetune == "head" else None,
-                                   desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main,
-                                   on_step=meter if self.ctx.tracker.enabled else None)
+            try:
+                loss = train_one_epoch(forward, self.loader, self.trainer.optimizer, self.trainer.scheduler,
+                                       self.trainer.scaler, self.dev, tc, precision=self.policy.precision, ddp=ddp,
+                                       frozen_backbone=model.backbone if cfg.model.finetune == "head" else None,
+                                       desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main,
+                                       on_step=meter if self.ctx.tracker.enabled else None)
+            except LossNotFinite as e:
+                self.diverged(epoch, e.value, e.step)
             loss = dist.mean(loss, self.dev)
+            if not math.isfinite(loss):
+                self.diverged(epoch, loss)
             pred = self.predict(model, self.val_ds)
             best_pred = self.end_epoch(state, epoch, loss, pred, best_pred, time.time() - t0)
         if state.stopped:
@@ -229,11 +245,21 @@ class FoldRun:
                                   f"fold{self.fold}/best_val_rmse": state.best_rmse})
         return state, best_pred
 
+    def diverged(self, epoch: int, value: float, step: int = 0) -> None:
+        """The loss became NaN / inf: say where and what to change (best.pt holds the last finite epoch's best)."""
+        where = f"epoch {epoch + 1} step {step}" if step else f"epoch {epoch + 1}"
+        what = "NaN" if math.isnan(value) else "infinite"
+        raise LossNotFinite(f"fold {self.fold}: the loss became {what} at {where} (train.lr={self.cfg.train.lr:g}); "
+                            f"{DIVERGED_HINT}", step, value)
+
     def end_epoch(self, state: FoldState, epoch: int, loss: float, pred: np.ndarray, best_pred: np.ndarray,
                   seconds: float) -> np.ndarray:
         """Score the epoch, keep the best, write best.pt / metrics.csv / last.pt (rank 0), call the test hook."""
         tc, model = self.cfg.train, self.trainer.model
         val_rmse = rmse(pred, self.val_df[TARGET].to_numpy())
+        if not math.isfinite(val_rmse):  # the weights diverged though the loss still looked finite
+            raise LossNotFinite(f"fold {self.fold}: the validation predictions became NaN at epoch {epoch + 1} "
+                                f"(train.lr={tc.lr:g}); {DIVERGED_HINT}")
         state.epoch = epoch + 1
         improved = val_rmse < state.best_rmse
         if improved:

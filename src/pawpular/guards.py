@@ -1,0 +1,127 @@
+"""What a command may write onto: never its inputs, never the experiment it reads, never a folder it did not make.
+
+A command deletes or replaces only what it provably wrote: an experiment folder holds a stage's manifest or the
+runner's records, an export its manifest (``exporter``), the synthetic competition its marker (``synthetic``);
+temporary files carry the project's own pattern (``files.TEMP_GLOB``). Everything else is refused with one line
+(``UsageError``, exit 2) before any work:
+
+    check_experiment_folder(cfg.out, cfg.data)     a stage's --output: new, empty or an experiment; not the data
+    check_export_target(out, to, overwrite)        export --to: not the experiment or above it; replaces an export
+    check_predict_out(out, artifacts, data)        predict --out: not a file of the data or the artifact folder
+
+Paths are compared resolved (symlinks, ``..``), and an existing ``--out`` also by inode (a hard link to an input).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import artifacts
+from .errors import UsageError
+from .files import is_temp_name
+
+# What the runner writes into an experiment folder before or with any stage output: a folder holding one of
+# these is an experiment (the lock file too: a killed run leaves it).
+EXPERIMENT_RECORDS = (".data_check.json", "config.yaml", "timings.json", ".lock")
+
+
+def _resolved(path: str | Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def within(path: str | Path, folder: str | Path) -> bool:
+    """``path`` is ``folder`` or inside it (both resolved)."""
+    p, f = _resolved(path), _resolved(folder)
+    return p == f or f in p.parents
+
+
+def is_experiment(folder: Path) -> bool:
+    """``folder`` holds what the runner or a stage wrote (a record or a stage manifest)."""
+    if any((folder / name).exists() for name in EXPERIMENT_RECORDS):
+        return True
+    return any(artifacts.manifest(folder, stage).is_file() for stage in artifacts.STAGE_DIRS)
+
+
+def _entries(folder: Path) -> list[str]:
+    """What is in ``folder`` besides the project's own temporary names."""
+    return sorted(p.name for p in folder.iterdir() if not is_temp_name(p.name))
+
+
+def check_experiment_folder(out: Path, data: Path) -> None:
+    """A stage writes only into a new or empty folder or an experiment, and never into the competition folder."""
+    out = Path(out)
+    if data and within(out, data):
+        raise UsageError(f"--output {out} is inside the competition folder {data} (data_dir): the pipeline never "
+                         "writes into its inputs; choose another --output")
+    if out.is_dir() and not is_experiment(out) and (found := _entries(out)):
+        raise UsageError(f"--output {out} is not empty and holds no pawpular experiment (found {_show(found)}): "
+                         "a stage writes only into a new or empty folder or an experiment; choose another --output")
+
+
+def _show(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def export_files(to: Path) -> dict | None:
+    """The files an export at ``to`` was written with (its manifest's record), or None when ``to`` is no export."""
+    try:
+        found = json.loads(artifacts.export_manifest(to).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or not isinstance(found.get("files"), dict) or "experiments" not in found:
+        return None
+    return found["files"]
+
+
+def _foreign_files(to: Path, listed: dict) -> list[str]:
+    """Files in export ``to`` that export did not write: not its manifest, notebook, source copy or listed files."""
+    own = {artifacts.relative(to, artifacts.export_manifest(to)), artifacts.relative(to, artifacts.inference_notebook(to))}
+    source = artifacts.relative(to, artifacts.export_source(to))
+    found = []
+    for p in sorted(to.rglob("*")):
+        rel = artifacts.relative(to, p)
+        if p.is_dir() or rel in own or rel in listed or rel == source or rel.startswith(source + "/"):
+            continue
+        found.append(rel)
+    return found
+
+
+def check_export_target(out: Path, to: Path, overwrite: bool) -> None:
+    """export --to: never the experiment or a folder above it; an existing non-empty folder only when it is an
+    earlier export (its manifest says so) holding nothing else, and only with --overwrite."""
+    if within(out, to):
+        raise UsageError(f"export --to {to}: that is the experiment {out} or a folder above it: the export would "
+                         "replace what it reads; choose another --to (even --overwrite never does this)")
+    if not to.exists():
+        return
+    if not to.is_dir():
+        raise UsageError(f"export --to {to}: exists and is not a folder; choose another --to")
+    if not _entries(to):
+        return
+    listed = export_files(to)
+    if listed is None:
+        raise UsageError(f"export --to {to}: not empty and not an export (no manifest.json of `pawpular export`): "
+                         "export replaces only an earlier export, even with --overwrite; choose another --to or "
+                         "empty it")
+    if not overwrite:
+        raise UsageError(f"{to} exists and is not empty: pass --overwrite to replace it")
+    if foreign := _foreign_files(to, listed):
+        raise UsageError(f"export --to {to}: holds files export did not write ({_show(foreign)}): --overwrite would "
+                         "remove them; move them out or choose another --to")
+
+
+def check_predict_out(out: Path, art: Path, data: Path) -> None:
+    """predict --out: never a file of the competition folder or of the artifact folder (test.csv, a model ...)."""
+    for folder, what in ((data, "the competition folder (--data)"), (art, "the artifact folder (--artifacts)")):
+        if within(out, folder):
+            raise UsageError(f"predict --out {out}: inside {what} {folder}: predict never writes onto its inputs; "
+                             "choose another --out, e.g. submission.csv")
+    if not out.is_file():
+        return
+    inputs = [Path(data) / n for n in ("test.csv", "sample_submission.csv", "train.csv")]
+    inputs.append(artifacts.export_manifest(Path(art)))
+    for p in inputs:
+        if p.is_file() and os.path.samefile(p, out):
+            raise UsageError(f"predict --out {out}: is {p} (the same file: a link): predict never writes onto its "
+                             "inputs; choose another --out")
