@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from .config import compress_spec
+from .config import ConfigError, compress_spec
 
 log = logging.getLogger("pawpular")
 
