@@ -66,21 +66,31 @@ setup() {
   local key want stamp="$VENV/.pawpular-installed"
   key=$("${plan[@]}" --key)  # cpu | gpu cu12 | gpu cu13: nvidia-smi and the overrides, no torch import (fast)
   # Reinstall only when the requirements, the package metadata, the installer or its choice changed: a no-op
-  # takes well under a second.
-  local extra="" e reqs=()
+  # takes well under a second. The stamp also lists the add-ons installed: asking for fewer installs nothing, and
+  # asking for one more installs only that one.
+  local extra="" e reqs=() base have_base="" have_extras="" missing=""
   if wants_distributed "$@"; then extra=distributed; fi
   if wants_tracking "$@"; then extra="${extra:+$extra }tracking"; fi
-  want=$({ cat requirements.txt requirements-gpu.txt requirements-distributed.txt requirements-tracking.txt \
-               constraints.txt pyproject.toml src/pawpular/install_plan.py; echo "$key $extra"; } | sha256sum | cut -d' ' -f1)
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VENV/bin/python" -c "import pawpular" 2>/dev/null; then
+  base=$({ cat requirements.txt requirements-gpu.txt requirements-distributed.txt requirements-tracking.txt \
+               constraints.txt pyproject.toml src/pawpular/install_plan.py; echo "$key"; } | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ]; then read -r have_base have_extras < "$stamp" || true; fi
+  if [ "$have_base" != "$base" ]; then have_extras=""; fi
+  for e in $extra; do
+    case " $have_extras " in *" $e "*) ;; *) missing="${missing:+$missing }$e" ;; esac
+  done
+  if [ "$have_base" != "$base" ] || ! "$VENV/bin/python" -c "import pawpular" 2>/dev/null; then
     echo "[setup] installing for: $key${extra:+ + $extra} (a first run downloads torch: a few minutes)"
     "${plan[@]}" --run --quiet
-    if [ -n "$extra" ]; then
-      for e in $extra; do reqs+=(-r "requirements-$e.txt"); done
-      "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${reqs[@]}" -c constraints.txt
-    fi
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e .
-    echo "$want" > "$stamp"
+  elif [ -n "$missing" ]; then
+    echo "[setup] installing the add-ons: $missing"
+  fi
+  if [ -n "$missing" ]; then
+    for e in $missing; do reqs+=(-r "requirements-$e.txt"); done
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "${reqs[@]}" -c constraints.txt
+  fi
+  if [ "$have_base" != "$base" ] || [ -n "$missing" ]; then
+    echo "$base $have_extras${missing:+ $missing}" > "$stamp"
   fi
 }
 

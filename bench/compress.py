@@ -47,9 +47,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pawpular import svm
+from pawpular import svr_head
 from pawpular.compress import _prunable, compress_model
-from pawpular.config import compress_spec as parse
+from pawpular.config_checks import compress_spec as parse
 from pawpular.config import ModelConfig
 from pawpular.data import TARGET, read_competition
 from pawpular.dataset import eval_dataset
@@ -121,8 +121,8 @@ def zero_fraction(model: torch.nn.Module) -> float | None:
 
 def svr_oof(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray) -> tuple[float, float]:
     """(OOF RMSE, C) of the SVR head on ``x``: same folds, same C grid for every setting."""
-    folds = [svm.make_fold(k, x, y, fold_of, "scale", "cpu") for k in sorted(np.unique(fold_of))]
-    svm.attach_kernels(folds)
+    folds = [svr_head.make_fold(k, x, y, fold_of, "scale", "cpu") for k in sorted(np.unique(fold_of))]
+    svr_head.attach_kernels(folds)
     return select.tune_c(folds, y, select.c_grid(0.1, 100.0), 0.1, "cpu")
 
 

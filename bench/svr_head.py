@@ -8,9 +8,9 @@ Data: embedding-shaped synthetic rows: a latent z (8 dims) encoded into ``--dims
 noise and tanh; the target is a nonlinear function of z plus noise, scaled to mean ~38 and std ~20 and clipped to
 [1, 100] (Pawpularity's range), so C matters and the RMSE has a real optimum.
 
-Fast loop: the stage's own code on these arrays: ``svm.make_fold`` (standardize per fold, gamma='scale'),
-``svm.attach_kernels`` (one BLAS product per fold) and a seeded Optuna TPE study whose objective is
-``svm.make_objective`` (``svm.fit_predict`` with SVR(kernel='precomputed')). Timed from the raw features to the last
+Fast loop: the stage's own code on these arrays: ``svr_head.make_fold`` (standardize per fold, gamma='scale'),
+``svr_head.attach_kernels`` (one BLAS product per fold) and a seeded Optuna TPE study whose objective is
+``stages.svr.make_objective`` (``svr_head.fit_predict`` with SVR(kernel='precomputed')). Timed from the raw features to the last
 trial.
 
 Naive loop: for each trial, for each fold, standardize the raw features (StandardScaler fit on the fold's training
@@ -39,8 +39,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pawpular import backend, svm
-from pawpular.heads import HI, LO
+from pawpular import backend, svr_head
+from pawpular.stages.svr import make_objective
+from pawpular.svr_head import HI, LO
 from pawpular.config import SvrConfig
 from pawpular.metrics import rmse
 
@@ -61,14 +62,14 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
     import optuna
 
     t0 = time.perf_counter()
-    folds = [svm.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
-    mode = svm.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
+    folds = [svr_head.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
+    mode = svr_head.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
     if mode == "precomputed":
-        svm.attach_kernels(folds)
+        svr_head.attach_kernels(folds)
     t_prep = time.perf_counter() - t0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=s.seed))
-    study.optimize(svm.make_objective(folds, y, s, device), n_trials=s.n_trials)
+    study.optimize(make_objective(folds, y, s, device), n_trials=s.n_trials)
     return {"seconds": time.perf_counter() - t0, "prep": t_prep, "mode": mode, "study": study}
 
 
@@ -108,7 +109,7 @@ def main() -> int:
     fold_of = np.random.default_rng(1).permutation(args.rows) % args.folds
     s = SvrConfig(n_trials=args.trials, c_min=args.c_min, c_max=args.c_max, seed=args.seed,
                   kernel_cache="precomputed", max_kernel_gb=args.max_kernel_gb)
-    threads = svm._n_jobs("cpu", args.folds)
+    threads = svr_head._n_jobs("cpu", args.folds)
     print(f"data: {args.rows} rows x {args.dims} dims, {args.folds} folds, {args.trials} trials; target mean "
           f"{y.mean():.1f} std {y.std():.1f}; {threads} threads for the folds of a trial; {os.cpu_count()} CPUs",
           flush=True)

@@ -24,7 +24,8 @@ from PIL import Image
 
 import pawpular
 from pawpular import artifacts, cli, data as data_module
-from pawpular.config import ConfigError, load_config
+from pawpular.config import load_config
+from pawpular.errors import ConfigError
 from pawpular.errors import MissingArtifact, ReadError, UsageError, WriteError
 from pawpular.files import TEMP_GLOB, atomic_path, read_json, temp_path
 from pawpular.lock import experiment_lock

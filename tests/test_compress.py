@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from pawpular.compress import _prunable, compress_model
-from pawpular.config import compress_spec as parse
+from pawpular.config_checks import compress_spec as parse
 from pawpular.config import ModelConfig
 from pawpular.data import read_competition
 from pawpular.dataset import PetDataset, build_transform

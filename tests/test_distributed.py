@@ -26,7 +26,7 @@ import pytest
 
 import pawpular
 from pawpular import artifacts
-from pawpular import study as st
+from pawpular import svr_study as st
 from pawpular.data import ID
 
 from conftest import tiny_args
@@ -138,7 +138,7 @@ def test_machines_started_together_on_a_fresh_database(postgres_db, tmp_path):
     script = tmp_path / "connect.py"
     script.write_text(
         "import sys\nfrom pathlib import Path\nimport optuna, sqlalchemy, psycopg2\n"
-        "from pawpular import study as st\n"
+        "from pawpular import svr_study as st\n"
         "print('ready', flush=True)\nsys.stdin.readline()\n"
         "try:\n    st.make_storage(sys.argv[1], Path('unused'))\n    print('ok')\n"
         "except st.StudyStorageError as e:\n    print(e)\n")
@@ -265,12 +265,12 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run
     A trial on the tiny run takes ~0.1 s and a spawned worker needs 5-20 s (imports, folds, kernels) on a busy
     2-core machine, so the stage's process alone could fill the budget before a worker starts: its trials are
     slowed here to 1 s (the workers, fresh interpreters, run the real speed)."""
-    from pawpular import cli as pcli, svm
-    from pawpular.heads import SvrHead
+    from pawpular import cli as pcli, svr_head
+    from pawpular.svr_head import SvrHead
 
     n = 40
-    real = svm.oof_rmse
-    monkeypatch.setattr(svm, "oof_rmse", lambda *a, **k: (time.sleep(1.0), real(*a, **k))[1])
+    real = svr_head.oof_rmse
+    monkeypatch.setattr(svr_head, "oof_rmse", lambda *a, **k: (time.sleep(1.0), real(*a, **k))[1])
     out = machine(experiment_run, tmp_path / "w")
     caplog.set_level("INFO", logger="pawpular")  # this process's log; the workers' goes to their stderr
     assert pcli.main(["svr", *tiny_args(small_competition, out), "--set", f"svr.n_trials={n}", "--workers", "3"]) == 0

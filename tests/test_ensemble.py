@@ -14,7 +14,7 @@ from pawpular.submission import SubmissionError, validate_submission, write_subm
 from conftest import adopt_folds, plant_finished
 
 
-@pytest.mark.parametrize("method", ["nnls", "hill"])
+@pytest.mark.parametrize("method", ["convex", "nnls", "hill"])
 def test_weights_convex_and_never_worse_than_best_single(method):
     for seed in range(20):
         rng = np.random.default_rng(seed)

@@ -114,6 +114,7 @@ def test_a_stage_asked_for_by_name_runs_and_a_config_that_needs_it_trains_and_re
     assert "== train cached" in caplog.text
 
 
+@pytest.mark.slow
 def test_export_and_predict_of_the_frozen_recipe_reproduce_its_submission(frozen_run, test_only, tmp_path):
     from pawpular.exporter import export
 

@@ -9,7 +9,7 @@ import pytest
 from sklearn.svm import SVR
 
 from pawpular.files import ArtifactError
-from pawpular.heads import HI, LO, RbfKernel, Standardizer, SvrHead, rbf_kernel
+from pawpular.svr_head import HI, LO, RbfKernel, Standardizer, SvrHead, rbf_kernel
 
 
 def _data(n: int = 300, d: int = 7, seed: int = 0):
@@ -60,7 +60,7 @@ def test_shipped_head_predicts_what_the_estimator_predicts(kernel, tmp_path):
 
 
 def test_decision_in_blocks_equals_one_block(monkeypatch):
-    from pawpular import heads
+    from pawpular import svr_head as heads
 
     x, y = _data(400)
     model = SVR(gamma=0.1, C=10.0).fit(x[:300], y[:300])

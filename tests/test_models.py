@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pawpular.config import ConfigError, ModelConfig
+from pawpular.config import ModelConfig
+from pawpular.errors import ConfigError
 from pawpular.finetune import add_ssf, count_parameters, export_state_dict, has_ssf, merge_ssf, setup_finetune
 from pawpular.models import PretrainedWeightsError, build_model, data_config, load_checkpoint
 

@@ -76,6 +76,7 @@ def test_stored_clean_and_parameterized(name, monkeypatch):
     assert nb.metadata.kernelspec.name == "python3"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_runs_on_a_finished_run(name, experiment_run, small_competition, venv_kernel, tmp_path, monkeypatch):
     nb, python = execute(name, small_competition, experiment_run, venv_kernel, tmp_path, monkeypatch)
@@ -97,6 +98,7 @@ def test_runs_on_a_finished_run(name, experiment_run, small_competition, venv_ke
         assert f"{small_competition}: 120 train and 16 test photos" in text
 
 
+@pytest.mark.slow
 def test_results_notebook_on_a_partial_run(partial_run, small_competition, venv_kernel, tmp_path, monkeypatch):
     nb, _ = execute("02_results", small_competition, partial_run, venv_kernel, tmp_path, monkeypatch)
     text = text_of(nb)

@@ -88,11 +88,13 @@ def _is_pickle(path: Path) -> bool:
     return head[:1] == b"\x80" or (zipfile.is_zipfile(path) and any(n.endswith(".pkl") for n in zipfile.ZipFile(path).namelist()))
 
 
+@pytest.mark.slow
 def test_predict_round_trip_reproduces_the_pipeline(experiment_run, test_only, tmp_path):
     art = export(experiment_run, tmp_path / "art")
     assert_predict_matches(art, test_only, experiment_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_predict_estimate_and_bad_input(experiment_run, test_only, tmp_path):
     art = export(experiment_run, tmp_path / "art")
     r = _predict_in_fresh_process(art, test_only, "--estimate", "6800")
@@ -113,6 +115,7 @@ def test_export_refuses_an_unfinished_experiment(partial_run, tmp_path):
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.slow
 def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competition, test_only, tmp_path):
     """int8 travels as the weights it was quantized from plus the setting; predict quantizes them again and runs
     the int8 model on the CPU, even when predict's device is a GPU."""
@@ -139,6 +142,7 @@ def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competit
     assert abs(svr - pipeline["pred"].to_numpy()).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_round_trip_with_frozen_random_backbones(experiment_run, small_competition, test_only, tmp_path):
     """Random-init frozen backbones must be rebuilt with the same weights at predict time (seeded init)."""
     from pawpular import cli
@@ -214,6 +218,7 @@ def test_experiments_sharing_a_folder_name_are_refused_at_ensemble(experiment_ru
     assert (run / "ensemble" / "weights.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_predict_refuses_weights_it_cannot_honour(experiment_run, test_only, tmp_path):
     """A weighted model missing from the folder, or weights not summing to 1: refused, no submission."""
     art = export(experiment_run, tmp_path / "art")

@@ -34,7 +34,7 @@ def runs_dir(experiment_run, holdout_run, partial_run, tmp_path_factory) -> Path
     assert cli.main(["svr", "--output", str(root / "stale"), "--set", "svr.c_max=50"]) == 0
     shutil.copytree(experiment_run, root / "damaged")
     weights = root / "damaged" / "ensemble" / "weights.json"
-    weights.write_text(weights.read_text().replace('"method": "nnls"', '"method": "hill"'))
+    weights.write_text(weights.read_text().replace('"method": "convex"', '"method": "hill"'))
     (root / "notes").mkdir()  # not an experiment: skipped when the parent folder is listed
     (root / "notes" / "todo.txt").write_text("try a bigger model")
     return root

@@ -40,6 +40,7 @@ def _svr(run: Path, comp: Path, storage: str, *extra: str) -> None:
     assert cli.main(["svr", *tiny_args(comp, run), "--set", f"svr.storage={storage}", *extra]) == 0
 
 
+@pytest.mark.slow
 def test_the_password_is_in_no_file_and_no_log(experiment_run, small_competition, owned_db, tmp_path, caplog, capsys,
                                                 monkeypatch):
     from pawpular import cli

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pawpular import cli, svm
+from pawpular import cli, svr_head
 from pawpular.api import run_config
 from pawpular.config import load_config
 from pawpular.data import ID, META_COLS, TARGET, read_competition
@@ -102,7 +102,7 @@ def test_reported_rmse_is_what_the_svr_stage_gets_with_those_sets(sel_exp):
     cfg = load_config(config, [f"svr.features={result['chosen']}"])
     data = read_competition(cfg.data)
     folds, _, _ = svr.load_folds(cfg, data, read_folds(cfg.out, data.train, cfg.folds), "cpu")  # plain RBF fits
-    pred = svm.fit_predict({"C": result["C"], "epsilon": cfg.svr.epsilon}, folds, "cpu")
+    pred = svr_head.fit_predict({"C": result["C"], "epsilon": cfg.svr.epsilon}, folds, "cpu")
     assert rmse(pred, data.train[TARGET].to_numpy(float)) == pytest.approx(result["oof_rmse"], abs=1e-3)
     assert not (out / "svr").exists()  # select never writes the svr stage's outputs
 
@@ -126,12 +126,12 @@ def test_tune_c_is_deterministic_and_beats_every_grid_point(sel_exp):
     data_comp = read_competition(cfg.data)
     data = select.load_train_sets(cfg, data_comp, read_folds(cfg.out, data_comp.train, cfg.folds), ["model"], "cpu")
     folds = data.folds(["model"], cfg.svr.gamma, "cpu")
-    svm.attach_kernels(folds)
+    svr_head.attach_kernels(folds)
     grid = select.c_grid(0.5, 200.0)
     assert len(grid) == select.C_GRID_POINTS and grid[0] == pytest.approx(0.5) and grid[-1] == pytest.approx(200.0)
     best, c = select.tune_c(folds, data.y, grid, 0.5)
     assert select.tune_c(folds, data.y, grid, 0.5) == (best, c)
-    on_grid = [rmse(svm.fit_predict({"C": g, "epsilon": 0.5}, folds), data.y) for g in grid]
+    on_grid = [rmse(svr_head.fit_predict({"C": g, "epsilon": 0.5}, folds), data.y) for g in grid]
     assert best <= min(on_grid) and grid[0] <= c <= grid[-1]
 
 

@@ -6,23 +6,24 @@ latent the embeddings encode, so a working SVR beats predicting the mean and mis
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pawpular import artifacts, backend, svm
+from pawpular import artifacts, backend, svr_head
+from pawpular.stages.svr import make_objective
 from pawpular.config import load_config
 from pawpular.data import ID, META_COLS, TARGET, read_competition
-from pawpular.features import assemble_features
 from pawpular.files import read_json
-from pawpular.heads import SvrHead, rbf_kernel
+from pawpular.svr_head import SvrHead, assemble_features, rbf_kernel
 from pawpular.metrics import rmse
 from pawpular.runner import Context, run_planned
 from pawpular.splits import read_folds
 from pawpular.stages import svr
-from pawpular.study import open_study, storage_url
+from pawpular.svr_study import open_study, storage_url
 
 N_TRAIN, N_TEST, DIM, N_FOLDS = 90, 12, 16, 3
 
@@ -108,11 +109,11 @@ def test_rbf_kernel_and_gamma_match_scikit_learn():
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((40, 7)) * 3, rng.standard_normal((9, 7)) * 3
     np.testing.assert_allclose(rbf_kernel(a, b, 0.05), sklearn_rbf(a, b, gamma=0.05), rtol=1e-10, atol=1e-12)
-    gamma = svm.resolve_gamma(a, "scale")
+    gamma = svr_head.resolve_gamma(a, "scale")
     assert gamma == pytest.approx(SVR(gamma="scale").fit(a, rng.standard_normal(40))._gamma, rel=1e-12)
-    assert svm.resolve_gamma(a, 0.3) == 0.3 and svm.resolve_gamma(a, "auto") == pytest.approx(1 / 7)
+    assert svr_head.resolve_gamma(a, 0.3) == 0.3 and svr_head.resolve_gamma(a, "auto") == pytest.approx(1 / 7)
     with pytest.raises(ValueError, match="svr.gamma"):
-        svm.resolve_gamma(a, "wide")
+        svr_head.resolve_gamma(a, "wide")
 
 
 def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
@@ -122,9 +123,9 @@ def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
     assert len(columns) == DIM and [len(f.val_rows) for f in folds] == [N_TRAIN // N_FOLDS] * N_FOLDS
     scores = []
     for params in ({"C": 30.0, "epsilon": 0.5}, {"C": 2.0, "epsilon": 3.0}):
-        plain = svm.fit_predict(params, folds)
-        svm.attach_kernels(folds)
-        cached = svm.fit_predict(params, folds)
+        plain = svr_head.fit_predict(params, folds)
+        svr_head.attach_kernels(folds)
+        cached = svr_head.fit_predict(params, folds)
         for f in folds:
             f.k_train = f.k_val = None
         assert rmse(plain, cached) < 1e-3
@@ -136,9 +137,9 @@ def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
     # The Optuna objective is only sampling + fit_predict: a fixed trial scores exactly what fit_predict gives.
     from optuna.trial import FixedTrial
 
-    objective = svm.make_objective(folds, y, cfg.svr, "cpu")
-    assert objective(FixedTrial({"C": 30.0})) == rmse(svm.fit_predict({"C": 30.0, "epsilon": 0.5}, folds), y)
-    assert objective(FixedTrial({"C": 30.0})) == svm.oof_rmse({"C": 30.0, "epsilon": 0.5}, folds, y)
+    objective = make_objective(folds, y, cfg.svr, "cpu")
+    assert objective(FixedTrial({"C": 30.0})) == rmse(svr_head.fit_predict({"C": 30.0, "epsilon": 0.5}, folds), y)
+    assert objective(FixedTrial({"C": 30.0})) == svr_head.oof_rmse({"C": 30.0, "epsilon": 0.5}, folds, y)
 
 
 def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp):
@@ -198,8 +199,8 @@ def test_second_run_skips_and_changed_embeddings_recompute(svr_exp, caplog, monk
         raise AssertionError("a cached stage must not refit")
 
     with monkeypatch.context() as m:
-        m.setattr(svm, "fit_predict", boom)
-        m.setattr(svm, "fit_head", boom)
+        m.setattr(svr_head, "fit_predict", boom)
+        m.setattr(svr_head, "fit_head", boom)
         with caplog.at_level(logging.INFO, logger="pawpular"):
             _run(cfg)
     assert "cached" in caplog.text and oof_path.stat().st_mtime_ns == stamp
@@ -247,29 +248,36 @@ def test_cuml_svr_on_gpu_matches_scikit_learn(svr_exp):
     cpu, _, _ = svr.load_folds(cfg, comp, folds_df, "cpu")
     assert type(backend.build_svr("cuda")).__module__.startswith("cuml")
     params = {"C": 20.0, "epsilon": 0.5}
-    plain_gpu, plain_cpu = svm.fit_predict(params, gpu, "cuda"), svm.fit_predict(params, cpu, "cpu")
+    plain_gpu, plain_cpu = svr_head.fit_predict(params, gpu, "cuda"), svr_head.fit_predict(params, cpu, "cpu")
     assert rmse(plain_gpu, plain_cpu) < 0.1  # two SMO solvers, both stopped at tol=1e-3
     if backend.svr_precomputed_ok("cuda"):
-        svm.attach_kernels(gpu)
-        assert rmse(svm.fit_predict(params, gpu, "cuda"), plain_gpu) < 1e-2
+        svr_head.attach_kernels(gpu)
+        assert rmse(svr_head.fit_predict(params, gpu, "cuda"), plain_gpu) < 1e-2
 
 
 def test_killed_study_resumes_to_the_uninterrupted_sequence(tmp_path):
-    """A trial killed mid-run stays RUNNING in sqlite; the rerun must sample what an uninterrupted study samples."""
+    """A worker killed mid-trial leaves it RUNNING with a heartbeat; the rerun fails it as stale, retries its C and
+    then samples exactly what an uninterrupted study samples (each trial's sampler is seeded by the progress)."""
     import optuna
+
+    from pawpular import svr_study as st
 
     def objective(trial):
         c = trial.suggest_float("C", 0.1, 100, log=True)
         return (np.log(c) - 1.7) ** 2
 
-    whole = open_study("s", f"sqlite:///{tmp_path / 'a.db'}", seed=3)
-    whole.optimize(objective, n_trials=14)
-    storage = f"sqlite:///{tmp_path / 'b.db'}"
-    part = open_study("s", storage, seed=3)
-    part.optimize(objective, n_trials=6)
-    part.ask()  # the trial that was running when the process was killed: never told
-    resumed = open_study("s", storage, seed=3)
-    resumed.optimize(objective, n_trials=8)
-    done = lambda st: [t.params["C"] for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]  # noqa: E731
-    assert done(resumed) == done(whole)
+    def study(db: str):
+        return st.open_study("s", st.make_storage(None, tmp_path / db, heartbeat_interval=1, grace_period=1), seed=3)
+
+    whole = study("a.db")
+    st.run_trials(whole, objective, 14, poll=0.2)
+    part = study("b.db")
+    st.run_trials(part, objective, 6, poll=0.2)
+    _, killed, _ = st._claim(part, part.storage.get_study_id_from_name("s"), 14)  # claimed, sampled, then killed
+    c = killed.suggest_float("C", 0.1, 100, log=True)
+    time.sleep(2.5)  # its heartbeat goes stale
+    resumed = study("b.db")
+    assert st.run_trials(resumed, objective, 14, poll=0.2) == 8
+    done = lambda s: [t.params["C"] for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]  # noqa: E731
+    assert done(resumed) == done(whole) and done(resumed)[6] == c  # the killed trial's C, retried
     assert len(set(done(whole))) == 14  # the seeding does not make trials repeat each other

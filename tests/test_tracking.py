@@ -81,6 +81,7 @@ def all_manifests(out: Path) -> dict[str, dict]:
     return {str(p.relative_to(out)): json.loads(p.read_text()) for p in sorted(out.rglob("manifest.json"))}
 
 
+@pytest.mark.slow
 def test_a_tracked_run_writes_the_same_artifacts_byte_for_byte(tracked_run, holdout_run):
     tracked, plain = all_manifests(tracked_run), all_manifests(holdout_run)
     assert set(tracked) == set(plain) and len(plain) >= 5 + 3 + 3  # stages, train folds, embedding folders
@@ -219,7 +220,7 @@ def test_only_rank_0_logs(monkeypatch, make_cfg, small_competition, tmp_path):
 
 
 def test_an_unknown_backend_is_a_config_error(make_cfg, small_competition):
-    from pawpular.config import ConfigError
+    from pawpular.errors import ConfigError
 
     with pytest.raises(ConfigError, match="tracking.*tensorboard, wandb"):
         make_cfg(small_competition, "tracking=[mlflow]")

@@ -14,7 +14,8 @@ import torch
 
 from pawpular import training
 from pawpular.api import run_config
-from pawpular.config import ConfigError, ModelConfig, TrainConfig, load_config
+from pawpular.config import ModelConfig, TrainConfig, load_config
+from pawpular.errors import ConfigError
 from pawpular.data import ID, TARGET, read_competition
 from pawpular.dataset import PetDataset, build_transform
 from pawpular.files import ArtifactError

@@ -18,7 +18,8 @@ import pytest
 
 import pawpular
 from pawpular import cli
-from pawpular.config import ConfigError, load_config
+from pawpular.config import load_config
+from pawpular.errors import ConfigError
 from pawpular.data import DataError
 from pawpular.files import ArtifactError
 
@@ -192,6 +193,7 @@ def test_interrupt_leaves_a_resumable_run(experiment_run, small_competition, tmp
 # The Kaggle notebook that export writes, run offline
 
 
+@pytest.mark.slow
 def test_generated_notebook_runs_offline_against_the_export(experiment_run, small_competition, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import artifacts
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import ConfigError
 from .errors import UsageError
 
 if TYPE_CHECKING:

@@ -135,7 +135,7 @@ def blend_members(out: Path, experiments: list) -> list[tuple[str, Path]]:
     The names must be unique, or two experiments' models would be one in weights.json and in an export: a folder
     listed twice, or two folders with one name, is an error that says so.
     """
-    from .config import ConfigError
+    from .errors import ConfigError
 
     members = [("", Path(out))] + [(Path(e).name + "/", Path(e)) for e in experiments]
     seen: dict[str, Path] = {}

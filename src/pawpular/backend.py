@@ -39,6 +39,17 @@ class DeviceError(PawpularError, RuntimeError):
 
 
 _LOGGED: set[str] = set()
+NO_DEVICE = "none"  # device: cuda where torch can use no GPU
+
+
+def choose_device(asked: str, cuda_usable: bool) -> str:
+    """The device rule, for this machine (``resolve_device``) and for the facts ``pawpular doctor`` gathered:
+    cpu when asked; cuda when torch can use a GPU and the config allows it; "none" for device: cuda without one."""
+    if asked == "cpu":
+        return "cpu"
+    if cuda_usable:
+        return "cuda"
+    return NO_DEVICE if asked == "cuda" else "cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,13 +66,13 @@ def resolve_device(device: str = "auto") -> str:
         raise DeviceError(f"device must be auto, cpu or cuda, got {device!r}")
     has_cuda = torch.cuda.is_available()
     unusable = None if has_cuda or device == "cpu" else unusable_gpu()
-    if device == "cuda" and not has_cuda:
+    resolved = choose_device(device, has_cuda)
+    if resolved == NO_DEVICE:
         raise DeviceError("device: cuda was asked for, but "
-                           + (unusable or "torch sees no CUDA GPU and no NVIDIA driver lists one (nvidia-smi)"))
+                          + (unusable or "torch sees no CUDA GPU and no NVIDIA driver lists one (nvidia-smi)"))
     if unusable and "unusable-gpu" not in _LOGGED:
         _LOGGED.add("unusable-gpu")
         log.warning("device: auto falls back to the CPU for every stage: %s", unusable)
-    resolved = "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
     name = torch.cuda.get_device_name(0) if resolved == "cuda" else "CPU"
     if resolved not in _LOGGED:  # once per process, however many stages ask
         _LOGGED.add(resolved)
@@ -145,18 +156,17 @@ def rapids_fix(status: RapidsStatus, python: str = sys.executable, major: int | 
     return f"{fix}  or remove it (scikit-learn and pandas give the same results, slower):  {shlex.join(remove)}"
 
 
-def _rapids_gpu_blocker(status: RapidsStatus) -> str | None:
-    """Why RAPIDS cannot run on GPU 0 (RAPIDS 26 needs compute capability 7.0, 7.5 for its CUDA 13 wheels)."""
+def rapids_gpu_blocker(status: RapidsStatus, gpu_name: str, capability: tuple[int, int] | None) -> str | None:
+    """Why the installed RAPIDS cannot run on GPU 0 (``install_plan.capability_blocker`` for its CUDA major)."""
+    return install_plan.capability_blocker(status.cuda_major or min(install_plan.SUPPORTED_CUDA), gpu_name, capability)
+
+
+def _gpu0() -> tuple[str, tuple[int, int] | None]:
     import torch
 
     if not torch.cuda.is_available():
-        return None
-    need = install_plan.RAPIDS_MIN_CAPABILITY[status.cuda_major or min(install_plan.SUPPORTED_CUDA)]
-    cap = torch.cuda.get_device_capability(0)
-    if tuple(cap) < need:
-        return (f"GPU 0 ({torch.cuda.get_device_name(0)}) has compute capability {cap[0]}.{cap[1]}; RAPIDS needs "
-                f"{need[0]}.{need[1]}")
-    return None
+        return "", None
+    return torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,12 +183,17 @@ def has_rapids() -> bool:
         log.warning("RAPIDS is installed but does not import (%s): the SVR head runs on scikit-learn and tables go "
                     "through pandas. Fix: %s", status.error, rapids_fix(status, major=major))
         return False
-    blocker = _rapids_gpu_blocker(status)
+    blocker = rapids_gpu_blocker(status, *_gpu0())
     if blocker:
         log.warning("RAPIDS %s is installed but %s: the SVR head runs on scikit-learn and tables go through pandas",
                     status.cuml, blocker)
         return False
     return True
+
+
+def rapids_usable(device: str, status: RapidsStatus, blocker: str | None) -> bool:
+    """The rule ``use_rapids`` applies here and ``pawpular doctor`` to the facts it gathered."""
+    return device == "cuda" and status.ok and blocker is None
 
 
 def use_rapids(device: str) -> bool:
@@ -213,17 +228,21 @@ def build_svr(device: str, **params: Any) -> Any:
 CUML_PRECOMPUTED = (26, 2)
 
 
+def cuml_takes_precomputed(version: str | None) -> bool:
+    """Whether a cuML of ``version`` ('26.02.00') fits its SVR on a precomputed kernel matrix."""
+    try:
+        return tuple(int(p) for p in (version or "").split(".")[:2]) >= CUML_PRECOMPUTED
+    except ValueError:
+        return False
+
+
 def svr_precomputed_ok(device: str) -> bool:
     """Whether the chosen SVR implementation fits on a precomputed kernel matrix."""
     if not use_rapids(device):
         return True
     import cuml
 
-    try:
-        version = tuple(int(p) for p in cuml.__version__.split(".")[:2])
-    except ValueError:
-        return False
-    return version >= CUML_PRECOMPUTED
+    return cuml_takes_precomputed(cuml.__version__)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Blend weights fit on out-of-fold predictions, and how well the blend does on rows it was not fit on.
 
-Weights are non-negative and sum to 1. ``nnls`` solves that constrained least-squares problem exactly (SLSQP);
+Weights are non-negative and sum to 1. ``convex`` solves that constrained least-squares problem exactly (SLSQP:
+the best convex combination of the models; ``nnls``, its old name, is accepted);
 ``hill`` is Caruana's hill climbing with replacement from the best single model, adding a model only while the
 OOF RMSE improves by at least ``min_improvement``: with 20+ correlated models it keeps few of them and overfits
 the OOF less. Either way the blend's in-sample OOF RMSE is never worse than the best single model's.
@@ -41,15 +42,21 @@ def _hill(oof: np.ndarray, y: np.ndarray, names: list[str], best: int, current: 
     return Blend(names, counts / counts.sum(), steps)
 
 
-def fit_weights(oof: np.ndarray, y: np.ndarray, names: list[str], method: str = "nnls", min_improvement: float = 1e-4) -> Blend:
+def canonical(method: str) -> str:
+    """The method's name as weights.json and the log write it: the old name ``nnls`` is ``convex``."""
+    return "convex" if method == "nnls" else method
+
+
+def fit_weights(oof: np.ndarray, y: np.ndarray, names: list[str], method: str = "convex",
+                min_improvement: float = 1e-4) -> Blend:
     """Non-negative weights summing to 1 minimizing the RMSE of ``oof @ w`` against ``y`` (oof: [n, models])."""
     n_models = oof.shape[1]
     singles = [rmse(oof[:, j], y) for j in range(n_models)]
     best = int(np.argmin(singles))
     if method == "hill":
         return _hill(oof, y, names, best, singles[best], min_improvement)
-    if method != "nnls":
-        raise ValueError(f"ensemble.method must be nnls or hill, got {method!r}")
+    if canonical(method) != "convex":
+        raise ValueError(f"ensemble.method must be convex (or its old name nnls) or hill, got {method!r}")
     gram, rhs = oof.T @ oof / len(y), oof.T @ y / len(y)
     res = minimize(lambda w: w @ gram @ w - 2 * rhs @ w, np.full(n_models, 1 / n_models), jac=lambda w: 2 * (gram @ w - rhs),
                    bounds=[(0, 1)] * n_models, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
@@ -58,10 +65,10 @@ def fit_weights(oof: np.ndarray, y: np.ndarray, names: list[str], method: str = 
     w = w / w.sum() if w.sum() > 0 else np.eye(n_models)[best]
     if rmse(oof @ w, y) > singles[best]:  # never worse than the best single model (guards solver tolerance)
         w = np.eye(n_models)[best]
-    return Blend(names, w, [(names[best], singles[best]), ("nnls", rmse(oof @ w, y))])
+    return Blend(names, w, [(names[best], singles[best]), ("convex", rmse(oof @ w, y))])
 
 
-def cross_validated(oof: np.ndarray, y: np.ndarray, fold: np.ndarray, names: list[str], method: str = "nnls",
+def cross_validated(oof: np.ndarray, y: np.ndarray, fold: np.ndarray, names: list[str], method: str = "convex",
                     min_improvement: float = 1e-4) -> tuple[float, np.ndarray]:
     """(RMSE, predictions) of the blend recipe scored on rows its weights never saw: for every fold, weights
     fit on the other folds' OOF rows predict that fold's rows (clipped to [1, 100] as the submission is)."""

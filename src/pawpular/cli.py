@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from .artifacts import PIPELINE
+from .progress import setup_logging
 
 DESCRIPTION = """\
 Predict PetFinder Pawpularity from photos: fine-tune a timm backbone per fold, embed every photo, fit an SVR head
@@ -29,13 +30,6 @@ Stages, in order: folds -> train -> embed -> svr -> ensemble (select: on demand)
 """
 EPILOG = "The Python API does the same from a notebook: import pawpular; pawpular.run('all', config=...)."
 log = logging.getLogger("pawpular")
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
-    for noisy in ("PIL", "matplotlib", "timm", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _config_args(p: argparse.ArgumentParser, stage: bool = True) -> None:
@@ -157,7 +151,8 @@ def _show_config(args: argparse.Namespace) -> int:
     if args.key:
         values = {k: v for k, v, _, _ in describe(cfg)} | {"out": cfg.out}
         if args.key not in values:
-            from .config_checks import ConfigError, unknown_key_message
+            from .config_checks import unknown_key_message
+            from .errors import ConfigError
 
             raise ConfigError(unknown_key_message(args.key, list(values)))
         value = values[args.key]
@@ -190,7 +185,7 @@ def _delete_study(args: argparse.Namespace) -> int:
         return 2
     with experiment_lock(cfg.out, "delete-study"):  # the experiment's own file: not while a stage uses it
         from .files import remove
-        from .study import sqlite_damage
+        from .files import sqlite_damage
 
         if why := sqlite_damage(db):
             for path in (db, db.with_name(db.name + "-journal")):
@@ -206,8 +201,7 @@ def _delete_named_study(cfg, name: str | None) -> int:
     from . import artifacts
     from .errors import UsageError
     from .files import read_json
-    from .stages.svr import open_storage
-    from .study import delete_study
+    from .svr_study import delete_study, open_storage
 
     if name is None and artifacts.best_params(cfg.out).is_file():
         name = read_json(artifacts.best_params(cfg.out)).get("study_name")
@@ -346,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor_main(argv[1:])
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return _dispatch(args)
     except BrokenPipeError:  # `pawpular config show | head`: the reader left; nothing to report

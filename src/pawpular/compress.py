@@ -17,7 +17,8 @@ import warnings
 import torch
 from torch import nn
 
-from .config import ConfigError, compress_spec
+from .config_checks import compress_spec
+from .errors import ConfigError
 
 log = logging.getLogger("pawpular")
 

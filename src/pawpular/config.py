@@ -17,15 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from .errors import PawpularError
-
-
-class ConfigError(PawpularError, ValueError):
-    """A config file or override that does not fit the schema; ``keys`` names the settings at fault."""
-
-    def __init__(self, message: str, keys: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.keys = keys
+from .config_checks import build, validate
+from .errors import ConfigError
 
 
 @dataclass
@@ -133,7 +126,9 @@ class SvrConfig:
 class EnsembleConfig:
     # Extra experiment folders whose train/ and svr/ predictions join the blend.
     experiments: list = field(default_factory=list)
-    method: Literal["nnls", "hill"] = "nnls"
+    # convex: the best convex combination (non-negative weights summing to 1, solved exactly by SLSQP); "nnls" is
+    # its old name, still accepted. hill: Caruana hill climbing (keeps few of 20+ models).
+    method: Literal["convex", "hill", "nnls"] = "convex"
     min_improvement: float = 1e-4
     # This experiment's heads to blend (e.g. [svr]: the NN head gets weight 0 and predict never runs it)
     heads: list = field(default_factory=lambda: ["nn", "svr"])
@@ -261,8 +256,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for key, value in top.items():
         if value is not None:
             data[key] = value
-    from .config_checks import build, validate
-
     try:
         cfg = build(Config, data)
         validate(cfg)
@@ -285,8 +278,6 @@ def _blame(e: ConfigError, path: Path | None, given: dict[str, str], top: dict) 
 
 def load_config_dict(data: dict) -> Config:
     """A Config from a dict as ``Config.to_dict`` gives it (checked like a file)."""
-    from .config_checks import build, validate
-
     cfg = build(Config, data)
     validate(cfg)
     return cfg
@@ -297,6 +288,12 @@ def redact_url(url: str, mask: str = "") -> str:
     (up to the first ``@``, as SQLAlchemy reads it) and a ``password=`` query parameter. The rest as given."""
     url = re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*):[^@]*@", r"\1" + (f":{mask}" if mask else "") + "@", url)
     return re.sub(r"([?&])password=[^&#]*&?", r"\1" + (f"password={mask}&" if mask else ""), url).rstrip("?&")
+
+
+def url_password(url: str) -> str | None:
+    """The password ``redact_url`` removes from ``url`` (to mask it in a message quoting the URL), or None."""
+    m = re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*:([^@]*)@", url) or re.search(r"[?&]password=([^&#]*)", url)
+    return m.group(1) or None if m else None
 
 
 def public_dict(cfg: Config | dict, mask: str = "") -> dict:
@@ -319,8 +316,6 @@ def save_config(cfg: Config | dict, path: Path) -> None:
 
 def backbone_configs(cfg: Config) -> list[BackboneConfig]:
     """``embed.backbones`` checked against BackboneConfig (unknown keys are errors that name them)."""
-    from .config_checks import build
-
     out = []
     for i, item in enumerate(cfg.embed.backbones):
         b = build(BackboneConfig, item, f"embed.backbones[{i}].")
@@ -362,23 +357,6 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def compress_spec(spec: str) -> tuple[str, float]:
-    """``embed.compress`` read: ('none'|'int8'|'bf16'|'prune', fraction), or ValueError naming the setting.
-    Plain string work (the config checks use it; ``compress.py`` applies it)."""
-    spec = (spec or "none").strip()
-    if spec in ("none", "int8", "bf16"):
-        return spec, 0.0
-    if spec.startswith("prune:"):
-        try:
-            frac = float(spec.split(":", 1)[1])
-        except ValueError:
-            frac = -1.0
-        if 0.0 < frac < 1.0:
-            return "prune", frac
-    raise ConfigError(f"embed.compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}",
-                      ("embed.compress",))
 
 
 def config_hash(*parts: Any) -> str:

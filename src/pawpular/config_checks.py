@@ -11,9 +11,12 @@ import difflib
 import math
 import types
 import typing
-from typing import Any, Callable, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Callable, Literal, Union, get_args, get_origin
 
-from .config import Config, ConfigError
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def _finite(value: Any, key: str) -> Any:
@@ -88,7 +91,7 @@ def _name(tp: Any) -> str:
     return " or ".join(getattr(a, "__name__", str(a)) for a in get_args(tp)) or str(tp)
 
 
-def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every setting's dotted key (sections too)."""
     keys = []
     hints = typing.get_type_hints(cls)
@@ -133,7 +136,7 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
 # Values: ranges and rules between settings
 
 
-Rule = tuple[tuple[str, ...], Callable[[Config], bool], str]
+Rule = tuple[tuple[str, ...], Callable[["Config"], bool], str]
 
 
 def _positive(key: str) -> Rule:
@@ -144,7 +147,7 @@ def _at_least(key: str, low: float) -> Rule:
     return (key,), lambda c: _get(c, key) >= low, f"must be >= {low:g}"
 
 
-def _get(cfg: Config, key: str) -> Any:
+def _get(cfg: "Config", key: str) -> Any:
     obj: Any = cfg
     for part in key.split("."):
         obj = getattr(obj, part)
@@ -185,9 +188,24 @@ RULES: list[Rule] = [
 ]
 
 
-def _compress_ok(spec: str) -> bool:
-    from .config import compress_spec
+def compress_spec(spec: str) -> tuple[str, float]:
+    """``embed.compress`` read: ('none'|'int8'|'bf16'|'prune', fraction), or ValueError naming the setting.
+    Plain string work (the config checks use it; ``compress.py`` applies it)."""
+    spec = (spec or "none").strip()
+    if spec in ("none", "int8", "bf16"):
+        return spec, 0.0
+    if spec.startswith("prune:"):
+        try:
+            frac = float(spec.split(":", 1)[1])
+        except ValueError:
+            frac = -1.0
+        if 0.0 < frac < 1.0:
+            return "prune", frac
+    raise ConfigError(f"embed.compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}",
+                      ("embed.compress",))
 
+
+def _compress_ok(spec: str) -> bool:
     try:
         compress_spec(spec)
     except ValueError:
@@ -195,7 +213,7 @@ def _compress_ok(spec: str) -> bool:
     return True
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: "Config") -> None:
     """Every rule of RULES; the first broken one raises ConfigError naming its settings and their values."""
     for keys, ok, message in RULES:
         if not ok(cfg):

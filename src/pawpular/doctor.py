@@ -24,7 +24,8 @@ from typing import Mapping, Sequence
 
 from . import backend, install_plan
 from .backend import RapidsStatus
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
+from .errors import ConfigError
 from .install_plan import Driver, GpuInfo, TorchInfo
 
 PACKAGES = ("timm", "albumentations", "optuna", "scikit-learn", "pandas", "numpy", "pyarrow")
@@ -105,21 +106,10 @@ def precision(device: str, gpu: GpuInfo | None, amp: bool) -> str:
     return "fp32 (train.amp: false)" if device == "cuda" else "fp32"
 
 
-def _cuml_version(text: str | None) -> tuple[int, int] | None:
-    try:
-        return tuple(int(p) for p in (text or "").split(".")[:2])  # type: ignore[return-value]
-    except ValueError:
-        return None
-
-
 def _rapids_blocker(facts: Facts) -> str | None:
-    """What backend.has_rapids refuses besides an import error: a GPU older than RAPIDS supports."""
+    """``backend.rapids_gpu_blocker`` for GPU 0 of the facts."""
     gpu = facts.torch_gpus[0] if facts.torch_gpus else None
-    need = install_plan.RAPIDS_MIN_CAPABILITY[facts.rapids.cuda_major or min(install_plan.SUPPORTED_CUDA)]
-    if gpu is not None and gpu.capability is not None and gpu.capability < need:
-        return (f"GPU 0 ({gpu.name}) has compute capability {gpu.capability[0]}.{gpu.capability[1]}; RAPIDS needs "
-                f"{need[0]}.{need[1]}")
-    return None
+    return backend.rapids_gpu_blocker(facts.rapids, gpu.name, gpu.capability) if gpu is not None else None
 
 
 def _device(facts: Facts, cfg: Config, problems: list[Problem], notes: list[str]) -> str:
@@ -127,20 +117,14 @@ def _device(facts: Facts, cfg: Config, problems: list[Problem], notes: list[str]
     driver = facts.driver
     verdict = install_plan.torch_verdict(facts.torch, driver, facts.env)
     torch_fix = install_plan.torch_fix(facts.executable, driver, facts.tested, facts.env)
-    if cfg.device == "cpu":
-        device = "cpu"
-        if verdict.usable:
-            notes.append("device: cpu in the config, although torch can use the GPU")
-    elif verdict.usable:
-        device = "cuda"
-    elif cfg.device == "cuda":
-        device = "none"
+    device = backend.choose_device(cfg.device, verdict.usable)
+    if cfg.device == "cpu" and verdict.usable:
+        notes.append("device: cpu in the config, although torch can use the GPU")
+    elif device == backend.NO_DEVICE:
         problems.append(Problem("device: cuda is asked for, but " + (verdict.problem or "torch sees no GPU and no "
                                 "NVIDIA driver lists one") + ": every GPU stage stops with this error",
                                 torch_fix if verdict.problem else "run on a machine with an NVIDIA GPU, or set "
                                 "device: auto / cpu"))
-    else:
-        device = "cpu"
     if verdict.problem and cfg.device != "cuda":
         consequence = "every stage runs on the CPU" if cfg.device == "auto" else "(the config asks for the CPU anyway)"
         problems.append(Problem(f"nvidia-smi lists {install_plan.gpu_names(driver)} but {verdict.problem}: "
@@ -156,7 +140,7 @@ def _rapids(facts: Facts, device: str, problems: list[Problem], notes: list[str]
     """Whether cuML / cuDF will be used, as backend.has_rapids decides it; problems and notes on the way."""
     torch, driver, rapids = facts.torch, facts.driver, facts.rapids
     blocker = _rapids_blocker(facts) if rapids.ok else None
-    use_rapids = device == "cuda" and rapids.ok and blocker is None
+    use_rapids = backend.rapids_usable(device, rapids, blocker)
     if rapids.error:
         major = torch.cuda_major if torch is not None and torch.cuda_major in install_plan.SUPPORTED_CUDA else None
         why = rapids.error
@@ -189,7 +173,7 @@ def _svr_line(facts: Facts, cfg: Config, use_rapids: bool, notes: list[str]) -> 
                    "precomputed kernels" + (f" (up to svr.max_kernel_gb = {cfg.svr.max_kernel_gb:g} GB)"
                                             if cache == "auto" else ""))
         return f"scikit-learn {sklearn} on CPU, {kernels}"
-    precomputed_ok = (_cuml_version(rapids.cuml) or (0, 0)) >= backend.CUML_PRECOMPUTED
+    precomputed_ok = backend.cuml_takes_precomputed(rapids.cuml)
     kernels = ("precomputed kernels" if precomputed_ok and cache != "plain" else
                "refit from features every trial" + (" (svr.kernel_cache: plain)" if cache == "plain" else
                                                     " (cuML < 26.02 takes no precomputed kernels)"))
@@ -208,7 +192,7 @@ def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
     on = f"cuda:0 ({gpu.name})" if device == "cuda" and gpu else "cuda:0" if device == "cuda" else "CPU"
     prec = precision(device, gpu, cfg.train.amp)
     stages: list[tuple[str, str]] = []
-    if device == "none":
+    if device == backend.NO_DEVICE:
         stages.append(("train, embed, svr", "stop: device: cuda but torch cannot use a GPU"))
     else:
         multi = len(facts.torch_gpus) > 1 and device == "cuda"
@@ -255,7 +239,7 @@ def _rapids_line(r: RapidsStatus) -> str:
         return "not installed (scikit-learn and pandas)"
     if r.error:
         return f"{', '.join(r.dists) or 'installed'} but does not import: {r.error}"
-    precomputed = (_cuml_version(r.cuml) or (0, 0)) >= backend.CUML_PRECOMPUTED
+    precomputed = backend.cuml_takes_precomputed(r.cuml)
     return (f"cuML {r.cuml}, cuDF {r.cudf}" + (f" ({', '.join(r.dists)})" if r.dists else "") +
             f"; cuML's SVR takes precomputed kernels: {'yes' if precomputed else 'no (needs cuML >= 26.02)'}")
 
@@ -286,7 +270,7 @@ def render_short(facts: Facts, diag: Diagnosis) -> str:
     torch = facts.torch.label if facts.torch else "no torch"
     driver = (f"driver CUDA {facts.driver.cuda_text}" if facts.driver and not facts.driver.error else
               "nvidia-smi fails" if facts.driver else "no NVIDIA driver")
-    if diag.device == "none":
+    if diag.device == backend.NO_DEVICE:
         where = stages["train, embed, svr"]
     else:
         where = f"train/embed on {stages['embed'].rsplit(', parquet', 1)[0]}; svr: {stages['svr']}"

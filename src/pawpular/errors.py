@@ -22,6 +22,14 @@ class UsageError(PawpularError, ValueError):
     of range."""
 
 
+class ConfigError(PawpularError, ValueError):
+    """A config file or override that does not fit the schema; ``keys`` names the settings at fault."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.keys = keys
+
+
 class ArtifactError(PawpularError, RuntimeError):
     """An artifact that is missing, damaged or stale for what is asked; the message names it and what to run."""
 

@@ -317,3 +317,25 @@ def value_digest(*parts: Any) -> str:
     for p in parts:
         feed(p)
     return h.hexdigest()
+
+
+def sqlite_damage(path: Path) -> str | None:
+    """Why the SQLite file at ``path`` is not a usable database (not SQLite, corrupt), or None (fine, empty or
+    absent). Read-only: opened with ``mode=ro`` and checked with ``PRAGMA quick_check``."""
+    import sqlite3
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            return "not an SQLite database"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as e:
+        return f"corrupt ({e})"
+    return None if verdict == "ok" else f"corrupt ({verdict})"

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 from .models import PawModel
 
 log = logging.getLogger("pawpular")
@@ -30,7 +30,7 @@ POSITION_TERMS = ("relative_position_bias_table", "pos_embed", "cls_token", "reg
 
 
 def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
         return True
     return "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))
 
@@ -120,7 +120,7 @@ def add_ssf(model: PawModel) -> int:
     targets = [(m, t) for _, m in model.backbone.named_modules() if (t := _ssf_target(m)) is not None]
     for module, (channels, dim, has_bias) in targets:
         module.ssf = SSF(channels, dim, shift=has_bias).to(device)
-        module.register_forward_hook(_apply_ssf)
+        module.ssf_hook = module.register_forward_hook(_apply_ssf)  # its handle: merge_ssf removes it
     return len(targets)
 
 
@@ -153,9 +153,8 @@ def merge_ssf(model: PawModel) -> PawModel:
     for module in list(model.modules()):
         if isinstance(getattr(module, "ssf", None), SSF):
             del module.ssf
-            for key, hook in list(module._forward_hooks.items()):
-                if hook is _apply_ssf:
-                    del module._forward_hooks[key]
+            module.ssf_hook.remove()
+            del module.ssf_hook
     model.load_state_dict(state, strict=True)
     return model
 

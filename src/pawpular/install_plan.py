@@ -167,11 +167,17 @@ def rapids_blocker(major: int, driver: Driver | None) -> str | None:
     need = RAPIDS_MIN_DRIVER[major]
     if driver.cuda and driver.cuda < need:
         return f"RAPIDS for CUDA {major} needs a driver that runs CUDA {need[0]}.{need[1]}; this one runs {driver.cuda_text}"
-    cap = RAPIDS_MIN_CAPABILITY[major]
     gpu = driver.gpus[0] if driver.gpus else None
-    if gpu is not None and gpu.capability is not None and gpu.capability < cap:
-        return (f"RAPIDS for CUDA {major} needs compute capability {cap[0]}.{cap[1]} or newer; GPU 0 ({gpu.name}) is "
-                f"{gpu.capability[0]}.{gpu.capability[1]}")
+    return capability_blocker(major, gpu.name, gpu.capability) if gpu is not None else None
+
+
+def capability_blocker(major: int, gpu_name: str, capability: tuple[int, int] | None) -> str | None:
+    """Why RAPIDS for CUDA ``major`` cannot run on a GPU of ``capability`` (the rule the installer, the runtime
+    and ``pawpular doctor`` all apply); None when it can or the capability is unknown."""
+    cap = RAPIDS_MIN_CAPABILITY[major]
+    if capability is not None and tuple(capability) < cap:
+        return (f"RAPIDS for CUDA {major} needs compute capability {cap[0]}.{cap[1]} or newer; GPU 0 ({gpu_name}) has "
+                f"compute capability {capability[0]}.{capability[1]}")
     return None
 
 

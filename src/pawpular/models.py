@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
+from .errors import ConfigError
 from .data import META_COLS
 
 log = logging.getLogger("pawpular")
@@ -266,11 +267,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 def _non_persistent_buffers(module: nn.Module) -> set[str]:
     """State-dict names of buffers a module keeps out of its state dict (e.g. Swin's relative_position_index,
     which older checkpoints still carry): a file holding them is not wrong."""
-    names = set()
-    for prefix, m in module.named_modules():
-        for b in getattr(m, "_non_persistent_buffers_set", ()):
-            names.add(f"{prefix}.{b}" if prefix else b)
-    return names
+    return {name for name, _ in module.named_buffers()} - set(module.state_dict())
 
 
 def data_config(model_cfg: ModelConfig, backbone: nn.Module) -> dict:

@@ -30,13 +30,13 @@ import pandas as pd
 
 from . import artifacts, backend, versions
 from .compress import compress_model
-from .config import Config, compress_spec, load_config
+from .config import Config, load_config
+from .config_checks import compress_spec
 from .data import ID, read_test_set
 from .dataset import eval_dataset
-from .features import assemble_features, embedding_table
 from .errors import UsageError
 from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json
-from .heads import SvrHead
+from .svr_head import SvrHead, assemble_features, embedding_table
 from .inference import Policy, gpu_has_bf16, model_device, run_backbone
 from .lock import experiment_lock
 from .models import load_model_file

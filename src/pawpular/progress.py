@@ -24,6 +24,14 @@ from typing import Any, Iterable, Iterator
 log = logging.getLogger("pawpular")
 
 
+def setup_logging(verbose: bool) -> None:
+    """The log the user reads: time-stamped lines on stderr (debug with -v), third-party chatter at warnings only."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("PIL", "matplotlib", "timm", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def in_notebook() -> bool:
     """True inside a Jupyter/IPython kernel (where stderr is not a terminal but output is seen)."""
     shell = sys.modules.get("IPython")

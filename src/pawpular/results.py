@@ -122,7 +122,8 @@ class Study(NamedTuple):
 
 def load_study(out: Path, storage: str | None = None, name: str | None = None) -> Study:
     """The SVR's Optuna study: the one called ``name`` if the storage holds it, else the newest."""
-    from .study_storage import StudyStorageError, mask_url, storage_url
+    from .config import redact_url
+    from .svr_study import StudyStorageError, storage_url
 
     db = artifacts.study_db(out)
     try:  # env:NAME resolved; a bare postgresql:// means psycopg2, as for the stage
@@ -146,7 +147,7 @@ def load_study(out: Path, storage: str | None = None, name: str | None = None) -
         study = optuna.load_study(study_name=chosen.study_name, storage=url)
         trials = study.trials_dataframe()
     except Exception as e:  # a locked, foreign or newer-schema database must not sink the whole report
-        note = f"could not read the Optuna study at {mask_url(url)} ({type(e).__name__}: {e})"
+        note = f"could not read the Optuna study at {redact_url(url, '***')} ({type(e).__name__}: {e})"
         return Study(None, None, note=_without_password(note, url))
     if "state" in trials:
         trials = trials[trials["state"] == "COMPLETE"]
@@ -156,7 +157,7 @@ def load_study(out: Path, storage: str | None = None, name: str | None = None) -
 
 def _without_password(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (if any) masked: a driver's error may quote its connection string."""
-    from .study_storage import url_password
+    from .config import url_password
 
     password = url_password(url)
     return text.replace(password, "***") if password else text

@@ -81,7 +81,7 @@ def stage_verdict(ctx: Context, name: str, plan: stages.Plan | None = None) -> m
     v = manifest.verdict(artifacts.manifest(ctx.out, name), ctx.out, plan.config, plan.inputs)
     if v.state == manifest.MISSING and getattr(stage, "partial", None) and (why := stage.partial(ctx)):
         return manifest.Verdict(manifest.PARTIAL, [why])
-    if v.done and plan.extra is not None and (reasons := plan.extra(v.record)):
+    if v.done and plan.stale_if is not None and (reasons := plan.stale_if(v.record)):
         return manifest.Verdict(manifest.STALE, reasons, v.record)
     return v
 
@@ -196,8 +196,8 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
                 ctx._comp = ensure_valid(cfg.data, artifacts.data_check_record(cfg.out))
             require_upstream(ctx, name)
             result = run_planned(ctx, name)
-            if dist.main and hasattr(stage, "tidy"):
-                stage.tidy(ctx)  # leftovers of killed runs that no manifest lists (e.g. a done fold's last.pt)
+            if dist.main and hasattr(stage, "remove_leftovers"):
+                stage.remove_leftovers(ctx)  # leftovers of killed runs that no manifest lists (e.g. a done fold's last.pt)
     if dist.main:
         seconds = time.time() - t0
         if not result.cached:

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import artifacts
-from .config import ConfigError, public_dict
+from .config import public_dict
+from .errors import ConfigError
 
 log = logging.getLogger("pawpular")
 BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # config name -> the module that must import

@@ -16,7 +16,7 @@ config's outputs need at all (a frozen recipe needs no ``train``).
 
 and, where a stage needs them: DISTRIBUTED (every torchrun rank takes part: train, embed), check(ctx) (fail before
 anything changes: svr's storage), partial(ctx) (how much of an unfinished stage is done: train's folds),
-tidy(ctx) (leftovers no manifest lists: train's stray last.pt).
+remove_leftovers(ctx) (files no manifest lists: train's stray last.pt).
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ class Plan:
 
     config: dict
     inputs: dict[str, str | None]
-    # Extra reasons the recorded work no longer serves (e.g. svr.n_trials raised): record -> reasons.
-    extra: Callable[[Any], list[str]] | None = None
+    # More reasons the recorded work no longer serves, beyond settings and inputs (svr.n_trials raised):
+    # record -> reasons; any reason makes the stage stale.
+    stale_if: Callable[[Any], list[str]] | None = None
 
 
 @dataclass

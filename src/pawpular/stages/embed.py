@@ -27,10 +27,11 @@ from pathlib import Path
 
 from .. import artifacts, backend, manifest
 from ..compress import compress_model
-from ..config import ConfigError, ModelConfig, backbone_configs, backbone_model_config
+from ..config import ModelConfig, backbone_configs, backbone_model_config
+from ..errors import ConfigError
 from ..dataset import eval_dataset
 from ..distributed import torch_device
-from ..features import embedding_table
+from ..svr_head import embedding_table
 from ..files import ArtifactError, MissingArtifact, file_digest, link_or_copy
 from ..inference import Policy, run_backbone
 from ..models import (build_frozen, build_model, check_buildable, data_config, frozen_description, load_checkpoint,
@@ -63,7 +64,7 @@ def check(ctx) -> None:
 
 
 @dataclass
-class Unit:
+class EmbeddingSet:
     """One embedding folder: a fold's fine-tuned checkpoint or a frozen backbone (``model_cfg``)."""
 
     name: str
@@ -86,21 +87,21 @@ class Unit:
 _DATA_CFGS: dict[str, dict] = {}
 
 
-def units(ctx) -> list[Unit]:
+def units(ctx) -> list[EmbeddingSet]:
     cfg, out = ctx.cfg, ctx.out
-    found = [Unit(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
+    found = [EmbeddingSet(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
              for b in backbone_configs(cfg)]
     # as written: a stale folds.csv is the folds stage's verdict, not a data error
     folds = written_fold_ids(out) if fold_sets(cfg) else []
     for k in folds:
         if cfg.embed.source == "finetuned":
-            found.append(Unit(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k)))
+            found.append(EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k)))
         else:
-            found.append(Unit(f"fold{k}", artifacts.emb_dir(out, fold=k), model_cfg=cfg.model))
+            found.append(EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), model_cfg=cfg.model))
     return found
 
 
-def unit_plan(ctx, unit: Unit) -> Plan:
+def unit_plan(ctx, unit: EmbeddingSet) -> Plan:
     e = ctx.cfg.embed
     config = {"embed": {"tta_hflip": e.tta_hflip, "compress": e.compress}}
     if unit.checkpoint is not None:
@@ -136,7 +137,7 @@ def run(ctx) -> Result:
     policy = Policy.for_run(ctx.device, cfg.train.amp, cfg.train.channels_last)
     status: dict[str, str] = {}
     outputs: list[Path] = []
-    shared: Unit | None = None  # embed.source: pretrained: one frozen model serves every fold
+    shared: EmbeddingSet | None = None  # embed.source: pretrained: one frozen model serves every fold
     for unit in units(ctx):
         p = unit_plan(ctx, unit)
         path = unit.folder / "manifest.json"
@@ -164,7 +165,7 @@ def run(ctx) -> Result:
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 
-def _compute(ctx, unit: Unit, plan_: Plan, policy: Policy) -> None:
+def _compute(ctx, unit: EmbeddingSet, plan_: Plan, policy: Policy) -> None:
     cfg, comp = ctx.cfg, ctx.comp
     path = unit.folder / "manifest.json"
     if ctx.dist.main:
@@ -194,7 +195,7 @@ def _compute(ctx, unit: Unit, plan_: Plan, policy: Policy) -> None:
         "source": "finetuned" if unit.checkpoint else "frozen"}), files)  # no timings: same work, same bytes
 
 
-def _link_unit(ctx, src: Unit, dst: Unit, plan_: Plan) -> None:
+def _link_unit(ctx, src: EmbeddingSet, dst: EmbeddingSet, plan_: Plan) -> None:
     """A fold folder of embed.source: pretrained: the first fold's files, hard-linked (they are the same)."""
     path = dst.folder / "manifest.json"
     manifest.clear(path)

@@ -6,7 +6,7 @@ Writes  ensemble/weights.json (weights, every model's OOF RMSE, the cross-valida
         ensemble/{oof,test,holdout}.parquet, submission.csv (Id,Pawpularity in sample order, checked as the
         grader checks it)
 Needs   pawpular train and/or pawpular svr (a head that has not run is left out, with a warning)
-Keys    ensemble.method (nnls | hill), ensemble.min_improvement, ensemble.experiments
+Keys    ensemble.method (convex | hill; nnls = convex), ensemble.min_improvement, ensemble.experiments
 Run     pawpular ensemble --config configs/default.yaml
 
 Three scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from .. import artifacts, manifest, tracking
-from ..blend import cross_validated, fit_weights
+from ..blend import canonical, cross_validated, fit_weights
 from ..data import ID, TARGET
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..files import ArtifactError, MissingArtifact, write_json, write_parquet
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
@@ -184,7 +184,7 @@ def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: d
         write_parquet(pd.DataFrame({ID: h[ID], "pred": np.clip(h[names].to_numpy(float) @ w, 1, 100)}), paths[-1])
     sub = build_submission(test, ctx.comp.sample)  # validated before anything is written for it
     write_json(artifacts.weights_json(ctx.out), {
-        "weights": dict(zip(names, map(float, w))), "method": ctx.cfg.ensemble.method, "oof_rmse": summary,
+        "weights": dict(zip(names, map(float, w))), "method": canonical(ctx.cfg.ensemble.method), "oof_rmse": summary,
         "holdout_rmse": holdout, "worse_than_mean": worse_than_mean(summary, holdout), "precision": policies,
         "steps": [{"added": a, "oof_rmse": r} for a, r in blend.steps]})
     write_csv(sub, artifacts.submission(ctx.out), float_format="%.5f")
@@ -212,7 +212,7 @@ def _log(cfg, names: list[str], blend, summary: dict, holdout: dict) -> None:
     if holdout:
         rows.append(f"  {'holdout RMSE':<24} {holdout['ensemble']:>8.3f}  ({holdout['rows']} rows no stage fit on; "
                     f"the mean: {holdout['predict_mean']:.3f})")
-    log.info("ensemble (%s):\n  %-24s %8s %8s\n%s\nsubmission: %s", cfg.ensemble.method, "model", "OOF RMSE",
+    log.info("ensemble (%s):\n  %-24s %8s %8s\n%s\nsubmission: %s", canonical(cfg.ensemble.method), "model", "OOF RMSE",
              "weight", "\n".join(rows), artifacts.submission(cfg.out))
     if cfg.ensemble.method == "hill":
         log.info("hill climbing: %s", " -> ".join(f"{a} {r:.3f}" for a, r in blend.steps))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import artifacts
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import ID, TARGET, read_csv_or_raise
 from ..duplicates import duplicate_groups, group_table, image_hashes
 from ..files import digest_or_none, remove, remove_tree, write_csv

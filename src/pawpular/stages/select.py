@@ -12,7 +12,7 @@ Run     pawpular select --config configs/multi_backbone.yaml
 Selection: score every candidate alone and start from the best; at each step add the set whose addition lowers
 the OOF RMSE most; stop when the best addition improves it by less than MIN_IMPROVEMENT (RMSE points) or no set
 is left, so the chosen sets never score worse than the best single set. Scoring is the SVR stage's own code
-(``features.assemble_matrix``, ``svm.make_fold``, ``svm.attach_kernels``, ``svm.oof_rmse``) with C tuned
+(``svr_head.assemble_matrix``, ``make_fold``, ``attach_kernels``, ``oof_rmse``) with C tuned
 deterministically instead of by Optuna: a log grid of C_GRID_POINTS values over [svr.c_min, svr.c_max], then the
 two geometric midpoints beside the grid's best. ``pawpular svr`` with the chosen features (Optuna over the same
 range) lands at or near the reported RMSE.
@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts, backend, manifest, svm
-from ..config import Config, ConfigError, backbone_configs
+from .. import artifacts, backend, manifest, svr_head
+from ..config import Config, backbone_configs
+from ..errors import ConfigError
 from ..data import ID, META_COLS, TARGET, Competition
-from ..features import assemble_matrix
 from ..files import MissingArtifact, write_json
 from ..splits import read_folds
 from ..progress import Progress
@@ -62,14 +62,14 @@ def c_grid(c_min: float, c_max: float, points: int = C_GRID_POINTS) -> list[floa
     return [float(c) for c in np.geomspace(c_min, c_max, max(points, 1) if c_max > c_min else 1)]
 
 
-def tune_c(folds: Sequence[svm.FoldData], y: np.ndarray, grid: Sequence[float], epsilon: float,
+def tune_c(folds: Sequence[svr_head.FoldData], y: np.ndarray, grid: Sequence[float], epsilon: float,
            device: str = "cpu") -> tuple[float, float]:
     """(best OOF RMSE, its C): every C of ``grid``, then the geometric midpoints beside the best. Deterministic."""
     scores: dict[float, float] = {}
 
     def score(c: float) -> float:
         if c not in scores:
-            scores[c] = svm.oof_rmse({"C": c, "epsilon": epsilon}, folds, y, device)
+            scores[c] = svr_head.oof_rmse({"C": c, "epsilon": epsilon}, folds, y, device)
         return scores[c]
 
     for c in grid:
@@ -96,14 +96,14 @@ class TrainSets:
     def fold_ids(self) -> list[int]:
         return sorted(k for k in np.unique(self.fold_of).tolist() if k >= 0)
 
-    def folds(self, names: Sequence[str], gamma: float | str, device: str) -> list[svm.FoldData]:
+    def folds(self, names: Sequence[str], gamma: float | str, device: str) -> list[svr_head.FoldData]:
         """The SVR stage's folds (standardized per fold, gamma per fold) for the sets ``names`` concatenated."""
         xp = backend.array_module(device)
         out = []
         for k in self.fold_ids:
             sets = {n: self.tables[(n, k)] for n in names}
-            x, _ = assemble_matrix(sets, self.ids, names, self.meta, xp)
-            out.append(svm.make_fold(k, x, self.y, self.fold_of, gamma, device))
+            x, _ = svr_head.assemble_matrix(sets, self.ids, names, self.meta, xp)
+            out.append(svr_head.make_fold(k, x, self.y, self.fold_of, gamma, device))
         return out
 
 
@@ -111,7 +111,7 @@ def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, 
     """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels."""
     folds = data.folds(names, cfg.svr.gamma, device)
     if mode == "precomputed":
-        svm.attach_kernels(folds)
+        svr_head.attach_kernels(folds)
     return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device)
 
 
@@ -234,7 +234,7 @@ def run(ctx) -> Result:
         raise MissingArtifact(f"no finished embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
     data = load_train_sets(cfg, comp, folds_df, candidates, device)
     # Kernel memory depends on the fold sizes only, not on the sets: decide once.
-    mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)
+    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)
     grid = c_grid(cfg.svr.c_min, cfg.svr.c_max)
     log.info("select: %d candidate sets (%s), %d train rows, %d folds, C grid %s", len(candidates),
              ", ".join(candidates), len(data.ids), len(data.fold_ids), ", ".join(f"{c:.3g}" for c in grid))

@@ -31,10 +31,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, study as studies, svm, tracking
+from .. import artifacts, backend, svr_head, svr_study as studies, tracking
 from ..data import ID, META_COLS, TARGET
-from ..features import assemble_matrix
-from ..files import ArtifactError, MissingArtifact, remove, write_bytes, write_json
+from ..files import MissingArtifact, write_bytes, write_json
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
@@ -50,7 +49,7 @@ NOT_RESULTS = ("n_trials", "storage", "kernel_cache", "max_kernel_gb", "workers"
 def check(ctx) -> None:
     """Before anything changes: a bad svr.storage fails here, the finished stage's files untouched; a damaged
     study.db of the experiment's own is replaced with --overwrite."""
-    open_storage(ctx.cfg, replace_damaged=ctx.cfg.overwrite)
+    studies.open_storage(ctx.cfg, replace_damaged=ctx.cfg.overwrite)
 
 
 def input_files(ctx) -> list:
@@ -65,11 +64,11 @@ def plan(ctx) -> Plan:
     svr = {k: v for k, v in dataclasses.asdict(ctx.cfg.svr).items() if k not in NOT_RESULTS}
     n_trials = ctx.cfg.svr.n_trials
 
-    def extra(record) -> list[str]:
+    def more_trials_asked(record) -> list[str]:
         done = record.info.get("n_trials", 0)
         return [] if done >= n_trials else [f"svr.n_trials raised ({done} trials done, {n_trials} asked)"]
 
-    return Plan({"svr": svr}, {**ctx.file_inputs(input_files(ctx)), **ctx.data_inputs("train.csv", "test.csv")}, extra)
+    return Plan({"svr": svr}, {**ctx.file_inputs(input_files(ctx)), **ctx.data_inputs("train.csv", "test.csv")}, more_trials_asked)
 
 
 def recorded_settings(record) -> dict:
@@ -95,7 +94,7 @@ def _load_sets(cfg, fold: int, split: str, frozen: dict, device: str) -> dict:
     return sets
 
 
-def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svm.FoldData], list[str], str]:
+def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr_head.FoldData], list[str], str]:
     """Every fold's standardized features and targets (train-table row order), the column names, and a digest
     of the values the study is tuned on."""
     xp = backend.array_module(device)
@@ -108,9 +107,9 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svm
     frozen: dict = {}
     folds, columns = [], []
     for k in sorted(k for k in np.unique(fold_of).tolist() if k != HOLDOUT):
-        x, columns = assemble_matrix(_load_sets(cfg, k, "train", frozen, device), ids, cfg.svr.features, meta, xp)
+        x, columns = svr_head.assemble_matrix(_load_sets(cfg, k, "train", frozen, device), ids, cfg.svr.features, meta, xp)
         h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
-        folds.append(svm.make_fold(k, x, y, fold_of, cfg.svr.gamma, device))
+        folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device))
         del x
     return folds, columns, h.hexdigest()
 
@@ -120,7 +119,7 @@ def run(ctx) -> Result:
     t0 = time.time()
     if not cfg.svr.features:
         raise ValueError("svr.features is empty: list embedding sets, e.g. [model]")
-    storage = open_storage(cfg)  # a bad svr.storage fails here, before minutes of loading
+    storage = studies.open_storage(cfg)  # a bad svr.storage fails here, before minutes of loading
     folds_df = read_folds(cfg.out, comp.train, cfg.folds)
     folds, columns, values = load_folds(cfg, comp, folds_df, device)
     y = comp.train[TARGET].to_numpy(np.float64)
@@ -129,7 +128,7 @@ def run(ctx) -> Result:
     if cfg.overwrite and cfg.svr.storage is None:  # the experiment's own study; a shared one is never deleted here
         studies.delete_study(name, storage)
     study = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
-    mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
+    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
     ran, t_tune = _tune(study, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
@@ -157,23 +156,18 @@ def study_name(cfg, values: str) -> str:
     return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
 
 
-def open_storage(cfg, replace_damaged: bool = False):
-    """The study's storage: the experiment's own SQLite file (one writer: the experiment lock), where a killed
-    trial is stale after 2 s; or svr.storage, shared by workers on other machines (stale after a minute).
+def suggest(trial, s) -> dict:
+    """A trial's SVR parameters: C log-uniform in [c_min, c_max]; epsilon too with svr.tune_epsilon."""
+    eps = trial.suggest_float("epsilon", s.epsilon_min, s.epsilon_max, log=True) if s.tune_epsilon else s.epsilon
+    return {"C": trial.suggest_float("C", s.c_min, s.c_max, log=True), "epsilon": eps}
 
-    A damaged own study.db (not SQLite, corrupt) is an ArtifactError naming it, or with ``replace_damaged`` is
-    removed (it is the experiment's file, holding only its studies) so a new study starts."""
-    if cfg.svr.storage is None:
-        db = artifacts.study_db(cfg.out)
-        if why := studies.sqlite_damage(db):
-            if not replace_damaged:
-                raise ArtifactError(f"{db} is damaged ({why}): rerun with --overwrite to start a new study, or "
-                                    "`pawpular delete-study` to remove it")
-            log.warning("svr: %s is damaged (%s): removing it; a new study starts", db, why)
-            for extra in (db, db.with_name(db.name + "-journal"), db.with_name(db.name + "-wal")):
-                remove(extra)
-        return studies.make_storage(None, db, heartbeat_interval=1, grace_period=2)
-    return studies.make_storage(cfg.svr.storage, artifacts.study_db(cfg.out))
+
+def make_objective(folds: list, y: np.ndarray, s, device: str):
+    """Optuna's objective, thin: sample, then the head's plain ``oof_rmse`` (what tests call without Optuna)."""
+    def objective(trial) -> float:
+        return svr_head.oof_rmse(suggest(trial, s), folds, y, device)
+
+    return objective
 
 
 def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
@@ -189,7 +183,7 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracke
              f"; {s.workers} local workers" if s.workers > 1 else "")
     helpers = start_workers(cfg, study.study_name, s.workers - 1, device)
     if mode == "precomputed":
-        svm.attach_kernels(folds)
+        svr_head.attach_kernels(folds)
     try:
         with Progress(desc="svr trials", total=missing, unit="trial") as bar:
             def progress(study, trial) -> None:  # the study's count: local workers' trials too
@@ -198,9 +192,9 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracke
                 if tracker is not None:
                     tracking.log_trials(tracker, study)
 
-            ran = studies.run_trials(study, svm.make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
+            ran = studies.run_trials(study, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
     finally:
-        svm.detach_kernels(folds)
+        svr_head.detach_kernels(folds)
         failed = stop_workers(helpers)  # never raises: an error or Ctrl-C on its way out stays the one reported
     if failed:
         raise RuntimeError(f"svr: {len(failed)} local worker(s) failed (exit codes {failed}); see the log above")
@@ -260,7 +254,7 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     """A local worker: the same folds and objective, trials from the shared budget; writes nothing else."""
     import os
 
-    from ..cli import _setup_logging
+    from ..progress import setup_logging
     from ..config import load_config_dict
     from ..runner import Context
 
@@ -273,22 +267,22 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     os.environ["PAWPULAR_SVR_THREADS"] = "1"  # the stage's process and its workers share the cores
-    _setup_logging(False)
+    setup_logging(False)
     cfg = load_config_dict(cfg_dict)
     ctx = Context(cfg, device)
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
     folds, _, _ = load_folds(cfg, ctx.comp, folds_df, device)
-    mode = svm.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
+    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
     if mode == "precomputed":
-        svm.attach_kernels(folds)
-    study = studies.open_study(name, open_storage(cfg), cfg.svr.seed, shared=True)
+        svr_head.attach_kernels(folds)
+    study = studies.open_study(name, studies.open_storage(cfg), cfg.svr.seed, shared=True)
     y = ctx.comp.train[TARGET].to_numpy(np.float64)
 
     def count(study, trial) -> None:
         nonlocal ran
         ran += 1
 
-    studies.run_trials(study, svm.make_objective(folds, y, cfg.svr, device), cfg.svr.n_trials, callbacks=[count])
+    studies.run_trials(study, make_objective(folds, y, cfg.svr, device), cfg.svr.n_trials, callbacks=[count])
     log.info("svr worker %d: %d trials", os.getpid(), ran)
 
 
@@ -304,14 +298,14 @@ def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], par
     oof, fold_of, other = np.full(n, np.nan), np.full(n, HOLDOUT, dtype=np.int64), {s: [] for s in tables}
     frozen: dict = {}
     for f in folds:
-        head, model = svm.fit_head(f, params, columns, mode, device)
+        head, model = svr_head.fit_head(f, params, columns, mode, device)
         write_bytes(artifacts.svr_head(cfg.out, f.fold), head.to_bytes())
         oof[f.val_rows] = np.clip(head.decision(backend.to_numpy(f.x_val)), 1, 100)
         fold_of[f.val_rows] = f.fold
         for split, table in tables.items():
             sets = _load_sets(cfg, f.fold, "test" if split == "test" else "train", frozen, device)
             meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
-            x, _ = assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
+            x, _ = svr_head.assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
             other[split].append(head.predict_matrix(x))
     keep = ~held
     preds = {"oof": (comp.train[ID][keep].astype(str), oof[keep], fold_of[keep])}

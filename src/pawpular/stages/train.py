@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from .. import artifacts, manifest
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..data import ID, TARGET
 from ..dataset import eval_dataset, train_dataset
 from ..distributed import torch_device
@@ -130,7 +130,7 @@ def run(ctx) -> Result:
     return Result(outputs, info, complete=complete, cached=ran == 0 and complete)
 
 
-def tidy(ctx) -> None:
+def remove_leftovers(ctx) -> None:
     """A done fold needs no last.pt: a kill between its manifest and the removal leaves one (GBs for big models)."""
     for fold in range(ctx.cfg.folds.n_folds):
         if _fold_verdict(ctx, fold).done:

@@ -1,0 +1,338 @@
+"""The SVR head, whole: embedding tables -> features -> scaler -> RBF kernel -> fit / predict -> the arrays that ship.
+
+    x, columns = assemble_matrix(sets, ids, names, meta)        # embedding sets side by side (+ the 12 flags)
+    fold = make_fold(k, x, y, fold_of, gamma, device)           # standardized on the other folds' rows
+    oof = fit_predict({"C": 30, "epsilon": 0.1}, folds)         # what an Optuna trial scores (svr_study.py)
+    head, estimator = fit_head(fold, params, columns, mode, device)
+    head.to_bytes() / SvrHead.load(path) / head.predict(features)   # svr/fold{k}/head.safetensors; predict
+
+**Features.** An embedding table is ``Id`` + ``e0..e{D-1}`` (float32), one row per image
+(``emb/<set>/{train,test}.parquet``). The SVR's input is the listed sets' tables joined on Id, side by side
+(``<set>/e<j>`` columns), plus the 12 metadata flags with ``svr.use_meta``: the same code for the SVR stage,
+``select`` and ``predict``.
+
+**Fitting.** The RBF width gamma is fixed per fold (``svr.gamma``: 'scale' = 1 / (n_features * X_train.var()) as
+scikit-learn defines it, 'auto' = 1 / n_features, or a number), so each fold's kernel matrices are computed once
+(one BLAS product) and every trial fits ``SVR(kernel='precomputed')`` on them: the same model as refitting
+``SVR(kernel='rbf')`` on the features, without n^2 distances per trial. scikit-learn on a CPU, cuML on a RAPIDS
+GPU (``backend.build_svr``).
+
+**What ships.** ``SvrHead``: whichever library fitted it, the feature columns, the scaler's mean and scale, the
+support vectors (standardized), their dual coefficients, the intercept and gamma, in one safetensors file. Its
+``predict`` computes the decision function with numpy::
+
+    f(x) = sum_i dual_coef[i] * exp(-gamma * ||(x - mean) / scale - sv_i||^2) + intercept,   clipped to [1, 100]
+
+so ``predict`` (a Kaggle notebook) needs neither scikit-learn nor cuML, and loading a head runs no code. The
+pipeline's own SVR predictions come from the same arrays. This module reads and writes nothing itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from . import backend
+from .data import ID, META_COLS
+from .errors import ArtifactError
+from .files import read_safetensors, safetensors_bytes
+from .metrics import rmse
+
+log = logging.getLogger("pawpular")
+LO, HI = 1.0, 100.0  # Pawpularity range: predictions are clipped to it
+Array = Any  # numpy.ndarray on CPU, cupy.ndarray on a RAPIDS GPU
+FORMAT = "pawpular-svr-head/1"
+ROWS_PER_BLOCK = 2048  # rows of the kernel computed at once at predict: 2048 x 10,000 support vectors = 160 MB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Features: embedding tables side by side
+
+
+def embedding_table(ids: Sequence[str], emb: np.ndarray) -> pd.DataFrame:
+    """The on-disk layout of embeddings: ``Id`` + ``e0..e{D-1}``."""
+    cols = {f"e{j}": emb[:, j] for j in range(emb.shape[1])}
+    return pd.DataFrame({ID: list(ids), **cols})
+
+
+def assemble_matrix(sets: dict[str, Any], ids: Sequence[str], names: Sequence[str], meta: np.ndarray | None = None,
+                    xp: Any = np) -> tuple[Array, list[str]]:
+    """Rows ``ids`` of the embedding tables ``sets[name]`` side by side (+ ``meta``), with their column names."""
+    blocks, columns = [], []
+    for name in names:
+        table = sets[name]
+        have = pd.Index(backend.column_values(table, ID).astype(str))
+        if not have.is_unique:
+            raise ArtifactError(f"embedding set {name!r} has duplicated Ids, e.g. {have[have.duplicated()][0]!r}")
+        pos = have.get_indexer(pd.Index(ids))
+        if (pos < 0).any():
+            missing = [ids[i] for i in np.flatnonzero(pos < 0)[:3]]
+            raise ArtifactError(f"embedding set {name!r} lacks {int((pos < 0).sum())} Ids, e.g. {missing}: rerun `pawpular embed`")
+        cols = [c for c in table.columns if c != ID]
+        blocks.append(backend.table_matrix(table, cols)[xp.asarray(pos)])
+        columns += [f"{name}/{c}" for c in cols]
+    if meta is not None:
+        blocks.append(xp.asarray(meta, dtype=np.float32))
+        columns += list(META_COLS)
+    return xp.concatenate(blocks, axis=1), columns
+
+
+def assemble_features(sets: dict[str, pd.DataFrame], table: pd.DataFrame, names: Sequence[str],
+                      use_meta: bool) -> pd.DataFrame:
+    """The SVR's input for the rows of ``table`` (Id + flags) as a named table: what ``SvrHead.predict`` takes."""
+    ids = table[ID].astype(str).tolist()
+    meta = table[META_COLS].to_numpy(np.float32) if use_meta else None
+    x, columns = assemble_matrix(sets, ids, names, meta)
+    return pd.DataFrame(x, columns=columns, index=table.index)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scaler, kernel and the arrays that ship
+
+
+@dataclass
+class Standardizer:
+    """Per-column (x - mean) / std fit on a fold's training rows; constant columns keep scale 1 (as scikit-learn)."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: Array) -> "Standardizer":
+        x = x.astype(np.float64)
+        scale = backend.to_numpy(x.std(axis=0))
+        scale[scale < 1e-12] = 1.0
+        return cls(backend.to_numpy(x.mean(axis=0)), scale)
+
+    def transform(self, x: Array) -> Array:
+        xp = backend.array_module_of(x)
+        return (x.astype(np.float64) - xp.asarray(self.mean)) / xp.asarray(self.scale)
+
+
+def rbf_kernel(a: Array, b: Array, gamma: float) -> Array:
+    """exp(-gamma * ||a_i - b_j||^2) in float64: one matrix product, ||a||^2 + ||b||^2 - 2ab clamped at 0, in place."""
+    xp = backend.array_module_of(a)
+    a, b = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
+    k = a @ b.T
+    k *= -2.0
+    k += (a * a).sum(axis=1)[:, None]
+    k += (b * b).sum(axis=1)[None, :]
+    xp.maximum(k, 0.0, out=k)  # rounding can make a tiny distance negative
+    k *= -gamma
+    xp.exp(k, out=k)
+    return k
+
+
+@dataclass(frozen=True)
+class RbfKernel:
+    """An RBF kernel callable for scikit-learn's SVR: the same kernel as kernel='rbf', computed by BLAS."""
+
+    gamma: float
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return rbf_kernel(np.asarray(a), np.asarray(b), self.gamma)
+
+
+@dataclass
+class SvrHead:
+    """One fold's SVR head: feature columns, scaler, support vectors (standardized), dual coefficients, intercept."""
+
+    columns: list[str]
+    mean: np.ndarray  # [D] the scaler, fit on the fold's training rows
+    scale: np.ndarray  # [D]
+    support_vectors: np.ndarray  # [n_sv, D] standardized training rows
+    dual_coef: np.ndarray  # [n_sv]
+    intercept: float
+    gamma: float
+    fold: int
+    params: dict = field(default_factory=dict)  # what it was fit with (C, epsilon): a record, not used to predict
+
+    @classmethod
+    def from_fitted(cls, estimator: Any, x_train: Array, scaler: Standardizer, gamma: float, columns: list[str],
+                    fold: int, params: dict | None = None) -> "SvrHead":
+        """The arrays of a fitted epsilon-SVR with an RBF kernel (scikit-learn or cuML; kernel 'rbf' or a callable).
+
+        The support vectors are the training rows at ``support_`` (a callable kernel leaves scikit-learn's
+        ``support_vectors_`` empty), so the head holds the same vectors whatever the library.
+        """
+        support = backend.to_numpy(estimator.support_).astype(np.int64)
+        vectors = backend.to_numpy(x_train)[support].astype(np.float64)
+        dual = backend.to_numpy(estimator.dual_coef_).astype(np.float64).reshape(-1)
+        intercept = float(backend.to_numpy(estimator.intercept_).reshape(-1)[0])
+        if len(dual) != len(vectors):
+            raise ValueError(f"SVR fold {fold}: {len(dual)} dual coefficients for {len(vectors)} support vectors")
+        return cls(list(columns), np.asarray(scaler.mean, np.float64), np.asarray(scaler.scale, np.float64),
+                   vectors, dual, intercept, float(gamma), int(fold), dict(params or {}))
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        """The SVR's output for standardized rows ``x`` (not clipped), a block of rows at a time."""
+        out = np.empty(len(x), np.float64)
+        for start in range(0, len(x), ROWS_PER_BLOCK):
+            block = x[start:start + ROWS_PER_BLOCK]
+            out[start:start + len(block)] = rbf_kernel(block, self.support_vectors, self.gamma) @ self.dual_coef
+        return out + self.intercept
+
+    def predict_matrix(self, x: np.ndarray) -> np.ndarray:
+        """Pawpularity (clipped to [1, 100]) for raw feature rows in ``columns`` order."""
+        x = (backend.to_numpy(x).astype(np.float64) - self.mean) / self.scale
+        return np.clip(self.decision(x), LO, HI)
+
+    def predict(self, features: pd.DataFrame) -> np.ndarray:
+        """Pawpularity (clipped to [1, 100]) for a table holding at least ``columns``."""
+        missing = [c for c in self.columns if c not in features.columns]
+        if missing:
+            raise ValueError(f"SVR fold {self.fold}: {len(missing)} feature columns missing, e.g. {missing[:3]}")
+        return self.predict_matrix(features[self.columns].to_numpy(np.float64))
+
+    def to_bytes(self) -> bytes:
+        """The safetensors file: the arrays, and the columns and scalars as metadata."""
+        arrays = {"mean": self.mean, "scale": self.scale, "support_vectors": self.support_vectors,
+                  "dual_coef": self.dual_coef}
+        meta = {"format": FORMAT, "kernel": "rbf", "columns": self.columns, "intercept": self.intercept,
+                "gamma": self.gamma, "fold": self.fold, "params": self.params}
+        return safetensors_bytes({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SvrHead":
+        """Read a head written by ``to_bytes``; a file of another kind is an ArtifactError naming it."""
+        meta, arrays = read_safetensors(path, "np", "an SVR head file", FORMAT)
+        return cls(meta["columns"], arrays["mean"], arrays["scale"], arrays["support_vectors"], arrays["dual_coef"],
+                   float(meta["intercept"]), float(meta["gamma"]), int(meta["fold"]), meta.get("params", {}))
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting: per-fold standardized rows, cached kernels, fits and out-of-fold predictions
+
+
+def resolve_gamma(x_train: Array, gamma: float | str) -> float:
+    """The RBF width for standardized training rows: scikit-learn's 'scale' and 'auto', or a number."""
+    if gamma == "scale":
+        var = float(x_train.var())
+        return 1.0 / (x_train.shape[1] * var) if var > 0 else 1.0 / x_train.shape[1]
+    if gamma == "auto":
+        return 1.0 / x_train.shape[1]
+    if isinstance(gamma, (int, float)) and gamma > 0:
+        return float(gamma)
+    raise ValueError(f"svr.gamma must be 'scale', 'auto' or a positive number, got {gamma!r}")
+
+
+@dataclass
+class FoldData:
+    """One fold's standardized training and validation rows (train-table order) and, when cached, its kernels."""
+
+    fold: int
+    x_train: Array
+    y_train: Array
+    x_val: Array
+    val_rows: np.ndarray  # positions of the fold's rows in the competition's train table
+    scaler: Standardizer
+    gamma: float
+    k_train: Array | None = None  # rbf(x_train, x_train)
+    k_val: Array | None = None  # rbf(x_val, x_train)
+    n_rows: int = 0  # rows of the whole train table (holdout included)
+
+
+def make_fold(fold: int, x: Array, y: np.ndarray, fold_of: np.ndarray, gamma: float | str, device: str) -> FoldData:
+    """Split the train matrix ``x`` (rows = train table) by ``fold_of``; standardize on the training rows.
+
+    Training rows are the other folds' (fold_of >= 0 and != fold): holdout rows (fold -1) are never fit on.
+    """
+    xp = backend.array_module(device)
+    x = xp.asarray(x)
+    val = np.flatnonzero(fold_of == fold)
+    tr = np.flatnonzero((fold_of != fold) & (fold_of >= 0))
+    rows = x[xp.asarray(tr)]
+    scaler = Standardizer.fit(rows)
+    x_train = scaler.transform(rows)
+    return FoldData(fold, x_train, xp.asarray(y[tr], dtype=np.float64), scaler.transform(x[xp.asarray(val)]), val,
+                    scaler, resolve_gamma(x_train, gamma), n_rows=len(fold_of))
+
+
+def kernel_gb(fold_of: np.ndarray) -> float:
+    """Memory the cached float64 kernels take: per fold, train x (train + validation) rows. Fold sizes alone
+    decide it, so it is known before any fold is built."""
+    folds = [k for k in np.unique(fold_of) if k >= 0]
+    n_train = {k: int(((fold_of != k) & (fold_of >= 0)).sum()) for k in folds}
+    return sum(8 * n_train[k] * (n_train[k] + int((fold_of == k).sum())) for k in folds) / 2**30
+
+
+def attach_kernels(folds: Sequence[FoldData]) -> None:
+    for f in folds:
+        f.k_train = rbf_kernel(f.x_train, f.x_train, f.gamma)
+        f.k_val = rbf_kernel(f.x_val, f.x_train, f.gamma)
+
+
+def detach_kernels(folds: Sequence[FoldData]) -> None:
+    for f in folds:
+        f.k_train = f.k_val = None
+
+
+def resolve_kernel_cache(mode: str, fold_of: np.ndarray, max_gb: float, device: str) -> str:
+    """'precomputed' or 'plain' for ``svr.kernel_cache``, logged with the reason.
+
+    auto: cached kernels when they fit in ``max_gb``; precomputed: cached kernels whatever their size (an
+    explicit request); plain: refit from features every trial.
+    """
+    need = kernel_gb(fold_of)
+    if mode == "plain":
+        chosen, why = "plain", "asked for"
+    elif not backend.svr_precomputed_ok(device):
+        chosen, why = "plain", "this cuML has no kernel='precomputed' (needs 26.02+)"
+    elif mode == "auto" and need > max_gb:
+        chosen, why = "plain", f"cached kernels would need {need:.2f} GB > svr.max_kernel_gb={max_gb:g}"
+    else:
+        chosen, why = "precomputed", f"{need:.2f} GB of kernels"
+    log.info("kernel_cache: %s -> %s (%s)", mode, chosen, why)
+    return chosen
+
+
+def _n_jobs(device: str, n_folds: int) -> int:
+    """libsvm releases the GIL: CPU folds fit in parallel threads. A GPU runs them one after another."""
+    if backend.use_rapids(device):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = int(os.environ.get("PAWPULAR_SVR_THREADS", cores))  # local svr workers take one core each
+    return max(1, min(cores, n_folds))
+
+
+def fit_predict(params: dict, folds: Sequence[FoldData], device: str = "cpu") -> np.ndarray:
+    """Validation predictions of every fold (train-table rows; NaN elsewhere), clipped to [1, 100].
+
+    ``params``: C and epsilon. A fold with cached kernels fits SVR(kernel='precomputed') on them, otherwise
+    SVR(kernel='rbf') on its features: the same model, so the same predictions up to the solver's tolerance.
+    """
+    def fit_fold(f: FoldData) -> np.ndarray:
+        if f.k_train is not None:
+            model = backend.build_svr(device, kernel="precomputed", **params).fit(f.k_train, f.y_train)
+            return backend.to_numpy(model.predict(f.k_val))
+        model = backend.build_svr(device, gamma=f.gamma, **params).fit(f.x_train, f.y_train)
+        return backend.to_numpy(model.predict(f.x_val))
+
+    oof = np.full(max(f.n_rows for f in folds), np.nan)
+    with ThreadPoolExecutor(_n_jobs(device, len(folds))) as pool:
+        for f, pred in zip(folds, pool.map(fit_fold, folds), strict=True):
+            oof[f.val_rows] = pred
+    return np.clip(oof, LO, HI)
+
+
+def oof_rmse(params: dict, folds: Sequence[FoldData], y: np.ndarray, device: str = "cpu") -> float:
+    """RMSE of ``fit_predict`` over the validation rows of every fold (what a trial scores)."""
+    pred = fit_predict(params, folds, device)
+    rows = ~np.isnan(pred)  # every fold's validation rows, in train-table order (not the holdout)
+    return rmse(pred[rows], y[rows])
+
+
+def fit_head(f: FoldData, params: dict, columns: list[str], mode: str, device: str) -> tuple[SvrHead, Any]:
+    """The final SVR of a fold, fitted on its standardized features; returns (the head's arrays, the estimator).
+
+    On a CPU with cached kernels its kernel is ``RbfKernel(gamma)`` (scikit-learn computes the Gram matrix by one
+    BLAS product instead of libsvm's row by row dot products); otherwise kernel='rbf'. Same model either way, and
+    the same arrays: what ships is ``SvrHead``, never the estimator.
+    """
+    kernel: Any = RbfKernel(f.gamma) if mode == "precomputed" and not backend.use_rapids(device) else "rbf"
+    model = backend.build_svr(device, kernel=kernel, gamma=f.gamma, **params).fit(f.x_train, f.y_train)
+    return SvrHead.from_fitted(model, f.x_train, f.scaler, f.gamma, columns, f.fold, params), model
