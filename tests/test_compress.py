@@ -123,6 +123,18 @@ def test_int8_on_a_cuda_device_is_refused(tiny):
         compress_model(copy.deepcopy(model), "int8", "cuda")
 
 
+@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float16)])
+def test_bf16_becomes_fp16_on_a_gpu_without_native_bf16(tiny, monkeypatch, native, dtype):
+    """A T4 / P100 / V100 has no native bf16: the weights run in fp16 there (the model stays where it is: the
+    device only decides the dtype, so this runs on a CPU)."""
+    from pawpular import inference
+
+    model, _, _ = tiny
+    monkeypatch.setattr(inference, "gpu_has_bf16", lambda: native)
+    squeezed = compress_model(copy.deepcopy(model), "bf16", "cuda")
+    assert {p.dtype for p in squeezed.parameters()} == {dtype}
+
+
 @pytest.mark.parametrize("spec, expected", [
     ("none", ("none", 0.0)), ("", ("none", 0.0)), (" int8 ", ("int8", 0.0)), ("bf16", ("bf16", 0.0)),
     ("prune:0.3", ("prune", 0.3)), ("prune:.6", ("prune", 0.6)),

@@ -59,6 +59,11 @@ def compress_model(model: nn.Module, spec: str, device: str = "cpu") -> nn.Modul
     elif kind == "prune":
         model = prune_magnitude(model, frac)
     elif kind == "bf16":
+        from .inference import gpu_has_bf16
+
+        if device == "cuda" and not gpu_has_bf16():  # T4, P100, V100: bf16 weights would be emulated or refused
+            log.warning("embed.compress: bf16 on a GPU without native bf16: the weights run in fp16 here")
+            return model.to(torch.float16)
         model = model.to(torch.bfloat16)
     log.info("compress: %s", spec)
     return model

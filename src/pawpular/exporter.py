@@ -34,6 +34,7 @@ from . import __version__, artifacts, manifest, versions
 from .config import Config, backbone_configs, backbone_model_config, load_config, save_config
 from .files import (ArtifactError, MissingArtifact, file_digest, read_json, recover_swap, swap_dirs, temp_path,
                     write_bytes, write_json, write_text)
+from .predictor import check_weights
 
 log = logging.getLogger("pawpular")
 FORMAT = 3
@@ -75,13 +76,11 @@ def _export(out: Path, to: Path, cfg: Config) -> Path:
     members = artifacts.blend_members(out, cfg.ensemble.experiments)
     staging = temp_path(to, "partial")
     shutil.rmtree(staging, ignore_errors=True)
-    models = {(prefix.rstrip("/") or out.resolve().name): _export_experiment(
-        folder, artifacts.export_experiment(staging, prefix.rstrip("/") or out.resolve().name), prefix, weights)
-        for prefix, folder in members}
-    shipped = {f"{m['prefix']}{h}" for m in models.values() for h, w in m["weights"].items() if w > 0}
-    if lost := sorted(n for n, w in weights.items() if w > 0 and n not in shipped):
-        raise ArtifactError(f"cannot export {out}: weights.json weighs {', '.join(lost)}, which no experiment of the "
-                            "blend provides: run `pawpular ensemble` again")
+    models = {}
+    for prefix, folder in members:
+        name = prefix.rstrip("/") or out.resolve().name
+        models[name] = _export_experiment(folder, artifacts.export_experiment(staging, name), prefix, weights)
+    check_weights({"weights": weights, "experiments": models})  # predict's own check, before anything is swapped in
     shutil.copytree(Path(__file__).resolve().parent, artifacts.export_source(staging) / "pawpular",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     from .notebook import kaggle_notebook

@@ -37,7 +37,7 @@ from .dataset import eval_dataset
 from .errors import UsageError
 from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json
 from .svr_head import SvrHead, assemble_features, embedding_table
-from .inference import Policy, gpu_has_bf16, model_device, run_backbone
+from .inference import Policy, model_device, run_backbone
 from .lock import experiment_lock
 from .models import load_model_file
 from .submission import check_output_path, write_submission
@@ -69,11 +69,11 @@ def check_weights(found: dict) -> dict[str, float]:
     shipped = {f"{e['prefix']}{h}" for e in found["experiments"].values() for h, w in e["weights"].items() if w > 0}
     lost = sorted(m for m, w in weights.items() if w > 0 and m not in shipped)
     if lost:
-        raise ArtifactError(f"the blend weighs {', '.join(lost)}, but the exported folder holds no such model: "
-                            "export again")
+        raise ArtifactError(f"the blend weighs {', '.join(lost)}, but the export holds no such model: run "
+                            "`pawpular ensemble`, then export again")
     total = sum(w for m, w in weights.items() if m in shipped)
     if abs(total - 1.0) > 1e-6:
-        raise ArtifactError(f"the blend's weights sum to {total:.6f}, not 1: export again")
+        raise ArtifactError(f"the blend's weights sum to {total:.6f}, not 1: run `pawpular ensemble`, then export again")
     return weights
 
 
@@ -112,9 +112,6 @@ class Experiment:
         """Embeddings of the test photos as the pipeline made this set: its compression, TTA and policy."""
         device = model_device(entry["compress"], self.device)
         model = compress_model(model.to(device), entry["compress"], device)
-        if compress_spec(entry["compress"])[0] == "bf16" and device == "cuda" and not gpu_has_bf16():
-            log.warning("embed.compress: bf16 on a GPU without native bf16: this model's weights run in fp16")
-            model = model.half()
         policy = Policy.from_dict(entry["policy"]).usable_on(device)
         ds = eval_dataset(test, data / "test", data_cfg)
         emb = run_backbone(model, ds, device, policy, batch_size=self.cfg.embed.batch_size,

@@ -75,6 +75,11 @@ def describe(name: str) -> tuple[str, str]:
     return summary, ast.get_docstring(tree, clean=False) or ""
 
 
+def wants_fold_embeddings(cfg: Any) -> bool:
+    """Whether the folds' own embeddings (emb/fold{k}, the SVR's set "model") are wanted: svr.features lists it."""
+    return artifacts.MODEL_SET in cfg.svr.features
+
+
 def needs(name: str, cfg: Any) -> list[str]:
     """The stages whose outputs stage ``name`` reads (each must be done before it runs).
 
@@ -85,7 +90,7 @@ def needs(name: str, cfg: Any) -> list[str]:
     if name == "folds":
         return []
     if name == "embed":
-        finetuned = cfg.embed.source == "finetuned" and artifacts.MODEL_SET in cfg.svr.features
+        finetuned = cfg.embed.source == "finetuned" and wants_fold_embeddings(cfg)
         return ["folds", "train"] if finetuned else ["folds"]
     if name == "svr":
         return ["folds", "embed"]

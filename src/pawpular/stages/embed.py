@@ -37,18 +37,13 @@ from ..inference import Policy, run_backbone
 from ..models import (build_frozen, build_model, check_buildable, data_config, frozen_description, load_checkpoint,
                       read_checkpoint)
 from ..splits import written_fold_ids
-from . import Plan, Result
+from . import Plan, Result, wants_fold_embeddings
 
 log = logging.getLogger("pawpular")
 SUMMARY = "embed every image with each fold's backbone (and frozen backbones): parquet tables"
 HELP = __doc__
 IMAGES = True
 DISTRIBUTED = True  # under torchrun every rank takes part (rank 0 writes)
-
-
-def fold_sets(cfg) -> bool:
-    """Whether the folds' own embeddings (emb/fold{k}, the SVR's set "model") are wanted: svr.features lists it."""
-    return artifacts.MODEL_SET in cfg.svr.features
 
 
 def check(ctx) -> None:
@@ -92,7 +87,7 @@ def units(ctx) -> list[EmbeddingSet]:
     found = [EmbeddingSet(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
              for b in backbone_configs(cfg)]
     # as written: a stale folds.csv is the folds stage's verdict, not a data error
-    folds = written_fold_ids(out) if fold_sets(cfg) else []
+    folds = written_fold_ids(out) if wants_fold_embeddings(cfg) else []
     for k in folds:
         if cfg.embed.source == "finetuned":
             found.append(EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k)))
