@@ -62,6 +62,10 @@ def _stage_commands(sub, raw) -> None:
         summary, description = stages.describe(name)
         p = sub.add_parser(name, help=summary, description=description, formatter_class=raw)
         _config_args(p)
+        if name == "select":
+            p.add_argument("--as", dest="branch", metavar="NAME", help="also write the chosen sets as a new "
+                           "experiment NAME beside this one (output/NAME), reusing its folds, fine-tuned folds and "
+                           "embeddings; this experiment is left as it is")
         if name == "svr":
             p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
                            "(svr.workers): they share svr.n_trials exactly")
@@ -244,6 +248,20 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _select_as(args: argparse.Namespace) -> int:
+    """`pawpular select --as NAME`: select, then write the choice as a new experiment (checked first)."""
+    from . import api, branch
+    from .files import read_json
+
+    cfg = _config(args)
+    folder = branch.target(cfg, args.branch)
+    chosen = read_json(api.run_config("select", cfg))["chosen"]
+    branch.write(cfg, folder, chosen)
+    print(f"wrote the experiment {folder} (svr.features={chosen}; folds, trained folds and embeddings linked "
+          f"from {cfg.out}): next: pawpular all --output {folder}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from . import api
     from .distributed import is_lead_process
@@ -286,6 +304,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         output = args.output or config_from(args.config, output=args.output).out
         print(api.report(output, args.data))
         return 0
+    if args.command == "select" and args.branch:
+        return _select_as(args)
     result = api.run_config(args.command, _config(args))
     if is_lead_process():  # under torchrun, one line, not one per rank
         print(result)

@@ -162,7 +162,7 @@ def run(ctx) -> Result:
         outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS]
     cached = [k for k, v in status.items() if v == "cached"]
     if cached:
-        log.info("embeddings unchanged, reused from cache: %s", ", ".join(cached))
+        log.info("embeddings unchanged since this experiment made them: %s", ", ".join(cached))
     log.info("embed summary: %s", ", ".join(f"{k}={v}" for k, v in status.items()))
     # what the files are, not how this run went: each set's own policy (its manifest's)
     info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")},
