@@ -233,14 +233,16 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from . import recipe
     from .manifest import NOT_NEEDED
     from .runner import status
 
     cfg = _config(args)
     verdicts = status(cfg)
-    print(f"{cfg.out} (data {cfg.data}):")
+    print(f"{cfg.out} (data {cfg.data}; {recipe.describe(cfg)}):")
     for name, v in verdicts.items():
-        print(f"  {name:<9} {v.state:<10} {v.why(4)}".rstrip())
+        why = v.why(4) if not v.done or name != "embed" else recipe.reuse_line(cfg.out)
+        print(f"  {name:<9} {v.state:<10} {why}".rstrip())
     todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
     partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"
     run_all = "pawpular all --set train.folds=null" if partial else "pawpular all"  # else it trains the same folds

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -114,44 +113,3 @@ def _link(out: Path, folder: Path, entry: Path, config: dict, inputs: dict, reco
         link_or_copy(src, dst)
     info = {**record.info, "cache": entry.name}
     manifest.commit(folder / "manifest.json", out, manifest.Record(config, inputs, info=info), _files(folder))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# What status, runs and the report show
-
-
-def sets_used(out: Path) -> dict[str, dict]:
-    """Each embedding set of an experiment (``emb/<set>``), by name: the entry it came from, who computed it, and
-    how many other experiments' files are the same (hard links to the same bytes). Reads manifests only."""
-    found = {}
-    for unit, record in manifest.unit_records(out).items():
-        stage, name = unit.split("/", 1)
-        if stage != artifacts.STAGE_DIRS["embed"]:
-            continue
-        folder = Path(out) / unit
-        found[name] = {"cache": record.info.get("cache"), "made_by": record.info.get("made_by"),
-                       "reused": record.info.get("made_by") not in (None, str(Path(out).resolve())),
-                       "shared_with": _other_links(folder, Path(out).parent)}
-    return found
-
-
-def _other_links(folder: Path, root: Path) -> int:
-    """Experiments other than this one holding the same train table (links, less this one and the cache's)."""
-    try:
-        links = os.stat(folder / "train.parquet").st_nlink
-    except OSError:
-        return 0
-    return max(0, links - 2) if artifacts.emb_cache(root).is_dir() else 0
-
-
-def reuse_line(out: Path) -> str:
-    """One line for `pawpular status`: which sets came from the shared cache, and who else uses them."""
-    sets = sets_used(out)
-    if not any(s["cache"] for s in sets.values()):
-        return ""
-    parts = []
-    for name, s in sets.items():
-        how = f"reused from {Path(s['made_by']).name}" if s["reused"] else "computed here"
-        others = f", shared with {s['shared_with']} other experiment(s)" if s["shared_with"] else ""
-        parts.append(f"{name} ({how}{others})" if s["cache"] else f"{name} (not in the cache)")
-    return f"embedding sets in {artifacts.emb_cache(Path(out).parent)}: " + "; ".join(parts)
