@@ -308,9 +308,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "select" and args.branch:
         return _select_as(args)
-    result = api.run_config(args.command, _config(args))
+    cfg = _config(args)
+    result = api.run_config(args.command, cfg)
     if is_lead_process():  # under torchrun, one line, not one per rank
         print(result)
+        if args.command == "all":  # what ./run.sh does next
+            print(f"report: pawpular report --output {cfg.out}   (report.html: scores, figures, what ran)")
     return 0
 
 

@@ -53,6 +53,8 @@ def check(ctx) -> None:
     """Before anything changes: frozen backbones' settings timm rejects, or weight files that are none."""
     cfg = ctx.cfg
     if cfg.embed.source == "pretrained":
+        log.warning("embed.source: pretrained is deprecated (it still works): list the frozen backbone under "
+                    "embed.backbones ({name: NAME, model: ..., pretrained: ...}) and NAME in svr.features instead")
         check_buildable(cfg.model)
     for i, b in enumerate(backbone_configs(cfg)):
         try:
