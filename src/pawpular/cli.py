@@ -241,7 +241,7 @@ def _status(args: argparse.Namespace) -> int:
     verdicts = status(cfg)
     print(f"{cfg.out} (data {cfg.data}; {recipe.describe(cfg)}):")
     for name, v in verdicts.items():
-        why = v.why(4) if not v.done or name != "embed" else recipe.reuse_line(cfg.out)
+        why = v.why(4) if not v.done or name != "embed" else recipe.reuse_line(cfg.out, list(cfg.svr.features))
         print(f"  {name:<9} {v.state:<10} {why}".rstrip())
     todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
     partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"

@@ -98,10 +98,10 @@ def trained_model(out: Path, config: dict) -> dict | None:
             "epochs": train.get("epochs")}
 
 
-def reuse_line(out: Path) -> str:
+def reuse_line(out: Path, features: list[str] | None = None) -> str:
     """For `pawpular status`: the sets that came from another experiment through the shared cache
     (``embedding_cache``), and how many other experiments hold the same files; "" when none is shared."""
-    found = [s for s in sets(out) if s["reused"] or s["shared_with"]]
+    found = [s for s in sets(out, features) if s["reused"] or s["shared_with"]]
     if not found:
         return ""
     reused = [s["name"] for s in found if s["reused"]]

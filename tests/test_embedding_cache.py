@@ -1,0 +1,155 @@
+"""Embedding sets shared across experiments (embedding_cache.py): computed once under the output root, hard-linked
+into each experiment; a second experiment with the same backbones embeds nothing; one experiment's --overwrite
+never touches the files another one uses; the key is the set's own manifest key (plus the policy)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+FROZEN = REPO / "configs" / "frozen_svr.yaml"
+TINY = ["folds.n_folds=3", "embed.num_workers=0", "svr.n_trials=2"]
+
+
+def args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(FROZEN), "--data", str(data), "--output", str(out),
+            *[a for s in [*TINY, *extra] for a in ("--set", s)]]
+
+
+def _embed(data: Path, out: Path, *extra: str) -> None:
+    from pawpular import cli
+
+    for stage in ("folds", "embed"):
+        assert cli.main([stage, *args(data, out, *extra)]) == 0
+
+
+def _embed_info(out: Path) -> dict:
+    from pawpular import artifacts, manifest
+
+    return manifest.read(artifacts.manifest(out, "embed")).info
+
+
+def _digests(out: Path) -> dict[str, str]:
+    from pawpular.files import file_digest
+
+    return {str(p.relative_to(out)): file_digest(p) for p in sorted((out / "emb").rglob("*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def shared(small_competition, tmp_path_factory) -> tuple[Path, Path]:
+    """Experiment a embeds both frozen sets; b (same backbones, another folder) must embed nothing."""
+    from pawpular import cli
+    from pawpular.stages import embed
+
+    root = tmp_path_factory.mktemp("root")
+    a, b = root / "a", root / "b"
+    assert cli.main(["all", *args(small_competition, a)]) == 0
+
+    def refuse(*_, **__):
+        raise AssertionError("experiment b ran a backbone: its sets are a's")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(embed, "run_backbone", refuse)
+        assert cli.main(["all", *args(small_competition, b)]) == 0
+    return a, b
+
+
+def test_a_second_experiment_with_the_same_sets_embeds_nothing(shared, small_competition, capsys):
+    from pawpular import cli, recipe
+
+    a, b = shared
+    assert _embed_info(a)["sets"] == {"resnet": "computed", "convnext": "computed"}
+    assert _embed_info(b)["sets"] == {"resnet": "reused", "convnext": "reused"}
+    for name in ("resnet", "convnext"):  # the same bytes, held once: links into the one cache entry
+        for split in ("train", "test"):
+            assert os.path.samefile(a / "emb" / name / f"{split}.parquet", b / "emb" / name / f"{split}.parquet")
+    cached = {json.loads((e / "manifest.json").read_text())["key"]: e for e in (a.parent / ".embeddings").iterdir()}
+    assert sorted(cached) == sorted(e.name for e in cached.values()) and len(cached) == 2  # named by their key
+    assert [s["reused"] for s in recipe.sets(b)] == [True, True] and not any(s["reused"] for s in recipe.sets(a))
+    capsys.readouterr()
+    assert cli.main(["status", *args(small_competition, b)]) == 0
+    printed = capsys.readouterr().out
+    assert "reused from the shared cache: resnet, convnext" in printed and "frozen:" in printed.splitlines()[0]
+
+
+def test_overwrite_of_one_experiment_keeps_the_sets_another_uses(shared, small_competition, tmp_path, caplog):
+    from pawpular import cli
+
+    a, b = shared
+    before = _digests(b)
+    assert cli.main(["embed", *args(small_competition, a), "--overwrite"]) == 0
+    assert _embed_info(a)["sets"] == {"resnet": "computed", "convnext": "computed"}  # --overwrite trusts no cache
+    assert _digests(b) == before
+    with caplog.at_level("INFO", logger="pawpular"):
+        assert cli.main(["embed", *args(small_competition, b)]) == 0
+    assert "== embed cached" in caplog.text  # b's sets are whole and current: nothing to redo
+
+
+@pytest.mark.slow
+def test_the_key_follows_the_recorded_settings_and_an_unfinished_entry_is_never_reused(shared, small_competition):
+    a, _ = shared
+    root = a.parent
+    # a setting the set's manifest records (TTA) makes another set: computed, not reused
+    _embed(small_competition, root / "no_tta", "embed.tta_hflip=false")
+    assert _embed_info(root / "no_tta")["sets"] == {"resnet": "computed", "convnext": "computed"}
+    # a kill between an entry's files and its manifest leaves an entry without a manifest: recomputed
+    entry = root / ".embeddings" / json.loads((a / "emb" / "resnet" / "manifest.json").read_text())["info"]["cache"]
+    (entry / "manifest.json").unlink()
+    _embed(small_competition, root / "c")
+    assert _embed_info(root / "c")["sets"] == {"resnet": "computed", "convnext": "reused"}
+    assert (entry / "manifest.json").is_file()
+
+
+def test_a_writer_of_the_same_set_waits_for_the_one_holding_it(tmp_path, monkeypatch):
+    from pawpular import embedding_cache
+
+    entry = tmp_path / ".embeddings" / "0123abcd"
+    entry.mkdir(parents=True)
+    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(1.5)")
+    proc = subprocess.Popen([sys.executable, "-c", hold, str(entry / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    monkeypatch.setattr(embedding_cache, "WAIT_SECONDS", 0.1)
+    t0 = time.monotonic()
+    with embedding_cache.entry_lock(entry, "test"):
+        waited = time.monotonic() - t0
+    proc.wait()
+    assert waited > 0.5 and proc.returncode == 0
+
+
+def test_runs_names_the_frozen_backbones_and_no_fine_tuned_model(shared, capsys):
+    from pawpular import cli
+
+    a, b = shared
+    capsys.readouterr()
+    assert cli.main(["runs", str(a), str(b), "--json"]) == 0
+    rows = {r["experiment"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    for name, row in rows.items():
+        assert row["recipe"] == "frozen" and row["model"] is None and row["epochs"] is None
+        assert [(s["name"], s["backbone"], s["img_size"], s["kind"]) for s in row["sets"]] == [
+            ("resnet", "resnet18", 96, "pooled"), ("convnext", "convnext_atto", 96, "pooled")]
+        assert [s["reused"] for s in row["sets"]] == [name == "b"] * 2
+    assert cli.main(["runs", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert "resnet=resnet18@96 pooled (reused)" in text and "swin" not in text
+
+
+def test_settings_differ_key_by_key_for_named_backbones():
+    from pawpular import experiments, manifest
+
+    old = {"embed": {"backbones": [{"name": "resnet", "model": "resnet18", "img_size": 96},
+                                   {"name": "convnext", "model": "convnext_atto", "img_size": 96}]}}
+    new = {"embed": {"backbones": [{"name": "resnet", "model": "resnet18", "img_size": 128},
+                                   {"name": "convnext", "model": "convnext_atto", "img_size": 96}]}}
+    assert manifest.config_changes(old, new) == ["embed.backbones.resnet.img_size 96 -> 128"]
+    flat = [experiments._flatten(c) for c in (old, new)]
+    assert experiments.differing(flat) == ["embed.backbones.resnet.img_size"]
+    # a list without unique names stays one value
+    assert manifest.by_name([{"name": "x"}, {"name": "x"}]) is None and manifest.by_name([1, 2]) is None
