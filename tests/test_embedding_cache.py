@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -153,3 +154,46 @@ def test_settings_differ_key_by_key_for_named_backbones():
     assert experiments.differing(flat) == ["embed.backbones.resnet.img_size"]
     # a list without unique names stays one value
     assert manifest.by_name([{"name": "x"}, {"name": "x"}]) is None and manifest.by_name([1, 2]) is None
+
+
+def test_a_branch_from_select_fits_its_svr_on_the_same_sets_and_embeds_nothing(shared, small_competition, capsys,
+                                                                               caplog):
+    from pawpular import cli, svr_head
+    from pawpular.stages import embed
+
+    a, _ = shared
+    assert cli.main(["select", *args(small_competition, a), "--as", "a_best"]) == 0
+    printed = capsys.readouterr().out
+    branch = a.parent / "a_best"
+    assert f"next: pawpular all --output {branch}" in printed and "'model'" not in caplog.text  # no fine-tuned set
+    selection = json.loads((a / "select" / "selection.json").read_text())
+    assert selection["candidates"] == ["resnet", "convnext"] and selection["skipped"] == {}
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="pawpular"):
+        mp.setattr(embed, "run_backbone", lambda *_, **__: pytest.fail("the branch ran a backbone"))
+        mp.setattr(svr_head, "C_EDGE_SHARE", 0.5)  # every C is "at an edge" (2 trials never reach a real one)
+        assert cli.main(["all", "--output", str(branch)]) == 0
+    assert re.search(r"svr: the best C \(\S+\) is at the (top|bottom) .*(raise svr.c_max|lower svr.c_min)", caplog.text)
+    assert "embed summary: resnet=" in caplog.text and "=computed" not in caplog.text  # linked or reused
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"report: pawpular report --output {branch}")
+    assert yaml_features(branch) == selection["chosen"]
+    assert json.loads((a / "svr" / "best_params.json").read_text())["features"] == ["resnet", "convnext"]  # a kept
+
+
+def yaml_features(out: Path) -> list[str]:
+    import yaml
+
+    return yaml.safe_load((out / "config.yaml").read_text())["svr"]["features"]
+
+
+def test_the_frozen_config_holds_only_what_the_recipe_reads_and_says_frozen(small_competition, make_cfg, caplog):
+    import yaml
+
+    from pawpular import recipe
+
+    sections = yaml.safe_load(FROZEN.read_text())
+    assert "model" not in sections and "train" not in sections
+    cfg = make_cfg(small_competition, config=str(FROZEN))
+    assert recipe.kind(cfg) == "frozen" and recipe.describe(cfg).startswith("frozen: frozen backbones resnet, convnext")
+    old = make_cfg(small_competition, "embed.source=pretrained", "ensemble.heads=[svr]")  # svr.features: [model]
+    assert recipe.kind(old) == "frozen" and "embed.source: pretrained" in recipe.describe(old)
+    assert recipe.kind(make_cfg(small_competition)) == "fine-tuned"

@@ -344,9 +344,11 @@ def fit_head(f: FoldData, params: dict, columns: list[str], mode: str, device: s
 C_EDGE_SHARE = 0.05
 
 
-def c_at_edge(c: float, c_min: float, c_max: float, share: float = C_EDGE_SHARE) -> str | None:
-    """A one-line warning when the best ``c`` lies at the edge of the searched range, naming the bound to move;
-    None when it lies inside (or the range is one value)."""
+def c_at_edge(c: float, c_min: float, c_max: float, share: float | None = None) -> str | None:
+    """A one-line warning when the best ``c`` lies at the edge of the searched range (within ``share``, default
+    C_EDGE_SHARE, of its log width from a bound), naming the bound to move; None when it lies inside (or the range
+    is one value)."""
+    share = C_EDGE_SHARE if share is None else share
     if not 0 < c_min < c_max:
         return None
     width = np.log(c_max / c_min)
