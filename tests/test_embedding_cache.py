@@ -31,10 +31,10 @@ def _embed(data: Path, out: Path, *extra: str) -> None:
         assert cli.main([stage, *args(data, out, *extra)]) == 0
 
 
-def _embed_info(out: Path) -> dict:
-    from pawpular import artifacts, manifest
-
-    return manifest.read(artifacts.manifest(out, "embed")).info
+def _made_by(out: Path) -> dict[str, str]:
+    """Each set's maker, as its manifest records it (the folder name of the experiment that computed it)."""
+    return {name: Path(json.loads((out / "emb" / name / "manifest.json").read_text())["info"]["made_by"]).name
+            for name in ("resnet", "convnext")}
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -66,8 +66,7 @@ def test_a_second_experiment_with_the_same_sets_embeds_nothing(shared, small_com
     from pawpular import cli, recipe
 
     a, b = shared
-    assert _embed_info(a)["sets"] == {"resnet": "computed", "convnext": "computed"}
-    assert _embed_info(b)["sets"] == {"resnet": "reused", "convnext": "reused"}
+    assert _made_by(a) == _made_by(b) == {"resnet": "a", "convnext": "a"}
     for name in ("resnet", "convnext"):  # the same bytes, held once: links into the one cache entry
         for split in ("train", "test"):
             assert os.path.samefile(a / "emb" / name / f"{split}.parquet", b / "emb" / name / f"{split}.parquet")
@@ -85,26 +84,32 @@ def test_overwrite_of_one_experiment_keeps_the_sets_another_uses(shared, small_c
 
     a, b = shared
     before = _digests(b)
-    assert cli.main(["embed", *args(small_competition, a), "--overwrite"]) == 0
-    assert _embed_info(a)["sets"] == {"resnet": "computed", "convnext": "computed"}  # --overwrite trusts no cache
+    with caplog.at_level("INFO", logger="pawpular"):
+        assert cli.main(["embed", *args(small_competition, a), "--overwrite"]) == 0
+    assert "embed summary: resnet=computed, convnext=computed" in caplog.text  # --overwrite trusts no cache
     assert _digests(b) == before
+    caplog.clear()
     with caplog.at_level("INFO", logger="pawpular"):
         assert cli.main(["embed", *args(small_competition, b)]) == 0
     assert "== embed cached" in caplog.text  # b's sets are whole and current: nothing to redo
 
 
 @pytest.mark.slow
-def test_the_key_follows_the_recorded_settings_and_an_unfinished_entry_is_never_reused(shared, small_competition):
+def test_the_key_follows_the_recorded_settings_and_an_unfinished_entry_is_never_reused(shared, small_competition,
+                                                                                      caplog):
     a, _ = shared
     root = a.parent
+    caplog.set_level("INFO", logger="pawpular")
     # a setting the set's manifest records (TTA) makes another set: computed, not reused
     _embed(small_competition, root / "no_tta", "embed.tta_hflip=false")
-    assert _embed_info(root / "no_tta")["sets"] == {"resnet": "computed", "convnext": "computed"}
+    assert "embed summary: resnet=computed, convnext=computed" in caplog.text
     # a kill between an entry's files and its manifest leaves an entry without a manifest: recomputed
     entry = root / ".embeddings" / json.loads((a / "emb" / "resnet" / "manifest.json").read_text())["info"]["cache"]
     (entry / "manifest.json").unlink()
+    caplog.clear()
     _embed(small_competition, root / "c")
-    assert _embed_info(root / "c")["sets"] == {"resnet": "computed", "convnext": "reused"}
+    assert "embed summary: resnet=computed, convnext=reused" in caplog.text
+    assert _made_by(root / "c") == {"resnet": "c", "convnext": "a"}
     assert (entry / "manifest.json").is_file()
 
 

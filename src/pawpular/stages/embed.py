@@ -167,8 +167,7 @@ def run(ctx) -> Result:
         log.info("embeddings unchanged since this experiment made them: %s", ", ".join(cached))
     log.info("embed summary: %s", ", ".join(f"{k}={v}" for k, v in status.items()))
     # what the files are, not how this run went: each set's own policy (its manifest's)
-    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")},
-            "sets": status}
+    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")}}
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 
