@@ -72,6 +72,8 @@ def test_a_second_experiment_with_the_same_sets_embeds_nothing(shared, small_com
             assert os.path.samefile(a / "emb" / name / f"{split}.parquet", b / "emb" / name / f"{split}.parquet")
     cached = {json.loads((e / "manifest.json").read_text())["key"]: e for e in (a.parent / ".embeddings").iterdir()}
     assert sorted(cached) == sorted(e.name for e in cached.values()) and len(cached) == 2  # named by their key
+    recorded = json.loads((b / "emb" / "manifest.json").read_text())["info"]["cache"]  # which sets b used
+    assert sorted(recorded) == ["emb/convnext", "emb/resnet"] and sorted(recorded.values()) == sorted(cached)
     assert [s["reused"] for s in recipe.sets(b)] == [True, True] and not any(s["reused"] for s in recipe.sets(a))
     capsys.readouterr()
     assert cli.main(["status", *args(small_competition, b)]) == 0

@@ -167,7 +167,9 @@ def run(ctx) -> Result:
         log.info("embeddings unchanged since this experiment made them: %s", ", ".join(cached))
     log.info("embed summary: %s", ", ".join(f"{k}={v}" for k, v in status.items()))
     # what the files are, not how this run went: each set's own policy (its manifest's)
-    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")}}
+    records = {u: r for u, r in manifest.unit_records(cfg.out).items() if u.startswith("emb/")}
+    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")},
+            "cache": {u: r.info["cache"] for u, r in records.items() if r.info.get("cache")}}  # the shared sets used
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 

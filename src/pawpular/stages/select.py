@@ -12,11 +12,12 @@ Run     pawpular select --config configs/multi_backbone.yaml
                                         again); then `pawpular all --output output/NAME` fits its SVR head
 
 How it chooses: each set is scored alone (the SVR head's out-of-fold RMSE on it), the best one is kept, then at
-each step the set whose addition lowers the RMSE most is added, until no set improves it by at least
-MIN_IMPROVEMENT (0.01) or none is left; so the choice never scores worse than the best set alone. Every score
+each step the set whose addition lowers the RMSE most is added, until no set improves it by at least 0.01
+RMSE points or none is left; so the choice never scores worse than the best set alone. Every score
 and every step is printed. C is chosen from a fixed grid over [svr.c_min, svr.c_max] (so two runs agree); a
 warning says when the best C is at an edge of that range and which bound to move. `pawpular svr` with the chosen
-sets (C tuned by Optuna over the same range) lands at or near the printed RMSE.
+sets (C tuned by Optuna over the same range) lands at or near the printed RMSE, which is optimistic: the sets are
+chosen on the rows they are scored on.
 """
 from __future__ import annotations
 
