@@ -86,8 +86,14 @@ def test_the_report_and_the_runs_table_know_it_needs_no_training(frozen_run, sma
     assert 'data-stage="train" data-state="not needed"' in doc
     assert "NN head" not in doc and 'data-model="nn"' not in doc and 'class="warn"' not in doc
     assert not re.findall(r'<p class="missing">', doc)
+    # what ran: the frozen recipe, each set's backbone and size, no fine-tuned model; titled by its folder
+    assert re.search(r'<p id="recipe">What ran: <b>frozen</b>; nothing is fine-tuned', doc)
+    sets = re.findall(r'<tr data-set="(\w+)"><td>\w+</td><td>(\w+)</td><td>(\d+)</td><td>(\w+)</td>', doc)
+    assert sets == [("resnet", "resnet18", "96", "pooled"), ("convnext", "convnext_atto", "96", "pooled")]
+    assert f"<h1>pawpular report: {frozen_run.name}</h1>" in doc and "swin" not in doc.split('id="config"')[0]
     row = pawpular.runs(frozen_run).iloc[0]
     assert row["status"] == "done" and row["stages"]["train"] == "not needed"
+    assert row["recipe"] == "frozen" and row["model"] is None
 
 
 @pytest.mark.slow
