@@ -204,3 +204,12 @@ def test_the_frozen_config_holds_only_what_the_recipe_reads_and_says_frozen(smal
     old = make_cfg(small_competition, "embed.source=pretrained", "ensemble.heads=[svr]")  # svr.features: [model]
     assert recipe.kind(old) == "frozen" and "embed.source: pretrained" in recipe.describe(old)
     assert recipe.kind(make_cfg(small_competition)) == "fine-tuned"
+
+
+def test_a_set_left_out_by_choice_is_no_longer_used_not_missing():
+    from pawpular import manifest
+
+    old = {"resnet: frozen backbone": "ab12", "convnext: frozen backbone": "cd34", "data:train.csv": "ef56"}
+    new = {"resnet: frozen backbone": "ab12", "data:train.csv": None}
+    assert manifest.input_changes(old, new) == ["convnext: frozen backbone is no longer used",
+                                                "data:train.csv is missing"]

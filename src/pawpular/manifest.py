@@ -147,7 +147,9 @@ def input_changes(old: dict, new: dict) -> list[str]:
     for k in sorted(set(old) | set(new)):
         if old.get(k) == new.get(k):
             continue
-        if new.get(k) is None:
+        if k not in new:  # left out by a setting (a set no longer listed): not a file gone missing
+            out.append(f"{k} is no longer used")
+        elif new.get(k) is None:
             out.append(f"{k} is missing")
         elif k not in old:
             out.append(f"{k} is a new input")
