@@ -84,7 +84,6 @@ class EmbeddingSet:
             _DATA_CFGS[key] = data_config(self.model_cfg, build_model(self.model_cfg, pretrained=False).backbone)
         return _DATA_CFGS[key]
 
-
     def backbone(self) -> str:
         """The timm model that made the set (a checkpoint's own, as it was trained)."""
         if self.checkpoint is None:
