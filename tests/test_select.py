@@ -191,7 +191,8 @@ def test_select_as_writes_the_choice_as_a_new_experiment_and_leaves_this_one(sel
         assert (new / "emb" / f"fold{k}" / "train.parquet").samefile(out / "emb" / f"fold{k}" / "train.parquet")
     assert (new / "emb" / "partial" / "manifest.json").samefile(out / "emb" / "partial" / "manifest.json")
     assert (new / "folds" / "folds.csv").samefile(out / "folds" / "folds.csv")
-    assert not (new / "emb" / "noise").exists()
+    assert (new / "emb" / "noise" / "train.parquet").samefile(out / "emb" / "noise" / "train.parquet")  # left out
+    assert not (new / "svr").exists() and not (new / "emb" / "manifest.json").exists()  # stages of its own
     assert {p: file_digest(p) for p in before} == before  # the source experiment is as it was (plus select/)
     assert cli.main(["select", "--config", str(config), "--as", "best"]) == 2  # never onto an earlier branch
 

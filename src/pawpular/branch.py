@@ -4,8 +4,9 @@
     branch.write(cfg, target, ["resnet"])          # -> output/resnet_only/config.yaml (svr.features=[resnet])
 
 The new folder gets hard links (copies where links are not possible) of what the experiment computed upstream of
-the SVR head: ``folds/``, the fine-tuned folds ``train/`` (when it has them) and the chosen embedding sets
-``emb/<set>/`` with their manifests, and a ``config.yaml``: the settings that made those files, with
+the SVR head: ``folds/``, the fine-tuned folds ``train/`` (when it has them) and its embedding sets ``emb/<set>/``
+with their manifests (all of them: a set the branch leaves out of its SVR is still embedded by its config), and
+a ``config.yaml``: the settings that made those files, with
 ``svr.features`` the chosen sets and ``experiment`` the folder's name. `pawpular all --output <target>` then finds
 folds, train and embed done (nothing is trained or embedded) and fits the SVR and the blend. The source
 experiment is never written; links are safe to share because every write replaces a file, never changes it.
@@ -57,11 +58,9 @@ def write(cfg: Any, folder: Path, features: list[str]) -> Path:
         _link_tree(artifacts.stage_dir(src, "folds"), artifacts.stage_dir(folder, "folds"))
         if artifacts.manifest(src, "train").is_file():
             _link_tree(artifacts.stage_dir(src, "train"), artifacts.stage_dir(folder, "train"))
-        for name in dict.fromkeys(features):
-            dirs = (artifacts.fold_dirs(artifacts.stage_dir(src, "embed")).values() if name == artifacts.MODEL_SET
-                    else [artifacts.emb_dir(src, backbone=name)])
-            for d in dirs:
-                _link_tree(d, artifacts.stage_dir(folder, "embed") / d.name)
+        emb = artifacts.stage_dir(src, "embed")
+        for d in sorted(p for p in emb.iterdir() if p.is_dir()) if emb.is_dir() else ():
+            _link_tree(d, artifacts.stage_dir(folder, "embed") / d.name)  # every set: the branch embeds none again
         data = assembled_config(cfg)
         data["svr"]["features"] = list(features)
         data.update(experiment=folder.name, output_dir=str(folder), overwrite=False)
