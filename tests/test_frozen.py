@@ -18,6 +18,9 @@ from conftest import REPO
 from test_notebooks import venv_kernel  # noqa: F401  (fixture)
 
 FROZEN = REPO / "configs" / "frozen_svr.yaml"
+# configs/frozen_svr.yaml has no model: a test that makes it train gives it the embedded default's tiny Swin
+TINY_MODEL = ["model.name=swin_tiny_patch4_window7_224", "model.img_size=64",
+              "model.kwargs={embed_dim: 24, depths: [1, 1], num_heads: [1, 2], img_size: 64, window_size: 4}"]
 TINY = ["folds.n_folds=3", "train.epochs=2", "train.num_workers=0", "embed.num_workers=0", "svr.n_trials=8"]
 
 
@@ -41,7 +44,8 @@ def _status(capsys, data: Path, out: Path, *extra: str) -> tuple[dict[str, str],
     capsys.readouterr()
     assert cli.main(["status", *frozen_args(data, out, *extra)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    return {line.split()[0]: " ".join(line.split()[1:3]) for line in lines[1:-1]}, lines[-1]
+    states = {line.split()[0]: " ".join(line.split()[1:3]) for line in lines[1:-1]}
+    return {k: v if v == "not needed" else v.split()[0] for k, v in states.items()}, lines[-1]  # less the why
 
 
 def test_needed_follows_the_heads_and_the_embedding_sets(make_cfg, small_competition):
@@ -82,8 +86,14 @@ def test_the_report_and_the_runs_table_know_it_needs_no_training(frozen_run, sma
     assert 'data-stage="train" data-state="not needed"' in doc
     assert "NN head" not in doc and 'data-model="nn"' not in doc and 'class="warn"' not in doc
     assert not re.findall(r'<p class="missing">', doc)
+    # what ran: the frozen recipe, each set's backbone and size, no fine-tuned model; titled by its folder
+    assert re.search(r'<p id="recipe">What ran: <b>frozen</b>; nothing is fine-tuned', doc)
+    sets = re.findall(r'<tr data-set="(\w+)"><td>\w+</td><td>(\w+)</td><td>(\d+)</td><td>(\w+)</td>', doc)
+    assert sets == [("resnet", "resnet18", "96", "pooled"), ("convnext", "convnext_atto", "96", "pooled")]
+    assert f"<h1>pawpular report: {frozen_run.name}</h1>" in doc and "swin" not in doc.split('id="config"')[0]
     row = pawpular.runs(frozen_run).iloc[0]
     assert row["status"] == "done" and row["stages"]["train"] == "not needed"
+    assert row["recipe"] == "frozen" and row["model"] is None
 
 
 @pytest.mark.slow
@@ -95,14 +105,14 @@ def test_a_stage_asked_for_by_name_runs_and_a_config_that_needs_it_trains_and_re
     before = {p: p.stat().st_mtime_ns for d in ("folds", "emb", "svr") for p in (run / d).rglob("*") if p.is_file()}
     old = json.loads((run / "ensemble" / "weights.json").read_text())
     with caplog.at_level(logging.INFO, logger="pawpular"):
-        assert cli.main(["all", *frozen_args(small_competition, run, "ensemble.heads=[nn, svr]")]) == 0
+        assert cli.main(["all", *frozen_args(small_competition, run, "ensemble.heads=[nn, svr]", *TINY_MODEL)]) == 0
     assert "== train done" in caplog.text and "== ensemble done" in caplog.text
     for stage in ("folds", "embed", "svr"):
         assert f"== {stage} cached" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing upstream of the blend was rewritten
     weights = json.loads((run / "ensemble" / "weights.json").read_text())
     assert set(weights["weights"]) == {"nn", "svr"} and weights != old
-    states, _ = _status(capsys, small_competition, run, "ensemble.heads=[nn, svr]")
+    states, _ = _status(capsys, small_competition, run, "ensemble.heads=[nn, svr]", *TINY_MODEL)
     assert set(states.values()) == {"done"}
 
     # back to the frozen config: train (done) is not needed again; by name it still runs (cached: nothing changed)
@@ -110,7 +120,7 @@ def test_a_stage_asked_for_by_name_runs_and_a_config_that_needs_it_trains_and_re
     assert states["train"] == "not needed"
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pawpular"):
-        assert cli.main(["train", *frozen_args(small_competition, run)]) == 0
+        assert cli.main(["train", *frozen_args(small_competition, run, *TINY_MODEL)]) == 0
     assert "== train cached" in caplog.text
 
 

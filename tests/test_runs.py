@@ -118,7 +118,7 @@ def test_the_command_line_table_sort_json_and_page(runs_dir, tmp_path, capsys):
     assert cli.main(["runs", str(runs_dir), "--sort=-blend_cv"]) == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    assert lines[0].split()[:4] == ["experiment", "status", "nn", "svr"]
+    assert lines[0].split()[:5] == ["experiment", "status", "recipe", "nn", "svr"]
     order = [line.split()[0] for line in lines[1:6]]
     cv = {n: pawpular.runs(runs_dir / n).loc[0, "blend_cv"] for n in order if n != "partial"}
     assert order[-1] == "partial" and [cv[n] for n in order[:-1]] == sorted(cv.values(), reverse=True)

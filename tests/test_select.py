@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,57 @@ def test_without_embeddings_the_error_says_run_embed(sel_exp, capsys):
     assert cli.main(["select", "--config", str(config)]) == 2
     assert "run `pawpular embed` first" in capsys.readouterr().err
     assert not (out / "select" / "selection.json").exists()
+
+
+def test_cli_prints_each_sets_own_score_and_every_step(sel_exp, capsys):
+    _, out, config = sel_exp
+    assert cli.main(["select", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "select" / "selection.json").read_text())
+    alone = printed.split("each set alone:")[1].split("step 2:")[0]
+    for name, r in result["single"].items():  # every candidate's own score, as the JSON has it
+        assert re.search(rf"^\s+{name}\s+{r['oof_rmse']:.4f}\s", alone, re.M), (name, alone)
+    assert "absent" not in alone  # not embedded: named in the log, never scored
+    step2 = printed.split("step 2:")[1].split("step 3:")[0]
+    assert {n for n in result["steps"][1]["tried"]} == set(re.findall(r"\+ (\w+)", step2)) == {"noise", "partial"}
+    assert re.search(r"\+ partial .*<- added", step2)
+    step3 = printed.split("step 3:")[1]
+    assert "+ noise" in step3 and "none added" in step3  # the step that stopped, with its try
+
+
+def test_select_as_writes_the_choice_as_a_new_experiment_and_leaves_this_one(sel_exp, capsys):
+    from pawpular.files import file_digest
+
+    _, out, config = sel_exp
+    taken = out.parent / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert cli.main(["select", "--config", str(config), "--as", "taken"]) == 2  # refused before any work
+    assert not (out / "select").exists() and (taken / "notes.txt").read_text() == "mine"
+    before = {p: file_digest(p) for p in out.rglob("*") if p.is_file()}
+    assert cli.main(["select", "--config", str(config), "--as", "best"]) == 0
+    assert "pawpular all --output" in capsys.readouterr().out
+    new = out.parent / "best"
+    saved = yaml.safe_load((new / "config.yaml").read_text())
+    assert saved["svr"]["features"] == ["model", "partial"] and saved["experiment"] == "best"
+    assert saved["output_dir"] == str(new)
+    for k in range(N_FOLDS):  # the chosen sets and the folds are the same files, not copies
+        assert (new / "emb" / f"fold{k}" / "train.parquet").samefile(out / "emb" / f"fold{k}" / "train.parquet")
+    assert (new / "emb" / "partial" / "manifest.json").samefile(out / "emb" / "partial" / "manifest.json")
+    assert (new / "folds" / "folds.csv").samefile(out / "folds" / "folds.csv")
+    assert (new / "emb" / "noise" / "train.parquet").samefile(out / "emb" / "noise" / "train.parquet")  # left out
+    assert not (new / "svr").exists() and not (new / "emb" / "manifest.json").exists()  # stages of its own
+    assert {p: file_digest(p) for p in before} == before  # the source experiment is as it was (plus select/)
+    assert cli.main(["select", "--config", str(config), "--as", "best"]) == 2  # never onto an earlier branch
+
+
+@pytest.mark.parametrize("c_min,c_max", [(0.1, 100.0), (0.5, 200.0), (1e-3, 1e3)])
+def test_the_edge_warning_fires_at_a_bound_and_not_inside(c_min, c_max):
+    grid = select.c_grid(c_min, c_max)
+    top, bottom = svr_head.c_at_edge(grid[-1], c_min, c_max), svr_head.c_at_edge(grid[0], c_min, c_max)
+    assert "raise svr.c_max" in top and f"svr.c_max={c_max * 10:g}" in top and "c_min" not in top
+    assert "lower svr.c_min" in bottom and "c_max=" not in bottom
+    inside = grid[1:-1] + [float(np.sqrt(a * b)) for a, b in itertools.pairwise(grid)]  # select's refinements too
+    assert all(svr_head.c_at_edge(c, c_min, c_max) is None for c in inside)
+    assert svr_head.c_at_edge(c_max * 0.974, c_min, c_max) is not None  # the 97.4 of 100
+    assert svr_head.c_at_edge(5.0, 5.0, 5.0) is None  # one value: no range to widen

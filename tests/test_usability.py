@@ -48,6 +48,22 @@ def test_progress_lines_in_piped_output(experiment_run, small_competition, tmp_p
     assert "\r" not in r.stderr  # no bar escape codes in a log
 
 
+def test_a_progress_line_is_logged_once(caplog, monkeypatch):
+    """The closing line is not the last update's line again (it used to print twice)."""
+    from pawpular import progress
+
+    monkeypatch.setattr(progress, "_bar_class", lambda: None)  # a log, as in piped output
+    with caplog.at_level("INFO", logger="pawpular"):
+        with progress.Progress(desc="job", total=3, unit="it", every=0) as bar:
+            for _ in range(3):
+                bar.update()
+        with progress.Progress(desc="slow", total=3, unit="it", every=3600) as bar:
+            for _ in range(3):
+                bar.update()  # nothing logged on the way: no closing line either
+    lines = [r.getMessage() for r in caplog.records]
+    assert [x.split(",")[0] for x in lines] == ["job: 1/3 (33%)", "job: 2/3 (67%)", "job: 3/3 (100%)"], lines
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The Python API raises; the CLI keeps its exit codes
 

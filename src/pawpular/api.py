@@ -78,6 +78,10 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
             run_stage(stage, cfg, hooks)
             return MAIN_OUTPUT[stage](cfg.out)
         with experiment_lock(cfg.out, "all") if is_lead_process() else contextlib.nullcontext():
+            if is_lead_process():
+                from .recipe import describe
+
+                log.info("all: %s", describe(cfg))  # a frozen run says so before its first stage
             want = needed(cfg)
             for name in artifacts.PIPELINE:
                 if name in want:

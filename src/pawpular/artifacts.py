@@ -14,6 +14,8 @@ stage folder holds a ``manifest.json`` saying what made its files (``manifest.py
       train/{oof,test,holdout}.parquet     every fold-assigned train Id once / means over folds
       emb/fold{k}/{train,test}.parquet     Id, e0..e{D-1} float32: fold k's backbone on every image
       emb/<backbone>/{train,test}.parquet  a frozen backbone of embed.backbones (fold-independent)
+                                           (emb/* are hard links into <output root>/.embeddings/<key>/, the
+                                           sets every experiment under the root shares: embedding_cache.py)
       svr/study.db                         Optuna study (sqlite) unless svr.storage names a database
       svr/best_params.json, svr/fold{k}/head.safetensors, svr/{oof,test,holdout}.parquet
       ensemble/weights.json, ensemble/{oof,test,holdout}.parquet
@@ -117,6 +119,16 @@ def preds(out: Path, head: str, split: str) -> Path:
 def emb_dir(out: Path, fold: int | None = None, backbone: str | None = None) -> Path:
     """Embeddings of this experiment's fold-k backbone, or of a named frozen backbone."""
     return Path(out) / "emb" / (backbone if backbone is not None else fold_name(fold))
+
+
+def emb_cache(root: Path) -> Path:
+    """The embedding sets shared by every experiment under ``root`` (an output folder): ``embedding_cache``."""
+    return Path(root) / ".embeddings"
+
+
+def emb_cache_entry(root: Path, key: str) -> Path:
+    """One shared embedding set: {train,test}.parquet and manifest.json, named by its key (hex digits)."""
+    return emb_cache(root) / key
 
 
 def emb_file(out: Path, split: str, fold: int | None = None, backbone: str | None = None) -> Path:

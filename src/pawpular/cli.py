@@ -62,6 +62,10 @@ def _stage_commands(sub, raw) -> None:
         summary, description = stages.describe(name)
         p = sub.add_parser(name, help=summary, description=description, formatter_class=raw)
         _config_args(p)
+        if name == "select":
+            p.add_argument("--as", dest="branch", metavar="NAME", help="also write the chosen sets as a new "
+                           "experiment NAME beside this one (output/NAME), reusing its folds, fine-tuned folds and "
+                           "embeddings; this experiment is left as it is")
         if name == "svr":
             p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
                            "(svr.workers): they share svr.n_trials exactly")
@@ -229,18 +233,34 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from . import recipe
     from .manifest import NOT_NEEDED
     from .runner import status
 
     cfg = _config(args)
     verdicts = status(cfg)
-    print(f"{cfg.out} (data {cfg.data}):")
+    print(f"{cfg.out} (data {cfg.data}; {recipe.describe(cfg)}):")
     for name, v in verdicts.items():
-        print(f"  {name:<9} {v.state:<10} {v.why(4)}".rstrip())
+        why = v.why(4) if not v.done or name != "embed" else recipe.reuse_line(cfg.out, list(cfg.svr.features))
+        print(f"  {name:<9} {v.state:<10} {why}".rstrip())
     todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
     partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"
     run_all = "pawpular all --set train.folds=null" if partial else "pawpular all"  # else it trains the same folds
     print(f"next: {run_all} (recomputes {', '.join(todo)})" if todo else "everything is done and current")
+    return 0
+
+
+def _select_as(args: argparse.Namespace) -> int:
+    """`pawpular select --as NAME`: select, then write the choice as a new experiment (checked first)."""
+    from . import api, branch
+    from .files import read_json
+
+    cfg = _config(args)
+    folder = branch.target(cfg, args.branch)
+    chosen = read_json(api.run_config("select", cfg))["chosen"]
+    branch.write(cfg, folder, chosen)
+    print(f"wrote the experiment {folder} (svr.features={chosen}; folds, trained folds and embeddings linked "
+          f"from {cfg.out}): next: pawpular all --output {folder}")
     return 0
 
 
@@ -286,9 +306,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         output = args.output or config_from(args.config, output=args.output).out
         print(api.report(output, args.data))
         return 0
-    result = api.run_config(args.command, _config(args))
+    if args.command == "select" and args.branch:
+        return _select_as(args)
+    cfg = _config(args)
+    result = api.run_config(args.command, cfg)
     if is_lead_process():  # under torchrun, one line, not one per rank
         print(result)
+        if args.command == "all":  # what ./run.sh does next
+            print(f"report: pawpular report --output {cfg.out}   (report.html: scores, figures, what ran)")
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pandas as pd
 
-from . import artifacts, manifest
+from . import artifacts, manifest, recipe
 from .errors import UsageError
 from .files import ArtifactError, digest_or_none, read_json
 
@@ -35,7 +35,7 @@ SMALL = 1 << 20  # outputs up to this size are hashed; bigger ones (checkpoints,
 NOT_SETTINGS = ("experiment", "output_dir", "overwrite")  # differ between experiments by definition
 ORDER = {manifest.DAMAGED: 3, manifest.STALE: 2, manifest.PARTIAL: 1, manifest.MISSING: 1, manifest.DONE: 0,
          manifest.NOT_NEEDED: 0}
-COLUMNS = ["experiment", "status", "nn", "svr", "blend", "blend_cv", "holdout", "mean", "best_C", "model",
+COLUMNS = ["experiment", "status", "recipe", "nn", "svr", "blend", "blend_cv", "holdout", "mean", "best_C", "sets", "model",
            "img_size", "finetune", "epochs", "device", "precision",
            *[f"t_{s}" for s in artifacts.PIPELINE], "t_total", "why", "path", "stages"]
 
@@ -232,17 +232,19 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
     status, why = overall(states)
     weights, best = _json(artifacts.weights_json(out)), _json(artifacts.best_params(out))
     oof, held = weights.get("oof_rmse") or {}, weights.get("holdout_rmse") or {}
-    model, train = config.get("model") or {}, config.get("train") or {}
+    ran = recipe.what_ran(out, config)  # the fine-tuned model only when it trained
+    trained, sets, kind = ran["model"] or {}, ran["sets"], ran["recipe"]
     units = manifest.unit_records(out).values()  # each fold's and embedding set's own device and policy
     devices = sorted({r.info["device"] for r in units if r.info.get("device")})
     precisions = sorted({r.info["policy"]["precision"] for r in units if r.info.get("policy")})
     timings = _json(artifacts.timings_json(out))
     times = {f"t_{s}": _number(timings.get(s)) for s in artifacts.PIPELINE}
-    return {"experiment": out.name, "status": status, "nn": _number(oof.get("nn")),
+    return {"experiment": out.name, "status": status, "recipe": kind, "nn": _number(oof.get("nn")),
             "svr": _number(best.get("oof_rmse", oof.get("svr"))), "blend": _number(oof.get("ensemble")),
             "blend_cv": _number(oof.get("ensemble_cv")), "holdout": _number(held.get("ensemble")),
-            "mean": _number(oof.get("predict_mean")), "best_C": _number(best.get("C")), "model": model.get("name"),
-            "img_size": _img_size(out, model), "finetune": model.get("finetune"), "epochs": train.get("epochs"),
+            "mean": _number(oof.get("predict_mean")), "best_C": _number(best.get("C")), "sets": sets,
+            "model": trained.get("model"), "img_size": _img_size(out, trained) if trained else None,
+            "finetune": trained.get("finetune"), "epochs": trained.get("epochs"),
             "device": "/".join(devices) or None, "precision": "/".join(precisions) or None, **times,
             "t_total": sum(v for v in times.values() if not math.isnan(v)) if timings else math.nan,
             "why": why, "path": str(out), "stages": {s: st for s, (st, _) in states.items()},
@@ -252,6 +254,7 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in d.items():
+        v = manifest.by_name(v) or v  # embed.backbones: one key per backbone and setting
         if isinstance(v, dict) and v and k != "kwargs":
             flat.update(_flatten(v, f"{prefix}{k}."))
         else:

@@ -28,13 +28,18 @@ if TYPE_CHECKING:  # matplotlib loads only for the HTML page: the text table sta
     from matplotlib.figure import Figure
 
 SCORES = ("nn", "svr", "blend", "blend_cv", "holdout", "mean")
-SHOWN = ("experiment", "status", "nn", "svr", "blend", "blend_cv", "holdout", "best_C", "model", "img_size",
+SHOWN = ("experiment", "status", "recipe", "nn", "svr", "blend", "blend_cv", "holdout", "best_C", "sets", "model",
+         "img_size",
          "finetune", "epochs", "device", "precision", "t_folds", "t_train", "t_embed", "t_svr", "t_ensemble")
 HEADERS = {"img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
            "t_ensemble": "ens. s"}
 
 
 def _cell(column: str, value: Any) -> str:
+    if column == "sets" and isinstance(value, list):  # each embedding set: name=backbone@size kind
+        from .recipe import set_label
+
+        return ", ".join(set_label(s) for s in value) or "-"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if column in SCORES:

@@ -108,11 +108,22 @@ class Verdict:
         return "; ".join(self.reasons[:limit]) + more
 
 
+def by_name(value: Any) -> dict | None:
+    """A list of settings that each have a unique "name" (embed.backbones) as {name: settings}, else None: so
+    that a change shows key by key (``embed.backbones.resnet.img_size 96 -> 128``), not as one long list."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) and "name" in v for v in value):
+        return None
+    named = {str(v["name"]): {k: x for k, x in v.items() if k != "name"} for v in value}
+    return named if len(named) == len(value) else None
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    d = by_name(d) or d
     if not isinstance(d, dict):
         return {prefix.rstrip("."): d}
     out: dict[str, Any] = {}
     for k, v in d.items():
+        v = by_name(v) or v
         if isinstance(v, dict) and v and all(isinstance(kk, str) for kk in v):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
@@ -136,7 +147,9 @@ def input_changes(old: dict, new: dict) -> list[str]:
     for k in sorted(set(old) | set(new)):
         if old.get(k) == new.get(k):
             continue
-        if new.get(k) is None:
+        if k not in new:  # left out by a setting (a set no longer listed): not a file gone missing
+            out.append(f"{k} is no longer used")
+        elif new.get(k) is None:
             out.append(f"{k} is missing")
         elif k not in old:
             out.append(f"{k} is a new input")

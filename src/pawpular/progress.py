@@ -83,6 +83,7 @@ class Progress:
         self.metrics: dict[str, Any] = {}
         self.bar: Any = None
         self.done, self.t0, self.last, self.logged = 0, 0.0, 0.0, False
+        self.logged_at = -1  # the count of the last line logged: the closing line is not that line again
 
     def __enter__(self) -> "Progress":
         self.t0 = self.last = time.time()
@@ -95,7 +96,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.logged:
+        elif self.logged and self.logged_at != self.done:
             log.info("%s", self.line())
 
     def __iter__(self) -> Iterator:
@@ -116,7 +117,7 @@ class Progress:
             self.bar.update(n)
         elif not self.quiet and self.every >= 0 and time.time() - self.last >= self.every:
             log.info("%s", self.line())
-            self.last, self.logged = time.time(), True
+            self.last, self.logged, self.logged_at = time.time(), True, self.done
 
     def line(self) -> str:
         elapsed = max(time.time() - self.t0, 1e-9)

@@ -133,6 +133,27 @@ def _stages_section(page: _Page, res: RunResults) -> None:
                  "numbers below describe the old results; run <code>pawpular all</code>.</p>")
 
 
+def _what_ran(page: _Page, res: RunResults, config: dict) -> None:
+    """The recipe, each embedding set (backbone, image size, feature kind, reused or not), and the fine-tuned
+    model only when this experiment trained one."""
+    from . import recipe
+
+    ran = recipe.what_ran(res.out, config)
+    trained, sets, kind = ran["model"], ran["sets"], ran["recipe"]
+    rows = "".join(f'<tr data-set="{html.escape(s["name"])}"><td>{html.escape(s["name"])}</td>'
+                   f'<td>{html.escape(str(s["backbone"] or "-"))}</td><td>{s["img_size"] or "-"}</td>'
+                   f'<td>{html.escape(s["kind"])}</td><td>{html.escape(str(s["source"] or "-"))}</td>'
+                   f'<td>{"reused from another experiment" if s["reused"] else "computed here"}</td></tr>'
+                   for s in sets)
+    model = ("nothing is fine-tuned" if not trained else
+             f"fine-tuned model: {trained['model']} ({trained['finetune']}, {trained['epochs']} epochs, "
+             f"image size {trained['img_size'] or 'its own'})")
+    page.add(f'<p id="recipe">What ran: <b>{kind}</b>; {html.escape(model)}.</p>')
+    if rows:
+        page.add('<table id="sets"><tr><th>embedding set</th><th>backbone</th><th>image size</th><th>features</th>'
+                 f"<th>weights</th><th>made</th></tr>{rows}</table>")
+
+
 def _models_section(page: _Page, res: RunResults) -> None:
     models = model_table(res)
     page.section("Models")
@@ -197,6 +218,7 @@ def render(res: RunResults, config: dict, title: str = "") -> tuple[str, int]:
     """The report's HTML and how many figures it embeds."""
     page = _Page()
     _stages_section(page, res)
+    _what_ran(page, res, config)
     _models_section(page, res)
     _oof_section(page, res)
     _svr_section(page, res, config)
@@ -242,7 +264,7 @@ def write_report(out: Path, data: Path | None = None) -> Path:
     res = load_results(out, data)
     config = public_dict(res.config)  # a config.yaml of an older version may still hold a password
     with experiment_lock(out, "report"):
-        doc, n_figures = render(res, config, title=f"pawpular report: {config.get('experiment', out.name)}")
+        doc, n_figures = render(res, config, title=f"pawpular report: {Path(out).resolve().name}")
         path = artifacts.report_html(out)
         write_text(path, doc)
     log.info("report: %d figures, heads %s, %.1f KB in %.1fs -> %s", n_figures,

@@ -103,8 +103,9 @@ def upstream(cfg: Config, name: str) -> list[str]:
 
 
 def not_needed_why(cfg: Config, name: str) -> str:
-    return (f"nothing the config asks for reads it (ensemble.heads {list(cfg.ensemble.heads)}, svr.features "
-            f"{list(cfg.svr.features)}, embed.source {cfg.embed.source}); `pawpular {name}` runs it anyway")
+    from .recipe import describe
+
+    return f"nothing the config asks for reads it ({describe(cfg)}); `pawpular {name}` runs it anyway"
 
 
 def chain(ctx: Context, names: list[str]) -> dict[str, manifest.Verdict]:

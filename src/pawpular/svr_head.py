@@ -336,3 +336,26 @@ def fit_head(f: FoldData, params: dict, columns: list[str], mode: str, device: s
     kernel: Any = RbfKernel(f.gamma) if mode == "precomputed" and not backend.use_rapids(device) else "rbf"
     model = backend.build_svr(device, kernel=kernel, gamma=f.gamma, **params).fit(f.x_train, f.y_train)
     return SvrHead.from_fitted(model, f.x_train, f.scaler, f.gamma, columns, f.fold, params), model
+
+
+# The best C lies "at the edge" of [c_min, c_max] when it is within this share of the range's width (log scale)
+# of a bound: 5% of 0.1-100 is a factor of 1.41, so C above 70.8 or below 0.141. A range that narrow may cut off
+# a better C; the user moves the bound.
+C_EDGE_SHARE = 0.05
+
+
+def c_at_edge(c: float, c_min: float, c_max: float, share: float | None = None) -> str | None:
+    """A one-line warning when the best ``c`` lies at the edge of the searched range (within ``share``, default
+    C_EDGE_SHARE, of its log width from a bound), naming the bound to move; None when it lies inside (or the range
+    is one value)."""
+    share = C_EDGE_SHARE if share is None else share
+    if not 0 < c_min < c_max:
+        return None
+    width = np.log(c_max / c_min)
+    if np.log(c_max / c) <= share * width:
+        return (f"the best C ({c:.4g}) is at the top of the searched range [{c_min:g}, {c_max:g}]: a larger C may "
+                f"score better; raise svr.c_max (e.g. --set svr.c_max={c_max * 10:g})")
+    if np.log(c / c_min) <= share * width:
+        return (f"the best C ({c:.4g}) is at the bottom of the searched range [{c_min:g}, {c_max:g}]: a smaller C "
+                f"may score better; lower svr.c_min (e.g. --set svr.c_min={c_min / 10:g})")
+    return None

@@ -15,7 +15,10 @@ Embeddings are the pooled pre-logit features (``forward_features`` + ``forward_h
 with the mirror image's with hflip TTA, computed by ``inference.run_backbone`` (the path predict uses). Each folder
 has a manifest keyed on its checkpoint's bytes (or the frozen backbone's settings and weight file), every photo,
 the transform, TTA and compression: a rerun with the same key says "cached"; any change recomputes that folder.
-On a GPU with cuDF the tables are written through cuDF (``backend.write_table``); the files hold the same values.
+A set is computed once for every experiment under the same output root (``embedding_cache``: the files are hard
+links into <output root>/.embeddings/<key>/): a second experiment with the same backbones embeds nothing
+("reused"). On a GPU with cuDF the tables are written through cuDF (``backend.write_table``); the files hold the
+same values.
 """
 from __future__ import annotations
 
@@ -25,14 +28,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import artifacts, backend, manifest
+from .. import artifacts, backend, embedding_cache, manifest
 from ..compress import compress_model
 from ..config import ModelConfig, backbone_configs, backbone_model_config
 from ..errors import ConfigError
 from ..dataset import eval_dataset
 from ..distributed import torch_device
 from ..svr_head import embedding_table
-from ..files import ArtifactError, MissingArtifact, file_digest, link_or_copy
+from ..files import ArtifactError, MissingArtifact, file_digest
 from ..inference import Policy, run_backbone
 from ..models import (build_frozen, build_model, check_buildable, data_config, frozen_description, load_checkpoint,
                       read_checkpoint)
@@ -50,6 +53,8 @@ def check(ctx) -> None:
     """Before anything changes: frozen backbones' settings timm rejects, or weight files that are none."""
     cfg = ctx.cfg
     if cfg.embed.source == "pretrained":
+        log.warning("embed.source: pretrained is deprecated (it still works): list the frozen backbone under "
+                    "embed.backbones ({name: NAME, model: ..., pretrained: ...}) and NAME in svr.features instead")
         check_buildable(cfg.model)
     for i, b in enumerate(backbone_configs(cfg)):
         try:
@@ -71,15 +76,24 @@ class EmbeddingSet:
         if self.checkpoint is not None:
             key = file_digest(self.checkpoint)
             if key not in _DATA_CFGS:  # a swin_large best.pt is 0.8 GB: read it once per process
-                _DATA_CFGS[key] = read_checkpoint(self.checkpoint)[2]
+                _, model_cfg, _DATA_CFGS[key] = read_checkpoint(self.checkpoint)
+                _NAMES[key] = model_cfg.name
             return _DATA_CFGS[key]
         key = repr(dataclasses.asdict(self.model_cfg))
         if key not in _DATA_CFGS:  # building a random-init model to ask timm costs seconds: once per process
             _DATA_CFGS[key] = data_config(self.model_cfg, build_model(self.model_cfg, pretrained=False).backbone)
         return _DATA_CFGS[key]
 
+    def backbone(self) -> str:
+        """The timm model that made the set (a checkpoint's own, as it was trained)."""
+        if self.checkpoint is None:
+            return self.model_cfg.name
+        self.data_cfg()
+        return _NAMES[file_digest(self.checkpoint)]
+
 
 _DATA_CFGS: dict[str, dict] = {}
+_NAMES: dict[str, str] = {}  # checkpoint digest -> its timm model name
 
 
 def units(ctx) -> list[EmbeddingSet]:
@@ -132,39 +146,35 @@ def run(ctx) -> Result:
     policy = Policy.for_run(ctx.device, cfg.train.amp, cfg.train.channels_last)
     status: dict[str, str] = {}
     outputs: list[Path] = []
-    shared: EmbeddingSet | None = None  # embed.source: pretrained: one frozen model serves every fold
     for unit in units(ctx):
         p = unit_plan(ctx, unit)
         path = unit.folder / "manifest.json"
         if manifest.verdict(path, ctx.out, p.config, p.inputs).done and not cfg.overwrite:
             status[unit.name] = "cached"
-        elif shared is not None and unit.model_cfg is cfg.model:
-            if ctx.dist.main:
-                _link_unit(ctx, shared, unit, p)
-            status[unit.name] = "linked"
         else:
             if unit.checkpoint is not None and not unit.checkpoint.is_file():
                 raise MissingArtifact(f"{unit.checkpoint} not found: run `pawpular train` first "
-                                      "(or set embed.source: pretrained)")
-            _compute(ctx, unit, p, policy)
-            status[unit.name] = "computed"
-        if unit.model_cfg is cfg.model:
-            shared = shared or unit
+                                      "(or list frozen backbones under embed.backbones)")
+            if ctx.dist.main:
+                manifest.clear(path)
+            status[unit.name] = embedding_cache.provide(
+                ctx, unit.folder, p.config, p.inputs, policy.to_dict(), lambda u=unit: _compute(ctx, u, policy),
+                lambda table, dst: backend.write_table(table, dst, ctx.device))
         outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS]
     cached = [k for k, v in status.items() if v == "cached"]
     if cached:
-        log.info("embeddings unchanged, reused from cache: %s", ", ".join(cached))
+        log.info("embeddings unchanged since this experiment made them: %s", ", ".join(cached))
     log.info("embed summary: %s", ", ".join(f"{k}={v}" for k, v in status.items()))
     # what the files are, not how this run went: each set's own policy (its manifest's)
-    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")}}
+    records = {u: r for u, r in manifest.unit_records(cfg.out).items() if u.startswith("emb/")}
+    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")},
+            "cache": {u: r.info["cache"] for u, r in records.items() if r.info.get("cache")}}  # the shared sets used
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 
-def _compute(ctx, unit: EmbeddingSet, plan_: Plan, policy: Policy) -> None:
+def _compute(ctx, unit: EmbeddingSet, policy: Policy) -> tuple[dict, dict]:
+    """The set's tables ({split: table}) and what its manifest says of them, on every rank."""
     cfg, comp = ctx.cfg, ctx.comp
-    path = unit.folder / "manifest.json"
-    if ctx.dist.main:
-        manifest.clear(path)
     dev = torch_device(ctx.device, ctx.dist)
     if unit.checkpoint is not None:
         model, data_cfg = load_checkpoint(unit.checkpoint, dev)
@@ -180,22 +190,6 @@ def _compute(ctx, unit: EmbeddingSet, plan_: Plan, policy: Policy) -> None:
     seconds, n = time.time() - t0, sum(len(t) for t in tables.values())
     log.info("%s: %d images -> %d-dim embeddings in %.1fs (%.0f img/s)", unit.folder, n, tables["train"].shape[1] - 1,
              seconds, n / max(seconds, 1e-9))
-    if not ctx.dist.main:
-        return
-    for split, table in tables.items():
-        backend.write_table(table, unit.folder / f"{split}.parquet", ctx.device)
-    files = [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS]
-    manifest.commit(path, ctx.out, manifest.Record(plan_.config, plan_.inputs, info={
-        "policy": policy.to_dict(), "device": ctx.device, "dim": int(tables["train"].shape[1] - 1), "images": n,
-        "source": "finetuned" if unit.checkpoint else "frozen"}), files)  # no timings: same work, same bytes
-
-
-def _link_unit(ctx, src: EmbeddingSet, dst: EmbeddingSet, plan_: Plan) -> None:
-    """A fold folder of embed.source: pretrained: the first fold's files, hard-linked (they are the same)."""
-    path = dst.folder / "manifest.json"
-    manifest.clear(path)
-    for s in artifacts.SPLITS:
-        link_or_copy(src.folder / f"{s}.parquet", dst.folder / f"{s}.parquet")
-    record = manifest.read(src.folder / "manifest.json")
-    manifest.commit(path, ctx.out, manifest.Record(plan_.config, plan_.inputs, info=record.info if record else {}),
-                    [dst.folder / f"{s}.parquet" for s in artifacts.SPLITS])
+    return tables, {"policy": policy.to_dict(), "device": ctx.device, "dim": int(tables["train"].shape[1] - 1),
+                    "images": n, "source": "finetuned" if unit.checkpoint else "frozen",
+                    "backbone": unit.backbone()}  # no timings: same work, same bytes

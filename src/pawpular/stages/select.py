@@ -1,21 +1,23 @@
-"""On-demand stage, select: greedy forward selection of the embedding sets the SVR head concatenates.
+"""On-demand stage, select: which embedding sets should the SVR head join? Tried one more at a time.
 
-Reads   folds/folds.csv, train.csv (targets; flags with svr.use_meta) and the train embeddings of every candidate:
-        "model" (this experiment's fold backbones, emb/fold{k}/) when every fold has finished embeddings, and each
-        name in embed.backbones whose emb/<name>/ is finished (a missing one is skipped and named)
-Writes  select/selection.json (candidates, every step with every set tried, the chosen sets, their OOF RMSE and
-        C); prints the steps and the --set 'svr.features=[...]' line to use. Never writes svr/.
-Needs   pawpular embed (with embed.backbones listing the candidates)
+Reads   the embeddings this experiment already has: each frozen backbone of embed.backbones, and "model" (this
+        experiment's fine-tuned folds) when it fine-tunes; a listed backbone not embedded yet is named and left out
+Writes  select/selection.json (every set's own score, every step with every set tried, the chosen sets, their
+        OOF RMSE and C). Never changes the experiment's SVR, ensemble or submission.
+Needs   pawpular embed
 Keys    embed.backbones, svr.c_min / c_max, svr.epsilon, svr.gamma, svr.use_meta
 Run     pawpular select --config configs/multi_backbone.yaml
+        pawpular select ... --as NAME   also write the choice as a new experiment output/NAME beside this one,
+                                        reusing its folds, fine-tuned folds and embeddings (nothing is embedded
+                                        again); then `pawpular all --output output/NAME` fits its SVR head
 
-Selection: score every candidate alone and start from the best; at each step add the set whose addition lowers
-the OOF RMSE most; stop when the best addition improves it by less than MIN_IMPROVEMENT (RMSE points) or no set
-is left, so the chosen sets never score worse than the best single set. Scoring is the SVR stage's own code
-(``svr_head.assemble_matrix``, ``make_fold``, ``attach_kernels``, ``oof_rmse``) with C tuned
-deterministically instead of by Optuna: a log grid of C_GRID_POINTS values over [svr.c_min, svr.c_max], then the
-two geometric midpoints beside the grid's best. ``pawpular svr`` with the chosen features (Optuna over the same
-range) lands at or near the reported RMSE.
+How it chooses: each set is scored alone (the SVR head's out-of-fold RMSE on it), the best one is kept, then at
+each step the set whose addition lowers the RMSE most is added, until no set improves it by at least 0.01
+RMSE points or none is left; so the choice never scores worse than the best set alone. Every score
+and every step is printed. C is chosen from a fixed grid over [svr.c_min, svr.c_max] (so two runs agree); a
+warning says when the best C is at an edge of that range and which bound to move. `pawpular svr` with the chosen
+sets (C tuned by Optuna over the same range) lands at or near the printed RMSE, which is optimistic: the sets are
+chosen on the rows they are scored on.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from ..data import ID, META_COLS, TARGET, Competition
 from ..files import MissingArtifact, write_json
 from ..splits import read_folds
 from ..progress import Progress
-from . import Plan, Result
+from . import Plan, Result, wants_fold_embeddings
 
 log = logging.getLogger("pawpular")
 SUMMARY = "forward selection of embedding sets for the SVR head (several backbones)"
@@ -164,9 +166,12 @@ def _finished(folder: Path) -> bool:
 
 
 def find_candidates(cfg: Config, fold_ids: Sequence[int]) -> tuple[list[str], dict[str, str]]:
-    """Sets whose embeddings are finished, and the skipped ones with the reason."""
+    """Sets whose embeddings are finished, and the ones left out with the reason. "model" (the fine-tuned folds)
+    is a candidate only in an experiment that fine-tunes (svr.features lists it, or it has fold embeddings)."""
     found, skipped = [], {}
-    candidates = [(artifacts.MODEL_SET, fold_ids), *((b.name, fold_ids[:1]) for b in backbone_configs(cfg))]
+    fine_tuned = wants_fold_embeddings(cfg) or bool(artifacts.fold_dirs(artifacts.stage_dir(cfg.out, "embed")))
+    candidates = [(artifacts.MODEL_SET, fold_ids)] if fine_tuned else []
+    candidates += [(b.name, fold_ids[:1]) for b in backbone_configs(cfg)]
     for name, folds in candidates:
         if all(_finished(artifacts.set_file(cfg.out, name, "train", k).parent) for k in folds):
             found.append(name)
@@ -211,6 +216,26 @@ def format_table(steps: Sequence[Step], rejected: dict) -> str:
     return "\n".join(rows)
 
 
+def format_steps(steps: Sequence[Step], rejected: dict) -> str:
+    """Every score: each set alone (best first), then each step's every try with its gain over the step before."""
+    rows = ["each set alone:", f"  {'set':<20} {'OOF RMSE':>9} {'C':>9}"]
+    for name, r in sorted(steps[0].tried.items(), key=lambda kv: (kv[1]["oof_rmse"], kv[0])):
+        mark = "  <- start" if name == steps[0].added else ""
+        rows.append(f"  {name:<20} {r['oof_rmse']:9.4f} {r['C']:9.4g}{mark}")
+    tries = [(s.step, s.features[:-1], s.tried, s.added) for s in steps[1:]]
+    if rejected:
+        tries.append((len(steps) + 1, steps[-1].features, rejected["tried"], None))
+    for step, base, tried, added in tries:
+        prev = steps[step - 2].oof_rmse
+        rows.append(f"step {step}: {' + '.join(base)} ({prev:.4f}) plus one more:")
+        for name, r in sorted(tried.items(), key=lambda kv: (kv[1]["oof_rmse"], kv[0])):
+            mark = "  <- added" if name == added else ""
+            rows.append(f"  + {name:<18} {r['oof_rmse']:9.4f} {r['C']:9.4g}  gain {prev - r['oof_rmse']:7.4f}{mark}")
+        if added is None:
+            rows.append(f"  none added: the best gain ({rejected['improvement']:.4f}) is below {MIN_IMPROVEMENT}")
+    return "\n".join(rows)
+
+
 def plan(ctx) -> Plan:
     s = ctx.cfg.svr
     settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta}
@@ -229,7 +254,7 @@ def run(ctx) -> Result:
     fold_ids = sorted(k for k in folds_df["fold"].unique().tolist() if k >= 0)
     candidates, skipped = find_candidates(cfg, fold_ids)
     for name, why in skipped.items():
-        log.warning("select: skipping %r: %s (run `pawpular embed` first)", name, why)
+        log.warning("select: leaving out %r: %s (run `pawpular embed` first)", name, why)
     if not candidates:
         raise MissingArtifact(f"no finished embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
     data = load_train_sets(cfg, comp, folds_df, candidates, device)
@@ -256,9 +281,13 @@ def run(ctx) -> Result:
     }
     path = artifacts.selection_json(cfg.out)
     write_json(path, result)
+    print(format_steps(steps, rejected))
+    print()
     print(format_table(steps, rejected))
     print(f"chosen: {', '.join(best.features)} (OOF RMSE {best.oof_rmse:.4f} at C={best.C:.4g}; best single "
           f"{steps[0].added} {steps[0].oof_rmse:.4f})")
-    print(f"use:    {features_line(best.features)}")
+    print(f"use:    {features_line(best.features)}   (or `pawpular select --as NAME`: a new experiment)")
+    if edge := svr_head.c_at_edge(best.C, cfg.svr.c_min, cfg.svr.c_max):
+        log.warning("select: %s", edge)
     log.info("select: %d of %d sets chosen in %.1fs -> %s", len(best.features), len(candidates), time.time() - t0, path)
     return Result([path], {"chosen": best.features, "oof_rmse": best.oof_rmse})

@@ -145,6 +145,8 @@ def run(ctx) -> Result:
              "features, %s kernels, %s; %.1fs in all -> %s", params["C"], params["epsilon"], oof_rmse,
              study.best_value, best["n_trials"], ran, t_tune, len(columns), mode, device, time.time() - t0,
              artifacts.svr_dir(cfg.out))
+    if edge := svr_head.c_at_edge(params["C"], cfg.svr.c_min, cfg.svr.c_max):
+        log.warning("svr: %s", edge)
     models = [artifacts.svr_head(cfg.out, f.fold) for f in folds]
     return Result([*outputs, *models, artifacts.best_params(cfg.out)],
                   {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse})

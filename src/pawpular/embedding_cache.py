@@ -1,0 +1,115 @@
+"""Embedding sets shared by every experiment under one output root: computed once, hard-linked into each user.
+
+    <output root>/.embeddings/<key>/{train,test}.parquet, manifest.json   one embedding set, whoever made it
+    <experiment>/emb/<set>/{train,test}.parquet                          hard links to those files (copies where
+                                                                          the file system has no links)
+
+The key is ``manifest.key_of`` of what the set's own manifest records (its plan: the model and its weights' or
+checkpoint's digest, the transform, TTA, compression, the photos' and CSVs' digests, and any setting a stage adds
+to that plan later) plus the inference policy (precision, channels_last): two experiments that would record the
+same set share one entry, whatever they call it. An experiment's ``emb/<set>/manifest.json`` records the entry it
+used (``info["cache"]``) and which experiment computed it (``info["made_by"]``).
+
+Nothing removes an entry, and an entry's files are only ever replaced (``os.replace``), never changed in place:
+an experiment's links keep the bytes it recorded whatever later happens to the entry (another experiment's
+``--overwrite`` recomputes into a new file under the same name; the other's links still hold the old one). The
+crash rules are the stages': an entry's manifest is cleared before its files are rewritten and written last, so a
+kill at any instant leaves no entry that passes as done. Writers of one entry take its lock (``lock.py``,
+``<entry>/.lock``); a second experiment embedding the same set waits for the first and then reuses its files.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from . import artifacts, manifest
+from .files import link_or_copy
+from .lock import ExperimentLocked, experiment_lock
+
+log = logging.getLogger("pawpular")
+WAIT_SECONDS = 2.0  # how often a waiting writer retries the entry's lock
+REUSED, COMPUTED = "reused", "computed"
+
+
+def entry_config(config: dict, policy: dict) -> dict:
+    """What an entry's manifest records as its config: the set's plan config and the policy that ran it."""
+    return {**config, "policy": policy}
+
+
+def cache_key(config: dict, inputs: dict, policy: dict) -> str:
+    """The entry's name: the key its manifest will carry (``manifest.Record.key``)."""
+    return manifest.key_of(entry_config(config, policy), inputs)
+
+
+def entry_of(out: Path, config: dict, inputs: dict, policy: dict) -> Path:
+    return artifacts.emb_cache_entry(Path(out).parent, cache_key(config, inputs, policy))
+
+
+def _files(folder: Path) -> list[Path]:
+    return [folder / f"{s}.parquet" for s in artifacts.SPLITS]
+
+
+@contextlib.contextmanager
+def entry_lock(entry: Path, command: str) -> Iterator[None]:
+    """Hold the entry's lock; while another process holds it (embedding the same set), wait for it."""
+    said = False
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(experiment_lock(entry, command))
+                break
+            except ExperimentLocked as e:
+                if not said:
+                    log.info("embedding cache: waiting: %s", e)
+                    said = True
+                time.sleep(WAIT_SECONDS)
+        yield
+
+
+def done_entry(entry: Path, config: dict, inputs: dict, policy: dict) -> manifest.Record | None:
+    """The entry's record when it is finished and its files are the ones it recorded, else None."""
+    v = manifest.verdict(entry / "manifest.json", entry, entry_config(config, policy), inputs)
+    return v.record if v.done else None
+
+
+def provide(ctx: Any, folder: Path, config: dict, inputs: dict, policy: dict,
+            compute: Callable[[], tuple[dict[str, Any], dict]], write: Callable[[Any, Path], None]) -> str:
+    """Make ``folder`` (an experiment's ``emb/<set>``) hold the set: the cached entry's files when it is done
+    (and --overwrite was not asked), else freshly computed ones written into the entry first. ``compute()``
+    returns ({split: table}, info) on every rank; ``write(table, path)`` writes one table. Returns "reused" or
+    "computed". The caller has cleared ``folder``'s manifest."""
+    entry = entry_of(ctx.out, config, inputs, policy)
+    main = ctx.dist.main
+    with entry_lock(entry, f"embed {ctx.out}") if main else contextlib.nullcontext():
+        ctx.dist.barrier()  # rank 0 holds the lock: every rank sees the same entry
+        record = None if ctx.cfg.overwrite else done_entry(entry, config, inputs, policy)
+        how = REUSED if record is not None else COMPUTED
+        if record is None:
+            tables, info = compute()
+            if main:
+                record = _write_entry(entry, config, inputs, policy, tables, write,
+                                      {**info, "made_by": str(Path(ctx.out).resolve())})
+        if main:
+            _link(ctx.out, folder, entry, config, inputs, record)
+    return how
+
+
+def _write_entry(entry: Path, config: dict, inputs: dict, policy: dict, tables: dict, write: Callable,
+                 info: dict) -> manifest.Record:
+    path = entry / "manifest.json"
+    manifest.clear(path)
+    for split, table in tables.items():
+        write(table, entry / f"{split}.parquet")
+    return manifest.commit(path, entry, manifest.Record(entry_config(config, policy), inputs, info=info),
+                           _files(entry))
+
+
+def _link(out: Path, folder: Path, entry: Path, config: dict, inputs: dict, record: manifest.Record) -> None:
+    """The experiment's folder: links to the entry's files, then its own manifest (last)."""
+    for src, dst in zip(_files(entry), _files(folder)):
+        link_or_copy(src, dst)
+    info = {**record.info, "cache": entry.name}
+    manifest.commit(folder / "manifest.json", out, manifest.Record(config, inputs, info=info), _files(folder))
