@@ -103,6 +103,9 @@ def _tool_commands(sub, raw) -> None:
                    "--sort=-KEY descending")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--html", metavar="FILE", help="also write one self-contained page: the table and a figure")
+    p.add_argument("--baseline", metavar="NAME", help="compare every experiment's nested RMSE with this one's on the "
+                   "same rows: difference, 95%% paired-bootstrap interval over duplicate groups, folds won; and "
+                   "inside each experiment, the SVR head and the blend against what they are added to")
     p = sub.add_parser("report", help="write report.html for an experiment folder")
     for flag, text in (("--config", "experiment YAML (to find its folder)"), ("--output", "experiment folder"),
                        ("--data", "competition folder (default: the experiment's data_dir)")):
@@ -266,7 +269,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "runs":
         from .experiments_view import main as runs_main
 
-        return runs_main(args.folders, args.sort, args.json, args.html)
+        return runs_main(args.folders, args.sort, args.json, args.html, args.baseline)
     if args.command == "export":
         print(api.export(args.output, args.to, overwrite=args.overwrite, data=args.data))
         return 0

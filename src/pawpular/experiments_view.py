@@ -27,10 +27,10 @@ from .files import write_text
 if TYPE_CHECKING:  # matplotlib loads only for the HTML page: the text table stays quick
     from matplotlib.figure import Figure
 
-SCORES = ("nn", "svr", "blend", "blend_cv", "holdout", "mean")
-SHOWN = ("experiment", "status", "nn", "svr", "blend", "blend_cv", "holdout", "best_C", "model", "img_size",
+SCORES = ("nested", "nn", "svr", "blend", "blend_cv", "holdout", "mean")
+SHOWN = ("experiment", "status", "nested", "holdout", "nn", "svr", "blend", "blend_cv", "best_C", "model", "img_size",
          "finetune", "epochs", "device", "precision", "t_folds", "t_train", "t_embed", "t_svr", "t_ensemble")
-HEADERS = {"img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
+HEADERS = {"nn": "nn opt.", "svr": "svr opt.", "blend": "blend opt.", "blend_cv": "blend_cv opt.", "img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
            "t_ensemble": "ens. s"}
 
 
@@ -80,7 +80,8 @@ def _plain(value: Any) -> Any:
 
 def to_json(df: pd.DataFrame) -> str:
     runs = [{c: _plain(v) for c, v in r.items()} for r in df.to_dict(orient="records")]
-    return json.dumps({"runs": runs, "settings": df.attrs.get("settings", [])}, indent=1, default=str)
+    extra = {"baseline": df.attrs["baseline"], "inside": df.attrs.get("inside", [])} if "baseline" in df.attrs else {}
+    return json.dumps({"runs": runs, "settings": df.attrs.get("settings", []), **extra}, indent=1, default=str)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,12 +182,21 @@ def page(df: pd.DataFrame) -> str:
             "</body></html>")
 
 
-def main(folders: list[str], sort: str | None = None, as_json: bool = False, html_file: str | None = None) -> int:
-    """`pawpular runs`: print the table (or JSON); with ``html_file`` also write the page."""
-    df = table(folders or None, sort)
+def main(folders: list[str], sort: str | None = None, as_json: bool = False, html_file: str | None = None,
+         baseline: str | None = None) -> int:
+    """`pawpular runs`: print the table (or JSON); with ``html_file`` also write the page; with ``baseline`` the
+    comparisons against it (``compare.py``)."""
+    df = table(folders or None, sort, baseline)
     if html_file:
         write_text(Path(html_file), page(df))
-    print(to_json(df) if as_json else text(df))
+    if as_json:
+        print(to_json(df))
+    else:
+        print(text(df))
+        if baseline is not None:
+            from .compare import baseline_text
+
+            print("\n" + baseline_text(df))
     if html_file and not as_json:
         print(f"\npage: {html_file}")
     return 0

@@ -178,7 +178,8 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
     P = table[names].to_numpy(float)
     score, pred = cross_validated(P, y, table["fold"].to_numpy(), names, ctx.cfg.ensemble.method,
                                   ctx.cfg.ensemble.min_improvement)
-    write_parquet(pd.DataFrame({ID: table[ID], "fold": table["fold"], "pred": pred}), path)
+    # the target too: `pawpular runs --baseline` compares experiments from this file alone
+    write_parquet(pd.DataFrame({ID: table[ID], "fold": table["fold"], "pred": pred, "target": y}), path)
     return {**{n: rmse(P[:, j], y) for j, n in enumerate(names)}, "ensemble": score}
 
 

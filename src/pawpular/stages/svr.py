@@ -239,7 +239,10 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracke
                 if tracker is not None:
                     tracking.log_trials(tracker, study)
 
-            ran = studies.run_trials(study, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
+            # the experiment's own study with one process (the experiment lock held): no heartbeat to go stale
+            sole = s.storage is None and s.workers <= 1
+            ran = studies.run_trials(study, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress],
+                                     sole=sole)
     finally:
         svr_head.detach_kernels(folds)
         failed = stop_workers(helpers)  # never raises: an error or Ctrl-C on its way out stays the one reported
