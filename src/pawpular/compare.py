@@ -79,6 +79,9 @@ def against(baseline: Path, folders: list[Path]) -> list[dict]:
         return [{"experiment": Path(f).name, "why": f"baseline {Path(baseline).name}: {e}"} for f in folders]
     for folder in folders:
         row = {"experiment": Path(folder).name}
+        if Path(folder).resolve() == Path(baseline).resolve():
+            rows.append({**row, "verdict": "baseline"})
+            continue
         try:
             row.update(paired(nested_table(folder), base, groups).to_dict())
         except NotComparable as e:
@@ -123,6 +126,8 @@ def text(baseline: str, rows: list[dict], parts: list[dict]) -> str:
     for r in rows:
         if "why" in r:
             lines.append(f"  {r['experiment']:<24} not comparable: {r['why']}")
+        elif r.get("verdict") == "baseline":
+            lines.append(f"  {r['experiment']:<24} (the baseline)")
         else:
             lines.append(f"  {r['experiment']:<24} {_interval(r):<28} {r['folds_won']}/{r['folds']} folds  "
                          f"{r['verdict']}")
@@ -150,7 +155,7 @@ def with_baseline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     df["low"] = [r.get("low", np.nan) for r in rows]
     df["high"] = [r.get("high", np.nan) for r in rows]
     df["folds_won"] = [f"{r['folds_won']}/{r['folds']}" if "folds" in r else None for r in rows]
-    df["verdict"] = [r.get("verdict") or f"not comparable: {r['why']}" for r in rows]
+    df["verdict"] = [r.get("verdict") or f"not comparable: {r['why']}" for r in rows]  # or "baseline"
     df.attrs["baseline"], df.attrs["against"] = base.name, rows
     df.attrs["inside"] = [part for p in df["path"] for part in inside(Path(p))]
     return df

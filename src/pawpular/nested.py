@@ -32,12 +32,12 @@ def sse_by_fold(pred: np.ndarray, y: np.ndarray, fold: np.ndarray, folds: list[i
 def leave_one_out(loss: np.ndarray) -> np.ndarray:
     """For each fold k (column), the candidate (row) with the least total ``loss`` over the other folds; ties go to
     the earlier candidate. ``loss``: per-fold sums of squared errors (the pooled RMSE's choice) or per-fold RMSEs
-    (the choice by the mean validation curve). NaN entries (a candidate a fold lacks) never win."""
+    (the choice by the mean validation curve). A candidate with a NaN (a fold lacks it) is never chosen."""
     loss = np.asarray(loss, float)
     if loss.ndim != 2 or loss.shape[0] == 0 or loss.shape[1] < 2:
         raise ValueError(f"leave_one_out needs [candidates, folds >= 2] losses, got shape {loss.shape}")
-    filled = np.where(np.isnan(loss), np.inf, loss)
-    others = filled.sum(axis=1, keepdims=True) - filled  # [candidates, folds]: the total without fold k
+    others = loss.sum(axis=1, keepdims=True) - loss  # [candidates, folds]: the total without fold k
+    others[np.isnan(loss).any(axis=1)] = np.inf
     return np.argmin(others, axis=0)
 
 

@@ -190,7 +190,9 @@ def run_trials(study: Study, objective: Callable[[Any], float], n_trials: int, *
     study_id = rdb.get_study_id_from_name(study.study_name)
     ran, waiting = 0, False
     if sole:  # a RUNNING trial is one a killed run left: fail it and queue its parameters again, at once
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
         with lock():
             for stale in study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 study.study.tell(stale.number, state=TrialState.FAIL, skip_if_finished=True)
