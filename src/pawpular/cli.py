@@ -232,6 +232,8 @@ def _check_data(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from . import artifacts
+    from .compare import score_line
     from .manifest import NOT_NEEDED
     from .runner import status
 
@@ -244,7 +246,20 @@ def _status(args: argparse.Namespace) -> int:
     partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"
     run_all = "pawpular all --set train.folds=null" if partial else "pawpular all"  # else it trains the same folds
     print(f"next: {run_all} (recomputes {', '.join(todo)})" if todo else "everything is done and current")
+    line = score_line(_json_or_empty(artifacts.weights_json(cfg.out)))
+    if line:
+        print(f"scores: {line}")
     return 0
+
+
+def _json_or_empty(path: Path) -> dict:
+    from .files import read_json
+
+    try:
+        value = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -115,6 +115,17 @@ def inside(out: Path) -> list[dict]:
     return rows
 
 
+def score_line(weights: dict) -> str | None:
+    """An experiment's blend scores in one line, the one to trust first (from its weights.json); None without one."""
+    oof, held, nest = (weights.get(k) or {} for k in ("oof_rmse", "holdout_rmse", "nested_rmse"))
+    if "ensemble_cv" not in oof:
+        return None
+    trusted = (f"nested RMSE {nest['ensemble']:.3f} (the one to trust)" if "ensemble" in nest
+               else f"no nested score ({nest.get('missing', 'rerun pawpular all')})")
+    holdout = f"; holdout {held['ensemble']:.3f} ({held.get('rows')} rows)" if "ensemble" in held else ""
+    return f"{trusted}{holdout}; optimistic: cross-validated {oof['ensemble_cv']:.3f}, in-sample {oof['ensemble']:.3f}"
+
+
 def _interval(r: dict) -> str:
     return f"{r['delta']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
 

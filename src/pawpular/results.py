@@ -66,8 +66,12 @@ class RunResults:
         return TARGET in self.oof.columns
 
     def summary(self) -> str:
+        """The stages' status, then the blend's scores, the one to trust first (``compare.score_line``)."""
+        from .compare import score_line
+
         parts = [f"{h}: {s}" for h, s in self.status.items()]
-        return f"{self.out} (data {self.data}): " + ", ".join(parts)
+        line = score_line(self.weights)
+        return f"{self.out} (data {self.data}): " + ", ".join(parts) + (f"\nscores: {line}" if line else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
