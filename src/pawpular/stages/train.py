@@ -349,6 +349,7 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
 def nested_epochs(out, known: list[int], target: pd.Series, optimistic: float) -> list:
     """train/nested.parquet: each fold's validation predictions at the epoch that is best on the other folds' mean
     validation curve (the best epoch of each fold is chosen on its own rows: its OOF RMSE is optimistic)."""
+    t0 = time.time()
     paths = [artifacts.epoch_preds(out, k) for k in known]
     remove(artifacts.nested_preds(out, "nn"))
     if not all(p.is_file() for p in paths):
@@ -361,9 +362,9 @@ def nested_epochs(out, known: list[int], target: pd.Series, optimistic: float) -
     table = pd.concat([pd.DataFrame({ID: t[ID], "fold": k, "pred": t[f"epoch_{e}"]})
                        for k, t, e in zip(known, tables, epochs)], ignore_index=True)
     write_parquet(table, artifacts.nested_preds(out, "nn"))
-    log.info("train: nested RMSE %.4f (epochs %s, each chosen on the other folds' mean validation curve); the "
+    log.info("train: nested RMSE %.4f (epochs %s, each chosen on the other folds' mean validation curve; %.2fs); the "
              "OOF RMSE %.4f of each fold's own best epoch is optimistic", rmse(table["pred"], target.loc[table[ID]]),
-             ", ".join(map(str, epochs)), optimistic)
+             ", ".join(map(str, epochs)), time.time() - t0, optimistic)
     return [*paths, artifacts.nested_preds(out, "nn")]
 
 
