@@ -207,12 +207,10 @@ def suggest(trial, s) -> dict:
 def make_objective(folds: list, y: np.ndarray, s, device: str):
     """Optuna's objective, thin: sample, then the head's plain ``oof_rmse`` (what tests call without Optuna)."""
     def objective(trial) -> float:
-        pred = svr_head.fit_predict(suggest(trial, s), folds, device)
-        rows = ~np.isnan(pred)  # every fold's validation rows (not the holdout)
-        # each fold's squared errors: the nested choice of C picks per fold on the others' (nested.py)
-        trial.set_user_attr(FOLD_SSE, {str(f.fold): float(((pred[f.val_rows] - y[f.val_rows]) ** 2).sum())
-                                       for f in folds})
-        return rmse(pred[rows], y[rows])
+        per_fold: dict = {}  # each fold's squared errors: the nested choice of C picks per fold on the others'
+        value = svr_head.oof_rmse(suggest(trial, s), folds, y, device, per_fold)
+        trial.set_user_attr(FOLD_SSE, per_fold)
+        return value
 
     return objective
 
