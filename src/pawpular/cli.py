@@ -93,8 +93,9 @@ def _tool_commands(sub, raw) -> None:
                    "(`pawpular doctor --help`)")
     p = sub.add_parser("runs", help="experiments side by side: status, scores, settings, time per stage",
                        description="One row per experiment (default: every one under output/; a named folder of\n"
-                       "experiments is expanded): status (done / stale / partial / damaged, from the manifests), NN,\n"
-                       "SVR and blend OOF RMSE (in-sample, cross-validated, holdout), best C, model, image size,\n"
+                       "experiments is expanded): status (done / stale / partial / damaged, from the manifests), the\n"
+                       "blend's nested OOF RMSE (the one to trust) and holdout RMSE, the optimistic NN, SVR and blend\n"
+                       "OOF RMSE (in-sample, cross-validated), best C, model, image size,\n"
                        "fine-tuning mode, epochs, device, precision, seconds per stage; then the settings that\n"
                        "differ between the rows. Reads manifests and result files only (no photo, no output over\n"
                        "1 MiB): `pawpular status` hashes everything.", formatter_class=raw)
@@ -245,10 +246,10 @@ def _status(args: argparse.Namespace) -> int:
     todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
     partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"
     run_all = "pawpular all --set train.folds=null" if partial else "pawpular all"  # else it trains the same folds
-    print(f"next: {run_all} (recomputes {', '.join(todo)})" if todo else "everything is done and current")
     line = score_line(_json_or_empty(artifacts.weights_json(cfg.out)))
     if line:
         print(f"scores: {line}")
+    print(f"next: {run_all} (recomputes {', '.join(todo)})" if todo else "everything is done and current")
     return 0
 
 
