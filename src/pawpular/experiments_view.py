@@ -1,11 +1,11 @@
 """How `pawpular runs` shows its table (``experiments.table``): text, JSON, or one self-contained HTML page.
 
-    pawpular runs [FOLDER ...] [--sort KEY] [--json] [--html FILE]
+    pawpular runs [FOLDER ...] [--sort KEY] [--json] [--html FILE] [--baseline NAME]
 
 Text: the table (scores with 3 decimals, times in seconds), why each row that is not done is not, then the
 settings that differ between the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
 HTML: both tables, why each row that is not done is not, and a figure of each run's blend scores (in-sample,
-cross-validated, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as report.html
+cross-validated, nested, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as report.html
 does).
 """
 from __future__ import annotations
@@ -106,6 +106,7 @@ def blend_figure(df: pd.DataFrame) -> Figure:
              ("svr", "SVR head (OOF)", "o", plots.color("svr"), 5, False, 0.22),
              ("blend", "blend, in-sample", "o", "#2ca02c", 10, True, 0.0),
              ("blend_cv", "blend, cross-validated", "D", "#145214", 6, False, 0.0),
+             ("nested", "blend, nested (to trust)", "*", "#000000", 9, False, -0.11),
              ("holdout", "blend, holdout", "s", "#d62728", 6, False, -0.22)]
     for column, label, marker, color, size, hollow, offset in marks:
         values = order[column].to_numpy(float)
@@ -119,7 +120,7 @@ def blend_figure(df: pd.DataFrame) -> Figure:
     ax.set(yticks=pos, yticklabels=labels, xlabel="OOF RMSE (lower is better)", title="Blend score of each run")
     ax.set_ylim(-0.6, len(order) - 0.4)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(loc="outside lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     return fig
 
 
