@@ -103,15 +103,19 @@ def inside(out: Path) -> list[dict]:
             heads[head] = nested_table(out, head)
         except NotComparable:
             continue
+    def part(name: str, a: pd.DataFrame, b: pd.DataFrame) -> dict:
+        try:
+            return {"experiment": out.name, "part": name, **paired(a, b, groups, blend).to_dict()}
+        except NotComparable as e:  # e.g. a head rerun since the blend was made
+            return {"experiment": out.name, "part": name, "why": str(e)}
+
     if len(heads) == 2:
-        rows.append({"experiment": out.name, "part": "svr head vs nn head",
-                     **paired(heads["svr"], heads["nn"], groups, blend).to_dict()})
+        rows.append(part("svr head vs nn head", heads["svr"], heads["nn"]))
     scored = {h: float(np.sqrt(((t.merge(blend[[ID, "target"]], on=ID).eval("pred - target")) ** 2).mean()))
               for h, t in heads.items()}
     if scored:
         best = min(scored, key=scored.get)
-        rows.append({"experiment": out.name, "part": f"blend vs {best} head",
-                     **paired(blend.drop(columns="target"), heads[best], groups, blend).to_dict()})
+        rows.append(part(f"blend vs {best} head", blend.drop(columns="target"), heads[best]))
     return rows
 
 

@@ -269,8 +269,7 @@ def model_table(res: RunResults) -> pd.DataFrame:
         method = res.weights.get("method", "?")
         rows.append(("ensemble", scores.get("ensemble", oof_rmse(res, "ensemble")), np.nan, f"ok ({method})"))
         if "ensemble_cv" in scores:  # weights refit without each fold, scored on it
-            rows.append(("ensemble, cross-val.", scores["ensemble_cv"], np.nan, "ok; optimistic: epoch and C chosen "
-                         "on these rows"))
+            rows.append(("ensemble, cross-val.", scores["ensemble_cv"], np.nan, "ok; optimistic"))
         nested = res.weights.get("nested_rmse") or {}
         for name in [n for n in nested if n not in ("ensemble", "missing")] + ["ensemble"]:
             if name in nested:  # every choice made without the fold scored (nested.py)
