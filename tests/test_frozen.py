@@ -40,7 +40,7 @@ def _status(capsys, data: Path, out: Path, *extra: str) -> tuple[dict[str, str],
 
     capsys.readouterr()
     assert cli.main(["status", *frozen_args(data, out, *extra)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("scores: ")]
     return {line.split()[0]: " ".join(line.split()[1:3]) for line in lines[1:-1]}, lines[-1]
 
 
