@@ -122,7 +122,8 @@ def test_nested_svr_picks_c_on_the_other_folds(experiment_run):
     oof, svr = pd.read_parquet(artifacts.preds(out, "svr", "oof")), pd.read_parquet(artifacts.nested_preds(out, "svr"))
     same = [int(k) for k in folds if best["nested_C"][k] == best["C"]]  # where C_k is the best C: the kept fits
     m = oof.merge(svr, on=["Id", "fold"])
-    assert len(m) == len(oof) and np.allclose(m.loc[m["fold"].isin(same), "pred_x"], m.loc[m["fold"].isin(same), "pred_y"])
+    kept = m[m["fold"].isin(same)]
+    assert len(m) == len(oof) and np.allclose(kept["pred_x"], kept["pred_y"])
     assert np.isfinite(best["nested_rmse"])
 
 

@@ -150,8 +150,9 @@ def text(baseline: str, rows: list[dict], parts: list[dict]) -> str:
         lines.append("inside each experiment (nested, the same way):")
         for r in parts:
             what = f"{r['experiment']}: {r['part']}"
-            lines.append(f"  {what:<40} " + (f"not comparable: {r['why']}" if "why" in r else
-                                              f"{_interval(r):<28} {r['folds_won']}/{r['folds']} folds  {r['verdict']}"))
+            shown = (f"not comparable: {r['why']}" if "why" in r
+                     else f"{_interval(r):<28} {r['folds_won']}/{r['folds']} folds  {r['verdict']}")
+            lines.append(f"  {what:<40} {shown}")
     return "\n".join(lines)
 
 

@@ -267,7 +267,8 @@ def differing(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
 
 
-def table(folders: list[str | Path] | None = None, sort: str | None = None, baseline: str | None = None) -> pd.DataFrame:
+def table(folders: list[str | Path] | None = None, sort: str | None = None,
+          baseline: str | None = None) -> pd.DataFrame:
     """One row per experiment (COLUMNS, then the settings that differ between the rows, also listed in
     ``attrs["settings"]``); ``sort``: a column, ``-column`` descending (missing values last). ``baseline``: an
     experiment's name or folder: the columns of ``compare.BASELINE_COLUMNS`` and ``attrs["inside"]``."""

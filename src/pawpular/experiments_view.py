@@ -5,8 +5,8 @@
 Text: the table (scores with 3 decimals, times in seconds), why each row that is not done is not, then the
 settings that differ between the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
 HTML: both tables, why each row that is not done is not, and a figure of each run's blend scores (in-sample,
-cross-validated, nested, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as report.html
-does).
+cross-validated, nested, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as
+report.html does).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ if TYPE_CHECKING:  # matplotlib loads only for the HTML page: the text table sta
 SCORES = ("nested", "nn", "svr", "blend", "blend_cv", "holdout", "mean")
 SHOWN = ("experiment", "status", "nested", "holdout", "nn", "svr", "blend", "blend_cv", "best_C", "model", "img_size",
          "finetune", "epochs", "device", "precision", "t_folds", "t_train", "t_embed", "t_svr", "t_ensemble")
-HEADERS = {"nn": "nn opt.", "svr": "svr opt.", "blend": "blend opt.", "blend_cv": "blend_cv opt.", "img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
+HEADERS = {"nn": "nn opt.", "svr": "svr opt.", "blend": "blend opt.", "blend_cv": "blend_cv opt.",  # optimistic
+           "img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
            "t_ensemble": "ens. s"}
 
 

@@ -147,9 +147,10 @@ def _models_section(page: _Page, res: RunResults) -> None:
                  f"{trusted / mean:.3f}x that of predicting the mean ({mean:.3f}){held}. The cross-validated "
                  f"{ens:.3f} is optimistic.</p>")
     elif not np.isnan(ens) and not np.isnan(mean) and mean > 0:
+        why = (res.weights.get("nested_rmse") or {}).get("missing", "rerun the stages")
         page.add(f"<p>The blend's cross-validated out-of-fold RMSE is <b>{ens:.3f}</b>, {ens / mean:.3f}x that of "
                  f"predicting the mean ({mean:.3f}){held}; optimistic: no nested score was recorded "
-                 f"({html.escape(str((res.weights.get('nested_rmse') or {}).get('missing', 'rerun the stages')))}).</p>")
+                 f"({html.escape(str(why))}).</p>")
     for line in res.weights.get("worse_than_mean", []):
         page.add(f'<p class="warn">WARNING: {html.escape(line)}</p>')
     folds = fold_table(res)

@@ -186,8 +186,8 @@ def nested_c(ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, par
         chosen[str(f.fold)] = p["C"]
         if p != params:  # its predictions with this C were not kept: one more fit of this fold
             pred[f.val_rows] = svr_head.fit_predict(p, [f], ctx.device)[f.val_rows]
-    table = pd.DataFrame({ID: ctx.comp.train[ID][keep].astype(str).to_numpy(), "fold": folds_df["fold"][keep].to_numpy(),
-                          "pred": pred[keep]})
+    table = pd.DataFrame({ID: ctx.comp.train[ID][keep].astype(str).to_numpy(),
+                          "fold": folds_df["fold"][keep].to_numpy(), "pred": pred[keep]})
     backend.write_table(table, path, ctx.device)
     return [path], {"nested_rmse": rmse(pred[keep], y[keep]), "nested_C": chosen}
 

@@ -343,7 +343,8 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
              pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     files = [artifacts.train_fold_dir(out, k) / f for k in known for f in FOLD_FILES]
     files += [artifacts.fold_preds(out, k, "holdout") for k in known if "holdout" in tables]
-    return files + [artifacts.preds(out, "nn", s) for s in tables] + nested_epochs(out, known, target, rows[-1]["val_rmse"])
+    files += [artifacts.preds(out, "nn", s) for s in tables]
+    return files + nested_epochs(out, known, target, rows[-1]["val_rmse"])
 
 
 def nested_epochs(out, known: list[int], target: pd.Series, optimistic: float) -> list:
