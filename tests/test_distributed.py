@@ -292,7 +292,8 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run
         head = SvrHead.load(artifacts.svr_head(out, k))
         assert head.params["C"] == b["C"]
     written = sorted(str(p.relative_to(out / "svr")) for p in (out / "svr").rglob("*") if p.is_file())
-    assert written == sorted(["best_params.json", "manifest.json", "oof.parquet", "test.parquet", "study.db",
+    assert written == sorted(["best_params.json", "manifest.json", "oof.parquet", "test.parquet", "nested.parquet",
+                              "study.db",
                               "study.db.lock", *[f"fold{k}/head.safetensors" for k in range(3)]])
 
 

@@ -43,7 +43,7 @@ def _status(capsys, data: Path, out: Path, *extra: str) -> tuple[dict[str, str],
 
     capsys.readouterr()
     assert cli.main(["status", *frozen_args(data, out, *extra)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("scores: ")]
     states = {line.split()[0]: " ".join(line.split()[1:3]) for line in lines[1:-1]}
     return {k: v if v == "not needed" else v.split()[0] for k, v in states.items()}, lines[-1]  # less the why
 

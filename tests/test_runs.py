@@ -53,6 +53,7 @@ def test_each_row_holds_its_own_result_files_numbers(runs_dir):
         for column, key in SCORES.items():
             assert row[column] == weights["oof_rmse"][key], (name, column)
         assert row["svr"] == best["oof_rmse"] and row["best_C"] == best["C"] and row["path"] == str(out)
+        assert row["nested"] == weights["nested_rmse"]["ensemble"]  # the score to trust
         timings = read(out / "timings.json")
         assert all(row[f"t_{s}"] == timings[s] for s in timings) and row["t_total"] == pytest.approx(sum(timings.values()))
         config = yaml.safe_load((out / "config.yaml").read_text())
@@ -118,7 +119,7 @@ def test_the_command_line_table_sort_json_and_page(runs_dir, tmp_path, capsys):
     assert cli.main(["runs", str(runs_dir), "--sort=-blend_cv"]) == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    assert lines[0].split()[:5] == ["experiment", "status", "recipe", "nn", "svr"]
+    assert lines[0].split()[:7] == ["experiment", "status", "recipe", "nested", "holdout", "nn", "opt."]  # opt.: optimistic
     order = [line.split()[0] for line in lines[1:6]]
     cv = {n: pawpular.runs(runs_dir / n).loc[0, "blend_cv"] for n in order if n != "partial"}
     assert order[-1] == "partial" and [cv[n] for n in order[:-1]] == sorted(cv.values(), reverse=True)

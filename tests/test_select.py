@@ -207,3 +207,33 @@ def test_the_edge_warning_fires_at_a_bound_and_not_inside(c_min, c_max):
     assert all(svr_head.c_at_edge(c, c_min, c_max) is None for c in inside)
     assert svr_head.c_at_edge(c_max * 0.974, c_min, c_max) is not None  # the issue's 97.4 of 100
     assert svr_head.c_at_edge(5.0, 5.0, 5.0) is None  # one value: no range to widen
+
+
+def test_nested_selection_redoes_the_choice_without_each_fold():
+    """Set "a" is perfect on fold 0 and a little worse than "b" elsewhere: selected on all rows, "a" wins; without
+    fold 0, "b" does, so fold 0 is scored with "b" and the nested RMSE is above the optimistic one. A combination
+    the full selection never tried is scored on demand."""
+    y, fold_of = np.zeros(6), np.array([0, 0, 1, 1, 2, 2])
+    pred = {"a": np.array([0, 0, 1.2, 1.2, 1.2, 1.2]), "b": np.ones(6), "ab": np.full(6, 10.0)}
+    evaluated = {("a",): {1.0: pred["a"]}, ("b",): {1.0: pred["b"]}, ("a", "b"): {1.0: pred["ab"]}}
+    asked = []
+
+    def rescore(names):
+        asked.append(tuple(names))
+        evaluated[tuple(names)] = {1.0: pred["ab"]}
+
+    result, nested_pred = select.nested_selection(["a", "b"], evaluated, rescore, y, fold_of, [1.0])
+    assert {k: v["features"] for k, v in result["folds"].items()} == {"0": ["b"], "1": ["a"], "2": ["a"]}
+    assert asked == [("b", "a")]
+    assert np.allclose(nested_pred, [1, 1, 1.2, 1.2, 1.2, 1.2])
+    assert result["nested_rmse"] == pytest.approx(np.sqrt((2 + 4 * 1.44) / 6))
+    assert result["nested_rmse"] > rmse(pred["a"], y)  # what the selection on all rows reports
+
+
+def test_select_reports_the_nested_score_and_each_steps_gain_against_the_noise(sel_exp):
+    _, out, config = sel_exp
+    result = json.loads(run_config("select", load_config(config)).read_text())
+    assert result["nested"]["nested_rmse"] >= result["oof_rmse"] - 0.5  # a little leeway: C per fold on a grid
+    assert set(result["nested"]["folds"]) == {"0", "1", "2"}
+    (gain,) = result["gains"]  # model, then partial: one step adds
+    assert gain["added"] == "partial" and gain["verdict"] == "better" and gain["high"] < 0

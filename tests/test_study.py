@@ -337,3 +337,26 @@ def test_open_never_deletes_delete_is_explicit_and_a_failing_objective_stops_the
     assert st.delete_study("svr", storage) is True
     assert st.delete_study("svr", storage) is False
     assert st.n_complete(st.open_study("svr", storage, seed=0, shared=False)) == 0
+
+
+def test_the_stages_own_study_retries_a_killed_runs_trial_at_once_and_its_heartbeat_outlasts_sqlites_waits(tmp_path):
+    """The experiment's own SQLite study (svr.workers 1: one process, the experiment lock held) runs ``sole``: a
+    trial a killed run left RUNNING is failed and retried with its own C at once, not after the grace period; the
+    storage's grace (for local workers that do beat) outlasts a beat delayed by SQLite's lock wait and its
+    whole-second timestamps."""
+    from types import SimpleNamespace
+
+    from pawpular.svr_storage import SQLITE_LOCK_WAIT
+
+    storage = st.open_storage(SimpleNamespace(out=tmp_path, svr=SimpleNamespace(storage=None)))
+    assert storage.grace_period > storage.get_heartbeat_interval() + SQLITE_LOCK_WAIT + 1
+    study = st.open_study("svr", storage, seed=0, shared=False)
+    objective = lambda t: loss(t.suggest_float("C", C_MIN, C_MAX, log=True))  # noqa: E731
+    st.run_trials(study, objective, 3, sole=True)
+    _, killed, _ = st._claim(study, storage.get_study_id_from_name("svr"), 6)  # claimed, sampled, then killed
+    c = killed.suggest_float("C", C_MIN, C_MAX, log=True)
+    t0 = time.monotonic()
+    assert st.run_trials(st.open_study("svr", storage, seed=0, shared=False), objective, 6, sole=True) == 3
+    assert time.monotonic() - t0 < storage.grace_period / 3  # no waiting for the killed trial to go stale
+    assert states(study) == {"COMPLETE": 6, "FAIL": 1}
+    assert [t.params["C"] for t in study.trials if t.state.name == "COMPLETE"][3] == c  # retried first

@@ -28,7 +28,7 @@ def _copy(run: Path, dst: Path) -> Path:
 def _status(capsys, data: Path, out: Path, *extra: str) -> dict[str, str]:
     capsys.readouterr()
     assert cli.main(["status", *tiny_args(data, out), *extra]) == 0
-    lines = capsys.readouterr().out.splitlines()[1:-1]
+    lines = [line for line in capsys.readouterr().out.splitlines()[1:-1] if not line.startswith("scores: ")]
     return {line.split()[0]: line.split()[1] for line in lines}
 
 
@@ -90,6 +90,9 @@ def test_status_on_a_fresh_a_finished_and_a_partly_stale_experiment(experiment_r
     assert cli.main(["status", *tiny_args(small_competition, experiment_run), "--set", "svr.c_max=50"]) == 0
     out = capsys.readouterr().out
     assert "svr.c_max 100.0 -> 50.0" in out and "upstream svr is stale" in out and "recomputes svr, ensemble" in out
+    weights = read_json(experiment_run / "ensemble" / "weights.json")  # the score to trust first, then the others
+    assert (f"scores: nested RMSE {weights['nested_rmse']['ensemble']:.3f} (the one to trust); optimistic: "
+            f"cross-validated {weights['oof_rmse']['ensemble_cv']:.3f}") in out
 
 
 def test_a_cached_rerun_keeps_the_timings_of_the_work(experiment_run, small_competition, tmp_path):

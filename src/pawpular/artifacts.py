@@ -110,6 +110,17 @@ def fold_preds(out: Path, fold: int, split: str) -> Path:
     return train_fold_dir(out, fold) / f"{split}.parquet"
 
 
+def epoch_preds(out: Path, fold: int) -> Path:
+    """A fold's validation predictions after every epoch (Id, epoch_1, epoch_2, ...): the nested epoch choice."""
+    return train_fold_dir(out, fold) / "epochs.parquet"
+
+
+def nested_preds(out: Path, head: str) -> Path:
+    """Out-of-fold predictions of a head (nn, svr) or of the ensemble whose every choice was made without the
+    fold each row belongs to (Id, fold, pred)."""
+    return Path(out) / HEADS.get(head, head) / "nested.parquet"
+
+
 def preds(out: Path, head: str, split: str) -> Path:
     """Predictions of a head (nn, svr) or of the ensemble; split: oof, test or holdout."""
     folder = HEADS.get(head, head)

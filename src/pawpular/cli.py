@@ -97,8 +97,9 @@ def _tool_commands(sub, raw) -> None:
                    "(`pawpular doctor --help`)")
     p = sub.add_parser("runs", help="experiments side by side: status, scores, settings, time per stage",
                        description="One row per experiment (default: every one under output/; a named folder of\n"
-                       "experiments is expanded): status (done / stale / partial / damaged, from the manifests), NN,\n"
-                       "SVR and blend OOF RMSE (in-sample, cross-validated, holdout), best C, model, image size,\n"
+                       "experiments is expanded): status (done / stale / partial / damaged, from the manifests), the\n"
+                       "blend's nested OOF RMSE (the one to trust) and holdout RMSE, the optimistic NN, SVR and blend\n"
+                       "OOF RMSE (in-sample, cross-validated), best C, model, image size,\n"
                        "fine-tuning mode, epochs, device, precision, seconds per stage; then the settings that\n"
                        "differ between the rows. Reads manifests and result files only (no photo, no output over\n"
                        "1 MiB): `pawpular status` hashes everything.", formatter_class=raw)
@@ -107,6 +108,9 @@ def _tool_commands(sub, raw) -> None:
                    "--sort=-KEY descending")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--html", metavar="FILE", help="also write one self-contained page: the table and a figure")
+    p.add_argument("--baseline", metavar="NAME", help="compare every experiment's nested RMSE with this one's on the "
+                   "same rows: difference, 95%% paired-bootstrap interval over duplicate groups, folds won; and "
+                   "inside each experiment, the SVR head and the blend against what they are added to")
     p = sub.add_parser("report", help="write report.html for an experiment folder")
     for flag, text in (("--config", "experiment YAML (to find its folder)"), ("--output", "experiment folder"),
                        ("--data", "competition folder (default: the experiment's data_dir)")):
@@ -234,6 +238,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from . import recipe
+    from .compare import experiment_score_line
     from .manifest import NOT_NEEDED
     from .runner import status
 
@@ -246,6 +251,8 @@ def _status(args: argparse.Namespace) -> int:
     todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
     partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"
     run_all = "pawpular all --set train.folds=null" if partial else "pawpular all"  # else it trains the same folds
+    if line := experiment_score_line(cfg.out):
+        print(f"scores: {line}")
     print(f"next: {run_all} (recomputes {', '.join(todo)})" if todo else "everything is done and current")
     return 0
 
@@ -286,7 +293,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "runs":
         from .experiments_view import main as runs_main
 
-        return runs_main(args.folders, args.sort, args.json, args.html)
+        return runs_main(args.folders, args.sort, args.json, args.html, args.baseline)
     if args.command == "export":
         print(api.export(args.output, args.to, overwrite=args.overwrite, data=args.data))
         return 0

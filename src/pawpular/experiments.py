@@ -35,8 +35,8 @@ SMALL = 1 << 20  # outputs up to this size are hashed; bigger ones (checkpoints,
 NOT_SETTINGS = ("experiment", "output_dir", "overwrite")  # differ between experiments by definition
 ORDER = {manifest.DAMAGED: 3, manifest.STALE: 2, manifest.PARTIAL: 1, manifest.MISSING: 1, manifest.DONE: 0,
          manifest.NOT_NEEDED: 0}
-COLUMNS = ["experiment", "status", "recipe", "nn", "svr", "blend", "blend_cv", "holdout", "mean", "best_C", "sets", "model",
-           "img_size", "finetune", "epochs", "device", "precision",
+COLUMNS = ["experiment", "status", "recipe", "nested", "holdout", "nn", "svr", "blend", "blend_cv", "mean", "best_C",
+           "sets", "model", "img_size", "finetune", "epochs", "device", "precision",
            *[f"t_{s}" for s in artifacts.PIPELINE], "t_total", "why", "path", "stages"]
 
 
@@ -239,7 +239,9 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
     precisions = sorted({r.info["policy"]["precision"] for r in units if r.info.get("policy")})
     timings = _json(artifacts.timings_json(out))
     times = {f"t_{s}": _number(timings.get(s)) for s in artifacts.PIPELINE}
-    return {"experiment": out.name, "status": status, "recipe": kind, "nn": _number(oof.get("nn")),
+    nested = weights.get("nested_rmse") or {}  # the score to trust; nn, svr, blend and blend_cv are optimistic
+    return {"experiment": out.name, "status": status, "recipe": kind, "nested": _number(nested.get("ensemble")),
+            "nn": _number(oof.get("nn")),
             "svr": _number(best.get("oof_rmse", oof.get("svr"))), "blend": _number(oof.get("ensemble")),
             "blend_cv": _number(oof.get("ensemble_cv")), "holdout": _number(held.get("ensemble")),
             "mean": _number(oof.get("predict_mean")), "best_C": _number(best.get("C")), "sets": sets,
@@ -268,9 +270,11 @@ def differing(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
 
 
-def table(folders: list[str | Path] | None = None, sort: str | None = None) -> pd.DataFrame:
+def table(folders: list[str | Path] | None = None, sort: str | None = None,
+          baseline: str | None = None) -> pd.DataFrame:
     """One row per experiment (COLUMNS, then the settings that differ between the rows, also listed in
-    ``attrs["settings"]``); ``sort``: a column, ``-column`` descending (missing values last)."""
+    ``attrs["settings"]``); ``sort``: a column, ``-column`` descending (missing values last). ``baseline``: an
+    experiment's name or folder: the columns of ``compare.BASELINE_COLUMNS`` and ``attrs["inside"]``."""
     cache: dict = {}
     rows = [row(out, cache) for out in find(folders)]
     settings = differing([r["config"] for r in rows]) if len(rows) > 1 else []
@@ -283,4 +287,8 @@ def table(folders: list[str | Path] | None = None, sort: str | None = None) -> p
                             key=lambda s: s.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v))
     df = df.reset_index(drop=True)
     df.attrs["settings"] = settings
+    if baseline is not None:
+        from .compare import with_baseline
+
+        df = with_baseline(df, baseline)
     return df

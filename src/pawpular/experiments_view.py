@@ -1,12 +1,12 @@
 """How `pawpular runs` shows its table (``experiments.table``): text, JSON, or one self-contained HTML page.
 
-    pawpular runs [FOLDER ...] [--sort KEY] [--json] [--html FILE]
+    pawpular runs [FOLDER ...] [--sort KEY] [--json] [--html FILE] [--baseline NAME]
 
 Text: the table (scores with 3 decimals, times in seconds), why each row that is not done is not, then the
 settings that differ between the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
 HTML: both tables, why each row that is not done is not, and a figure of each run's blend scores (in-sample,
-cross-validated, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as report.html
-does).
+cross-validated, nested, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as
+report.html does).
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from .files import write_text
 if TYPE_CHECKING:  # matplotlib loads only for the HTML page: the text table stays quick
     from matplotlib.figure import Figure
 
-SCORES = ("nn", "svr", "blend", "blend_cv", "holdout", "mean")
-SHOWN = ("experiment", "status", "recipe", "nn", "svr", "blend", "blend_cv", "holdout", "best_C", "sets", "model",
-         "img_size",
+SCORES = ("nested", "nn", "svr", "blend", "blend_cv", "holdout", "mean")
+SHOWN = ("experiment", "status", "recipe", "nested", "holdout", "nn", "svr", "blend", "blend_cv", "best_C", "sets",
+         "model", "img_size",
          "finetune", "epochs", "device", "precision", "t_folds", "t_train", "t_embed", "t_svr", "t_ensemble")
-HEADERS = {"img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
+HEADERS = {"nn": "nn opt.", "svr": "svr opt.", "blend": "blend opt.", "blend_cv": "blend_cv opt.",  # optimistic
+           "img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
            "t_ensemble": "ens. s"}
 
 
@@ -85,7 +86,8 @@ def _plain(value: Any) -> Any:
 
 def to_json(df: pd.DataFrame) -> str:
     runs = [{c: _plain(v) for c, v in r.items()} for r in df.to_dict(orient="records")]
-    return json.dumps({"runs": runs, "settings": df.attrs.get("settings", [])}, indent=1, default=str)
+    extra = {"baseline": df.attrs["baseline"], "inside": df.attrs.get("inside", [])} if "baseline" in df.attrs else {}
+    return json.dumps({"runs": runs, "settings": df.attrs.get("settings", []), **extra}, indent=1, default=str)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ def blend_figure(df: pd.DataFrame) -> Figure:
              ("svr", "SVR head (OOF)", "o", plots.color("svr"), 5, False, 0.22),
              ("blend", "blend, in-sample", "o", "#2ca02c", 10, True, 0.0),
              ("blend_cv", "blend, cross-validated", "D", "#145214", 6, False, 0.0),
+             ("nested", "blend, nested (to trust)", "*", "#000000", 9, False, -0.11),
              ("holdout", "blend, holdout", "s", "#d62728", 6, False, -0.22)]
     for column, label, marker, color, size, hollow, offset in marks:
         values = order[column].to_numpy(float)
@@ -123,7 +126,7 @@ def blend_figure(df: pd.DataFrame) -> Figure:
     ax.set(yticks=pos, yticklabels=labels, xlabel="OOF RMSE (lower is better)", title="Blend score of each run")
     ax.set_ylim(-0.6, len(order) - 0.4)
     ax.grid(axis="x", alpha=0.3)
-    fig.legend(loc="outside lower center", ncol=5, fontsize=8, frameon=False)
+    fig.legend(loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     return fig
 
 
@@ -186,12 +189,21 @@ def page(df: pd.DataFrame) -> str:
             "</body></html>")
 
 
-def main(folders: list[str], sort: str | None = None, as_json: bool = False, html_file: str | None = None) -> int:
-    """`pawpular runs`: print the table (or JSON); with ``html_file`` also write the page."""
-    df = table(folders or None, sort)
+def main(folders: list[str], sort: str | None = None, as_json: bool = False, html_file: str | None = None,
+         baseline: str | None = None) -> int:
+    """`pawpular runs`: print the table (or JSON); with ``html_file`` also write the page; with ``baseline`` the
+    comparisons against it (``compare.py``)."""
+    df = table(folders or None, sort, baseline)
     if html_file:
         write_text(Path(html_file), page(df))
-    print(to_json(df) if as_json else text(df))
+    if as_json:
+        print(to_json(df))
+    else:
+        print(text(df))
+        if baseline is not None:
+            from .compare import baseline_text
+
+            print("\n" + baseline_text(df))
     if html_file and not as_json:
         print(f"\npage: {html_file}")
     return 0

@@ -160,9 +160,18 @@ def _models_section(page: _Page, res: RunResults) -> None:
     page.add(_model_html(models))
     score = dict(zip(models["model"], models["oof_rmse"]))
     ens, mean = score.get("ensemble, cross-val.", score["ensemble"]), score["predict the mean"]
-    if not np.isnan(ens) and not np.isnan(mean) and mean > 0:
+    trusted = score.get("ensemble, nested", np.nan)
+    held = f"; on the holdout, {score['holdout RMSE']:.3f}" if "holdout RMSE" in score else ""
+    if not np.isnan(trusted) and not np.isnan(mean) and mean > 0:
+        page.add(f"<p>The blend's nested out-of-fold RMSE (every choice, the NN's epoch, the SVR's C and the blend "
+                 f"weights, made without the fold scored: the one to trust) is <b>{trusted:.3f}</b>, "
+                 f"{trusted / mean:.3f}x that of predicting the mean ({mean:.3f}){held}. The cross-validated "
+                 f"{ens:.3f} is optimistic.</p>")
+    elif not np.isnan(ens) and not np.isnan(mean) and mean > 0:
+        why = (res.weights.get("nested_rmse") or {}).get("missing", "rerun the stages")
         page.add(f"<p>The blend's cross-validated out-of-fold RMSE is <b>{ens:.3f}</b>, {ens / mean:.3f}x that of "
-                 f"predicting the mean ({mean:.3f}).</p>")
+                 f"predicting the mean ({mean:.3f}){held}; optimistic: no nested score was recorded "
+                 f"({html.escape(str(why))}).</p>")
     for line in res.weights.get("worse_than_mean", []):
         page.add(f'<p class="warn">WARNING: {html.escape(line)}</p>')
     folds = fold_table(res)

@@ -66,8 +66,12 @@ class RunResults:
         return TARGET in self.oof.columns
 
     def summary(self) -> str:
+        """The stages' status, then the blend's scores, the one to trust first (``compare.score_line``)."""
+        from .compare import score_line
+
         parts = [f"{h}: {s}" for h, s in self.status.items()]
-        return f"{self.out} (data {self.data}): " + ", ".join(parts)
+        line = score_line(self.weights)
+        return f"{self.out} (data {self.data}): " + ", ".join(parts) + (f"\nscores: {line}" if line else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,7 +269,12 @@ def model_table(res: RunResults) -> pd.DataFrame:
         method = res.weights.get("method", "?")
         rows.append(("ensemble", scores.get("ensemble", oof_rmse(res, "ensemble")), np.nan, f"ok ({method})"))
         if "ensemble_cv" in scores:  # weights refit without each fold, scored on it
-            rows.append(("ensemble, cross-val.", scores["ensemble_cv"], np.nan, "ok"))
+            rows.append(("ensemble, cross-val.", scores["ensemble_cv"], np.nan, "ok; optimistic"))
+        nested = res.weights.get("nested_rmse") or {}
+        for name in [n for n in nested if n not in ("ensemble", "missing")] + ["ensemble"]:
+            if name in nested:  # every choice made without the fold scored (nested.py)
+                rows.append((f"{name}, nested", nested[name], np.nan, "ok; the score to trust" if name == "ensemble"
+                             else "ok"))
         if "equal_weights" in scores:
             rows.append(("equal-weight blend", scores["equal_weights"], np.nan, "ok"))
         holdout = res.weights.get("holdout_rmse") or {}

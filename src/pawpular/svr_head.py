@@ -319,10 +319,14 @@ def fit_predict(params: dict, folds: Sequence[FoldData], device: str = "cpu") ->
     return np.clip(oof, LO, HI)
 
 
-def oof_rmse(params: dict, folds: Sequence[FoldData], y: np.ndarray, device: str = "cpu") -> float:
-    """RMSE of ``fit_predict`` over the validation rows of every fold (what a trial scores)."""
+def oof_rmse(params: dict, folds: Sequence[FoldData], y: np.ndarray, device: str = "cpu",
+             per_fold: dict | None = None) -> float:
+    """RMSE of ``fit_predict`` over the validation rows of every fold (what a trial scores); ``per_fold`` is
+    filled with each fold's sum of squared errors (the nested choice of C, ``nested.py``)."""
     pred = fit_predict(params, folds, device)
     rows = ~np.isnan(pred)  # every fold's validation rows, in train-table order (not the holdout)
+    if per_fold is not None:
+        per_fold.update({str(f.fold): float(((pred[f.val_rows] - y[f.val_rows]) ** 2).sum()) for f in folds})
     return rmse(pred[rows], y[rows])
 
 

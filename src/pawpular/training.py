@@ -185,6 +185,7 @@ class FoldState:
     bad_epochs: int = 0
     stopped: bool = False
     history: list = field(default_factory=list)
+    epoch_preds: list = field(default_factory=list)  # validation predictions after each epoch (the nested choice)
 
 
 def rng_state() -> dict:

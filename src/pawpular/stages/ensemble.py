@@ -9,9 +9,11 @@ Needs   pawpular train and/or pawpular svr (a head that has not run is left out,
 Keys    ensemble.method (convex | hill; nnls = convex), ensemble.min_improvement, ensemble.experiments
 Run     pawpular ensemble --config configs/default.yaml
 
-Three scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
-cross-validated one (weights refit without each fold, scored on it), and with folds.holdout > 0 the holdout RMSE
-of the submission's own recipe on rows no stage ever fit on: the honest test number. A head or blend no better
+Four scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
+cross-validated one (weights refit without each fold, scored on it: still optimistic, the heads' epoch and C were
+chosen on those rows), the nested one (the same blend of the heads' nested predictions, ensemble/nested.parquet:
+every choice made without the fold scored, the one to trust), and with folds.holdout > 0 the holdout RMSE of the
+submission's own recipe on rows no stage ever fit on. A head or blend no better
 than predicting the mean is a loud warning here and in the report.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from .. import artifacts, manifest, tracking
 from ..blend import canonical, cross_validated, fit_weights
 from ..data import ID, TARGET
 from ..errors import ConfigError
-from ..files import ArtifactError, MissingArtifact, write_json, write_parquet
+from ..files import ArtifactError, MissingArtifact, remove, write_json, write_parquet
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from ..submission import build_submission
@@ -35,6 +37,9 @@ from ..files import write_csv
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
+TRUST = ("nested_rmse.ensemble is the score to trust: every choice (epoch, C, blend weights) made without the fold "
+         "scored; oof_rmse.ensemble_cv is optimistic (the heads' epoch and C were chosen on the rows it scores), "
+         "oof_rmse.ensemble more so (its weights too)")
 SUMMARY = "blend the NN and SVR heads with weights fit on out-of-fold predictions -> submission.csv"
 HELP = __doc__
 IMAGES = False
@@ -138,8 +143,9 @@ def run(ctx) -> Result:
                "predict_mean": rmse(np.full_like(y, y.mean()), y)}
     holdout = _holdout_scores(tables, names, blend.weights, target, y.mean())
     policies = _policies(cfg)
-    outputs = _write(ctx, tables, names, blend, summary, holdout, policies)
-    _log(cfg, names, blend, summary, holdout)
+    nested_scores = _nested(ctx, names, oof, y)
+    outputs = _write(ctx, tables, names, blend, summary, holdout, policies, nested_scores)
+    _log(cfg, names, blend, summary, holdout, nested_scores)
     tracking.log_blend(ctx.tracker, dict(zip(names, map(float, blend.weights))), summary, holdout)
     return Result(outputs, {"oof_rmse": summary, "holdout_rmse": holdout})
 
@@ -152,6 +158,29 @@ def _holdout_scores(tables: dict, names: list[str], w: np.ndarray, target: pd.Se
     H = h[names].to_numpy(float)
     return {**{n: rmse(H[:, j], y) for j, n in enumerate(names)}, "ensemble": rmse(np.clip(H @ w, 1, 100), y),
             "predict_mean": rmse(np.full_like(y, train_mean), y), "rows": int(len(y))}
+
+
+def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
+    """Every head's nested RMSE (its epoch or C chosen without the fold scored) and the blend's (weights fit on the
+    other folds' nested predictions); writes ensemble/nested.parquet. ``{"missing": why}`` when a head has none."""
+    path = artifacts.nested_preds(ctx.out, "ensemble")
+    remove(path)
+    files = {f"{prefix}{h}": artifacts.nested_preds(folder, h) for prefix, folder in experiments(ctx.cfg)
+             for h in _heads(folder, _used(ctx.cfg, prefix))}
+    missing = [f"{n} ({files[n]})" for n in names if not files[n].is_file()]
+    if missing:
+        return {"missing": f"no nested predictions for {', '.join(missing)}: rerun that stage"}
+    table = oof[[ID, "fold"]]
+    for n in names:
+        table = table.merge(pd.read_parquet(files[n])[[ID, "pred"]].rename(columns={"pred": n}), on=ID, how="left")
+    if table[names].isna().any().any():
+        return {"missing": "the nested predictions do not cover the OOF rows: rerun train / svr"}
+    P = table[names].to_numpy(float)
+    score, pred = cross_validated(P, y, table["fold"].to_numpy(), names, ctx.cfg.ensemble.method,
+                                  ctx.cfg.ensemble.min_improvement)
+    # the target too: `pawpular runs --baseline` compares experiments from this file alone
+    write_parquet(pd.DataFrame({ID: table[ID], "fold": table["fold"], "pred": pred, "target": y}), path)
+    return {**{n: rmse(P[:, j], y) for j, n in enumerate(names)}, "ensemble": score}
 
 
 def _policies(cfg) -> dict[str, str]:
@@ -170,7 +199,8 @@ def _policies(cfg) -> dict[str, str]:
     return found
 
 
-def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: dict, policies: dict) -> list[Path]:
+def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: dict, policies: dict,
+           nested_scores: dict) -> list[Path]:
     out, w = ctx.out / "ensemble", blend.weights
     oof = tables["oof"]
     paths = [out / "oof.parquet", out / "test.parquet"]
@@ -185,10 +215,12 @@ def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: d
     sub = build_submission(test, ctx.comp.sample)  # validated before anything is written for it
     write_json(artifacts.weights_json(ctx.out), {
         "weights": dict(zip(names, map(float, w))), "method": canonical(ctx.cfg.ensemble.method), "oof_rmse": summary,
+        "nested_rmse": nested_scores, "trust": TRUST,
         "holdout_rmse": holdout, "worse_than_mean": worse_than_mean(summary, holdout), "precision": policies,
         "steps": [{"added": a, "oof_rmse": r} for a, r in blend.steps]})
     write_csv(sub, artifacts.submission(ctx.out), float_format="%.5f")
-    return paths + [artifacts.weights_json(ctx.out), artifacts.submission(ctx.out)]
+    nested_file = [artifacts.nested_preds(ctx.out, "ensemble")] if "ensemble" in nested_scores else []
+    return paths + nested_file + [artifacts.weights_json(ctx.out), artifacts.submission(ctx.out)]
 
 
 def worse_than_mean(summary: dict, holdout: dict) -> list[str]:
@@ -202,13 +234,19 @@ def worse_than_mean(summary: dict, holdout: dict) -> list[str]:
     return bad
 
 
-def _log(cfg, names: list[str], blend, summary: dict, holdout: dict) -> None:
+def _log(cfg, names: list[str], blend, summary: dict, holdout: dict, nested_scores: dict) -> None:
     mean = summary["predict_mean"]
     ratio = summary["ensemble_cv"] / mean if mean > 0 else float("nan")
     rows = [f"  {n:<24} {summary[n]:>8.3f} {w:>8.3f}" for n, w in zip(names, blend.weights)]
     rows += [f"  {'predict the mean':<24} {mean:>8.3f}", f"  {'equal-weight blend':<24} {summary['equal_weights']:>8.3f}",
              f"  {'ensemble (in-sample)':<24} {summary['ensemble']:>8.3f}",
-             f"  {'ensemble (cross-val.)':<24} {summary['ensemble_cv']:>8.3f}  ({ratio:.3f}x the mean's)"]
+             f"  {'ensemble (cross-val.)':<24} {summary['ensemble_cv']:>8.3f}  ({ratio:.3f}x the mean's; optimistic: "
+             "the heads' epoch and C were chosen on these rows)"]
+    if "ensemble" in nested_scores:
+        rows.append(f"  {'ensemble (nested)':<24} {nested_scores['ensemble']:>8.3f}  (every choice made without the "
+                    "fold scored: the one to trust)")
+    else:
+        rows.append(f"  {'ensemble (nested)':<24} {'-':>8}  ({nested_scores.get('missing')})")
     if holdout:
         rows.append(f"  {'holdout RMSE':<24} {holdout['ensemble']:>8.3f}  ({holdout['rows']} rows no stage fit on; "
                     f"the mean: {holdout['predict_mean']:.3f})")

@@ -3,7 +3,8 @@
 Reads   the embeddings this experiment already has: each frozen backbone of embed.backbones, and "model" (this
         experiment's fine-tuned folds) when it fine-tunes; a listed backbone not embedded yet is named and left out
 Writes  select/selection.json (every set's own score, every step with every set tried, the chosen sets, their
-        OOF RMSE and C). Never changes the experiment's SVR, ensemble or submission.
+        OOF RMSE and C; the nested score and each step's gain against the noise). Never changes the experiment's
+        SVR, ensemble or submission.
 Needs   pawpular embed
 Keys    embed.backbones, svr.c_min / c_max, svr.epsilon, svr.gamma, svr.use_meta
 Run     pawpular select --config configs/multi_backbone.yaml
@@ -17,7 +18,9 @@ RMSE points or none is left; so the choice never scores worse than the best set 
 and every step is printed. C is chosen from a fixed grid over [svr.c_min, svr.c_max] (so two runs agree); a
 warning says when the best C is at an edge of that range and which bound to move. `pawpular svr` with the chosen
 sets (C tuned by Optuna over the same range) lands at or near the printed RMSE, which is optimistic: the sets are
-chosen on the rows they are scored on.
+chosen on the rows they are scored on. The nested score redoes the selection for each fold k on the other folds
+(C from the grid) and scores fold k with what it chose, reusing every fit already made; each step's gain is
+measured against the noise.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from ..config import Config, backbone_configs
 from ..errors import ConfigError
 from ..data import ID, META_COLS, TARGET, Competition
 from ..files import MissingArtifact, write_json
+from ..metrics import rmse
 from ..splits import read_folds
 from ..progress import Progress
 from . import Plan, Result, wants_fold_embeddings
@@ -65,13 +69,18 @@ def c_grid(c_min: float, c_max: float, points: int = C_GRID_POINTS) -> list[floa
 
 
 def tune_c(folds: Sequence[svr_head.FoldData], y: np.ndarray, grid: Sequence[float], epsilon: float,
-           device: str = "cpu") -> tuple[float, float]:
-    """(best OOF RMSE, its C): every C of ``grid``, then the geometric midpoints beside the best. Deterministic."""
+           device: str = "cpu", preds: dict | None = None) -> tuple[float, float]:
+    """(best OOF RMSE, its C): every C of ``grid``, then the geometric midpoints beside the best. Deterministic.
+    ``preds``: filled with each C's OOF predictions (train-table rows; the nested choice picks among them)."""
     scores: dict[float, float] = {}
 
     def score(c: float) -> float:
         if c not in scores:
-            scores[c] = svr_head.oof_rmse({"C": c, "epsilon": epsilon}, folds, y, device)
+            pred = svr_head.fit_predict({"C": c, "epsilon": epsilon}, folds, device)
+            rows = ~np.isnan(pred)
+            scores[c] = rmse(pred[rows], y[rows])
+            if preds is not None:
+                preds[c] = pred
         return scores[c]
 
     for c in grid:
@@ -109,12 +118,14 @@ class TrainSets:
         return out
 
 
-def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, mode: str = "precomputed") -> tuple[float, float]:
-    """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels."""
+def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, mode: str = "precomputed",
+               preds: dict | None = None) -> tuple[float, float]:
+    """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels;
+    ``preds``: see ``tune_c``."""
     folds = data.folds(names, cfg.svr.gamma, device)
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
-    return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device)
+    return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device, preds)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,6 +164,63 @@ def forward_select(candidates: Sequence[str], score: Any, min_improvement: float
         steps.append(Step(len(steps) + 1, best, list(chosen), rmse, c,
                           {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()}))
     return steps, rejected
+
+
+def nested_selection(candidates: Sequence[str], evaluated: dict, rescore: Any, y: np.ndarray, fold_of: np.ndarray,
+                     grid: Sequence[float]) -> tuple[dict, np.ndarray]:
+    """Per fold k, the whole selection again on the other folds' rows (sets and C, C from ``grid``), and fold k
+    predicted with what it chose. ``evaluated``: sets (tuple) -> {C: OOF predictions}, filled by ``rescore(names)``
+    for a combination the selection on all rows never tried. Returns (selection.json's "nested", predictions)."""
+    folds = sorted(k for k in np.unique(fold_of).tolist() if k >= 0)
+    rows_of = [fold_of == k for k in folds]
+
+    def sse(names: tuple) -> dict[float, np.ndarray]:
+        if names not in evaluated:
+            rescore(list(names))
+        return {c: np.array([((p[r] - y[r]) ** 2).sum() for r in rows_of]) for c, p in evaluated[names].items()
+                if c in grid}
+
+    pred, chosen = np.full(len(y), np.nan), {}
+    for i, (k, rows) in enumerate(zip(folds, rows_of)):
+        n_other = sum(int(r.sum()) for j, r in enumerate(rows_of) if j != i)
+
+        def score_without_k(names: list[str]) -> tuple[float, float]:
+            table = sse(tuple(names))
+            c = min(table, key=lambda c: (table[c].sum() - table[c][i], c))
+            return float(np.sqrt((table[c].sum() - table[c][i]) / n_other)), c
+
+        steps, _ = forward_select(candidates, score_without_k, MIN_IMPROVEMENT)
+        names, c = tuple(steps[-1].features), steps[-1].C
+        pred[rows] = evaluated[names][c][rows]
+        chosen[str(k)] = {"features": list(names), "C": c}
+    scored = fold_of >= 0
+    return {"nested_rmse": rmse(pred[scored], y[scored]), "folds": chosen}, pred
+
+
+def step_gains(steps: Sequence[Step], evaluated: dict, y: np.ndarray, fold_of: np.ndarray, grid: Sequence[float],
+               groups: np.ndarray) -> list[dict]:
+    """Does each set added beat what it is added to, beyond noise? Step s against step s - 1, each with C chosen per
+    fold on the other folds (``nested.leave_one_out``): ``nested.paired_bootstrap`` over duplicate groups."""
+    from .. import nested
+
+    folds = sorted(k for k in np.unique(fold_of).tolist() if k >= 0)
+    scored = fold_of >= 0
+
+    def nested_c(names: list[str]) -> np.ndarray:
+        preds = {c: p for c, p in evaluated[tuple(names)].items() if c in grid}
+        cs = list(preds)
+        sse = np.array([[((preds[c][fold_of == k] - y[fold_of == k]) ** 2).sum() for k in folds] for c in cs])
+        out = np.full(len(y), np.nan)
+        for k, j in zip(folds, nested.leave_one_out(sse)):
+            out[fold_of == k] = preds[cs[j]][fold_of == k]
+        return out[scored]
+
+    gains = []
+    for prev, step in zip(steps, steps[1:]):
+        d = nested.paired_bootstrap(nested_c(step.features), nested_c(prev.features), y[scored], groups[scored],
+                                    fold_of[scored])
+        gains.append({"step": step.step, "added": step.added, **d.to_dict()})
+    return gains
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,6 +264,13 @@ def load_train_sets(cfg: Config, comp: Competition, folds_df: Any, names: Sequen
                 tables[(name, k)] = frozen
     meta = comp.train[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
     return TrainSets(tables, comp.train[ID].astype(str).tolist(), comp.train[TARGET].to_numpy(np.float64), fold_of, meta)
+
+
+def _groups(cfg: Config, ids: list[str]) -> np.ndarray:
+    from ..compare import duplicate_groups
+    from ..nested import group_codes
+
+    return group_codes(ids, duplicate_groups(cfg.out))
 
 
 def features_line(names: Sequence[str]) -> str:
@@ -263,31 +338,55 @@ def run(ctx) -> Result:
     grid = c_grid(cfg.svr.c_min, cfg.svr.c_max)
     log.info("select: %d candidate sets (%s), %d train rows, %d folds, C grid %s", len(candidates),
              ", ".join(candidates), len(data.ids), len(data.fold_ids), ", ".join(f"{c:.3g}" for c in grid))
+    evaluated: dict = {}  # sets -> {C: OOF predictions}: what the nested selection chooses among
+
+    def rescore(names: list[str]) -> tuple[float, float]:
+        evaluated[tuple(names)] = {}
+        return score_sets(data, names, cfg, device, mode, evaluated[tuple(names)])
+
     with Progress(desc="select", total=sum(range(1, len(candidates) + 1)), unit="fit") as bar:
         def score(names: list[str]) -> tuple[float, float]:
-            result = score_sets(data, names, cfg, device, mode)
+            result = rescore(names)
             bar.update()
             return result
 
         steps, rejected = forward_select(candidates, score, MIN_IMPROVEMENT)
     best = steps[-1]
+    t_nested = time.time()
+    nested_result, _ = nested_selection(candidates, evaluated, rescore, data.y, data.fold_of, grid)
+    gains = step_gains(steps, evaluated, data.y, data.fold_of, grid, _groups(cfg, data.ids))
+    t_nested = time.time() - t_nested
     result = {
         "candidates": candidates, "skipped": skipped, "single": steps[0].tried,
         "steps": [dataclasses.asdict(s) for s in steps], "rejected": rejected, "chosen": best.features,
         "oof_rmse": best.oof_rmse, "C": best.C, "set_line": features_line(best.features),
+        "nested": nested_result, "gains": gains,
         "settings": {"min_improvement": MIN_IMPROVEMENT, "c_grid": grid, "epsilon": cfg.svr.epsilon,
                      "gamma": cfg.svr.gamma, "use_meta": cfg.svr.use_meta, "n_folds": len(data.fold_ids),
                      "n_train": len(data.ids)},
     }
     path = artifacts.selection_json(cfg.out)
     write_json(path, result)
+    _print_choice(cfg, steps, rejected, nested_result, gains)
+    log.info("select: the nested score took %.1fs (%.1f%% of the stage)", t_nested,
+             100 * t_nested / max(time.time() - t0, 1e-9))
+    log.info("select: %d of %d sets chosen in %.1fs -> %s", len(best.features), len(candidates), time.time() - t0, path)
+    return Result([path], {"chosen": best.features, "oof_rmse": best.oof_rmse})
+
+
+def _print_choice(cfg, steps: list, rejected: dict | None, nested_result: dict, gains: list[dict]) -> None:
+    """Every set's score and step, the choice, its nested score and each step's gain against the noise."""
+    best = steps[-1]
     print(format_steps(steps, rejected))
     print()
     print(format_table(steps, rejected))
     print(f"chosen: {', '.join(best.features)} (OOF RMSE {best.oof_rmse:.4f} at C={best.C:.4g}; best single "
           f"{steps[0].added} {steps[0].oof_rmse:.4f})")
     print(f"use:    {features_line(best.features)}   (or `pawpular select --as NAME`: a new experiment)")
+    print(f"nested: {nested_result['nested_rmse']:.4f} (the selection and C redone without each fold, scored on it: "
+          f"the one to trust; the {best.oof_rmse:.4f} above is optimistic)")
+    for g in gains:
+        print(f"        step {g['step']} adds {g['added']}: {g['delta']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] "
+              f"(95% over duplicate groups), {g['folds_won']}/{g['folds']} folds: {g['verdict']}")
     if edge := svr_head.c_at_edge(best.C, cfg.svr.c_min, cfg.svr.c_max):
         log.warning("select: %s", edge)
-    log.info("select: %d of %d sets chosen in %.1fs -> %s", len(best.features), len(candidates), time.time() - t0, path)
-    return Result([path], {"chosen": best.features, "oof_rmse": best.oof_rmse})

@@ -5,7 +5,7 @@ Reads   folds/folds.csv, train.csv / test.csv (targets, flags), and for every na
 Writes  svr/study.db (the Optuna study, unless svr.storage names a database), svr/best_params.json,
         svr/fold{k}/head.safetensors (the head as arrays: columns, scaler, support vectors, dual
         coefficients, intercept, gamma; what predict computes from),
-        svr/{oof,test,holdout}.parquet
+        svr/{oof,test,holdout}.parquet, svr/nested.parquet (fold k predicted with the C best on the other folds)
 Needs   pawpular embed
 Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma, svr.use_meta, svr.features,
         svr.kernel_cache, svr.storage
@@ -31,9 +31,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, svr_head, svr_study as studies, tracking
+from .. import artifacts, backend, nested, svr_head, svr_study as studies, tracking
 from ..data import ID, META_COLS, TARGET
-from ..files import MissingArtifact, write_bytes, write_json
+from ..files import MissingArtifact, remove, write_bytes, write_json
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
@@ -43,6 +43,7 @@ SUMMARY = "fit the SVR head per fold on the embeddings, Optuna tuning C on out-o
 HELP = __doc__
 IMAGES = False
 # Settings that do not change the results (n_trials is checked on its own: raising it continues the study).
+FOLD_SSE = "fold_sse"  # trial user attribute: {fold: sum of squared errors of its validation rows}
 NOT_RESULTS = ("n_trials", "storage", "kernel_cache", "max_kernel_gb", "workers")
 
 
@@ -135,10 +136,13 @@ def run(ctx) -> Result:
     preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
     outputs = write_predictions(ctx, folds_df, preds)
     oof_rmse = rmse(preds["oof"][1], y[folds_df["fold"].to_numpy() != HOLDOUT])
+    t_nested = time.time()
+    nested_files, nested_info = nested_c(ctx, study, folds, folds_df, y, params, preds["oof"][1])
+    t_nested = time.time() - t_nested
     best = {**params, "oof_rmse": oof_rmse, "best_trial_rmse": float(study.best_value),
             "n_trials": studies.n_complete(study), "study_name": name, "gamma": {str(f.fold): f.gamma for f in folds},
             "n_features": len(columns), "features": list(cfg.svr.features), "use_meta": cfg.svr.use_meta,
-            "kernel_cache": mode, "device": device, "svr_class": svr_class}
+            "kernel_cache": mode, "device": device, "svr_class": svr_class, **nested_info}
     write_json(artifacts.best_params(cfg.out), best)  # no timings in it: the same inputs give the same bytes
     ctx.tracker.summary({"best/C": params["C"], "best/oof_rmse": oof_rmse, "n_trials": best["n_trials"]})
     log.info("svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
@@ -147,9 +151,47 @@ def run(ctx) -> Result:
              artifacts.svr_dir(cfg.out))
     if edge := svr_head.c_at_edge(params["C"], cfg.svr.c_min, cfg.svr.c_max):
         log.warning("svr: %s", edge)
+    if nested_info:
+        log.info("svr: nested RMSE %.4f (C per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
+                 "the stage); the OOF RMSE %.4f of the C best on all folds is optimistic", nested_info["nested_rmse"],
+                 ", ".join(f"{c:.3g}" for c in nested_info["nested_C"].values()), t_nested,
+                 100 * t_nested / max(time.time() - t0, 1e-9), oof_rmse)
     models = [artifacts.svr_head(cfg.out, f.fold) for f in folds]
-    return Result([*outputs, *models, artifacts.best_params(cfg.out)],
-                  {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse})
+    return Result([*outputs, *nested_files, *models, artifacts.best_params(cfg.out)],
+                  {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse,
+                   "nested_seconds": t_nested})
+
+
+def nested_c(ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict,
+             oof: np.ndarray) -> tuple[list, dict]:
+    """svr/nested.parquet: fold k predicted with the trial whose C (and epsilon) is best on the other folds'
+    squared errors (each trial recorded them); a fold is refit only where that is not the study's best
+    (``oof``: the final fits' predictions of the fold-assigned rows). Returns (files, best_params.json keys)."""
+    from optuna.trial import TrialState
+
+    path = artifacts.nested_preds(ctx.out, "svr")
+    remove(path)
+    keys = [str(f.fold) for f in folds]
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if set(keys) <= set(t.user_attrs.get(FOLD_SSE, {}))]
+    if not trials:
+        log.info("svr: no nested score (no trial of study %s recorded its per-fold errors: an older study; "
+                 "--overwrite starts a new one)", study.study_name)
+        return [], {}
+    choice = nested.leave_one_out(np.array([[t.user_attrs[FOLD_SSE][k] for k in keys] for t in trials]))
+    keep = folds_df["fold"].to_numpy() != HOLDOUT
+    pred = np.full(len(y), np.nan)
+    pred[keep] = oof
+    chosen = {}
+    for f, c in zip(folds, choice):
+        p = {"C": float(trials[c].params["C"]), "epsilon": float(trials[c].params.get("epsilon", ctx.cfg.svr.epsilon))}
+        chosen[str(f.fold)] = p["C"]
+        if p != params:  # its predictions with this C were not kept: one more fit of this fold
+            pred[f.val_rows] = svr_head.fit_predict(p, [f], ctx.device)[f.val_rows]
+    table = pd.DataFrame({ID: ctx.comp.train[ID][keep].astype(str).to_numpy(),
+                          "fold": folds_df["fold"][keep].to_numpy(), "pred": pred[keep]})
+    backend.write_table(table, path, ctx.device)
+    return [path], {"nested_rmse": rmse(pred[keep], y[keep]), "nested_C": chosen}
 
 
 def study_name(cfg, values: str) -> str:
@@ -167,7 +209,10 @@ def suggest(trial, s) -> dict:
 def make_objective(folds: list, y: np.ndarray, s, device: str):
     """Optuna's objective, thin: sample, then the head's plain ``oof_rmse`` (what tests call without Optuna)."""
     def objective(trial) -> float:
-        return svr_head.oof_rmse(suggest(trial, s), folds, y, device)
+        per_fold: dict = {}  # each fold's squared errors: the nested choice of C picks per fold on the others'
+        value = svr_head.oof_rmse(suggest(trial, s), folds, y, device, per_fold)
+        trial.set_user_attr(FOLD_SSE, per_fold)
+        return value
 
     return objective
 
@@ -194,7 +239,10 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracke
                 if tracker is not None:
                     tracking.log_trials(tracker, study)
 
-            ran = studies.run_trials(study, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress])
+            # the experiment's own study with one process (the experiment lock held): no heartbeat to go stale
+            sole = s.storage is None and s.workers <= 1
+            ran = studies.run_trials(study, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress],
+                                     sole=sole)
     finally:
         svr_head.detach_kernels(folds)
         failed = stop_workers(helpers)  # never raises: an error or Ctrl-C on its way out stays the one reported

@@ -5,7 +5,9 @@ Writes  train/fold{k}/best.pt       best epoch by validation RMSE (SSF merged: a
         train/fold{k}/last.pt       resume state after each epoch; removed when the fold is done
         train/fold{k}/metrics.csv   epoch, train_loss, val_rmse, lr
         train/fold{k}/{oof,test,holdout}.parquet   the best epoch's predictions (holdout with folds.holdout)
+        train/fold{k}/epochs.parquet   the validation predictions after every epoch
         train/{oof,test,holdout}.parquet   every fold-assigned train Id once / means over folds
+        train/nested.parquet   fold k's predictions at the epoch best on the other folds' mean validation curve
 Needs   pawpular folds
 Keys    model.name, model.pretrained, model.finetune (full | fpt | ssf | head), model.img_size, model.use_meta;
         train.epochs, train.lr, train.head_lr, train.batch_size, train.accum_steps, train.amp, train.tta_hflip,
@@ -28,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import artifacts, manifest
+from .. import artifacts, manifest, nested
 from ..errors import ConfigError
 from ..data import ID, TARGET
 from ..dataset import eval_dataset, train_dataset
@@ -160,7 +162,7 @@ class FoldRun:
         state, best_pred = self.resume()
         self.ctx.dist.barrier()
         state, best_pred = self.epochs(state, best_pred)
-        self.finish(best_pred)
+        self.finish(best_pred, state.epoch_preds if len(state.epoch_preds) == state.epoch else None)
 
     def repredict(self) -> None:
         """Keep best.pt (and metrics.csv); recompute the fold's predictions with today's TTA and test set."""
@@ -207,7 +209,7 @@ class FoldRun:
                 log.warning("fold %d: %s was written for other settings or data; starting the fold afresh", self.fold,
                             last)
         if self.ctx.dist.main:  # a fresh start: stale files must not look like this run's
-            for f in (*FOLD_FILES, "holdout.parquet", "last.pt"):
+            for f in (*FOLD_FILES, "holdout.parquet", "epochs.parquet", "last.pt"):
                 remove(self.dir / f)
         return FoldState(), np.zeros(0)
 
@@ -270,6 +272,7 @@ class FoldRun:
         lr = self.trainer.optimizer.param_groups[0]["lr"]
         # No timings in metrics.csv: a resumed run writes the same bytes as an uninterrupted one (they are logged).
         state.history.append({"epoch": epoch + 1, "train_loss": loss, "val_rmse": val_rmse, "lr": lr})
+        state.epoch_preds.append(np.asarray(pred, float).tolist())
         if self.ctx.dist.main:
             if improved:
                 save_torch({"model": export_state_dict(model), "model_cfg": dataclasses.asdict(self.cfg.model),
@@ -292,8 +295,9 @@ class FoldRun:
                             num_workers=self.cfg.train.num_workers, pred_tta=self.cfg.train.tta_hflip,
                             dist=self.ctx.dist).pred
 
-    def finish(self, best_pred: np.ndarray) -> None:
-        """The best checkpoint's test and holdout predictions; the fold's files, then its manifest (rank 0)."""
+    def finish(self, best_pred: np.ndarray, epoch_preds: list | None = None) -> None:
+        """The best checkpoint's test and holdout predictions; the fold's files, then its manifest (rank 0).
+        ``epoch_preds``: every epoch's validation predictions (epochs.parquet); None keeps the file there is."""
         out, comp = self.cfg.out, self.ctx.comp
         best_model, _ = load_checkpoint(artifacts.best_checkpoint(out, self.fold), self.dev)
         if self.policy.channels_last:
@@ -306,8 +310,13 @@ class FoldRun:
             if held:
                 write_parquet(pd.DataFrame({ID: self.holdout_df[ID], "pred": held_pred}), self.dir / "holdout.parquet")
             write_parquet(pd.DataFrame({ID: self.val_df[ID], "fold": self.fold, "pred": best_pred}), self.dir / "oof.parquet")
+            epochs = artifacts.epoch_preds(out, self.fold)
+            if epoch_preds is not None:
+                write_parquet(pd.DataFrame({ID: self.val_df[ID], **{f"epoch_{e + 1}": p for e, p in
+                                                                    enumerate(epoch_preds)}}), epochs)
             remove(artifacts.last_checkpoint(out, self.fold))
             files = [self.dir / f for f in FOLD_FILES] + ([self.dir / "holdout.parquet"] if held else [])
+            files += [epochs] if epochs.is_file() else []
             p = fold_plan(self.ctx, self.fold)
             manifest.commit(self.dir / "manifest.json", out, manifest.Record(p.config, p.inputs, info={
                 "policy": self.policy.to_dict(), "device": self.ctx.device,
@@ -334,7 +343,30 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
              pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     files = [artifacts.train_fold_dir(out, k) / f for k in known for f in FOLD_FILES]
     files += [artifacts.fold_preds(out, k, "holdout") for k in known if "holdout" in tables]
-    return files + [artifacts.preds(out, "nn", s) for s in tables]
+    files += [artifacts.preds(out, "nn", s) for s in tables]
+    return files + nested_epochs(out, known, target, rows[-1]["val_rmse"])
+
+
+def nested_epochs(out, known: list[int], target: pd.Series, optimistic: float) -> list:
+    """train/nested.parquet: each fold's validation predictions at the epoch that is best on the other folds' mean
+    validation curve (the best epoch of each fold is chosen on its own rows: its OOF RMSE is optimistic)."""
+    t0 = time.time()
+    paths = [artifacts.epoch_preds(out, k) for k in known]
+    remove(artifacts.nested_preds(out, "nn"))
+    if not all(p.is_file() for p in paths):
+        log.info("train: no nested score (folds %s kept no per-epoch predictions: trained by an older version)",
+                 [k for k, p in zip(known, paths) if not p.is_file()])
+        return []
+    tables = [pd.read_parquet(p) for p in paths]
+    curves = [[rmse(t[c], target.loc[t[ID]]) for c in t.columns if c != ID] for t in tables]
+    epochs = nested.epoch_choice(curves)
+    table = pd.concat([pd.DataFrame({ID: t[ID], "fold": k, "pred": t[f"epoch_{e}"]})
+                       for k, t, e in zip(known, tables, epochs)], ignore_index=True)
+    write_parquet(table, artifacts.nested_preds(out, "nn"))
+    log.info("train: nested RMSE %.4f (epochs %s, each chosen on the other folds' mean validation curve; %.2fs); the "
+             "OOF RMSE %.4f of each fold's own best epoch is optimistic", rmse(table["pred"], target.loc[table[ID]]),
+             ", ".join(map(str, epochs)), time.time() - t0, optimistic)
+    return [*paths, artifacts.nested_preds(out, "nn")]
 
 
 def _mean_over_folds(out, known: list[int], split: str, ids: pd.Series) -> pd.DataFrame:
