@@ -65,6 +65,12 @@ def _stage_commands(sub, raw) -> None:
         if name == "svr":
             p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
                            "(svr.workers): they share svr.n_trials exactly")
+        if name == "select":
+            p.add_argument("--starts", type=int, metavar="N", help="forward selection from each of the N best "
+                           "single sets: up to N feature sets, each its own SVR head (select.starts)")
+            p.add_argument("--budget-hours", type=float, metavar="H", help="keep only sets whose inference on "
+                           "--test-images photos fits in H hours (select.budget_hours)")
+            p.add_argument("--test-images", type=int, metavar="N", help="hidden test photos (select.test_images)")
     _config_args(sub.add_parser("all", help="every stage in order; each skips what is already done",
                                 description="Run folds, train, embed, svr and ensemble in order under one lock. "
                                 "A stage whose settings and inputs are unchanged and whose outputs are intact is "
@@ -140,6 +146,8 @@ def _config(args: argparse.Namespace):
     from .api import config_from
 
     extra = [f"svr.workers={args.workers}"] if getattr(args, "workers", None) else []
+    flags = ("starts", "budget_hours", "test_images")  # select's
+    extra += [f"select.{flag}={getattr(args, flag)}" for flag in flags if getattr(args, flag, None) is not None]
     return config_from(args.config, output=args.output, data=args.data, overwrite=getattr(args, "overwrite", False),
                        set=[*args.overrides, *extra])
 

@@ -31,6 +31,7 @@ from ..config import ModelConfig, backbone_configs, backbone_model_config
 from ..errors import ConfigError
 from ..dataset import eval_dataset
 from ..distributed import torch_device
+from .. import budget
 from ..svr_head import embedding_table
 from ..files import ArtifactError, MissingArtifact, file_digest, link_or_copy
 from ..inference import Policy, run_backbone
@@ -185,9 +186,13 @@ def _compute(ctx, unit: EmbeddingSet, plan_: Plan, policy: Policy) -> None:
     for split, table in tables.items():
         backend.write_table(table, unit.folder / f"{split}.parquet", ctx.device)
     files = [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS]
+    output = unit.model_cfg.output if unit.model_cfg is not None else "pooled"
     manifest.commit(path, ctx.out, manifest.Record(plan_.config, plan_.inputs, info={
         "policy": policy.to_dict(), "device": ctx.device, "dim": int(tables["train"].shape[1] - 1), "images": n,
-        "source": "finetuned" if unit.checkpoint else "frozen"}), files)  # no timings: same work, same bytes
+        "source": "finetuned" if unit.checkpoint else "frozen", "output": output,
+        "square": data_cfg.get("square", "squash"),
+        # the inference budget (select --budget-hours): measured here, decoding and TTA included
+        "images_per_second": round(n / max(seconds, 1e-9), 2), "machine": budget.machine_name(ctx.device)}), files)
 
 
 def _link_unit(ctx, src: EmbeddingSet, dst: EmbeddingSet, plan_: Plan) -> None:

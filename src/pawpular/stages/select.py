@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts, backend, manifest, svr_head
+from .. import artifacts, backend, budget, manifest, selection, svr_head
 from ..config import Config, backbone_configs
 from ..errors import ConfigError
 from ..data import ID, META_COLS, TARGET, Competition
@@ -96,20 +96,21 @@ class TrainSets:
     def fold_ids(self) -> list[int]:
         return sorted(k for k in np.unique(self.fold_of).tolist() if k >= 0)
 
-    def folds(self, names: Sequence[str], gamma: float | str, device: str) -> list[svr_head.FoldData]:
+    def folds(self, names: Sequence[str], gamma: float | str, device: str,
+              target_clip: Sequence[float] | None = None) -> list[svr_head.FoldData]:
         """The SVR stage's folds (standardized per fold, gamma per fold) for the sets ``names`` concatenated."""
         xp = backend.array_module(device)
         out = []
         for k in self.fold_ids:
             sets = {n: self.tables[(n, k)] for n in names}
             x, _ = svr_head.assemble_matrix(sets, self.ids, names, self.meta, xp)
-            out.append(svr_head.make_fold(k, x, self.y, self.fold_of, gamma, device))
+            out.append(svr_head.make_fold(k, x, self.y, self.fold_of, gamma, device, target_clip))
         return out
 
 
 def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, mode: str = "precomputed") -> tuple[float, float]:
     """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels."""
-    folds = data.folds(names, cfg.svr.gamma, device)
+    folds = data.folds(names, cfg.svr.gamma, device, cfg.svr.target_clip)
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
     return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device)
@@ -213,11 +214,13 @@ def format_table(steps: Sequence[Step], rejected: dict) -> str:
 
 def plan(ctx) -> Plan:
     s = ctx.cfg.svr
-    settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta}
+    settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta,
+                "target_clip": s.target_clip}
     folds = range(ctx.cfg.folds.n_folds)
     files = [artifacts.set_file(ctx.out, b.name, "train", 0) for b in backbone_configs(ctx.cfg)]
     files += [artifacts.set_file(ctx.out, artifacts.MODEL_SET, "train", k) for k in folds]
-    return Plan({"svr": settings, "embed": {"backbones": ctx.cfg.embed.backbones}},
+    return Plan({"svr": settings, "embed": {"backbones": ctx.cfg.embed.backbones},
+                 "select": dataclasses.asdict(ctx.cfg.select)},
                 {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *files]), **ctx.data_inputs("train.csv")})
 
 
@@ -238,12 +241,18 @@ def run(ctx) -> Result:
     grid = c_grid(cfg.svr.c_min, cfg.svr.c_max)
     log.info("select: %d candidate sets (%s), %d train rows, %d folds, C grid %s", len(candidates),
              ", ".join(candidates), len(data.ids), len(data.fold_ids), ", ".join(f"{c:.3g}" for c in grid))
+    allowed, speeds = budget_rule(cfg, candidates, data.fold_ids)
+    several = cfg.select.starts > 1 or cfg.select.budget_hours is not None
     with Progress(desc="select", total=sum(range(1, len(candidates) + 1)), unit="fit") as bar:
         def score(names: list[str]) -> tuple[float, float]:
             result = score_sets(data, names, cfg, device, mode)
             bar.update()
             return result
 
+        if several:
+            runs = selection.multi_start(candidates, score, cfg.select.starts, MIN_IMPROVEMENT, allowed)
+            return write_starts(ctx, runs, speeds, {"candidates": candidates, "skipped": skipped, "c_grid": grid,
+                                                    "n_train": len(data.ids), "n_folds": len(data.fold_ids)}, t0)
         steps, rejected = forward_select(candidates, score, MIN_IMPROVEMENT)
     best = steps[-1]
     result = {
@@ -262,3 +271,47 @@ def run(ctx) -> Result:
     print(f"use:    {features_line(best.features)}")
     log.info("select: %d of %d sets chosen in %.1fs -> %s", len(best.features), len(candidates), time.time() - t0, path)
     return Result([path], {"chosen": best.features, "oof_rmse": best.oof_rmse})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Several starts and the inference budget (select.starts, select.budget_hours; selection.py)
+
+
+def budget_rule(cfg: Config, candidates: Sequence[str], fold_ids: Sequence[int]) -> tuple[Any, dict]:
+    """(allowed(names) -> bool, each set's (images/s, passes)): every combination, or with select.budget_hours
+    those whose inference on select.test_images photos fits, at the speeds the sets' manifests recorded."""
+    s = cfg.select
+    if s.budget_hours is None:
+        return (lambda names: True), {}
+    speeds = {n: budget.set_speed(cfg.out, n, fold_ids) for n in candidates}
+    return (lambda names: budget.inference_hours(speeds, names, s.test_images) <= s.budget_hours), speeds
+
+
+def write_starts(ctx, runs: list[selection.Start], speeds: dict, facts: dict, t0: float) -> Result:
+    """selection.json and the printout of several starts: each feature set an SVR head of its own (the first in
+    this experiment, the others in experiments of their own), blended by ``ensemble.experiments``."""
+    cfg = ctx.cfg
+    s = cfg.select
+    hours = {i: budget.inference_hours(speeds, r.features, s.test_images) if speeds else None
+             for i, r in enumerate(runs)}
+    others = [f"{cfg.out}-start{i + 1}" for i in range(1, len(runs))]
+    result = {**facts, "chosen": runs[0].features, "oof_rmse": runs[0].oof_rmse, "C": runs[0].C,
+              "set_line": features_line(runs[0].features),
+              "starts": [{**dataclasses.asdict(r), "inference_hours": hours[i], "set_line": features_line(r.features),
+                          "output": str(cfg.out if i == 0 else others[i - 1])} for i, r in enumerate(runs)],
+              "blend_line": f"--set 'ensemble.experiments=[{','.join(others)}]'" if others else "",
+              "settings": {"min_improvement": MIN_IMPROVEMENT, "starts": s.starts, "budget_hours": s.budget_hours,
+                           "test_images": s.test_images, "epsilon": cfg.svr.epsilon, "gamma": cfg.svr.gamma,
+                           "use_meta": cfg.svr.use_meta, "target_clip": cfg.svr.target_clip}}
+    path = artifacts.selection_json(cfg.out)
+    write_json(path, result)
+    for i, r in enumerate(runs):
+        cost = f"; {hours[i]:.2f} h for {s.test_images} photos" if hours[i] is not None else ""
+        print(f"start {i + 1} ({r.start}): {' + '.join(r.features)}  OOF RMSE {r.oof_rmse:.4f} at C={r.C:.4g}{cost}")
+    for i, r in enumerate(runs):
+        where = "" if i == 0 else f" --output {others[i - 1]}"
+        print(f"use:    pawpular all{where} {features_line(r.features)}")
+    if others:
+        print(f"blend:  pawpular ensemble {result['blend_line']}   (every head; export and predict carry them)")
+    log.info("select: %d feature sets from %d starts in %.1fs -> %s", len(runs), s.starts, time.time() - t0, path)
+    return Result([path], {"chosen": runs[0].features, "oof_rmse": runs[0].oof_rmse, "starts": len(runs)})

@@ -109,7 +109,7 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
     for k in sorted(k for k in np.unique(fold_of).tolist() if k != HOLDOUT):
         x, columns = svr_head.assemble_matrix(_load_sets(cfg, k, "train", frozen, device), ids, cfg.svr.features, meta, xp)
         h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
-        folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device))
+        folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device, cfg.svr.target_clip))
         del x
     return folds, columns, h.hexdigest()
 
