@@ -181,3 +181,51 @@ def test_select_with_starts_and_a_budget_writes_every_feature_set(sel_exp, capsy
     assert all("partial" not in s["features"] for s in found["starts"])
     assert all(s["inference_hours"] <= 0.9 for s in found["starts"])
     assert cli.main(["select", "--config", str(config), "--budget-hours", "1"]) == 2  # --test-images missing
+
+
+@pytest.mark.slow
+def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competition, test_only, tmp_path):
+    """Logits of a classifier file on centred squares, a pooled set squashed, the target clipped, and a second
+    start's head in its own experiment blended by ensemble.experiments: predict reproduces the submission."""
+    import cv2
+
+    from pawpular.data import read_competition
+    from pawpular.exporter import export
+    from pawpular.images import load_image
+
+    from test_frozen import FROZEN
+    from test_predict import assert_predict_matches
+
+    path = _weights(tmp_path / "r.safetensors")
+    backbones = (f"embed.backbones=[{{name: rl, model: resnet18, kwargs: {{layers: [1, 1, 1, 1], channels: [16, 32, "
+                 f"64, 128], stem_width: 16, num_classes: 10}}, pretrained: '{path}', img_size: 48, output: logits, "
+                 "square: crop}, {name: rp, model: resnet18, kwargs: {layers: [1, 1, 1, 1], channels: [16, 32, 64, "
+                 "128], stem_width: 16}, pretrained: none, img_size: 48}]")
+    common = ["folds.n_folds=3", "embed.num_workers=0", "embed.tta_hflip=false", "svr.n_trials=4", backbones,
+              "svr.target_clip=[1, 60]"]
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return ["--config", str(FROZEN), "--data", str(small_competition), "--output", str(out),
+                *[a for s in [*common, *extra] for a in ("--set", s)]]
+
+    second, main = tmp_path / "start2", tmp_path / "main"
+    assert cli.main(["all", *args(second, "svr.features=[rp]")]) == 0
+    assert cli.main(["all", *args(main, "svr.features=[rl, rp]", f"ensemble.experiments=[{second}]")]) == 0
+    info = json.loads((main / "emb" / "rl" / "manifest.json").read_text())["info"]
+    assert (info["output"], info["square"], info["dim"]) == ("logits", "crop", 10) and info["images_per_second"] > 0
+    weights = json.loads((main / "ensemble" / "weights.json").read_text())
+    assert len([m for m in weights["weights"] if "svr" in m]) == 2  # both starts' heads are in the blend
+    # the set holds the file's own classifier outputs on the centred square of every photo
+    comp, ref = read_competition(small_competition), _reference(path)
+    table = pd.read_parquet(main / "emb" / "rl" / "test.parquet").set_index("Id")
+    for i in comp.test["Id"].astype(str)[:4]:
+        img = square_crop(load_image(small_competition / "test" / f"{i}.jpg", 48))
+        x = (cv2.resize(np.ascontiguousarray(img), (48, 48), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+             - np.array([0.485, 0.456, 0.406], np.float32) * 255) / (np.array([0.229, 0.224, 0.225], np.float32) * 255)
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x.transpose(2, 0, 1))[None].float())[0].numpy()
+        assert np.abs(table.loc[i].to_numpy() - want).max() < 1e-4
+    art = export(main, tmp_path / "art")
+    meta = json.loads((art / "manifest.json").read_text())
+    assert len(meta["experiments"]) == 2  # the second start's head travels too
+    assert_predict_matches(art, test_only, main, tmp_path)
