@@ -2,16 +2,18 @@
 
     ../shared/tools/real-weights input/weights                       # three ImageNet EfficientNet-Lite files
     nice python bench/winners_recipe.py                              # embed once (cached), then the table
+    nice python bench/winners_recipe.py --models lite0,lite1,lite2   # the three backbones (2x the CPU time)
     python bench/winners_recipe.py --embed-only                      # only the embeddings (start them early)
 
 Reads ``--data`` (default ``../shared/data/clive``: 930 real photos with a crowd-rated score in the competition's
 layout, a test split of 232 and its answers), ``--weights`` (tf_efficientnet_lite0/1/2 with their classifiers).
 Writes one frozen-recipe experiment under ``--out`` (default ``input/bench_winners``: git-ignored) whose
-``embed.backbones`` hold every backbone x feature kind (pooled | logits) x square rule (squash | crop), embedded
-once by ``pawpular embed`` and reused by every row. Each row is then the project's own commands on that folder:
-``pawpular svr`` (Optuna, ``--trials`` trials) with the row's ``svr.features`` / ``svr.target_clip``, ``pawpular
-ensemble``; rows with several heads (``select --starts``) blend their heads' OOF predictions with the ensemble's
-own convex weights (``blend.fit_weights``) and score them the same way. Prints per row:
+``embed.backbones`` hold every backbone x feature kind (pooled | logits) x square rule (squash; centre crop for
+lite0 and lite1), each embedded once by ``pawpular embed`` (no TTA) and reused by every row. Each row is then the
+project's own commands on that folder: ``pawpular select`` (``--starts``) on the squashed sets where the row
+selects, and ``pawpular svr`` (Optuna, ``--trials`` trials) per head with the row's ``svr.features`` /
+``svr.target_clip``; the heads of a row are blended as the ensemble stage blends heads (``blend.fit_weights``,
+convex) and scored the same way. Prints per row:
 
 - OOF RMSE of the SVR head (its folds' out-of-fold predictions), and the cross-validated blend RMSE (the weights
   refit on the other folds, ``blend.cross_validated``; the same as the head's for one head);
@@ -34,8 +36,9 @@ import yaml
 from pawpular import api, blend
 from pawpular.metrics import rmse
 
-MODELS = {"lite0": ("tf_efficientnet_lite0", 224), "lite1": ("tf_efficientnet_lite1", 240),
+ALL_MODELS = {"lite0": ("tf_efficientnet_lite0", 224), "lite1": ("tf_efficientnet_lite1", 240),
           "lite2": ("tf_efficientnet_lite2", 260)}
+MODELS = dict(ALL_MODELS)  # --models
 KINDS = {"p": "pooled", "l": "logits"}
 SQUARES = {"": "squash", "c": "crop"}
 CROPPED = ("lite0", "lite1")  # the crop rule is measured on these two (2 CPU cores: lite2 costs as much as both)
@@ -50,6 +53,7 @@ def write_config(out: Path, data: Path, weights: Path) -> Path:
                   "pretrained": str(weights / f"efficientnet_{m}.safetensors"), "output": kind, "square": square}
                  for s, square in SQUARES.items() for m, (name, size) in MODELS.items() for k, kind in KINDS.items()
                  if not (square == "crop" and m not in CROPPED)]
+    backbones.sort(key=lambda b: b["name"].startswith("lite2"))  # embedded last: the slowest, on 2 shared cores
     cfg = {"experiment": "bench_winners", "data_dir": str(data), "output_dir": str(out), "device": "cpu",
            "folds": {"n_folds": 5, "seed": 42, "group_duplicates": True},
            "embed": {"tta_hflip": False, "batch_size": 32, "num_workers": 1, "backbones": backbones},
@@ -112,10 +116,11 @@ def print_rows(config: Path, args: argparse.Namespace) -> None:
     kinds = {kind: [set_name(m, k) for m in MODELS] for k, kind in KINDS.items()}
     six = kinds["pooled"] + kinds["logits"]
     rows: list[tuple[str, list[list[str]], list | None]] = [
-        ("pooled, 3 backbones", [kinds["pooled"]], None), ("logits, 3 backbones", [kinds["logits"]], None),
-        ("pooled + logits (both), 3 backbones", [six], None)]
+        (f"pooled, {len(MODELS)} backbones", [kinds["pooled"]], None),
+        (f"logits, {len(MODELS)} backbones", [kinds["logits"]], None),
+        (f"pooled + logits (both), {len(MODELS)} backbones", [six], None)]
     one, several = selected(config, out, six, 1), selected(config, out, six, args.starts)
-    rows += [("select, 1 start (of the 6 sets)", one, None),
+    rows += [(f"select, 1 start (of the {len(six)} sets)", one, None),
              (f"select, {args.starts} starts -> {len(several)} heads, blended", several, None)]
     results = {}
 
@@ -138,6 +143,8 @@ def print_rows(config: Path, args: argparse.Namespace) -> None:
     measure(f"{rows[4][0]}, target clip {clip}", several, clip)
     for kind, names in kinds.items():
         squash = [n for n in names if n[:5] in CROPPED]
+        if not squash:
+            continue
         measure(f"{kind}, {' + '.join(CROPPED)}, squash", [squash], None)
         measure(f"{kind}, {' + '.join(CROPPED)}, centre crop", [[n + "c" for n in squash]], None)
 
@@ -150,8 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=here / "input" / "bench_winners")
     p.add_argument("--trials", type=int, default=15)
     p.add_argument("--starts", type=int, default=3)
+    p.add_argument("--models", default="lite0,lite1", help="of lite0,lite1,lite2 (lite2 costs as much as the "
+                   "other two together on a CPU)")
     p.add_argument("--embed-only", action="store_true")
     args = p.parse_args(argv)
+    MODELS.clear()
+    MODELS.update({m: ALL_MODELS[m] for m in args.models.split(",")})
     config = write_config(args.out, args.data, args.weights)
     api.run("folds", config=str(config))
     api.run("embed", config=str(config))

@@ -184,7 +184,7 @@ def test_select_with_starts_and_a_budget_writes_every_feature_set(sel_exp, capsy
 
 
 @pytest.mark.slow
-def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competition, test_only, tmp_path):
+def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competition, test_only, tmp_path, capsys):
     """Logits of a classifier file on centred squares, a pooled set squashed, the target clipped, and a second
     start's head in its own experiment blended by ensemble.experiments: predict reproduces the submission."""
     import cv2
@@ -229,3 +229,8 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     meta = json.loads((art / "manifest.json").read_text())
     assert len(meta["experiments"]) == 2  # the second start's head travels too
     assert_predict_matches(art, test_only, main, tmp_path)
+    capsys.readouterr()
+    assert cli.main(["predict", "--artifacts", str(art), "--data", str(test_only), "--estimate", "6800"]) == 0
+    printed = capsys.readouterr().out
+    assert all(f"{e}/{s}: " in printed and "ms/image" in printed for e, s in (("main", "rl"), ("main", "rp"),
+                                                                               ("start2", "rp")))

@@ -11,8 +11,9 @@ Keys    embed.source, embed.tta_hflip, embed.compress, embed.backbones, embed.ba
 Run     pawpular embed --config configs/default.yaml
         torchrun --nproc_per_node N -m pawpular.cli embed ...   images sharded over ranks, rank 0 writes
 
-Embeddings are the pooled pre-logit features (``forward_features`` + ``forward_head(pre_logits=True)``), averaged
-with the mirror image's with hflip TTA, computed by ``inference.run_backbone`` (the path predict uses). Each folder
+Embeddings are the pooled pre-logit features (``forward_features`` + ``forward_head(pre_logits=True)``), or with
+``output: logits`` (a frozen set) the outputs of its weight file's own classifier, averaged with the mirror image's
+with hflip TTA, computed by ``inference.run_backbone`` (the path predict uses). Each folder
 has a manifest keyed on its checkpoint's bytes (or the frozen backbone's settings and weight file), every photo,
 the transform, TTA and compression: a rerun with the same key says "cached"; any change recomputes that folder.
 On a GPU with cuDF the tables are written through cuDF (``backend.write_table``); the files hold the same values.

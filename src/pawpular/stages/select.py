@@ -6,8 +6,9 @@ Reads   folds/folds.csv, train.csv (targets; flags with svr.use_meta) and the tr
 Writes  select/selection.json (candidates, every step with every set tried, the chosen sets, their OOF RMSE and
         C); prints the steps and the --set 'svr.features=[...]' line to use. Never writes svr/.
 Needs   pawpular embed (with embed.backbones listing the candidates)
-Keys    embed.backbones, svr.c_min / c_max, svr.epsilon, svr.gamma, svr.use_meta
-Run     pawpular select --config configs/multi_backbone.yaml
+Keys    embed.backbones, svr.c_min / c_max, svr.epsilon, svr.gamma, svr.use_meta, svr.target_clip,
+        select.starts (--starts), select.budget_hours / test_images (--budget-hours, --test-images)
+Run     pawpular select --config configs/multi_backbone.yaml [--starts 3] [--budget-hours 9 --test-images 6800]
 
 Selection: score every candidate alone and start from the best; at each step add the set whose addition lowers
 the OOF RMSE most; stop when the best addition improves it by less than MIN_IMPROVEMENT (RMSE points) or no set
@@ -16,6 +17,13 @@ is left, so the chosen sets never score worse than the best single set. Scoring 
 deterministically instead of by Optuna: a log grid of C_GRID_POINTS values over [svr.c_min, svr.c_max], then the
 two geometric midpoints beside the grid's best. ``pawpular svr`` with the chosen features (Optuna over the same
 range) lands at or near the reported RMSE.
+
+With ``--starts N`` (or an inference budget) the selection runs from each of the N best single sets
+(``selection.multi_start``): up to N different feature sets, each printed with the commands that make it an SVR
+head of its own (the first in this experiment, the others in experiments beside it) and the
+``ensemble.experiments`` line that blends them; export and predict carry every head of the blend. With
+``--budget-hours H --test-images N`` only combinations whose embedding of N photos, at the images per second each
+set's manifest recorded (``budget.py``), fits in H hours are tried.
 """
 from __future__ import annotations
 
