@@ -137,7 +137,8 @@ def print_rows(config: Path, args: argparse.Namespace) -> None:
     mean_oof = rmse(np.full(len(y), y.mean()), y.to_numpy())
     mean_test = rmse(np.full(len(answers), y.mean()), answers.to_numpy())
     print(f"clive: {len(y)} train photos (5 folds), {len(answers)} test photos; predicting the train mean: OOF "
-          f"{mean_oof:.3f}, test {mean_test:.3f}; target clip {clip} clips {(y > clip[1]).mean():.1%} of the train rows")
+          f"{mean_oof:.3f}, test {mean_test:.3f}; target clip {clip} clips {(y > clip[1]).mean():.1%} of the train "
+          "rows")
     sizes = [Image.open(f).size for split in ("train", "test") for f in sorted((args.data / split).glob("*.jpg"))]
     print(f"photos: {sum(w == h for w, h in sizes)} of {len(sizes)} square (the centre crop of a square photo is the "
           "whole photo: crop and squash differ only on the others)")
