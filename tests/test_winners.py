@@ -123,6 +123,16 @@ def test_the_clip_changes_the_fit_and_not_the_scoring():
     assert rmse(p_clip, y) != pytest.approx(rmse(p_clip, np.clip(y, 1, 50)))
 
 
+def test_the_clip_is_checked_and_names_its_own_study():
+    from pawpular.stages.svr import study_name
+
+    plain, clipped = load_config(None, []), load_config(None, ["svr.target_clip=[1, 85]"])
+    assert study_name(plain, "v") != study_name(clipped, "v")  # trials on another target never mix
+    for bad in ("[85, 1]", "[1]", "[a, b]", "5"):
+        with pytest.raises(Exception, match="svr.target_clip"):
+            load_config(None, [f"svr.target_clip={bad}"])
+
+
 def _score_table(table: dict) -> selection.Score:
     """A score from a table of combinations (frozensets of names -> RMSE); anything else scores 99."""
     return lambda names: (table.get(frozenset(names), 99.0), 1.0)

@@ -153,6 +153,8 @@ def run(ctx) -> Result:
 def study_name(cfg, values: str) -> str:
     """The study's name: a hash of the values it is tuned on and of the settings that change results."""
     settings = {k: v for k, v in dataclasses.asdict(cfg.svr).items() if k not in NOT_RESULTS}
+    if settings["target_clip"] is None:  # the default names the studies it named before the setting existed
+        del settings["target_clip"]
     return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
 
 
