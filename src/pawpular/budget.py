@@ -32,11 +32,11 @@ def machine_name(device: str) -> str:
     return cpu
 
 
-def set_speed(out: Path, name: str, fold_ids: Sequence[int]) -> tuple[float, int]:
+def set_speed(out: Path, name: str, fold_ids: Sequence[int], finetuned: bool = True) -> tuple[float, int]:
     """(images per second, passes per test photo) of embedding set ``name``: a frozen set runs once, "model"
-    once per fold (each fold's own speed is recorded; their mean is used). ConfigError when no speed is
-    recorded (a set made before the setting existed: rerun `pawpular embed --overwrite`)."""
-    folds = fold_ids if name == artifacts.MODEL_SET else fold_ids[:1]
+    once per fold when fine-tuned (each fold's own speed is recorded; their mean is used). ConfigError when no
+    speed is recorded (a set made before the setting existed: rerun `pawpular embed --overwrite`)."""
+    folds = fold_ids if name == artifacts.MODEL_SET and finetuned else fold_ids[:1]
     speeds = []
     for k in folds:
         path = artifacts.set_file(out, name, "train", k).parent / "manifest.json"

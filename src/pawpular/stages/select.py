@@ -291,7 +291,8 @@ def budget_rule(cfg: Config, candidates: Sequence[str], fold_ids: Sequence[int])
     s = cfg.select
     if s.budget_hours is None:
         return (lambda names: True), {}
-    speeds = {n: budget.set_speed(cfg.out, n, fold_ids) for n in candidates}
+    finetuned = cfg.embed.source == "finetuned"  # else "model" is one frozen pass, as predict runs it
+    speeds = {n: budget.set_speed(cfg.out, n, fold_ids, finetuned) for n in candidates}
     return (lambda names: budget.inference_hours(speeds, names, s.test_images) <= s.budget_hours), speeds
 
 
@@ -318,7 +319,7 @@ def write_starts(ctx, runs: list[selection.Start], speeds: dict, facts: dict, t0
         print(f"start {i + 1} ({r.start}): {' + '.join(r.features)}  OOF RMSE {r.oof_rmse:.4f} at C={r.C:.4g}{cost}")
     for i, r in enumerate(runs):
         where = "" if i == 0 else f" --output {others[i - 1]}"
-        print(f"use:    pawpular all{where} {features_line(r.features)}")
+        print(f"use:    pawpular all --config <this config>{where} {features_line(r.features)}")
     if others:
         print(f"blend:  pawpular ensemble {result['blend_line']}   (every head; export and predict carry them)")
     log.info("select: %d feature sets from %d starts in %.1fs -> %s", len(runs), s.starts, time.time() - t0, path)
