@@ -50,6 +50,12 @@ class ModelConfig:
     use_meta: bool = False
     # full | fpt | ssf | head
     finetune: Literal["full", "fpt", "ssf", "head"] = "full"
+    # What a frozen backbone's embedding set holds (embed.source: pretrained): the pooled pre-logit features, or
+    # the outputs of the weight file's own classifier (e.g. 1,000 ImageNet logits; the first place's features).
+    output: Literal["pooled", "logits"] = "pooled"
+    # How a photo becomes the square input: squash (resize the whole photo), or crop (the centred square at
+    # inference; in training a random square, the sixth place's choice). Recorded with the transform.
+    square: Literal["squash", "crop"] = "squash"
 
 
 @dataclass
@@ -83,6 +89,8 @@ class BackboneConfig:
     kwargs: dict = field(default_factory=dict)
     pretrained: str = "none"
     img_size: int | None = None
+    output: Literal["pooled", "logits"] = "pooled"  # as model.output
+    square: Literal["squash", "crop"] = "squash"  # as model.square
 
 
 @dataclass
@@ -120,6 +128,22 @@ class SvrConfig:
     seed: int = 42
     # Embedding sets to concatenate (names from embed.backbones, "model" for this experiment's own).
     features: list = field(default_factory=lambda: ["model"])
+    # [low, high]: the SVR is fit on the target clipped to this range (the first place clipped at 85); its
+    # predictions are scored on the true target. None = no clip.
+    target_clip: list | None = None
+
+
+@dataclass
+class SelectConfig:
+    """`pawpular select` (on demand): forward selection of the SVR's embedding sets."""
+
+    # Forward selection from each of the N best single sets (--starts N): up to N different feature sets, each an
+    # SVR head of its own (the first place blended three).
+    starts: int = 1
+    # The inference budget (--budget-hours H --test-images N): only sets whose embedding of N test photos, at the
+    # images per second each set recorded where it was made, fits in H hours (Kaggle: 9 h, about 6,800 photos).
+    budget_hours: float | None = None
+    test_images: int | None = None
 
 
 @dataclass
@@ -152,6 +176,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     svr: SvrConfig = field(default_factory=SvrConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     @property
@@ -329,7 +354,8 @@ def backbone_configs(cfg: Config) -> list[BackboneConfig]:
 
 def backbone_model_config(b: BackboneConfig) -> ModelConfig:
     """The ModelConfig of a frozen backbone of ``embed.backbones``."""
-    return ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size)
+    return ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size, output=b.output,
+                       square=b.square)
 
 
 def describe(cfg: Config) -> list[tuple[str, Any, Any, str]]:

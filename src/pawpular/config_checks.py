@@ -180,12 +180,26 @@ RULES: list[Rule] = [
       "must be 'scale', 'auto' or a number > 0")),
     ((("svr.features",), lambda c: bool(c.svr.features) and all(isinstance(n, str) and n for n in c.svr.features),
       "must list embedding sets, e.g. [model]")),
+    ((("svr.target_clip",), lambda c: _clip_ok(c.svr.target_clip),
+      "must be null or [low, high] with low < high, e.g. [1, 85]")),
+    ((("model.output", "embed.source"), lambda c: c.model.output == "pooled" or c.embed.source == "pretrained",
+      "model.output: logits needs embed.source: pretrained (a fine-tuned model has no classifier to read)")),
+    _at_least("select.starts", 1),
+    ((("select.budget_hours", "select.test_images"), lambda c: (c.select.budget_hours is None) == (
+        c.select.test_images is None) and (c.select.budget_hours is None or (
+            c.select.budget_hours > 0 and c.select.test_images > 0)),
+      "select.budget_hours and select.test_images go together, both > 0 (e.g. --budget-hours 9 --test-images 6800)")),
     _at_least("ensemble.min_improvement", 0),
     ((("ensemble.heads",), lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
       "must list heads among nn, svr")),
     ((("tracking",), lambda c: all(b in ("tensorboard", "wandb") for b in c.tracking),
       "must list tracking backends among tensorboard, wandb (e.g. [tensorboard])")),
 ]
+
+
+def _clip_ok(clip: Any) -> bool:
+    numbers = isinstance(clip, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clip)
+    return clip is None or (numbers and len(clip) == 2 and clip[0] < clip[1])
 
 
 def compress_spec(spec: str) -> tuple[str, float]:

@@ -42,17 +42,17 @@ class PretrainedWeightsError(ConfigError):
 class PawModel(nn.Module):
     """timm backbone -> pooled features (+ 12 metadata flags) -> dropout -> linear -> one logit per image."""
 
-    def __init__(self, backbone: nn.Module, drop_rate: float = 0.1, use_meta: bool = False):
+    def __init__(self, backbone: nn.Module, drop_rate: float = 0.1, use_meta: bool = False, logits: bool = False):
         super().__init__()
-        self.backbone = backbone
+        self.backbone, self.logits = backbone, logits  # logits: embed() gives the backbone's own classifier outputs
         self.use_meta = use_meta
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(backbone.num_features + (len(META_COLS) if use_meta else 0), 1)
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
-        """Pooled pre-logit features [B, D] (what the SVR stage fits on)."""
+        """Pooled pre-logit features [B, D] (what the SVR stage fits on), or with ``logits`` the classifier's [B, C]."""
         x = self.backbone.forward_features(image)
-        return self.backbone.forward_head(x, pre_logits=True)
+        return self.backbone.forward_head(x, pre_logits=not self.logits)
 
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B]; sigmoid(logit) * 100 is the predicted Pawpularity."""
@@ -110,13 +110,18 @@ def _create_from_hub(model_cfg: ModelConfig, kwargs: dict) -> nn.Module:
 
             hub_constants.HF_HUB_OFFLINE = True
     try:
-        return timm.create_model(model_cfg.name, pretrained=True, num_classes=0, **kwargs)
+        return timm.create_model(model_cfg.name, pretrained=True, **_classes(model_cfg), **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         if "Unknown model" in str(e):
             raise ConfigError(f"model.name: {e}") from None
         why = "no internet (huggingface.co unreachable) and not in the local cache" if not online else str(e)[:300]
         raise PretrainedWeightsError(f"model.pretrained: hub: cannot get {model_cfg.name}'s weights ({why}); "
                                      + LOCAL_FILE_HINT.format(name=model_cfg.name)) from None
+
+
+def _classes(model_cfg: ModelConfig) -> dict:
+    """No classifier (pooled features), or with output: logits the model's own (its weight file's)."""
+    return {} if model_cfg.output == "logits" else {"num_classes": 0}
 
 
 def _create_backbone(model_cfg: ModelConfig, hub: bool) -> nn.Module:
@@ -129,7 +134,7 @@ def _create_backbone(model_cfg: ModelConfig, hub: bool) -> nn.Module:
     def create(kw: dict) -> nn.Module:
         if hub:
             return _create_from_hub(model_cfg, kw)
-        return timm.create_model(model_cfg.name, pretrained=False, num_classes=0, **kw)
+        return timm.create_model(model_cfg.name, pretrained=False, **_classes(model_cfg), **kw)
 
     try:
         try:
@@ -206,7 +211,7 @@ def build_model(model_cfg: ModelConfig, pretrained: bool = True) -> PawModel:
     backbone = _create_backbone(model_cfg, hub=pretrained and source == "hub")
     if pretrained and source not in ("none", "hub"):
         load_backbone_weights(backbone, source)
-    return PawModel(backbone, drop_rate=model_cfg.drop_rate, use_meta=model_cfg.use_meta)
+    return PawModel(backbone, model_cfg.drop_rate, model_cfg.use_meta, logits=model_cfg.output == "logits")
 
 
 def _classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
@@ -255,9 +260,10 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         parts = [f"{len(missing)} missing key(s): {show(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected key(s): {show(unexpected)}" if unexpected else "",
                  f"{len(shapes)} shape mismatch(es) (file vs model): {show(shapes)}" if shapes else ""]
+        hint = "; output: logits needs the file's own classifier" if any(k.startswith(heads) for k in missing) else ""
         raise PretrainedWeightsError(f"model.pretrained: {path} does not fit {type(backbone).__name__} "
                                      f"({sum(v.numel() for v in expected.values())} values): "
-                                     + "; ".join(p for p in parts if p))
+                                     + "; ".join(p for p in parts if p) + hint)
     for k in set(expected) - set(state):  # only num_batches_tracked is left: start it at 0, as torch does
         state[k] = torch.zeros_like(expected[k])
     backbone.load_state_dict(state, strict=True)
@@ -285,7 +291,8 @@ def data_config(model_cfg: ModelConfig, backbone: nn.Module) -> dict:
     else:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         input_size = (resolved["input_size"][0], int(h), int(w))
-    return {"input_size": input_size, "mean": tuple(resolved["mean"]), "std": tuple(resolved["std"])}
+    square = {"square": model_cfg.square} if model_cfg.square != "squash" else {}  # absent: squash, as before
+    return {"input_size": input_size, "mean": tuple(resolved["mean"]), "std": tuple(resolved["std"]), **square}
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, ModelConfig, dict]:
@@ -341,7 +348,8 @@ def build_frozen(model_cfg: ModelConfig) -> PawModel:
 
 def frozen_description(model_cfg: ModelConfig) -> dict:
     """The settings that decide a frozen backbone's embeddings (its cache key), less the head's."""
-    desc = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("finetune", "drop_rate", "use_meta")}
+    desc = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("finetune", "drop_rate", "use_meta")
+            and (k, v) not in (("output", "pooled"), ("square", "squash"))}  # defaults: keys as before they existed
     return {**desc, "weights": pretrained_source(model_cfg)}
 
 

@@ -85,16 +85,22 @@ class Experiment:
         self.cfg: Config = load_config(artifacts.config_yaml(folder))
         self.use_nn, self.sets = info["weights"]["nn"] > 0, info["svr_sets"]
         self.finetuned = artifacts.MODEL_SET in self.sets and self.cfg.embed.source == "finetuned"
+        self.seconds: dict[str, float] = {}  # per embedding set (a fold's pass for the fine-tuned ones)
 
     def run(self, test: pd.DataFrame, data: Path) -> dict[str, np.ndarray]:
         """Test predictions of the used heads: {'nn': ..., 'svr': ...}, each the mean over folds."""
         frozen = {}
         for name in self.frozen_sets():
+            t0 = time.time()
             model, data_cfg = load_model_file(artifacts.exported_model(self.folder, backbone=name))
             frozen[name] = self.embed(model, data_cfg, self.info["embeddings"][name], test, data, name)
+            self.seconds[name] = time.time() - t0
         nn_preds, svr_preds = [], []
         for k in self.info["folds"]:
+            t0 = time.time()
             nn, emb = self.fold_pass(k, test, data)
+            if nn is not None or emb is not None:
+                self.seconds[artifacts.fold_name(k)] = time.time() - t0
             if nn is not None:
                 nn_preds.append(nn)
             if self.sets:
@@ -173,13 +179,15 @@ def _predict(art: Path, data: Path, out: Path | None, device: str, estimate: int
     if estimate is not None:
         test = test.iloc[: min(len(test), 32)].reset_index(drop=True)
     t0 = time.time()
-    columns = {}
+    columns, per_set = {}, {}
     for name, info in found["experiments"].items():
-        for head, pred in Experiment(artifacts.export_experiment(art, name), info, device).run(test, data).items():
+        experiment = Experiment(artifacts.export_experiment(art, name), info, device)
+        for head, pred in experiment.run(test, data).items():
             columns[f"{info['prefix']}{head}"] = pred
+        per_set.update({f"{name}/{s}": t for s, t in experiment.seconds.items()})
     seconds = time.time() - t0
     if estimate is not None:
-        _print_estimate(seconds, len(test), estimate, device)
+        _print_estimate(seconds, len(test), estimate, device, per_set)
         return None
     blend = sum(weights[m] * columns[m] for m in columns)
     write_submission(pd.DataFrame({ID: test[ID], "pred": blend}), sample, out)
@@ -188,12 +196,14 @@ def _predict(art: Path, data: Path, out: Path | None, device: str, estimate: int
     return Path(out)
 
 
-def _print_estimate(seconds: float, n: int, estimate: int, device: str) -> None:
+def _print_estimate(seconds: float, n: int, estimate: int, device: str, per_set: dict[str, float]) -> None:
     per_image = seconds / max(n, 1)
     hours = per_image * estimate / 3600
     verdict = "within" if hours < KAGGLE_LIMIT_H else "OVER"
     msg = (f"estimate: {per_image * 1000:.1f} ms/image measured on {n} images ({device}); {estimate} images -> "
            f"{hours * 60:.1f} min ({verdict} Kaggle's {KAGGLE_LIMIT_H:g} h limit; model loading counted per measured "
            "batch, so this is an upper bound). No submission written: run without --estimate to write one.")
+    for name, t in per_set.items():  # what select --budget-hours adds up, measured here
+        msg += f"\n  {name}: {t / max(n, 1) * 1000:.1f} ms/image -> {t / max(n, 1) * estimate / 60:.1f} min"
     log.info(msg)
     print(msg)

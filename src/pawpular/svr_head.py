@@ -236,10 +236,13 @@ class FoldData:
     n_rows: int = 0  # rows of the whole train table (holdout included)
 
 
-def make_fold(fold: int, x: Array, y: np.ndarray, fold_of: np.ndarray, gamma: float | str, device: str) -> FoldData:
+def make_fold(fold: int, x: Array, y: np.ndarray, fold_of: np.ndarray, gamma: float | str, device: str,
+              target_clip: Sequence[float] | None = None) -> FoldData:
     """Split the train matrix ``x`` (rows = train table) by ``fold_of``; standardize on the training rows.
 
     Training rows are the other folds' (fold_of >= 0 and != fold): holdout rows (fold -1) are never fit on.
+    ``target_clip`` ([low, high], svr.target_clip): the SVR is fit on the target clipped to it; scores
+    (``oof_rmse``) compare with the true target the caller passes.
     """
     xp = backend.array_module(device)
     x = xp.asarray(x)
@@ -248,7 +251,8 @@ def make_fold(fold: int, x: Array, y: np.ndarray, fold_of: np.ndarray, gamma: fl
     rows = x[xp.asarray(tr)]
     scaler = Standardizer.fit(rows)
     x_train = scaler.transform(rows)
-    return FoldData(fold, x_train, xp.asarray(y[tr], dtype=np.float64), scaler.transform(x[xp.asarray(val)]), val,
+    y_train = np.asarray(y[tr], np.float64) if target_clip is None else np.clip(y[tr], *target_clip).astype(np.float64)
+    return FoldData(fold, x_train, xp.asarray(y_train), scaler.transform(x[xp.asarray(val)]), val,
                     scaler, resolve_gamma(x_train, gamma), n_rows=len(fold_of))
 
 

@@ -11,8 +11,9 @@ Keys    embed.source, embed.tta_hflip, embed.compress, embed.backbones, embed.ba
 Run     pawpular embed --config configs/default.yaml
         torchrun --nproc_per_node N -m pawpular.cli embed ...   images sharded over ranks, rank 0 writes
 
-Embeddings are the pooled pre-logit features (``forward_features`` + ``forward_head(pre_logits=True)``), averaged
-with the mirror image's with hflip TTA, computed by ``inference.run_backbone`` (the path predict uses). Each folder
+Embeddings are the pooled pre-logit features (``forward_features`` + ``forward_head(pre_logits=True)``), or with
+``output: logits`` (a frozen set) the outputs of its weight file's own classifier, averaged with the mirror image's
+with hflip TTA, computed by ``inference.run_backbone`` (the path predict uses). Each folder
 has a manifest keyed on its checkpoint's bytes (or the frozen backbone's settings and weight file), every photo,
 the transform, TTA and compression: a rerun with the same key says "cached"; any change recomputes that folder.
 A set is computed once for every experiment under the same output root (``embedding_cache``: the files are hard
@@ -34,6 +35,7 @@ from ..config import ModelConfig, backbone_configs, backbone_model_config
 from ..errors import ConfigError
 from ..dataset import eval_dataset
 from ..distributed import torch_device
+from .. import budget
 from ..svr_head import embedding_table
 from ..files import ArtifactError, MissingArtifact, file_digest
 from ..inference import Policy, run_backbone
@@ -190,6 +192,10 @@ def _compute(ctx, unit: EmbeddingSet, policy: Policy) -> tuple[dict, dict]:
     seconds, n = time.time() - t0, sum(len(t) for t in tables.values())
     log.info("%s: %d images -> %d-dim embeddings in %.1fs (%.0f img/s)", unit.folder, n, tables["train"].shape[1] - 1,
              seconds, n / max(seconds, 1e-9))
+    output = unit.model_cfg.output if unit.model_cfg is not None else "pooled"
     return tables, {"policy": policy.to_dict(), "device": ctx.device, "dim": int(tables["train"].shape[1] - 1),
                     "images": n, "source": "finetuned" if unit.checkpoint else "frozen",
-                    "backbone": unit.backbone()}  # no timings: same work, same bytes
+                    "backbone": unit.backbone(), "output": output, "square": data_cfg.get("square", "squash"),
+                    # the inference budget (select --budget-hours): measured here, decoding and TTA included
+                    "images_per_second": round(n / max(seconds, 1e-9), 2),
+                    "machine": budget.machine_name(ctx.device)}

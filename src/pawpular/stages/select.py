@@ -6,8 +6,9 @@ Writes  select/selection.json (every set's own score, every step with every set 
         OOF RMSE and C; the nested score and each step's gain against the noise). Never changes the experiment's
         SVR, ensemble or submission.
 Needs   pawpular embed
-Keys    embed.backbones, svr.c_min / c_max, svr.epsilon, svr.gamma, svr.use_meta
-Run     pawpular select --config configs/multi_backbone.yaml
+Keys    embed.backbones, svr.c_min / c_max, svr.epsilon, svr.gamma, svr.use_meta, svr.target_clip,
+        select.starts (--starts), select.budget_hours / test_images (--budget-hours, --test-images)
+Run     pawpular select --config configs/multi_backbone.yaml [--starts 3] [--budget-hours 9 --test-images 6800]
         pawpular select ... --as NAME   also write the choice as a new experiment output/NAME beside this one,
                                         reusing its folds, fine-tuned folds and embeddings (nothing is embedded
                                         again); then `pawpular all --output output/NAME` fits its SVR head
@@ -21,6 +22,10 @@ sets (C tuned by Optuna over the same range) lands at or near the printed RMSE, 
 chosen on the rows they are scored on. The nested score redoes the selection for each fold k on the other folds
 (C from the grid) and scores fold k with what it chose, reusing every fit already made; each step's gain is
 measured against the noise.
+
+``--starts N`` runs it from each of the N best single sets: up to N different feature sets, each an SVR head of
+its own, blended by ``ensemble.experiments``; ``--budget-hours H --test-images N`` tries only combinations whose
+inference fits, at the images/s each set recorded (``selection.py``, ``budget.py``).
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts, backend, manifest, svr_head
+from .. import artifacts, backend, manifest, selection, svr_head
 from ..config import Config, backbone_configs
 from ..errors import ConfigError
 from ..data import ID, META_COLS, TARGET, Competition
@@ -42,6 +47,7 @@ from ..files import MissingArtifact, write_json
 from ..metrics import rmse
 from ..splits import read_folds
 from ..progress import Progress
+from ..selection import MIN_IMPROVEMENT, Step, features_line, format_steps, format_table, forward_select
 from . import Plan, Result, wants_fold_embeddings
 
 log = logging.getLogger("pawpular")
@@ -52,7 +58,6 @@ IMAGES = False
 # A set is added only when it lowers the OOF RMSE by at least this much (Pawpularity points): each added set costs
 # a backbone's embedding time at inference, which a gain in the third decimal does not pay for. A module constant
 # (no config key): change it here, e.g. to 0.05 on a small data set where OOF RMSE differences are noisier.
-MIN_IMPROVEMENT = 0.01
 # C values tried per candidate: log-spaced over [svr.c_min, svr.c_max] (7 points over 0.1-100 = half-decades).
 C_GRID_POINTS = 7
 
@@ -107,14 +112,15 @@ class TrainSets:
     def fold_ids(self) -> list[int]:
         return sorted(k for k in np.unique(self.fold_of).tolist() if k >= 0)
 
-    def folds(self, names: Sequence[str], gamma: float | str, device: str) -> list[svr_head.FoldData]:
+    def folds(self, names: Sequence[str], gamma: float | str, device: str,
+              target_clip: Sequence[float] | None = None) -> list[svr_head.FoldData]:
         """The SVR stage's folds (standardized per fold, gamma per fold) for the sets ``names`` concatenated."""
         xp = backend.array_module(device)
         out = []
         for k in self.fold_ids:
             sets = {n: self.tables[(n, k)] for n in names}
             x, _ = svr_head.assemble_matrix(sets, self.ids, names, self.meta, xp)
-            out.append(svr_head.make_fold(k, x, self.y, self.fold_of, gamma, device))
+            out.append(svr_head.make_fold(k, x, self.y, self.fold_of, gamma, device, target_clip))
         return out
 
 
@@ -122,48 +128,10 @@ def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, 
                preds: dict | None = None) -> tuple[float, float]:
     """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels;
     ``preds``: see ``tune_c``."""
-    folds = data.folds(names, cfg.svr.gamma, device)
+    folds = data.folds(names, cfg.svr.gamma, device, cfg.svr.target_clip)
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
     return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device, preds)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Greedy forward selection
-
-
-@dataclass
-class Step:
-    step: int
-    added: str
-    features: list[str]
-    oof_rmse: float
-    C: float
-    tried: dict[str, dict]  # every set tried at this step -> {"oof_rmse", "C"}
-
-
-def forward_select(candidates: Sequence[str], score: Any, min_improvement: float = MIN_IMPROVEMENT) -> tuple[list[Step], dict]:
-    """Greedy forward selection. ``score(names) -> (rmse, C)``; returns the steps taken and the last step's
-    rejected best addition (``{}`` when every candidate was taken). Ties go to the earlier candidate."""
-    if not candidates:
-        raise ValueError("no candidate embedding sets to select from")
-    chosen: list[str] = []
-    steps: list[Step] = []
-    remaining = list(candidates)
-    rejected: dict = {}
-    while remaining:
-        tried = {name: score([*chosen, name]) for name in remaining}
-        best = min(remaining, key=lambda n: tried[n][0])
-        rmse, c = tried[best]
-        if steps and steps[-1].oof_rmse - rmse < min_improvement:
-            rejected = {"set": best, "oof_rmse": rmse, "C": c, "improvement": steps[-1].oof_rmse - rmse,
-                        "tried": {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()}}
-            break
-        chosen.append(best)
-        remaining.remove(best)
-        steps.append(Step(len(steps) + 1, best, list(chosen), rmse, c,
-                          {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()}))
-    return steps, rejected
 
 
 def nested_selection(candidates: Sequence[str], evaluated: dict, rescore: Any, y: np.ndarray, fold_of: np.ndarray,
@@ -273,51 +241,15 @@ def _groups(cfg: Config, ids: list[str]) -> np.ndarray:
     return group_codes(ids, duplicate_groups(cfg.out))
 
 
-def features_line(names: Sequence[str]) -> str:
-    """The override to pass to `pawpular svr` / `all` (quoted: unquoted brackets are a shell glob)."""
-    return f"--set 'svr.features=[{','.join(names)}]'"
-
-
-def format_table(steps: Sequence[Step], rejected: dict) -> str:
-    rows = [f"{'step':>4}  {'added set':<20} {'OOF RMSE':>9} {'gain':>7} {'C':>9}"]
-    prev = None
-    for s in steps:
-        gain = "" if prev is None else f"{prev - s.oof_rmse:7.4f}"
-        rows.append(f"{s.step:>4}  {s.added:<20} {s.oof_rmse:9.4f} {gain:>7} {s.C:9.4g}")
-        prev = s.oof_rmse
-    if rejected:
-        rows.append(f"{'-':>4}  {rejected['set'] + ' (not added)':<20} {rejected['oof_rmse']:9.4f} "
-                    f"{rejected['improvement']:7.4f} {rejected['C']:9.4g}")
-    return "\n".join(rows)
-
-
-def format_steps(steps: Sequence[Step], rejected: dict) -> str:
-    """Every score: each set alone (best first), then each step's every try with its gain over the step before."""
-    rows = ["each set alone:", f"  {'set':<20} {'OOF RMSE':>9} {'C':>9}"]
-    for name, r in sorted(steps[0].tried.items(), key=lambda kv: (kv[1]["oof_rmse"], kv[0])):
-        mark = "  <- start" if name == steps[0].added else ""
-        rows.append(f"  {name:<20} {r['oof_rmse']:9.4f} {r['C']:9.4g}{mark}")
-    tries = [(s.step, s.features[:-1], s.tried, s.added) for s in steps[1:]]
-    if rejected:
-        tries.append((len(steps) + 1, steps[-1].features, rejected["tried"], None))
-    for step, base, tried, added in tries:
-        prev = steps[step - 2].oof_rmse
-        rows.append(f"step {step}: {' + '.join(base)} ({prev:.4f}) plus one more:")
-        for name, r in sorted(tried.items(), key=lambda kv: (kv[1]["oof_rmse"], kv[0])):
-            mark = "  <- added" if name == added else ""
-            rows.append(f"  + {name:<18} {r['oof_rmse']:9.4f} {r['C']:9.4g}  gain {prev - r['oof_rmse']:7.4f}{mark}")
-        if added is None:
-            rows.append(f"  none added: the best gain ({rejected['improvement']:.4f}) is below {MIN_IMPROVEMENT}")
-    return "\n".join(rows)
-
-
 def plan(ctx) -> Plan:
     s = ctx.cfg.svr
-    settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta}
+    settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta,
+                "target_clip": s.target_clip}
     folds = range(ctx.cfg.folds.n_folds)
     files = [artifacts.set_file(ctx.out, b.name, "train", 0) for b in backbone_configs(ctx.cfg)]
     files += [artifacts.set_file(ctx.out, artifacts.MODEL_SET, "train", k) for k in folds]
-    return Plan({"svr": settings, "embed": {"backbones": ctx.cfg.embed.backbones}},
+    return Plan({"svr": settings, "embed": {"backbones": ctx.cfg.embed.backbones},
+                 "select": dataclasses.asdict(ctx.cfg.select)},
                 {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *files]), **ctx.data_inputs("train.csv")})
 
 
@@ -344,12 +276,20 @@ def run(ctx) -> Result:
         evaluated[tuple(names)] = {}
         return score_sets(data, names, cfg, device, mode, evaluated[tuple(names)])
 
+    allowed, speeds = selection.budget_rule(cfg, candidates, data.fold_ids)
+    several = cfg.select.starts > 1 or cfg.select.budget_hours is not None
     with Progress(desc="select", total=sum(range(1, len(candidates) + 1)), unit="fit") as bar:
         def score(names: list[str]) -> tuple[float, float]:
             result = rescore(names)
             bar.update()
             return result
 
+        if several:
+            runs = selection.multi_start(candidates, score, cfg.select.starts, MIN_IMPROVEMENT, allowed)
+            path = selection.write_starts(cfg, runs, speeds, {
+                "candidates": candidates, "skipped": skipped, "c_grid": grid, "n_train": len(data.ids),
+                "n_folds": len(data.fold_ids)}, MIN_IMPROVEMENT, t0)
+            return Result([path], {"chosen": runs[0].features, "oof_rmse": runs[0].oof_rmse, "starts": len(runs)})
         steps, rejected = forward_select(candidates, score, MIN_IMPROVEMENT)
     best = steps[-1]
     t_nested = time.time()

@@ -110,7 +110,7 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
     for k in sorted(k for k in np.unique(fold_of).tolist() if k != HOLDOUT):
         x, columns = svr_head.assemble_matrix(_load_sets(cfg, k, "train", frozen, device), ids, cfg.svr.features, meta, xp)
         h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
-        folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device))
+        folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device, cfg.svr.target_clip))
         del x
     return folds, columns, h.hexdigest()
 
@@ -197,6 +197,8 @@ def nested_c(ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, par
 def study_name(cfg, values: str) -> str:
     """The study's name: a hash of the values it is tuned on and of the settings that change results."""
     settings = {k: v for k, v in dataclasses.asdict(cfg.svr).items() if k not in NOT_RESULTS}
+    if settings["target_clip"] is None:  # the default names the studies it named before the setting existed
+        del settings["target_clip"]
     return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
 
 

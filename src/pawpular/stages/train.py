@@ -62,7 +62,10 @@ def check(ctx) -> None:
 def settings(cfg) -> dict:
     """The settings a fold's weights depend on (not: workers, which folds to run, epoch checkpoints)."""
     tc = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("num_workers", "folds", "save_every_epoch")}
-    return {"model": dataclasses.asdict(cfg.model), "train": tc, "seed": cfg.seed}
+    # model.output is the frozen embeddings' (no fold trains on it); model.square at its default leaves the key as
+    # it was before the setting existed
+    model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "output" and (k, v) != ("square", "squash")}
+    return {"model": model, "train": tc, "seed": cfg.seed}
 
 
 def plan(ctx) -> Plan:
