@@ -8,11 +8,12 @@ cannot run (CUDA kernels, cuDNN, nccl, cuML, cuDF) is not here. The end-to-end r
 suite: the torchrun run's (both ranks compile at once, one graph each).
 
 Tolerances, and why:
-- OOF RMSE of the NN head within ``OOF_TOL`` = 0.25 of fp32's. A lower precision perturbs every activation (bf16
-  keeps 8 bits of mantissa, fp16 11), and two epochs of training amplify that like a change of seed would: three
-  fp32 runs with seeds 1-3 of this config spread their NN OOF RMSE over 17.95-18.45 (0.5); half that spread is
-  more than precision alone should move it (fp16 measured 0.001 from fp32 single-process; the bf16 torchrun run
-  also has half the steps, since its two ranks each take a batch, so it gets the full spread 0.5).
+- OOF RMSE of the NN head within ``OOF_TOL`` of fp32's. A lower precision perturbs every activation (fp16 keeps 11
+  bits of mantissa, bf16 8), and training amplifies that like a change of seed: four fp32 runs of this config
+  (seeds 42, 1, 2, 3) put their NN OOF RMSE at 18.38, 18.37, 18.01, 18.19 (a spread of 0.37). fp16 gets half that
+  spread, 0.2 (it measured 0.001 from fp32). The bf16 torchrun run is another run, not a perturbed one: its two
+  ranks take a batch each, so it makes half the optimizer steps; it gets 0.5, the spread rounded up (it measured
+  18.72 vs 18.38). Both stay far below what a broken path costs: predicting the mean scores 20.6.
 - predict equals the pipeline's submission within 1e-4 (the existing bar), since predict honours each unit's
   recorded policy on this CPU; where the CPU lacks the instructions predict runs fp32 (warned once) and the
   submission moves by less than 0.2 (third decimal of the embeddings, amplified by the SVR), but it moves.
@@ -48,7 +49,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.g
 FP16 = ["train.precision=fp16", "embed.precision=fp16", "train.channels_last=true", "embed.channels_last=true"]
 BF16 = ["train.precision=bf16", "embed.precision=bf16", "train.channels_last=true", "embed.channels_last=true",
         "train.compile=true"]
-OOF_TOL = {"fp16": 0.25, "bf16": 0.5}
+OOF_TOL = {"fp16": 0.2, "bf16": 0.5}
 
 
 # --- units: the policy, the scaler, the RNG states ------------------------------------------------------------
@@ -191,7 +192,8 @@ def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(fp16_run, smal
     out = tmp_path / "killed"
     shutil.copytree(fp16_run / "folds", out / "folds")
     args = tiny_args(small_competition, out, *FP16, "train.folds=[0]")
-    proc = subprocess.Popen([sys.executable, "-m", "pawpular.cli", "train", *args], env=ENV,
+    env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same kernels' rounding as this process
+    proc = subprocess.Popen([sys.executable, "-m", "pawpular.cli", "train", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     last = out / "train" / "fold0" / "last.pt"
     deadline = time.monotonic() + 240
@@ -251,3 +253,22 @@ def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition,
     fp32, bf16 = (_nn_oof_rmse(r, small_competition) for r in (experiment_run, out))
     assert bf16 != fp32 and abs(bf16 - fp32) < OOF_TOL["bf16"], (bf16, fp32)
     _assert_predict_matches(out, small_competition, tmp_path, "bf16", monkeypatch, caplog)
+
+
+# --- svr.max_kernel_gb: every local worker's kernels and each concurrent fit's cache ----------------------------
+
+
+def test_kernel_budget_counts_every_worker_and_each_concurrent_fits_cache(monkeypatch):
+    from pawpular import backend, svr_head
+
+    fold_of = np.repeat(np.arange(5), 2000)  # 8,000 train rows a fold: 3.0 GB of kernels, 0.24 GB of cache a fit
+    kernels, cache = svr_head.kernel_gb(fold_of), svr_head.fit_cache_gb(fold_of)
+    assert cache == pytest.approx(min(backend.SVR_ARGS["cache_size"] / 1024, 4 * 8000**2 / 2**30))
+    monkeypatch.setattr(backend, "use_rapids", lambda device: device == "cuda")  # cuML: one fit at a time
+    assert svr_head.memory_gb(fold_of, "cuda") == pytest.approx(kernels + cache)
+    assert svr_head.memory_gb(fold_of, "cuda", workers=3) == pytest.approx(3 * (kernels + cache))
+    monkeypatch.setenv("PAWPULAR_SVR_THREADS", "2")  # CPU: libsvm fits folds in parallel threads
+    assert svr_head.memory_gb(fold_of, "cpu") == pytest.approx(kernels + 2 * cache)
+    # one worker fits in 4 GB; three on the same GPU do not (each builds its own kernels)
+    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cpu", workers=1) == "precomputed"
+    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cpu", workers=3) == "plain"
