@@ -41,13 +41,11 @@ class Policy:
         """The policy a stage runs with on ``device``: ``precision`` auto = ``precision_rule`` (with ``amp``), an
         explicit one as asked on any device, except bf16 on a GPU without native bf16 (fp16, warned once);
         ``channels_last`` auto = on a GPU. ``bf16``: whether the GPU has it (None: ask torch)."""
-        if precision == "auto":
-            bf16 = (device == "cuda" and gpu_has_bf16()) if bf16 is None else bf16
-            precision = precision_rule(device, amp, bf16)
-        elif precision == "bf16" and device == "cuda" and not (gpu_has_bf16() if bf16 is None else bf16):
-            _warn_once("this GPU has no native bf16: precision bf16 runs as fp16 here")
-            precision = "fp16"
-        return cls(precision, device == "cuda" if channels_last == "auto" else bool(channels_last))
+        bf16 = (device == "cuda" and gpu_has_bf16()) if bf16 is None else bf16
+        chosen = resolve_precision(device, precision, amp, bf16)
+        if chosen != precision != "auto":
+            _warn_once(f"this GPU has no native bf16: precision {precision} runs as {chosen} here")
+        return cls(chosen, device == "cuda" if channels_last == "auto" else bool(channels_last))
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Policy":
@@ -123,6 +121,14 @@ def precision_rule(device: str, amp: bool, bf16: bool) -> str:
     if device != "cuda" or not amp:
         return "fp32"
     return "bf16" if bf16 else "fp16"
+
+
+def resolve_precision(device: str, asked: str, amp: bool, bf16: bool) -> str:
+    """``*.precision`` on ``device``: auto = ``precision_rule``; an explicit one as asked, except bf16 on a GPU
+    without it (``bf16`` False), which runs fp16."""
+    if asked == "auto":
+        return precision_rule(device, amp, bf16)
+    return "fp16" if asked == "bf16" and device == "cuda" and not bf16 else asked
 
 
 def precision_for(device: str, amp: bool) -> str:
