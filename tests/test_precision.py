@@ -258,17 +258,19 @@ def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition,
 # --- svr.max_kernel_gb: every local worker's kernels and each concurrent fit's cache ----------------------------
 
 
-def test_kernel_budget_counts_every_worker_and_each_concurrent_fits_cache(monkeypatch):
+def test_kernel_budget_counts_every_worker_and_each_cuml_fits_cache(monkeypatch):
     from pawpular import backend, svr_head
 
     fold_of = np.repeat(np.arange(5), 2000)  # 8,000 train rows a fold: 3.0 GB of kernels, 0.24 GB of cache a fit
     kernels, cache = svr_head.kernel_gb(fold_of), svr_head.fit_cache_gb(fold_of)
-    assert cache == pytest.approx(min(backend.SVR_ARGS["cache_size"] / 1024, 4 * 8000**2 / 2**30))
-    monkeypatch.setattr(backend, "use_rapids", lambda device: device == "cuda")  # cuML: one fit at a time
-    assert svr_head.memory_gb(fold_of, "cuda") == pytest.approx(kernels + cache)
+    assert cache == pytest.approx(min(backend.SVR_ARGS["cache_size"] / 1024, 4 * 8000**2 / 2**30)) and cache > 0
+    monkeypatch.setattr(backend, "use_rapids", lambda device: device == "cuda")
+    assert svr_head.memory_gb(fold_of, "cuda") == pytest.approx(kernels + cache)  # cuML: one fit at a time
     assert svr_head.memory_gb(fold_of, "cuda", workers=3) == pytest.approx(3 * (kernels + cache))
-    monkeypatch.setenv("PAWPULAR_SVR_THREADS", "2")  # CPU: libsvm fits folds in parallel threads
-    assert svr_head.memory_gb(fold_of, "cpu") == pytest.approx(kernels + 2 * cache)
-    # one worker fits in 4 GB; three on the same GPU do not (each builds its own kernels)
-    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cpu", workers=1) == "precomputed"
-    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cpu", workers=3) == "plain"
+    assert svr_head.memory_gb(fold_of, "cpu", workers=2) == pytest.approx(2 * kernels)  # libsvm: RAM, as it needs
+    monkeypatch.setattr(backend, "svr_precomputed_ok", lambda device: True)  # a cuML of 26.02+
+    assert svr_head.resolve_kernel_cache("auto", fold_of, 3.1, "cpu") == "precomputed"
+    assert svr_head.resolve_kernel_cache("auto", fold_of, 3.1, "cuda") == "plain"  # the cache tips it over
+    # one worker fits in 4 GB; three on the same machine do not (each builds its own kernels)
+    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=1) == "precomputed"
+    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=3) == "plain"

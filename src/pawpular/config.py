@@ -116,8 +116,8 @@ class SvrConfig:
     use_meta: bool = False
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
-    # What tuning may hold on this machine (its GPU, with cuML): every local worker's kernels (svr.workers) plus
-    # the kernel cache (cache_size) of each fit running at the same time.
+    # What tuning may hold on this machine (its GPU, with cuML): every local worker's kernels (svr.workers) plus,
+    # with cuML, the kernel cache (cache_size) each fit allocates.
     max_kernel_gb: float = 4.0
     # Optuna RDB URL shared by workers on several machines: postgresql://user@host:port/db with the password
     # from PGPASSWORD or ~/.pgpass (libpq's own conventions), or env:NAME = the whole URL from environment

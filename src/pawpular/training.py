@@ -126,8 +126,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     """One pass over ``loader`` (dicts of image, meta, target in [0, 1]); returns the mean BCE loss.
 
     ``model`` is what runs forward (maybe compiled / DDP-wrapped; ``ddp`` is the DDP wrapper for no_sync during
-    gradient accumulation). ``precision`` / ``channels_last``: the stage's policy. ``frozen_backbone`` is kept in eval mode (linear probe). ``on_step(i, loss, lr,
-    images)`` is called after each batch with numbers already computed (tracking: it changes nothing).
+    gradient accumulation). ``precision`` / ``channels_last``: the stage's policy. ``frozen_backbone`` is kept in
+    eval mode (linear probe). ``on_step(i, loss, lr, images)`` is called after each batch with numbers already
+    computed (tracking: it changes nothing).
     """
     from .inference import autocast
 

@@ -188,7 +188,8 @@ class FoldRun:
         self.loader = train_loader(self.train_ds, tc, self.ctx.device, self.ctx.dist)
         optimizer = make_optimizer(model, tc)
         self.steps = math.ceil(len(self.loader) / tc.accum_steps)
-        self.trainer = Trainer(model, optimizer, make_scheduler(optimizer, tc, self.steps), grad_scaler(self.policy.precision, self.dev.type))
+        self.trainer = Trainer(model, optimizer, make_scheduler(optimizer, tc, self.steps),
+                               grad_scaler(self.policy.precision, self.dev.type))
 
     def resume(self) -> tuple[FoldState, np.ndarray]:
         last = artifacts.last_checkpoint(self.cfg.out, self.fold)
@@ -219,7 +220,8 @@ class FoldRun:
         how = [str(self.dev), self.policy.precision] + ["channels_last"] * self.policy.channels_last + \
             ["compiled"] * tc.compile
         log.info("fold %d: %d train / %d val images, input %s, %d steps/epoch, %d epochs, %s", self.fold,
-                 len(self.train_ds), len(self.val_ds), self.data_cfg["input_size"], self.steps, tc.epochs, ", ".join(how))
+                 len(self.train_ds), len(self.val_ds), self.data_cfg["input_size"], self.steps, tc.epochs,
+                 ", ".join(how))
         while state.epoch < tc.epochs and not state.stopped:
             epoch, t0 = state.epoch, time.time()
             seed_epoch(self.seed + epoch, self.loader, dist.rank)
