@@ -69,6 +69,12 @@ def test_precision_rule_bf16_fp16_fp32():
     assert dict(check(l4, "train.amp=false").stages)["train"] == "cuda:0 (NVIDIA L4), fp32 (train.amp: false)"
     assert dict(check(l4, "device=cpu").stages)["train"] == "CPU, fp32"
     assert doctor.precision("cpu", L4, True) == "fp32"
+    # explicit: as asked on any device (bf16 on a T4: fp16); embed's own setting, not train.amp
+    assert dict(check(l4, "device=cpu", "train.precision=bf16").stages)["train"] == "CPU, bf16 autocast"
+    t4 = dict(check(facts(CU124, drv((12, 4)), RAPIDS_26_10), "train.precision=bf16", "train.amp=false").stages)
+    assert t4["train"] == "cuda:0 (Tesla T4), fp16 autocast" and t4["embed"].startswith("cuda:0 (Tesla T4), fp16 ")
+    embed = dict(check(l4, "train.amp=false", "embed.precision=fp32").stages)["embed"]
+    assert embed.startswith("cuda:0 (NVIDIA L4), fp32,")
 
 
 def test_cuda13_torch_on_a_cuda12_driver_is_an_error_with_the_fix():

@@ -48,7 +48,7 @@ def test_each_model_runs_where_its_precision_can(caplog):
     with caplog.at_level(logging.WARNING, logger="pawpular"):
         assert bf16.usable_on("cuda", bf16=False) == Policy("fp16", channels_last=True)  # a T4, a V100
         assert bf16.usable_on("cuda", bf16=False) == Policy("fp16", channels_last=True)
-        assert bf16.usable_on("cpu") == Policy("fp32", False)
+        assert bf16.usable_on("cpu", native=False) == Policy("fp32", True)  # a CPU without bf16 instructions
     assert caplog.text.count("no native bf16") == 1  # one warning, however many models
     assert Policy("fp16").usable_on("cuda", bf16=False) == Policy("fp16")
 

@@ -67,8 +67,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_epochs: float = 0.5
     accum_steps: int = 1
-    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
-    channels_last: bool = True
+    amp: bool = True  # with precision auto: bf16 (or fp16) autocast on GPU; ignored on CPU
+    # auto: bf16 on a GPU that has it, else fp16 (with amp), fp32 on a CPU; fp32 | bf16 | fp16 on any device
+    # (fp16 adds a gradient scaler). Train's own OOF/test predictions use it too.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: on a GPU; true: on any device
     compile: bool = False
     mixup_alpha: float = 0.0  # 0 disables mixup
     patience: int = 3  # early stopping on validation RMSE; 0 disables
@@ -102,6 +105,10 @@ class EmbedConfig:
     num_workers: int = 2
     backbones: list = field(default_factory=list)
     compress: str = "none"  # none | int8 | prune:<fraction> | bf16
+    # How embed (and predict, from what embed recorded) computes: as train.precision / train.channels_last, but
+    # auto is bf16 on a GPU that has it, else fp16, on a GPU whatever train.amp says; fp32 on a CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Union[bool, Literal["auto"]] = "auto"
 
 
 @dataclass
@@ -117,6 +124,8 @@ class SvrConfig:
     use_meta: bool = False
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
+    # What tuning may hold on this machine (its GPU, with cuML): every local worker's kernels (svr.workers) plus,
+    # with cuML, the kernel cache (cache_size) each fit allocates.
     max_kernel_gb: float = 4.0
     # Optuna RDB URL shared by workers on several machines: postgresql://user@host:port/db with the password
     # from PGPASSWORD or ~/.pgpass (libpq's own conventions), or env:NAME = the whole URL from environment

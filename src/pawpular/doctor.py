@@ -96,14 +96,14 @@ class Diagnosis:
     notes: tuple[str, ...]
 
 
-def precision(device: str, gpu: GpuInfo | None, amp: bool) -> str:
-    """``inference.precision_rule`` (the one the stages use) for the GPU the facts describe, in words."""
-    from .inference import precision_rule
+def precision(device: str, gpu: GpuInfo | None, amp: bool, asked: str = "auto") -> str:
+    """``inference.resolve_precision`` (the one the stages use) for the GPU the facts describe, in words."""
+    from .inference import resolve_precision
 
-    rule = precision_rule(device, amp, gpu is not None and bool(gpu.bf16))
+    rule = resolve_precision(device, asked, amp, gpu is not None and bool(gpu.bf16))
     if rule != "fp32":
         return f"{rule} autocast"
-    return "fp32 (train.amp: false)" if device == "cuda" else "fp32"
+    return "fp32 (train.amp: false)" if device == "cuda" and asked == "auto" else "fp32"
 
 
 def _rapids_blocker(facts: Facts) -> str | None:
@@ -190,7 +190,7 @@ def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
     use_rapids = _rapids(facts, device, problems, notes)
     gpu = facts.torch_gpus[0] if facts.torch_gpus else None
     on = f"cuda:0 ({gpu.name})" if device == "cuda" and gpu else "cuda:0" if device == "cuda" else "CPU"
-    prec = precision(device, gpu, cfg.train.amp)
+    prec = precision(device, gpu, cfg.train.amp, cfg.train.precision)
     stages: list[tuple[str, str]] = []
     if device == backend.NO_DEVICE:
         stages.append(("train, embed, svr", "stop: device: cuda but torch cannot use a GPU"))
@@ -199,6 +199,7 @@ def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
         stages.append(("train", f"{on}, {prec}" + (f" (torchrun --nproc_per_node {len(facts.torch_gpus)} uses all "
                                                     f"{len(facts.torch_gpus)} GPUs)" if multi else "")))
         compress = f", compress: {cfg.embed.compress}" if cfg.embed.compress != "none" else ""
+        prec = precision(device, gpu, True, cfg.embed.precision)
         stages.append(("embed", f"{on}, {prec}{compress}, parquet through " + ("cuDF" if use_rapids else "pandas")))
         stages.append(("svr", _svr_line(facts, cfg, use_rapids, notes)))
     stages.append(("folds, ensemble", "CPU"))

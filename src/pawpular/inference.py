@@ -1,7 +1,9 @@
 """The one way a backbone runs over images: train's OOF/test predictions, ``embed``, and ``predict`` all call it.
 
-One precision rule (``Policy.for_run``): bf16 autocast on a GPU that has bf16, else fp16, and only with
-``train.amp``; fp32 on a CPU. channels_last on a GPU with ``train.channels_last``. One batch size for every
+One precision rule (``Policy.for_run``): ``train.precision`` / ``embed.precision`` ``auto`` is bf16 autocast on a
+GPU that has bf16, else fp16 (for train only with ``train.amp``), fp32 on a CPU; an explicit ``fp32 | bf16 | fp16``
+is honoured on any device (bf16 on a GPU without native bf16 becomes fp16). channels_last (``*.channels_last``:
+auto = on a GPU) is the policy's alone: ``forward_batches`` converts the model and its inputs. One batch size for every
 inference pass: ``embed.batch_size``. One TTA rule: with hflip TTA the NN prediction is the mean of
 sigmoid(logit) over the image and its mirror, and the embedding the mean of the two embeddings; one pass over the
 images serves both, each with its own TTA setting. The policy a stage used is recorded in its manifest and travels
@@ -12,6 +14,7 @@ Under torchrun the images are sharded over the ranks and gathered once (every ra
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
@@ -33,8 +36,16 @@ class Policy:
     channels_last: bool = False
 
     @classmethod
-    def for_run(cls, device: str, amp: bool, channels_last: bool) -> "Policy":
-        return cls(precision_for(device, amp), device == "cuda" and channels_last)
+    def for_run(cls, device: str, precision: str = "auto", channels_last: bool | str = "auto", amp: bool = True,
+                bf16: bool | None = None) -> "Policy":
+        """The policy a stage runs with on ``device``: ``precision`` auto = ``precision_rule`` (with ``amp``), an
+        explicit one as asked on any device, except bf16 on a GPU without native bf16 (fp16, warned once);
+        ``channels_last`` auto = on a GPU. ``bf16``: whether the GPU has it (None: ask torch)."""
+        bf16 = (device == "cuda" and gpu_has_bf16()) if bf16 is None else bf16
+        chosen = resolve_precision(device, precision, amp, bf16)
+        if chosen != precision != "auto":
+            _warn_once(f"this GPU has no native bf16: precision {precision} runs as {chosen} here")
+        return cls(chosen, device == "cuda" if channels_last == "auto" else bool(channels_last))
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Policy":
@@ -43,17 +54,22 @@ class Policy:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def usable_on(self, device: str, bf16: bool | None = None) -> "Policy":
+    def usable_on(self, device: str, bf16: bool | None = None, native: bool | None = None) -> "Policy":
         """This policy as ``device`` can run it (each change logged once: results differ a little).
 
-        A CPU runs fp32 (autocast to bf16/fp16 there is slow or absent); a GPU without native bf16 (T4, P100,
-        V100) runs fp16 for bf16. ``bf16``: whether the GPU has it (None: ask torch).
+        A GPU without native bf16 (T4, P100, V100) runs fp16 for bf16; a CPU runs bf16 / fp16 where it has the
+        instructions (``cpu_native``: AVX512-BF16 / AMX, AVX512-FP16) and fp32 where it would only emulate them
+        (several times slower). channels_last holds on any device. ``bf16`` / ``native``: what the GPU / CPU has
+        (None: ask torch / the CPU's flags).
         """
         if device != "cuda":
-            if self.precision != "fp32":
-                _warn_once(f"the pipeline ran this model in {self.precision} on a GPU; this {device} run uses fp32: "
-                           "predictions may differ from the pipeline's in the third decimal")
-            return Policy("fp32", False)
+            native = cpu_native(self.precision) if native is None else native
+            if self.precision != "fp32" and not native:
+                _warn_once(f"the pipeline ran this model in {self.precision}; this {device} has no {self.precision} "
+                           "instructions and runs it in fp32: predictions may differ from the pipeline's in the "
+                           "third decimal")
+                return Policy("fp32", self.channels_last)
+            return self
         bf16 = gpu_has_bf16() if bf16 is None else bf16
         if self.precision == "bf16" and not bf16:
             _warn_once("this GPU has no native bf16: the models made in bf16 run in fp16 here (predictions may "
@@ -76,6 +92,25 @@ def gpu_has_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split())
+    except OSError:
+        return frozenset()
+
+
+def cpu_native(precision: str) -> bool:
+    """Whether this CPU computes ``precision`` with its own instructions (bf16: AVX512-BF16 or AMX; fp16:
+    AVX512-FP16 or AMX-FP16), rather than emulating it several times slower than fp32."""
+    return precision == "fp32" or bool(cpu_flags() & set(CPU_FLAGS[precision]))
+
+
 def model_device(compress: str, device: str) -> str:
     """Where a model compressed by ``compress`` runs: int8 (dynamic quantization) has CPU kernels only."""
     return "cpu" if (compress or "none").strip() == "int8" else device
@@ -86,6 +121,14 @@ def precision_rule(device: str, amp: bool, bf16: bool) -> str:
     if device != "cuda" or not amp:
         return "fp32"
     return "bf16" if bf16 else "fp16"
+
+
+def resolve_precision(device: str, asked: str, amp: bool, bf16: bool) -> str:
+    """``*.precision`` on ``device``: auto = ``precision_rule``; an explicit one as asked, except bf16 on a GPU
+    without it (``bf16`` False), which runs fp16."""
+    if asked == "auto":
+        return precision_rule(device, amp, bf16)
+    return "fp16" if asked == "bf16" and device == "cuda" and not bf16 else asked
 
 
 def precision_for(device: str, amp: bool) -> str:
@@ -123,6 +166,8 @@ def forward_batches(model: torch.nn.Module, batches: Iterable[dict], device: str
     model.eval()
     dtype = input_dtype(model)
     fmt = torch.channels_last if policy.channels_last else torch.contiguous_format
+    if policy.channels_last:  # the weights in the policy's layout too (a no-op where they have it already)
+        model.to(memory_format=fmt)
     preds, embs = [], []
     for batch in progress(batches, desc=desc, unit="batch"):
         x = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=fmt)

@@ -275,21 +275,37 @@ def detach_kernels(folds: Sequence[FoldData]) -> None:
         f.k_train = f.k_val = None
 
 
-def resolve_kernel_cache(mode: str, fold_of: np.ndarray, max_gb: float, device: str) -> str:
+def fit_cache_gb(fold_of: np.ndarray) -> float:
+    """The kernel cache one cuML SVR fit allocates on the GPU: ``cache_size`` MiB of SVR_ARGS, at most the fold's
+    float32 train x train rows. (libsvm grows its cache in RAM as it needs rows, up to the same size.)"""
+    n_train = max((int(((fold_of != k) & (fold_of >= 0)).sum()) for k in np.unique(fold_of) if k >= 0), default=0)
+    return min(backend.SVR_ARGS["cache_size"] / 1024, 4 * n_train**2 / 2**30)
+
+
+def memory_gb(fold_of: np.ndarray, device: str, workers: int = 1) -> float:
+    """What tuning with cached kernels holds at once: every local worker process (``svr.workers``, on the same
+    machine and GPU) its own kernels, plus with cuML the cache of the one fit each process runs at a time."""
+    cache = fit_cache_gb(fold_of) if backend.use_rapids(device) else 0.0
+    return workers * (kernel_gb(fold_of) + cache)
+
+
+def resolve_kernel_cache(mode: str, fold_of: np.ndarray, max_gb: float, device: str, workers: int = 1) -> str:
     """'precomputed' or 'plain' for ``svr.kernel_cache``, logged with the reason.
 
-    auto: cached kernels when they fit in ``max_gb``; precomputed: cached kernels whatever their size (an
-    explicit request); plain: refit from features every trial.
+    auto: cached kernels when ``memory_gb`` (every worker's kernels, cuML's fit caches) fits in
+    ``max_gb``; precomputed: cached kernels whatever their size (an explicit request); plain: refit from features
+    every trial.
     """
-    need = kernel_gb(fold_of)
+    need = memory_gb(fold_of, device, workers)
+    each = f" ({workers} workers)" if workers > 1 else ""
     if mode == "plain":
         chosen, why = "plain", "asked for"
     elif not backend.svr_precomputed_ok(device):
         chosen, why = "plain", "this cuML has no kernel='precomputed' (needs 26.02+)"
     elif mode == "auto" and need > max_gb:
-        chosen, why = "plain", f"cached kernels would need {need:.2f} GB > svr.max_kernel_gb={max_gb:g}"
+        chosen, why = "plain", f"cached kernels would need {need:.2f} GB{each} > svr.max_kernel_gb={max_gb:g}"
     else:
-        chosen, why = "precomputed", f"{need:.2f} GB of kernels"
+        chosen, why = "precomputed", f"{need:.2f} GB of kernels{each}"
     log.info("kernel_cache: %s -> %s (%s)", mode, chosen, why)
     return chosen
 

@@ -2,12 +2,13 @@
 
 Loss is BCEWithLogits on Pawpularity/100 (prediction = sigmoid(logit) x 100). Every epoch reseeds python / numpy /
 torch, the DataLoader generator and the augmentations from (seed, fold, epoch, rank), and ``last.pt`` carries
-every RNG state, so on a CPU a resumed run ends with the same weights as an uninterrupted one. Precision follows
-``inference.precision_for`` (bf16 or fp16 autocast on a GPU with ``train.amp``; fp16 adds a GradScaler).
+every RNG state (and the GradScaler's), so on a CPU a resumed run ends with the same weights as an uninterrupted
+one. Precision and memory format are the stage's ``inference.Policy`` (fp16 adds a GradScaler, on any device).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from .errors import PawpularError
 from .finetune import POSITION_TERMS
 from .inference import DTYPES
 from .progress import Progress
+
+log = logging.getLogger("pawpular")
 
 
 class LossNotFinite(PawpularError, FloatingPointError):
@@ -117,14 +120,15 @@ def _mixup(alpha: float, image: torch.Tensor, meta: torch.Tensor, target: torch.
 
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, device: torch.device, tc: TrainConfig, *,
-                    precision: str = "fp32", ddp: nn.Module | None = None,
+                    precision: str = "fp32", channels_last: bool = False, ddp: nn.Module | None = None,
                     frozen_backbone: nn.Module | None = None, desc: str = "", show: bool = True,
                     on_step: Any = None) -> float:
     """One pass over ``loader`` (dicts of image, meta, target in [0, 1]); returns the mean BCE loss.
 
     ``model`` is what runs forward (maybe compiled / DDP-wrapped; ``ddp`` is the DDP wrapper for no_sync during
-    gradient accumulation). ``frozen_backbone`` is kept in eval mode (linear probe). ``on_step(i, loss, lr,
-    images)`` is called after each batch with numbers already computed (tracking: it changes nothing).
+    gradient accumulation). ``precision`` / ``channels_last``: the stage's policy. ``frozen_backbone`` is kept in
+    eval mode (linear probe). ``on_step(i, loss, lr, images)`` is called after each batch with numbers already
+    computed (tracking: it changes nothing).
     """
     from .inference import autocast
 
@@ -138,7 +142,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     optimizer.zero_grad(set_to_none=True)
     bar = Progress(loader, desc, total=n, unit="img", scale=tc.batch_size, quiet=not show)
     for i, batch in enumerate(bar):
-        image, meta, target = _to_device(batch, device, tc.channels_last)
+        image, meta, target = _to_device(batch, device, channels_last)
         if tc.mixup_alpha > 0:
             image, meta, target = _mixup(tc.mixup_alpha, image, meta, target)
         step_now = (i + 1) % tc.accum_steps == 0 or i + 1 == n
@@ -167,8 +171,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     return total / max(seen, 1)
 
 
-def grad_scaler(precision: str) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler("cuda", enabled=DTYPES[precision] == torch.float16)
+def grad_scaler(precision: str, device_type: str = "cuda") -> torch.amp.GradScaler:
+    """fp16 needs one (its range underflows small gradients); on the device the model trains on."""
+    return torch.amp.GradScaler(device_type, enabled=DTYPES[precision] == torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,8 +204,13 @@ def set_rng_state(state: dict) -> None:
     name, key, *rest = state["numpy"]
     np.random.set_state((name, key.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state["cuda"] if torch.cuda.is_available() else []
+    fits = min(len(saved), torch.cuda.device_count()) if saved else 0
+    if fits < len(saved):  # saved on a machine with more GPUs (a T4x2 run resumed on one): restore what fits
+        log.warning("resume: last.pt holds the RNG states of %d GPUs, this machine has %d: restoring the first %d",
+                    len(saved), fits, fits)
+    for i in range(fits):
+        torch.cuda.set_rng_state(saved[i], i)
 
 
 @dataclass

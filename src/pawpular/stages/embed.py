@@ -7,7 +7,8 @@ Writes  emb/fold{k}/{train,test}.parquet   Id + e0..e{D-1} float32 (every train 
         emb/<backbone>/{train,test}.parquet  a frozen backbone of embed.backbones, shared by every fold
 Needs   pawpular train (embed.source: finetuned, with "model" in svr.features) or nothing more than folds
         (embed.source: pretrained, or only frozen backbones of embed.backbones in svr.features)
-Keys    embed.source, embed.tta_hflip, embed.compress, embed.backbones, embed.batch_size
+Keys    embed.source, embed.tta_hflip, embed.compress, embed.precision, embed.channels_last, embed.backbones,
+        embed.batch_size
 Run     pawpular embed --config configs/default.yaml
         torchrun --nproc_per_node N -m pawpular.cli embed ...   images sharded over ranks, rank 0 writes
 
@@ -114,7 +115,8 @@ def units(ctx) -> list[EmbeddingSet]:
 
 def unit_plan(ctx, unit: EmbeddingSet) -> Plan:
     e = ctx.cfg.embed
-    config = {"embed": {"tta_hflip": e.tta_hflip, "compress": e.compress}}
+    config = {"embed": {"tta_hflip": e.tta_hflip, "compress": e.compress, "precision": e.precision,
+                        "channels_last": e.channels_last}}
     if unit.checkpoint is not None:
         inputs = ctx.file_inputs([unit.checkpoint])
         try:
@@ -136,7 +138,7 @@ def plan(ctx) -> Plan:
     plans = {u.name: unit_plan(ctx, u) for u in units(ctx)}
     e = ctx.cfg.embed
     config = {"embed": {"source": e.source, "tta_hflip": e.tta_hflip, "compress": e.compress,
-                        "backbones": e.backbones}}
+                        "precision": e.precision, "channels_last": e.channels_last, "backbones": e.backbones}}
     if e.source == "pretrained":
         config["model"] = dataclasses.asdict(ctx.cfg.model)
     inputs = {f"{name}: {k}": v for name, p in plans.items() for k, v in p.inputs.items() if not k.startswith("data:")}
@@ -145,7 +147,7 @@ def plan(ctx) -> Plan:
 
 def run(ctx) -> Result:
     cfg = ctx.cfg
-    policy = Policy.for_run(ctx.device, cfg.train.amp, cfg.train.channels_last)
+    policy = Policy.for_run(ctx.device, cfg.embed.precision, cfg.embed.channels_last)
     status: dict[str, str] = {}
     outputs: list[Path] = []
     for unit in units(ctx):

@@ -129,7 +129,8 @@ def run(ctx) -> Result:
     if cfg.overwrite and cfg.svr.storage is None:  # the experiment's own study; a shared one is never deleted here
         studies.delete_study(name, storage)
     study = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
-    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
+    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb,
+                                         device, cfg.svr.workers)
     ran, t_tune = _tune(study, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
@@ -324,7 +325,8 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     ctx = Context(cfg, device)
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
     folds, _, _ = load_folds(cfg, ctx.comp, folds_df, device)
-    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device)
+    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb,
+                                         device, cfg.svr.workers)
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
     study = studies.open_study(name, studies.open_storage(cfg), cfg.svr.seed, shared=True)

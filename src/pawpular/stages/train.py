@@ -10,8 +10,9 @@ Writes  train/fold{k}/best.pt       best epoch by validation RMSE (SSF merged: a
         train/nested.parquet   fold k's predictions at the epoch best on the other folds' mean validation curve
 Needs   pawpular folds
 Keys    model.name, model.pretrained, model.finetune (full | fpt | ssf | head), model.img_size, model.use_meta;
-        train.epochs, train.lr, train.head_lr, train.batch_size, train.accum_steps, train.amp, train.tta_hflip,
-        train.patience, train.folds (only these folds); `pawpular config keys` lists every setting
+        train.epochs, train.lr, train.head_lr, train.batch_size, train.accum_steps, train.precision, train.amp,
+        train.channels_last, train.compile, train.tta_hflip, train.patience, train.folds (only these folds);
+        `pawpular config keys` lists every setting
 Run     pawpular train --config configs/default.yaml [--set train.epochs=3] [--set train.folds=[0,1]]
         torchrun --nproc_per_node N -m pawpular.cli train --config ...   DistributedDataParallel, rank 0 writes
 
@@ -112,7 +113,7 @@ def run(ctx) -> Result:
     todo = known if cfg.train.folds is None else list(cfg.train.folds)
     if set(todo) - set(known):
         raise ConfigError(f"train.folds: {sorted(set(todo) - set(known))} not in folds.csv (folds {known})")
-    policy = Policy.for_run(ctx.device, cfg.train.amp, cfg.train.channels_last)
+    policy = Policy.for_run(ctx.device, cfg.train.precision, cfg.train.channels_last, cfg.train.amp)
     ran = 0
     for fold in todo:
         v = _fold_verdict(ctx, fold)
@@ -172,8 +173,6 @@ class FoldRun:
         if self.ctx.dist.main:
             manifest.clear(self.dir / "manifest.json")
         model, self.data_cfg = load_checkpoint(artifacts.best_checkpoint(self.cfg.out, self.fold), self.dev)
-        if self.policy.channels_last:
-            model.to(memory_format=torch.channels_last)
         self.finish(self.predict(model, eval_dataset(self.val_df, self.ctx.comp.root / "train", self.data_cfg)))
 
     def build(self) -> None:
@@ -194,7 +193,8 @@ class FoldRun:
         self.loader = train_loader(self.train_ds, tc, self.ctx.device, self.ctx.dist)
         optimizer = make_optimizer(model, tc)
         self.steps = math.ceil(len(self.loader) / tc.accum_steps)
-        self.trainer = Trainer(model, optimizer, make_scheduler(optimizer, tc, self.steps), grad_scaler(self.policy.precision))
+        self.trainer = Trainer(model, optimizer, make_scheduler(optimizer, tc, self.steps),
+                               grad_scaler(self.policy.precision, self.dev.type))
 
     def resume(self) -> tuple[FoldState, np.ndarray]:
         last = artifacts.last_checkpoint(self.cfg.out, self.fold)
@@ -222,16 +222,19 @@ class FoldRun:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if self.ctx.device == "cuda" else None) if dist.enabled else None
         forward = torch.compile(ddp or model) if tc.compile else (ddp or model)
-        log.info("fold %d: %d train / %d val images, input %s, %d steps/epoch, %d epochs, %s, %s", self.fold,
-                 len(self.train_ds), len(self.val_ds), self.data_cfg["input_size"], self.steps, tc.epochs, self.dev,
-                 self.policy.precision)
+        how = [str(self.dev), self.policy.precision] + ["channels_last"] * self.policy.channels_last + \
+            ["compiled"] * tc.compile
+        log.info("fold %d: %d train / %d val images, input %s, %d steps/epoch, %d epochs, %s", self.fold,
+                 len(self.train_ds), len(self.val_ds), self.data_cfg["input_size"], self.steps, tc.epochs,
+                 ", ".join(how))
         while state.epoch < tc.epochs and not state.stopped:
             epoch, t0 = state.epoch, time.time()
             seed_epoch(self.seed + epoch, self.loader, dist.rank)
             meter = StepMeter(self.ctx.tracker, self.fold, epoch, len(self.loader), dist.world)
             try:
                 loss = train_one_epoch(forward, self.loader, self.trainer.optimizer, self.trainer.scheduler,
-                                       self.trainer.scaler, self.dev, tc, precision=self.policy.precision, ddp=ddp,
+                                       self.trainer.scaler, self.dev, tc, precision=self.policy.precision,
+                                       channels_last=self.policy.channels_last, ddp=ddp,
                                        frozen_backbone=model.backbone if cfg.model.finetune == "head" else None,
                                        desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main,
                                        on_step=meter if self.ctx.tracker.enabled else None)
@@ -303,8 +306,6 @@ class FoldRun:
         ``epoch_preds``: every epoch's validation predictions (epochs.parquet); None keeps the file there is."""
         out, comp = self.cfg.out, self.ctx.comp
         best_model, _ = load_checkpoint(artifacts.best_checkpoint(out, self.fold), self.dev)
-        if self.policy.channels_last:
-            best_model.to(memory_format=torch.channels_last)
         test_pred = self.predict(best_model, eval_dataset(comp.test, comp.root / "test", self.data_cfg))
         held = len(self.holdout_df) > 0
         held_pred = self.predict(best_model, eval_dataset(self.holdout_df, comp.root / "train", self.data_cfg)) if held else None
