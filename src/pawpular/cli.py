@@ -31,7 +31,8 @@ def _config(args: argparse.Namespace):
 
 
 def _show_config(args: argparse.Namespace) -> int:
-    from .config import Config, describe
+    from .config import Config
+    from .config_show import describe
 
     cfg = Config() if args.action == "keys" else _config(args)
     if args.key:

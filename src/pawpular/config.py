@@ -9,11 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -365,33 +364,6 @@ def backbone_model_config(b: BackboneConfig) -> ModelConfig:
     """The ModelConfig of a frozen backbone of ``embed.backbones``."""
     return ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size, output=b.output,
                        square=b.square)
-
-
-def describe(cfg: Config) -> list[tuple[str, Any, Any, str]]:
-    """(key, value, default, type) of every setting, sections flattened to ``section.key``."""
-    rows: list[tuple[str, Any, Any, str]] = []
-
-    def walk(obj: Any, default: Any, prefix: str) -> None:
-        hints = typing.get_type_hints(type(obj))
-        for f in dataclasses.fields(obj):
-            value, base = getattr(obj, f.name), getattr(default, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, base, f"{prefix}{f.name}.")
-            else:
-                if f"{prefix}{f.name}" == "svr.storage" and isinstance(value, str):
-                    value = redact_url(value, "***")  # shown, never the password
-                rows.append((f"{prefix}{f.name}", value, base, _type_name(hints[f.name])))
-
-    walk(cfg, Config(), "")
-    return rows
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(map(str, get_args(tp)))
-    if get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def config_hash(*parts: Any) -> str:
