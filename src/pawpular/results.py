@@ -157,10 +157,9 @@ def load_study(out: Path, storage: str | None = None, name: str | None = None) -
 
 def _without_password(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (if any) masked: a driver's error may quote its connection string."""
-    from .config import url_password
+    from .config import without_password
 
-    password = url_password(url)
-    return text.replace(password, "***") if password else text
+    return without_password(text, url)
 
 
 def load_results(out: str | Path, data: str | Path | None = None, storage: str | None = None) -> RunResults:

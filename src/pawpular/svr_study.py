@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from . import artifacts
-from .config import redact_url, url_password
+from .config import redact_url, without_password
 from .errors import ArtifactError, PawpularError
 
 log = logging.getLogger("pawpular")
@@ -128,8 +128,7 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
         reason += ("; a password is never written to a file, so a config read back (config.yaml) has none: give "
                    "it with PGPASSWORD or ~/.pgpass (libpq), or the whole URL with svr.storage: env:NAME")
     message = f"{SETTING}: {redact_url(url, '***')}: {reason}"
-    password = url_password(url)
-    return StudyStorageError(message.replace(password, "***") if password else message)
+    return StudyStorageError(without_password(message, url))
 
 
 def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interval: int = 10,
