@@ -75,3 +75,47 @@ def test_wandb_never_records_the_password_of_the_command_line(tmp_path, monkeypa
     files = [p for p in cfg.out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".wandb" for p in files)
     assert _holding(tmp_path, "P@ss") == [] and _holding(tmp_path, "s3cr") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Writes only onto what the project made; a name from the config stays inside its folder
+
+
+def test_runs_html_never_replaces_a_file_it_did_not_write(run, tmp_path, capsys):
+    notes, csv = tmp_path / "notes.html", tmp_path / "train.csv"
+    notes.write_text("<html>my notes</html>")
+    csv.write_text("Id,Pawpularity\na,1\n")
+    before = tree(tmp_path)
+    for target in (notes, csv, tmp_path):  # a user's page, a competition CSV, a folder
+        code, out = run_cli(capsys, "runs", run, "--html", target)
+        assert code == 2 and f"--html {target}" in out and one_line(out), out
+    assert tree(tmp_path) == before
+    page = tmp_path / "runs.html"
+    assert run_cli(capsys, "runs", run, "--html", page)[0] == 0
+    assert run_cli(capsys, "runs", run, "--html", page)[0] == 0  # its own page: replaced
+    assert "pawpular runs" in page.read_text()
+
+
+@pytest.mark.parametrize("setting", [
+    "experiment=../../escaped", "experiment=/tmp/abs", "experiment=a/b", "experiment=..",
+    "svr.features=[../../x]", "svr.features=[/abs]", "ensemble.experiments=[..]", "ensemble.experiments=[/]",
+    "embed.backbones=[{name: ../up, model: resnet18}]", "embed.backbones=[{name: a/b, model: resnet18}]"])
+def test_a_config_name_that_would_leave_its_folder_is_refused(setting, tmp_path, capsys):
+    key = setting.split("=")[0]
+    code, out = run_cli(capsys, "config", "show", "--set", setting)
+    assert code == 2 and key in out and "folder" in out and one_line(out), out
+    before = tree(tmp_path)
+    code, out = run_cli(capsys, "folds", "--set", setting, "--data", tmp_path / "none", "--output", tmp_path / "o")
+    assert code == 2 and one_line(out) and tree(tmp_path) == before, out
+
+
+def test_lowering_n_folds_keeps_the_users_files_in_a_fold_folder(run, small_competition, capsys):
+    mine = {run / "train" / "fold2" / "my_notes.txt": "fold 2 looked odd", run / "emb" / "fold2" / "plot.png": "x"}
+    for path, text in mine.items():
+        path.write_text(text)
+    code, out = run_cli(capsys, "folds", *tiny_args(small_competition, run, "folds.n_folds=2"))
+    assert code == 0, out
+    for path, text in mine.items():
+        assert path.read_text() == text  # the user's files stay
+    assert not (run / "train" / "fold2" / "best.pt").exists() and not (run / "svr" / "fold2").exists()
+    assert not (run / "emb" / "fold2" / "train.parquet").exists()  # nothing of the project's is left to pick up

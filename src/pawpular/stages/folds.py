@@ -23,7 +23,8 @@ from .. import artifacts
 from ..errors import ConfigError
 from ..data import ID, TARGET, read_csv_or_raise
 from ..duplicates import duplicate_groups, group_table, image_hashes
-from ..files import digest_or_none, remove, remove_tree, write_csv
+from ..files import digest_or_none, remove, write_csv
+from ..guards import remove_fold_folder
 from ..splits import check_folds, make_folds
 from . import Plan, Result
 
@@ -86,4 +87,6 @@ def _remove_extra_fold_dirs(out, n_folds: int) -> None:
         for k, folder in artifacts.fold_dirs(parent).items():
             if k >= n_folds:
                 log.info("folds: removing %s (n_folds is now %d)", folder, n_folds)
-                remove_tree(folder)
+                if kept := remove_fold_folder(folder):
+                    log.warning("folds: kept %s in %s: not written by pawpular (move them, then remove the folder)",
+                                ", ".join(kept), folder)
