@@ -119,3 +119,39 @@ def test_lowering_n_folds_keeps_the_users_files_in_a_fold_folder(run, small_comp
         assert path.read_text() == text  # the user's files stay
     assert not (run / "train" / "fold2" / "best.pt").exists() and not (run / "svr" / "fold2").exists()
     assert not (run / "emb" / "fold2" / "train.parquet").exists()  # nothing of the project's is left to pick up
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. A refused command changes nothing: every check that can refuse runs before a manifest is cleared
+
+
+def _refused_unchanged(capsys, run: Path, small_competition: Path, command: str, setting: str, says: str) -> None:
+    before = tree(run)
+    code, out = run_cli(capsys, command, *tiny_args(small_competition, run, setting))
+    assert code == 2 and says in out and one_line(out), out
+    assert tree(run) == before  # the finished stage is still finished: nothing cleared, nothing written
+
+
+def test_weights_that_do_not_fit_are_refused_before_train_clears_anything(run, small_competition, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "other.safetensors"
+    save_file({"patch_embed.proj.weight": torch.zeros(7, 3, 2, 2)}, str(weights))
+    _refused_unchanged(capsys, run, small_competition, "train", f"model.pretrained={weights}", "does not fit")
+
+
+def test_a_missing_blend_experiment_is_refused_before_ensemble_clears_anything(run, small_competition, tmp_path,
+                                                                              capsys):
+    missing = tmp_path / "no_such_experiment"
+    _refused_unchanged(capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{missing}]",
+                       str(missing))
+    user_folder = tmp_path / "holiday"  # a folder, but no experiment
+    user_folder.mkdir()
+    _refused_unchanged(capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{user_folder}]",
+                       "no pawpular experiment")
+
+
+def test_a_folds_file_that_is_a_folder_is_refused_before_folds_clears_anything(run, small_competition, tmp_path,
+                                                                              capsys):
+    _refused_unchanged(capsys, run, small_competition, "folds", f"folds.file={tmp_path}", "is a folder")

@@ -50,7 +50,9 @@ def reason(e: OSError) -> str:
     """An OS error's reason in lower case, as the command line prints it: 'no space left on device'."""
     if e.errno is None:
         return str(e)
-    return "no space left on device" if e.errno == errno.ENOSPC else os.strerror(e.errno).lower()
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    return (e.strerror or os.strerror(e.errno)).lower()
 
 
 def as_read_error(e: OSError, path: object) -> ReadError:

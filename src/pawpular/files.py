@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -268,6 +269,8 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     path = Path(path)
     try:
         st = path.stat()
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):  # /dev/zero: no end
+            raise OSError(errno.EINVAL, NOT_REGULAR)
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         if key not in _digests:
             h = hashlib.blake2b(digest_size=16)
@@ -282,6 +285,28 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
             raise
         raise as_read_error(e, path) from None
     return _digests[key]
+
+
+NOT_REGULAR = "not a regular file (a device, pipe or socket)"
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """Why ``path`` is no regular file to read, in words for a message ("not found", "is a folder, not a file",
+    "is a symbolic link that loops", "is a broken symbolic link", "is not a regular file ..."); None when it is one."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it points, through links, back to itself)"
+        if p.is_symlink():
+            return f"is a broken symbolic link (to {os.readlink(p)}, which does not exist)"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "not found"
+        return f"cannot be read ({(e.strerror or str(e)).lower()})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    return None if stat.S_ISREG(st.st_mode) else f"is {NOT_REGULAR}"
 
 
 def digest_or_none(path: str | Path) -> str | None:
