@@ -155,3 +155,56 @@ def test_a_missing_blend_experiment_is_refused_before_ensemble_clears_anything(r
 def test_a_folds_file_that_is_a_folder_is_refused_before_folds_clears_anything(run, small_competition, tmp_path,
                                                                               capsys):
     _refused_unchanged(capsys, run, small_competition, "folds", f"folds.file={tmp_path}", "is a folder")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. What ships is verified before it is used; a unit without its record is never "done"
+
+
+@pytest.fixture(scope="module")
+def art(experiment_run, tmp_path_factory) -> Path:
+    return pawpular.export(experiment_run, tmp_path_factory.mktemp("adv3") / "art")
+
+
+def _edit_manifest(path: Path, change) -> None:
+    found = json.loads(path.read_text())
+    change(found)
+    path.write_text(json.dumps(found))
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m["experiments"][m["main"]]["nn"]["0"].update(tta_hflip=False),  # changes the predictions silently
+    lambda m: m["experiments"][m["main"]].pop("embeddings"),  # once a KeyError
+    lambda m: m.update(weights={k: 1.0 if k == "nn" else 0.0 for k in m["weights"]}),
+], ids=["setting", "key", "weights"])
+def test_an_edited_export_manifest_is_refused(change, art, small_competition, tmp_path, capsys):
+    exported = Path(shutil.copytree(art, tmp_path / "art"))
+    _edit_manifest(artifacts.export_manifest(exported), change)
+    out_csv = tmp_path / "submission.csv"
+    code, out = run_cli(capsys, "predict", "--artifacts", exported, "--data", small_competition, "--out", out_csv)
+    assert code == 2 and "manifest.json" in out and "changed" in out and one_line(out), out
+    assert not out_csv.exists()
+
+
+@pytest.mark.parametrize("where", ["src/pawpular/predictor.py", "inference.ipynb"])
+def test_the_shipped_source_and_notebook_are_verified(where, art, small_competition, tmp_path, capsys):
+    exported = Path(shutil.copytree(art, tmp_path / "art"))
+    with open(exported / where, "a") as f:
+        f.write("\n# edited\n")
+    code, out = run_cli(capsys, "predict", "--artifacts", exported, "--data", small_competition,
+                        "--out", tmp_path / "s.csv")
+    assert code == 2 and where in out and "damaged" in out and one_line(out), out
+
+
+def test_a_unit_whose_manifest_is_removed_or_replaced_is_never_done(run, small_competition, tmp_path, capsys):
+    args = tiny_args(small_competition, run)
+    (run / "train" / "fold0" / "manifest.json").unlink()
+    shutil.copy(run / "emb" / "fold0" / "manifest.json", run / "emb" / "fold1" / "manifest.json")
+    code, out = run_cli(capsys, "status", *args)
+    assert code == 0 and "everything is done" not in out, out
+    for stage, unit in (("train", "train/fold0/manifest.json"), ("embed", "emb/fold1/manifest.json")):
+        line = next(x for x in out.splitlines() if x.strip().startswith(stage))
+        assert "damaged" in line and unit in line, line
+    before = tree(tmp_path)
+    code, out = run_cli(capsys, "export", "--output", run, "--to", tmp_path / "art")
+    assert code == 2 and "train is damaged" in out and one_line(out) and tree(tmp_path) == before, out

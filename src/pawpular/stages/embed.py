@@ -150,7 +150,7 @@ def run(ctx) -> Result:
             status[unit.name] = "computed"
         if unit.model_cfg is cfg.model:
             shared = shared or unit
-        outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS]
+        outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS] + [path]  # its record: never done without
     cached = [k for k, v in status.items() if v == "cached"]
     if cached:
         log.info("embeddings unchanged, reused from cache: %s", ", ".join(cached))
