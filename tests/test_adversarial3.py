@@ -208,3 +208,91 @@ def test_a_unit_whose_manifest_is_removed_or_replaced_is_never_done(run, small_c
     before = tree(tmp_path)
     code, out = run_cli(capsys, "export", "--output", run, "--to", tmp_path / "art")
     assert code == 2 and "train is damaged" in out and one_line(out) and tree(tmp_path) == before, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. User input never ends in a traceback: exit 2 and one line
+
+
+@pytest.fixture(scope="module")
+def few_rows(tmp_path_factory) -> Path:
+    from pawpular.synthetic import make_synthetic
+
+    return make_synthetic(tmp_path_factory.mktemp("few") / "few", n_train=20, n_test=2, seed=1)
+
+
+@pytest.mark.parametrize("settings, key", [
+    (["folds.n_folds=25"], "folds.n_folds"), (["folds.n_folds=10"], "folds.n_folds"),
+    (["folds.n_folds=5", "folds.holdout=0.4"], "folds.n_folds"), (["folds.n_folds=10", "folds.group_duplicates=false"],
+                                                                 "folds.n_folds")])
+def test_fewer_training_rows_than_folds(settings, key, few_rows, tmp_path, capsys):
+    args = [a for s in settings for a in ("--set", s)]
+    code, out = run_cli(capsys, "folds", "--data", few_rows, "--output", tmp_path / "exp", *args)
+    assert code == 2 and key in out and "lower" in out and one_line(out), out
+    assert not (tmp_path / "exp" / "folds" / "folds.csv").exists()
+
+
+@pytest.mark.parametrize("setting", ["seed=4294967296", "folds.seed=-1", "svr.seed=99999999999"])
+def test_a_seed_out_of_range(setting, capsys, tmp_path):
+    code, out = run_cli(capsys, "config", "show", "--set", setting, "--output", tmp_path / "x")
+    assert code == 2 and setting.split("=")[0] in out and "2**32" in out and one_line(out), out
+
+
+@pytest.mark.parametrize("name, content", [("ensemble/weights.json", "[1, 2]"), ("svr/best_params.json", '"C"'),
+                                           ("ensemble/weights.json", "{not json")])
+def test_a_results_file_of_the_wrong_json_type(name, content, run, capsys):
+    (run / name).write_text(content)
+    code, out = run_cli(capsys, "report", "--output", run)
+    assert code == 2 and name in out and one_line(out), out
+    (run / "timings.json").write_text("[1]")
+    assert run_cli(capsys, "runs", run)[0] == 0
+
+
+@pytest.mark.parametrize("knob", ["PAWPULAR_PROGRESS_SECONDS", "PAWPULAR_SVR_THREADS", "WORLD_SIZE", "RANK"])
+def test_an_environment_knob_that_is_not_a_number(knob, run, small_competition, monkeypatch, capsys):
+    monkeypatch.setenv(knob, "many")
+    before = tree(run)
+    code, out = run_cli(capsys, "svr", *tiny_args(small_competition, run), "--overwrite")
+    assert code == 2 and knob in out and "'many'" in out and one_line(out), out
+    assert tree(run) == before
+
+
+def test_a_multi_host_postgresql_url(run, small_competition, capsys):
+    url = "postgresql://u:pw-1234@h1:5432,h2:5432/db"
+    before = tree(run)
+    for command in ("svr", "delete-study"):
+        extra = ["--overwrite"] if command == "svr" else []
+        code, out = run_cli(capsys, command, *tiny_args(small_competition, run, f"svr.storage={url}"), *extra)
+        assert code == 2 and "multi-host" in out and "pw-1234" not in out and one_line(out), out
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("text, says", [
+    ("model:\n  kwargs:\n    a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+     + "".join(f"    {c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+     "alias"),
+    ("a: &a [1, *a]\n", "loop"),
+    ("experiment: x\n" + "# padding\n" * 200_000, "characters")])
+def test_a_yaml_alias_bomb_is_refused_in_bounded_time(text, says, tmp_path, capsys):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    t0 = time.time()
+    code, out = run_cli(capsys, "config", "show", "--config", path)
+    assert code == 2 and says in out and str(path) in out and one_line(out), out
+    assert time.time() - t0 < 5
+
+
+def test_a_non_utf8_locale_writing_a_unicode_path(small_competition, tmp_path):
+    import subprocess
+
+    config = tmp_path / "café.yaml"  # read as UTF-8 whatever the locale; the folder it names cannot be written
+    config.write_text(f"output_dir: {tmp_path / 'exp_é'}\ndata_dir: {small_competition}\n"
+                      "folds: {group_duplicates: false}\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"}
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    done = subprocess.run([sys.executable, "-m", "pawpular", "folds", "--config", "café.yaml"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, errors="replace", timeout=120)
+    assert done.returncode == 2 and "LC_ALL=C.UTF-8" in done.stderr and one_line(done.stderr), done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["café.yaml"]

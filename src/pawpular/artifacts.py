@@ -134,7 +134,8 @@ def preds(out: Path, head: str, split: str) -> Path:
 
 def emb_dir(out: Path, fold: int | None = None, backbone: str | None = None) -> Path:
     """Embeddings of this experiment's fold-k backbone, or of a named frozen backbone."""
-    return Path(out) / "emb" / (name_part(backbone, "embed.backbones name") if backbone is not None else fold_name(fold))
+    name = name_part(backbone, "embed.backbones name") if backbone is not None else fold_name(fold)
+    return Path(out) / "emb" / name
 
 
 def emb_file(out: Path, split: str, fold: int | None = None, backbone: str | None = None) -> Path:

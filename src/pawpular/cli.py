@@ -173,7 +173,7 @@ def _show_config(args: argparse.Namespace) -> int:
 def _delete_study(args: argparse.Namespace) -> int:
     from . import artifacts
     from .errors import UsageError
-    from .files import read_json
+    from .files import read_json_object
     from .lock import experiment_lock
 
     cfg = _config(args)
@@ -194,17 +194,18 @@ def _delete_study(args: argparse.Namespace) -> int:
             return 0
         if args.name is None and not artifacts.best_params(cfg.out).is_file():
             raise UsageError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
-        return _delete_named_study(cfg, args.name or read_json(artifacts.best_params(cfg.out)).get("study_name"))
+        recorded = read_json_object(artifacts.best_params(cfg.out)).get("study_name")
+        return _delete_named_study(cfg, args.name or recorded)
 
 
 def _delete_named_study(cfg, name: str | None) -> int:
     from . import artifacts
     from .errors import UsageError
-    from .files import read_json
+    from .files import read_json_object
     from .svr_study import delete_study, open_storage
 
     if name is None and artifacts.best_params(cfg.out).is_file():
-        name = read_json(artifacts.best_params(cfg.out)).get("study_name")
+        name = read_json_object(artifacts.best_params(cfg.out)).get("study_name")
     if name is None:
         raise UsageError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
     deleted = delete_study(name, open_storage(cfg))
@@ -322,6 +323,9 @@ def _one_line(e: BaseException) -> str | None:
     if isinstance(e, OSError) and e.errno is not None and (isinstance(e, (ReadError, WriteError))
                                                            or e.errno in MACHINE_ERRNOS):
         return _os_error(e)
+    if isinstance(e, UnicodeEncodeError) and e.encoding.lower() in (sys.getfilesystemencoding().lower(), "ascii"):
+        return (f"a path or name holds {e.object[e.start:e.end]!r}, which this system's locale encoding "
+                f"({e.encoding}) cannot write: set a UTF-8 locale (export LC_ALL=C.UTF-8) or use a plain ASCII name")
     top, name = type(e).__module__.split(".")[0], type(e).__name__
     if top == "sqlalchemy":  # the study database failed mid-run (e.g. SQLite's "database or disk is full")
         return f"the Optuna study's database: {str(getattr(e, 'orig', None) or e).splitlines()[0]}"

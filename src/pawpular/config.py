@@ -189,9 +189,37 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_YAML_CHARS = 1 << 20  # a config is a few KB: a bound on what it may cost to read
+MAX_YAML_VALUES = 100_000  # values after aliases are expanded ("billion laughs": a few lines, 10**9 values)
+
+
 def parse_yaml(text: str) -> Any:
-    """YAML text as values (safe: no objects), refusing duplicate keys (ConfigError naming the key and line)."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    """YAML text as values (safe: no objects), refusing duplicate keys (ConfigError naming the key and line), text
+    over ``MAX_YAML_CHARS`` and aliases that expand to over ``MAX_YAML_VALUES`` values or refer to themselves."""
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{len(text)} characters, over the {MAX_YAML_CHARS} a config may have")
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    _expanded_size(data, {})
+    return data
+
+
+def _expanded_size(value: Any, sizes: dict[int, int | None]) -> int:
+    """How many values ``value`` holds with its aliases expanded (each shared node counted once per use, computed
+    once); ConfigError over MAX_YAML_VALUES or for a node inside itself."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in sizes:
+        if sizes[id(value)] is None:
+            raise ConfigError("an alias refers to a node that holds it (a loop): write the values out")
+        return sizes[id(value)]
+    sizes[id(value)] = None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    size = 1 + sum(_expanded_size(v, sizes) for v in items)
+    if size > MAX_YAML_VALUES:
+        raise ConfigError(f"its aliases expand to over {MAX_YAML_VALUES} values (a YAML alias bomb?): write the "
+                          "values out")
+    sizes[id(value)] = size
+    return size
 
 
 def _parse_value(text: str) -> Any:
@@ -243,7 +271,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         except ConfigError as e:

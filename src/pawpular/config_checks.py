@@ -191,6 +191,8 @@ RULES: list[Rule] = [
     ((("ensemble.experiments",), lambda c: all(is_name_part(Path(str(e)).name) for e in c.ensemble.experiments),
       "each must be an experiment folder whose own name is a plain name (the blend and an export name it so); "
       "'..' or '/' would leave its folder")),
+    *(((key,), lambda c, key=key: 0 <= _get(c, key) < 2**32, "must be in 0 .. 2**32-1 (a random seed)")
+      for key in ("seed", "folds.seed", "svr.seed")),
     _at_least("ensemble.min_improvement", 0),
     ((("ensemble.heads",), lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
       "must list heads among nn, svr")),

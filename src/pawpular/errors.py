@@ -50,9 +50,7 @@ def reason(e: OSError) -> str:
     """An OS error's reason in lower case, as the command line prints it: 'no space left on device'."""
     if e.errno is None:
         return str(e)
-    if e.errno == errno.ENOSPC:
-        return "no space left on device"
-    return (e.strerror or os.strerror(e.errno)).lower()
+    return "no space left on device" if e.errno == errno.ENOSPC else os.strerror(e.errno).lower()
 
 
 def as_read_error(e: OSError, path: object) -> ReadError:
@@ -61,3 +59,19 @@ def as_read_error(e: OSError, path: object) -> ReadError:
 
 def as_write_error(e: OSError, path: object) -> WriteError:
     return WriteError(e.errno, e.strerror, str(path))
+
+
+def env_number(name: str, default: float, kind: type = int, minimum: float = 0) -> float:
+    """An environment knob read as a number (``kind``, at least ``minimum``); unset or empty gives ``default``.
+    Anything else is a UsageError naming the variable and its value."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise UsageError(f"environment variable {name}={raw!r}: expected {'an integer' if kind is int else 'a number'}"
+                         f" >= {minimum:g}; unset it or give one")
+    return value

@@ -113,7 +113,21 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file pawpular wrote as an object (weights.json, best_params.json, timings.json ...); anything else
+    (not JSON, a list, a number) is an ArtifactError naming the file: it is not the file pawpular wrote."""
+    try:
+        value = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}): damaged, not the file pawpular wrote; rerun the stage "
+                            "that writes it") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: holds a JSON {type(value).__name__}, not an object: damaged, not the file "
+                            "pawpular wrote; rerun the stage that writes it")
+    return value
 
 
 def safetensors_bytes(tensors: dict, meta: dict, framework: str = "np") -> bytes:
@@ -270,7 +284,9 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     try:
         st = path.stat()
         if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):  # /dev/zero: no end
-            raise OSError(errno.EINVAL, NOT_REGULAR)
+            from .errors import UsageError
+
+            raise UsageError(f"{path}: is {NOT_REGULAR}: pawpular reads only regular files")
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         if key not in _digests:
             h = hashlib.blake2b(digest_size=16)

@@ -165,8 +165,8 @@ def _blame(model_cfg: ModelConfig, e: Exception) -> Exception:
 
 def check_buildable(model_cfg: ModelConfig) -> None:
     """Fail now, not minutes into a stage, on model settings timm rejects (built on the meta device: no memory,
-    no weights) or a model.pretrained that is no weight file or does not fit (loaded once on the CPU). Models that cannot be built on the meta device
-    are left to the real build, which names the same causes."""
+    no weights) or a model.pretrained that is no weight file or does not fit (loaded once on the CPU). Models
+    that cannot be built on the meta device are left to the real build, which names the same causes."""
     try:
         with torch.device("meta"):
             _create_backbone(model_cfg, hub=False)

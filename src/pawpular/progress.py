@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any, Iterable, Iterator
 
+from .errors import env_number
+
 log = logging.getLogger("pawpular")
 
 
@@ -78,7 +80,7 @@ class Progress:
         self.total = total
         self.unit = unit
         self.scale = scale  # units per item (images per batch)
-        self.every = float(os.environ.get("PAWPULAR_PROGRESS_SECONDS", "30")) if every is None else every
+        self.every = env_number("PAWPULAR_PROGRESS_SECONDS", 30.0, float) if every is None else every
         self.quiet = quiet  # under torchrun only rank 0 shows progress
         self.metrics: dict[str, Any] = {}
         self.bar: Any = None

@@ -23,7 +23,7 @@ import yaml
 
 from . import artifacts, manifest
 from .data import ID, TARGET, DataError, read_competition, read_id_csv
-from .files import MissingArtifact, read_json
+from .files import MissingArtifact, read_json_object
 from .metrics import rmse
 
 # Head name -> the stage folder holding its {oof,test}.parquet; the ensemble's own.
@@ -197,16 +197,16 @@ def load_results(out: str | Path, data: str | Path | None = None, storage: str |
 
     res.metrics = read_metrics(out)
     bp = artifacts.best_params(out)
-    res.best_params = read_json(bp) if bp.is_file() else {}
+    res.best_params = read_json_object(bp) if bp.is_file() else {}
     wanted = res.best_params.get("study_name")
     storage = storage or (res.config.get("svr") or {}).get("storage")
     res.study_name, res.trials, res.minimize, note = load_study(out, storage, wanted)
     if note and note != NOT_RUN:
         res.notes.append(note)
     w = artifacts.weights_json(out)
-    res.weights = read_json(w) if w.is_file() else {}
+    res.weights = read_json_object(w) if w.is_file() else {}
     t = artifacts.timings_json(out)
-    res.timings = read_json(t) if t.is_file() else {}
+    res.timings = read_json_object(t) if t.is_file() else {}
     res.stages = stage_states(out, res.data, res.notes)
     for head, folder in HEAD_DIRS.items():  # the frozen recipe: a head nothing asks for is not missing
         if res.status.get(head) == NOT_RUN and res.stages.get(folder, ("",))[0] == manifest.NOT_NEEDED:

@@ -21,9 +21,12 @@ from typing import Any
 from . import artifacts, manifest, stages, tracking
 from .config import Config, save_config
 from .distributed import Dist, is_lead_process, process_group
+from .errors import env_number
 from .files import ArtifactError, digest_or_none, read_json, write_json
 
 log = logging.getLogger("pawpular")
+# Environment knobs a stage reads mid-run: checked before it starts, so a bad value refuses before anything changes.
+ENV_KNOBS = (("PAWPULAR_PROGRESS_SECONDS", float, 0), ("PAWPULAR_SVR_THREADS", int, 1))
 DERIVED = "derived"  # a plan's config entry for values computed from the config (transforms, fold lists): not settings
 
 
@@ -179,6 +182,8 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     from .lock import experiment_lock
 
     stage = stages.get(name)
+    for knob, kind, low in ENV_KNOBS:
+        env_number(knob, low, kind, low)
     device = resolve_device(cfg.device)
     t0 = time.time()
     if not getattr(stage, "DISTRIBUTED", False) and not is_lead_process():
@@ -238,6 +243,7 @@ def record_time(out: Path, stage: str, seconds: float) -> None:
         timings = read_json(path)
     except (OSError, ValueError):
         timings = {}
+    timings = timings if isinstance(timings, dict) else {}  # a damaged record is rewritten whole
     timings[stage] = round(seconds, 2)
     write_json(path, timings)
 

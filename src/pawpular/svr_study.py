@@ -68,6 +68,9 @@ def storage_url(setting: str | None, default_sqlite: Path) -> str:
             u = sqlalchemy.make_url(setting)
         except sqlalchemy.exc.ArgumentError:
             return setting  # make_storage reports it
+        except ValueError as e:  # a port that is no number: a multi-host URL (host1:5432,host2:5432)
+            raise _storage_error(setting, sqlalchemy.exc.ArgumentError(
+                f"its port is no number ({e}); a multi-host URL is not supported: give one host")) from None
         if u.drivername in ("postgresql", "postgres"):  # postgres:// too, as libpq and Heroku write it
             return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
         return setting
@@ -141,7 +144,7 @@ def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interva
     url = storage_url(setting, default_sqlite)
     try:
         backend = sqlalchemy.make_url(url).get_backend_name()
-    except sqlalchemy.exc.ArgumentError as e:
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
         raise _storage_error(url, e) from None
     if backend not in ("postgresql", "sqlite"):
         raise StudyStorageError(f"{SETTING}: {redact_url(url, '***')}: not a postgresql:// or sqlite:// URL, the two "

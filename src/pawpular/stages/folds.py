@@ -25,7 +25,7 @@ from ..data import ID, TARGET, read_csv_or_raise
 from ..duplicates import duplicate_groups, group_table, image_hashes
 from ..files import digest_or_none, not_a_file, remove, write_csv
 from ..guards import remove_fold_folder
-from ..splits import check_folds, make_folds
+from ..splits import check_enough_rows, check_folds, make_folds
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
@@ -42,6 +42,12 @@ def plan(ctx) -> Plan:
         return Plan({"folds": {"file": fc.file, "n_folds": fc.n_folds, "holdout": fc.holdout}},
                     {"folds.file": digest_or_none(fc.file), **ctx.data_inputs("train.csv")})
     return Plan({"folds": dataclasses.asdict(fc)}, ctx.data_inputs("train.csv", images=("train",) if fc.group_duplicates else ()))
+
+
+def check(ctx) -> None:
+    """Before anything changes: enough rows of train.csv for the folds (and the holdout)."""
+    if not ctx.cfg.folds.file:
+        check_enough_rows(len(ctx.comp.train), ctx.cfg.folds.n_folds, ctx.cfg.folds.holdout)
 
 
 def _from_file(ctx) -> Result:
