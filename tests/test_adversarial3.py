@@ -296,3 +296,77 @@ def test_a_non_utf8_locale_writing_a_unicode_path(small_competition, tmp_path):
                           env=env, capture_output=True, text=True, errors="replace", timeout=120)
     assert done.returncode == 2 and "LC_ALL=C.UTF-8" in done.stderr and one_line(done.stderr), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["café.yaml"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. No unclear or silently wrong answer
+
+
+def test_a_path_that_is_there_but_no_file_is_not_called_missing(run, art, small_competition, tmp_path, capsys):
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    a_file = small_competition / "train.csv"
+    cases = [(("config", "show", "--config", tmp_path), "is a folder"),
+             (("config", "show", "--config", tmp_path / "loop_a"), "loops"),
+             (("train", *tiny_args(small_competition, run, "model.pretrained=/dev/zero")), "not a regular file"),
+             (("train", *tiny_args(small_competition, run, f"model.pretrained={tmp_path}")), "is a folder"),
+             (("predict", "--artifacts", art, "--data", a_file, "--out", tmp_path / "s.csv"), "is a file, not a folder")]
+    for args, says in cases:
+        code, out = run_cli(capsys, *args)
+        assert code == 2 and says in out and "not found" not in out and one_line(out), out
+    code, out = run_cli(capsys, "check-data", "--data", a_file)
+    assert code == 2 and "is a file, not a folder" in out and "does not exist" not in out, out
+    code, out = run_cli(capsys, "check-data", "--data", tmp_path / "loop_a")
+    assert code == 2 and "loops" in out, out
+
+
+def test_a_device_as_folds_file_is_refused_not_read(run, small_competition, capsys):
+    import time
+
+    t0 = time.time()
+    _refused_unchanged(capsys, run, small_competition, "folds", "folds.file=/dev/zero", "not a regular file")
+    assert time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("flag", ["--n-train", "--n-test"])
+def test_make_synthetic_with_zero_rows_is_refused_not_defaulted(flag, tmp_path, capsys):
+    code, out = run_cli(capsys, "make-synthetic", "--out", tmp_path / "syn", flag, 0)
+    assert code == 2 and "got" in out and " 0" in out and one_line(out) and not (tmp_path / "syn").exists(), out
+
+
+def test_a_float_tiff_named_jpg_is_not_decoded_to_black(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pawpular.images import load_image
+
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (48, 1))  # float in [0, 1], the usual convention
+    Image.fromarray(ramp, mode="F").save(tmp_path / "photo.jpg", format="TIFF")
+    rgb = load_image(tmp_path / "photo.jpg")
+    assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+    assert rgb[:, 0].max() == 0 and rgb[:, -1].min() == 255 and abs(float(rgb.mean()) - 127.5) < 3
+
+
+def test_a_refused_export_leaves_no_partial_folder(experiment_run, tmp_path, monkeypatch, capsys):
+    from pawpular import exporter
+    from pawpular.errors import ArtifactError
+
+    def refuse(found):
+        raise ArtifactError("the blend weighs a model the export holds not (simulated refusal)")
+
+    monkeypatch.setattr(exporter, "check_weights", refuse)
+    code, out = run_cli(capsys, "export", "--output", experiment_run, "--to", tmp_path / "art")
+    assert code == 2 and "simulated refusal" in out and one_line(out), out
+    assert list(tmp_path.iterdir()) == []  # no hidden .art.pawpular-partial folder left behind
+
+
+def test_a_second_config_never_takes_over_another_experiments_folder(run, small_competition, capsys):
+    before = tree(run)
+    code, out = run_cli(capsys, "folds", *tiny_args(small_competition, run, "experiment=other"))
+    assert code == 2 and "'default'" in out and "'other'" in out and one_line(out) and tree(run) == before, out
+
+
+def test_runs_says_why_an_unreadable_config_hides_the_data(run, capsys):
+    (run / "config.yaml").write_bytes(b"\xff\xfe: [unclosed")
+    code, out = run_cli(capsys, "runs", run)
+    assert code == 0 and "None" not in out and "config.yaml" in out, out

@@ -252,8 +252,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "make-synthetic":
         from .synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
 
-        out = make_synthetic(args.out, n_train=args.n_train or DEFAULT_N_TRAIN, n_test=args.n_test or DEFAULT_N_TEST,
-                             seed=args.seed)
+        out = make_synthetic(args.out, n_train=DEFAULT_N_TRAIN if args.n_train is None else args.n_train,
+                             n_test=DEFAULT_N_TEST if args.n_test is None else args.n_test, seed=args.seed)
         print(f"wrote the synthetic competition to {out}")
         return 0
     if args.command == "check-data":

@@ -267,9 +267,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML experiment, apply ``--set`` overrides and top-level keyword overrides, and check it all."""
     data: dict = {}
     if path is not None:
+        from .files import not_a_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        if why := not_a_file(path):  # "not found" only when it is not there
+            raise ConfigError(f"config file {path} {why}" if why != "not found" else f"config file not found: {path}")
         try:
             data = parse_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:

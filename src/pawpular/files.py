@@ -325,6 +325,15 @@ def not_a_file(path: str | Path) -> str | None:
     return None if stat.S_ISREG(st.st_mode) else f"is {NOT_REGULAR}"
 
 
+def not_a_folder(path: str | Path) -> str | None:
+    """Why ``path`` is no folder, in the words of ``not_a_file`` ("does not exist", "is a file, not a folder" ...);
+    None when it is one."""
+    why = not_a_file(path)
+    if why == "is a folder, not a file":
+        return None
+    return "is a file, not a folder" if why is None else "does not exist" if why == "not found" else why
+
+
 def digest_or_none(path: str | Path) -> str | None:
     """``file_digest``, or None for a missing or unreadable file."""
     try:

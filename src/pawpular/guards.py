@@ -5,7 +5,7 @@ runner's records, an export its manifest (``exporter``), the synthetic competiti
 temporary files carry the project's own pattern (``files.TEMP_GLOB``). Everything else is refused with one line
 (``UsageError``, exit 2) before any work:
 
-    check_experiment_folder(cfg.out, cfg.data)     a stage's --output: new, empty or an experiment; not the data
+    check_experiment_folder(out, data, experiment) a stage's --output: new, empty or this experiment; not the data
     check_export_target(out, to, overwrite)        export --to: not the experiment or above it; replaces an export
     check_predict_out(out, artifacts, data)        predict --out: not a file of the data or the artifact folder
     check_own_page(path, flag, marker)             runs --html: replaces only a page it wrote
@@ -71,9 +71,25 @@ def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not is_temp_name(p.name))
 
 
-def check_experiment_folder(out: Path, data: Path) -> None:
-    """A stage writes only into a new or empty folder or an experiment, and never into the competition folder."""
+def recorded_experiment(out: Path) -> str | None:
+    """The ``experiment`` name the folder's config.yaml records (None when there is none or it cannot be read)."""
+    import yaml
+
+    try:
+        found = yaml.safe_load(artifacts.config_yaml(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return found.get("experiment") if isinstance(found, dict) and isinstance(found.get("experiment"), str) else None
+
+
+def check_experiment_folder(out: Path, data: Path, experiment: str | None = None) -> None:
+    """A stage writes only into a new or empty folder or an experiment (of the same ``experiment`` name, when
+    given: a second config never silently takes over another's folder), and never into the competition folder."""
     out = Path(out)
+    if experiment is not None and (recorded := recorded_experiment(out)) not in (None, experiment):
+        raise UsageError(f"--output {out} holds the experiment {recorded!r} (its config.yaml); this config is "
+                         f"{experiment!r}: it would take over that experiment's files; choose another --output, or "
+                         f"--set experiment={recorded} to continue that one")
     if data and within(out, data):
         raise UsageError(f"--output {out} is inside the competition folder {data} (data_dir): the pipeline never "
                          "writes into its inputs; choose another --output")

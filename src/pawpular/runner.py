@@ -150,7 +150,7 @@ def require_upstream(ctx: Context, name: str) -> None:
 # Running
 
 
-def check_writable(folder: Path, data: Path | None = None) -> None:
+def check_writable(folder: Path, data: Path | None = None, experiment: str | None = None) -> None:
     """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space), or
     must not be (the competition folder, a non-empty folder that holds no experiment: ``guards``)."""
     import errno
@@ -161,7 +161,7 @@ def check_writable(folder: Path, data: Path | None = None) -> None:
 
     if folder.exists() and not folder.is_dir():
         raise WriteError(errno.ENOTDIR, "not a directory", str(folder))
-    check_experiment_folder(folder, data)
+    check_experiment_folder(folder, data, experiment)
     probe = temp_path(folder / "write-probe", str(os.getpid()))
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     with process_group(device) as dist:
         ctx = Context(cfg, device, dist, hooks or {})
         if dist.main:
-            check_writable(cfg.out, cfg.data)
+            check_writable(cfg.out, cfg.data, cfg.experiment)
         with experiment_lock(cfg.out, name) if dist.main else contextlib.nullcontext():
             if dist.main:
                 log.info("== %s ==", name)
