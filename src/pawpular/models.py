@@ -182,7 +182,8 @@ def _check_weight_file(path: Path) -> None:
     """``path`` exists and starts like a weight file (safetensors, a torch zip or a pickle), else
     PretrainedWeightsError naming model.pretrained and the file."""
     if why := not_a_file(path):
-        raise PretrainedWeightsError(f"model.pretrained: weight file {path} {why} (use none, hub, or a path to "
+        shown = f"not found: {path}" if why == "not found" else f"{path} {why}"
+        raise PretrainedWeightsError(f"model.pretrained: weight file {shown} (use none, hub, or a path to "
                                      ".safetensors / .pth / .bin)")
     try:
         with open(path, "rb") as f:

@@ -66,11 +66,8 @@ def storage_url(setting: str | None, default_sqlite: Path) -> str:
     if setting is not None:
         try:
             u = sqlalchemy.make_url(setting)
-        except sqlalchemy.exc.ArgumentError:
+        except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is no number (multi-host)
             return setting  # make_storage reports it
-        except ValueError as e:  # a port that is no number: a multi-host URL (host1:5432,host2:5432)
-            raise _storage_error(setting, sqlalchemy.exc.ArgumentError(
-                f"its port is no number ({e}); a multi-host URL is not supported: give one host")) from None
         if u.drivername in ("postgresql", "postgres"):  # postgres:// too, as libpq and Heroku write it
             return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
         return setting
@@ -114,9 +111,9 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
         reason = f"the database driver is not installed ({type(err).__name__}: {err}); " + (
             "pip install -r requirements-distributed.txt" if getattr(err, "name", None) == "psycopg2"
             else "install that module, or write postgresql:// (psycopg2, from requirements-distributed.txt)")
-    elif isinstance(err, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError)):
-        reason = (f"not a database URL ({err}); expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
-                  "or leave it unset for the experiment's own SQLite file")
+    elif isinstance(err, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError)):
+        reason = (f"not a database URL ({err}); expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE with one host "
+                  "(a multi-host URL is not supported), or leave it unset for the experiment's own SQLite file")
     else:
         detail = " ".join(line.strip() for line in str(getattr(err, "orig", None) or err).strip().splitlines()[:3])
         if connected:  # e.g. PostgreSQL 15+: only the database owner may create tables in schema public
