@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import pawpular
+import pawpular.errors
 from pawpular import artifacts
 from pawpular.config import load_config, public_dict, redact_url, url_password
 
@@ -54,6 +55,28 @@ def test_config_show_and_errors_never_print_a_password_with_an_at_sign(tmp_path,
     code, out = run_cli(capsys, "config", "show", "--set", f"svr.storage={url}", "--set", "svr.n_trials=-1",
                         "--output", tmp_path / "x")
     assert code == 2 and one_line(out) and "P@ss" not in out and "s3cr" not in out
+
+
+@pytest.mark.parametrize("items", [["svr.storag={url}"], ["svr.storage=[{url}]"], ["svr.storage={url}",
+                                                                                    "svr.storage.x=1"]])
+def test_an_error_quoting_a_set_item_masks_its_password(items, tmp_path, capsys):
+    url = f"postgresql://svr:{SECRET}@dbhost/optuna"
+    args = [a for item in items for a in ("--set", item.format(url=url))]
+    code, out = run_cli(capsys, "config", "show", *args, "--output", tmp_path / "x")
+    assert code == 2 and one_line(out) and "P@ss" not in out and "s3cr" not in out, out
+    with pytest.raises(pawpular.errors.ConfigError) as e:  # the Python API's message too
+        load_config(None, [item.format(url=url) for item in items])
+    assert "P@ss" not in str(e.value) and "s3cr" not in str(e.value)
+
+
+def test_a_log_line_quoting_a_url_masks_its_password(caplog):
+    import logging
+
+    from pawpular.progress import log
+
+    with caplog.at_level(logging.INFO, logger="pawpular"):
+        log.info("opening %s", f"postgresql://svr:{SECRET}@dbhost/optuna")
+    assert "svr:***@dbhost" in caplog.text and "P@ss" not in caplog.text and "s3cr" not in caplog.text
 
 
 def test_wandb_never_records_the_password_of_the_command_line(tmp_path, monkeypatch, make_cfg, small_competition):

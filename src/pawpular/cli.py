@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from .artifacts import PIPELINE
+from .masking import redact_url
 from .progress import setup_logging
 
 DESCRIPTION = """\
@@ -356,15 +357,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except Exception as e:
         line = _one_line(e)
-        if line is None:  # a bug: its traceback, and what a report needs
-            traceback.print_exc()
+        if line is None:  # a bug: its traceback (a password it quotes masked), and what a report needs
+            print(redact_url(traceback.format_exc(), "***"), end="", file=sys.stderr)
             first = (str(e).splitlines() or [""])[0][:200]
             kind = type(e).__name__ + (f": {first}" if first else "")
             print(f"error: {BUG_REPORT.format(kind=kind)}", file=sys.stderr)
             return 70
         if args.verbose:
             log.exception("failed")
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {redact_url(line, '***')}", file=sys.stderr)  # no password reaches a terminal's log
         return 2
 
 

@@ -248,7 +248,7 @@ def apply_overrides(data: dict, overrides: list[Override]) -> dict[str, str]:
             try:
                 value, shown = _parse_value(text), f"--set {item}"
             except ConfigError as e:
-                raise ConfigError(f"--set {item}: {e}") from None
+                raise ConfigError(redact_url(f"--set {item}: {e}", "***")) from None
         else:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key = key.strip()
@@ -290,7 +290,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = build(Config, data)
         validate(cfg)
     except ConfigError as e:
-        raise ConfigError(_blame(e, path, given, top)) from None
+        raise ConfigError(redact_url(_blame(e, path, given, top), "***")) from None  # it may quote svr.storage
     return cfg
 
 

@@ -22,8 +22,20 @@ import time
 from typing import Any, Iterable, Iterator
 
 from .errors import env_number
+from .masking import redact_url
 
 log = logging.getLogger("pawpular")
+
+
+def _masked(record: logging.LogRecord) -> bool:
+    """The project's log lines with every URL password masked (``masking.redact_url``), whatever handler gets them."""
+    message = record.getMessage()
+    if "://" in message:
+        record.msg, record.args = redact_url(message, "***"), None
+    return True
+
+
+log.addFilter(_masked)
 
 
 def setup_logging(verbose: bool) -> None:
