@@ -175,6 +175,12 @@ def test_a_missing_blend_experiment_is_refused_before_ensemble_clears_anything(r
                        "no pawpular experiment")
 
 
+def test_blend_members_on_other_folds_are_refused_before_ensemble_clears_anything(run, holdout_run, small_competition,
+                                                                                 capsys):
+    _refused_unchanged(capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{holdout_run}]",
+                       "predictions do not cover the same Ids")
+
+
 def test_a_folds_file_that_is_a_folder_is_refused_before_folds_clears_anything(run, small_competition, tmp_path,
                                                                               capsys):
     _refused_unchanged(capsys, run, small_competition, "folds", f"folds.file={tmp_path}", "is a folder")

@@ -68,7 +68,8 @@ def plan(ctx) -> Plan:
 
 
 def check(ctx) -> None:
-    """Before anything changes: every folder of ensemble.experiments is an experiment with whole predictions."""
+    """Before anything changes: every folder of ensemble.experiments is an experiment with whole predictions of
+    the same Ids on the same folds."""
     from ..guards import is_experiment
 
     for prefix, folder in experiments(ctx.cfg)[1:]:
@@ -78,9 +79,7 @@ def check(ctx) -> None:
         if not is_experiment(folder):
             raise ConfigError(f"ensemble.experiments: {folder} holds no pawpular experiment (no config.yaml or stage "
                               "manifest): list experiment folders", ("ensemble.experiments",))
-        if not _heads(folder):
-            raise MissingArtifact(f"{folder} (in ensemble.experiments) has no train/ or svr/ predictions")
-        _check_foreign(prefix, folder)
+    gather(ctx.cfg)  # whole predictions of the same Ids on the same folds (it reads them: small tables)
 
 
 def _check_foreign(prefix: str, folder: Path) -> None:
