@@ -347,6 +347,11 @@ def test_a_path_that_is_there_but_no_file_is_not_called_missing(run, art, small_
     assert code == 2 and "is a file, not a folder" in out and "does not exist" not in out, out
     code, out = run_cli(capsys, "check-data", "--data", tmp_path / "loop_a")
     assert code == 2 and "loops" in out, out
+    config = (run / "config.yaml").read_text().replace(str(small_competition), str(tmp_path / "gone"))
+    (run / "config.yaml").write_text(config)
+    assert run_cli(capsys, "report", "--output", run, "--data", a_file)[0] == 0
+    page = (run / "report.html").read_text()
+    assert f"{a_file} is a file, not a folder" in page and f"{tmp_path / 'gone'} does not exist" in page
 
 
 def test_a_device_as_folds_file_is_refused_not_read(run, small_competition, capsys):

@@ -23,7 +23,7 @@ import yaml
 
 from . import artifacts, manifest
 from .data import ID, TARGET, DataError, read_competition, read_id_csv
-from .files import MissingArtifact, read_json_object
+from .files import MissingArtifact, not_a_folder, read_json_object
 from .metrics import rmse
 
 # Head name -> the stage folder holding its {oof,test}.parquet; the ensemble's own.
@@ -84,8 +84,12 @@ def _read_yaml(path: Path) -> dict:
 def _pick_data(candidates: list[Any], folds: pd.DataFrame | None,
                notes: list[str]) -> tuple[Path | None, pd.DataFrame | None]:
     """The first candidate competition whose train Ids are the ones in folds.csv (any, without folds.csv)."""
+    tried = []
     for cand in candidates:
-        if not cand or not (Path(cand) / "train.csv").is_file():
+        why = not_a_folder(cand) if cand else "unset"
+        why = why or (None if (Path(cand) / "train.csv").is_file() else "has no train.csv")
+        if why:
+            tried.append(f"{cand} {why}" if cand else "")
             continue
         try:
             train = read_competition(cand).train
@@ -96,7 +100,7 @@ def _pick_data(candidates: list[Any], folds: pd.DataFrame | None,
             notes.append(f"{cand}: its train Ids are not those of folds.csv; not this experiment's data")
             continue
         return Path(cand), train
-    notes.append("competition data not found (tried " + ", ".join(str(c) for c in candidates if c) + ")")
+    notes.append("competition data not found (tried " + "; ".join(t for t in tried if t) + ")")
     return None, None
 
 
