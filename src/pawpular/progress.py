@@ -92,7 +92,7 @@ class Progress:
         self.total = total
         self.unit = unit
         self.scale = scale  # units per item (images per batch)
-        self.every = env_number("PAWPULAR_PROGRESS_SECONDS", 30.0, float) if every is None else every
+        self.every = env_number("PAWPULAR_PROGRESS_SECONDS", 30.0, float, None) if every is None else every
         self.quiet = quiet  # under torchrun only rank 0 shows progress
         self.metrics: dict[str, Any] = {}
         self.bar: Any = None

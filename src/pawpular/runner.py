@@ -26,7 +26,7 @@ from .files import ArtifactError, digest_or_none, read_json, write_json
 
 log = logging.getLogger("pawpular")
 # Environment knobs a stage reads mid-run: checked before it starts, so a bad value refuses before anything changes.
-ENV_KNOBS = (("PAWPULAR_PROGRESS_SECONDS", float, 0), ("PAWPULAR_SVR_THREADS", int, 1))
+ENV_KNOBS = (("PAWPULAR_PROGRESS_SECONDS", float, None), ("PAWPULAR_SVR_THREADS", int, 1))  # < 0: no progress lines
 DERIVED = "derived"  # a plan's config entry for values computed from the config (transforms, fold lists): not settings
 
 
@@ -183,7 +183,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
 
     stage = stages.get(name)
     for knob, kind, low in ENV_KNOBS:
-        env_number(knob, low, kind, low)
+        env_number(knob, 1, kind, low)
     device = resolve_device(cfg.device)
     t0 = time.time()
     if not getattr(stage, "DISTRIBUTED", False) and not is_lead_process():
