@@ -339,7 +339,8 @@ def test_a_path_that_is_there_but_no_file_is_not_called_missing(run, art, small_
              (("config", "show", "--config", tmp_path / "loop_a"), "loops"),
              (("train", *tiny_args(small_competition, run, "model.pretrained=/dev/zero")), "not a regular file"),
              (("train", *tiny_args(small_competition, run, f"model.pretrained={tmp_path}")), "is a folder"),
-             (("predict", "--artifacts", art, "--data", a_file, "--out", tmp_path / "s.csv"), "is a file, not a folder")]
+             (("predict", "--artifacts", art, "--data", a_file, "--out", tmp_path / "s.csv"),
+              "is a file, not a folder")]
     for args, says in cases:
         code, out = run_cli(capsys, *args)
         assert code == 2 and says in out and "not found" not in out and one_line(out), out
