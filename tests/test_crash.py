@@ -53,8 +53,9 @@ def _normalize(rel: str, data: bytes) -> bytes:
     if rel.endswith("report.html"):  # the time it was written, and timings.json's numbers
         text = re.sub(r"written \d{4}-\d\d-\d\d \d\d:\d\d", "written -", data.decode())
         return re.sub(r'<table id="timings">.*?</table>', "", text).encode()
-    if rel == "manifest.json" and b'"created"' in data:  # an export's manifest: when it was made
-        return json.dumps({k: v for k, v in json.loads(data).items() if k != "created"}, sort_keys=True).encode()
+    if rel == "manifest.json" and b'"created"' in data:  # an export's manifest: when it was made (and its digest)
+        found = json.loads(data).items()
+        return json.dumps({k: v for k, v in found if k not in ("created", "digest")}, sort_keys=True).encode()
     return data
 
 
@@ -108,6 +109,8 @@ class Scenario:
 @pytest.fixture(scope="module")
 def crash_base(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     """A finished tiny experiment (2 folds, 2 epochs) and an export of it (the starting point of predict)."""
+    from pawpular.predictor import manifest_digest
+
     root = tmp_path_factory.mktemp("crash")
     out = root / "exp"
     common = ["--config", str(CONFIG), "--data", str(small_competition), "--output", str(out)]
@@ -116,8 +119,8 @@ def crash_base(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     r = _run(_cli("export", "--output", str(out), "--to", str(root / "art")))
     assert r.returncode == 0, r.stderr[-2000:]
     manifest = root / "art" / "manifest.json"  # so old and new exports differ (a stray file would be a user's:
-    record = json.loads(manifest.read_text())  # export --overwrite refuses to remove it)
-    manifest.write_text(json.dumps({**record, "created": OLD_EXPORT}))
+    record = {**json.loads(manifest.read_text()), "created": OLD_EXPORT}  # export --overwrite refuses to remove it)
+    manifest.write_text(json.dumps({**record, "digest": manifest_digest(record)}))  # signed as export signs it
     return root, small_competition
 
 

@@ -42,6 +42,24 @@ MODEL_SET = "model"  # svr.features name of this experiment's own fine-tuned fol
 _FOLD_RE = re.compile(r"fold(\d+)")
 
 
+def is_name_part(name: object) -> bool:
+    """``name`` can be one part of a path that stays inside its folder: a non-empty string, not ``.`` or ``..``,
+    with no separator and no NUL (so never absolute)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+            and name.strip() == name)
+
+
+def name_part(name: str, key: str) -> str:
+    """A name from the config (``key``) as a path part, or ConfigError: a name with a separator, an absolute one
+    or ``..`` would write outside its folder (the experiment, ``output/``, an export)."""
+    if not is_name_part(name):
+        from .errors import ConfigError
+
+        raise ConfigError(f"{key}: {name!r} is not a plain name: as a path part it would leave its folder (a "
+                          "separator, '..', an absolute path or surrounding spaces); choose a plain name", (key,))
+    return name
+
+
 def relative(out: Path, path: Path) -> str:
     """How manifests name a file: its path inside the experiment folder (else the path as given)."""
     try:
@@ -129,7 +147,8 @@ def preds(out: Path, head: str, split: str) -> Path:
 
 def emb_dir(out: Path, fold: int | None = None, backbone: str | None = None) -> Path:
     """Embeddings of this experiment's fold-k backbone, or of a named frozen backbone."""
-    return Path(out) / "emb" / (backbone if backbone is not None else fold_name(fold))
+    name = name_part(backbone, "embed.backbones name") if backbone is not None else fold_name(fold)
+    return Path(out) / "emb" / name
 
 
 def emb_cache(root: Path) -> Path:
@@ -236,13 +255,14 @@ def export_source(art: Path) -> Path:
 
 
 def export_experiment(art: Path, name: str) -> Path:
-    return Path(art) / "experiments" / name
+    return Path(art) / "experiments" / name_part(name, "ensemble.experiments name")
 
 
 def exported_model(exp_dir: Path, fold: int | None = None, backbone: str | None = None) -> Path:
     """An exported model file (safetensors): fold k's fine-tuned model, or a frozen backbone of the SVR's sets."""
-    folder = Path(exp_dir) / "backbones" / backbone if backbone else train_fold_dir(exp_dir, fold)
-    return folder / "model.safetensors"
+    if backbone:
+        return Path(exp_dir) / "backbones" / name_part(backbone, "embed.backbones name") / "model.safetensors"
+    return train_fold_dir(exp_dir, fold) / "model.safetensors"
 
 
 def inference_notebook(art: Path) -> Path:

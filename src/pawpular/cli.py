@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from .cli_args import build_parser
+from .masking import redact_url
 from .progress import setup_logging
 
 log = logging.getLogger("pawpular")
@@ -60,7 +61,7 @@ def _show_config(args: argparse.Namespace) -> int:
 def _delete_study(args: argparse.Namespace) -> int:
     from . import artifacts
     from .errors import UsageError
-    from .files import read_json
+    from .files import read_json_object
     from .lock import experiment_lock
 
     cfg = _config(args)
@@ -81,17 +82,18 @@ def _delete_study(args: argparse.Namespace) -> int:
             return 0
         if args.name is None and not artifacts.best_params(cfg.out).is_file():
             raise UsageError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
-        return _delete_named_study(cfg, args.name or read_json(artifacts.best_params(cfg.out)).get("study_name"))
+        recorded = read_json_object(artifacts.best_params(cfg.out)).get("study_name")
+        return _delete_named_study(cfg, args.name or recorded)
 
 
 def _delete_named_study(cfg, name: str | None) -> int:
     from . import artifacts
     from .errors import UsageError
-    from .files import read_json
+    from .files import read_json_object
     from .svr_study import delete_study, open_storage
 
     if name is None and artifacts.best_params(cfg.out).is_file():
-        name = read_json(artifacts.best_params(cfg.out)).get("study_name")
+        name = read_json_object(artifacts.best_params(cfg.out)).get("study_name")
     if name is None:
         raise UsageError(f"no --name given and no {artifacts.best_params(cfg.out)} naming a study")
     deleted = delete_study(name, open_storage(cfg))
@@ -157,8 +159,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "make-synthetic":
         from .synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
 
-        out = make_synthetic(args.out, n_train=args.n_train or DEFAULT_N_TRAIN, n_test=args.n_test or DEFAULT_N_TEST,
-                             seed=args.seed)
+        out = make_synthetic(args.out, n_train=DEFAULT_N_TRAIN if args.n_train is None else args.n_train,
+                             n_test=DEFAULT_N_TEST if args.n_test is None else args.n_test, seed=args.seed)
         print(f"wrote the synthetic competition to {out}")
         return 0
     if args.command == "check-data":
@@ -233,6 +235,9 @@ def _one_line(e: BaseException) -> str | None:
     if isinstance(e, OSError) and e.errno is not None and (isinstance(e, (ReadError, WriteError))
                                                            or e.errno in MACHINE_ERRNOS):
         return _os_error(e)
+    if isinstance(e, UnicodeEncodeError) and e.encoding.lower() in (sys.getfilesystemencoding().lower(), "ascii"):
+        return (f"a path or name holds {e.object[e.start:e.end]!r}, which this system's locale encoding "
+                f"({e.encoding}) cannot write: set a UTF-8 locale (export LC_ALL=C.UTF-8) or use a plain ASCII name")
     top, name = type(e).__module__.split(".")[0], type(e).__name__
     if top == "sqlalchemy":  # the study database failed mid-run (e.g. SQLite's "database or disk is full")
         return f"the Optuna study's database: {str(getattr(e, 'orig', None) or e).splitlines()[0]}"
@@ -263,15 +268,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except Exception as e:
         line = _one_line(e)
-        if line is None:  # a bug: its traceback, and what a report needs
-            traceback.print_exc()
+        if line is None:  # a bug: its traceback (a password it quotes masked), and what a report needs
+            print(redact_url(traceback.format_exc(), "***"), end="", file=sys.stderr)
             first = (str(e).splitlines() or [""])[0][:200]
             kind = type(e).__name__ + (f": {first}" if first else "")
             print(f"error: {BUG_REPORT.format(kind=kind)}", file=sys.stderr)
             return 70
         if args.verbose:
             log.exception("failed")
-        print(f"error: {line}", file=sys.stderr)
+        print(f"error: {redact_url(line, '***')}", file=sys.stderr)  # no password reaches a terminal's log
         return 2
 
 

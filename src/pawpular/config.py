@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 
 from .config_checks import build, validate
 from .errors import ConfigError
+from .masking import redact_url, url_password, without_password  # noqa: F401 (the config's secrets: re-exported)
 
 
 @dataclass
@@ -222,9 +222,37 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_YAML_CHARS = 1 << 20  # a config is a few KB: a bound on what it may cost to read
+MAX_YAML_VALUES = 100_000  # values after aliases are expanded ("billion laughs": a few lines, 10**9 values)
+
+
 def parse_yaml(text: str) -> Any:
-    """YAML text as values (safe: no objects), refusing duplicate keys (ConfigError naming the key and line)."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    """YAML text as values (safe: no objects), refusing duplicate keys (ConfigError naming the key and line), text
+    over ``MAX_YAML_CHARS`` and aliases that expand to over ``MAX_YAML_VALUES`` values or refer to themselves."""
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{len(text)} characters, over the {MAX_YAML_CHARS} a config may have")
+    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    _expanded_size(data, {})
+    return data
+
+
+def _expanded_size(value: Any, sizes: dict[int, int | None]) -> int:
+    """How many values ``value`` holds with its aliases expanded (each shared node counted once per use, computed
+    once); ConfigError over MAX_YAML_VALUES or for a node inside itself."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) in sizes:
+        if sizes[id(value)] is None:
+            raise ConfigError("an alias refers to a node that holds it (a loop): write the values out")
+        return sizes[id(value)]
+    sizes[id(value)] = None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+    size = 1 + sum(_expanded_size(v, sizes) for v in items)
+    if size > MAX_YAML_VALUES:
+        raise ConfigError(f"its aliases expand to over {MAX_YAML_VALUES} values (a YAML alias bomb?): write the "
+                          "values out")
+    sizes[id(value)] = size
+    return size
 
 
 def _parse_value(text: str) -> Any:
@@ -253,7 +281,7 @@ def apply_overrides(data: dict, overrides: list[Override]) -> dict[str, str]:
             try:
                 value, shown = _parse_value(text), f"--set {item}"
             except ConfigError as e:
-                raise ConfigError(f"--set {item}: {e}") from None
+                raise ConfigError(redact_url(f"--set {item}: {e}", "***")) from None
         else:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key = key.strip()
@@ -272,11 +300,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML experiment, apply ``--set`` overrides and top-level keyword overrides, and check it all."""
     data: dict = {}
     if path is not None:
+        from .files import not_a_file
+
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        if why := not_a_file(path):  # "not found" only when it is not there
+            raise ConfigError(f"config file {path} {why}" if why != "not found" else f"config file not found: {path}")
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         except ConfigError as e:
@@ -293,7 +323,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg = build(Config, data)
         validate(cfg)
     except ConfigError as e:
-        raise ConfigError(_blame(e, path, given, top)) from None
+        raise ConfigError(redact_url(_blame(e, path, given, top), "***")) from None  # it may quote svr.storage
     return cfg
 
 
@@ -314,19 +344,6 @@ def load_config_dict(data: dict) -> Config:
     cfg = build(Config, data)
     validate(cfg)
     return cfg
-
-
-def redact_url(url: str, mask: str = "") -> str:
-    """``url`` with its password replaced by ``mask`` (by default removed): the one of ``scheme://user:password@``
-    (up to the first ``@``, as SQLAlchemy reads it) and a ``password=`` query parameter. The rest as given."""
-    url = re.sub(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*):[^@]*@", r"\1" + (f":{mask}" if mask else "") + "@", url)
-    return re.sub(r"([?&])password=[^&#]*&?", r"\1" + (f"password={mask}&" if mask else ""), url).rstrip("?&")
-
-
-def url_password(url: str) -> str | None:
-    """The password ``redact_url`` removes from ``url`` (to mask it in a message quoting the URL), or None."""
-    m = re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:]*:([^@]*)@", url) or re.search(r"[?&]password=([^&#]*)", url)
-    return m.group(1) or None if m else None
 
 
 def public_dict(cfg: Config | dict, mask: str = "") -> dict:

@@ -11,8 +11,10 @@ import difflib
 import math
 import types
 import typing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Union, get_args, get_origin
 
+from .artifacts import is_name_part
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -154,6 +156,8 @@ def _get(cfg: "Config", key: str) -> Any:
     return obj
 
 
+_NAME = ("must be a plain name (it becomes a path part: a separator, '..', an absolute path or surrounding spaces "
+         "would leave its folder)")
 RULES: list[Rule] = [
     ((("folds.n_folds",), lambda c: c.folds.n_folds >= 2, "must be >= 2 (a fold needs other folds to train on)")),
     ((("folds.holdout",), lambda c: 0 <= c.folds.holdout < 0.5, "must be in [0, 0.5): a fraction of train.csv")),
@@ -189,6 +193,15 @@ RULES: list[Rule] = [
         c.select.test_images is None) and (c.select.budget_hours is None or (
             c.select.budget_hours > 0 and c.select.test_images > 0)),
       "select.budget_hours and select.test_images go together, both > 0 (e.g. --budget-hours 9 --test-images 6800)")),
+    ((("experiment",), lambda c: is_name_part(c.experiment), _NAME)),
+    ((("svr.features",), lambda c: all(is_name_part(n) for n in c.svr.features), _NAME)),
+    ((("embed.backbones",), lambda c: all(is_name_part(b["name"]) for b in c.embed.backbones
+                                          if isinstance(b, dict) and b.get("name") not in (None, "")), _NAME)),
+    ((("ensemble.experiments",), lambda c: all(is_name_part(Path(str(e)).name) for e in c.ensemble.experiments),
+      "each must be an experiment folder whose own name is a plain name (the blend and an export name it so); "
+      "'..' or '/' would leave its folder")),
+    *(((key,), lambda c, key=key: 0 <= _get(c, key) < 2**32, "must be in 0 .. 2**32-1 (a random seed)")
+      for key in ("seed", "folds.seed", "svr.seed")),
     _at_least("ensemble.min_improvement", 0),
     ((("ensemble.heads",), lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
       "must list heads among nn, svr")),

@@ -7,7 +7,8 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-from .config import Config, redact_url
+from .config import Config
+from .masking import redact_url
 
 
 def describe(cfg: Config) -> list[tuple[str, Any, Any, str]]:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import PawpularError
+from .files import not_a_folder
 from .images import ImageDecodeError, PixelBudget, check_image, image_path, max_pixels
 
 ID = "Id"
@@ -190,8 +191,8 @@ def check_competition(root: str | Path, images: bool = True, workers: int = 8) -
     """Check every rule of the contract in one pass; return (problems, competition-or-None)."""
     root = Path(root)
     problems: list[Problem] = []
-    if not root.is_dir():
-        return [Problem(str(root), "folder", "competition folder does not exist")], None
+    if why := not_a_folder(root):
+        return [Problem(str(root), "folder", f"competition folder {why}")], None
     train = _read_csv(root / "train.csv", problems)
     test = _read_csv(root / "test.csv", problems)
     sample = _read_csv(root / "sample_submission.csv", problems)
@@ -269,8 +270,8 @@ def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tu
     """
     root = Path(root)
     problems: list[Problem] = []
-    if not root.is_dir():
-        raise DataError([Problem(str(root), "folder", "competition folder does not exist")])
+    if why := not_a_folder(root):
+        raise DataError([Problem(str(root), "folder", f"competition folder {why}")])
     test = _read_csv(root / "test.csv", problems)
     sample = _read_csv(root / "sample_submission.csv", problems)
     if test is not None:

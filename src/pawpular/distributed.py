@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from .errors import env_number
+
 log = logging.getLogger("pawpular")
 
 
@@ -74,15 +76,15 @@ class Dist:
 
 def is_lead_process() -> bool:
     """False in the non-zero ranks of a torchrun launch."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return env_number("RANK", 0) == 0
 
 
 def current() -> Dist:
     """The launch's Dist (a started process group, or one process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(env_number("WORLD_SIZE", 1))
     if world <= 1:
         return Dist()
-    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist(int(env_number("RANK", 0)), world, int(env_number("LOCAL_RANK", 0)))
 
 
 @contextlib.contextmanager

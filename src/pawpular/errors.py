@@ -59,3 +59,20 @@ def as_read_error(e: OSError, path: object) -> ReadError:
 
 def as_write_error(e: OSError, path: object) -> WriteError:
     return WriteError(e.errno, e.strerror, str(path))
+
+
+def env_number(name: str, default: float, kind: type = int, minimum: float | None = 0) -> float:
+    """An environment knob read as a number (``kind``, at least ``minimum`` unless None); unset or empty gives
+    ``default``. Anything else is a UsageError naming the variable and its value."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or (minimum is not None and value < minimum) or value != value:  # NaN is no number either
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        raise UsageError(f"environment variable {name}={raw!r}: expected {'an integer' if kind is int else 'a number'}"
+                         f"{bound}; unset it or give one")
+    return value

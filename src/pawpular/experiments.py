@@ -96,7 +96,10 @@ class _Data:
 
     def change(self, label: str, recorded: str | None) -> str | None:
         name = label.removeprefix("data:")
-        if self.root is None or not self.root.is_dir():
+        if self.root is None:
+            return (f"{label}: unknown: the experiment's config.yaml is missing or cannot be read (no data_dir): "
+                    "`pawpular status --output` with --config and --data checks it")
+        if not self.root.is_dir():
             return f"{label}: the competition folder {self.root} is not here"
         if name.endswith(" photos"):
             if self.photos(name.split()[0]) != recorded:
@@ -204,8 +207,8 @@ def _yaml(path: Path) -> dict:
     import yaml
 
     try:
-        value = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except (OSError, yaml.YAMLError):
+        value = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
     return value if isinstance(value, dict) else {}
 

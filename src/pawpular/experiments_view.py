@@ -165,6 +165,9 @@ def _html_table(df: pd.DataFrame, cols: list[str], table_id: str) -> str:
     return f'<table id="{table_id}"><tr>{head}</tr>{"".join(body)}</table>'
 
 
+PAGE_START = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>pawpular runs</title>'
+
+
 def page(df: pd.DataFrame) -> str:
     """The self-contained page: the runs table, the settings that differ, and the blend-score figure."""
     from . import plots
@@ -177,8 +180,7 @@ def page(df: pd.DataFrame) -> str:
               else '<p class="missing">none: the listed runs have the same settings</p>')
     why = "".join(f'<li><b>{html.escape(str(r["experiment"]))}</b> {html.escape(str(r["status"]))}: '
                   f'{html.escape(str(r["why"]))}</li>' for _, r in df.iterrows() if r["status"] != "done")
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>pawpular runs</title>'
-            f"<style>{CSS}{PAGE_CSS}</style></head><body><h1>pawpular runs</h1>"
+    return (f"{PAGE_START}<style>{CSS}{PAGE_CSS}</style></head><body><h1>pawpular runs</h1>"
             f'<p class="sub">{len(df)} experiment(s) &middot; written {stamp} &middot; scores are OOF RMSE '
             "(lower is better); times in seconds; status from the manifests</p><h2>Experiments</h2>"
             + _html_table(df, list(SHOWN), "runs") + (f'<ul class="why">{why}</ul>' if why else "")
@@ -193,6 +195,10 @@ def main(folders: list[str], sort: str | None = None, as_json: bool = False, htm
          baseline: str | None = None) -> int:
     """`pawpular runs`: print the table (or JSON); with ``html_file`` also write the page; with ``baseline`` the
     comparisons against it (``compare.py``)."""
+    if html_file:
+        from .guards import check_own_page
+
+        check_own_page(Path(html_file), "--html", PAGE_START)  # before any work: never a user's file
     df = table(folders or None, sort, baseline)
     if html_file:
         write_text(Path(html_file), page(df))

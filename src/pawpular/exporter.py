@@ -25,6 +25,7 @@ and must be an earlier export (``guards.check_export_target``: never the experim
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -32,12 +33,11 @@ from pathlib import Path
 
 from . import __version__, artifacts, manifest, versions
 from .config import Config, backbone_configs, backbone_model_config, load_config, save_config
-from .files import (ArtifactError, MissingArtifact, file_digest, read_json, recover_swap, swap_dirs, temp_path,
-                    write_bytes, write_json, write_text)
-from .predictor import check_weights
+from .files import (ArtifactError, MissingArtifact, file_digest, read_json, recover_swap, remove_tree, swap_dirs,
+                    temp_path, write_bytes, write_json, write_text)
+from .predictor import FORMAT, check_weights, manifest_digest
 
 log = logging.getLogger("pawpular")
-FORMAT = 3
 
 
 def check_current(cfg: Config) -> None:
@@ -76,6 +76,21 @@ def _export(out: Path, to: Path, cfg: Config) -> Path:
     members = artifacts.blend_members(out, cfg.ensemble.experiments)
     staging = temp_path(to, "partial")
     shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _stage(out, to, staging, members, weights)
+    except BaseException:  # a refusal (or a failure) leaves no partial folder beside the target
+        remove_tree(staging)
+        raise
+    to.parent.mkdir(parents=True, exist_ok=True)
+    swap_dirs(staging, to)
+    size = sum(p.stat().st_size for p in to.rglob("*") if p.is_file()) / 2**20
+    log.info("exported %s -> %s (%.1f MiB)", out, to, size)
+    return to
+
+
+def _stage(out: Path, to: Path, staging: Path, members: list, weights: dict) -> None:
+    """The whole export in ``staging``: each member's models, predict's own weight check, the source copy, the
+    notebook, and last the manifest."""
     models = {}
     for prefix, folder in members:
         name = prefix.rstrip("/") or out.resolve().name
@@ -87,19 +102,16 @@ def _export(out: Path, to: Path, cfg: Config) -> Path:
 
     write_text(artifacts.inference_notebook(staging), kaggle_notebook(to.name))
     _write_manifest(staging, out.resolve().name, models, weights)
-    to.parent.mkdir(parents=True, exist_ok=True)
-    swap_dirs(staging, to)
-    size = sum(p.stat().st_size for p in to.rglob("*") if p.is_file()) / 2**20
-    log.info("exported %s -> %s (%.1f MiB)", out, to, size)
-    return to
 
 
 def _write_manifest(staging: Path, main: str, models: dict, weights: dict) -> None:
-    files = {str(p.relative_to(staging)): file_digest(p) for p in sorted(staging.rglob("*"))
-             if p.is_file() and p.parts[len(staging.parts)] == "experiments"}
-    write_json(artifacts.export_manifest(staging), {
-        "format": FORMAT, "pawpular": __version__, "versions": versions.installed(), "main": main,
-        "experiments": models, "weights": weights, "files": files, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    """Every file of the folder with its digest (models, heads, settings, the source copy, the notebook), and the
+    manifest's own digest over all of it: predict verifies both before it uses anything."""
+    files = {artifacts.relative(staging, p): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    found = {"format": FORMAT, "pawpular": __version__, "versions": versions.installed(), "main": main,
+             "experiments": models, "weights": weights, "files": files, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    found = json.loads(json.dumps(found, default=str))  # as it will read back
+    write_json(artifacts.export_manifest(staging), {**found, "digest": manifest_digest(found)})
 
 
 def _export_experiment(folder: Path, dst: Path, prefix: str, weights: dict) -> dict:

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,7 +113,21 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file pawpular wrote as an object (weights.json, best_params.json, timings.json ...); anything else
+    (not JSON, a list, a number) is an ArtifactError naming the file: it is not the file pawpular wrote."""
+    try:
+        value = read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}): damaged, not the file pawpular wrote; rerun the stage "
+                            "that writes it") from None
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path}: holds a JSON {type(value).__name__}, not an object: damaged, not the file "
+                            "pawpular wrote; rerun the stage that writes it")
+    return value
 
 
 def safetensors_bytes(tensors: dict, meta: dict, framework: str = "np") -> bytes:
@@ -268,6 +283,10 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     path = Path(path)
     try:
         st = path.stat()
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):  # /dev/zero: no end
+            from .errors import UsageError
+
+            raise UsageError(f"{path}: is {NOT_REGULAR}: pawpular reads only regular files")
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
         if key not in _digests:
             h = hashlib.blake2b(digest_size=16)
@@ -282,6 +301,37 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
             raise
         raise as_read_error(e, path) from None
     return _digests[key]
+
+
+NOT_REGULAR = "not a regular file (a device, pipe or socket)"
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """Why ``path`` is no regular file to read, in words for a message ("not found", "is a folder, not a file",
+    "is a symbolic link that loops", "is a broken symbolic link", "is not a regular file ..."); None when it is one."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops (it points, through links, back to itself)"
+        if p.is_symlink():
+            return f"is a broken symbolic link (to {os.readlink(p)}, which does not exist)"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return "not found"
+        return f"cannot be read ({(e.strerror or str(e)).lower()})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    return None if stat.S_ISREG(st.st_mode) else f"is {NOT_REGULAR}"
+
+
+def not_a_folder(path: str | Path) -> str | None:
+    """Why ``path`` is no folder, in the words of ``not_a_file`` ("does not exist", "is a file, not a folder" ...);
+    None when it is one."""
+    why = not_a_file(path)
+    if why == "is a folder, not a file":
+        return None
+    return "is a file, not a folder" if why is None else "does not exist" if why == "not found" else why
 
 
 def digest_or_none(path: str | Path) -> str | None:

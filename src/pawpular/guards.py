@@ -5,9 +5,11 @@ runner's records, an export its manifest (``exporter``), the synthetic competiti
 temporary files carry the project's own pattern (``files.TEMP_GLOB``). Everything else is refused with one line
 (``UsageError``, exit 2) before any work:
 
-    check_experiment_folder(cfg.out, cfg.data)     a stage's --output: new, empty or an experiment; not the data
+    check_experiment_folder(out, data, experiment) a stage's --output: new, empty or this experiment; not the data
     check_export_target(out, to, overwrite)        export --to: not the experiment or above it; replaces an export
     check_predict_out(out, artifacts, data)        predict --out: not a file of the data or the artifact folder
+    check_own_page(path, flag, marker)             runs --html: replaces only a page it wrote
+    remove_fold_folder(folder)                     a fold folder of a larger n_folds: its files, not a user's
 
 Paths are compared resolved (symlinks, ``..``), and an existing ``--out`` also by inode (a hard link to an input).
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 
 from . import artifacts
 from .errors import UsageError
-from .files import is_temp_name
+from .files import is_temp_name, remove, remove_tree
 
 # What the runner writes into an experiment folder before or with any stage output: a folder holding one of
 # these is an experiment (the lock file too: a killed run leaves it).
@@ -36,6 +38,27 @@ def within(path: str | Path, folder: str | Path) -> bool:
     return p == f or f in p.parents
 
 
+# What a stage writes into a fold folder (train/fold{k}, emb/fold{k}, svr/fold{k}): removing a fold removes these.
+FOLD_FILES = ("manifest.json", "best.pt", "last.pt", "metrics.csv", "head.safetensors",
+              *(f"{split}.parquet" for split in ("oof", "test", "holdout", "train")))
+
+
+def remove_fold_folder(folder: Path) -> list[str]:
+    """Remove what the project wrote in a fold folder (``FOLD_FILES``, its temporary names) and the folder when
+    nothing else is left; returns the names of what it kept (a user's files: never deleted)."""
+    kept = []
+    for p in sorted(Path(folder).iterdir()):
+        if p.is_file() and (p.name in FOLD_FILES or is_temp_name(p.name)):
+            remove(p)
+        elif is_temp_name(p.name):
+            remove_tree(p)
+        else:
+            kept.append(p.name)
+    if not kept:
+        Path(folder).rmdir()
+    return kept
+
+
 def is_experiment(folder: Path) -> bool:
     """``folder`` holds what the runner or a stage wrote (a record or a stage manifest)."""
     if any((folder / name).exists() for name in EXPERIMENT_RECORDS):
@@ -48,9 +71,25 @@ def _entries(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if not is_temp_name(p.name))
 
 
-def check_experiment_folder(out: Path, data: Path) -> None:
-    """A stage writes only into a new or empty folder or an experiment, and never into the competition folder."""
+def recorded_experiment(out: Path) -> str | None:
+    """The ``experiment`` name the folder's config.yaml records (None when there is none or it cannot be read)."""
+    import yaml
+
+    try:
+        found = yaml.safe_load(artifacts.config_yaml(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return found.get("experiment") if isinstance(found, dict) and isinstance(found.get("experiment"), str) else None
+
+
+def check_experiment_folder(out: Path, data: Path, experiment: str | None = None) -> None:
+    """A stage writes only into a new or empty folder or an experiment (of the same ``experiment`` name, when
+    given: a second config never silently takes over another's folder), and never into the competition folder."""
     out = Path(out)
+    if experiment is not None and (recorded := recorded_experiment(out)) not in (None, experiment):
+        raise UsageError(f"--output {out} holds the experiment {recorded!r} (its config.yaml); this config is "
+                         f"{experiment!r}: it would take over that experiment's files; choose another --output, or "
+                         f"--set experiment={recorded} to continue that one")
     if data and within(out, data):
         raise UsageError(f"--output {out} is inside the competition folder {data} (data_dir): the pipeline never "
                          "writes into its inputs; choose another --output")
@@ -109,6 +148,24 @@ def check_export_target(out: Path, to: Path, overwrite: bool) -> None:
     if foreign := _foreign_files(to, listed):
         raise UsageError(f"export --to {to}: holds files export did not write ({_show(foreign)}): --overwrite would "
                          "remove them; move them out or choose another --to")
+
+
+def check_own_page(path: Path, flag: str, marker: str) -> None:
+    """A page a command writes (``runs --html``) replaces only a page of its own: a file that starts with
+    ``marker``; never a user's file, never a folder or a device."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; give a file name, e.g. {path / 'runs.html'}")
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with open(path, "rb") as f:
+            ours = path.is_file() and f.read(len(marker.encode())) == marker.encode()
+    except OSError:
+        ours = False
+    if not ours:
+        raise UsageError(f"{flag} {path}: exists and is not a page pawpular wrote: it would be replaced; choose "
+                         "another file name (or remove it first)")
 
 
 def check_predict_out(out: Path, art: Path, data: Path) -> None:

@@ -102,13 +102,16 @@ def _to_rgb_array(im: Image.Image) -> np.ndarray:
     """HxWx3 uint8 RGB from any mode, strip by strip into one array (memory: see PEAK_BYTES_PER_PIXEL); ``im`` is
     used up (closed once converted).
 
-    16-bit and float grayscale are rescaled to 8 bits; alpha is composited over white; every other mode goes
-    through PIL's RGB conversion (CMYK, palette, YCbCr, 1-bit ...).
+    16-bit and float grayscale are rescaled to 8 bits (float in [0, 1] as such); alpha is composited over white;
+    every other mode goes through PIL's RGB conversion (CMYK, palette, YCbCr, 1-bit ...).
     """
     w, h = im.size
     out = np.empty((h, w, 3), np.uint8)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        hi = 65535.0 if im.mode.startswith("I;16") or im.getextrema()[1] > 255 else 255.0
+        top_value = im.getextrema()[1]
+        # 16-bit: its full range; float in [0, 1] (the usual convention): to 0..255, not to black; else 8 or 16 bits
+        hi = 65535.0 if im.mode.startswith("I;16") or top_value > 255 else 255.0
+        hi = 1.0 if im.mode == "F" and top_value <= 1 else hi
         for top, bottom, a in _strips(im):
             v = np.clip(a.astype(np.float32) * np.float32(255.0 / hi) + np.float32(0.5), 0, 255).astype(np.uint8)
             out[top:bottom] = v[..., None]

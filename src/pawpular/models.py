@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .files import not_a_file
 from .data import META_COLS
 
 log = logging.getLogger("pawpular")
@@ -169,8 +170,8 @@ def _blame(model_cfg: ModelConfig, e: Exception) -> Exception:
 
 def check_buildable(model_cfg: ModelConfig) -> None:
     """Fail now, not minutes into a stage, on model settings timm rejects (built on the meta device: no memory,
-    no weights) or a model.pretrained that is no weight file. Models that cannot be built on the meta device
-    are left to the real build, which names the same causes."""
+    no weights) or a model.pretrained that is no weight file or does not fit (loaded once on the CPU). Models
+    that cannot be built on the meta device are left to the real build, which names the same causes."""
     try:
         with torch.device("meta"):
             _create_backbone(model_cfg, hub=False)
@@ -178,15 +179,16 @@ def check_buildable(model_cfg: ModelConfig) -> None:
         raise
     except Exception:  # noqa: BLE001 - not buildable on the meta device; the real build reports what is wrong
         pass
-    if model_cfg.pretrained not in ("none", "hub"):
-        _check_weight_file(Path(model_cfg.pretrained))
+    if model_cfg.pretrained not in ("none", "hub"):  # the real load: weights that do not fit refuse here
+        load_backbone_weights(_create_backbone(model_cfg, hub=False), model_cfg.pretrained)
 
 
 def _check_weight_file(path: Path) -> None:
     """``path`` exists and starts like a weight file (safetensors, a torch zip or a pickle), else
     PretrainedWeightsError naming model.pretrained and the file."""
-    if not path.is_file():
-        raise PretrainedWeightsError(f"model.pretrained: weight file not found: {path} (use none, hub, or a path to "
+    if why := not_a_file(path):
+        shown = f"not found: {path}" if why == "not found" else f"{path} {why}"
+        raise PretrainedWeightsError(f"model.pretrained: weight file {shown} (use none, hub, or a path to "
                                      ".safetensors / .pth / .bin)")
     try:
         with open(path, "rb") as f:

@@ -21,6 +21,7 @@ limit; it writes no submission.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from .config_checks import compress_spec
 from .data import ID, read_test_set
 from .dataset import eval_dataset
 from .errors import UsageError
-from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json
+from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json, value_digest
 from .svr_head import SvrHead, assemble_features, embedding_table
 from .inference import Policy, model_device, run_backbone
 from .lock import experiment_lock
@@ -44,17 +45,27 @@ from .submission import check_output_path, write_submission
 
 log = logging.getLogger("pawpular")
 KAGGLE_LIMIT_H = 9.0
-FORMAT = 3  # exporter.FORMAT (predict imports nothing of the export side)
+FORMAT = 4  # of an export folder (exporter writes it); 4: the manifest's own digest, every file listed
+
+
+def manifest_digest(found: dict) -> str:
+    """The hash an export's manifest carries of its own contents (every field but ``digest``)."""
+    return value_digest(json.dumps({k: v for k, v in found.items() if k != "digest"}, sort_keys=True, default=str))
 
 
 def read_manifest(art: Path, verify: bool = True) -> dict:
-    """The export's manifest; with ``verify`` every recorded file must have its recorded digest."""
+    """The export's manifest; with ``verify`` its own digest must hold (an edited manifest decides nothing) and
+    every recorded file (models, heads, settings, the source copy, the notebook) must have its recorded digest."""
     path = artifacts.export_manifest(art)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {art} a folder written by `pawpular export`?")
     found = read_json(path)
-    if found.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: written by another version of pawpular (format {found.get('format')}); export again")
+    if not isinstance(found, dict) or found.get("format") != FORMAT:
+        format_ = found.get("format") if isinstance(found, dict) else None
+        raise ArtifactError(f"{path}: written by another version of pawpular (format {format_}); export again")
+    if verify and found.get("digest") != manifest_digest(found):
+        raise ArtifactError(f"{path}: was changed after export wrote it (its own digest does not match): it decides "
+                            "every prediction, so it is not used; copy the artifact folder again or export again")
     for rel, digest in found["files"].items() if verify else ():
         p = art / rel
         if not p.is_file() or file_digest(p) != digest:

@@ -21,7 +21,21 @@ import sys
 import time
 from typing import Any, Iterable, Iterator
 
+from .errors import env_number
+from .masking import redact_url
+
 log = logging.getLogger("pawpular")
+
+
+def _masked(record: logging.LogRecord) -> bool:
+    """The project's log lines with every URL password masked (``masking.redact_url``), whatever handler gets them."""
+    message = record.getMessage()
+    if "://" in message:
+        record.msg, record.args = redact_url(message, "***"), None
+    return True
+
+
+log.addFilter(_masked)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -78,7 +92,7 @@ class Progress:
         self.total = total
         self.unit = unit
         self.scale = scale  # units per item (images per batch)
-        self.every = float(os.environ.get("PAWPULAR_PROGRESS_SECONDS", "30")) if every is None else every
+        self.every = env_number("PAWPULAR_PROGRESS_SECONDS", 30.0, float, None) if every is None else every
         self.quiet = quiet  # under torchrun only rank 0 shows progress
         self.metrics: dict[str, Any] = {}
         self.bar: Any = None

@@ -23,7 +23,7 @@ import yaml
 
 from . import artifacts, manifest
 from .data import ID, TARGET, DataError, read_competition, read_id_csv
-from .files import MissingArtifact, read_json
+from .files import MissingArtifact, not_a_folder, read_json_object
 from .metrics import rmse
 
 # Head name -> the stage folder holding its {oof,test}.parquet; the ensemble's own.
@@ -88,8 +88,12 @@ def _read_yaml(path: Path) -> dict:
 def _pick_data(candidates: list[Any], folds: pd.DataFrame | None,
                notes: list[str]) -> tuple[Path | None, pd.DataFrame | None]:
     """The first candidate competition whose train Ids are the ones in folds.csv (any, without folds.csv)."""
+    tried = []
     for cand in candidates:
-        if not cand or not (Path(cand) / "train.csv").is_file():
+        why = not_a_folder(cand) if cand else "unset"
+        why = why or (None if (Path(cand) / "train.csv").is_file() else "has no train.csv")
+        if why:
+            tried.append(f"{cand} {why}" if cand else "")
             continue
         try:
             train = read_competition(cand).train
@@ -100,7 +104,7 @@ def _pick_data(candidates: list[Any], folds: pd.DataFrame | None,
             notes.append(f"{cand}: its train Ids are not those of folds.csv; not this experiment's data")
             continue
         return Path(cand), train
-    notes.append("competition data not found (tried " + ", ".join(str(c) for c in candidates if c) + ")")
+    notes.append("competition data not found (tried " + "; ".join(t for t in tried if t) + ")")
     return None, None
 
 
@@ -161,10 +165,9 @@ def load_study(out: Path, storage: str | None = None, name: str | None = None) -
 
 def _without_password(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (if any) masked: a driver's error may quote its connection string."""
-    from .config import url_password
+    from .config import without_password
 
-    password = url_password(url)
-    return text.replace(password, "***") if password else text
+    return without_password(text, url)
 
 
 def load_results(out: str | Path, data: str | Path | None = None, storage: str | None = None) -> RunResults:
@@ -202,16 +205,16 @@ def load_results(out: str | Path, data: str | Path | None = None, storage: str |
 
     res.metrics = read_metrics(out)
     bp = artifacts.best_params(out)
-    res.best_params = read_json(bp) if bp.is_file() else {}
+    res.best_params = read_json_object(bp) if bp.is_file() else {}
     wanted = res.best_params.get("study_name")
     storage = storage or (res.config.get("svr") or {}).get("storage")
     res.study_name, res.trials, res.minimize, note = load_study(out, storage, wanted)
     if note and note != NOT_RUN:
         res.notes.append(note)
     w = artifacts.weights_json(out)
-    res.weights = read_json(w) if w.is_file() else {}
+    res.weights = read_json_object(w) if w.is_file() else {}
     t = artifacts.timings_json(out)
-    res.timings = read_json(t) if t.is_file() else {}
+    res.timings = read_json_object(t) if t.is_file() else {}
     res.stages = stage_states(out, res.data, res.notes)
     for head, folder in HEAD_DIRS.items():  # the frozen recipe: a head nothing asks for is not missing
         if res.status.get(head) == NOT_RUN and res.stages.get(folder, ("",))[0] == manifest.NOT_NEEDED:

@@ -21,9 +21,12 @@ from typing import Any
 from . import artifacts, manifest, stages, tracking
 from .config import Config, save_config
 from .distributed import Dist, is_lead_process, process_group
+from .errors import env_number
 from .files import ArtifactError, digest_or_none, read_json, write_json
 
 log = logging.getLogger("pawpular")
+# Environment knobs a stage reads mid-run: checked before it starts, so a bad value refuses before anything changes.
+ENV_KNOBS = (("PAWPULAR_PROGRESS_SECONDS", float, None), ("PAWPULAR_SVR_THREADS", int, 1))  # < 0: no progress lines
 DERIVED = "derived"  # a plan's config entry for values computed from the config (transforms, fold lists): not settings
 
 
@@ -148,7 +151,7 @@ def require_upstream(ctx: Context, name: str) -> None:
 # Running
 
 
-def check_writable(folder: Path, data: Path | None = None) -> None:
+def check_writable(folder: Path, data: Path | None = None, experiment: str | None = None) -> None:
     """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space), or
     must not be (the competition folder, a non-empty folder that holds no experiment: ``guards``)."""
     import errno
@@ -159,7 +162,7 @@ def check_writable(folder: Path, data: Path | None = None) -> None:
 
     if folder.exists() and not folder.is_dir():
         raise WriteError(errno.ENOTDIR, "not a directory", str(folder))
-    check_experiment_folder(folder, data)
+    check_experiment_folder(folder, data, experiment)
     probe = temp_path(folder / "write-probe", str(os.getpid()))
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -180,6 +183,8 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     from .lock import experiment_lock
 
     stage = stages.get(name)
+    for knob, kind, low in ENV_KNOBS:
+        env_number(knob, 1, kind, low)
     device = resolve_device(cfg.device)
     t0 = time.time()
     if not getattr(stage, "DISTRIBUTED", False) and not is_lead_process():
@@ -187,7 +192,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     with process_group(device) as dist:
         ctx = Context(cfg, device, dist, hooks or {})
         if dist.main:
-            check_writable(cfg.out, cfg.data)
+            check_writable(cfg.out, cfg.data, cfg.experiment)
         with experiment_lock(cfg.out, name) if dist.main else contextlib.nullcontext():
             if dist.main:
                 log.info("== %s ==", name)
@@ -239,6 +244,7 @@ def record_time(out: Path, stage: str, seconds: float) -> None:
         timings = read_json(path)
     except (OSError, ValueError):
         timings = {}
+    timings = timings if isinstance(timings, dict) else {}  # a damaged record is rewritten whole
     timings[stage] = round(seconds, 2)
     write_json(path, timings)
 

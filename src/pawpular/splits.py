@@ -42,14 +42,44 @@ def make_folds(train: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray 
     y = train[TARGET].to_numpy(float)
     fold = np.full(len(train), -1, dtype=int)
     rows = np.arange(len(train))
+    check_enough_rows(len(train), n_folds, holdout, groups)
     if holdout > 0:
         k = max(2, int(round(1 / holdout)))
+        _check_bins(sturges_bins(y), k, "folds.holdout")
         _, held = next(_splitter(k, seed + 1, groups is not None).split(rows, sturges_bins(y), groups))
         rows = np.setdiff1d(rows, held)
     sub_groups = None if groups is None else groups[rows]
+    check_enough_rows(len(rows), n_folds, 0.0, sub_groups)
+    _check_bins(sturges_bins(y[rows]), n_folds, "folds.n_folds")
     for k, (_, val) in enumerate(_splitter(n_folds, seed, groups is not None).split(rows, sturges_bins(y[rows]), sub_groups)):
         fold[rows[val]] = k
     return fold
+
+
+def check_enough_rows(n_rows: int, n_folds: int, holdout: float = 0.0, groups: np.ndarray | None = None) -> None:
+    """ConfigError unless every fold (and the holdout's split) can get a row, or a duplicate group, of its own."""
+    from .errors import ConfigError
+
+    units = n_rows if groups is None else len(np.unique(groups))
+    what = "rows" if groups is None else "groups of duplicates (folds.group_duplicates)"
+    parts = max(2, int(round(1 / holdout))) if holdout > 0 else 0
+    if parts > units:
+        raise ConfigError(f"folds.holdout={holdout:g}: train.csv has {units} {what}, too few to set 1/{parts} "
+                          "aside; lower folds.holdout or add rows", ("folds.holdout",))
+    if n_folds > int(units * (1 - 1 / parts if parts else 1)):
+        raise ConfigError(f"folds.n_folds={n_folds}: train.csv has {units} {what}"
+                          f"{' (before the holdout)' if parts else ''}, too few for one in each fold; lower "
+                          "folds.n_folds", ("folds.n_folds",))
+
+
+def _check_bins(bins: np.ndarray, k: int, key: str) -> None:
+    """Stratified (group) k-fold needs a target bin with at least ``k`` rows (scikit-learn raises otherwise)."""
+    from .errors import ConfigError
+
+    largest = int(np.bincount(np.unique(bins, return_inverse=True)[1]).max()) if len(bins) else 0
+    if k > largest:
+        raise ConfigError(f"{key}: {k} parts need a Pawpularity bin with {k} rows, but the largest of "
+                          f"train.csv's {len(bins)} rows' bins has {largest}: lower {key} or add rows", (key,))
 
 
 def read_folds(out, train: pd.DataFrame, folds_cfg: FoldsConfig) -> pd.DataFrame:

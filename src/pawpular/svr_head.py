@@ -40,7 +40,7 @@ import pandas as pd
 
 from . import backend
 from .data import ID, META_COLS
-from .errors import ArtifactError
+from .errors import ArtifactError, env_number
 from .files import read_safetensors, safetensors_bytes
 from .metrics import rmse
 
@@ -315,7 +315,7 @@ def _n_jobs(device: str, n_folds: int) -> int:
     if backend.use_rapids(device):
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = int(os.environ.get("PAWPULAR_SVR_THREADS", cores))  # local svr workers take one core each
+    cores = int(env_number("PAWPULAR_SVR_THREADS", cores, int, 1))  # local svr workers take one core each
     return max(1, min(cores, n_folds))
 
 

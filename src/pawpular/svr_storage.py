@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from . import artifacts
-from .config import redact_url, url_password
+from .masking import redact_url, without_password
 from .errors import ArtifactError, PawpularError
 
 log = logging.getLogger("pawpular")
@@ -56,7 +56,7 @@ def storage_url(setting: str | None, default_sqlite: Path) -> str:
     if setting is not None:
         try:
             u = sqlalchemy.make_url(setting)
-        except sqlalchemy.exc.ArgumentError:
+        except (sqlalchemy.exc.ArgumentError, ValueError):  # ValueError: a port that is no number (multi-host)
             return setting  # make_storage reports it
         if u.drivername in ("postgresql", "postgres"):  # postgres:// too, as libpq and Heroku write it
             return u.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
@@ -101,9 +101,9 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
         reason = f"the database driver is not installed ({type(err).__name__}: {err}); " + (
             "pip install -r requirements-distributed.txt" if getattr(err, "name", None) == "psycopg2"
             else "install that module, or write postgresql:// (psycopg2, from requirements-distributed.txt)")
-    elif isinstance(err, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError)):
-        reason = (f"not a database URL ({err}); expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
-                  "or leave it unset for the experiment's own SQLite file")
+    elif isinstance(err, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError)):
+        reason = (f"not a database URL ({err}); expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE with one host "
+                  "(a multi-host URL is not supported), or leave it unset for the experiment's own SQLite file")
     else:
         detail = " ".join(line.strip() for line in str(getattr(err, "orig", None) or err).strip().splitlines()[:3])
         if connected:  # e.g. PostgreSQL 15+: only the database owner may create tables in schema public
@@ -118,8 +118,7 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
         reason += ("; a password is never written to a file, so a config read back (config.yaml) has none: give "
                    "it with PGPASSWORD or ~/.pgpass (libpq), or the whole URL with svr.storage: env:NAME")
     message = f"{SETTING}: {redact_url(url, '***')}: {reason}"
-    password = url_password(url)
-    return StudyStorageError(message.replace(password, "***") if password else message)
+    return StudyStorageError(without_password(message, url))
 
 
 def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interval: int = 10,
@@ -132,7 +131,7 @@ def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interva
     url = storage_url(setting, default_sqlite)
     try:
         backend = sqlalchemy.make_url(url).get_backend_name()
-    except sqlalchemy.exc.ArgumentError as e:
+    except (sqlalchemy.exc.ArgumentError, ValueError) as e:
         raise _storage_error(url, e) from None
     if backend not in ("postgresql", "sqlite"):
         raise StudyStorageError(f"{SETTING}: {redact_url(url, '***')}: not a postgresql:// or sqlite:// URL, the two "

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import artifacts
-from .config import public_dict
+from .config import public_dict, redact_url
 from .errors import ConfigError
 
 log = logging.getLogger("pawpular")
@@ -123,16 +123,27 @@ class _TensorBoard:
             w.close()
 
 
+@contextlib.contextmanager
+def _argv_masked() -> Iterator[None]:
+    """``sys.argv`` with every password masked (``config.redact_url``) while a backend reads it; then as it was."""
+    given = sys.argv
+    sys.argv = [redact_url(a, "***") for a in given]
+    try:
+        yield
+    finally:
+        sys.argv = given
+
+
 class _WandB:
     def __init__(self, cfg, stage: str):
         import wandb
 
         mode = os.environ.get("WANDB_MODE") or "offline"
         where = {} if os.environ.get("WANDB_DIR") else {"dir": str(cfg.out)}
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "pawpular", group=cfg.out.name,
-                              name=f"{cfg.out.name}/{stage}", job_type=stage, config=public_dict(cfg, "***"),
-                              mode=mode, settings=wandb.Settings(console="off", silent=True),
-                              **where)
+        with _argv_masked():  # W&B records the command line: a --set svr.storage=URL holds a password
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "pawpular", group=cfg.out.name,
+                                  name=f"{cfg.out.name}/{stage}", job_type=stage, config=public_dict(cfg, "***"),
+                                  mode=mode, settings=wandb.Settings(console="off", silent=True), **where)
         self.defined: set[str] = set()
         folder = Path(self.run.dir).parent  # run.dir is the run's files/ folder
         log.info("tracking: W&B run %s (%s) in %s%s", self.run.name, mode, folder,

@@ -164,7 +164,7 @@ def run(ctx) -> Result:
             status[unit.name] = embedding_cache.provide(
                 ctx, unit.folder, p.config, p.inputs, policy.to_dict(), lambda u=unit: _compute(ctx, u, policy),
                 lambda table, dst: backend.write_table(table, dst, ctx.device))
-        outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS]
+        outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS] + [path]  # its record: never done without
     cached = [k for k, v in status.items() if v == "cached"]
     if cached:
         log.info("embeddings unchanged since this experiment made them: %s", ", ".join(cached))

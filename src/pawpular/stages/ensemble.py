@@ -29,7 +29,7 @@ from .. import artifacts, manifest, tracking
 from ..blend import canonical, cross_validated, fit_weights
 from ..data import ID, TARGET
 from ..errors import ConfigError
-from ..files import ArtifactError, MissingArtifact, remove, write_json, write_parquet
+from ..files import ArtifactError, MissingArtifact, not_a_file, remove, write_json, write_parquet
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from ..submission import build_submission
@@ -70,6 +70,21 @@ def plan(ctx) -> Plan:
     inputs = {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *_pred_files(cfg)]),
               **ctx.data_inputs("train.csv", "sample_submission.csv")}
     return Plan({"ensemble": dataclasses.asdict(cfg.ensemble)}, inputs)
+
+
+def check(ctx) -> None:
+    """Before anything changes: every folder of ensemble.experiments is an experiment with whole predictions of
+    the same Ids on the same folds."""
+    from ..guards import is_experiment
+
+    for prefix, folder in experiments(ctx.cfg)[1:]:
+        if not folder.is_dir():
+            raise ConfigError(f"ensemble.experiments: {folder} {not_a_file(folder) or 'is a file, not a folder'}: "
+                              "list experiment folders", ("ensemble.experiments",))
+        if not is_experiment(folder):
+            raise ConfigError(f"ensemble.experiments: {folder} holds no pawpular experiment (no config.yaml or stage "
+                              "manifest): list experiment folders", ("ensemble.experiments",))
+    gather(ctx.cfg)  # whole predictions of the same Ids on the same folds (it reads them: small tables)
 
 
 def _check_foreign(prefix: str, folder: Path) -> None:

@@ -23,8 +23,9 @@ from .. import artifacts
 from ..errors import ConfigError
 from ..data import ID, TARGET, read_csv_or_raise
 from ..duplicates import duplicate_groups, group_table, image_hashes
-from ..files import digest_or_none, remove, remove_tree, write_csv
-from ..splits import check_folds, make_folds
+from ..files import digest_or_none, not_a_file, remove, write_csv
+from ..guards import remove_fold_folder
+from ..splits import check_enough_rows, check_folds, make_folds
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
@@ -35,18 +36,24 @@ IMAGES = True
 
 def plan(ctx) -> Plan:
     fc = ctx.cfg.folds
+    if fc.file and (why := not_a_file(fc.file)):  # before its digest: a folder or a device is refused, not read
+        raise ConfigError(f"folds.file: {fc.file} {why}; give a CSV of Id,fold", ("folds.file",))
     if fc.file:  # the user's split: its bytes decide, not the split settings
         return Plan({"folds": {"file": fc.file, "n_folds": fc.n_folds, "holdout": fc.holdout}},
                     {"folds.file": digest_or_none(fc.file), **ctx.data_inputs("train.csv")})
     return Plan({"folds": dataclasses.asdict(fc)}, ctx.data_inputs("train.csv", images=("train",) if fc.group_duplicates else ()))
 
 
+def check(ctx) -> None:
+    """Before anything changes: enough rows of train.csv for the folds (and the holdout)."""
+    if not ctx.cfg.folds.file:
+        check_enough_rows(len(ctx.comp.train), ctx.cfg.folds.n_folds, ctx.cfg.folds.holdout)
+
+
 def _from_file(ctx) -> Result:
     """folds.file: checked against train.csv and the config (splits.check_folds), then copied as folds.csv."""
     cfg = ctx.cfg
-    path = Path(cfg.folds.file)
-    if not path.is_file():
-        raise ConfigError(f"folds.file: {path} not found", ("folds.file",))
+    path = Path(cfg.folds.file)  # a regular file: plan checked it
     folds = check_folds(read_csv_or_raise(path, path.name), ctx.comp.train, cfg.folds, path.name)
     write_csv(folds, artifacts.folds_csv(cfg.out))
     remove(artifacts.duplicates_csv(cfg.out))
@@ -86,4 +93,6 @@ def _remove_extra_fold_dirs(out, n_folds: int) -> None:
         for k, folder in artifacts.fold_dirs(parent).items():
             if k >= n_folds:
                 log.info("folds: removing %s (n_folds is now %d)", folder, n_folds)
-                remove_tree(folder)
+                if kept := remove_fold_folder(folder):
+                    log.warning("folds: kept %s in %s: not written by pawpular (move them, then remove the folder)",
+                                ", ".join(kept), folder)

@@ -345,7 +345,8 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
     rows.append({"fold": "all", "n": len(oof), "val_rmse": rmse(oof["pred"], target.loc[oof[ID]])})
     log.info("train: validation RMSE by fold (target std %.3f)\n%s", float(comp.train[TARGET].std(ddof=0)),
              pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
-    files = [artifacts.train_fold_dir(out, k) / f for k in known for f in FOLD_FILES]
+    # each fold's own manifest too: a fold whose record is removed or replaced leaves the stage damaged, not done
+    files = [artifacts.train_fold_dir(out, k) / f for k in known for f in (*FOLD_FILES, "manifest.json")]
     files += [artifacts.fold_preds(out, k, "holdout") for k in known if "holdout" in tables]
     files += [artifacts.preds(out, "nn", s) for s in tables]
     return files + nested_epochs(out, known, target, rows[-1]["val_rmse"])
