@@ -1,4 +1,4 @@
-"""The README's data table: the synthetic competition against the real CSVs, in one run.
+"""docs/data.md's data table: the synthetic competition against the real CSVs, in one run.
 
     python bench/data_signal.py [--synthetic input/synthetic] [--real ../shared/data/petfinder]
 

@@ -13,7 +13,7 @@ carry over the parent's resident size), less the same process's peak before the 
 - check-data: ``pawpular check-data`` on a competition whose 8 train photos are RGBA photos of that size, with
   ``PAWPULAR_MAX_PIXELS`` set to one photo's pixels (its 8 threads decode one at a time), two, and eight (all at
   once), less the same check on 20 small photos: each stays within ``PAWPULAR_MAX_PIXELS x PEAK_BYTES_PER_PIXEL``,
-  the bound README states.
+  the bound docs/data.md states.
 """
 from __future__ import annotations
 
