@@ -99,6 +99,13 @@ setting() {
   "$VENV/bin/pawpular" config show --key "$1" --config "$CONFIG" "${ARGS[@]}"
 }
 
+# The add-ons follow the config the pipeline will read: --config FILE among the arguments, else $CONFIG.
+for ((i = 1; i <= $#; i++)); do
+  case "${!i}" in
+    --config) j=$((i + 1)); CONFIG=${!j:-$CONFIG} ;;
+    --config=*) CONFIG=${!i#--config=} ;;
+  esac
+done
 setup "$@"
 case "${1:---}" in
   --*)  # the pipeline, with any --config / --data / --output / --set / --overwrite given
