@@ -54,9 +54,17 @@ def _kill_at(k: int, *args: str) -> subprocess.CompletedProcess:
 def test_embed_killed_under_other_settings_then_rerun_with_the_original_ones(experiment_run, small_competition,
                                                                             tmp_path):
     """Old failure: a folder kept train embeddings of one transform and test embeddings of another, for good."""
-    run = _copy(experiment_run, tmp_path / "run")
-    # commits: 1 stage manifest removed, 2 fold0's manifest removed, 3 fold0/train.parquet, [kill] fold0/test.parquet
-    r = _kill_at(4, "embed", *tiny_args(small_competition, run), "--set", "embed.tta_hflip=false")
+    run, probe = _copy(experiment_run, tmp_path / "run"), _copy(experiment_run, tmp_path / "own" / "probe")
+    # the other transform's sets are written into the shared cache, then linked: find the commit that would link
+    # fold0's test table (train's already linked) on a probe copy under another output root (its own cache),
+    # and kill the real run just before it
+    log = tmp_path / "commits.log"
+    env = {**os.environ, "PAWPULAR_FAULT_LOG": str(log), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "pawpular", "embed", *tiny_args(small_competition, probe), "--set",
+                    "embed.tta_hflip=false"], capture_output=True, cwd=REPO, env=env, check=True)
+    target = str(probe / "emb" / "fold0" / "test.parquet")
+    (k,) = [int(line.split()[0]) for line in log.read_text().splitlines() if line.split(maxsplit=2)[2] == target]
+    r = _kill_at(k, "embed", *tiny_args(small_competition, run), "--set", "embed.tta_hflip=false")
     assert r.returncode == -9
     before = pd.read_parquet(experiment_run / "emb/fold0/train.parquet")
     assert not pd.read_parquet(run / "emb/fold0/train.parquet").equals(before)  # the other transform's, written

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pawpular import cli, manifest, selection, svr_head
+from pawpular import cli, embedding_cache, manifest, selection, svr_head
 from pawpular.config import ModelConfig, load_config
 from pawpular.dataset import EvalTransform, RandomSquare, square_crop
 from pawpular.metrics import rmse
@@ -166,8 +166,14 @@ def test_the_budget_keeps_out_what_does_not_fit():
 
 
 def _plant_speed(out: Path, folder: str, ips: float) -> None:
+    """The set's shared cache entry records ``ips`` (where embed measured it); the experiment's record names it."""
+    from pawpular import artifacts
+
     files = sorted(p for p in (out / "emb" / folder).iterdir() if p.is_file() and p.name != "manifest.json")
-    record = manifest.Record({}, {}, info={"images_per_second": ips})
+    entry = artifacts.emb_cache_entry(out.parent, f"planted{folder}")
+    entry.mkdir(parents=True, exist_ok=True)
+    manifest.commit(entry / "manifest.json", entry, manifest.Record({}, {}, info={"images_per_second": ips}), [])
+    record = manifest.Record({}, {}, info={"cache": entry.name})
     manifest.commit(out / "emb" / folder / "manifest.json", out, record, files)
 
 
@@ -222,7 +228,9 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     assert cli.main(["all", *args(second, "svr.features=[rp]")]) == 0
     assert cli.main(["all", *args(main, "svr.features=[rl, rp]", f"ensemble.experiments=[{second}]")]) == 0
     info = json.loads((main / "emb" / "rl" / "manifest.json").read_text())["info"]
-    assert (info["output"], info["square"], info["dim"]) == ("logits", "crop", 10) and info["images_per_second"] > 0
+    assert (info["output"], info["square"], info["dim"]) == ("logits", "crop", 10) and "images_per_second" not in info
+    entry = embedding_cache.entry_record(main, main / "emb" / "rl")  # the speed: in the shared entry's record only
+    assert entry.info["images_per_second"] > 0 and entry.info["machine"]
     weights = json.loads((main / "ensemble" / "weights.json").read_text())
     assert len([m for m in weights["weights"] if "svr" in m]) == 2  # both starts' heads are in the blend
     # the set holds the file's own classifier outputs on the centred square of every photo

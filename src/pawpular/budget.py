@@ -1,6 +1,6 @@
 """The inference budget: how long each embedding set takes to compute on the hidden test photos.
 
-``embed`` records in each set's manifest the images per second it measured where it made the set (decoding, TTA
+``embed`` records in each set's shared cache entry (``embedding_cache``) the images per second it measured where it made the set (decoding, TTA
 and compression included) and the machine it ran on; ``select --budget-hours H --test-images N`` keeps only the
 combinations of sets whose inference fits: the sum over the sets of N / (images per second), times the folds for
 the experiment's own fine-tuned fold backbones ("model": one pass per fold). The competition allowed 9 hours for
@@ -12,7 +12,7 @@ import platform
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import artifacts, manifest
+from . import artifacts, embedding_cache
 from .errors import ConfigError
 
 
@@ -39,8 +39,9 @@ def set_speed(out: Path, name: str, fold_ids: Sequence[int], finetuned: bool = T
     folds = fold_ids if name == artifacts.MODEL_SET and finetuned else fold_ids[:1]
     speeds = []
     for k in folds:
-        path = artifacts.set_file(out, name, "train", k).parent / "manifest.json"
-        record = manifest.read(path)
+        folder = artifacts.set_file(out, name, "train", k).parent
+        path = folder / "manifest.json"
+        record = embedding_cache.entry_record(out, folder)  # measured where the set was made: the entry's record
         ips = record.info.get("images_per_second") if record is not None else None
         if not ips:
             raise ConfigError(f"{path}: no images_per_second recorded for set {name!r}, which an inference budget "

@@ -32,6 +32,7 @@ from .lock import ExperimentLocked, experiment_lock
 log = logging.getLogger("pawpular")
 WAIT_SECONDS = 2.0  # how often a waiting writer retries the entry's lock
 REUSED, COMPUTED = "reused", "computed"
+MEASURED = ("images_per_second", "machine")  # in the entry's record only (select's budget reads them there)
 
 
 def entry_config(config: dict, policy: dict) -> dict:
@@ -46,6 +47,14 @@ def cache_key(config: dict, inputs: dict, policy: dict) -> str:
 
 def entry_of(out: Path, config: dict, inputs: dict, policy: dict) -> Path:
     return artifacts.emb_cache_entry(Path(out).parent, cache_key(config, inputs, policy))
+
+
+def entry_record(out: Path, folder: Path) -> manifest.Record | None:
+    """The cache entry's own record behind ``folder`` (an ``emb/<set>`` of the experiment ``out``), or None."""
+    record = manifest.read(folder / "manifest.json")
+    if record is None or not record.info.get("cache"):
+        return None
+    return manifest.read(artifacts.emb_cache_entry(Path(out).parent, record.info["cache"]) / "manifest.json")
 
 
 def _files(folder: Path) -> list[Path]:
@@ -111,5 +120,6 @@ def _link(out: Path, folder: Path, entry: Path, config: dict, inputs: dict, reco
     """The experiment's folder: links to the entry's files, then its own manifest (last)."""
     for src, dst in zip(_files(entry), _files(folder)):
         link_or_copy(src, dst)
-    info = {**record.info, "cache": entry.name}
+    # what the files are, not how fast this machine made them: the speed stays in the entry's own record
+    info = {**{k: v for k, v in record.info.items() if k not in MEASURED}, "cache": entry.name}
     manifest.commit(folder / "manifest.json", out, manifest.Record(config, inputs, info=info), _files(folder))

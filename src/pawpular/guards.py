@@ -39,7 +39,7 @@ def within(path: str | Path, folder: str | Path) -> bool:
 
 
 # What a stage writes into a fold folder (train/fold{k}, emb/fold{k}, svr/fold{k}): removing a fold removes these.
-FOLD_FILES = ("manifest.json", "best.pt", "last.pt", "metrics.csv", "head.safetensors",
+FOLD_FILES = ("manifest.json", "best.pt", "last.pt", "metrics.csv", "epochs.parquet", "head.safetensors",
               *(f"{split}.parquet" for split in ("oof", "test", "holdout", "train")))
 
 
