@@ -128,10 +128,11 @@ def run(ctx) -> Result:
     shared = cfg.svr.storage is not None or cfg.svr.workers > 1
     if cfg.overwrite and cfg.svr.storage is None:  # the experiment's own study; a shared one is never deleted here
         studies.delete_study(name, storage)
-    study = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
+    handle = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
+    study = handle.study  # the optuna.Study
     mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb,
                                          device, cfg.svr.workers)
-    ran, t_tune = _tune(study, folds, y, cfg, mode, device, ctx.tracker)
+    ran, t_tune = _tune(handle, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
     preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
@@ -220,12 +221,12 @@ def make_objective(folds: list, y: np.ndarray, s, device: str):
     return objective
 
 
-def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
+def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
     """Run the trials the study lacks (with svr.workers local processes); the kernels live only while trials
     run. Returns (trials this process ran, seconds)."""
     from ..progress import Progress
 
-    s, t0 = cfg.svr, time.time()
+    s, t0, study = cfg.svr, time.time(), handle.study
     missing = max(0, s.n_trials - studies.n_complete(study))
     if not missing:
         return 0, 0.0
@@ -244,7 +245,7 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracke
 
             # the experiment's own study with one process (the experiment lock held): no heartbeat to go stale
             sole = s.storage is None and s.workers <= 1
-            ran = studies.run_trials(study, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress],
+            ran = studies.run_trials(handle, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress],
                                      sole=sole)
     finally:
         svr_head.detach_kernels(folds)
