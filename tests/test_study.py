@@ -151,7 +151,8 @@ def test_three_workers_fill_one_budget_exactly_and_find_the_single_worker_best(p
     assert sum(ran) == n and sum(r > 0 for r in ran) >= 2, ran  # the budget really was shared
     assert sorted(t.params["C"] for t in shared.study.trials) == sorted(grid)
     assert sorted(t.params["C"] for t in single.study.trials) == sorted(grid)
-    assert shared.study.best_params["C"] == single.study.best_params["C"] and shared.study.best_value == single.study.best_value
+    assert shared.study.best_params["C"] == single.study.best_params["C"]
+    assert shared.study.best_value == single.study.best_value
     assert {t.user_attrs["pid"] for t in shared.study.trials} == {p.pid for p, r in zip(workers, ran) if r}
 
 
@@ -277,7 +278,8 @@ def test_sqlite_path_with_odd_characters_and_local_workers(tmp_path):
     assert states(shared) == {"COMPLETE": n} and sum(ran[:2]) == n
     assert states(private) == {"COMPLETE": n} and sum(ran[2:]) == n
     assert len({t.params["C"] for t in private.study.trials}) == n
-    for before, after in zip(private.study.trials, private.study.trials[1:]):  # serial: each trial starts after the last ends
+    trials = private.study.trials
+    for before, after in zip(trials, trials[1:]):  # serial: each trial starts after the last ends
         assert after.datetime_start >= before.datetime_complete
     assert sorted(p.name for p in db.parent.iterdir()) == sorted([db.name, db.name + ".lock"])
 

@@ -103,7 +103,8 @@ def study_lock(study: StudyHandle) -> Callable[[], contextlib.AbstractContextMan
         def pg() -> Iterator[None]:
             import sqlalchemy
 
-            with internals.engine(rdb).begin() as conn:  # released at commit, or when a killed worker's connection drops
+            # released at commit, or when a killed worker's connection drops
+            with internals.engine(rdb).begin() as conn:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
                 yield
 

@@ -33,7 +33,8 @@ import pandas as pd
 
 from .. import artifacts, backend, nested, svr_head, svr_study as studies, tracking
 from ..data import ID, META_COLS, TARGET
-from ..files import MissingArtifact, remove, write_bytes, write_json
+from ..embedding_sets import read_sets
+from ..files import remove, write_bytes, write_json
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
@@ -79,22 +80,6 @@ def recorded_settings(record) -> dict:
     return {"svr": {"n_trials": n}} if isinstance(n, int) and n > 0 else {}
 
 
-def _load_sets(cfg, fold: int, split: str, frozen: dict, device: str) -> dict:
-    """The embedding tables for one fold and split; frozen backbones are read once and kept in ``frozen``."""
-    sets = {}
-    for name in cfg.svr.features:
-        path = artifacts.set_file(cfg.out, name, split, fold)
-        if not path.is_file():
-            raise MissingArtifact(f"{path} not found: run `pawpular embed` first (svr.features lists {name!r})")
-        if name != artifacts.MODEL_SET and (name, split) in frozen:
-            sets[name] = frozen[(name, split)]
-            continue
-        sets[name] = backend.read_table(path, device)
-        if name != artifacts.MODEL_SET:
-            frozen[(name, split)] = sets[name]
-    return sets
-
-
 def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr_head.FoldData], list[str], str]:
     """Every fold's standardized features and targets (train-table row order), the column names, and a digest
     of the values the study is tuned on."""
@@ -108,7 +93,8 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
     frozen: dict = {}
     folds, columns = [], []
     for k in sorted(k for k in np.unique(fold_of).tolist() if k != HOLDOUT):
-        x, columns = svr_head.assemble_matrix(_load_sets(cfg, k, "train", frozen, device), ids, cfg.svr.features, meta, xp)
+        x, columns = svr_head.assemble_matrix(read_sets(cfg.out, cfg.svr.features, "train", k, device, frozen), ids,
+                                              cfg.svr.features, meta, xp)
         h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
         folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device, cfg.svr.target_clip))
         del x
@@ -358,7 +344,7 @@ def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], par
         oof[f.val_rows] = np.clip(head.decision(backend.to_numpy(f.x_val)), 1, 100)
         fold_of[f.val_rows] = f.fold
         for split, table in tables.items():
-            sets = _load_sets(cfg, f.fold, "test" if split == "test" else "train", frozen, device)
+            sets = read_sets(cfg.out, cfg.svr.features, "test" if split == "test" else "train", f.fold, device, frozen)
             meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
             x, _ = svr_head.assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
             other[split].append(head.predict_matrix(x))
