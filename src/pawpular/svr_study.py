@@ -142,7 +142,7 @@ def _claim(study: StudyHandle, study_id: int, n_trials: int) -> tuple[Any, Any, 
     if complete + running >= n_trials or (not study.shared and running):
         return None, None, complete
     asker = optuna.load_study(study_name=study.study_name, storage=rdb, sampler=study.sampler_for_next_trial())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # true, and deliberate: this module beats the heartbeat itself (_heartbeat)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = asker.ask()  # pops a re-queued (WAITING) trial first: a retry keeps its parameters
     trial_id = internals.trial_id(rdb, study_id, trial.number)
