@@ -28,6 +28,49 @@ def test_weights_convex_and_never_worse_than_best_single(method):
         assert all(b.steps[i][1] >= b.steps[i + 1][1] - 1e-12 for i in range(len(b.steps) - 1))
 
 
+def _exact_convex_mse(P: np.ndarray, y: np.ndarray) -> float:
+    """The best convex combination's MSE by brute force: on every support, the equality-constrained least squares
+    (a linear KKT system), kept where its weights are non-negative."""
+    from itertools import combinations
+
+    k, best = P.shape[1], np.inf
+    for r in range(1, k + 1):
+        for support in combinations(range(k), r):
+            A = P[:, support]
+            kkt = np.block([[2 * A.T @ A, np.ones((r, 1))], [np.ones((1, r)), np.zeros((1, 1))]])
+            w = np.linalg.lstsq(kkt, np.r_[2 * A.T @ y, 1], rcond=None)[0][:r]
+            if (w >= -1e-12).all():
+                best = min(best, float(np.mean((A @ w - y) ** 2)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_convex_blend_reaches_the_exact_optimum_without_a_warning(seed, caplog):
+    rng = np.random.default_rng(seed)
+    y = rng.uniform(1, 100, 400)
+    P = y[:, None] + rng.normal(rng.uniform(-5, 5, 5), rng.uniform(3, 30, 5), (400, 5))
+    P[:, 4] = 0.7 * P[:, 0] + 0.3 * P[:, 1]  # a model that is a blend of two others: weights are not unique
+    with caplog.at_level("WARNING", logger="pawpular"):
+        b = fit_weights(P, y, list("abcde"), "convex")
+    assert np.mean((P @ b.weights - y) ** 2) == pytest.approx(_exact_convex_mse(P, y), rel=1e-6)
+    assert "did not reach the optimum" not in caplog.text
+
+
+def test_convex_blend_warns_when_its_solver_stops_short(monkeypatch, caplog):
+    from scipy.optimize import OptimizeResult
+
+    import pawpular.blend as blend
+
+    monkeypatch.setattr(blend, "minimize", lambda *a, **k: OptimizeResult(x=np.array([0.5, 0.5]), success=True,
+                                                                          message="stopped early"))
+    rng = np.random.default_rng(0)
+    y = rng.uniform(1, 100, 500)
+    P = np.stack([y + rng.normal(0, 3, 500), y + rng.normal(0, 20, 500)], axis=1)  # the optimum is far from 0.5
+    with caplog.at_level("WARNING", logger="pawpular"):
+        blend.fit_weights(P, y, ["a", "b"], "convex")
+    assert "did not reach the optimum (stopped early; duality gap" in caplog.text
+
+
 def test_complementary_models_get_blended():
     rng = np.random.default_rng(0)
     y = rng.uniform(1, 100, 2000)

@@ -44,11 +44,13 @@ def test_shipped_head_predicts_what_the_estimator_predicts(kernel, tmp_path):
     scaler = Standardizer.fit(x[:240])
     x_train, x_new = scaler.transform(x[:240]), scaler.transform(x[240:])
     gamma = 1.0 / (x.shape[1] * x_train.var())
-    model = SVR(kernel="rbf" if kernel == "rbf" else RbfKernel(gamma), gamma=gamma, C=30.0, epsilon=0.5).fit(x_train, y[:240])
+    reference = SVR(kernel="rbf", gamma=gamma, C=30.0, epsilon=0.5).fit(x_train, y[:240])  # scikit-learn's own
+    model = reference if kernel == "rbf" else SVR(kernel=RbfKernel(gamma), C=30.0, epsilon=0.5).fit(x_train, y[:240])
     columns = [f"f{j}" for j in range(x.shape[1])]
     head = SvrHead.from_fitted(model, x_train, scaler, gamma, columns, fold=2, params={"C": 30.0, "epsilon": 0.5})
     assert 0 < len(head.dual_coef) < 240  # an SVR keeps only some rows: the arrays hold exactly those
     np.testing.assert_allclose(head.decision(x_new), model.predict(x_new), atol=1e-6)
+    np.testing.assert_allclose(head.decision(x_new), reference.predict(x_new), atol=1e-6)  # our kernel = sklearn's rbf
 
     path = tmp_path / "head.safetensors"
     path.write_bytes(head.to_bytes())

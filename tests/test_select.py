@@ -237,3 +237,26 @@ def test_select_reports_the_nested_score_and_each_steps_gain_against_the_noise(s
     assert set(result["nested"]["folds"]) == {"0", "1", "2"}
     (gain,) = result["gains"]  # model, then partial: one step adds
     assert gain["added"] == "partial" and gain["verdict"] == "better" and gain["high"] < 0
+
+
+def test_one_loader_reads_a_frozen_set_once_and_the_model_per_fold(tmp_path, monkeypatch):
+    """embedding_sets.read_sets, what the SVR stage and select both load sets with: a frozen backbone's table is
+    read once for all folds, "model" once per fold, and a missing file is a MissingArtifact naming it."""
+    from pawpular import artifacts, backend, embedding_sets
+    from pawpular.files import MissingArtifact
+    from pawpular.svr_head import embedding_table
+
+    for name, fold in (("model", 0), ("model", 1), ("convnext", 0)):
+        path = artifacts.set_file(tmp_path, name, "train", fold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend.write_table(embedding_table(["a", "b"], np.full((2, 3), fold, np.float32)), path, "cpu")
+    reads = []
+    real = backend.read_table
+    monkeypatch.setattr(backend, "read_table", lambda path, device: reads.append(path) or real(path, device))
+    frozen: dict = {}
+    per_fold = [embedding_sets.read_sets(tmp_path, ["model", "convnext"], "train", k, "cpu", frozen) for k in (0, 1)]
+    assert per_fold[0]["convnext"] is per_fold[1]["convnext"] and len(reads) == 3
+    assert [float(s["model"]["e0"][0]) for s in per_fold] == [0.0, 1.0]
+    missing = artifacts.set_file(tmp_path, "model", "test", 0)
+    with pytest.raises(MissingArtifact, match=re.escape(str(missing))):
+        embedding_sets.read_sets(tmp_path, ["model"], "test", 0, "cpu", frozen)

@@ -80,6 +80,7 @@ def test_no_import_circle():
     graph = import_graph()
     assert "pawpular.config_checks" in graph["pawpular.config"] and "pawpular.svr_study" in graph["pawpular.cli"]
     assert cycles(graph) == []
+    assert "pawpular.config" not in graph["pawpular.config_checks"]  # the checks know the config's type only
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check finds one
 
 

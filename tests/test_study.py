@@ -111,7 +111,7 @@ def finish(*procs: subprocess.Popen, timeout: float = 120) -> list[int]:
 
 def states(study) -> dict[str, int]:
     out: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in study.study.get_trials(deepcopy=False):
         out[t.state.name] = out.get(t.state.name, 0) + 1
     return out
 
@@ -134,25 +134,26 @@ def test_three_workers_fill_one_budget_exactly_and_find_the_single_worker_best(p
     grid = [10 ** (-2 + 4 * (0.5 + i) / n) for i in range(n)]
     shared = make(postgres_db, "svr-shared")
     for c in grid:
-        shared.enqueue_trial({"C": c})
+        shared.study.enqueue_trial({"C": c})
     workers = start(*[{"url": postgres_db, "name": "svr-shared", "n_trials": n}] * 3)
     go(*workers)
     ran = finish(*workers)
 
     single = make(st.storage_url(None, tmp_path / "single.db"), "svr-single", shared=False)
     for c in grid:
-        single.enqueue_trial({"C": c})
+        single.study.enqueue_trial({"C": c})
     done = []
     assert st.run_trials(single, lambda t: loss(t.suggest_float("C", C_MIN, C_MAX, log=True)), n, poll=POLL,
                          callbacks=[lambda study, trial: done.append(trial.number)]) == n
     assert done == list(range(n))
 
-    assert states(shared) == {"COMPLETE": n} and st.n_complete(shared) == n
+    assert states(shared) == {"COMPLETE": n} and st.n_complete(shared.study) == n
     assert sum(ran) == n and sum(r > 0 for r in ran) >= 2, ran  # the budget really was shared
-    assert sorted(t.params["C"] for t in shared.trials) == sorted(grid)
-    assert sorted(t.params["C"] for t in single.trials) == sorted(grid)
-    assert shared.best_params["C"] == single.best_params["C"] and shared.best_value == single.best_value
-    assert {t.user_attrs["pid"] for t in shared.trials} == {p.pid for p, r in zip(workers, ran) if r}
+    assert sorted(t.params["C"] for t in shared.study.trials) == sorted(grid)
+    assert sorted(t.params["C"] for t in single.study.trials) == sorted(grid)
+    assert shared.study.best_params["C"] == single.study.best_params["C"]
+    assert shared.study.best_value == single.study.best_value
+    assert {t.user_attrs["pid"] for t in shared.study.trials} == {p.pid for p, r in zip(workers, ran) if r}
 
 
 def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(postgres_db):
@@ -164,7 +165,7 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(postgres_db):
                             *[{"url": postgres_db, "name": "svr-kill", "n_trials": n}] * 2)
     go(victim)
     deadline = time.monotonic() + 60
-    while not (running := [t for t in study.get_trials() if t.state.name == "RUNNING"
+    while not (running := [t for t in study.study.get_trials() if t.state.name == "RUNNING"
                            and t.user_attrs.get("pid") == victim.pid]):
         assert time.monotonic() < deadline and victim.poll() is None, "the victim never started its trial"
         time.sleep(0.05)
@@ -176,12 +177,12 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(postgres_db):
 
     assert states(study) == {"COMPLETE": n, "FAIL": 1}
     assert sum(ran) == n
-    (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    (failed,) = [t for t in study.study.trials if t.state.name == "FAIL"]
     assert failed.number == killed.number
-    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    retried = [t for t in study.study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE"
     assert retried[0].params == killed.params and retried[0].value == loss(killed.params["C"])
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    complete = [t for t in study.study.trials if t.state.name == "COMPLETE"]
     assert victim.pid not in {t.user_attrs["pid"] for t in complete}
     assert len({t.number for t in complete}) == n
 
@@ -199,8 +200,8 @@ def test_two_studies_on_one_server_do_not_mix(postgres_db):
         study = studies[name]
         assert states(study) == {"COMPLETE": n}
         assert sum(ran[name]) == n
-        assert {t.user_attrs["study"] for t in study.trials} == {name}
-        assert len({t.params["C"] for t in study.trials}) == n  # shared seeding: workers draw different C
+        assert {t.user_attrs["study"] for t in study.study.trials} == {name}
+        assert len({t.params["C"] for t in study.study.trials}) == n  # shared seeding: workers draw different C
 
 
 def test_bad_storage_is_a_clear_error_before_anything_is_written(postgres_server, postgres_db, postgres_role,
@@ -276,8 +277,9 @@ def test_sqlite_path_with_odd_characters_and_local_workers(tmp_path):
     ran = finish(*workers)
     assert states(shared) == {"COMPLETE": n} and sum(ran[:2]) == n
     assert states(private) == {"COMPLETE": n} and sum(ran[2:]) == n
-    assert len({t.params["C"] for t in private.trials}) == n
-    for before, after in zip(private.trials, private.trials[1:]):  # serial: each trial starts after the last ends
+    assert len({t.params["C"] for t in private.study.trials}) == n
+    trials = private.study.trials
+    for before, after in zip(trials, trials[1:]):  # serial: each trial starts after the last ends
         assert after.datetime_start >= before.datetime_complete
     assert sorted(p.name for p in db.parent.iterdir()) == sorted([db.name, db.name + ".lock"])
 
@@ -289,7 +291,7 @@ def test_private_study_killed_mid_trial_resumes_to_the_uninterrupted_trials(tmp_
     n = 12
 
     def complete_cs(study) -> list[float]:
-        done = [t for t in study.trials if t.state.name == "COMPLETE"]
+        done = [t for t in study.study.trials if t.state.name == "COMPLETE"]
         return [t.params["C"] for t in sorted(done, key=lambda t: t.system_attrs.get("failed_trial", t.number))]
 
     whole = make(st.storage_url(None, tmp_path / "whole.db"), "svr", shared=False)
@@ -300,7 +302,7 @@ def test_private_study_killed_mid_trial_resumes_to_the_uninterrupted_trials(tmp_
     (victim,) = start({"url": url, "name": "svr", "n_trials": n, "shared": False, "sleep": 0, "hang_at": 10})
     go(victim)
     deadline = time.monotonic() + 60
-    while not any(t.state.name == "RUNNING" and t.number == 10 and t.params for t in study.get_trials()):
+    while not any(t.state.name == "RUNNING" and t.number == 10 and t.params for t in study.study.get_trials()):
         assert time.monotonic() < deadline and victim.poll() is None, "the victim never reached trial 10"
         time.sleep(0.05)
     os.kill(victim.pid, signal.SIGKILL)
@@ -311,7 +313,7 @@ def test_private_study_killed_mid_trial_resumes_to_the_uninterrupted_trials(tmp_
 
     assert states(study) == {"COMPLETE": n, "FAIL": 1}
     assert complete_cs(study) == complete_cs(whole)
-    assert study.best_params == whole.best_params
+    assert study.study.best_params == whole.study.best_params
 
 
 def test_open_never_deletes_delete_is_explicit_and_a_failing_objective_stops_the_worker(tmp_path):
@@ -333,10 +335,10 @@ def test_open_never_deletes_delete_is_explicit_and_a_failing_objective_stops_the
     assert st.run_trials(study, objective, 5, poll=POLL) == 2  # a rerun fills the budget exactly
 
     again = st.open_study("svr", st.storage_url(None, db), seed=0)  # reopening (from the URL) keeps every trial
-    assert st.n_complete(again) == 5 and states(again) == {"COMPLETE": 5, "FAIL": 2}
+    assert st.n_complete(again.study) == 5 and states(again) == {"COMPLETE": 5, "FAIL": 2}
     assert st.delete_study("svr", storage) is True
     assert st.delete_study("svr", storage) is False
-    assert st.n_complete(st.open_study("svr", storage, seed=0, shared=False)) == 0
+    assert st.n_complete(st.open_study("svr", storage, seed=0, shared=False).study) == 0
 
 
 def test_the_stages_own_study_retries_a_killed_runs_trial_at_once_and_its_heartbeat_outlasts_sqlites_waits(tmp_path):
@@ -359,4 +361,4 @@ def test_the_stages_own_study_retries_a_killed_runs_trial_at_once_and_its_heartb
     assert st.run_trials(st.open_study("svr", storage, seed=0, shared=False), objective, 6, sole=True) == 3
     assert time.monotonic() - t0 < storage.grace_period / 3  # no waiting for the killed trial to go stale
     assert states(study) == {"COMPLETE": 6, "FAIL": 1}
-    assert [t.params["C"] for t in study.trials if t.state.name == "COMPLETE"][3] == c  # retried first
+    assert [t.params["C"] for t in study.study.trials if t.state.name == "COMPLETE"][3] == c  # retried first

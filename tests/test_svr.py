@@ -278,6 +278,9 @@ def test_killed_study_resumes_to_the_uninterrupted_sequence(tmp_path):
     time.sleep(2.5)  # its heartbeat goes stale
     resumed = study("b.db")
     assert st.run_trials(resumed, objective, 14, poll=0.2) == 8
-    done = lambda s: [t.params["C"] for t in s.trials if t.state == optuna.trial.TrialState.COMPLETE]  # noqa: E731
+
+    def done(handle) -> list[float]:
+        return [t.params["C"] for t in handle.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
     assert done(resumed) == done(whole) and done(resumed)[6] == c  # the killed trial's C, retried
     assert len(set(done(whole))) == 14  # the seeding does not make trials repeat each other

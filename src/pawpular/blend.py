@@ -1,7 +1,10 @@
 """Blend weights fit on out-of-fold predictions, and how well the blend does on rows it was not fit on.
 
-Weights are non-negative and sum to 1. ``convex`` solves that constrained least-squares problem exactly (SLSQP:
-the best convex combination of the models; ``nnls``, its old name, is accepted);
+Weights are non-negative and sum to 1. ``convex`` solves that constrained least-squares problem for the best
+convex combination of the models (SLSQP, an iterative solver; ``nnls``, its old name, is accepted) and checks the
+answer: the duality gap of the weights (how far their mean squared error can be above the best combination's, a
+bound that holds for any weights on the simplex) must be below ``GAP_TOLERANCE`` of the best single model's, else
+a warning names it and the solver's message;
 ``hill`` is Caruana's hill climbing with replacement from the best single model, adding a model only while the
 OOF RMSE improves by at least ``min_improvement``: with 20+ correlated models it keeps few of them and overfits
 the OOF less. Either way the blend's in-sample OOF RMSE is never worse than the best single model's.
@@ -11,12 +14,16 @@ the other folds' OOF rows and scores each held-out fold: the number to compare m
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
 
 from .metrics import rmse
+
+log = logging.getLogger("pawpular")
+GAP_TOLERANCE = 1e-6  # the convex blend's duality gap allowed, relative to the best single model's mean squared error
 
 
 @dataclass
@@ -65,6 +72,12 @@ def fit_weights(oof: np.ndarray, y: np.ndarray, names: list[str], method: str = 
     w = w / w.sum() if w.sum() > 0 else np.eye(n_models)[best]
     if rmse(oof @ w, y) > singles[best]:  # never worse than the best single model (guards solver tolerance)
         w = np.eye(n_models)[best]
+    grad = 2 * (gram @ w - rhs)  # the objective's gradient; convexity: MSE(w) - best MSE <= grad @ w - min(grad)
+    gap = float(grad @ w - grad.min())
+    if not res.success or gap > GAP_TOLERANCE * singles[best] ** 2:
+        log.warning("ensemble: the convex blend's solver did not reach the optimum (%s; duality gap %.3g in mean "
+                    "squared error, allowed %.3g): its weights may be off the best", res.message, gap,
+                    GAP_TOLERANCE * singles[best] ** 2)
     return Blend(names, w, [(names[best], singles[best]), ("convex", rmse(oof @ w, y))])
 
 

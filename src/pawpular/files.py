@@ -278,8 +278,8 @@ _digests: dict[tuple, str] = {}
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """A content hash of a file: changes exactly when its bytes do. Memoized per process on the file's stat
-    (a rewrite changes size, mtime or inode), so a stage chain hashes each file once."""
+    """A content hash of a file (blake2b, 128 bits): changes when its bytes do. Memoized per process on the file's
+    stat (path, size, mtime, inode, ctime: a rewrite changes one of them), so a stage chain hashes each file once."""
     path = Path(path)
     try:
         st = path.stat()

@@ -24,7 +24,8 @@ support vectors (standardized), their dual coefficients, the intercept and gamma
     f(x) = sum_i dual_coef[i] * exp(-gamma * ||(x - mean) / scale - sv_i||^2) + intercept,   clipped to [1, 100]
 
 so ``predict`` (a Kaggle notebook) needs neither scikit-learn nor cuML, and loading a head runs no code. The
-pipeline's own SVR predictions come from the same arrays. This module reads and writes nothing itself.
+pipeline's own SVR predictions come from the same arrays. Of files, it reads head files only (``SvrHead.load``;
+embedding tables: ``embedding_sets.read_sets``) and writes none (``to_bytes`` gives the bytes a stage writes).
 """
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
 """The SVR head's tuning: how workers share its study's trial budget, how each trial is sampled, heartbeats.
 
-    study = open_study(name, open_storage(cfg), seed, shared)   # StudyStorageError naming svr.storage first
-    ran = run_trials(study, make_objective(folds, y, cfg.svr, device), n_trials)   # this worker's share
+    handle = open_study(name, open_storage(cfg), seed, shared)   # StudyStorageError naming svr.storage first
+    ran = run_trials(handle, make_objective(folds, y, cfg.svr, device), n_trials)   # this worker's share
+    handle.study.best_params                                     # the optuna.Study
 
 Storage: ``svr_storage.py`` (SQLite or PostgreSQL); a heartbeat fails and re-queues the trial of a dead worker
 (``sole``: one process on the study, no heartbeat; a killed run's trial is re-queued at once). Budget: a worker
 creates a trial only while COMPLETE + RUNNING < n_trials, under a lock all workers share, so the study ends with
 exactly n_trials COMPLETE trials. Sampling replays: each trial is asked from a TPE sampler built for it, seeded by
-(seed, completed trials) - or the trial number when shared, so concurrent workers draw different C - using only
-Optuna's public API. Optuna and SQLAlchemy are imported lazily; nothing here knows the stages.
+(seed, completed trials) - or the trial number when shared, so concurrent workers draw different C. Trials are
+asked and told here, not by ``Study.optimize`` (its ``MaxTrialsCallback`` lets a worker overshoot the budget by
+one trial), so their heartbeat is beaten here too, through the few ``RDBStorage`` methods Optuna does not document
+for users: all in ``optuna_internals.py``, with the Optuna versions they were checked against and a test.
+Optuna and SQLAlchemy are imported lazily; nothing here knows the stages.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import optuna_internals as internals
 from .svr_storage import (SETTING, StudyStorageError, make_storage, open_storage, resolve_setting,  # noqa: F401
                           sqlite_path, storage_url)
 
@@ -36,17 +41,18 @@ _CLAIM = "pawpular:claimed"  # trial system attr: the trial number its worker wr
 
 
 @dataclass
-class Study:
-    """An Optuna study and the RDBStorage it lives in (Optuna has no public way from one to the other); reads
-    like the ``optuna.Study`` itself (``best_params``, ``trials``...)."""
+class StudyHandle:
+    """What ``run_trials`` needs besides the ``optuna.Study`` (``.study``: read results from it): the RDBStorage it
+    lives in (Optuna has no public way from one to the other), the sampling seed and whether workers share it."""
 
     study: Any  # optuna.Study
     storage: Any  # optuna.storages.RDBStorage
     seed: int
     shared: bool  # several workers at once: seed by trial number; else one trial at a time, seeded by progress
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.study, name)
+    @property
+    def study_name(self) -> str:
+        return self.study.study_name
 
     def sampler_for_next_trial(self) -> Any:
         """A TPE sampler seeded by (seed, completed trials so far), or by the next trial's number when shared."""
@@ -57,14 +63,14 @@ class Study:
         return optuna.samplers.TPESampler(seed=(self.seed * 1_000_003 + key) % 2**32)
 
 
-def open_study(name: str, storage: Any, seed: int, shared: bool = False) -> Study:
+def open_study(name: str, storage: Any, seed: int, shared: bool = False) -> StudyHandle:
     """Create study ``name`` in ``storage`` (a ``make_storage`` result, or a URL given to it), or load it."""
     import optuna
 
     if isinstance(storage, str):
         storage = make_storage(storage, Path())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return Study(optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True),
+    return StudyHandle(optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True),
                  storage, seed, shared)
 
 
@@ -85,11 +91,11 @@ def n_complete(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def study_lock(study: Study) -> Callable[[], contextlib.AbstractContextManager]:
+def study_lock(study: StudyHandle) -> Callable[[], contextlib.AbstractContextManager]:
     """The lock every worker takes to "count trials, then create one": a PostgreSQL advisory lock keyed on the
     study name, ``flock`` on ``<database>.lock`` for SQLite, a thread lock in memory (all die with their holder)."""
     rdb = study.storage
-    if rdb.engine.name == "postgresql":
+    if internals.engine(rdb).name == "postgresql":
         key = int.from_bytes(hashlib.blake2b(f"pawpular-study:{study.study_name}".encode(), digest_size=8).digest(),
                              "big", signed=True)
 
@@ -97,12 +103,13 @@ def study_lock(study: Study) -> Callable[[], contextlib.AbstractContextManager]:
         def pg() -> Iterator[None]:
             import sqlalchemy
 
-            with rdb.engine.begin() as conn:  # released at commit, or when a killed worker's connection drops
+            # released at commit, or when a killed worker's connection drops
+            with internals.engine(rdb).begin() as conn:
                 conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
                 yield
 
         return pg
-    path = sqlite_path(rdb.url)
+    path = sqlite_path(internals.url(rdb))
     if path is None:
         thread_lock = threading.Lock()
         return lambda: thread_lock
@@ -119,7 +126,7 @@ def study_lock(study: Study) -> Callable[[], contextlib.AbstractContextManager]:
     return flock
 
 
-def _claim(study: Study, study_id: int, n_trials: int) -> tuple[Any, Any, int]:
+def _claim(study: StudyHandle, study_id: int, n_trials: int) -> tuple[Any, Any, int]:
     """Under the lock: fail stale trials, then ask a trial if COMPLETE + RUNNING < n_trials (private: and none
     runs); a RUNNING trial counts once its worker claimed it here. Returns (asking study, trial or None, COMPLETE)."""
     import optuna
@@ -135,12 +142,12 @@ def _claim(study: Study, study_id: int, n_trials: int) -> tuple[Any, Any, int]:
     if complete + running >= n_trials or (not study.shared and running):
         return None, None, complete
     asker = optuna.load_study(study_name=study.study_name, storage=rdb, sampler=study.sampler_for_next_trial())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # true, and deliberate: this module beats the heartbeat itself (_heartbeat)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         trial = asker.ask()  # pops a re-queued (WAITING) trial first: a retry keeps its parameters
-    trial_id = rdb.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-    rdb.record_heartbeat(trial_id)  # first, so a claimed trial always has a heartbeat that can go stale
-    rdb.set_trial_system_attr(trial_id, _CLAIM, trial.number)
+    trial_id = internals.trial_id(rdb, study_id, trial.number)
+    internals.record_heartbeat(rdb, trial_id)  # first, so a claimed trial always has a heartbeat that can go stale
+    internals.set_system_attr(rdb, trial_id, _CLAIM, trial.number)
     return asker, trial, complete
 
 
@@ -151,13 +158,13 @@ def _heartbeat(rdb: Any, trial_id: int) -> Iterator[None]:
 
     def beat() -> None:
         try:
-            while not stop.wait(rdb.get_heartbeat_interval()):
+            while not stop.wait(internals.heartbeat_interval(rdb)):
                 try:
-                    rdb.record_heartbeat(trial_id)
+                    internals.record_heartbeat(rdb, trial_id)
                 except Exception as e:  # noqa: BLE001 - a database hiccup: try again next beat
                     log.warning("study: heartbeat of trial id %d failed: %s", trial_id, e)
         finally:
-            rdb.remove_session()  # this thread's connection (SQLite connections are per thread)
+            internals.end_thread_session(rdb)  # this thread's connection (SQLite connections are per thread)
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
     thread.start()
@@ -168,7 +175,7 @@ def _heartbeat(rdb: Any, trial_id: int) -> Iterator[None]:
         thread.join()
 
 
-def run_trials(study: Study, objective: Callable[[Any], float], n_trials: int, *,
+def run_trials(study: StudyHandle, objective: Callable[[Any], float], n_trials: int, *,
                callbacks: Sequence[Callable[[Any, Any], None]] | None = (),
                lock: Callable[[], contextlib.AbstractContextManager] | None = None, poll: float | None = None,
                sole: bool = False) -> int:
@@ -183,11 +190,11 @@ def run_trials(study: Study, objective: Callable[[Any], float], n_trials: int, *
     from optuna.trial import TrialState
 
     rdb = study.storage
-    if rdb.get_heartbeat_interval() is None:
+    if internals.heartbeat_interval(rdb) is None:
         raise ValueError("run_trials needs a storage with a heartbeat: use make_storage()")
     lock = lock or study_lock(study)
-    poll = poll if poll is not None else float(rdb.get_heartbeat_interval())
-    study_id = rdb.get_study_id_from_name(study.study_name)
+    poll = poll if poll is not None else float(internals.heartbeat_interval(rdb))
+    study_id = internals.study_id(rdb, study.study_name)
     ran, waiting = 0, False
     if sole:  # a RUNNING trial is one a killed run left: fail it and queue its parameters again, at once
         with warnings.catch_warnings():
@@ -210,7 +217,7 @@ def run_trials(study: Study, objective: Callable[[Any], float], n_trials: int, *
             time.sleep(poll)
             continue
         waiting = False
-        trial_id = rdb.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        trial_id = internals.trial_id(rdb, study_id, trial.number)
         with contextlib.nullcontext() if sole else _heartbeat(rdb, trial_id):
             try:
                 value = float(objective(trial))

@@ -25,8 +25,9 @@ log = logging.getLogger("pawpular")
 # name in an export's manifest -> the module whose __version__ it is
 MODULES = {"torch": "torch", "timm": "timm", "numpy": "numpy", "pandas": "pandas", "safetensors": "safetensors",
            "pillow": "PIL", "opencv": "cv2", "pyyaml": "yaml", "tqdm": "tqdm"}
-# The oldest versions supported (requirements.txt's lower bounds for these; tests/test_lowest.py checks the two
-# agree and runs predict in an environment built at exactly these).
+# The oldest versions supported (requirements.txt's lower bounds for these): tests/test_versions.py checks the two
+# agree; tests/test_predict.py::test_predict_at_the_lowest_supported_versions runs predict in an environment built
+# at these (tests/lowest_env.py).
 MINIMUM = {"torch": "2.4", "timm": "1.0.15", "numpy": "1.26", "pandas": "2.2", "safetensors": "0.4",
            "pillow": "10.3", "opencv": "4.9", "pyyaml": "6", "tqdm": "4.66"}
 # requirements.txt names these by their distribution name

@@ -43,6 +43,7 @@ from .. import artifacts, backend, manifest, selection, svr_head
 from ..config import Config, backbone_configs
 from ..errors import ConfigError
 from ..data import ID, META_COLS, TARGET, Competition
+from ..embedding_sets import read_sets
 from ..files import MissingArtifact, write_json
 from ..metrics import rmse
 from ..splits import read_folds
@@ -221,15 +222,10 @@ def load_train_sets(cfg: Config, comp: Competition, folds_df: Any, names: Sequen
     """Read each set's train embeddings once (a frozen set once for all folds)."""
     fold_of = folds_df["fold"].to_numpy()  # read_folds returns them in train-table order
     tables: dict[tuple[str, int], Any] = {}
-    for name in names:
-        frozen = None
-        for k in sorted(k for k in np.unique(fold_of).tolist() if k >= 0):
-            path = artifacts.set_file(cfg.out, name, "train", k)
-            if name == artifacts.MODEL_SET:
-                tables[(name, k)] = backend.read_table(path, device)
-            else:
-                frozen = frozen if frozen is not None else backend.read_table(path, device)
-                tables[(name, k)] = frozen
+    frozen: dict = {}
+    for k in sorted(k for k in np.unique(fold_of).tolist() if k >= 0):
+        for name, table in read_sets(cfg.out, names, "train", k, device, frozen).items():
+            tables[(name, k)] = table
     meta = comp.train[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
     return TrainSets(tables, comp.train[ID].astype(str).tolist(), comp.train[TARGET].to_numpy(np.float64), fold_of, meta)
 

@@ -33,7 +33,8 @@ import pandas as pd
 
 from .. import artifacts, backend, nested, svr_head, svr_study as studies, tracking
 from ..data import ID, META_COLS, TARGET
-from ..files import MissingArtifact, remove, write_bytes, write_json
+from ..embedding_sets import read_sets
+from ..files import remove, write_bytes, write_json
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
@@ -79,22 +80,6 @@ def recorded_settings(record) -> dict:
     return {"svr": {"n_trials": n}} if isinstance(n, int) and n > 0 else {}
 
 
-def _load_sets(cfg, fold: int, split: str, frozen: dict, device: str) -> dict:
-    """The embedding tables for one fold and split; frozen backbones are read once and kept in ``frozen``."""
-    sets = {}
-    for name in cfg.svr.features:
-        path = artifacts.set_file(cfg.out, name, split, fold)
-        if not path.is_file():
-            raise MissingArtifact(f"{path} not found: run `pawpular embed` first (svr.features lists {name!r})")
-        if name != artifacts.MODEL_SET and (name, split) in frozen:
-            sets[name] = frozen[(name, split)]
-            continue
-        sets[name] = backend.read_table(path, device)
-        if name != artifacts.MODEL_SET:
-            frozen[(name, split)] = sets[name]
-    return sets
-
-
 def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr_head.FoldData], list[str], str]:
     """Every fold's standardized features and targets (train-table row order), the column names, and a digest
     of the values the study is tuned on."""
@@ -108,7 +93,8 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
     frozen: dict = {}
     folds, columns = [], []
     for k in sorted(k for k in np.unique(fold_of).tolist() if k != HOLDOUT):
-        x, columns = svr_head.assemble_matrix(_load_sets(cfg, k, "train", frozen, device), ids, cfg.svr.features, meta, xp)
+        x, columns = svr_head.assemble_matrix(read_sets(cfg.out, cfg.svr.features, "train", k, device, frozen), ids,
+                                              cfg.svr.features, meta, xp)
         h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
         folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device, cfg.svr.target_clip))
         del x
@@ -128,10 +114,11 @@ def run(ctx) -> Result:
     shared = cfg.svr.storage is not None or cfg.svr.workers > 1
     if cfg.overwrite and cfg.svr.storage is None:  # the experiment's own study; a shared one is never deleted here
         studies.delete_study(name, storage)
-    study = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
+    handle = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
+    study = handle.study  # the optuna.Study
     mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb,
                                          device, cfg.svr.workers)
-    ran, t_tune = _tune(study, folds, y, cfg, mode, device, ctx.tracker)
+    ran, t_tune = _tune(handle, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
     preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
@@ -219,12 +206,12 @@ def make_objective(folds: list, y: np.ndarray, s, device: str):
     return objective
 
 
-def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
+def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
     """Run the trials the study lacks (with svr.workers local processes); the kernels live only while trials
     run. Returns (trials this process ran, seconds)."""
     from ..progress import Progress
 
-    s, t0 = cfg.svr, time.time()
+    s, t0, study = cfg.svr, time.time(), handle.study
     missing = max(0, s.n_trials - studies.n_complete(study))
     if not missing:
         return 0, 0.0
@@ -243,7 +230,7 @@ def _tune(study, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracke
 
             # the experiment's own study with one process (the experiment lock held): no heartbeat to go stale
             sole = s.storage is None and s.workers <= 1
-            ran = studies.run_trials(study, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress],
+            ran = studies.run_trials(handle, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress],
                                      sole=sole)
     finally:
         svr_head.detach_kernels(folds)
@@ -356,7 +343,7 @@ def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], par
         oof[f.val_rows] = np.clip(head.decision(backend.to_numpy(f.x_val)), 1, 100)
         fold_of[f.val_rows] = f.fold
         for split, table in tables.items():
-            sets = _load_sets(cfg, f.fold, "test" if split == "test" else "train", frozen, device)
+            sets = read_sets(cfg.out, cfg.svr.features, "test" if split == "test" else "train", f.fold, device, frozen)
             meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
             x, _ = svr_head.assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
             other[split].append(head.predict_matrix(x))
