@@ -72,7 +72,8 @@ setup() {
   if wants_distributed "$@"; then extra=distributed; fi
   if wants_tracking "$@"; then extra="${extra:+$extra }tracking"; fi
   base=$({ cat requirements.txt requirements-gpu.txt requirements-distributed.txt requirements-tracking.txt \
-               constraints.txt pyproject.toml src/pawpular/install_plan.py; echo "$key"; } | sha256sum | cut -d' ' -f1)
+               constraints.txt pyproject.toml src/pawpular/install_plan.py src/pawpular/cuda_builds.py
+               echo "$key"; } | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ]; then read -r have_base have_extras < "$stamp" || true; fi
   if [ "$have_base" != "$base" ]; then have_extras=""; fi
   for e in $extra; do

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from pawpular import install_plan as ip
+from pawpular import cuda_builds as cb, install_plan as ip
 from pawpular.install_plan import Driver, Facts, GpuInfo, TorchInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,18 +101,18 @@ def test_probe_torch_of_this_python_is_the_real_one():
 # --- the verdict on torch --------------------------------------------------------------------------------------
 
 def test_torch_verdicts():
-    assert ip.torch_verdict(CPU_TORCH, None) == ip.TorchVerdict(False)  # no GPU: nothing to complain about
-    assert ip.torch_verdict(KAGGLE_TORCH, driver()).usable
-    newer = ip.torch_verdict(CPU_TORCH, driver((12, 4)))
+    assert cb.torch_verdict(CPU_TORCH, None) == cb.TorchVerdict(False)  # no GPU: nothing to complain about
+    assert cb.torch_verdict(KAGGLE_TORCH, driver()).usable
+    newer = cb.torch_verdict(CPU_TORCH, driver((12, 4)))
     assert newer.wrong_build and "2.14.1+cu130" in newer.problem and "13.0" in newer.problem and "12.4" in newer.problem
-    cpu_only = ip.torch_verdict(TorchInfo("2.14.1+cpu", "2.14.1+cpu", None), driver())
+    cpu_only = cb.torch_verdict(TorchInfo("2.14.1+cpu", "2.14.1+cpu", None), driver())
     assert cpu_only.wrong_build and "CPU-only" in cpu_only.problem
-    same = ip.torch_verdict(TorchInfo("2.14.1", "2.14.1+cu130", "13.0"), driver((13, 0)))
+    same = cb.torch_verdict(TorchInfo("2.14.1", "2.14.1+cu130", "13.0"), driver((13, 0)))
     assert not same.wrong_build and "sees no GPU" in same.problem
-    assert ip.torch_verdict(CPU_TORCH, driver(), {"CUDA_VISIBLE_DEVICES": ""}).problem is None  # hidden on purpose
-    old = ip.torch_verdict(CPU_TORCH, driver((11, 4)))
+    assert cb.torch_verdict(CPU_TORCH, driver(), {"CUDA_VISIBLE_DEVICES": ""}).problem is None  # hidden on purpose
+    old = cb.torch_verdict(CPU_TORCH, driver((11, 4)))
     assert not old.wrong_build and "11.4" in old.problem
-    assert "update the NVIDIA driver" in ip.torch_fix("py", driver((11, 4)), TESTED)
+    assert "update the NVIDIA driver" in cb.torch_fix("py", driver((11, 4)), TESTED)
 
 
 # --- the plans -------------------------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_rapids_left_out_where_it_cannot_run():
     v100_cu13 = driver((13, 0), GpuInfo(0, "Tesla V100-SXM2-16GB", 16160, (7, 0)))
     assert "requirements-gpu.txt" not in ip.make_plan(facts(v100_cu13, None)).steps[-1].argv
     assert "requirements-gpu.txt" in ip.make_plan(facts(v100_cu13, None, PAWPULAR_CUDA="12")).steps[-1].argv
-    assert ip.rapids_blocker(12, driver((12, 0))) is not None  # RAPIDS for CUDA 12 needs a 12.2 driver
+    assert cb.rapids_blocker(12, driver((12, 0))) is not None  # RAPIDS for CUDA 12 needs a 12.2 driver
 
 
 def test_too_old_driver_falls_back_to_the_cpu_set_loudly():
@@ -240,7 +240,7 @@ def test_requirements_are_lower_bounds_and_constraints_pin_them_within_bounds():
 
 def test_requirements_gpu_names_rapids_through_pawpular_cuda():
     lines = requirement_lines("requirements-gpu.txt")
-    assert lines == [f"{name}-cu${{PAWPULAR_CUDA}}{ip.RAPIDS_SPEC}" for name in ip.RAPIDS_PACKAGES]
+    assert lines == [f"{name}-cu${{PAWPULAR_CUDA}}{cb.RAPIDS_SPEC}" for name in cb.RAPIDS_PACKAGES]
     assert "-r requirements.txt" in (REPO / "requirements-gpu.txt").read_text().splitlines()
 
 

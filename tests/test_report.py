@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pawpular import cli, plots, reporting as report, results
+from pawpular import cli, plots, plots_eda, reporting as report, results
 from pawpular.data import ID, TARGET
 from pawpular.metrics import rmse
 
@@ -195,7 +195,7 @@ def test_figures_say_what_is_missing_instead_of_failing():
         plots.fold_scores(pd.DataFrame()), plots.training_curves(pd.DataFrame()), plots.oof_scatter(empty, ["nn"]),
         plots.residuals_by_target(empty, ["svr"]), plots.optuna_study(None), plots.ensemble_weights({}, {}),
         plots.worst_predictions(None, empty, "ensemble"), plots.stage_timings({}),
-        plots.duplicate_pairs("nowhere", pd.DataFrame(columns=[ID, "group"]), empty),
+        plots_eda.duplicate_pairs("nowhere", pd.DataFrame(columns=[ID, "group"]), empty),
     ]
     for fig in figures:
         assert plots.to_png(fig).startswith(PNG_SIGNATURE)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from pawpular.data import META_COLS, TARGET, read_competition
-from pawpular.synthetic import FLAG_P, Pet, baseline_scores, make_synthetic, render
+from pawpular.synthetic import FLAG_P, baseline_scores, make_synthetic
+from pawpular.synthetic_draw import Pet, render
 
 
 def _digest(root: Path) -> dict[str, str]:

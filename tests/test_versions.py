@@ -79,7 +79,8 @@ def test_weights_another_timm_names_otherwise_say_so(tmp_path):
 
     from pawpular.config import ModelConfig
     from pawpular.files import ArtifactError, read_safetensors, safetensors_bytes
-    from pawpular.models import MODEL_FORMAT, build_model, load_model_file, model_file_bytes
+    from pawpular.model_file import MODEL_FORMAT, load_model_file, model_file_bytes
+    from pawpular.models import build_model
 
     cfg = ModelConfig(name="resnet18", kwargs={"layers": [1, 1, 1, 1]}, img_size=32)
     model = build_model(cfg, pretrained=False)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import install_plan
+from . import cuda_builds, install_plan
 from .errors import PawpularError
 from .files import atomic_path
 
@@ -90,11 +90,11 @@ def unusable_gpu() -> str | None:
         return None
     info = install_plan.TorchInfo(dist=_dist_version("torch") or torch.__version__, version=torch.__version__,
                                   cuda=torch.version.cuda, available=torch.cuda.is_available())
-    verdict = install_plan.torch_verdict(info, driver, os.environ)
+    verdict = cuda_builds.torch_verdict(info, driver, os.environ)
     if verdict.problem is None:
         return None
-    fix = install_plan.torch_fix(sys.executable, driver, install_plan.read_tested(), os.environ)
-    return f"nvidia-smi lists {install_plan.gpu_names(driver)} but {verdict.problem}. Fix: {fix}"
+    fix = cuda_builds.torch_fix(sys.executable, driver, install_plan.read_tested(), os.environ)
+    return f"nvidia-smi lists {cuda_builds.gpu_names(driver)} but {verdict.problem}. Fix: {fix}"
 
 
 def _dist_version(name: str) -> str | None:
@@ -127,9 +127,9 @@ class RapidsStatus:
 
 def rapids_status() -> RapidsStatus:
     """Import cuML and cuDF (not just find them): a broken install is reported with its error, not crashed on."""
-    dists = tuple(f"{name}-cu{major}" for name in install_plan.RAPIDS_PACKAGES for major in install_plan.SUPPORTED_CUDA
+    dists = tuple(f"{name}-cu{major}" for name in cuda_builds.RAPIDS_PACKAGES for major in cuda_builds.SUPPORTED_CUDA
                   if _dist_version(f"{name}-cu{major}") is not None)
-    found = {name: importlib.util.find_spec(name) is not None for name in install_plan.RAPIDS_PACKAGES}
+    found = {name: importlib.util.find_spec(name) is not None for name in cuda_builds.RAPIDS_PACKAGES}
     if not any(found.values()):
         return RapidsStatus(False, dists=dists)
     missing = [name for name, ok in found.items() if not ok]
@@ -145,10 +145,10 @@ def rapids_status() -> RapidsStatus:
 
 def rapids_fix(status: RapidsStatus, python: str = sys.executable, major: int | None = None) -> str:
     """Reinstall RAPIDS for the CUDA major in use (replacing wheels of another major), or remove it."""
-    major = major or status.cuda_major or min(install_plan.SUPPORTED_CUDA)
-    remove = [python, "-m", "pip", "uninstall", "-y", *(status.dists or install_plan.RAPIDS_PACKAGES)]
-    install = [python, "-m", "pip", "install", *install_plan.rapids_requirements(major),
-               "--extra-index-url", install_plan.NVIDIA_INDEX]
+    major = major or status.cuda_major or min(cuda_builds.SUPPORTED_CUDA)
+    remove = [python, "-m", "pip", "uninstall", "-y", *(status.dists or cuda_builds.RAPIDS_PACKAGES)]
+    install = [python, "-m", "pip", "install", *cuda_builds.rapids_requirements(major),
+               "--extra-index-url", cuda_builds.NVIDIA_INDEX]
     if status.cuda_major == major or not status.dists:
         fix = f"reinstall RAPIDS for CUDA {major}:  {shlex.join(install[:4] + ['--force-reinstall'] + install[4:])}"
     else:
@@ -157,8 +157,8 @@ def rapids_fix(status: RapidsStatus, python: str = sys.executable, major: int | 
 
 
 def rapids_gpu_blocker(status: RapidsStatus, gpu_name: str, capability: tuple[int, int] | None) -> str | None:
-    """Why the installed RAPIDS cannot run on GPU 0 (``install_plan.capability_blocker`` for its CUDA major)."""
-    return install_plan.capability_blocker(status.cuda_major or min(install_plan.SUPPORTED_CUDA), gpu_name, capability)
+    """Why the installed RAPIDS cannot run on GPU 0 (``cuda_builds.capability_blocker`` for its CUDA major)."""
+    return cuda_builds.capability_blocker(status.cuda_major or min(cuda_builds.SUPPORTED_CUDA), gpu_name, capability)
 
 
 def _gpu0() -> tuple[str, tuple[int, int] | None]:

@@ -42,6 +42,23 @@ def _data_commands(sub) -> None:
     p.add_argument("--no-images", action="store_true", help="check the CSVs only")
 
 
+def _stage_flags(p, name: str) -> None:
+    """The flags of one stage only (svr's workers, select's search and branch), beside every stage's config flags."""
+    if name == "select":
+        p.add_argument("--as", dest="branch", metavar="NAME", help="also write the chosen sets as a new "
+                       "experiment NAME beside this one (output/NAME), reusing its folds, fine-tuned folds and "
+                       "embeddings; this experiment is left as it is")
+    if name == "svr":
+        p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
+                       "(svr.workers): they share svr.n_trials exactly")
+    if name == "select":
+        p.add_argument("--starts", type=int, metavar="N", help="forward selection from each of the N best "
+                       "single sets: up to N feature sets, each its own SVR head (select.starts)")
+        p.add_argument("--budget-hours", type=float, metavar="H", help="keep only sets whose inference on "
+                       "--test-images photos fits in H hours (select.budget_hours)")
+        p.add_argument("--test-images", type=int, metavar="N", help="hidden test photos (select.test_images)")
+
+
 def _stage_commands(sub, raw) -> None:
     from . import stages
 
@@ -49,19 +66,7 @@ def _stage_commands(sub, raw) -> None:
         summary, description = stages.describe(name)
         p = sub.add_parser(name, help=summary, description=description, formatter_class=raw)
         _config_args(p)
-        if name == "select":
-            p.add_argument("--as", dest="branch", metavar="NAME", help="also write the chosen sets as a new "
-                           "experiment NAME beside this one (output/NAME), reusing its folds, fine-tuned folds and "
-                           "embeddings; this experiment is left as it is")
-        if name == "svr":
-            p.add_argument("--workers", type=int, metavar="N", help="local worker processes on the study "
-                           "(svr.workers): they share svr.n_trials exactly")
-        if name == "select":
-            p.add_argument("--starts", type=int, metavar="N", help="forward selection from each of the N best "
-                           "single sets: up to N feature sets, each its own SVR head (select.starts)")
-            p.add_argument("--budget-hours", type=float, metavar="H", help="keep only sets whose inference on "
-                           "--test-images photos fits in H hours (select.budget_hours)")
-            p.add_argument("--test-images", type=int, metavar="N", help="hidden test photos (select.test_images)")
+        _stage_flags(p, name)
     _config_args(sub.add_parser("all", help="every stage in order; each skips what is already done",
                                 description="Run folds, train, embed, svr and ensemble in order under one lock. "
                                 "A stage whose settings and inputs are unchanged and whose outputs are intact is "

@@ -1,4 +1,5 @@
-"""The competition's data contract: read and validate the CSVs and images; fingerprints of the data.
+"""The competition's data contract: read and validate the CSVs and images (their fingerprints:
+data_digest.py).
 
 Layout (exactly Kaggle's)::
 
@@ -8,13 +9,12 @@ Layout (exactly Kaggle's)::
     DIR/train/{Id}.jpg, DIR/test/{Id}.jpg
 
 ``pawpular check-data --data DIR`` lists every problem with its file, line or Id and reason, and exits 2. Reads
-the competition folder; writes only ``<experiment>/.data_check.json`` (what was last checked, and digests).
+the competition folder; the record ``<experiment>/.data_check.json`` (what was last checked, and digests) is
+written by data_digest.py.
 """
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +42,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
               "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 __all__ = ["ID", "TARGET", "META_COLS", "DataError", "ImageDecodeError", "Problem", "Competition",
-           "check_competition", "read_competition", "read_test_set", "ensure_valid", "images_digest"]
+           "check_competition", "read_competition", "read_test_set", "check_images"]
 
 
 class DataError(PawpularError, ValueError):
@@ -218,7 +218,7 @@ def check_competition(root: str | Path, images: bool = True, workers: int = 8) -
     if images:
         for name, df, split in (("train.csv", train, "train"), ("test.csv", test, "test")):
             if has_id[name]:
-                problems += _check_images(root, split, _named_ids(df), workers)
+                problems += check_images(root, split, _named_ids(df), workers)
     if problems:
         return problems, None
     return [], Competition(root, _typed_train(train), _typed_test(test), sample)
@@ -229,7 +229,7 @@ def _named_ids(df: pd.DataFrame) -> list[str]:
     return [i for i in df[ID].dropna().astype(str) if i.strip()]
 
 
-def _check_images(root: Path, split: str, ids: list[str], workers: int) -> list[Problem]:
+def check_images(root: Path, split: str, ids: list[str], workers: int) -> list[Problem]:
     folder = root / split
     if not folder.is_dir():
         return [Problem(f"{split}/", "folder", f"image folder missing: {len(ids)} images expected as {split}/<Id>.jpg")]
@@ -288,87 +288,7 @@ def read_test_set(root: str | Path, images: bool = True, workers: int = 8) -> tu
     if has_t and has_s:
         _check_sample_ids(test, sample, problems)
     if has_t and images:
-        problems += _check_images(root, "test", _named_ids(test), workers)
+        problems += check_images(root, "test", _named_ids(test), workers)
     if problems:
         raise DataError(problems)
     return _typed_test(test), sample
-
-
-def _image_paths(comp: Competition) -> list[Path]:
-    return [image_path(comp.root, split, i) for split, df in (("train", comp.train), ("test", comp.test)) for i in df[ID]]
-
-
-def _stat_fingerprint(comp: Competition) -> str:
-    """Cheap fingerprint (name, size, mtime) of the CSVs and every image: changes when any file does."""
-    h = hashlib.blake2b(digest_size=16)
-    paths = [comp.root / n for n in ("train.csv", "test.csv", "sample_submission.csv")] + _image_paths(comp)
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.relative_to(comp.root)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()
-
-
-def _read_record(record: Path, root: Path) -> dict:
-    try:
-        entry = json.loads(record.read_text()).get(str(root.resolve()))
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return entry if isinstance(entry, dict) else {}
-
-
-def _write_record(record: Path, root: Path, entry: dict) -> None:
-    from .files import write_json
-
-    write_json(record, {str(root.resolve()): entry})
-
-
-def cached_images_digest(comp: Competition, record: str | Path) -> dict[str, str] | None:
-    """The photo digests ``images_digest`` cached in ``record`` while no photo's size or mtime changed since, else
-    None; reads no photo (``pawpular runs``: a status that never hashes images)."""
-    entry = _read_record(Path(record), comp.root)
-    try:
-        fresh = entry.get("fingerprint") == _stat_fingerprint(comp)
-    except FileNotFoundError:  # a photo is gone
-        return None
-    return entry["images"] if fresh and isinstance(entry.get("images"), dict) else None
-
-
-def ensure_valid(root: str | Path, record: str | Path) -> Competition:
-    """Full contract check (images decoded) before a stage reads images, skipped when nothing changed since the
-    last successful check of this experiment (recorded in ``record``). Raises DataError."""
-    root, record = Path(root), Path(record)
-    comp = read_competition(root, images=False)
-    try:
-        fingerprint = _stat_fingerprint(comp)
-    except OSError:
-        fingerprint = None  # a missing or unreadable image: the full check below names it
-    if fingerprint and _read_record(record, root).get("fingerprint") == fingerprint:
-        return comp
-    problems = _check_images(root, "train", comp.train[ID].tolist(), 8) + _check_images(root, "test", comp.test[ID].tolist(), 8)
-    if problems:
-        raise DataError(problems)
-    _write_record(record, root, {"fingerprint": fingerprint})
-    return comp
-
-
-def images_digest(comp: Competition, record: str | Path | None = None) -> dict[str, str]:
-    """Per split (train, test), one hash over every image's Id and bytes: a changed photo changes its split's.
-
-    Reading every photo costs about a second per GB; with ``record`` the digests are kept beside the data check's
-    stat fingerprint and reused while no image's size or mtime changed (as make and DVC judge inputs).
-    """
-    from .files import file_digest
-
-    fingerprint = _stat_fingerprint(comp)
-    entry = _read_record(Path(record), comp.root) if record else {}
-    if entry.get("fingerprint") == fingerprint and isinstance(entry.get("images"), dict):
-        return entry["images"]
-    digests = {}
-    for split, df in (("train", comp.train), ("test", comp.test)):
-        h = hashlib.blake2b(digest_size=16)
-        for id_ in df[ID]:
-            h.update(f"{id_}:{file_digest(image_path(comp.root, split, id_))};".encode())
-        digests[split] = h.hexdigest()
-    if record:
-        _write_record(Path(record), comp.root, {**entry, "fingerprint": fingerprint, "images": digests})
-    return digests

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
-from . import backend, install_plan
+from . import backend, cuda_builds, install_plan
 from .backend import RapidsStatus
 from .config import Config, load_config
 from .errors import ConfigError
@@ -115,8 +115,8 @@ def _rapids_blocker(facts: Facts) -> str | None:
 def _device(facts: Facts, cfg: Config, problems: list[Problem], notes: list[str]) -> str:
     """The device, as backend.resolve_device decides it ('none': device: cuda that cannot be met)."""
     driver = facts.driver
-    verdict = install_plan.torch_verdict(facts.torch, driver, facts.env)
-    torch_fix = install_plan.torch_fix(facts.executable, driver, facts.tested, facts.env)
+    verdict = cuda_builds.torch_verdict(facts.torch, driver, facts.env)
+    torch_fix = cuda_builds.torch_fix(facts.executable, driver, facts.tested, facts.env)
     device = backend.choose_device(cfg.device, verdict.usable)
     if cfg.device == "cpu" and verdict.usable:
         notes.append("device: cpu in the config, although torch can use the GPU")
@@ -127,11 +127,11 @@ def _device(facts: Facts, cfg: Config, problems: list[Problem], notes: list[str]
                                 "device: auto / cpu"))
     if verdict.problem and cfg.device != "cuda":
         consequence = "every stage runs on the CPU" if cfg.device == "auto" else "(the config asks for the CPU anyway)"
-        problems.append(Problem(f"nvidia-smi lists {install_plan.gpu_names(driver)} but {verdict.problem}: "
+        problems.append(Problem(f"nvidia-smi lists {cuda_builds.gpu_names(driver)} but {verdict.problem}: "
                                 f"{consequence}", torch_fix))
     if driver is not None and driver.error:
         notes.append(f"nvidia-smi failed: {driver.error}")
-    if driver is not None and driver.gpus and install_plan.gpus_hidden(facts.env):
+    if driver is not None and driver.gpus and cuda_builds.gpus_hidden(facts.env):
         notes.append(f"CUDA_VISIBLE_DEVICES={facts.env['CUDA_VISIBLE_DEVICES']!r} hides the GPUs from torch")
     return device
 
@@ -142,23 +142,23 @@ def _rapids(facts: Facts, device: str, problems: list[Problem], notes: list[str]
     blocker = _rapids_blocker(facts) if rapids.ok else None
     use_rapids = backend.rapids_usable(device, rapids, blocker)
     if rapids.error:
-        major = torch.cuda_major if torch is not None and torch.cuda_major in install_plan.SUPPORTED_CUDA else None
+        major = torch.cuda_major if torch is not None and torch.cuda_major in cuda_builds.SUPPORTED_CUDA else None
         why = rapids.error
         if driver is not None and driver.cuda and rapids.cuda_major and rapids.cuda_major > driver.cuda[0]:
             why += (f" ({', '.join(rapids.dists)} need{'s' if len(rapids.dists) == 1 else ''} a CUDA "
                     f"{rapids.cuda_major} driver; this one runs {driver.cuda_text})")
-            major = major or install_plan.cuda_major({}, driver)
+            major = major or cuda_builds.cuda_major({}, driver)
         problems.append(Problem(f"RAPIDS is installed but does not import: {why}; the SVR head falls back to "
                                 "scikit-learn and tables to pandas", backend.rapids_fix(rapids, facts.executable, major)))
     elif blocker:
         notes.append(f"RAPIDS {rapids.cuml} is installed but {blocker}: the SVR head runs on scikit-learn")
     elif device == "cuda" and not rapids.installed and torch is not None:
-        major = torch.cuda_major if torch.cuda_major in install_plan.SUPPORTED_CUDA else min(install_plan.SUPPORTED_CUDA)
-        rapids_blocked = install_plan.rapids_blocker(major, driver)
+        major = torch.cuda_major if torch.cuda_major in cuda_builds.SUPPORTED_CUDA else min(cuda_builds.SUPPORTED_CUDA)
+        rapids_blocked = cuda_builds.rapids_blocker(major, driver)
         notes.append("RAPIDS is not installed: the SVR head runs on scikit-learn on the CPU" + (
             f" ({rapids_blocked})" if rapids_blocked else
             f"; for cuML: PAWPULAR_CUDA={major} {facts.executable} -m pip install -r requirements-gpu.txt "
-            f"torch=={torch.dist} --extra-index-url {install_plan.NVIDIA_INDEX}"))
+            f"torch=={torch.dist} --extra-index-url {cuda_builds.NVIDIA_INDEX}"))
     if use_rapids and torch is not None and rapids.cuda_major and torch.cuda_major != rapids.cuda_major:
         notes.append(f"torch is built for CUDA {torch.cuda} but RAPIDS for CUDA {rapids.cuda_major} ("
                      f"{', '.join(rapids.dists)}): both load their own CUDA libraries; one major is safer")
@@ -179,7 +179,7 @@ def _svr_line(facts: Facts, cfg: Config, use_rapids: bool, notes: list[str]) -> 
                                                     " (cuML < 26.02 takes no precomputed kernels)"))
     if not precomputed_ok:
         notes.append(f"cuML {rapids.cuml} predates precomputed kernels (26.02): each Optuna trial refits from "
-                     f"features; upgrade: {' '.join(install_plan.rapids_requirements(rapids.cuda_major or 12))}")
+                     f"features; upgrade: {' '.join(cuda_builds.rapids_requirements(rapids.cuda_major or 12))}")
     return f"cuML {rapids.cuml} on cuda:0, {kernels}"
 
 

@@ -81,7 +81,8 @@ class _Data:
     def photos(self, split: str) -> str | None:
         """The photos' digest cached by this experiment's data check, if no photo changed since (else None).
         Experiments whose records say the same (copies, runs on one data folder) share one look at the photos."""
-        from .data import DataError, cached_images_digest, read_competition
+        from .data import DataError, read_competition
+        from .data_digest import cached_images_digest
 
         record = artifacts.data_check_record(self.out)
         key = (self.root, digest_or_none(record))

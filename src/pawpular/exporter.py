@@ -171,7 +171,8 @@ def _frozen_sets(ecfg: Config, svr_sets: list[str]) -> list[tuple[str, object]]:
 
 def _write_fold_model(folder: Path, dst: Path, fold: int) -> None:
     """A fold's best.pt as a model file (safetensors: weights, and its settings as metadata)."""
-    from .models import model_file_bytes, read_checkpoint
+    from .model_file import model_file_bytes
+    from .models import read_checkpoint
 
     ckpt, _, data_cfg = read_checkpoint(artifacts.best_checkpoint(folder, fold))
     write_bytes(artifacts.exported_model(dst, fold), model_file_bytes(ckpt["model"], ckpt["model_cfg"], data_cfg))
@@ -179,7 +180,8 @@ def _write_fold_model(folder: Path, dst: Path, fold: int) -> None:
 
 def _write_frozen_model(model_cfg, path: Path) -> None:
     """A frozen backbone as embed builds it (its weight file, or the seeded random init), as a model file."""
-    from .models import build_frozen, data_config, model_file_bytes
+    from .model_file import model_file_bytes
+    from .models import build_frozen, data_config
 
     model = build_frozen(model_cfg)
     shipped = dataclasses.replace(model_cfg, pretrained="none")  # the weights are in the file

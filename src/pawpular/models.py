@@ -7,7 +7,8 @@ Reads ``cfg.model`` (and a local pretrained file or ``train/fold{k}/best.pt`` wh
     model, data_cfg = load_checkpoint("output/default/train/fold0/best.pt")
     model = build_frozen(model_cfg)                 # a frozen backbone: its weight file, or a seeded random init
 
-Fine-tuning modes (which parameters train; SSF adapters) are in ``finetune.py``.
+Fine-tuning modes (which parameters train; SSF adapters) are in ``finetune.py``; the model file that ships, in
+``model_file.py``.
 """
 from __future__ import annotations
 
@@ -353,48 +354,3 @@ def frozen_description(model_cfg: ModelConfig) -> dict:
     desc = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("finetune", "drop_rate", "use_meta")
             and (k, v) not in (("output", "pooled"), ("square", "squash"))}  # defaults: keys as before they existed
     return {**desc, "weights": pretrained_source(model_cfg)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model files that ship (pawpular export): safetensors, settings as JSON metadata - data, never code to unpickle
-
-MODEL_FORMAT = "pawpular-model/1"
-
-
-def model_file_bytes(state: dict[str, torch.Tensor], model_cfg: dict, data_cfg: dict) -> bytes:
-    """A PawModel's state dict as a safetensors file, with its ModelConfig, data config and the versions of torch
-    and timm that made it in the metadata."""
-    import timm
-
-    from .files import safetensors_bytes
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
-    meta = {"format": MODEL_FORMAT, "model_cfg": model_cfg, "data_cfg": data_cfg, "torch": torch.__version__,
-            "timm": timm.__version__}
-    return safetensors_bytes(tensors, meta, "pt")
-
-
-def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tuple[PawModel, dict]:
-    """Rebuild a PawModel from a file of ``model_file_bytes`` (no pretrained download) in eval mode, and its data
-    config. A state dict that does not fit the architecture as this timm builds it is an error naming both timm
-    versions (timm renames parameters between releases)."""
-    import timm
-
-    from .files import ArtifactError, read_safetensors
-
-    meta, state = read_safetensors(path, "pt", "a model file", MODEL_FORMAT)
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    model_cfg = ModelConfig(**{k: v for k, v in meta["model_cfg"].items() if k in names})
-    data_cfg = dict(meta["data_cfg"])
-    data_cfg["input_size"] = tuple(data_cfg["input_size"])
-    model = build_model(model_cfg, pretrained=False)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        made = meta.get("timm")
-        hint = (f"it was made with timm {made} and this is timm {timm.__version__}, which names or shapes the "
-                f"parameters of {model_cfg.name} otherwise: pip install timm=={made}" if made != timm.__version__
-                else "the file does not match its own settings")
-        raise ArtifactError(f"{path}: the weights do not fit {model_cfg.name}: {hint} "
-                            f"({str(e).splitlines()[0][:200]})") from None
-    return model.to(device).eval(), data_cfg

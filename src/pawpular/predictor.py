@@ -40,7 +40,7 @@ from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_
 from .svr_head import SvrHead, assemble_features, embedding_table
 from .inference import Policy, model_device, run_backbone
 from .lock import experiment_lock
-from .models import load_model_file
+from .model_file import load_model_file
 from .submission import check_output_path, write_submission
 
 log = logging.getLogger("pawpular")

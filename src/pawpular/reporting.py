@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from . import artifacts, manifest, plots
+from . import artifacts, manifest, plots, plots_eda
 from .files import write_text
 from .data import TARGET
 from .results import NOT_RUN, RunResults, fold_table, load_results, model_table, oof_rmse
@@ -237,8 +237,8 @@ def render(res: RunResults, config: dict, title: str = "") -> tuple[str, int]:
                 missing=None if res.weights else "ensemble: not run")
     page.section("The competition")
     no_data = "competition data not found" if res.train is None else None
-    page.figure(lambda: plots.target_distribution(res.train[TARGET]), "Pawpularity in train.csv.", no_data)
-    page.figure(lambda: plots.metadata_effect(res.train), "The 12 metadata flags and the target.", no_data)
+    page.figure(lambda: plots_eda.target_distribution(res.train[TARGET]), "Pawpularity in train.csv.", no_data)
+    page.figure(lambda: plots_eda.metadata_effect(res.train), "The 12 metadata flags and the target.", no_data)
     page.section("Time per stage")
     page.add(_timings_table(res.timings, res.stages))
     page.section("Config")

@@ -56,7 +56,7 @@ class Context:
 
     def images_digest(self, split: str) -> str:
         if self._images is None:
-            from .data import images_digest
+            from .data_digest import images_digest
 
             self._images = images_digest(self.comp, artifacts.data_check_record(self.out))
         return self._images[split]
@@ -197,7 +197,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
             if dist.main:
                 log.info("== %s ==", name)
             if stage.IMAGES and dist.main:
-                from .data import ensure_valid
+                from .data_digest import ensure_valid
 
                 ctx._comp = ensure_valid(cfg.data, artifacts.data_check_record(cfg.out))
             require_upstream(ctx, name)

@@ -118,6 +118,19 @@ def _mixup(alpha: float, image: torch.Tensor, meta: torch.Tensor, target: torch.
     return tuple(lam * t + (1 - lam) * t[perm] for t in (image, meta, target))
 
 
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler: Any,
+                    grad_clip: float) -> None:
+    """After the last batch of an accumulation: clip the (unscaled) gradients, step, update the scaler, zero the
+    gradients and advance the schedule (it counts optimizer steps)."""
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: torch.amp.GradScaler, device: torch.device, tc: TrainConfig, *,
                     precision: str = "fp32", channels_last: bool = False, ddp: nn.Module | None = None,
@@ -135,7 +148,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     model.train()
     if frozen_backbone is not None:
         frozen_backbone.eval()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     criterion = nn.BCEWithLogitsLoss()
     n = len(loader)  # type: ignore[arg-type]
     total, seen = 0.0, 0
@@ -155,13 +167,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
                 raise LossNotFinite(f"the loss became {loss.item()} at step {i + 1}", i + 1, loss.item())
             scaler.scale(loss / tc.accum_steps).backward()
         if step_now:
-            if tc.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            _optimizer_step(optimizer, scaler, scheduler, tc.grad_clip)
         batch_loss = loss.item()
         total += batch_loss * image.shape[0]
         seen += image.shape[0]

@@ -6,7 +6,7 @@ with the reason, only where the difference is known to break:
 - a library older than the oldest this package supports (``MINIMUM``: requirements.txt's lower bounds, which a test
   keeps equal, and which CI runs predict at) or missing;
 - a model's weights that do not fit the architecture as this timm builds it (timm renames parameters between
-  releases): ``models.load_model_file`` names both timm versions.
+  releases): ``model_file.load_model_file`` names both timm versions.
 
 Nothing else is version-bound: an export holds no pickle (models and SVR heads are safetensors arrays, settings
 JSON and YAML), so Python, numpy, pandas and torch may differ.
