@@ -31,6 +31,7 @@ is dominated by per-layer overhead, so any ratio measured on it says little abou
 Its weights are random (no downloads), which is fine for speed, size and agreement with the uncompressed model;
 the OOF RMSE of random features is only a sanity check. Pass ``--pretrained`` or ``--checkpoint`` for real scores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,8 @@ import torch
 
 from pawpular import svr_head
 from pawpular.compress import _prunable, compress_model
-from pawpular.config_checks import compress_spec as parse
 from pawpular.config import ModelConfig
+from pawpular.config_checks import compress_spec as parse
 from pawpular.data import TARGET, read_competition
 from pawpular.dataset import eval_dataset
 from pawpular.inference import input_dtype
@@ -66,7 +67,9 @@ def load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, str]:
     if args.checkpoint:
         model, data_cfg = load_checkpoint(args.checkpoint, "cpu")
         return model, data_cfg, f"checkpoint {args.checkpoint}"
-    mcfg = ModelConfig(name=args.model, kwargs=json.loads(args.kwargs), pretrained=args.pretrained, img_size=args.img_size)
+    mcfg = ModelConfig(
+        name=args.model, kwargs=json.loads(args.kwargs), pretrained=args.pretrained, img_size=args.img_size
+    )
     model = build_model(mcfg, pretrained=True).eval()
     return model, data_config(mcfg, model.backbone), f"{args.model} {args.kwargs} (weights: {args.pretrained})"
 
@@ -83,7 +86,7 @@ def load_images(args: argparse.Namespace, data_cfg: dict) -> tuple[torch.Tensor,
 def embed_timed(model: torch.nn.Module, images: torch.Tensor, batch_size: int, warmup: int) -> tuple[np.ndarray, float]:
     """(embeddings [N, D] float32, seconds for all N images after ``warmup`` untimed batches)."""
     dtype = input_dtype(model)
-    batches = [images[i: i + batch_size].to(dtype) for i in range(0, len(images), batch_size)]
+    batches = [images[i : i + batch_size].to(dtype) for i in range(0, len(images), batch_size)]
     for b in batches[:warmup]:
         model.embed(b)
     t0 = time.perf_counter()
@@ -156,10 +159,15 @@ def main() -> None:
     base, data_cfg, what = load_model(args)
     t0 = time.perf_counter()
     images, train = load_images(args, data_cfg)
-    print(f"model: {what}; {sum(p.numel() for p in base.parameters()):,} parameters; input {tuple(data_cfg['input_size'])}")
-    print(f"data: {len(images)} images of {args.data} (decoded in {time.perf_counter() - t0:.1f}s, not timed); "
-          f"batch {args.batch_size}, warm-up {args.warmup} batches, {args.rounds} round(s); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    print(
+        f"model: {what}; {sum(p.numel() for p in base.parameters()):,} parameters; "
+        f"input {tuple(data_cfg['input_size'])}"
+    )
+    print(
+        f"data: {len(images)} images of {args.data} (decoded in {time.perf_counter() - t0:.1f}s, not timed); "
+        f"batch {args.batch_size}, warm-up {args.warmup} batches, {args.rounds} round(s); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    )
 
     models = {s: compress_model(copy.deepcopy(base), s, "cpu") for s in settings}
     emb: dict[str, np.ndarray] = {}
@@ -178,20 +186,36 @@ def main() -> None:
         rmse, c = svr_oof(emb[s], y, fold_of) if finite else (float("nan"), float("nan"))
         corr, corr_min = dim_correlation(emb["none"], emb[s]) if finite else (float("nan"), float("nan"))
         size, zipped = model_size(models[s])
-        rows.append({"setting": s, "img/s": len(images) / secs[s], "OOF RMSE": rmse, "C": c, "corr": corr,
-                     "corr min": corr_min, "MB": size / 2**20, "MB zlib": zipped / 2**20,
-                     "zeros": None if parse(s)[0] == "int8" else zero_fraction(models[s])})
+        rows.append(
+            {
+                "setting": s,
+                "img/s": len(images) / secs[s],
+                "OOF RMSE": rmse,
+                "C": c,
+                "corr": corr,
+                "corr min": corr_min,
+                "MB": size / 2**20,
+                "MB zlib": zipped / 2**20,
+                "zeros": None if parse(s)[0] == "int8" else zero_fraction(models[s]),
+            }
+        )
     ref = rows[0]
-    print(f"\nembeddings: {emb['none'].shape[1]} dims; SVR: {args.n_folds} stratified folds, C grid "
-          f"{', '.join(f'{c:.3g}' for c in select.c_grid(0.1, 100.0))} (+ refinement), epsilon 0.1; "
-          f"predicting the mean: RMSE {float(np.std(y)):.3f}\n")
-    print(f"{'setting':<10} {'img/s':>7} {'x none':>7} {'OOF RMSE':>9} {'diff':>7} {'C':>7} {'corr':>7} "
-          f"{'corr min':>8} {'MB':>7} {'x none':>7} {'MB zlib':>8} {'zeros':>6}")
+    print(
+        f"\nembeddings: {emb['none'].shape[1]} dims; SVR: {args.n_folds} stratified folds, C grid "
+        f"{', '.join(f'{c:.3g}' for c in select.c_grid(0.1, 100.0))} (+ refinement), epsilon 0.1; "
+        f"predicting the mean: RMSE {float(np.std(y)):.3f}\n"
+    )
+    print(
+        f"{'setting':<10} {'img/s':>7} {'x none':>7} {'OOF RMSE':>9} {'diff':>7} {'C':>7} {'corr':>7} "
+        f"{'corr min':>8} {'MB':>7} {'x none':>7} {'MB zlib':>8} {'zeros':>6}"
+    )
     for r in rows:
         zeros = "-" if r["zeros"] is None else f"{r['zeros']:.0%}"
-        print(f"{r['setting']:<10} {r['img/s']:7.1f} {r['img/s'] / ref['img/s']:7.2f} {r['OOF RMSE']:9.3f} "
-              f"{r['OOF RMSE'] - ref['OOF RMSE']:+7.3f} {r['C']:7.3g} {r['corr']:7.4f} {r['corr min']:8.4f} "
-              f"{r['MB']:7.1f} {r['MB'] / ref['MB']:7.2f} {r['MB zlib']:8.1f} {zeros:>6}")
+        print(
+            f"{r['setting']:<10} {r['img/s']:7.1f} {r['img/s'] / ref['img/s']:7.2f} {r['OOF RMSE']:9.3f} "
+            f"{r['OOF RMSE'] - ref['OOF RMSE']:+7.3f} {r['C']:7.3g} {r['corr']:7.4f} {r['corr min']:8.4f} "
+            f"{r['MB']:7.1f} {r['MB'] / ref['MB']:7.2f} {r['MB zlib']:8.1f} {zeros:>6}"
+        )
 
 
 if __name__ == "__main__":

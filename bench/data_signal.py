@@ -6,6 +6,7 @@ Prints target mean/std, flag frequencies and 5-fold CV RMSE of three baselines: 
 12 flags, ridge on 8x8 thumbnails (synthetic only: the real photos are not shipped). Builds the default synthetic
 competition first if it is absent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,17 +35,20 @@ def main() -> None:
         make_synthetic(args.synthetic)
     syn = pd.read_csv(args.synthetic / "train.csv")
     scores = baseline_scores(args.synthetic)
-    rows = {"target mean": [syn[TARGET].mean()], "target std": [syn[TARGET].std()],
-            "RMSE: predict the mean": [scores["mean"]], "RMSE: ridge on the 12 flags": [scores["metadata"]],
-            "RMSE: ridge on 8x8 thumbnails": [scores["image"]]}
+    rows = {
+        "target mean": [syn[TARGET].mean()],
+        "target std": [syn[TARGET].std()],
+        "RMSE: predict the mean": [scores["mean"]],
+        "RMSE: ridge on the 12 flags": [scores["metadata"]],
+        "RMSE: ridge on 8x8 thumbnails": [scores["image"]],
+    }
     freq = {"synthetic": syn[META_COLS].mean()}
     if (args.real / "train.csv").is_file():
         real = pd.read_csv(args.real / "train.csv")
         y = real[TARGET].to_numpy(float)
         model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13)))  # as baseline_scores
-        flags = cross_val_predict(model, real[META_COLS].to_numpy(float), y,
-                                  cv=KFold(5, shuffle=True, random_state=0))
-        for key, value in zip(rows, [y.mean(), y.std(ddof=1), y.std(), rmse(flags, y), np.nan]):
+        flags = cross_val_predict(model, real[META_COLS].to_numpy(float), y, cv=KFold(5, shuffle=True, random_state=0))
+        for key, value in zip(rows, [y.mean(), y.std(ddof=1), y.std(), rmse(flags, y), np.nan], strict=False):
             rows[key].append(value)
         freq["real"] = real[META_COLS].mean()
     else:

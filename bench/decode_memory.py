@@ -15,6 +15,7 @@ carry over the parent's resident size), less the same process's peak before the 
   once), less the same check on 20 small photos: each stays within ``PAWPULAR_MAX_PIXELS x PEAK_BYTES_PER_PIXEL``,
   the bound docs/data.md states.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,19 @@ PEAK = """
 def peak_kib():  # this process's own peak resident memory since exec
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 """
-PROBE = PEAK + """
+PROBE = (
+    PEAK
+    + """
 import sys
 from pawpular.images import load_image
 base = peak_kib()
 arr = load_image(sys.argv[1], min_side=64)
 print((peak_kib() - base) * 1024 / (arr.shape[0] * arr.shape[1]))
 """
-CHECK = PEAK + """
+)
+CHECK = (
+    PEAK
+    + """
 import sys
 from pawpular import cli
 import pawpular.data, pawpular.images  # imported before the baseline is taken
@@ -47,6 +53,7 @@ base = peak_kib()
 code = cli.main(["check-data", "--data", sys.argv[1]])
 print(code, (peak_kib() - base) / 1024)
 """
+)
 
 
 def _photos(folder: Path, w: int, h: int) -> dict[str, Path]:
@@ -55,8 +62,10 @@ def _photos(folder: Path, w: int, h: int) -> dict[str, Path]:
     rotated = Image.Exif()
     rotated[0x0112] = 6
     made = {
-        "RGB": (Image.fromarray(a[..., :3], "RGB"), {}), "RGBA": (Image.fromarray(a, "RGBA"), {}),
-        "LA": (Image.fromarray(a[..., :2], "LA"), {}), "L": (Image.fromarray(a[..., 0], "L"), {}),
+        "RGB": (Image.fromarray(a[..., :3], "RGB"), {}),
+        "RGBA": (Image.fromarray(a, "RGBA"), {}),
+        "LA": (Image.fromarray(a[..., :2], "LA"), {}),
+        "L": (Image.fromarray(a[..., 0], "L"), {}),
         "I;16": (Image.fromarray(a[..., 0].astype(np.uint16) * 257), {}),
         "P + transparency": (Image.fromarray(a[..., :3], "RGB").convert("P"), {"transparency": 0}),
         "RGB, EXIF rotated": (Image.fromarray(a[..., :3], "RGB"), {"exif": rotated}),
@@ -104,14 +113,18 @@ def main() -> None:
         for i in ids:
             rgba.save(comp / "train" / f"{i}.jpg", format="PNG", compress_level=1)
         del rgba
-        print(f"\ncheck-data, 8 train photos of {w * h / 1e6:.1f} MP RGBA (8 threads), peak MiB above the same "
-              f"check with small photos ({float(small):.0f} MiB above the start):")
+        print(
+            f"\ncheck-data, 8 train photos of {w * h / 1e6:.1f} MP RGBA (8 threads), peak MiB above the same "
+            f"check with small photos ({float(small):.0f} MiB above the start):"
+        )
         for n in (1, 2, 8):
             cap = n * w * h
             code, mib = _run(CHECK, str(comp), env={"PAWPULAR_MAX_PIXELS": str(cap)}).split()
             bound = cap * PEAK_BYTES_PER_PIXEL / 2**20
-            print(f"  PAWPULAR_MAX_PIXELS = {n} photo(s) ({cap / 1e6:3.0f} MP): {float(mib) - float(small):6.0f} MiB"
-                  f"   (bound {bound:5.0f} MiB; exit {code})")
+            print(
+                f"  PAWPULAR_MAX_PIXELS = {n} photo(s) ({cap / 1e6:3.0f} MP): {float(mib) - float(small):6.0f} MiB"
+                f"   (bound {bound:5.0f} MiB; exit {code})"
+            )
 
 
 if __name__ == "__main__":

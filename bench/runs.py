@@ -14,6 +14,7 @@ Timed, each in a fresh process so nothing is cached (the digests of small files 
 ``experiments.table(folder)`` alone (the work), and ``python -m pawpular runs folder`` end to end (interpreter
 start, imports, printing). Printed: both times, their ratio to the 2 s target, and the statuses found.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,21 +97,32 @@ def main() -> None:
         base = args.run or tiny_run(root)
         rng = random.Random(0)
         made = [vary(base, root / "experiments" / f"exp{i:03d}", i, rng) for i in range(args.n)]
-        print(f"{args.n} copies of {base if args.run else 'a tiny real run'} in {time.perf_counter() - t0:.1f}s: "
-              + ", ".join(f"{made.count(s)} {s}" for s in ("done", "stale", "damaged", "partial")))
+        print(
+            f"{args.n} copies of {base if args.run else 'a tiny real run'} in {time.perf_counter() - t0:.1f}s: "
+            + ", ".join(f"{made.count(s)} {s}" for s in ("done", "stale", "damaged", "partial"))
+        )
         folder = str(root / "experiments")
-        work, printed = timed(["-c", "import json, sys, time; from pawpular import experiments; t = time.perf_counter(); "
-                               f"df = experiments.table([{folder!r}]); s = time.perf_counter() - t; "
-                               "print(json.dumps([s, df['status'].tolist()]))"])
+        work, printed = timed(
+            [
+                "-c",
+                "import json, sys, time; from pawpular import experiments; t = time.perf_counter(); "
+                f"df = experiments.table([{folder!r}]); s = time.perf_counter() - t; "
+                "print(json.dumps([s, df['status'].tolist()]))",
+            ]
+        )
         seconds, statuses = json.loads(printed.splitlines()[-1])
         assert statuses == made, "runs found other statuses than the copies were made to have"
         cli, text = timed(["-m", "pawpular", "runs", folder])
         assert len([line for line in text.splitlines() if line.startswith("exp")]) >= args.n
-    print(f"experiments.table on {args.n} experiments: {seconds:.2f}s ({seconds / TARGET_S:.2f}x the {TARGET_S:g} s "
-          f"target; {seconds / args.n * 1000:.1f} ms each; that process took {work:.2f}s with its imports)")
+    print(
+        f"experiments.table on {args.n} experiments: {seconds:.2f}s ({seconds / TARGET_S:.2f}x the {TARGET_S:g} s "
+        f"target; {seconds / args.n * 1000:.1f} ms each; that process took {work:.2f}s with its imports)"
+    )
     print(f"`python -m pawpular runs` end to end: {cli:.2f}s ({cli / TARGET_S:.2f}x the target)")
-    print("statuses found = statuses made: " + ", ".join(f"{statuses.count(s)} {s}"
-                                                          for s in ("done", "stale", "damaged", "partial")))
+    print(
+        "statuses found = statuses made: "
+        + ", ".join(f"{statuses.count(s)} {s}" for s in ("done", "stale", "damaged", "partial"))
+    )
 
 
 if __name__ == "__main__":

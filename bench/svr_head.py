@@ -10,8 +10,8 @@ noise and tanh; the target is a nonlinear function of z plus noise, scaled to me
 
 Fast loop: the stage's own code on these arrays: ``svr_head.make_fold`` (standardize per fold, gamma='scale'),
 ``svr_head.attach_kernels`` (one BLAS product per fold) and a seeded Optuna TPE study whose objective is
-``stages.svr.make_objective`` (``svr_head.fit_predict`` with SVR(kernel='precomputed')). Timed from the raw features to the last
-trial.
+``stages.svr.make_objective`` (``svr_head.fit_predict`` with SVR(kernel='precomputed')). Timed from the raw
+features to the last trial.
 
 Naive loop: for each trial, for each fold, standardize the raw features (StandardScaler fit on the fold's training
 rows) and fit scikit-learn's SVR(kernel='rbf', gamma='scale') on them, then predict the fold's rows: what a
@@ -28,6 +28,7 @@ printout says so. Per-trial RMSE differences between the loops are printed for e
 On a GPU with cuML the stage's tuning with device=cuda (cuML SVR) is timed as well and compared with the naive
 scikit-learn loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,11 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from pawpular import backend, svr_head
-from pawpular.stages.svr import make_objective
-from pawpular.svr_head import HI, LO
+from pawpular import backend, svr_head, svr_memory
 from pawpular.config import SvrConfig
 from pawpular.metrics import rmse
+from pawpular.stages.svr import make_objective
+from pawpular.svr_head import HI, LO
 
 
 def make_data(rows: int, dims: int, latent: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +64,7 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
 
     t0 = time.perf_counter()
     folds = [svr_head.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
-    mode = svr_head.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
+    mode = svr_memory.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
     t_prep = time.perf_counter() - t0
@@ -73,7 +74,9 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
     return {"seconds": time.perf_counter() - t0, "prep": t_prep, "mode": mode, "study": study}
 
 
-def naive_trial(params: dict, x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, pool: ThreadPoolExecutor) -> np.ndarray:
+def naive_trial(
+    params: dict, x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, pool: ThreadPoolExecutor
+) -> np.ndarray:
     """One trial the naive way: per fold, standardize the raw features and refit SVR(kernel='rbf') on them."""
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVR
@@ -107,18 +110,29 @@ def main() -> int:
 
     x, y = make_data(args.rows, args.dims)
     fold_of = np.random.default_rng(1).permutation(args.rows) % args.folds
-    s = SvrConfig(n_trials=args.trials, c_min=args.c_min, c_max=args.c_max, seed=args.seed,
-                  kernel_cache="precomputed", max_kernel_gb=args.max_kernel_gb)
+    s = SvrConfig(
+        n_trials=args.trials,
+        c_min=args.c_min,
+        c_max=args.c_max,
+        seed=args.seed,
+        kernel_cache="precomputed",
+        max_kernel_gb=args.max_kernel_gb,
+    )
     threads = svr_head._n_jobs("cpu", args.folds)
-    print(f"data: {args.rows} rows x {args.dims} dims, {args.folds} folds, {args.trials} trials; target mean "
-          f"{y.mean():.1f} std {y.std():.1f}; {threads} threads for the folds of a trial; {os.cpu_count()} CPUs",
-          flush=True)
+    print(
+        f"data: {args.rows} rows x {args.dims} dims, {args.folds} folds, {args.trials} trials; target mean "
+        f"{y.mean():.1f} std {y.std():.1f}; {threads} threads for the folds of a trial; {os.cpu_count()} CPUs",
+        flush=True,
+    )
 
     fast = fast_tuning(x, y, fold_of, s, "cpu")
     trials = fast["study"].trials
     fast_rmse = np.array([t.value for t in trials])
-    print(f"fast  (stage, {fast['mode']} kernels): {fast['seconds']:8.1f} s  (folds + kernels {fast['prep']:.1f} s, "
-          f"{len(trials)} trials {fast['seconds'] - fast['prep']:.1f} s)", flush=True)
+    print(
+        f"fast  (stage, {fast['mode']} kernels): {fast['seconds']:8.1f} s  (folds + kernels {fast['prep']:.1f} s, "
+        f"{len(trials)} trials {fast['seconds'] - fast['prep']:.1f} s)",
+        flush=True,
+    )
 
     n_naive = min(args.naive_trials or len(trials), len(trials))
     replay = sorted(np.argsort(fast_rmse, kind="stable")[:n_naive].tolist())
@@ -128,8 +142,11 @@ def main() -> int:
         for i in replay:
             t1 = time.perf_counter()
             naive_rmse[i] = rmse(naive_trial(trials[i].params | {"epsilon": s.epsilon}, x, y, fold_of, pool), y)
-            print(f"  naive trial {i:2d}: C={trials[i].params['C']:9.4f}  RMSE {naive_rmse[i]:.5f} "
-                  f"(fast {fast_rmse[i]:.5f})  {time.perf_counter() - t1:.1f} s", flush=True)
+            print(
+                f"  naive trial {i:2d}: C={trials[i].params['C']:9.4f}  RMSE {naive_rmse[i]:.5f} "
+                f"(fast {fast_rmse[i]:.5f})  {time.perf_counter() - t1:.1f} s",
+                flush=True,
+            )
     naive_s = (time.perf_counter() - t0) / len(replay) * len(trials)
     extrapolated = len(replay) < len(trials)
 
@@ -140,10 +157,14 @@ def main() -> int:
     how = f"{len(replay)} of {len(trials)} trials replayed, time extrapolated" if extrapolated else "all trials"
     print(f"naive (scikit-learn SVR refit per trial, {how}): {naive_s:8.1f} s")
     print(f"speed ratio naive / fast: {naive_s / fast['seconds']:.1f}x")
-    print(f"best C: fast {c_fast:.6g} (RMSE {fast_rmse[fast_best]:.5f}), naive {c_naive:.6g} (RMSE "
-          f"{naive_rmse[naive_best]:.5f}); same best C: {'yes' if fast_best == naive_best else 'NO'}")
-    print(f"RMSE difference at the best C: {abs(fast_rmse[fast_best] - naive_rmse[naive_best]):.2e}; "
-          f"largest over replayed trials: {max(diffs):.2e}")
+    print(
+        f"best C: fast {c_fast:.6g} (RMSE {fast_rmse[fast_best]:.5f}), naive {c_naive:.6g} (RMSE "
+        f"{naive_rmse[naive_best]:.5f}); same best C: {'yes' if fast_best == naive_best else 'NO'}"
+    )
+    print(
+        f"RMSE difference at the best C: {abs(fast_rmse[fast_best] - naive_rmse[naive_best]):.2e}; "
+        f"largest over replayed trials: {max(diffs):.2e}"
+    )
 
     if backend.has_rapids():
         try:
@@ -154,8 +175,11 @@ def main() -> int:
             s_gpu = SvrConfig(**{**s.__dict__, "kernel_cache": "auto"})
             gpu = fast_tuning(x, y, fold_of, s_gpu, "cuda")
             g = gpu["study"]
-            print(f"cuML  (stage on GPU, {gpu['mode']} kernels): {gpu['seconds']:8.1f} s; best C {g.best_params['C']:.6g} "
-                  f"RMSE {g.best_value:.5f}; speed ratio naive scikit-learn / cuML: {naive_s / gpu['seconds']:.1f}x")
+            print(
+                f"cuML  (stage on GPU, {gpu['mode']} kernels): {gpu['seconds']:8.1f} s; "
+                f"best C {g.best_params['C']:.6g} "
+                f"RMSE {g.best_value:.5f}; speed ratio naive scikit-learn / cuML: {naive_s / gpu['seconds']:.1f}x"
+            )
     return 0
 
 

@@ -27,6 +27,7 @@ Measured (default size, 2 CPU cores shared with another user's jobs, load averag
 3 workers 60.4 s (0.77x: slower; the stage's process ran 18 trials, the workers 7 and 5, after a 20 s start),
 best C 16.25 vs 16.78, OOF RMSE 14.0465 vs 14.0466, exactly 30 COMPLETE trials each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
 from svr_head import make_data
 
 from pawpular import artifacts, manifest
@@ -68,11 +68,13 @@ def write_experiment(root: Path, rows: int, dims: int, n_folds: int, seed: int =
     pd.DataFrame({ID: ids[rows:], TARGET: 50}).to_csv(comp / "sample_submission.csv", index=False)
 
     cfg = config(comp, out, n_folds, trials=1, workers=1)
-    write_csv(pd.DataFrame({ID: ids[:rows], "fold": rng.permutation(np.arange(rows) % n_folds)}),
-              artifacts.folds_csv(out))
+    write_csv(
+        pd.DataFrame({ID: ids[:rows], "fold": rng.permutation(np.arange(rows) % n_folds)}), artifacts.folds_csv(out)
+    )
     plan = folds_stage.plan(Context(cfg))
-    manifest.commit(artifacts.manifest(out, "folds"), out, manifest.Record(plan.config, plan.inputs),
-                    [artifacts.folds_csv(out)])
+    manifest.commit(
+        artifacts.manifest(out, "folds"), out, manifest.Record(plan.config, plan.inputs), [artifacts.folds_csv(out)]
+    )
     columns = [f"e{j}" for j in range(dims)]
     for k in range(n_folds):  # every fold's "backbone" sees the same features (one table per fold, as embed writes)
         folder = artifacts.emb_dir(out, fold=k)
@@ -88,10 +90,19 @@ def write_experiment(root: Path, rows: int, dims: int, n_folds: int, seed: int =
 
 def config(comp: Path, out: Path, n_folds: int, trials: int, workers: int, c_max: float = 100.0):
     # folds.group_duplicates=false: no photos to hash (the folds are planted, round-robin)
-    return load_config(None, ["device=cpu", f"folds.n_folds={n_folds}", "folds.group_duplicates=false",
-                              f"svr.n_trials={trials}",
-                              f"svr.workers={workers}", f"svr.c_max={c_max}"],
-                       data_dir=str(comp), output_dir=str(out))
+    return load_config(
+        None,
+        [
+            "device=cpu",
+            f"folds.n_folds={n_folds}",
+            "folds.group_duplicates=false",
+            f"svr.n_trials={trials}",
+            f"svr.workers={workers}",
+            f"svr.c_max={c_max}",
+        ],
+        data_dir=str(comp),
+        output_dir=str(out),
+    )
 
 
 class _Summary(logging.Handler):
@@ -120,8 +131,14 @@ def run_once(comp: Path, base: Path, dest: Path, n_folds: int, trials: int, work
     with sqlite3.connect(artifacts.study_db(dest)) as conn:
         states = dict(conn.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
     own = next((int(m.group(1)) for line in summary.lines if (m := re.search(r"trials \((\d+) new", line))), -1)
-    return {"seconds": seconds, "C": best["C"], "oof_rmse": best["oof_rmse"], "n_trials": best["n_trials"],
-            "states": states, "own": own}
+    return {
+        "seconds": seconds,
+        "C": best["C"],
+        "oof_rmse": best["oof_rmse"],
+        "n_trials": best["n_trials"],
+        "states": states,
+        "own": own,
+    }
 
 
 def main() -> int:
@@ -142,18 +159,23 @@ def main() -> int:
     try:
         comp, base = write_experiment(root, args.rows, args.dims, args.folds)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        results = {w: run_once(comp, base, root / f"workers{w}", args.folds, args.trials, w, args.c_max)
-                   for w in args.workers}
+        results = {
+            w: run_once(comp, base, root / f"workers{w}", args.folds, args.trials, w, args.c_max) for w in args.workers
+        }
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     a, b = args.workers
-    print(f"\ndata: {args.rows} train rows x {args.dims} dims, {args.folds} folds, {args.trials} trials, C in "
-          f"[0.1, {args.c_max:g}]; {cores} CPU cores; python {sys.version.split()[0]}")
+    print(
+        f"\ndata: {args.rows} train rows x {args.dims} dims, {args.folds} folds, {args.trials} trials, C in "
+        f"[0.1, {args.c_max:g}]; {cores} CPU cores; python {sys.version.split()[0]}"
+    )
     for w, r in results.items():
-        print(f"svr.workers={w}: {r['seconds']:7.1f} s  best C {r['C']:.6g}  OOF RMSE {r['oof_rmse']:.4f}  "
-              f"n_trials {r['n_trials']} (study: {r['states']}); the stage's process ran {r['own']}, "
-              f"workers {r['n_trials'] - r['own']}")
+        print(
+            f"svr.workers={w}: {r['seconds']:7.1f} s  best C {r['C']:.6g}  OOF RMSE {r['oof_rmse']:.4f}  "
+            f"n_trials {r['n_trials']} (study: {r['states']}); the stage's process ran {r['own']}, "
+            f"workers {r['n_trials'] - r['own']}"
+        )
     print(f"wall time ratio workers={a} / workers={b}: {results[a]['seconds'] / results[b]['seconds']:.2f}x")
     return 0
 

@@ -12,13 +12,14 @@ first; then the variants alternate for ``--rounds`` rounds and the best round of
 noisy). Prints images/s and the ratio to eager fp32, and the CPU's bf16/fp16 instructions (avx512_bf16, amx_bf16,
 avx512_fp16, amx_fp16): without them a CPU emulates bf16 and fp16, several times slower than fp32.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -56,8 +57,9 @@ class Variant:
     run: Callable[[], None]
 
 
-def train_variant(base: nn.Module, cfg, device: torch.device, batches: list[dict], policy: Policy, compiled: bool,
-                  rounds: int) -> Variant:
+def train_variant(
+    base: nn.Module, cfg, device: torch.device, batches: list[dict], policy: Policy, compiled: bool, rounds: int
+) -> Variant:
     tc = cfg.train
     model = copy.deepcopy(base)
     setup_finetune(model, cfg.model.finetune)
@@ -70,14 +72,26 @@ def train_variant(base: nn.Module, cfg, device: torch.device, batches: list[dict
     scaler = grad_scaler(policy.precision, device.type)
 
     def run() -> None:
-        train_one_epoch(forward, batches, opt, sched, scaler, device, tc, precision=policy.precision,
-                        channels_last=policy.channels_last, show=False)
+        train_one_epoch(
+            forward,
+            batches,
+            opt,
+            sched,
+            scaler,
+            device,
+            tc,
+            precision=policy.precision,
+            channels_last=policy.channels_last,
+            show=False,
+        )
+
     how = "compiled" if compiled else "eager"
     return Variant(f"train {policy.precision} {how}", len(batches) * tc.batch_size, run)
 
 
-def embed_variant(base: nn.Module, device: torch.device, images: list[torch.Tensor], policy: Policy,
-                  compiled: bool) -> Variant:
+def embed_variant(
+    base: nn.Module, device: torch.device, images: list[torch.Tensor], policy: Policy, compiled: bool
+) -> Variant:
     model = copy.deepcopy(base).to(device).eval()
     fmt = torch.channels_last if policy.channels_last else torch.contiguous_format
     model.to(memory_format=fmt)
@@ -88,6 +102,7 @@ def embed_variant(base: nn.Module, device: torch.device, images: list[torch.Tens
         for x in images:
             with autocast(device.type, policy.precision):
                 embed(x.to(memory_format=fmt)).float()
+
     how = "compiled" if compiled else "eager"
     return Variant(f"embed {policy.precision} {how}", sum(len(x) for x in images), run)
 
@@ -100,8 +115,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     p.add_argument("--precisions", default="fp32,bf16,fp16")
-    p.add_argument("--no-compile", action="store_true", help="eager only (compiling takes about a minute a variant "
-                                                               "on 2 cores)")
+    p.add_argument(
+        "--no-compile", action="store_true", help="eager only (compiling takes about a minute a variant on 2 cores)"
+    )
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"])
     args = p.parse_args()
 
@@ -114,9 +130,14 @@ def main() -> None:
     base = build_model(cfg.model, pretrained=False)
     _, c, h, w = (0, *data_config(cfg.model, base.backbone)["input_size"])
     g = torch.Generator().manual_seed(0)
-    batches = [{"image": torch.randn(tc.batch_size, c, h, w, generator=g).to(device),
-                "meta": torch.randint(0, 2, (tc.batch_size, 12), generator=g).float().to(device),
-                "target": torch.rand(tc.batch_size, generator=g).to(device)} for _ in range(args.steps)]
+    batches = [
+        {
+            "image": torch.randn(tc.batch_size, c, h, w, generator=g).to(device),
+            "meta": torch.randint(0, 2, (tc.batch_size, 12), generator=g).float().to(device),
+            "target": torch.rand(tc.batch_size, generator=g).to(device),
+        }
+        for _ in range(args.steps)
+    ]
     images = [torch.randn(cfg.embed.batch_size, c, h, w, generator=g).to(device) for _ in range(args.steps)]
 
     variants = []
@@ -127,8 +148,9 @@ def main() -> None:
             variants.append(embed_variant(base, device, images, policy, compiled))
     plain = copy.deepcopy(base).to(device)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=tc.lr)
-    variants.append(Variant("train fp32 plain loop", len(batches) * tc.batch_size,
-                            lambda: plain_epoch(plain, batches, opt_plain)))
+    variants.append(
+        Variant("train fp32 plain loop", len(batches) * tc.batch_size, lambda: plain_epoch(plain, batches, opt_plain))
+    )
 
     warm = {}
     for v in variants:  # warmup: allocator, cuDNN autotune, compilation
@@ -148,8 +170,10 @@ def main() -> None:
     have = sorted(f for fs in CPU_FLAGS.values() for f in fs if f in cpu_flags())
     where = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device {device} ({where}); bf16/fp16 instructions: {', '.join(have) or 'none'}")
-    print(f"{cfg.model.name} {c}x{h}x{w}, train batch {tc.batch_size}, embed batch {cfg.embed.batch_size}, finetune "
-          f"{cfg.model.finetune}, channels_last {Policy.for_run(device.type, 'fp32', tc.channels_last).channels_last}")
+    print(
+        f"{cfg.model.name} {c}x{h}x{w}, train batch {tc.batch_size}, embed batch {cfg.embed.batch_size}, finetune "
+        f"{cfg.model.finetune}, channels_last {Policy.for_run(device.type, 'fp32', tc.channels_last).channels_last}"
+    )
     print(f"{'variant':<26} {'images/s':>10} {'x eager fp32':>13} {'first call s':>13}")
     for v in variants:
         ref = ips.get(f"{v.name.split()[0]} fp32 eager", ips[v.name])

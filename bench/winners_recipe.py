@@ -20,6 +20,7 @@ convex) and scored the same way. Prints per row:
 - test RMSE: the submission (or the blend of the heads' test predictions) against ``answers.csv``: rows no stage
   and no choice of this benchmark ever saw. The selection rows choose their sets on the OOF (optimistic OOF).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
-
 from PIL import Image
 
 from pawpular import api, blend, budget
 from pawpular.metrics import rmse
 
-ALL_MODELS = {"lite0": ("tf_efficientnet_lite0", 224), "lite1": ("tf_efficientnet_lite1", 240),
-          "lite2": ("tf_efficientnet_lite2", 260)}
+ALL_MODELS = {
+    "lite0": ("tf_efficientnet_lite0", 224),
+    "lite1": ("tf_efficientnet_lite1", 240),
+    "lite2": ("tf_efficientnet_lite2", 260),
+}
 MODELS = dict(ALL_MODELS)  # --models
 KINDS = {"p": "pooled", "l": "logits"}
 SQUARES = {"": "squash", "c": "crop"}
@@ -51,16 +54,31 @@ def set_name(model: str, kind: str, square: str = "") -> str:
 
 
 def write_config(out: Path, data: Path, weights: Path) -> Path:
-    backbones = [{"name": set_name(m, k, s), "model": name, "img_size": size,
-                  "pretrained": str(weights / f"efficientnet_{m}.safetensors"), "output": kind, "square": square}
-                 for s, square in SQUARES.items() for m, (name, size) in MODELS.items() for k, kind in KINDS.items()
-                 if not (square == "crop" and m not in CROPPED)]
+    backbones = [
+        {
+            "name": set_name(m, k, s),
+            "model": name,
+            "img_size": size,
+            "pretrained": str(weights / f"efficientnet_{m}.safetensors"),
+            "output": kind,
+            "square": square,
+        }
+        for s, square in SQUARES.items()
+        for m, (name, size) in MODELS.items()
+        for k, kind in KINDS.items()
+        if not (square == "crop" and m not in CROPPED)
+    ]
     backbones.sort(key=lambda b: b["name"].startswith("lite2"))  # embedded last: the slowest, on 2 shared cores
-    cfg = {"experiment": "bench_winners", "data_dir": str(data), "output_dir": str(out), "device": "cpu",
-           "folds": {"n_folds": 5, "seed": 42, "group_duplicates": True},
-           "embed": {"tta_hflip": False, "batch_size": 32, "num_workers": 1, "backbones": backbones},
-           "svr": {"n_trials": 15, "c_min": 0.1, "c_max": 100.0, "features": ["lite0p"]},
-           "ensemble": {"heads": ["svr"]}}
+    cfg = {
+        "experiment": "bench_winners",
+        "data_dir": str(data),
+        "output_dir": str(out),
+        "device": "cpu",
+        "folds": {"n_folds": 5, "seed": 42, "group_duplicates": True},
+        "embed": {"tta_hflip": False, "batch_size": 32, "num_workers": 1, "backbones": backbones},
+        "svr": {"n_trials": 15, "c_min": 0.1, "c_max": 100.0, "features": ["lite0p"]},
+        "ensemble": {"heads": ["svr"]},
+    }
     out.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -74,8 +92,11 @@ def quiet(fn, *a, **kw):
 
 def head_run(config: Path, out: Path, features: list[str], clip: list | None, trials: int) -> dict:
     """svr + ensemble on ``features``: {'oof': OOF predictions, 'test': test predictions, 'fold': folds}."""
-    sets = [f"svr.features=[{','.join(features)}]", f"svr.target_clip={clip if clip else 'null'}",
-            f"svr.n_trials={trials}"]
+    sets = [
+        f"svr.features=[{','.join(features)}]",
+        f"svr.target_clip={clip if clip else 'null'}",
+        f"svr.n_trials={trials}",
+    ]
     quiet(api.run, "svr", config=str(config), set=sets)
     oof = pd.read_parquet(out / "svr" / "oof.parquet")
     test = pd.read_parquet(out / "svr" / "test.parquet")
@@ -93,8 +114,11 @@ def score(heads: list[dict], y_train: pd.Series, answers: pd.Series) -> tuple[fl
     w = blend.fit_weights(oof, y, names).weights
     tids = heads[0]["test"]["Id"].astype(str)
     test = np.column_stack([h["test"].set_index("Id").loc[tids, "pred"].to_numpy() for h in heads])
-    return rmse(oof[:, 0], y) if len(heads) == 1 else rmse(oof @ w, y), cv, rmse(np.clip(test @ w, 1, 100),
-                                                                              answers.loc[tids].to_numpy(np.float64))
+    return (
+        rmse(oof[:, 0], y) if len(heads) == 1 else rmse(oof @ w, y),
+        cv,
+        rmse(np.clip(test @ w, 1, 100), answers.loc[tids].to_numpy(np.float64)),
+    )
 
 
 def selected(config: Path, out: Path, candidates: list[str], starts: int) -> list[list[str]]:
@@ -120,11 +144,14 @@ def print_rows(config: Path, args: argparse.Namespace) -> None:
     rows: list[tuple[str, list[list[str]], list | None]] = [
         (f"pooled, {len(MODELS)} backbones", [kinds["pooled"]], None),
         (f"logits, {len(MODELS)} backbones", [kinds["logits"]], None),
-        (f"pooled + logits (both), {len(MODELS)} backbones", [six], None)]
+        (f"pooled + logits (both), {len(MODELS)} backbones", [six], None),
+    ]
     every = [b["name"] for b in yaml.safe_load(config.read_text())["embed"]["backbones"]]
     one, several = selected(config, out, every, 1), selected(config, out, every, args.starts)
-    rows += [(f"select, 1 start (of all {len(every)} sets)", one, None),
-             (f"select, {args.starts} starts -> {len(several)} heads, blended", several, None)]
+    rows += [
+        (f"select, 1 start (of all {len(every)} sets)", one, None),
+        (f"select, {args.starts} starts -> {len(several)} heads, blended", several, None),
+    ]
     results = {}
 
     def measure(label: str, heads: list[list[str]], clip_: list | None) -> None:
@@ -136,15 +163,23 @@ def print_rows(config: Path, args: argparse.Namespace) -> None:
 
     mean_oof = rmse(np.full(len(y), y.mean()), y.to_numpy())
     mean_test = rmse(np.full(len(answers), y.mean()), answers.to_numpy())
-    print(f"clive: {len(y)} train photos (5 folds), {len(answers)} test photos; predicting the train mean: OOF "
-          f"{mean_oof:.3f}, test {mean_test:.3f}; target clip {clip} clips {(y > clip[1]).mean():.1%} of the train "
-          "rows")
+    print(
+        f"clive: {len(y)} train photos (5 folds), {len(answers)} test photos; predicting the train mean: OOF "
+        f"{mean_oof:.3f}, test {mean_test:.3f}; target clip {clip} clips {(y > clip[1]).mean():.1%} of the train "
+        "rows"
+    )
     sizes = [Image.open(f).size for split in ("train", "test") for f in sorted((args.data / split).glob("*.jpg"))]
-    print(f"photos: {sum(w == h for w, h in sizes)} of {len(sizes)} square (the centre crop of a square photo is the "
-          "whole photo: crop and squash differ only on the others)")
+    print(
+        f"photos: {sum(w == h for w, h in sizes)} of {len(sizes)} square (the centre crop of a square photo is the "
+        "whole photo: crop and squash differ only on the others)"
+    )
     speeds = {n: budget.set_speed(out, n, [0]) for n in every}
-    print("images/s recorded by embed (this CPU, no TTA); hours for 6,800 photos: " + ", ".join(
-        f"{n} {ips:.1f} ({budget.inference_hours(speeds, [n], 6800):.2f} h)" for n, (ips, _) in speeds.items()))
+    print(
+        "images/s recorded by embed (this CPU, no TTA); hours for 6,800 photos: "
+        + ", ".join(
+            f"{n} {ips:.1f} ({budget.inference_hours(speeds, [n], 6800):.2f} h)" for n, (ips, _) in speeds.items()
+        )
+    )
     print("| row | feature sets | OOF RMSE | cross-validated blend | test RMSE |\n|---|---|---|---|---|")
     for label, heads, c in rows:
         measure(label, heads, c)
@@ -167,8 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=here / "input" / "bench_winners")
     p.add_argument("--trials", type=int, default=15)
     p.add_argument("--starts", type=int, default=3)
-    p.add_argument("--models", default="lite0,lite1", help="of lite0,lite1,lite2 (lite2 costs as much as the "
-                   "other two together on a CPU)")
+    p.add_argument(
+        "--models",
+        default="lite0,lite1",
+        help="of lite0,lite1,lite2 (lite2 costs as much as the other two together on a CPU)",
+    )
     p.add_argument("--embed-only", action="store_true")
     args = p.parse_args(argv)
     MODELS.clear()

@@ -1,5 +1,6 @@
 """The adversarial tests' tools (tests/test_adversarial.py): snapshots of folders, the CLI's output, hostile
 photos, and a pixel budget that reports what is in flight."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,10 @@ from pawpular.images import PixelBudget
 
 def tree(folder: Path) -> dict[str, str]:
     """Every file (its digest) and folder under ``folder``, hidden ones included."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(Path(folder).rglob("*"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(Path(folder).rglob("*"))
+    }
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
@@ -57,14 +60,19 @@ print("RESULT", code, (peak_kib() - base) / 1024, time.time() - t0)
 
 def png_bomb(path: Path, w: int, h: int) -> None:
     """A valid 8-bit grayscale PNG of w x h black pixels: a few hundred KB that decode to w*h bytes and more."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     z = zlib.compressobj(9)
     rows = b"\x00" * (w + 1) * 1000  # filter byte + a row of zeros, a thousand rows at a time
     idat = b"".join([z.compress(rows) for _ in range(h // 1000)] + [z.flush()])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def watched_budget(in_flight: list[int]) -> type[PixelBudget]:

@@ -1,4 +1,5 @@
 """Shared fixtures: a small embedded competition built once per test session, and config helpers."""
+
 from __future__ import annotations
 
 import os
@@ -61,8 +62,15 @@ TINY = ["folds.n_folds=3", "train.epochs=2", "train.num_workers=0", "embed.num_w
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     """CLI arguments (after the command) for the tiny config (plus ``extra`` settings) on ``data``, into ``out``."""
-    return ["--config", str(CONFIG), "--data", str(data), "--output", str(out),
-            *[a for s in (*TINY, *extra) for a in ("--set", s)]]
+    return [
+        "--config",
+        str(CONFIG),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        *[a for s in (*TINY, *extra) for a in ("--set", s)],
+    ]
 
 
 def build_run(comp: Path, out: Path, *extra: str) -> Path:
@@ -84,8 +92,12 @@ def adopt_folds(cfg, folds) -> None:
 
     write_csv(folds, artifacts.folds_csv(cfg.out))
     plan = folds_stage.plan(Context(cfg))
-    manifest.commit(artifacts.manifest(cfg.out, "folds"), cfg.out, manifest.Record(plan.config, plan.inputs),
-                    [artifacts.folds_csv(cfg.out)])
+    manifest.commit(
+        artifacts.manifest(cfg.out, "folds"),
+        cfg.out,
+        manifest.Record(plan.config, plan.inputs),
+        [artifacts.folds_csv(cfg.out)],
+    )
 
 
 def plant_finished(out: Path, folder: Path) -> None:

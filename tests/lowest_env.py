@@ -8,6 +8,7 @@ torch and torchvision (and their own dependencies) are this interpreter's, linke
 Kaggle image brings its own torch, and a 5 GB CUDA build per test run is no test of our bounds. The folder is
 rebuilt only when requirements.txt or this file change (a stamp holds their digest); pip's cache keeps the wheels.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,12 @@ def _release(version: str) -> tuple[int, ...]:
 def lowest_release(python: Path, name: str, bound: str) -> str:
     """The oldest release of ``name`` that ``>= bound`` admits and this interpreter can install (``pip index``):
     ``opencv-python-headless>=4.9`` is 4.9.0.80, ``numpy>=1.26`` is 1.26.0."""
-    listed = subprocess.run([str(python), "-m", "pip", "index", "versions", name, "--disable-pip-version-check"],
-                            capture_output=True, text=True, check=True).stdout
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "index", "versions", name, "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     versions = re.search(r"Available versions: (.*)", listed).group(1).split(", ")
     return min((v for v in versions if _release(v) >= _release(bound)), key=_release)
 
@@ -87,9 +92,15 @@ def build(folder: Path = REPO / ".venv-lowest") -> Path:
     constraints.write_text("\n".join(pins[: len(AT_LOWER_BOUND)]) + "\n")
     pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run([*pip, "-c", str(constraints), *AT_LOWER_BOUND, "huggingface_hub"], check=True)
-    subprocess.run([*pip, "--no-deps", *pins[len(AT_LOWER_BOUND):]], check=True)
-    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    subprocess.run([*pip, "--no-deps", *pins[len(AT_LOWER_BOUND) :]], check=True)
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     installed = {_norm(p.name.split("-")[0]) for p in site.glob("*.dist-info")}  # what pip put there stays
     _link_closure(site, installed | {_norm(n) for n in AT_LOWER_BOUND})
     (folder / ".stamp").write_text(stamp)

@@ -13,6 +13,7 @@ user (which must own the folder); any other user runs them directly. Authenticat
 check a refused login with ``server.create_role``. Skips, saying which, only when psycopg2, the binaries or (as
 root) the postgres user are missing.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -41,12 +42,15 @@ def find_bindir() -> Path | None:
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
-            candidates.append(Path(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
-                                                  check=True).stdout.strip()))
+            candidates.append(
+                Path(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True).stdout.strip())
+            )
         except (OSError, subprocess.CalledProcessError):
             pass
-    candidates += [Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin"), *sorted(Path("/usr/lib/postgresql").glob("*/bin"),
-                                                                        reverse=True)]
+    candidates += [
+        Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin"),
+        *sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True),
+    ]
     for d in candidates:
         if all((d / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
             return d
@@ -78,15 +82,15 @@ class PostgresServer:
     def run(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
         """Run a server binary as the cluster's owner."""
         user = {"user": self.run_as, "group": self.run_as, "extra_groups": []} if self.run_as else {}
-        return subprocess.run([str(self.bindir / args[0]), *args[1:]], capture_output=True, text=True,
-                              cwd=self.root, **user, **kwargs)
+        return subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]], capture_output=True, text=True, cwd=self.root, **user, **kwargs
+        )
 
     def sql(self, statement: str, database: str = "postgres") -> list[tuple]:
         """Run one statement as the superuser (autocommit); returns its rows, if any."""
         import psycopg2
 
-        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=database,
-                                connect_timeout=5)
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=database, connect_timeout=5)
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -117,8 +121,14 @@ def _skip_reason() -> tuple[str | None, Path | None, str | None]:
         return "psycopg2 is not installed (pip install -r requirements-distributed.txt)", None, None
     bindir = find_bindir()
     if bindir is None:
-        return (f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: no pg_config on PATH and no "
-                f"/usr/lib/postgresql/*/bin (apt-get install postgresql-{PG_MAJOR})"), None, None
+        return (
+            (
+                f"PostgreSQL server binaries (initdb, pg_ctl, postgres) not found: no pg_config on PATH and no "
+                f"/usr/lib/postgresql/*/bin (apt-get install postgresql-{PG_MAJOR})"
+            ),
+            None,
+            None,
+        )
     run_as = None
     if os.geteuid() == 0:
         import pwd
@@ -144,17 +154,32 @@ def start_server() -> PostgresServer:
             pw = pwd.getpwnam(run_as)
             os.chown(root, pw.pw_uid, pw.pw_gid)
         server = PostgresServer(bindir, root, 0, run_as)
-        init = server.run("initdb", "-D", str(server.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                          "--locale=C", "--no-sync", "--no-instructions")
+        init = server.run(
+            "initdb",
+            "-D",
+            str(server.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        )
         if init.returncode:
             raise RuntimeError(f"initdb failed:\n{init.stdout}\n{init.stderr}")
         (server.data / "pg_hba.conf").write_text(_HBA)  # the file is the owner's; writing keeps that owner
         for _ in range(3):  # a free port can be taken between probing and listening: try another
             server.port = _free_port()
-            opts = (f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories={root} "
-                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100")
-            start = server.run("pg_ctl", "start", "-D", str(server.data), "-l", str(root / "server.log"),
-                               "-w", "-t", "60", "-o", opts)
+            opts = (
+                f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories={root} "
+                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=100"
+            )
+            start = server.run(
+                "pg_ctl", "start", "-D", str(server.data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o", opts
+            )
             if start.returncode == 0:
                 return server
         log = (root / "server.log").read_text() if (root / "server.log").exists() else ""

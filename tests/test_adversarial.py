@@ -5,6 +5,7 @@ record that was not true, and bugs shown as user errors.
 Each case runs the real CLI (or the Python API) and asserts the exit code, that the message names the cause, and,
 where the user had files, that every one of them is byte for byte what it was (``_tree`` before and after).
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,19 +21,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from adversary import PEAK_OF_CHECK_DATA, fails_to_read, one_line, png_bomb, run_cli, tree, watched_budget
+from conftest import CONFIG, REPO, tiny_args
 from PIL import Image
 
 import pawpular
-from pawpular import artifacts, cli, data as data_module
+from pawpular import artifacts, cli
+from pawpular import data as data_module
 from pawpular.config import load_config
-from pawpular.errors import ConfigError
-from pawpular.errors import MissingArtifact, ReadError, UsageError, WriteError
+from pawpular.errors import ConfigError, MissingArtifact, ReadError, UsageError, WriteError
 from pawpular.files import TEMP_GLOB, atomic_path, read_json, temp_path
 from pawpular.lock import experiment_lock
 from pawpular.splits import read_folds
-
-from conftest import CONFIG, REPO, tiny_args
-from adversary import PEAK_OF_CHECK_DATA, fails_to_read, one_line, png_bomb, run_cli, tree, watched_budget
 
 
 @pytest.fixture
@@ -109,8 +109,16 @@ def test_predict_never_writes_onto_its_inputs(art, small_competition, tmp_path, 
     link = tmp_path / "test_link.csv"
     os.link(data / "test.csv", link)  # the same file under another name
     some_photo = next((data / "test").iterdir())
-    targets = [data / "test.csv", data / "sample_submission.csv", data / "new.csv", some_photo, link,
-               exported / "manifest.json", exported / "submission.csv", next(exported.rglob("config.yaml"))]
+    targets = [
+        data / "test.csv",
+        data / "sample_submission.csv",
+        data / "new.csv",
+        some_photo,
+        link,
+        exported / "manifest.json",
+        exported / "submission.csv",
+        next(exported.rglob("config.yaml")),
+    ]
     before = tree(tmp_path)
     for out in targets:
         code, err = run_cli(capsys, "predict", "--artifacts", exported, "--data", data, "--out", out)
@@ -135,9 +143,16 @@ def test_a_stage_never_writes_into_the_data_or_a_users_folder(small_competition,
 # 2. Values that passed the config check and crashed later
 
 
-@pytest.mark.parametrize("item, key", [("svr.c_max=.inf", "svr.c_max"), ("train.lr=.inf", "train.lr"),
-                                       ("train.lr=nan", "train.lr"), ("svr.gamma=-.inf", "svr.gamma"),
-                                       ("model.kwargs={drop_path_rate: .nan}", "model.kwargs.drop_path_rate")])
+@pytest.mark.parametrize(
+    "item, key",
+    [
+        ("svr.c_max=.inf", "svr.c_max"),
+        ("train.lr=.inf", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("svr.gamma=-.inf", "svr.gamma"),
+        ("model.kwargs={drop_path_rate: .nan}", "model.kwargs.drop_path_rate"),
+    ],
+)
 def test_nan_and_infinite_values_are_refused_naming_the_key(small_competition, tmp_path, capsys, item, key):
     code, err = run_cli(capsys, "folds", *tiny_args(small_competition, tmp_path / "exp"), "--set", item)
     assert code == 2 and f"'{key}'" in err and "finite" in err and one_line(err), err
@@ -170,10 +185,15 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error_naming_it(tmp_path, capsys
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("kw, named", [({"svr": {"features": "model"}}, "svr.features"),
-                                       ({"ensemble": {"heads": "svr"}}, "ensemble.heads"),
-                                       ({"ensemble__experiments": "output/other"}, "ensemble.experiments"),
-                                       ({"set": "train.epochs=3"}, "set=")])
+@pytest.mark.parametrize(
+    "kw, named",
+    [
+        ({"svr": {"features": "model"}}, "svr.features"),
+        ({"ensemble": {"heads": "svr"}}, "ensemble.heads"),
+        ({"ensemble__experiments": "output/other"}, "ensemble.experiments"),
+        ({"set": "train.epochs=3"}, "set="),
+    ],
+)
 def test_the_api_refuses_a_string_where_a_list_belongs(small_competition, tmp_path, kw, named):
     with pytest.raises(ConfigError, match=re.escape(named)):
         pawpular.run("folds", config=CONFIG, output=tmp_path / "exp", data=small_competition, **kw)
@@ -196,8 +216,9 @@ def test_os_errors_say_whether_a_read_or_a_write_failed(small_competition, tmp_p
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="no /proc/self/mem (Linux) to fail a read with")
 def test_a_real_read_error_is_named_as_a_read(small_competition, tmp_path, capsys):
     assert fails_to_read("/proc/self/mem") == errno.EIO  # address 0 is unmapped: an I/O error, even for root
-    code, err = run_cli(capsys, "folds", *tiny_args(small_competition, tmp_path / "exp"), "--set",
-                        "folds.file=/proc/self/mem")
+    code, err = run_cli(
+        capsys, "folds", *tiny_args(small_competition, tmp_path / "exp"), "--set", "folds.file=/proc/self/mem"
+    )
     assert code == 2 and "cannot be read (input/output error)" in err and "write" not in err, err
 
 
@@ -246,8 +267,17 @@ def test_a_text_file_as_model_pretrained_is_named_as_no_weight_file(run, small_c
 def test_a_nan_loss_says_where_and_what_to_lower(small_competition, tmp_path, capsys):
     exp = tmp_path / "exp"
     assert run_cli(capsys, "folds", *tiny_args(small_competition, exp))[0] == 0
-    code, err = run_cli(capsys, "train", *tiny_args(small_competition, exp), "--set", "train.lr=1e30",
-                     "--set", "train.head_lr=1e30", "--set", "train.grad_clip=0")
+    code, err = run_cli(
+        capsys,
+        "train",
+        *tiny_args(small_competition, exp),
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.head_lr=1e30",
+        "--set",
+        "train.grad_clip=0",
+    )
     assert code == 2 and re.search(r"fold 0: the loss became (NaN|infinite) at epoch 1 step \d+", err), err
     assert "lower train.lr" in err and "checkpoint not found" not in err and one_line(err)
     assert not artifacts.best_checkpoint(exp, 0).exists()
@@ -287,8 +317,9 @@ def test_after_train_folds_the_suggested_command_works(small_competition, tmp_pa
 
 @pytest.mark.parametrize("n", ["-5", "0"])
 def test_predict_estimate_must_count_images(art, small_competition, tmp_path, capsys, n):
-    code, err = run_cli(capsys, "predict", "--artifacts", art, "--data", small_competition, "--out", tmp_path / "s.csv",
-                     "--estimate", n)
+    code, err = run_cli(
+        capsys, "predict", "--artifacts", art, "--data", small_competition, "--out", tmp_path / "s.csv", "--estimate", n
+    )
     assert code == 2 and f"--estimate {n}" in err and one_line(err) and not list(tmp_path.iterdir())
 
 
@@ -302,8 +333,13 @@ def test_a_png_bomb_is_refused_from_its_header_quickly_and_in_little_memory(comp
     victim = sorted((competition_copy / "train").iterdir())[0]
     png_bomb(victim, 20000, 20000)  # 400 megapixels: decoding it took 4.8 GB
     assert victim.stat().st_size < 1_000_000
-    r = subprocess.run([sys.executable, "-c", PEAK_OF_CHECK_DATA, str(competition_copy)], capture_output=True,
-                       text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK_OF_CHECK_DATA, str(competition_copy)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+    )
     code, mib, seconds = r.stdout.split("RESULT")[1].split()
     assert int(code) == 2 and f"train/{victim.name}: Id {victim.stem}: 20000x20000 pixels" in r.stderr, r.stderr
     assert "over the cap" in r.stderr and "PAWPULAR_MAX_PIXELS" in r.stderr
@@ -362,12 +398,19 @@ def test_a_hand_edited_manifest_is_not_trusted(run, small_competition, capsys):
 # 6. A bug is not a user error
 
 
-@pytest.mark.parametrize("error, code", [(ValueError("boom"), 70), (KeyError("boom"), 70),
-                                         (FileNotFoundError(errno.ENOENT, "No such file", "x.parquet"), 70),
-                                         (ConfigError("train.lr: boom"), 2),
-                                         (OSError(errno.ENOSPC, "No space", "y.pt"), 2)])
-def test_a_bug_shows_its_traceback_and_a_user_error_one_line(small_competition, tmp_path, capsys, monkeypatch,
-                                                             error, code):
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (ValueError("boom"), 70),
+        (KeyError("boom"), 70),
+        (FileNotFoundError(errno.ENOENT, "No such file", "x.parquet"), 70),
+        (ConfigError("train.lr: boom"), 2),
+        (OSError(errno.ENOSPC, "No space", "y.pt"), 2),
+    ],
+)
+def test_a_bug_shows_its_traceback_and_a_user_error_one_line(
+    small_competition, tmp_path, capsys, monkeypatch, error, code
+):
     def status(cfg, names=None):
         raise error
 

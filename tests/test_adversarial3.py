@@ -5,6 +5,7 @@ verified; user input never ends in a traceback; no unclear or silently wrong ans
 Each case runs the real CLI (or the Python API) and asserts the exit code, the one line naming the cause, and,
 where the user had files, that every one of them is byte for byte what it was (``tree`` before and after).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,14 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from adversary import one_line, run_cli, tree
+from conftest import tiny_args
 
 import pawpular
 import pawpular.errors
 from pawpular import artifacts
 from pawpular.config import load_config, public_dict, redact_url, url_password
-
-from conftest import tiny_args
-from adversary import one_line, run_cli, tree
 
 SECRET = "s3cr@t-P@ss"  # a password that itself holds '@'
 
@@ -52,13 +52,15 @@ def test_config_show_and_errors_never_print_a_password_with_an_at_sign(tmp_path,
     url = f"postgresql://svr:{SECRET}@dbhost:5432/optuna"
     code, out = run_cli(capsys, "config", "show", "--set", f"svr.storage={url}", "--output", tmp_path / "x")
     assert code == 0 and "svr:***@dbhost" in out and "P@ss" not in out and "s3cr" not in out
-    code, out = run_cli(capsys, "config", "show", "--set", f"svr.storage={url}", "--set", "svr.n_trials=-1",
-                        "--output", tmp_path / "x")
+    code, out = run_cli(
+        capsys, "config", "show", "--set", f"svr.storage={url}", "--set", "svr.n_trials=-1", "--output", tmp_path / "x"
+    )
     assert code == 2 and one_line(out) and "P@ss" not in out and "s3cr" not in out
 
 
-@pytest.mark.parametrize("items", [["svr.storag={url}"], ["svr.storage=[{url}]"], ["svr.storage={url}",
-                                                                                    "svr.storage.x=1"]])
+@pytest.mark.parametrize(
+    "items", [["svr.storag={url}"], ["svr.storage=[{url}]"], ["svr.storage={url}", "svr.storage.x=1"]]
+)
 def test_an_error_quoting_a_set_item_masks_its_password(items, tmp_path, capsys):
     url = f"postgresql://svr:{SECRET}@dbhost/optuna"
     args = [a for item in items for a in ("--set", item.format(url=url))]
@@ -119,10 +121,21 @@ def test_runs_html_never_replaces_a_file_it_did_not_write(run, tmp_path, capsys)
     assert "pawpular runs" in page.read_text()
 
 
-@pytest.mark.parametrize("setting", [
-    "experiment=../../escaped", "experiment=/tmp/abs", "experiment=a/b", "experiment=..",
-    "svr.features=[../../x]", "svr.features=[/abs]", "ensemble.experiments=[..]", "ensemble.experiments=[/]",
-    "embed.backbones=[{name: ../up, model: resnet18}]", "embed.backbones=[{name: a/b, model: resnet18}]"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "experiment=../../escaped",
+        "experiment=/tmp/abs",
+        "experiment=a/b",
+        "experiment=..",
+        "svr.features=[../../x]",
+        "svr.features=[/abs]",
+        "ensemble.experiments=[..]",
+        "ensemble.experiments=[/]",
+        "embed.backbones=[{name: ../up, model: resnet18}]",
+        "embed.backbones=[{name: a/b, model: resnet18}]",
+    ],
+)
 def test_a_config_name_that_would_leave_its_folder_is_refused(setting, tmp_path, capsys):
     key = setting.split("=")[0]
     code, out = run_cli(capsys, "config", "show", "--set", setting)
@@ -164,25 +177,34 @@ def test_weights_that_do_not_fit_are_refused_before_train_clears_anything(run, s
     _refused_unchanged(capsys, run, small_competition, "train", f"model.pretrained={weights}", "does not fit")
 
 
-def test_a_missing_blend_experiment_is_refused_before_ensemble_clears_anything(run, small_competition, tmp_path,
-                                                                              capsys):
+def test_a_missing_blend_experiment_is_refused_before_ensemble_clears_anything(
+    run, small_competition, tmp_path, capsys
+):
     missing = tmp_path / "no_such_experiment"
-    _refused_unchanged(capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{missing}]",
-                       str(missing))
+    _refused_unchanged(capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{missing}]", str(missing))
     user_folder = tmp_path / "holiday"  # a folder, but no experiment
     user_folder.mkdir()
-    _refused_unchanged(capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{user_folder}]",
-                       "no pawpular experiment")
+    _refused_unchanged(
+        capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{user_folder}]", "no pawpular experiment"
+    )
 
 
-def test_blend_members_on_other_folds_are_refused_before_ensemble_clears_anything(run, holdout_run, small_competition,
-                                                                                 capsys):
-    _refused_unchanged(capsys, run, small_competition, "ensemble", f"ensemble.experiments=[{holdout_run}]",
-                       "predictions do not cover the same Ids")
+def test_blend_members_on_other_folds_are_refused_before_ensemble_clears_anything(
+    run, holdout_run, small_competition, capsys
+):
+    _refused_unchanged(
+        capsys,
+        run,
+        small_competition,
+        "ensemble",
+        f"ensemble.experiments=[{holdout_run}]",
+        "predictions do not cover the same Ids",
+    )
 
 
-def test_a_folds_file_that_is_a_folder_is_refused_before_folds_clears_anything(run, small_competition, tmp_path,
-                                                                              capsys):
+def test_a_folds_file_that_is_a_folder_is_refused_before_folds_clears_anything(
+    run, small_competition, tmp_path, capsys
+):
     _refused_unchanged(capsys, run, small_competition, "folds", f"folds.file={tmp_path}", "is a folder")
 
 
@@ -201,11 +223,15 @@ def _edit_manifest(path: Path, change) -> None:
     path.write_text(json.dumps(found))
 
 
-@pytest.mark.parametrize("change", [
-    lambda m: m["experiments"][m["main"]]["nn"]["0"].update(tta_hflip=False),  # changes the predictions silently
-    lambda m: m["experiments"][m["main"]].pop("embeddings"),  # once a KeyError
-    lambda m: m.update(weights={k: 1.0 if k == "nn" else 0.0 for k in m["weights"]}),
-], ids=["setting", "key", "weights"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: m["experiments"][m["main"]]["nn"]["0"].update(tta_hflip=False),  # changes the predictions silently
+        lambda m: m["experiments"][m["main"]].pop("embeddings"),  # once a KeyError
+        lambda m: m.update(weights={k: 1.0 if k == "nn" else 0.0 for k in m["weights"]}),
+    ],
+    ids=["setting", "key", "weights"],
+)
 def test_an_edited_export_manifest_is_refused(change, art, small_competition, tmp_path, capsys):
     exported = Path(shutil.copytree(art, tmp_path / "art"))
     _edit_manifest(artifacts.export_manifest(exported), change)
@@ -220,8 +246,9 @@ def test_the_shipped_source_and_notebook_are_verified(where, art, small_competit
     exported = Path(shutil.copytree(art, tmp_path / "art"))
     with open(exported / where, "a") as f:
         f.write("\n# edited\n")
-    code, out = run_cli(capsys, "predict", "--artifacts", exported, "--data", small_competition,
-                        "--out", tmp_path / "s.csv")
+    code, out = run_cli(
+        capsys, "predict", "--artifacts", exported, "--data", small_competition, "--out", tmp_path / "s.csv"
+    )
     assert code == 2 and where in out and "damaged" in out and one_line(out), out
 
 
@@ -250,10 +277,15 @@ def few_rows(tmp_path_factory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("few") / "few", n_train=20, n_test=2, seed=1)
 
 
-@pytest.mark.parametrize("settings, key", [
-    (["folds.n_folds=25"], "folds.n_folds"), (["folds.n_folds=10"], "folds.n_folds"),
-    (["folds.n_folds=5", "folds.holdout=0.4"], "folds.n_folds"), (["folds.n_folds=10", "folds.group_duplicates=false"],
-                                                                 "folds.n_folds")])
+@pytest.mark.parametrize(
+    "settings, key",
+    [
+        (["folds.n_folds=25"], "folds.n_folds"),
+        (["folds.n_folds=10"], "folds.n_folds"),
+        (["folds.n_folds=5", "folds.holdout=0.4"], "folds.n_folds"),
+        (["folds.n_folds=10", "folds.group_duplicates=false"], "folds.n_folds"),
+    ],
+)
 def test_fewer_training_rows_than_folds(settings, key, few_rows, tmp_path, capsys):
     args = [a for s in settings for a in ("--set", s)]
     code, out = run_cli(capsys, "folds", "--data", few_rows, "--output", tmp_path / "exp", *args)
@@ -267,8 +299,10 @@ def test_a_seed_out_of_range(setting, capsys, tmp_path):
     assert code == 2 and setting.split("=")[0] in out and "2**32" in out and one_line(out), out
 
 
-@pytest.mark.parametrize("name, content", [("ensemble/weights.json", "[1, 2]"), ("svr/best_params.json", '"C"'),
-                                           ("ensemble/weights.json", "{not json")])
+@pytest.mark.parametrize(
+    "name, content",
+    [("ensemble/weights.json", "[1, 2]"), ("svr/best_params.json", '"C"'), ("ensemble/weights.json", "{not json")],
+)
 def test_a_results_file_of_the_wrong_json_type(name, content, run, capsys):
     (run / name).write_text(content)
     code, out = run_cli(capsys, "report", "--output", run)
@@ -296,12 +330,20 @@ def test_a_multi_host_postgresql_url(run, small_competition, capsys):
     assert tree(run) == before
 
 
-@pytest.mark.parametrize("text, says", [
-    ("model:\n  kwargs:\n    a: &a [x, x, x, x, x, x, x, x, x, x]\n"
-     + "".join(f"    {c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")),
-     "alias"),
-    ("a: &a [1, *a]\n", "loop"),
-    ("experiment: x\n" + "# padding\n" * 200_000, "characters")])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        (
+            "model:\n  kwargs:\n    a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"    {c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=False)
+            ),
+            "alias",
+        ),
+        ("a: &a [1, *a]\n", "loop"),
+        ("experiment: x\n" + "# padding\n" * 200_000, "characters"),
+    ],
+)
 def test_a_yaml_alias_bomb_is_refused_in_bounded_time(text, says, tmp_path, capsys):
     import time
 
@@ -317,12 +359,21 @@ def test_a_non_utf8_locale_writing_a_unicode_path(small_competition, tmp_path):
     import subprocess
 
     config = tmp_path / "café.yaml"  # read as UTF-8 whatever the locale; the folder it names cannot be written
-    config.write_text(f"output_dir: {tmp_path / 'exp_é'}\ndata_dir: {small_competition}\n"
-                      "folds: {group_duplicates: false}\n", encoding="utf-8")
+    config.write_text(
+        f"output_dir: {tmp_path / 'exp_é'}\ndata_dir: {small_competition}\nfolds: {{group_duplicates: false}}\n",
+        encoding="utf-8",
+    )
     env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C", "LANG": "C"}
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
-    done = subprocess.run([sys.executable, "-m", "pawpular", "folds", "--config", "café.yaml"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, errors="replace", timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "pawpular", "folds", "--config", "café.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+    )
     assert done.returncode == 2 and "LC_ALL=C.UTF-8" in done.stderr and one_line(done.stderr), done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["café.yaml"]
 
@@ -335,12 +386,13 @@ def test_a_path_that_is_there_but_no_file_is_not_called_missing(run, art, small_
     (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
     (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
     a_file = small_competition / "train.csv"
-    cases = [(("config", "show", "--config", tmp_path), "is a folder"),
-             (("config", "show", "--config", tmp_path / "loop_a"), "loops"),
-             (("train", *tiny_args(small_competition, run, "model.pretrained=/dev/zero")), "not a regular file"),
-             (("train", *tiny_args(small_competition, run, f"model.pretrained={tmp_path}")), "is a folder"),
-             (("predict", "--artifacts", art, "--data", a_file, "--out", tmp_path / "s.csv"),
-              "is a file, not a folder")]
+    cases = [
+        (("config", "show", "--config", tmp_path), "is a folder"),
+        (("config", "show", "--config", tmp_path / "loop_a"), "loops"),
+        (("train", *tiny_args(small_competition, run, "model.pretrained=/dev/zero")), "not a regular file"),
+        (("train", *tiny_args(small_competition, run, f"model.pretrained={tmp_path}")), "is a folder"),
+        (("predict", "--artifacts", art, "--data", a_file, "--out", tmp_path / "s.csv"), "is a file, not a folder"),
+    ]
     for args, says in cases:
         code, out = run_cli(capsys, *args)
         assert code == 2 and says in out and "not found" not in out and one_line(out), out

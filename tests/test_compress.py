@@ -11,6 +11,7 @@ sees after standardizing each column), averaged over dimensions. Bounds, with th
 A broken setting (int8 with a wrong scale, pruning more than asked or the wrong layers, bf16 inputs not cast)
 falls far below these bounds or fails outright.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 from pawpular.compress import _prunable, compress_model
-from pawpular.config_checks import compress_spec as parse
 from pawpular.config import ModelConfig
+from pawpular.config_checks import compress_spec as parse
 from pawpular.data import read_competition
 from pawpular.dataset import PetDataset, build_transform
 from pawpular.inference import input_dtype, run_backbone
@@ -33,8 +34,13 @@ def embed_dataset(model, ds, device, batch_size, num_workers, tta_hflip):
     """Embeddings through the one inference path (what the embed stage and predict run)."""
     return run_backbone(model, ds, device, batch_size=batch_size, num_workers=num_workers, emb_tta=tta_hflip).emb
 
-TINY_SWIN = ModelConfig(name="swin_tiny_patch4_window7_224", pretrained="none", img_size=64,
-                        kwargs={"embed_dim": 24, "depths": [1, 1], "num_heads": [1, 2], "img_size": 64, "window_size": 4})
+
+TINY_SWIN = ModelConfig(
+    name="swin_tiny_patch4_window7_224",
+    pretrained="none",
+    img_size=64,
+    kwargs={"embed_dim": 24, "depths": [1, 1], "num_heads": [1, 2], "img_size": 64, "window_size": 4},
+)
 
 
 def dim_correlation(ref: np.ndarray, other: np.ndarray) -> tuple[float, float]:
@@ -52,8 +58,9 @@ def tiny(small_competition):
     model = build_model(TINY_SWIN).eval()
     dc = data_config(TINY_SWIN, model.backbone)
     comp = read_competition(small_competition)
-    ds = PetDataset(comp.train.iloc[:48], comp.root / "train", build_transform(64, dc["mean"], dc["std"], train=False),
-                    min_side=64)
+    ds = PetDataset(
+        comp.train.iloc[:48], comp.root / "train", build_transform(64, dc["mean"], dc["std"], train=False), min_side=64
+    )
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
     return model, ds, images
 
@@ -92,7 +99,9 @@ def test_pruning_reaches_the_asked_sparsity_in_the_pruned_layers(tiny, fraction)
     assert not any(m._forward_pre_hooks for m in pruned.modules())
     # Only the backbone's Linear / Conv2d weights are pruned: the head, norms and biases are untouched.
     state = pruned.state_dict()
-    pruned_keys = {f"backbone.{n}.weight" for n, m in pruned.backbone.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    pruned_keys = {
+        f"backbone.{n}.weight" for n, m in pruned.backbone.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+    }
     assert pruned_keys and all(torch.equal(state[k], before[k]) for k in before if k not in pruned_keys)
     # What was zeroed is the smallest magnitudes: every zeroed weight was at most as large as every kept one.
     old = torch.cat([before[k].flatten().abs() for k in sorted(pruned_keys)])
@@ -135,16 +144,38 @@ def test_bf16_becomes_fp16_on_a_gpu_without_native_bf16(tiny, monkeypatch, nativ
     assert {p.dtype for p in squeezed.parameters()} == {dtype}
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("none", ("none", 0.0)), ("", ("none", 0.0)), (" int8 ", ("int8", 0.0)), ("bf16", ("bf16", 0.0)),
-    ("prune:0.3", ("prune", 0.3)), ("prune:.6", ("prune", 0.6)),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("none", ("none", 0.0)),
+        ("", ("none", 0.0)),
+        (" int8 ", ("int8", 0.0)),
+        ("bf16", ("bf16", 0.0)),
+        ("prune:0.3", ("prune", 0.3)),
+        ("prune:.6", ("prune", 0.6)),
+    ],
+)
 def test_parse_accepts_the_settings(spec, expected):
     assert parse(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["int4", "fp16", "INT8", "prune", "prune:", "prune:0", "prune:1", "prune:1.5",
-                                  "prune:-0.2", "prune:abc", "prune:0.3:x", "prune:nan"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "int4",
+        "fp16",
+        "INT8",
+        "prune",
+        "prune:",
+        "prune:0",
+        "prune:1",
+        "prune:1.5",
+        "prune:-0.2",
+        "prune:abc",
+        "prune:0.3:x",
+        "prune:nan",
+    ],
+)
 def test_parse_rejects_bad_specs_with_a_clear_message(spec):
     with pytest.raises(ValueError) as err:
         parse(spec)

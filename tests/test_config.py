@@ -24,14 +24,17 @@ def test_every_config_in_configs_loads():
         assert isinstance(load_config(f), Config)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("modle: {name: x}\n", "unknown config key 'modle'"),
-    ("train: {epoch: 3}\n", "unknown config key 'train.epoch'"),
-    ("train: {epochs: three}\n", "config key 'train.epochs': expected an integer"),
-    ("train: {amp: 1}\n", "config key 'train.amp': expected a boolean"),
-    ("model: {finetune: lora}\n", "config key 'model.finetune': must be one of"),
-    ("folds: 5\n", "config section 'folds': expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("modle: {name: x}\n", "unknown config key 'modle'"),
+        ("train: {epoch: 3}\n", "unknown config key 'train.epoch'"),
+        ("train: {epochs: three}\n", "config key 'train.epochs': expected an integer"),
+        ("train: {amp: 1}\n", "config key 'train.amp': expected a boolean"),
+        ("model: {finetune: lora}\n", "config key 'model.finetune': must be one of"),
+        ("folds: 5\n", "config section 'folds': expected a mapping"),
+    ],
+)
 def test_bad_config_names_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -41,8 +44,9 @@ def test_bad_config_names_the_key(tmp_path, text, message):
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = load_config(None, ["train.lr=3e-4", "train.epochs=7", "model.use_meta=true", "svr.storage=null",
-                             "train.folds=[0, 2]"])
+    cfg = load_config(
+        None, ["train.lr=3e-4", "train.epochs=7", "model.use_meta=true", "svr.storage=null", "train.folds=[0, 2]"]
+    )
     assert cfg.train.lr == pytest.approx(3e-4) and cfg.train.epochs == 7 and cfg.model.use_meta is True
     assert cfg.svr.storage is None and cfg.train.folds == [0, 2]
     with pytest.raises(ConfigError, match="train.epochz"):

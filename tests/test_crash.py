@@ -10,6 +10,7 @@ k in 1..N a fresh copy is killed at k, the same command is rerun, and the output
 The default suite takes one k per command (seeded, different each command); ``-m crash_sweep`` takes every k
 (CI runs it). Plus damaged files (each artifact kind truncated) and corrupt locks.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,13 +25,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
 from conftest import CONFIG, REPO
 
 pytestmark = pytest.mark.slow
 
-SETS = ["folds.n_folds=2", "train.epochs=2", "train.batch_size=16", "train.num_workers=0", "embed.num_workers=0",
-        "svr.n_trials=4"]
+SETS = [
+    "folds.n_folds=2",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.num_workers=0",
+    "embed.num_workers=0",
+    "svr.n_trials=4",
+]
 SKIP = {"timings.json", ".data_check.json", "study.db", "study.db.lock", ".lock"}  # times, caches, sqlite pages
 OLD_EXPORT = "an older export"  # the starting export's "created": tells it from the new one
 

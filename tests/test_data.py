@@ -1,4 +1,5 @@
 """The data contract: every bad input gives its own specific error; odd but valid photos decode correctly."""
+
 from __future__ import annotations
 
 import io
@@ -9,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import shared_or_skip
 from PIL import Image
 
-from conftest import shared_or_skip
 from pawpular.data import META_COLS, TARGET, check_competition, read_competition
 from pawpular.images import ImageDecodeError, load_image
 
@@ -40,21 +41,53 @@ def _first_id(root: Path, split: str = "train") -> str:
 
 
 CSV_CASES = {
-    "renamed column": ("train.csv", lambda d: d.rename(columns={"Subject Focus": "SubjectFocus"}),
-                       "train.csv: columns: missing column 'Subject Focus' (found 'SubjectFocus'"),
+    "renamed column": (
+        "train.csv",
+        lambda d: d.rename(columns={"Subject Focus": "SubjectFocus"}),
+        "train.csv: columns: missing column 'Subject Focus' (found 'SubjectFocus'",
+    ),
     "extra column": ("train.csv", lambda d: d.assign(Breed=1), "train.csv: columns: unexpected column 'Breed'"),
     "duplicate Id": ("train.csv", lambda d: pd.concat([d, d.iloc[[5]]]), "duplicated on line 7, line 122"),
-    "flag not binary": ("train.csv", lambda d: d.assign(**{"Blur": [2] + list(d["Blur"][1:])}),
-                        "train.csv: line 2 (Id {id}): 'Blur' must be 0 or 1, got 2"),
-    "target NaN": ("train.csv", lambda d: d.assign(Pawpularity=[np.nan] + list(d[TARGET][1:])),
-                   "train.csv: line 2 (Id {id}): Pawpularity missing (NaN)"),
-    "target 0": ("train.csv", lambda d: d.assign(Pawpularity=[0] + list(d[TARGET][1:])),
-                 "train.csv: line 2 (Id {id}): Pawpularity 0 outside [1, 100]"),
-    "target 101": ("train.csv", lambda d: d.assign(Pawpularity=[101] + list(d[TARGET][1:])), "Pawpularity 101 outside [1, 100]"),
-    "target text": ("train.csv", lambda d: d.assign(Pawpularity=["high"] + list(d[TARGET][1:])), "Pawpularity not a number: 'high'"),
-    "target in test": ("test.csv", lambda d: d.assign(Pawpularity=50), "test.csv: columns: must not contain the target"),
-    "sample Ids differ": ("sample_submission.csv", lambda d: d.iloc[1:], "in test.csv but not in sample_submission.csv"),
-    "bad Id characters": ("test.csv", lambda d: d.assign(Id=["../evil"] + list(d["Id"][1:])), "has characters not allowed"),
+    "flag not binary": (
+        "train.csv",
+        lambda d: d.assign(**{"Blur": [2] + list(d["Blur"][1:])}),
+        "train.csv: line 2 (Id {id}): 'Blur' must be 0 or 1, got 2",
+    ),
+    "target NaN": (
+        "train.csv",
+        lambda d: d.assign(Pawpularity=[np.nan] + list(d[TARGET][1:])),
+        "train.csv: line 2 (Id {id}): Pawpularity missing (NaN)",
+    ),
+    "target 0": (
+        "train.csv",
+        lambda d: d.assign(Pawpularity=[0] + list(d[TARGET][1:])),
+        "train.csv: line 2 (Id {id}): Pawpularity 0 outside [1, 100]",
+    ),
+    "target 101": (
+        "train.csv",
+        lambda d: d.assign(Pawpularity=[101] + list(d[TARGET][1:])),
+        "Pawpularity 101 outside [1, 100]",
+    ),
+    "target text": (
+        "train.csv",
+        lambda d: d.assign(Pawpularity=["high"] + list(d[TARGET][1:])),
+        "Pawpularity not a number: 'high'",
+    ),
+    "target in test": (
+        "test.csv",
+        lambda d: d.assign(Pawpularity=50),
+        "test.csv: columns: must not contain the target",
+    ),
+    "sample Ids differ": (
+        "sample_submission.csv",
+        lambda d: d.iloc[1:],
+        "in test.csv but not in sample_submission.csv",
+    ),
+    "bad Id characters": (
+        "test.csv",
+        lambda d: d.assign(Id=["../evil"] + list(d["Id"][1:])),
+        "has characters not allowed",
+    ),
 }
 
 
@@ -114,7 +147,9 @@ def test_missing_image_folder_is_one_clear_problem(competition_copy):
     import shutil
 
     shutil.rmtree(competition_copy / "train")
-    assert _problems(competition_copy) == ["train/: folder: image folder missing: 120 images expected as train/<Id>.jpg"]
+    assert _problems(competition_copy) == [
+        "train/: folder: image folder missing: 120 images expected as train/<Id>.jpg"
+    ]
 
 
 # --- odd but valid photos --------------------------------------------------------------------------------------
@@ -191,15 +226,23 @@ def test_real_petfinder_csvs_pass_the_csv_checks():
     assert len(comp.train) == 9912 and list(comp.train.columns[1:13]) == META_COLS
     assert comp.train[TARGET].mean() == pytest.approx(38.04, abs=0.01)
     problems = _problems(root, images=True)  # images are not shipped: said plainly, once per folder
-    assert problems == ["train/: folder: image folder missing: 9912 images expected as train/<Id>.jpg",
-                        "test/: folder: image folder missing: 8 images expected as test/<Id>.jpg"]
+    assert problems == [
+        "train/: folder: image folder missing: 9912 images expected as train/<Id>.jpg",
+        "test/: folder: image folder missing: 8 images expected as test/<Id>.jpg",
+    ]
 
 
 def test_check_data_cli_exit_codes(small_competition, competition_copy):
-    ok = subprocess.run([sys.executable, "-m", "pawpular", "check-data", "--data", str(small_competition)],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "pawpular", "check-data", "--data", str(small_competition)],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "valid (120 train, 16 test" in ok.stdout
     _edit_csv(competition_copy / "train.csv", lambda d: d.assign(Eyes=3))
-    bad = subprocess.run([sys.executable, "-m", "pawpular", "check-data", "--data", str(competition_copy)],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pawpular", "check-data", "--data", str(competition_copy)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "120 problem(s)" in bad.stderr and "'Eyes' must be 0 or 1, got 3" in bad.stderr

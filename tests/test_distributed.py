@@ -7,6 +7,7 @@ outputs, and a process running ``python -m pawpular.cli``. Copies of one run hol
 study (named by a hash of the values it is tuned on) is one study on the server. PostgreSQL comes from the
 fixtures of tests/postgres.py (a throwaway server; the tests skip only where its binaries or psycopg2 are absent).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,18 +24,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_args
+from postgres import postgres_db, postgres_role, postgres_server  # noqa: F401  (fixtures)
 
 import pawpular
 from pawpular import artifacts
 from pawpular import svr_study as st
 from pawpular.data import ID
 
-from conftest import tiny_args
-from postgres import postgres_db, postgres_role, postgres_server  # noqa: F401  (fixtures)
-
 SRC = str(Path(pawpular.__file__).resolve().parents[1])  # subprocesses import the same pawpular as the tests
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
+    "OMP_NUM_THREADS": "1",
+}
 LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d ")  # our log lines; anything else on stderr is what a user reads
 SUMMARY = re.compile(r"svr: best C=.*?(\d+) trials \((\d+) new")
 WORKER = re.compile(r"svr worker (\d+): (\d+) trials")
@@ -48,8 +51,15 @@ def machine(run: Path, dest: Path) -> Path:
 
 
 def cli(command: str, comp: Path, out: Path, *sets: str, flags: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "pawpular.cli", command, *tiny_args(comp, out),
-            *[a for s in sets for a in ("--set", s)], *flags]
+    return [
+        sys.executable,
+        "-m",
+        "pawpular.cli",
+        command,
+        *tiny_args(comp, out),
+        *[a for s in sets for a in ("--set", s)],
+        *flags,
+    ]
 
 
 def run_all(*commands: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
@@ -59,7 +69,7 @@ def run_all(*commands: list[str], timeout: float = 240) -> list[subprocess.Compl
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for c in commands]
     done = []
     try:
-        for c, p in zip(commands, procs):
+        for c, p in zip(commands, procs, strict=False):
             out, err = p.communicate(timeout=timeout)
             done.append(subprocess.CompletedProcess(c, p.returncode, out, err))
             done[-1].seconds = time.monotonic() - t0
@@ -110,8 +120,9 @@ def test_three_machines_share_one_postgres_study(experiment_run, small_competiti
     n = 7
     create_schema(postgres_db)
     outs = [machine(experiment_run, tmp_path / f"machine{i}") for i in range(3)]
-    results = run_all(*[cli("svr", small_competition, out, f"svr.storage={postgres_db}", f"svr.n_trials={n}")
-                        for out in outs])
+    results = run_all(
+        *[cli("svr", small_competition, out, f"svr.storage={postgres_db}", f"svr.n_trials={n}") for out in outs]
+    )
     ok(results)
 
     names = {best(out)["study_name"] for out in outs}
@@ -141,9 +152,19 @@ def test_machines_started_together_on_a_fresh_database(postgres_db, tmp_path):
         "from pawpular import svr_study as st\n"
         "print('ready', flush=True)\nsys.stdin.readline()\n"
         "try:\n    st.make_storage(sys.argv[1], Path('unused'))\n    print('ok')\n"
-        "except st.StudyStorageError as e:\n    print(e)\n")
-    procs = [subprocess.Popen([sys.executable, str(script), postgres_db], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(5)]
+        "except st.StudyStorageError as e:\n    print(e)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), postgres_db],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for _ in range(5)
+    ]
     try:
         assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 5  # imports done: start them together
         for p in procs:
@@ -162,15 +183,26 @@ def test_machines_started_together_on_a_fresh_database(postgres_db, tmp_path):
 # b. two experiments, one server
 
 
-def test_two_experiments_on_one_server_keep_their_own_studies(experiment_run, small_competition, tmp_path,
-                                                               postgres_db):
+def test_two_experiments_on_one_server_keep_their_own_studies(experiment_run, small_competition, tmp_path, postgres_db):
     """Experiment B tunes other values (no flags) over another C range: two studies, each with its own budget,
     and no trial of one in the other (every C lies in its own experiment's range)."""
     create_schema(postgres_db)
     a, b = machine(experiment_run, tmp_path / "a"), machine(experiment_run, tmp_path / "b")
-    ok(run_all(cli("svr", small_competition, a, f"svr.storage={postgres_db}", "svr.n_trials=5"),
-               cli("svr", small_competition, b, f"svr.storage={postgres_db}", "svr.n_trials=4", "svr.use_meta=false",
-                   "svr.c_min=150", "svr.c_max=1000")))
+    ok(
+        run_all(
+            cli("svr", small_competition, a, f"svr.storage={postgres_db}", "svr.n_trials=5"),
+            cli(
+                "svr",
+                small_competition,
+                b,
+                f"svr.storage={postgres_db}",
+                "svr.n_trials=4",
+                "svr.use_meta=false",
+                "svr.c_min=150",
+                "svr.c_max=1000",
+            ),
+        )
+    )
     import optuna
 
     names = {out: best(out)["study_name"] for out in (a, b)}
@@ -187,9 +219,9 @@ def test_two_experiments_on_one_server_keep_their_own_studies(experiment_run, sm
 # c. a bad svr.storage
 
 
-def test_bad_storage_fails_in_seconds_with_one_line_and_writes_nothing(experiment_run, small_competition, tmp_path,
-                                                                         postgres_server, postgres_db, postgres_role,
-                                                                         capfd):
+def test_bad_storage_fails_in_seconds_with_one_line_and_writes_nothing(
+    experiment_run, small_competition, tmp_path, postgres_server, postgres_db, postgres_role, capfd
+):
     """An unreachable server (a real process), a scheme we do not support and a wrong password (in this process,
     through cli.main): exit 2 and one line naming svr.storage with the password masked, before the stage reads
     any embedding, leaving the experiment folder exactly as it was."""
@@ -229,8 +261,9 @@ def test_bad_storage_fails_in_seconds_with_one_line_and_writes_nothing(experimen
 # d. --overwrite never deletes a shared study; delete-study does
 
 
-def test_overwrite_keeps_a_shared_study_and_delete_study_removes_it(experiment_run, small_competition, tmp_path,
-                                                                    postgres_db):
+def test_overwrite_keeps_a_shared_study_and_delete_study_removes_it(
+    experiment_run, small_competition, tmp_path, postgres_db
+):
     from pawpular import cli as pcli
 
     out = machine(experiment_run, tmp_path / "m")
@@ -256,8 +289,9 @@ def test_overwrite_keeps_a_shared_study_and_delete_study_removes_it(experiment_r
 # e. local workers on the experiment's own SQLite study
 
 
-def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run, small_competition, tmp_path,
-                                                                   monkeypatch, capfd, caplog):
+def test_local_workers_share_the_budget_and_the_stage_writes_once(
+    experiment_run, small_competition, tmp_path, monkeypatch, capfd, caplog
+):
     """`pawpular svr --workers 3` (cli.main in this process): exactly n COMPLETE trials in svr/study.db, shared
     between the stage's process and its 2 workers (their logged counts add up to n, and at least 2 processes
     ran trials), and one set of outputs, fitted with the study's best C.
@@ -265,7 +299,8 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run
     A trial on the tiny run takes ~0.1 s and a spawned worker needs 5-20 s (imports, folds, kernels) on a busy
     2-core machine, so the stage's process alone could fill the budget before a worker starts: its trials are
     slowed here to 1 s (the workers, fresh interpreters, run the real speed)."""
-    from pawpular import cli as pcli, svr_head
+    from pawpular import cli as pcli
+    from pawpular import svr_head
     from pawpular.svr_head import SvrHead
 
     n = 40
@@ -292,9 +327,18 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(experiment_run
         head = SvrHead.load(artifacts.svr_head(out, k))
         assert head.params["C"] == b["C"]
     written = sorted(str(p.relative_to(out / "svr")) for p in (out / "svr").rglob("*") if p.is_file())
-    assert written == sorted(["best_params.json", "manifest.json", "oof.parquet", "test.parquet", "nested.parquet",
-                              "study.db",
-                              "study.db.lock", *[f"fold{k}/head.safetensors" for k in range(3)]])
+    assert written == sorted(
+        [
+            "best_params.json",
+            "manifest.json",
+            "oof.parquet",
+            "test.parquet",
+            "nested.parquet",
+            "study.db",
+            "study.db.lock",
+            *[f"fold{k}/head.safetensors" for k in range(3)],
+        ]
+    )
 
 
 def _sigint_default() -> None:  # a test run in the background inherits SIGINT ignored: a terminal's child has it
@@ -306,9 +350,15 @@ def test_ctrl_c_with_local_workers_exits_130_and_stops_them(experiment_run, smal
     "interrupted" and exits 130 (not a traceback about failed workers), the workers log their count and stop,
     and nothing of the stage is written."""
     out = machine(experiment_run, tmp_path / "ctrl-c")
-    proc = subprocess.Popen(cli("svr", small_competition, out, "svr.n_trials=100000", flags=("--workers", "3")),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                            start_new_session=True, preexec_fn=_sigint_default)
+    proc = subprocess.Popen(
+        cli("svr", small_competition, out, "svr.n_trials=100000", flags=("--workers", "3")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+        preexec_fn=_sigint_default,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
@@ -343,8 +393,17 @@ def test_ctrl_c_with_local_workers_exits_130_and_stops_them(experiment_run, smal
 def test_embed_under_torchrun_equals_one_process(experiment_run, small_competition, tmp_path):
     out = Path(shutil.copytree(experiment_run, tmp_path / "ddp"))
     shutil.rmtree(out / "emb")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "pawpular.cli",
-           "embed", *tiny_args(small_competition, out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "pawpular.cli",
+        "embed",
+        *tiny_args(small_competition, out),
+    ]
     (r,) = run_all(cmd, timeout=300)
     ok([r])
     assert "DDP: rank 1 of 2" in r.stderr and "gloo" in r.stderr
@@ -397,8 +456,18 @@ with process_group("cpu") as dist:
 
 def test_sharded_inference_gathers_every_item_in_order_even_with_more_ranks_than_items(tmp_path):
     (tmp_path / "shard.py").write_text(SHARD_SCRIPT)
-    (r,) = run_all([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                    str(tmp_path / "shard.py"), str(tmp_path)], timeout=180)
+    (r,) = run_all(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=3",
+            str(tmp_path / "shard.py"),
+            str(tmp_path),
+        ],
+        timeout=180,
+    )
     ok([r])
     for n in (2, 7):
         for rank in range(3):

@@ -1,5 +1,6 @@
 """`pawpular doctor` on faked machines (driver CUDA version, torch build, RAPIDS import outcome) and on this one,
 and backend's refusal to fall back to the CPU, or to scikit-learn, silently."""
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,10 @@ def drv(cuda=(12, 4), *gpus: GpuInfo) -> Driver:
     return Driver("550.54.15", cuda, gpus or (T4,))
 
 
-def facts(torch=None, driver=None, rapids=RapidsStatus(False), env=None) -> doctor.Facts:
+NO_RAPIDS = RapidsStatus(False)
+
+
+def facts(torch=None, driver=None, rapids=NO_RAPIDS, env=None) -> doctor.Facts:
     gpus = driver.gpus if torch is not None and torch.available and driver is not None else ()
     return doctor.Facts("3.11.7", "/venv/bin/python", torch, gpus, driver, rapids, PACKAGES, env or {}, TESTED, 4)
 
@@ -43,14 +47,19 @@ def check(f: doctor.Facts, *overrides: str, config: str | None = None) -> doctor
 
 # --- verdicts and what runs where ------------------------------------------------------------------------------
 
+
 def test_cpu_machine_is_fine_and_says_so():
     d = check(facts(PYPI_CU130, None))
     assert d.problems == () and d.device == "cpu"
-    assert dict(d.stages) == {"train": "CPU, fp32", "embed": "CPU, fp32, parquet through pandas",
-                              "svr": "scikit-learn 1.7.2 on CPU, precomputed kernels (up to svr.max_kernel_gb = 4 GB)",
-                              "folds, ensemble": "CPU"}
+    assert dict(d.stages) == {
+        "train": "CPU, fp32",
+        "embed": "CPU, fp32, parquet through pandas",
+        "svr": "scikit-learn 1.7.2 on CPU, precomputed kernels (up to svr.max_kernel_gb = 4 GB)",
+        "folds, ensemble": "CPU",
+    }
     assert dict(check(facts(PYPI_CU130, None), "svr.kernel_cache=plain").stages)["svr"].endswith(
-        "refit from features every trial (svr.kernel_cache: plain)")
+        "refit from features every trial (svr.kernel_cache: plain)"
+    )
 
 
 def test_kaggle_t4_with_rapids_runs_on_the_gpu_in_fp16():
@@ -84,8 +93,10 @@ def test_cuda13_torch_on_a_cuda12_driver_is_an_error_with_the_fix():
     (p,) = d.problems
     assert "Tesla T4" in p.message and "2.14.1+cu130" in p.message and "13.0" in p.message and "12.4" in p.message
     assert "every stage runs on the CPU" in p.message
-    assert "/venv/bin/python -m pip install torch==2.14.1+cu126 torchvision==0.29.2+cu126 --index-url " \
-           "https://download.pytorch.org/whl/cu126" in p.fix
+    assert (
+        "/venv/bin/python -m pip install torch==2.14.1+cu126 torchvision==0.29.2+cu126 --index-url "
+        "https://download.pytorch.org/whl/cu126" in p.fix
+    )
 
 
 def test_cpu_only_torch_with_a_gpu_is_an_error():
@@ -113,8 +124,9 @@ def test_too_old_driver_says_update_the_driver():
 
 
 def test_broken_rapids_is_an_error_and_falls_back():
-    broken = RapidsStatus(True, error="ImportError: libcuml++.so: cannot open shared object file",
-                          dists=("cudf-cu13", "cuml-cu13"))
+    broken = RapidsStatus(
+        True, error="ImportError: libcuml++.so: cannot open shared object file", dists=("cudf-cu13", "cuml-cu13")
+    )
     d = check(facts(CU124, drv((12, 4)), broken))
     assert d.device == "cuda" and len(d.problems) == 1
     (p,) = d.problems
@@ -132,8 +144,9 @@ def test_old_cuml_refits_and_missing_rapids_is_a_note():
     old = RapidsStatus(True, "25.10.00", "25.10.00", None, ("cuml-cu12", "cudf-cu12"))
     d = check(facts(CU124, drv(), old))
     assert d.problems == ()
-    assert dict(d.stages)["svr"] == ("cuML 25.10.00 on cuda:0, refit from features every trial "
-                                     "(cuML < 26.02 takes no precomputed kernels)")
+    assert dict(d.stages)["svr"] == (
+        "cuML 25.10.00 on cuda:0, refit from features every trial (cuML < 26.02 takes no precomputed kernels)"
+    )
     assert any("predates precomputed kernels" in n for n in d.notes)
     none = check(facts(CU124, drv()))
     assert none.problems == () and any("RAPIDS is not installed" in n and "PAWPULAR_CUDA=12" in n for n in none.notes)
@@ -148,9 +161,20 @@ def test_render_full_and_short():
     f = facts(PYPI_CU130, drv((12, 4)))
     d = check(f)
     text = doctor.render(f, d, "configs/default.yaml")
-    for expected in ("torch            2.14.1+cu130 (built for CUDA 13.0)", "550.54.15, runs CUDA 12.4 at most",
-                     "GPU 0", "Tesla T4, 15.0 GiB, compute 7.5, bf16: no", "RAPIDS", "timm 1.0.31",
-                     "albumentations 2.0.8", "optuna 5.0.0", "train:", "ERROR:", "fix:", "exit 1"):
+    for expected in (
+        "torch            2.14.1+cu130 (built for CUDA 13.0)",
+        "550.54.15, runs CUDA 12.4 at most",
+        "GPU 0",
+        "Tesla T4, 15.0 GiB, compute 7.5, bf16: no",
+        "RAPIDS",
+        "timm 1.0.31",
+        "albumentations 2.0.8",
+        "optuna 5.0.0",
+        "train:",
+        "ERROR:",
+        "fix:",
+        "exit 1",
+    ):
         assert expected in text, expected
     short = doctor.render_short(f, d).splitlines()
     assert len(short) == 3 and short[1].startswith("doctor: ERROR:") and "whl/cu126" in short[2]
@@ -186,6 +210,7 @@ def test_doctor_on_this_machine():
 
 
 # --- backend: no silent CPU, no crash on a broken RAPIDS ------------------------------------------------------
+
 
 @pytest.fixture
 def fresh_log(monkeypatch):
@@ -238,6 +263,7 @@ def test_no_driver_no_warning(monkeypatch, caplog, fresh_log):
 @pytest.fixture
 def fake_rapids(tmp_path, monkeypatch):
     """Write fake cuml / cudf packages on sys.path; removed (and unimported) afterwards."""
+
     def write(**sources: str) -> None:
         for name, src in sources.items():
             (tmp_path / name).mkdir()
@@ -250,8 +276,9 @@ def fake_rapids(tmp_path, monkeypatch):
 
 
 def test_broken_rapids_falls_back_with_one_warning(fake_rapids, caplog):
-    fake_rapids(cuml="raise ImportError('libcuml++.so: cannot open shared object file')",
-                cudf="__version__ = '26.10.00'")
+    fake_rapids(
+        cuml="raise ImportError('libcuml++.so: cannot open shared object file')", cudf="__version__ = '26.10.00'"
+    )
     status = backend.rapids_status()
     assert status.installed and not status.ok and "libcuml++.so" in status.error
     with caplog.at_level(logging.WARNING, logger="pawpular"):

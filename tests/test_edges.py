@@ -6,6 +6,7 @@ nothing half-written.
 Each runs the real CLI on a copy of the session's finished tiny run (``experiment_run``); compared bytes are
 those of deterministic outputs (CPU training replays exactly).
 """
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, tiny_args
 
 from pawpular import artifacts, cli
 from pawpular.files import read_json
-
-from conftest import REPO, tiny_args
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,9 @@ def _main(*args: str) -> int:
     return cli.main(list(args))
 
 
-def test_fold_folders_beyond_n_folds_are_removed_and_never_exported(experiment_run, small_competition, tmp_path,
-                                                                    capsys):
+def test_fold_folders_beyond_n_folds_are_removed_and_never_exported(
+    experiment_run, small_competition, tmp_path, capsys
+):
     run = _copy(experiment_run, tmp_path / "run")
     assert _main("all", *tiny_args(small_competition, run), "--set", "folds.n_folds=2") == 0
     for parent in ("train", "emb", "svr"):
@@ -51,8 +52,9 @@ def _kill_at(k: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pawpular", *args], capture_output=True, text=True, cwd=REPO, env=env)
 
 
-def test_embed_killed_under_other_settings_then_rerun_with_the_original_ones(experiment_run, small_competition,
-                                                                            tmp_path):
+def test_embed_killed_under_other_settings_then_rerun_with_the_original_ones(
+    experiment_run, small_competition, tmp_path
+):
     """Old failure: a folder kept train embeddings of one transform and test embeddings of another, for good."""
     run, probe = _copy(experiment_run, tmp_path / "run"), _copy(experiment_run, tmp_path / "own" / "probe")
     # the other transform's sets are written into the shared cache, then linked: find the commit that would link
@@ -60,8 +62,21 @@ def test_embed_killed_under_other_settings_then_rerun_with_the_original_ones(exp
     # and kill the real run just before it
     log = tmp_path / "commits.log"
     env = {**os.environ, "PAWPULAR_FAULT_LOG": str(log), "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "pawpular", "embed", *tiny_args(small_competition, probe), "--set",
-                    "embed.tta_hflip=false"], capture_output=True, cwd=REPO, env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pawpular",
+            "embed",
+            *tiny_args(small_competition, probe),
+            "--set",
+            "embed.tta_hflip=false",
+        ],
+        capture_output=True,
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
     target = str(probe / "emb" / "fold0" / "test.parquet")
     (k,) = [int(line.split()[0]) for line in log.read_text().splitlines() if line.split(maxsplit=2)[2] == target]
     r = _kill_at(k, "embed", *tiny_args(small_competition, run), "--set", "embed.tta_hflip=false")
@@ -75,9 +90,16 @@ def test_embed_killed_under_other_settings_then_rerun_with_the_original_ones(exp
             pd.testing.assert_frame_equal(pd.read_parquet(run / name), pd.read_parquet(experiment_run / name))
 
 
-@pytest.mark.parametrize("victim, stage", [("emb/fold1/test.parquet", "embed"), ("train/fold0/best.pt", "train"),
-                                           ("svr/oof.parquet", "svr"), ("svr/fold2/head.safetensors", "svr"),
-                                           ("ensemble/weights.json", "ensemble")])
+@pytest.mark.parametrize(
+    "victim, stage",
+    [
+        ("emb/fold1/test.parquet", "embed"),
+        ("train/fold0/best.pt", "train"),
+        ("svr/oof.parquet", "svr"),
+        ("svr/fold2/head.safetensors", "svr"),
+        ("ensemble/weights.json", "ensemble"),
+    ],
+)
 def test_damaged_files_are_recomputed_never_trusted(experiment_run, small_competition, tmp_path, capsys, victim, stage):
     run = _copy(experiment_run, tmp_path / "run")
     path = run / victim
@@ -117,8 +139,9 @@ def test_all_equal_targets_run_to_a_submission_with_a_warning(small_competition,
     assert _main("report", "--output", str(out)) == 0
 
 
-@pytest.mark.parametrize("value, message", [("7", "got 7"), ("-2", "got -2"), ("", "got nan"), ("1.5", "got 1.5"),
-                                            ("x", "got 'x'")])
+@pytest.mark.parametrize(
+    "value, message", [("7", "got 7"), ("-2", "got -2"), ("", "got nan"), ("1.5", "got 1.5"), ("x", "got 'x'")]
+)
 def test_bad_fold_values_are_refused_naming_the_row(small_competition, tmp_path, capsys, value, message):
     ids = pd.read_csv(small_competition / "train.csv", dtype={"Id": str})["Id"]
     folds = pd.DataFrame({"Id": ids, "fold": (np.arange(len(ids)) % 3).astype(str)})
@@ -151,12 +174,15 @@ def test_temporary_litter_and_a_stray_last_pt_are_swept(experiment_run, small_co
     sub.parent.mkdir()
     (sub.parent / ".submission.csv.pawpular-zz.tmp").write_text("half")
     assert _main("export", "--output", str(run), "--to", str(tmp_path / "art")) == 0
-    assert _main("predict", "--artifacts", str(tmp_path / "art"), "--data", str(small_competition), "--out", str(sub)) == 0
+    assert (
+        _main("predict", "--artifacts", str(tmp_path / "art"), "--data", str(small_competition), "--out", str(sub)) == 0
+    )
     assert sorted(p.name for p in sub.parent.iterdir()) == ["submission.csv"]
 
 
-def test_checkpoints_are_byte_stable_and_an_identical_retrain_invalidates_nothing(experiment_run, small_competition,
-                                                                                  tmp_path, caplog):
+def test_checkpoints_are_byte_stable_and_an_identical_retrain_invalidates_nothing(
+    experiment_run, small_competition, tmp_path, caplog
+):
     caplog.set_level("INFO", logger="pawpular")
     run = _copy(experiment_run, tmp_path / "run")
     assert _main("train", *tiny_args(small_competition, run), "--set", "train.folds=[1]", "--overwrite") == 0
@@ -180,8 +206,10 @@ def test_an_output_path_that_is_a_file(small_competition, tmp_path, capsys):
 def test_predict_out_a_directory_is_refused_before_the_inference(experiment_run, small_competition, tmp_path, capsys):
     assert _main("export", "--output", str(experiment_run), "--to", str(tmp_path / "art")) == 0
     capsys.readouterr()
-    assert _main("predict", "--artifacts", str(tmp_path / "art"), "--data", str(small_competition),
-                 "--out", str(tmp_path)) == 2
+    assert (
+        _main("predict", "--artifacts", str(tmp_path / "art"), "--data", str(small_competition), "--out", str(tmp_path))
+        == 2
+    )
     err = capsys.readouterr().err
     assert "is a directory" in err and "Traceback" not in err and "predict:" not in err  # no inference ran
 
@@ -215,8 +243,11 @@ def test_a_read_only_output_folder(small_competition, tmpfs, capsys):
 def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(experiment_run, small_competition, tmpfs, capsys):
     disk = tmpfs("disk", 600)
     run = disk / "run"
-    shutil.copytree(experiment_run, run, ignore=shutil.ignore_patterns("train", "emb", "svr", "ensemble",
-                                                                       "submission.csv", "report.html", "study.db"))
+    shutil.copytree(
+        experiment_run,
+        run,
+        ignore=shutil.ignore_patterns("train", "emb", "svr", "ensemble", "submission.csv", "report.html", "study.db"),
+    )
     assert _main("train", *tiny_args(small_competition, run)) == 2  # 3 folds of checkpoints do not fit in 600 KB
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {run}/train/fold") and err.endswith(": no space left on device")

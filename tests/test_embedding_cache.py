@@ -1,6 +1,7 @@
 """Embedding sets shared across experiments (embedding_cache.py): computed once under the output root, hard-linked
 into each experiment; a second experiment with the same backbones embeds nothing; one experiment's --overwrite
 never touches the files another one uses; the key is the set's own manifest key (plus the policy)."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 FROZEN = REPO / "configs" / "frozen_svr.yaml"
@@ -20,8 +20,15 @@ TINY = ["folds.n_folds=3", "embed.num_workers=0", "svr.n_trials=2"]
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(FROZEN), "--data", str(data), "--output", str(out),
-            *[a for s in [*TINY, *extra] for a in ("--set", s)]]
+    return [
+        "--config",
+        str(FROZEN),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        *[a for s in [*TINY, *extra] for a in ("--set", s)],
+    ]
 
 
 def _embed(data: Path, out: Path, *extra: str) -> None:
@@ -33,8 +40,10 @@ def _embed(data: Path, out: Path, *extra: str) -> None:
 
 def _made_by(out: Path) -> dict[str, str]:
     """Each set's maker, as its manifest records it (the folder name of the experiment that computed it)."""
-    return {name: Path(json.loads((out / "emb" / name / "manifest.json").read_text())["info"]["made_by"]).name
-            for name in ("resnet", "convnext")}
+    return {
+        name: Path(json.loads((out / "emb" / name / "manifest.json").read_text())["info"]["made_by"]).name
+        for name in ("resnet", "convnext")
+    }
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -97,8 +106,9 @@ def test_overwrite_of_one_experiment_keeps_the_sets_another_uses(shared, small_c
 
 
 @pytest.mark.slow
-def test_the_key_follows_the_recorded_settings_and_an_unfinished_entry_is_never_reused(shared, small_competition,
-                                                                                      caplog):
+def test_the_key_follows_the_recorded_settings_and_an_unfinished_entry_is_never_reused(
+    shared, small_competition, caplog
+):
     a, _ = shared
     root = a.parent
     caplog.set_level("INFO", logger="pawpular")
@@ -120,8 +130,10 @@ def test_a_writer_of_the_same_set_waits_for_the_one_holding_it(tmp_path, monkeyp
 
     entry = tmp_path / ".embeddings" / "0123abcd"
     entry.mkdir(parents=True)
-    hold = ("import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
-            "print('held', flush=True); time.sleep(1.5)")
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('held', flush=True); time.sleep(1.5)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", hold, str(entry / ".lock")], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     monkeypatch.setattr(embedding_cache, "WAIT_SECONDS", 0.1)
@@ -142,7 +154,9 @@ def test_runs_names_the_frozen_backbones_and_no_fine_tuned_model(shared, capsys)
     for name, row in rows.items():
         assert row["recipe"] == "frozen" and row["model"] is None and row["epochs"] is None
         assert [(s["name"], s["backbone"], s["img_size"], s["kind"]) for s in row["sets"]] == [
-            ("resnet", "resnet18", 96, "pooled"), ("convnext", "convnext_atto", 96, "pooled")]
+            ("resnet", "resnet18", 96, "pooled"),
+            ("convnext", "convnext_atto", 96, "pooled"),
+        ]
         assert [s["reused"] for s in row["sets"]] == [name == "b"] * 2
     assert cli.main(["runs", str(a), str(b)]) == 0
     text = capsys.readouterr().out
@@ -152,10 +166,22 @@ def test_runs_names_the_frozen_backbones_and_no_fine_tuned_model(shared, capsys)
 def test_settings_differ_key_by_key_for_named_backbones():
     from pawpular import experiments, manifest
 
-    old = {"embed": {"backbones": [{"name": "resnet", "model": "resnet18", "img_size": 96},
-                                   {"name": "convnext", "model": "convnext_atto", "img_size": 96}]}}
-    new = {"embed": {"backbones": [{"name": "resnet", "model": "resnet18", "img_size": 128},
-                                   {"name": "convnext", "model": "convnext_atto", "img_size": 96}]}}
+    old = {
+        "embed": {
+            "backbones": [
+                {"name": "resnet", "model": "resnet18", "img_size": 96},
+                {"name": "convnext", "model": "convnext_atto", "img_size": 96},
+            ]
+        }
+    }
+    new = {
+        "embed": {
+            "backbones": [
+                {"name": "resnet", "model": "resnet18", "img_size": 128},
+                {"name": "convnext", "model": "convnext_atto", "img_size": 96},
+            ]
+        }
+    }
     assert manifest.config_changes(old, new) == ["embed.backbones.resnet.img_size 96 -> 128"]
     flat = [experiments._flatten(c) for c in (old, new)]
     assert experiments.differing(flat) == ["embed.backbones.resnet.img_size"]
@@ -163,9 +189,10 @@ def test_settings_differ_key_by_key_for_named_backbones():
     assert manifest.by_name([{"name": "x"}, {"name": "x"}]) is None and manifest.by_name([1, 2]) is None
 
 
-def test_a_branch_from_select_fits_its_svr_on_the_same_sets_and_embeds_nothing(shared, small_competition, capsys,
-                                                                               caplog):
-    from pawpular import cli, svr_head
+def test_a_branch_from_select_fits_its_svr_on_the_same_sets_and_embeds_nothing(
+    shared, small_competition, capsys, caplog
+):
+    from pawpular import cli, svr_study
     from pawpular.stages import embed
 
     a, _ = shared
@@ -177,7 +204,7 @@ def test_a_branch_from_select_fits_its_svr_on_the_same_sets_and_embeds_nothing(s
     assert selection["candidates"] == ["resnet", "convnext"] and selection["skipped"] == {}
     with pytest.MonkeyPatch.context() as mp, caplog.at_level("INFO", logger="pawpular"):
         mp.setattr(embed, "run_backbone", lambda *_, **__: pytest.fail("the branch ran a backbone"))
-        mp.setattr(svr_head, "C_EDGE_SHARE", 0.5)  # every C is "at an edge" (2 trials never reach a real one)
+        mp.setattr(svr_study, "C_EDGE_SHARE", 0.5)  # every C is "at an edge" (2 trials never reach a real one)
         assert cli.main(["all", "--output", str(branch)]) == 0
     assert re.search(r"svr: the best C \(\S+\) is at the (top|bottom) .*(raise svr.c_max|lower svr.c_min)", caplog.text)
     assert "embed summary: resnet=" in caplog.text and "=computed" not in caplog.text  # linked or reused
@@ -211,5 +238,7 @@ def test_a_set_left_out_by_choice_is_no_longer_used_not_missing():
 
     old = {"resnet: frozen backbone": "ab12", "convnext: frozen backbone": "cd34", "data:train.csv": "ef56"}
     new = {"resnet: frozen backbone": "ab12", "data:train.csv": None}
-    assert manifest.input_changes(old, new) == ["convnext: frozen backbone is no longer used",
-                                                "data:train.csv is missing"]
+    assert manifest.input_changes(old, new) == [
+        "convnext: frozen backbone is no longer used",
+        "data:train.csv is missing",
+    ]

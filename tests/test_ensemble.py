@@ -1,17 +1,17 @@
 """Ensemble: weights are a convex combination never worse than the best model; submissions are validated."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import adopt_folds, plant_finished
 
 from pawpular.blend import fit_weights
 from pawpular.data import read_competition
 from pawpular.metrics import rmse
 from pawpular.runner import Context, run_planned
 from pawpular.submission import SubmissionError, validate_submission, write_submission
-
-from conftest import adopt_folds, plant_finished
 
 
 @pytest.mark.parametrize("method", ["convex", "nnls", "hill"])
@@ -61,8 +61,9 @@ def test_convex_blend_warns_when_its_solver_stops_short(monkeypatch, caplog):
 
     import pawpular.blend as blend
 
-    monkeypatch.setattr(blend, "minimize", lambda *a, **k: OptimizeResult(x=np.array([0.5, 0.5]), success=True,
-                                                                          message="stopped early"))
+    monkeypatch.setattr(
+        blend, "minimize", lambda *a, **k: OptimizeResult(x=np.array([0.5, 0.5]), success=True, message="stopped early")
+    )
     rng = np.random.default_rng(0)
     y = rng.uniform(1, 100, 500)
     P = np.stack([y + rng.normal(0, 3, 500), y + rng.normal(0, 20, 500)], axis=1)  # the optimum is far from 0.5
@@ -94,15 +95,18 @@ def sample():
     return pd.DataFrame({"Id": ["a", "b", "c"], "Pawpularity": 38.0})
 
 
-@pytest.mark.parametrize("sub, message", [
-    (pd.DataFrame({"Id": ["a", "b"], "Pawpularity": [1, 2]}), "missing c"),
-    (pd.DataFrame({"Id": ["a", "b", "z"], "Pawpularity": [1, 2, 3]}), "not in the sample z"),
-    (pd.DataFrame({"Id": ["a", "b", "c"], "Pawpularity": [1, np.nan, 3]}), "non-numeric Pawpularity for Ids b"),
-    (pd.DataFrame({"Id": ["a", "b", "c"], "Pawpularity": [1, 2, 100.5]}), "outside [1, 100] for Ids c"),
-    (pd.DataFrame({"Id": ["a", "b", "c"], "Pawpularity": [0.2, 2, 3]}), "outside [1, 100] for Ids a"),
-    (pd.DataFrame({"Id": ["a", "b", "c"], "score": [1, 2, 3]}), "columns must be exactly Id,Pawpularity"),
-    (pd.DataFrame({"Id": ["a", "a", "c"], "Pawpularity": [1, 2, 3]}), "duplicated Ids: a"),
-])
+@pytest.mark.parametrize(
+    "sub, message",
+    [
+        (pd.DataFrame({"Id": ["a", "b"], "Pawpularity": [1, 2]}), "missing c"),
+        (pd.DataFrame({"Id": ["a", "b", "z"], "Pawpularity": [1, 2, 3]}), "not in the sample z"),
+        (pd.DataFrame({"Id": ["a", "b", "c"], "Pawpularity": [1, np.nan, 3]}), "non-numeric Pawpularity for Ids b"),
+        (pd.DataFrame({"Id": ["a", "b", "c"], "Pawpularity": [1, 2, 100.5]}), "outside [1, 100] for Ids c"),
+        (pd.DataFrame({"Id": ["a", "b", "c"], "Pawpularity": [0.2, 2, 3]}), "outside [1, 100] for Ids a"),
+        (pd.DataFrame({"Id": ["a", "b", "c"], "score": [1, 2, 3]}), "columns must be exactly Id,Pawpularity"),
+        (pd.DataFrame({"Id": ["a", "a", "c"], "Pawpularity": [1, 2, 3]}), "duplicated Ids: a"),
+    ],
+)
 def test_submission_validation_names_the_problem(sample, sub, message):
     with pytest.raises(SubmissionError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate_submission(sub, sample)
@@ -124,8 +128,12 @@ def _fake_head(out, head, comp, noise, seed):
     y = comp.train["Pawpularity"].to_numpy(float)
     folds = np.arange(len(y)) % 5
     (out / head).mkdir(parents=True, exist_ok=True)
-    pd.DataFrame({"Id": comp.train["Id"], "fold": folds, "pred": y + rng.normal(0, noise, len(y))}).to_parquet(out / head / "oof.parquet")
-    pd.DataFrame({"Id": comp.test["Id"], "pred": rng.uniform(-5, 110, len(comp.test))}).to_parquet(out / head / "test.parquet")
+    pd.DataFrame({"Id": comp.train["Id"], "fold": folds, "pred": y + rng.normal(0, noise, len(y))}).to_parquet(
+        out / head / "oof.parquet"
+    )
+    pd.DataFrame({"Id": comp.test["Id"], "pred": rng.uniform(-5, 110, len(comp.test))}).to_parquet(
+        out / head / "test.parquet"
+    )
     plant_finished(out, out / head)
 
 

@@ -4,6 +4,7 @@ Also: stale caches are invalidated by exactly what they depend on, and the same 
 folds, SVR predictions and ensemble weights. Everything runs the real CLI in child processes on a small
 embedded competition; on CPU the math is deterministic, so outputs are compared bitwise.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,15 +19,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO, tiny_args
 from PIL import Image
 
 pytestmark = pytest.mark.slow
 
-from conftest import REPO, tiny_args
-
 # Every file whose content a resumed run must reproduce.
-OUTPUTS = ["folds/folds.csv", "train/oof.parquet", "train/test.parquet", "emb/fold0/train.parquet", "emb/fold2/test.parquet",
-           "svr/oof.parquet", "svr/test.parquet", "ensemble/oof.parquet", "submission.csv"]
+OUTPUTS = [
+    "folds/folds.csv",
+    "train/oof.parquet",
+    "train/test.parquet",
+    "emb/fold0/train.parquet",
+    "emb/fold2/test.parquet",
+    "svr/oof.parquet",
+    "svr/test.parquet",
+    "ensemble/oof.parquet",
+    "submission.csv",
+]
 
 
 def _cli(*args: str, data: Path, out: Path, extra: list[str] | None = None) -> list[str]:
@@ -39,10 +48,17 @@ def _run(*args: str, data: Path, out: Path, extra: list[str] | None = None) -> s
     return r
 
 
-def _kill_when(stage: str, data: Path, out: Path, ready, delay: float, extra: list[str] | None = None) -> tuple[int, str]:
+def _kill_when(
+    stage: str, data: Path, out: Path, ready, delay: float, extra: list[str] | None = None
+) -> tuple[int, str]:
     """Start `pawpular STAGE`; once ``ready()`` holds, wait ``delay`` seconds and SIGKILL it. (returncode, log)"""
-    proc = subprocess.Popen(_cli(stage, data=data, out=out, extra=extra), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        _cli(stage, data=data, out=out, extra=extra),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()

@@ -1,4 +1,5 @@
 """Atomic writes, byte-stable checkpoints and the experiment lock."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,12 +8,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from pawpular.files import atomic_path, write_text as atomic_write_text
+from pawpular.files import atomic_path
+from pawpular.files import write_text as atomic_write_text
 from pawpular.lock import ExperimentLocked, experiment_lock
 
 
@@ -29,9 +31,11 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
 def test_sigkill_mid_write_leaves_old_file_and_the_sweep_removes_the_temp(tmp_path):
     path = tmp_path / "exp" / "table.parquet"
     atomic_write_text(path, "complete")
-    code = ("import os, signal, sys; from pawpular.files import atomic_path\n"
-            f"with atomic_path({str(path)!r}) as t:\n"
-            "    t.write_text('partial'); os.kill(os.getpid(), signal.SIGKILL)\n")
+    code = (
+        "import os, signal, sys; from pawpular.files import atomic_path\n"
+        f"with atomic_path({str(path)!r}) as t:\n"
+        "    t.write_text('partial'); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code])
     assert r.returncode == -9
     assert path.read_text() == "complete"
@@ -45,9 +49,11 @@ def test_sigkill_mid_write_leaves_old_file_and_the_sweep_removes_the_temp(tmp_pa
 @contextlib.contextmanager
 def lock_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
     """Another process holding ``folder``'s lock for stage train until the block ends (then it is killed)."""
-    code = ("import time, sys; from pawpular.lock import experiment_lock\n"
-            f"with experiment_lock({str(folder)!r}, 'train'):\n"
-            "    print('locked', flush=True); time.sleep(60)\n")
+    code = (
+        "import time, sys; from pawpular.lock import experiment_lock\n"
+        f"with experiment_lock({str(folder)!r}, 'train'):\n"
+        "    print('locked', flush=True); time.sleep(60)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -109,8 +115,12 @@ except ExperimentLocked:
 def test_racing_writers_get_exactly_one_lock(tmp_path):
     """Old: taking over a stale lock raced, and two writers trained fold 0 at once."""
     (tmp_path / ".lock").write_text('{"pid": 999999, "host": "gone"}')  # a dead run's lock to take over
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(tmp_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     time.sleep(1.5)  # all started and waiting
     for p in procs:
         p.stdin.write("go\n")
@@ -123,8 +133,10 @@ def test_report_and_export_take_the_lock_and_refuse_a_live_writer(experiment_run
     from pawpular import cli
 
     with lock_held_elsewhere(experiment_run) as holder:
-        for argv in (["report", "--output", str(experiment_run)],
-                     ["export", "--output", str(experiment_run), "--to", str(tmp_path / "art")]):
+        for argv in (
+            ["report", "--output", str(experiment_run)],
+            ["export", "--output", str(experiment_run), "--to", str(tmp_path / "art")],
+        ):
             assert cli.main(argv) == 2
             assert f"pid {holder.pid}" in capsys.readouterr().err
     assert not (tmp_path / "art").exists()

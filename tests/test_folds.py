@@ -1,4 +1,5 @@
 """Folds: every Id once, balanced sizes and targets, duplicates kept together, deterministic."""
+
 from __future__ import annotations
 
 import subprocess
@@ -63,8 +64,11 @@ def test_folds_on_broken_data_writes_nothing(competition_copy, tmp_path):
     df.loc[3, TARGET] = 250
     df.to_csv(competition_copy / "train.csv", index=False)
     out = tmp_path / "exp"
-    r = subprocess.run([sys.executable, "-m", "pawpular", "folds", "--data", str(competition_copy), "--output", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pawpular", "folds", "--data", str(competition_copy), "--output", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Pawpularity 250 outside [1, 100]" in r.stderr
     assert not artifacts.folds_csv(out).exists() and not (out / "config.yaml").exists()
     assert not out.exists() or not any(p.name != ".lock" for p in out.iterdir())

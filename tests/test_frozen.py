@@ -4,6 +4,7 @@
 so it is "not needed" and skipped; asking for it by name still runs it, and a config that comes to need it
 (`ensemble.heads: [nn, svr]`) trains and re-blends, and recomputes nothing else.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,29 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import REPO
 from test_notebooks import venv_kernel  # noqa: F401  (fixture)
 
 FROZEN = REPO / "configs" / "frozen_svr.yaml"
 # configs/frozen_svr.yaml has no model: a test that makes it train gives it the embedded default's tiny Swin
-TINY_MODEL = ["model.name=swin_tiny_patch4_window7_224", "model.img_size=64",
-              "model.kwargs={embed_dim: 24, depths: [1, 1], num_heads: [1, 2], img_size: 64, window_size: 4}"]
+TINY_MODEL = [
+    "model.name=swin_tiny_patch4_window7_224",
+    "model.img_size=64",
+    "model.kwargs={embed_dim: 24, depths: [1, 1], num_heads: [1, 2], img_size: 64, window_size: 4}",
+]
 TINY = ["folds.n_folds=3", "train.epochs=2", "train.num_workers=0", "embed.num_workers=0", "svr.n_trials=8"]
 
 
 def frozen_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--config", str(FROZEN), "--data", str(data), "--output", str(out),
-            *[a for s in [*TINY, *extra] for a in ("--set", s)]]
+    return [
+        "--config",
+        str(FROZEN),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        *[a for s in [*TINY, *extra] for a in ("--set", s)],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +108,8 @@ def test_the_report_and_the_runs_table_know_it_needs_no_training(frozen_run, sma
 
 @pytest.mark.slow
 def test_a_stage_asked_for_by_name_runs_and_a_config_that_needs_it_trains_and_reblends_only(
-        frozen_run, small_competition, tmp_path, capsys, caplog):
+    frozen_run, small_competition, tmp_path, capsys, caplog
+):
     from pawpular import cli
 
     run = Path(shutil.copytree(frozen_run, tmp_path / "run"))
@@ -126,22 +137,24 @@ def test_a_stage_asked_for_by_name_runs_and_a_config_that_needs_it_trains_and_re
 
 @pytest.mark.slow
 def test_export_and_predict_of_the_frozen_recipe_reproduce_its_submission(frozen_run, test_only, tmp_path):
-    from pawpular.exporter import export
-
     from test_predict import assert_predict_matches
+
+    from pawpular.exporter import export
 
     art = export(frozen_run, tmp_path / "art")
     files = sorted(str(p.relative_to(art)) for p in (art / "experiments").rglob("*") if p.is_file())
     assert not [f for f in files if "/train/" in f]  # no fine-tuned model travels
     assert [f for f in files if f.endswith("model.safetensors")] == [
         "experiments/frozen_svr/backbones/convnext/model.safetensors",
-        "experiments/frozen_svr/backbones/resnet/model.safetensors"]
+        "experiments/frozen_svr/backbones/resnet/model.safetensors",
+    ]
     assert_predict_matches(art, test_only, frozen_run, tmp_path)
 
 
 @pytest.mark.slow
-def test_the_results_notebook_shows_what_a_frozen_run_has(frozen_run, small_competition, venv_kernel, tmp_path,
-                                                          monkeypatch):
+def test_the_results_notebook_shows_what_a_frozen_run_has(
+    frozen_run, small_competition, venv_kernel, tmp_path, monkeypatch
+):
     from test_notebooks import execute, outputs, text_of
 
     nb, _ = execute("02_results", small_competition, frozen_run, venv_kernel, tmp_path, monkeypatch)

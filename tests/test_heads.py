@@ -1,4 +1,5 @@
 """The SVR head as arrays: what ships computes what the fitted estimator computes, and loading runs no code."""
+
 from __future__ import annotations
 
 import pickle
@@ -55,7 +56,12 @@ def test_shipped_head_predicts_what_the_estimator_predicts(kernel, tmp_path):
     path = tmp_path / "head.safetensors"
     path.write_bytes(head.to_bytes())
     loaded = SvrHead.load(path)
-    assert (loaded.columns, loaded.fold, loaded.gamma, loaded.params) == (columns, 2, gamma, {"C": 30.0, "epsilon": 0.5})
+    assert (loaded.columns, loaded.fold, loaded.gamma, loaded.params) == (
+        columns,
+        2,
+        gamma,
+        {"C": 30.0, "epsilon": 0.5},
+    )
     table = pd.DataFrame(x[240:], columns=columns).assign(extra=1.0)[["extra", *columns[::-1]]]  # any column order
     np.testing.assert_allclose(loaded.predict(table), np.clip(model.predict(x_new), LO, HI), atol=1e-6)
     assert head.to_bytes() == loaded.to_bytes()  # deterministic bytes: a rerun writes the same file

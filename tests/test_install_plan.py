@@ -1,5 +1,6 @@
 """The installer's choice of builds, from faked machine facts (driver CUDA version, torch build, overrides), and
 the real script on this machine (no NVIDIA driver: the CPU set from constraints.txt)."""
+
 from __future__ import annotations
 
 import os
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from pawpular import cuda_builds as cb, install_plan as ip
+from pawpular import cuda_builds as cb
+from pawpular import install_plan as ip
 from pawpular.install_plan import Driver, Facts, GpuInfo, TorchInfo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +45,7 @@ KAGGLE_TORCH = TorchInfo("2.6.0+cu124", "2.6.0+cu124", "12.4", available=True, t
 
 # --- reading the facts ---------------------------------------------------------------------------------------------
 
+
 def test_parse_nvidia_smi_reads_driver_cuda_and_gpus():
     d = ip.parse_nvidia_smi(SMI_12_4, "0, Tesla T4, 15360, 7.5\n1, NVIDIA L4, 23034, 8.9\n")
     assert d.version == "550.54.15" and d.cuda == (12, 4) and d.cuda_text == "12.4"
@@ -62,6 +65,7 @@ def fake_runner(outputs: dict[str, tuple[int, str]]):
             if key in " ".join(argv):
                 return out
         return 127, "not found"
+
     return run, calls
 
 
@@ -71,16 +75,27 @@ def test_read_driver_absent_failing_and_old():
     broken = ip.read_driver(run, which=lambda name: "/usr/bin/nvidia-smi")
     assert broken.error.startswith("NVIDIA-SMI has failed") and broken.gpus == ()
     # compute_cap unknown to an old driver: the query is retried without it
-    run, calls = fake_runner({"compute_cap": (2, 'Field "compute_cap" is not a valid field to query.'),
-                              "--query-gpu": (0, "0, Tesla P100-PCIE-16GB, 16384\n"),
-                              "/usr/bin/nvidia-smi": (0, SMI_12_4)})
+    run, calls = fake_runner(
+        {
+            "compute_cap": (2, 'Field "compute_cap" is not a valid field to query.'),
+            "--query-gpu": (0, "0, Tesla P100-PCIE-16GB, 16384\n"),
+            "/usr/bin/nvidia-smi": (0, SMI_12_4),
+        }
+    )
     d = ip.read_driver(run, which=lambda name: "/usr/bin/nvidia-smi")
     assert d.cuda == (12, 4) and d.gpus[0].name == "Tesla P100-PCIE-16GB" and len(calls) == 3
 
 
 def test_probe_torch_parses_the_child_and_knows_absence():
-    run, _ = fake_runner({"-c": (0, 'some warning\n{"dist": "2.6.0+cu124", "torchvision": "0.21.0+cu124", '
-                                    '"version": "2.6.0+cu124", "cuda": "12.4", "available": true}\n')})
+    run, _ = fake_runner(
+        {
+            "-c": (
+                0,
+                'some warning\n{"dist": "2.6.0+cu124", "torchvision": "0.21.0+cu124", '
+                '"version": "2.6.0+cu124", "cuda": "12.4", "available": true}\n',
+            )
+        }
+    )
     assert ip.probe_torch("py", run) == KAGGLE_TORCH
     run, _ = fake_runner({"-c": (0, '{"dist": null, "torchvision": null}\n')})
     assert ip.probe_torch("py", run) is None
@@ -100,6 +115,7 @@ def test_probe_torch_of_this_python_is_the_real_one():
 
 # --- the verdict on torch --------------------------------------------------------------------------------------
 
+
 def test_torch_verdicts():
     assert cb.torch_verdict(CPU_TORCH, None) == cb.TorchVerdict(False)  # no GPU: nothing to complain about
     assert cb.torch_verdict(KAGGLE_TORCH, driver()).usable
@@ -117,10 +133,13 @@ def test_torch_verdicts():
 
 # --- the plans -------------------------------------------------------------------------------------------------
 
+
 def test_cpu_machine_installs_the_tested_set():
     plan = ip.make_plan(facts(None, None))
     assert plan.key == "cpu" and plan.cuda is None
-    assert [s.argv for s in plan.steps] == [("py", "-m", "pip", "install", "-r", "requirements.txt", "-c", "constraints.txt")]
+    assert [s.argv for s in plan.steps] == [
+        ("py", "-m", "pip", "install", "-r", "requirements.txt", "-c", "constraints.txt")
+    ]
     # a GPU the user opts out of: the same
     assert ip.make_plan(facts(driver(), CPU_TORCH, PAWPULAR_GPU="0")).steps == plan.steps
 
@@ -128,11 +147,25 @@ def test_cpu_machine_installs_the_tested_set():
 def test_fresh_cuda12_machine_gets_cu126_torch_and_cu12_rapids():
     plan = ip.make_plan(facts(driver((12, 4)), None))
     torch_step, rest = plan.steps
-    assert torch_step.argv == ("py", "-m", "pip", "install", "torch==2.14.1+cu126", "torchvision==0.29.2+cu126",
-                               "--index-url", "https://download.pytorch.org/whl/cu126")
+    assert torch_step.argv == (
+        "py",
+        "-m",
+        "pip",
+        "install",
+        "torch==2.14.1+cu126",
+        "torchvision==0.29.2+cu126",
+        "--index-url",
+        "https://download.pytorch.org/whl/cu126",
+    )
     assert rest.env == {"PAWPULAR_CUDA": "12"}
-    assert rest.argv[4:] == ("-r", "requirements-gpu.txt", "torch==2.14.1+cu126", "torchvision==0.29.2+cu126",
-                             "--extra-index-url", "https://pypi.nvidia.com")
+    assert rest.argv[4:] == (
+        "-r",
+        "requirements-gpu.txt",
+        "torch==2.14.1+cu126",
+        "torchvision==0.29.2+cu126",
+        "--extra-index-url",
+        "https://pypi.nvidia.com",
+    )
     assert plan.key == "gpu cu12"
     assert rest.shell().startswith("PAWPULAR_CUDA=12 py -m pip install -r requirements-gpu.txt")
 
@@ -185,7 +218,10 @@ def test_overrides():
     plan = ip.make_plan(facts(None, None, PAWPULAR_GPU="1", PAWPULAR_CUDA="13"))
     assert plan.key == "gpu cu13" and len(plan.steps) == 2
     mirror = ip.make_plan(facts(driver(), None, PAWPULAR_TORCH_INDEX="https://mirror.example/whl/cu126/"))
-    assert mirror.steps[0].argv[-1] == "https://mirror.example/whl/cu126/" and "torch==2.14.1+cu126" in mirror.steps[0].argv
+    assert (
+        mirror.steps[0].argv[-1] == "https://mirror.example/whl/cu126/"
+        and "torch==2.14.1+cu126" in mirror.steps[0].argv
+    )
     assert ip.plan_key(facts(driver(), None, PAWPULAR_TORCH_INDEX="https://mirror.example/whl/cu126")) != "gpu cu12"
 
 
@@ -214,12 +250,14 @@ def test_execute_runs_steps_in_order_and_stops_at_a_failure(tmp_path):
     def run(argv, env, cwd):
         seen.append((argv, env.get("PAWPULAR_CUDA"), cwd))
         return 1 if len(seen) == 2 else 0
+
     assert ip.execute(plan, tmp_path, quiet=True, run=run) == 1
     assert len(seen) == 2 and seen[0][1] is None and seen[1][1] == "12" and seen[0][2] == str(tmp_path)
     assert seen[0][0][4:6] == ["-q", "--disable-pip-version-check"]
 
 
 # --- the files the plans name ------------------------------------------------------------------------------------
+
 
 def requirement_lines(name: str) -> list[str]:
     lines = [ln.split("#")[0].strip() for ln in (REPO / name).read_text().splitlines()]
@@ -231,7 +269,9 @@ def test_requirements_are_lower_bounds_and_constraints_pin_them_within_bounds():
     reqs = [Requirement(ln) for ln in requirement_lines("requirements.txt")]
     assert {"torch", "torchvision", "timm"} <= {r.name for r in reqs}
     for r in reqs:
-        assert not any(s.operator == "==" for s in r.specifier), f"{r} is an exact pin: it would replace a working torch"
+        assert not any(s.operator == "==" for s in r.specifier), (
+            f"{r} is an exact pin: it would replace a working torch"
+        )
         version = tested.get(r.name.lower().replace("_", "-"))
         assert version is not None, f"{r.name} has no tested version in constraints.txt"
         assert r.specifier.contains(version, prereleases=True), f"constraints.txt pins {r.name}=={version} outside {r}"
@@ -249,8 +289,25 @@ def test_pip_expands_pawpular_cuda_in_requirements_gpu(cuda):
     """pip itself reads the file: with PAWPULAR_CUDA it asks for cuml-cu12 (and finds nothing: no index), without
     it the line is an invalid requirement."""
     env = {k: v for k, v in os.environ.items() if k != "PAWPULAR_CUDA"} | ({"PAWPULAR_CUDA": cuda} if cuda else {})
-    p = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--isolated",
-                        "--disable-pip-version-check", "-r", "requirements-gpu.txt"], cwd=REPO, env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-deps",
+            "--no-index",
+            "--isolated",
+            "--disable-pip-version-check",
+            "-r",
+            "requirements-gpu.txt",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0
     if cuda:
         assert "Invalid requirement" not in p.stderr and "No matching distribution" in p.stderr
@@ -259,6 +316,7 @@ def test_pip_expands_pawpular_cuda_in_requirements_gpu(cuda):
 
 
 # --- the script, as run.sh runs it -----------------------------------------------------------------------------
+
 
 def run_script(*args: str, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ip.ENV_KEYS}

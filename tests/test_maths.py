@@ -1,5 +1,6 @@
 """Fast unit tests of the maths under the stages (no pipeline run): fold assignment, blend weights and their
 cross-validated score. The SVR head's kernel, scaler and arrays: tests/test_heads.py."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Models: shapes, data config, the fine-tuning modes' parameter sets, the SSF merge, pretrained files, checkpoints."""
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,11 @@ from pawpular.errors import ConfigError
 from pawpular.finetune import add_ssf, count_parameters, export_state_dict, has_ssf, merge_ssf, setup_finetune
 from pawpular.models import PretrainedWeightsError, build_model, data_config, load_checkpoint
 
-SWIN = dict(name="swin_tiny_patch4_window7_224", img_size=32,
-            kwargs=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], img_size=32, window_size=4))
+SWIN = dict(
+    name="swin_tiny_patch4_window7_224",
+    img_size=32,
+    kwargs=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], img_size=32, window_size=4),
+)
 VIT = dict(name="vit_tiny_patch16_224", img_size=32, kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2))
 CONVNEXT = dict(name="convnext_atto", img_size=32, kwargs=dict(dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)))
 TINY = {"swin": SWIN, "vit": VIT, "convnext": CONVNEXT}
@@ -50,8 +54,14 @@ def test_data_config_takes_img_size_over_timm():
     assert dc["input_size"] == (3, 32, 32)
     assert dc["mean"] == pytest.approx((0.485, 0.456, 0.406)) and len(dc["std"]) == 3
     vit = build_model(cfg_of("vit", img_size=None, kwargs={**VIT["kwargs"], "img_size": 48}), pretrained=False)
-    assert data_config(cfg_of("vit", img_size=None, kwargs={**VIT["kwargs"], "img_size": 48}), vit.backbone)["input_size"] == (3, 48, 48)
-    assert data_config(ModelConfig(name="vit_tiny_patch16_224", kwargs=VIT["kwargs"]), vit.backbone)["mean"] == (0.5, 0.5, 0.5)
+    assert data_config(cfg_of("vit", img_size=None, kwargs={**VIT["kwargs"], "img_size": 48}), vit.backbone)[
+        "input_size"
+    ] == (3, 48, 48)
+    assert data_config(ModelConfig(name="vit_tiny_patch16_224", kwargs=VIT["kwargs"]), vit.backbone)["mean"] == (
+        0.5,
+        0.5,
+        0.5,
+    )
     with pytest.raises(ConfigError, match="disagree"):
         build_model(cfg_of("swin", img_size=64), pretrained=False)
     cnn = build_model(cfg_of("convnext", img_size=40), pretrained=False)  # a CNN has no img_size argument
@@ -68,8 +78,13 @@ def test_fpt_trains_norms_patch_embed_positions_and_head_only():
     names = _trainable(swin)
     rule = re.compile(r"(^head\.|\.norm\d?\.|^backbone\.norm\.|^backbone\.patch_embed\.|relative_position_bias_table$)")
     assert names == {n for n, _ in swin.named_parameters() if rule.search(n)}
-    assert {"backbone.patch_embed.proj.weight", "backbone.layers.0.blocks.0.attn.relative_position_bias_table",
-            "backbone.layers.1.blocks.0.norm2.bias", "backbone.norm.weight", "head.weight"} <= names
+    assert {
+        "backbone.patch_embed.proj.weight",
+        "backbone.layers.0.blocks.0.attn.relative_position_bias_table",
+        "backbone.layers.1.blocks.0.norm2.bias",
+        "backbone.norm.weight",
+        "head.weight",
+    } <= names
     frozen = {n for n, _ in swin.named_parameters()} - names
     assert frozen and all(re.search(r"\.(qkv|proj|fc1|fc2|reduction)\.", n) for n in frozen)
     assert any(".attn.qkv." in n for n in frozen) and any(".mlp.fc1." in n for n in frozen)
@@ -77,8 +92,14 @@ def test_fpt_trains_norms_patch_embed_positions_and_head_only():
     vit = build_model(cfg_of("vit"), pretrained=False)
     setup_finetune(vit, "fpt")
     names = _trainable(vit)
-    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.patch_embed.proj.weight",
-            "backbone.blocks.0.norm1.weight", "backbone.norm.bias", "head.bias"} <= names
+    assert {
+        "backbone.pos_embed",
+        "backbone.cls_token",
+        "backbone.patch_embed.proj.weight",
+        "backbone.blocks.0.norm1.weight",
+        "backbone.norm.bias",
+        "head.bias",
+    } <= names
     assert not any(re.search(r"\.(qkv|proj|fc1|fc2)\.", n) and "patch_embed" not in n for n in names)
 
     cnn = build_model(cfg_of("convnext"), pretrained=False)
@@ -129,12 +150,17 @@ def test_ssf_merge_keeps_outputs_and_base_architecture(kind):
 
 def test_ssf_scales_the_channel_dim_of_channels_last_outputs():
     """Swin applies LayerNorm / Linear to (B, H, W, C) tensors and ConvNeXt LayerNorm2d to (B, C, H, W)."""
-    for kind, get in (("swin", lambda b: b.layers[0].blocks[0].norm1), ("convnext", lambda b: b.stages[1].downsample[0])):
+    for kind, get in (
+        ("swin", lambda b: b.layers[0].blocks[0].norm1),
+        ("convnext", lambda b: b.stages[1].downsample[0]),
+    ):
         model = build_model(cfg_of(kind), pretrained=False).eval()
         assert add_ssf(model) > 5
         layer = get(model.backbone)
         seen = {}
-        layer.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out.detach()))  # runs after the SSF hook
+        layer.register_forward_hook(
+            lambda m, a, out, seen=seen: seen.__setitem__("out", out.detach())
+        )  # runs after the SSF hook
         with torch.no_grad():
             layer.ssf.scale.zero_()
             layer.ssf.shift.copy_(torch.arange(layer.ssf.shift.numel()).float())
@@ -166,7 +192,9 @@ def test_local_pretrained_files_load(tmp_path):
         model = build_model(cfg_of("swin", pretrained=str(tmp_path / name)))
         got = model.backbone.state_dict()
         assert all(torch.equal(got[k], st[k]) for k in got)
-        assert not torch.equal(build_model(cfg_of("swin")).backbone.patch_embed.proj.weight, got["patch_embed.proj.weight"])
+        assert not torch.equal(
+            build_model(cfg_of("swin")).backbone.patch_embed.proj.weight, got["patch_embed.proj.weight"]
+        )
     # our own best.pt (PawModel keys under backbone.) also works as pretrained weights
     torch.save({"model": source.state_dict()}, tmp_path / "best.pt")
     model = build_model(cfg_of("swin", pretrained=str(tmp_path / "best.pt")))
@@ -194,7 +222,10 @@ def test_pretrained_errors_name_the_problem(tmp_path):
 
     wider = build_model(cfg_of("swin", kwargs={**SWIN["kwargs"], "embed_dim": 24}), pretrained=False)
     _save_backbone(wider, tmp_path / "wide.safetensors")
-    with pytest.raises(PretrainedWeightsError, match=r"shape mismatch.*layers\.0\.blocks\.0\.attn\.qkv\.weight \(72, 24\) vs \(48, 16\)"):
+    with pytest.raises(
+        PretrainedWeightsError,
+        match=r"shape mismatch.*layers\.0\.blocks\.0\.attn\.qkv\.weight \(72, 24\) vs \(48, 16\)",
+    ):
         build_model(cfg_of("swin", pretrained=str(tmp_path / "wide.safetensors")))
 
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
@@ -216,8 +247,16 @@ def test_load_checkpoint_rebuilds_the_model(tmp_path):
             if ".ssf." in n:
                 p.add_(0.2 * torch.randn_like(p))
     dc = data_config(cfg, model.backbone)
-    torch.save({"model": export_state_dict(model), "model_cfg": dataclasses.asdict(cfg), "data_cfg": dc,
-                "epoch": 1, "val_rmse": 1.0}, tmp_path / "best.pt")
+    torch.save(
+        {
+            "model": export_state_dict(model),
+            "model_cfg": dataclasses.asdict(cfg),
+            "data_cfg": dc,
+            "epoch": 1,
+            "val_rmse": 1.0,
+        },
+        tmp_path / "best.pt",
+    )
     loaded, data_cfg = load_checkpoint(tmp_path / "best.pt")
     assert data_cfg == dc and not loaded.training and not has_ssf(loaded)
     x, meta = _inputs()
@@ -237,14 +276,19 @@ def test_weights_load_as_torch_loads_them(tmp_path):
     assert len(state) < len(source.state_dict())  # the file really lacks them
     build_model(cnn_cfg, pretrained=False).backbone.load_state_dict(state, strict=True)  # torch accepts it
     save_file(state, str(tmp_path / "resnet.safetensors"))
-    loaded = build_model(ModelConfig(**{**cnn_cfg.__dict__, "pretrained": str(tmp_path / "resnet.safetensors")})).backbone
+    loaded = build_model(
+        ModelConfig(**{**cnn_cfg.__dict__, "pretrained": str(tmp_path / "resnet.safetensors")})
+    ).backbone
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
     assert all(int(v) == 0 for k, v in loaded.state_dict().items() if k.endswith("num_batches_tracked"))
 
     swin = build_model(cfg_of("swin"), pretrained=False).backbone
     index = dict(swin.named_buffers())["layers.0.blocks.0.attn.relative_position_index"]
     assert "layers.0.blocks.0.attn.relative_position_index" not in swin.state_dict()  # non-persistent
-    state = {**{k: v.clone() for k, v in swin.state_dict().items()}, "layers.0.blocks.0.attn.relative_position_index": index}
+    state = {
+        **{k: v.clone() for k, v in swin.state_dict().items()},
+        "layers.0.blocks.0.attn.relative_position_index": index,
+    }
     save_file(state, str(tmp_path / "swin.safetensors"))
     model = build_model(cfg_of("swin", pretrained=str(tmp_path / "swin.safetensors")))
     assert torch.equal(model.backbone.norm.weight, swin.norm.weight)

@@ -1,6 +1,7 @@
 """Scores a Kaggler can trust (issue 34): the nested choice and the paired bootstrap over duplicate groups
 (nested.py, compare.py) as maths, then on real tiny experiments: the nested NN score is never below the optimistic
 one, the nested SVR and blend are what their files say, two seeds come out within noise, a bad C range beyond it."""
+
 from __future__ import annotations
 
 import json
@@ -9,19 +10,16 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import build_run, tiny_args
-from pawpular import compare, nested
 
+from pawpular import compare, nested
 
 # --- the maths ----------------------------------------------------------------------------------------------------
 
 
 def test_leave_one_out_chooses_on_the_other_folds_only():
     # candidate 0 is best on fold 0 alone; on folds 1 and 2 together candidate 1 is best
-    loss = np.array([[0.0, 9.0, 9.0],
-                     [5.0, 1.0, 2.0],
-                     [5.0, 2.0, 1.0]])
+    loss = np.array([[0.0, 9.0, 9.0], [5.0, 1.0, 2.0], [5.0, 2.0, 1.0]])
     assert nested.leave_one_out(loss).tolist() == [1, 2, 1]  # fold 0: a tie of 1 and 2 -> the earlier
     assert nested.leave_one_out(np.array([[1.0, np.nan], [2.0, 2.0]])).tolist() == [1, 1]  # NaN: never chosen
     with pytest.raises(ValueError, match="folds >= 2"):
@@ -95,7 +93,7 @@ def test_nested_nn_score_is_never_below_the_optimistic_one(experiment_run):
     both = oof.merge(nn, on=["Id", "fold"], suffixes=("_opt", "_nested"))
     assert len(both) == len(oof) == len(nn)
     curves = {k: pd.read_csv(artifacts.fold_metrics(out, k))["val_rmse"].tolist() for k in sorted(oof["fold"].unique())}
-    for k, e in zip(curves, nested.epoch_choice(list(curves.values()))):
+    for k, e in zip(curves, nested.epoch_choice(list(curves.values())), strict=False):
         rows = pd.read_parquet(artifacts.epoch_preds(out, k))
         fold = both[both["fold"] == k].merge(rows, on="Id")
         assert np.allclose(fold["pred_nested"], fold[f"epoch_{e}"])  # the epoch the other folds' curve chose
@@ -118,7 +116,7 @@ def test_nested_svr_picks_c_on_the_other_folds(experiment_run):
     trials = [t for t in study.trials if t.state.name == "COMPLETE"]
     folds = sorted(best["nested_C"])
     choice = nested.leave_one_out(np.array([[t.user_attrs[FOLD_SSE][k] for k in folds] for t in trials]))
-    assert best["nested_C"] == {k: trials[c].params["C"] for k, c in zip(folds, choice)}
+    assert best["nested_C"] == {k: trials[c].params["C"] for k, c in zip(folds, choice, strict=False)}
     oof, svr = pd.read_parquet(artifacts.preds(out, "svr", "oof")), pd.read_parquet(artifacts.nested_preds(out, "svr"))
     same = [int(k) for k in folds if best["nested_C"][k] == best["C"]]  # where C_k is the best C: the kept fits
     m = oof.merge(svr, on=["Id", "fold"])
@@ -128,8 +126,9 @@ def test_nested_svr_picks_c_on_the_other_folds(experiment_run):
 
 
 @pytest.mark.slow
-def test_runs_baseline_two_seeds_within_noise_a_bad_c_range_beyond_it(experiment_run, small_competition, tmp_path,
-                                                                      capsys):
+def test_runs_baseline_two_seeds_within_noise_a_bad_c_range_beyond_it(
+    experiment_run, small_competition, tmp_path, capsys
+):
     """The seed run retrains (another seed, same folds); the bad-C run reuses the baseline's training and
     embeddings (copied) and retunes the SVR over C in [0.001, 0.003]: the SVR nearly predicts the mean."""
     from pawpular import api, cli

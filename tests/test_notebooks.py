@@ -4,6 +4,7 @@ They execute with nbclient in a kernel of this interpreter (a ``python3`` kernel
 JUPYTER_PATH, checked from inside the kernel), with PAWPULAR_DATA / PAWPULAR_OUTPUT pointing at the session's
 run from ``tests/test_report.py``.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
-
-
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = {"01_eda": 5, "02_results": 8}  # notebook -> figures it shows on a finished run
@@ -29,15 +27,22 @@ def venv_kernel(tmp_path, monkeypatch) -> str:
     """A `python3` kernelspec for this interpreter, ahead of any other on JUPYTER_PATH."""
     spec = tmp_path / "jupyter" / "kernels" / "python3"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "pawpular test kernel", "language": "python",
-    }))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "pawpular test kernel",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return "python3"
 
 
-def execute(name: str, data: Path, out: Path, kernel: str, workdir: Path, monkeypatch) -> tuple[nbformat.NotebookNode, str]:
+def execute(
+    name: str, data: Path, out: Path, kernel: str, workdir: Path, monkeypatch
+) -> tuple[nbformat.NotebookNode, str]:
     """Run a notebook as stored (plus a last cell reporting the kernel's interpreter); return it and that path."""
     from nbclient import NotebookClient
 
@@ -90,7 +95,9 @@ def test_runs_on_a_finished_run(name, experiment_run, small_competition, venv_ke
     if name == "02_results":
         weights = json.loads((experiment_run / "ensemble" / "weights.json").read_text())["weights"]
         assert f"{experiment_run} (data {small_competition}): nn: ok, svr: ok, ensemble: ok" in text
-        table = next(o["data"]["text/plain"] for o in outputs(nb) if "oof_rmse" in o.get("data", {}).get("text/plain", ""))
+        table = next(
+            o["data"]["text/plain"] for o in outputs(nb) if "oof_rmse" in o.get("data", {}).get("text/plain", "")
+        )
         rows = {line.split()[1]: line.split()[2:4] for line in table.splitlines()[1:]}
         for model, w in weights.items():  # the model table shows the blend's weights
             assert float(rows[model][1]) == pytest.approx(w, abs=1e-6)

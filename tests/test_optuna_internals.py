@@ -1,5 +1,6 @@
 """The Optuna storage methods pawpular calls that Optuna does not document for users (optuna_internals.py): the
 installed Optuna is one they were checked against, and each still has the parameters pawpular passes."""
+
 from __future__ import annotations
 
 import inspect
@@ -40,6 +41,11 @@ def test_the_calls_work_on_a_real_storage(tmp_path):
 
 def test_no_other_module_calls_them():
     src = Path(internals.__file__).parent
-    calls = [f"{path.name}: {name}" for path in sorted(src.rglob("*.py")) if path.name != "optuna_internals.py"
-             for name in internals.METHODS if re.search(rf"(?<!internals)\.{name}\(", path.read_text())]
+    calls = [
+        f"{path.name}: {name}"
+        for path in sorted(src.rglob("*.py"))
+        if path.name != "optuna_internals.py"
+        for name in internals.METHODS
+        if re.search(rf"(?<!internals)\.{name}\(", path.read_text())
+    ]
     assert calls == []

@@ -18,6 +18,7 @@ Tolerances, and why:
   recorded policy on this CPU; where the CPU lacks the instructions predict runs fp32 (warned once) and the
   submission moves by less than 0.2 (third decimal of the embeddings, amplified by the SVR), but it moves.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import CONFIG, TINY, build_run, tiny_args
 
 import pawpular
 from pawpular import inference, training
@@ -41,14 +43,20 @@ from pawpular.data import ID, TARGET, read_competition
 from pawpular.inference import Policy
 from pawpular.metrics import rmse
 
-from conftest import CONFIG, TINY, build_run, tiny_args
-
 SRC = str(Path(pawpular.__file__).resolve().parents[1])
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
-       "OMP_NUM_THREADS": "1"}
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p),
+    "OMP_NUM_THREADS": "1",
+}
 FP16 = ["train.precision=fp16", "embed.precision=fp16", "train.channels_last=true", "embed.channels_last=true"]
-BF16 = ["train.precision=bf16", "embed.precision=bf16", "train.channels_last=true", "embed.channels_last=true",
-        "train.compile=true"]
+BF16 = [
+    "train.precision=bf16",
+    "embed.precision=bf16",
+    "train.channels_last=true",
+    "embed.channels_last=true",
+    "train.compile=true",
+]
 OOF_TOL = {"fp16": 0.2, "bf16": 0.5}
 
 
@@ -110,8 +118,11 @@ def test_resume_restores_the_cuda_rng_states_that_fit(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.setdefault(device, s))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every saved state restored"))
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([1], dtype=torch.uint8),
-                                                                    torch.tensor([2], dtype=torch.uint8)])
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state_all",
+        lambda: [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)],
+    )
     state = training.rng_state()
     with caplog.at_level(logging.WARNING, logger="pawpular"):
         training.set_rng_state(state)
@@ -120,8 +131,8 @@ def test_resume_restores_the_cuda_rng_states_that_fit(monkeypatch, caplog):
 
 
 def test_forward_batches_puts_the_model_in_the_policy_layout():
-    from pawpular.models import build_model
     from pawpular.config import ModelConfig
+    from pawpular.models import build_model
 
     model = build_model(ModelConfig(name="resnet10t", img_size=32, use_meta=True), pretrained=False)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -159,8 +170,11 @@ def _assert_predict_matches(run: Path, comp: Path, tmp_path: Path, precision: st
 
     art = export(run, tmp_path / "art")
     info = json.loads((art / "manifest.json").read_text())["experiments"][run.name]
-    assert info["nn"]["0"]["policy"] == info["embeddings"]["fold0"]["policy"] == {"precision": precision,
-                                                                                  "channels_last": True}
+    assert (
+        info["nn"]["0"]["policy"]
+        == info["embeddings"]["fold0"]["policy"]
+        == {"precision": precision, "channels_last": True}
+    )
     pipeline = pd.read_csv(run / "submission.csv")
     got = {}
     for native in (True, False):
@@ -175,8 +189,9 @@ def _assert_predict_matches(run: Path, comp: Path, tmp_path: Path, precision: st
 
 
 @pytest.mark.slow
-def test_fp16_end_to_end_is_close_to_fp32_and_predict_repeats_it(fp16_run, experiment_run, small_competition,
-                                                                   tmp_path, monkeypatch, caplog):
+def test_fp16_end_to_end_is_close_to_fp32_and_predict_repeats_it(
+    fp16_run, experiment_run, small_competition, tmp_path, monkeypatch, caplog
+):
     _assert_recorded(fp16_run, "fp16")
     fp32, fp16 = (_nn_oof_rmse(r, small_competition) for r in (experiment_run, fp16_run))
     assert fp16 != fp32 and abs(fp16 - fp32) < OOF_TOL["fp16"], (fp16, fp32)
@@ -184,8 +199,9 @@ def test_fp16_end_to_end_is_close_to_fp32_and_predict_repeats_it(fp16_run, exper
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(fp16_run, small_competition, tmp_path,
-                                                                  monkeypatch, caplog):
+def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(
+    fp16_run, small_competition, tmp_path, monkeypatch, caplog
+):
     from pawpular.config import load_config
     from pawpular.runner import run_stage
 
@@ -193,8 +209,13 @@ def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(fp16_run, smal
     shutil.copytree(fp16_run / "folds", out / "folds")
     args = tiny_args(small_competition, out, *FP16, "train.folds=[0]")
     env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same kernels' rounding as this process
-    proc = subprocess.Popen([sys.executable, "-m", "pawpular.cli", "train", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pawpular.cli", "train", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = out / "train" / "fold0" / "last.pt"
     deadline = time.monotonic() + 240
     while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -236,9 +257,23 @@ def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition,
     shutil.copytree(experiment_run / "folds", out / "folds")
     args = tiny_args(small_competition, out, *BF16)
     for stage in ("train", "embed"):
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "-m", "pawpular.cli", stage, *args], capture_output=True, text=True, env=ENV,
-                              timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "pawpular.cli",
+                stage,
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "DDP: rank 1 of 2 (local rank 1, gloo)" in proc.stderr
         assert "Grad strides do not match" not in proc.stderr  # channels_last before DDP builds its buckets
@@ -259,18 +294,18 @@ def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition,
 
 
 def test_kernel_budget_counts_every_worker_and_each_cuml_fits_cache(monkeypatch):
-    from pawpular import backend, svr_head
+    from pawpular import backend, svr_memory
 
     fold_of = np.repeat(np.arange(5), 2000)  # 8,000 train rows a fold: 3.0 GB of kernels, 0.24 GB of cache a fit
-    kernels, cache = svr_head.kernel_gb(fold_of), svr_head.fit_cache_gb(fold_of)
+    kernels, cache = svr_memory.kernel_gb(fold_of), svr_memory.fit_cache_gb(fold_of)
     assert cache == pytest.approx(min(backend.SVR_ARGS["cache_size"] / 1024, 4 * 8000**2 / 2**30)) and cache > 0
     monkeypatch.setattr(backend, "use_rapids", lambda device: device == "cuda")
-    assert svr_head.memory_gb(fold_of, "cuda") == pytest.approx(kernels + cache)  # cuML: one fit at a time
-    assert svr_head.memory_gb(fold_of, "cuda", workers=3) == pytest.approx(3 * (kernels + cache))
-    assert svr_head.memory_gb(fold_of, "cpu", workers=2) == pytest.approx(2 * kernels)  # libsvm: RAM, as it needs
+    assert svr_memory.memory_gb(fold_of, "cuda") == pytest.approx(kernels + cache)  # cuML: one fit at a time
+    assert svr_memory.memory_gb(fold_of, "cuda", workers=3) == pytest.approx(3 * (kernels + cache))
+    assert svr_memory.memory_gb(fold_of, "cpu", workers=2) == pytest.approx(2 * kernels)  # libsvm: RAM, as it needs
     monkeypatch.setattr(backend, "svr_precomputed_ok", lambda device: True)  # a cuML of 26.02+
-    assert svr_head.resolve_kernel_cache("auto", fold_of, 3.1, "cpu") == "precomputed"
-    assert svr_head.resolve_kernel_cache("auto", fold_of, 3.1, "cuda") == "plain"  # the cache tips it over
+    assert svr_memory.resolve_kernel_cache("auto", fold_of, 3.1, "cpu") == "precomputed"
+    assert svr_memory.resolve_kernel_cache("auto", fold_of, 3.1, "cuda") == "plain"  # the cache tips it over
     # one worker fits in 4 GB; three on the same machine do not (each builds its own kernels)
-    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=1) == "precomputed"
-    assert svr_head.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=3) == "plain"
+    assert svr_memory.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=1) == "precomputed"
+    assert svr_memory.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=3) == "plain"

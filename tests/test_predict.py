@@ -1,5 +1,6 @@
 """Export + offline predict: a fresh process, the package from the artifact folder, no network, no training data,
 no unpickling, and no scikit-learn, albumentations or Optuna imported."""
+
 from __future__ import annotations
 
 import json
@@ -40,15 +41,17 @@ sys.exit(code)
 """
 
 
-def _predict_in_fresh_process(art: Path, data: Path, *args: str, python: str | Path = sys.executable
-                              ) -> subprocess.CompletedProcess:
+def _predict_in_fresh_process(
+    art: Path, data: Path, *args: str, python: str | Path = sys.executable
+) -> subprocess.CompletedProcess:
     code = GUARD.format(src=str(art / "src"), args=["predict", "--artifacts", str(art), "--data", str(data), *args])
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=art.parent)
 
 
-def assert_predict_matches(art: Path, data: Path, run: Path, tmp_path: Path, python: str | Path = sys.executable
-                           ) -> subprocess.CompletedProcess:
+def assert_predict_matches(
+    art: Path, data: Path, run: Path, tmp_path: Path, python: str | Path = sys.executable
+) -> subprocess.CompletedProcess:
     """predict in a fresh process writes the pipeline's submission.csv (same Ids in order, values within 1e-4)."""
     out = tmp_path / "submission.csv"
     r = _predict_in_fresh_process(art, data, "--out", str(out), python=python)
@@ -76,8 +79,11 @@ def test_export_holds_models_as_data_and_no_training_data(experiment_run, tmp_pa
     assert {"python", "torch", "timm", "numpy", "pandas"} <= set(manifest["versions"])
     fold0 = manifest["experiments"][name]
     assert fold0["nn"]["0"]["policy"] == {"precision": "fp32", "channels_last": False}
-    assert fold0["embeddings"]["fold0"] == {"policy": {"precision": "fp32", "channels_last": False},
-                                            "compress": "none", "tta_hflip": True}
+    assert fold0["embeddings"]["fold0"] == {
+        "policy": {"precision": "fp32", "channels_last": False},
+        "compress": "none",
+        "tta_hflip": True,
+    }
 
 
 def _is_pickle(path: Path) -> bool:
@@ -85,7 +91,9 @@ def _is_pickle(path: Path) -> bool:
     import zipfile
 
     head = path.read_bytes()[:2]
-    return head[:1] == b"\x80" or (zipfile.is_zipfile(path) and any(n.endswith(".pkl") for n in zipfile.ZipFile(path).namelist()))
+    return head[:1] == b"\x80" or (
+        zipfile.is_zipfile(path) and any(n.endswith(".pkl") for n in zipfile.ZipFile(path).namelist())
+    )
 
 
 @pytest.mark.slow
@@ -119,11 +127,11 @@ def test_export_refuses_an_unfinished_experiment(partial_run, tmp_path):
 def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competition, test_only, tmp_path):
     """int8 travels as the weights it was quantized from plus the setting; predict quantizes them again and runs
     the int8 model on the CPU, even when predict's device is a GPU."""
+    from conftest import tiny_args
+
     from pawpular import artifacts, cli
     from pawpular.data import read_test_set
     from pawpular.predictor import Experiment, read_manifest
-
-    from conftest import tiny_args
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "int8_run"))
     sets = ["embed.compress=int8", "ensemble.heads=[svr]"]
@@ -145,13 +153,15 @@ def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competit
 @pytest.mark.slow
 def test_round_trip_with_frozen_random_backbones(experiment_run, small_competition, test_only, tmp_path):
     """Random-init frozen backbones must be rebuilt with the same weights at predict time (seeded init)."""
-    from pawpular import cli
-
     from conftest import tiny_args
 
+    from pawpular import cli
+
     run = Path(shutil.copytree(experiment_run, tmp_path / "mb_run"))
-    backbones = ('embed.backbones=[{name: resnet, model: resnet18, pretrained: none, img_size: 64, '
-                 'kwargs: {layers: [1, 1, 1, 1]}}]')
+    backbones = (
+        "embed.backbones=[{name: resnet, model: resnet18, pretrained: none, img_size: 64, "
+        "kwargs: {layers: [1, 1, 1, 1]}}]"
+    )
     sets = [backbones, "svr.features=[model, resnet]"]
     for stage in ("embed", "svr", "ensemble"):
         assert cli.main([stage, *tiny_args(small_competition, run), *[a for s in sets for a in ("--set", s)]]) == 0
@@ -178,16 +188,20 @@ MATRIX = {
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", list(MATRIX))
 def test_predict_matrix_reproduces_the_pipeline(variant, experiment_run, small_competition, test_only, tmp_path):
-    from pawpular import cli
-
     from conftest import tiny_args
+
+    from pawpular import cli
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     sets = list(MATRIX[variant])
     if OTHER in variant or OTHER in " ".join(sets):
         other = Path(shutil.copytree(experiment_run, tmp_path / OTHER))  # its own SVR head (no flags, other C range)
-        assert cli.main(["all", *tiny_args(small_competition, other), "--set", "svr.use_meta=false",
-                         "--set", "svr.c_max=30"]) == 0
+        assert (
+            cli.main(
+                ["all", *tiny_args(small_competition, other), "--set", "svr.use_meta=false", "--set", "svr.c_max=30"]
+            )
+            == 0
+        )
         sets = [f"ensemble.experiments=[{other}]"]
     assert cli.main(["all", *tiny_args(small_competition, run), *[a for s in sets for a in ("--set", s)]]) == 0
     weights = json.loads((run / "ensemble" / "weights.json").read_text())["weights"]
@@ -201,18 +215,27 @@ def test_predict_matrix_reproduces_the_pipeline(variant, experiment_run, small_c
 @pytest.mark.slow
 def test_experiments_sharing_a_folder_name_are_refused_at_ensemble(experiment_run, small_competition, tmp_path, capsys):
     """Two blended experiments called alike would be one in weights.json and in the export: refused, nothing written."""
-    from pawpular import cli
-
     from conftest import tiny_args
+
+    from pawpular import cli
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     a = Path(shutil.copytree(experiment_run, tmp_path / "a" / OTHER))
     b = Path(shutil.copytree(experiment_run, tmp_path / "b" / OTHER))
     before = (run / "ensemble" / "weights.json").read_bytes()
-    for listed, why in (([a, b], f"{a} and {b} are both called '{OTHER}'"), ([a, a], f"{a} is listed twice"),
-                        ([run], "is listed twice (or is this experiment itself)")):
-        code = cli.main(["ensemble", *tiny_args(small_competition, run), "--set",
-                         f"ensemble.experiments=[{', '.join(map(str, listed))}]"])
+    for listed, why in (
+        ([a, b], f"{a} and {b} are both called '{OTHER}'"),
+        ([a, a], f"{a} is listed twice"),
+        ([run], "is listed twice (or is this experiment itself)"),
+    ):
+        code = cli.main(
+            [
+                "ensemble",
+                *tiny_args(small_competition, run),
+                "--set",
+                f"ensemble.experiments=[{', '.join(map(str, listed))}]",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2 and "ensemble.experiments" in err and why in err, err
     assert (run / "ensemble" / "weights.json").read_bytes() == before
@@ -226,8 +249,10 @@ def test_predict_refuses_weights_it_cannot_honour(experiment_run, test_only, tmp
     art = export(experiment_run, tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
     out = tmp_path / "sub.csv"
-    for change, why in ((lambda m: m["weights"].update({"other/svr": 0.25}), "the blend weighs other/svr"),
-                        (lambda m: m["weights"].update(nn=m["weights"]["nn"] + 0.1), "weights sum to")):
+    for change, why in (
+        (lambda m: m["weights"].update({"other/svr": 0.25}), "the blend weighs other/svr"),
+        (lambda m: m["weights"].update(nn=m["weights"]["nn"] + 0.1), "weights sum to"),
+    ):
         broken = json.loads(json.dumps(manifest))
         change(broken)
         broken["digest"] = manifest_digest(broken)  # as an export that wrote them would sign them
@@ -245,14 +270,29 @@ def test_predict_at_the_lowest_supported_versions(experiment_run, test_only, tmp
     from lowest_env import _release, build, lower_bounds
 
     python = build()
-    found = subprocess.run([str(python), "-c", "import numpy, pandas, timm, PIL, pyarrow; print(numpy.__version__, "
-                            "pandas.__version__, timm.__version__, PIL.__version__, pyarrow.__version__)"],
-                           capture_output=True, text=True, check=True).stdout.split()
+    found = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import numpy, pandas, timm, PIL, pyarrow; print(numpy.__version__, "
+            "pandas.__version__, timm.__version__, PIL.__version__, pyarrow.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     bounds = lower_bounds()
     for version, name in zip(found, ("numpy", "pandas", "timm", "pillow", "pyarrow"), strict=True):
-        assert _release(version)[:len(_release(bounds[name]))] == _release(bounds[name]), (name, version)
-    missing = subprocess.run([str(python), "-c", "import importlib.util as u; print([m for m in ('sklearn', "
-                              "'albumentations', 'optuna') if u.find_spec(m)])"], capture_output=True, text=True)
+        assert _release(version)[: len(_release(bounds[name]))] == _release(bounds[name]), (name, version)
+    missing = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.util as u; print([m for m in ('sklearn', 'albumentations', 'optuna') if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert missing.stdout.strip() == "[]"
     r = assert_predict_matches(export(experiment_run, tmp_path / "art"), test_only, experiment_run, tmp_path, python)
     assert "library versions differ from the export's" in r.stderr and "numpy" in r.stderr
@@ -266,9 +306,9 @@ def test_each_model_ships_and_uses_its_own_policy(experiment_run, small_competit
     warning; the others as recorded."""
     import logging
 
-    from pawpular import cli, manifest
-
     from conftest import tiny_args
+
+    from pawpular import cli, manifest
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     gpu = {"precision": "bf16", "channels_last": True}

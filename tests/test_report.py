@@ -4,6 +4,7 @@ The run is built once per session (``experiment_run``): the real pipeline, `pawp
 the 120-photo competition; the partial runs are copies of it with later stages' files removed.
 The fixtures live in conftest.py (the notebooks and the fault suite reuse them).
 """
+
 from __future__ import annotations
 
 import base64
@@ -17,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CONFIG  # noqa: F401  (the run's config)
 from PIL import Image
 
-from pawpular import cli, plots, plots_eda, reporting as report, results
+from pawpular import cli, plots, plots_eda, results
+from pawpular import reporting as report
 from pawpular.data import ID, TARGET
 from pawpular.metrics import rmse
-
-from conftest import CONFIG  # noqa: F401  (the run's config)
 
 N_FIGURES_FULL = 9  # folds, curves, OOF scatter, residuals, worst, Optuna, ensemble, target, flags
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -89,7 +90,10 @@ def models_by_name(doc: str) -> dict[str, dict]:
 
 
 def test_report_of_a_finished_run(experiment_run, small_competition, capsys):
-    assert cli.main(["report", "--config", str(CONFIG), "--output", str(experiment_run), "--data", str(small_competition)]) == 0
+    assert (
+        cli.main(["report", "--config", str(CONFIG), "--output", str(experiment_run), "--data", str(small_competition)])
+        == 0
+    )
     path = experiment_run / "report.html"
     assert capsys.readouterr().out.strip() == str(path)
     doc = path.read_text()
@@ -180,7 +184,8 @@ def test_study_chosen_by_name_else_newest(tmp_path):
     (tmp_path / "svr").mkdir()
     for name, n in (("older", 2), ("newer", 3)):
         optuna.create_study(study_name=name, storage=storage).optimize(
-            lambda t: t.suggest_float("C", 0.1, 10, log=True), n_trials=n)
+            lambda t: t.suggest_float("C", 0.1, 10, log=True), n_trials=n
+        )
     study = results.load_study(tmp_path, name="older")
     assert (study.name, len(study.trials), study.minimize, study.note) == ("older", 2, True, "")
     assert "params_C" in study.trials
@@ -192,9 +197,14 @@ def test_study_chosen_by_name_else_newest(tmp_path):
 def test_figures_say_what_is_missing_instead_of_failing():
     empty = pd.DataFrame(columns=[ID, TARGET, "fold"])
     figures = [
-        plots.fold_scores(pd.DataFrame()), plots.training_curves(pd.DataFrame()), plots.oof_scatter(empty, ["nn"]),
-        plots.residuals_by_target(empty, ["svr"]), plots.optuna_study(None), plots.ensemble_weights({}, {}),
-        plots.worst_predictions(None, empty, "ensemble"), plots.stage_timings({}),
+        plots.fold_scores(pd.DataFrame()),
+        plots.training_curves(pd.DataFrame()),
+        plots.oof_scatter(empty, ["nn"]),
+        plots.residuals_by_target(empty, ["svr"]),
+        plots.optuna_study(None),
+        plots.ensemble_weights({}, {}),
+        plots.worst_predictions(None, empty, "ensemble"),
+        plots.stage_timings({}),
         plots_eda.duplicate_pairs("nowhere", pd.DataFrame(columns=[ID, "group"]), empty),
     ]
     for fig in figures:

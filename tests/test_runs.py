@@ -3,6 +3,7 @@
 Every number is checked against the experiment's own result files (weights.json, best_params.json,
 timings.json, the manifests), and every status against ``pawpular status``'s full verdict.
 """
+
 from __future__ import annotations
 
 import base64
@@ -55,10 +56,16 @@ def test_each_row_holds_its_own_result_files_numbers(runs_dir):
         assert row["svr"] == best["oof_rmse"] and row["best_C"] == best["C"] and row["path"] == str(out)
         assert row["nested"] == weights["nested_rmse"]["ensemble"]  # the score to trust
         timings = read(out / "timings.json")
-        assert all(row[f"t_{s}"] == timings[s] for s in timings) and row["t_total"] == pytest.approx(sum(timings.values()))
+        assert all(row[f"t_{s}"] == timings[s] for s in timings) and row["t_total"] == pytest.approx(
+            sum(timings.values())
+        )
         config = yaml.safe_load((out / "config.yaml").read_text())
         assert (row["model"], row["img_size"], row["finetune"], row["epochs"]) == (
-            config["model"]["name"], config["model"]["img_size"], config["model"]["finetune"], config["train"]["epochs"])
+            config["model"]["name"],
+            config["model"]["img_size"],
+            config["model"]["finetune"],
+            config["train"]["epochs"],
+        )
         info = read(out / "train" / "fold0" / "manifest.json")["info"]  # every unit of these runs: one policy
         assert (row["device"], row["precision"]) == (info["device"], info["policy"]["precision"]) == ("cpu", "fp32")
     held = read(runs_dir / "holdout" / "ensemble" / "weights.json")["holdout_rmse"]
@@ -119,7 +126,15 @@ def test_the_command_line_table_sort_json_and_page(runs_dir, tmp_path, capsys):
     assert cli.main(["runs", str(runs_dir), "--sort=-blend_cv"]) == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
-    assert lines[0].split()[:7] == ["experiment", "status", "recipe", "nested", "holdout", "nn", "opt."]  # opt.: optimistic
+    assert lines[0].split()[:7] == [
+        "experiment",
+        "status",
+        "recipe",
+        "nested",
+        "holdout",
+        "nn",
+        "opt.",
+    ]  # opt.: optimistic
     order = [line.split()[0] for line in lines[1:6]]
     cv = {n: pawpular.runs(runs_dir / n).loc[0, "blend_cv"] for n in order if n != "partial"}
     assert order[-1] == "partial" and [cv[n] for n in order[:-1]] == sorted(cv.values(), reverse=True)
@@ -131,7 +146,10 @@ def test_the_command_line_table_sort_json_and_page(runs_dir, tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert [r["experiment"] for r in data["runs"]] == ["done", "holdout"] and data["settings"] == ["folds.holdout"]
     assert data["runs"][0]["holdout"] is None
-    assert data["runs"][1]["holdout"] == read(runs_dir / "holdout" / "ensemble" / "weights.json")["holdout_rmse"]["ensemble"]
+    assert (
+        data["runs"][1]["holdout"]
+        == read(runs_dir / "holdout" / "ensemble" / "weights.json")["holdout_rmse"]["ensemble"]
+    )
     html = page.read_text()
     assert 'data-experiment="done"' in html and 'data-experiment="holdout"' in html
     assert not re.search(r'(src|href)="(https?:|//)', html)  # self-contained: nothing fetched
@@ -142,9 +160,11 @@ def test_the_command_line_table_sort_json_and_page(runs_dir, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line_and_exit_2(runs_dir, tmp_path, capsys):
-    for args, message in ((["runs", str(runs_dir / "notes")], "not an experiment folder"),
-                          (["runs", str(tmp_path / "nowhere")], "no such folder"),
-                          (["runs", str(runs_dir / "done"), "--sort", "blendcv"], "no such column")):
+    for args, message in (
+        (["runs", str(runs_dir / "notes")], "not an experiment folder"),
+        (["runs", str(tmp_path / "nowhere")], "no such folder"),
+        (["runs", str(runs_dir / "done"), "--sort", "blendcv"], "no such column"),
+    ):
         assert cli.main(args) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err

@@ -1,6 +1,7 @@
 """No secret reaches a file: the password of svr.storage, however it is given, is in nothing an experiment, its
 report, its export or its log holds; libpq's PGPASSWORD and password file, and env:NAME, let it stay out of the
 URL altogether."""
+
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_args
 from postgres import postgres_server  # noqa: F401  (fixture)
 
@@ -41,8 +41,9 @@ def _svr(run: Path, comp: Path, storage: str, *extra: str) -> None:
 
 
 @pytest.mark.slow
-def test_the_password_is_in_no_file_and_no_log(experiment_run, small_competition, owned_db, tmp_path, caplog, capsys,
-                                                monkeypatch):
+def test_the_password_is_in_no_file_and_no_log(
+    experiment_run, small_competition, owned_db, tmp_path, caplog, capsys, monkeypatch
+):
     from pawpular import cli
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
@@ -80,8 +81,9 @@ def test_the_password_is_in_no_file_and_no_log(experiment_run, small_competition
     assert _files_holding(run, PASSWORD) == []
 
 
-def test_no_password_anywhere_is_a_clear_error(experiment_run, small_competition, owned_db, tmp_path, capsys,
-                                               monkeypatch):
+def test_no_password_anywhere_is_a_clear_error(
+    experiment_run, small_competition, owned_db, tmp_path, capsys, monkeypatch
+):
     from pawpular import cli
 
     for name in ("PGPASSWORD", "PGPASSFILE"):
@@ -91,8 +93,9 @@ def test_no_password_anywhere_is_a_clear_error(experiment_run, small_competition
     code = cli.main(["svr", *tiny_args(small_competition, run), "--set", f"svr.storage={owned_db}", "--overwrite"])
     err = capsys.readouterr().err
     assert code == 2 and "svr.storage" in err and "password" in err
-    code = cli.main(["svr", *tiny_args(small_competition, run), "--set", "svr.storage=env:PAWPULAR_UNSET_VAR",
-                     "--overwrite"])
+    code = cli.main(
+        ["svr", *tiny_args(small_competition, run), "--set", "svr.storage=env:PAWPULAR_UNSET_VAR", "--overwrite"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "the environment variable PAWPULAR_UNSET_VAR is not set" in err
     assert os.environ.get("PAWPULAR_UNSET_VAR") is None

@@ -6,6 +6,7 @@ latent 2 (the rest), "noise" encodes nothing, and "absent" is listed in embed.ba
 A working selection starts from "model", adds "partial" (it lowers the RMSE by several points), never adds
 "noise" (it only dilutes the RBF distances), and skips "absent" saying so.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -17,16 +18,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import adopt_folds, plant_finished
 
-from pawpular import cli, svr_head
+from pawpular import cli, svr_head, svr_study
 from pawpular.api import run_config
 from pawpular.config import load_config
 from pawpular.data import ID, META_COLS, TARGET, read_competition
 from pawpular.metrics import rmse
 from pawpular.splits import read_folds
 from pawpular.stages import select, svr
-
-from conftest import adopt_folds, plant_finished
 
 N_TRAIN, N_TEST, N_FOLDS = 150, 10, 3
 BACKBONES = [{"name": n, "model": "resnet18"} for n in ("noise", "partial", "absent")]
@@ -49,7 +49,9 @@ def sel_exp(tmp_path) -> tuple[Path, Path, Path]:
     n = N_TRAIN + N_TEST
     ids = [f"id{i:05d}" for i in range(n)]
     z = rng.standard_normal((n, 3))
-    target = np.clip(np.round(38 + 10 * (np.sin(2 * z[:, 0]) + z[:, 1]) + 9 * z[:, 2] + 2 * rng.standard_normal(n)), 1, 100)
+    target = np.clip(
+        np.round(38 + 10 * (np.sin(2 * z[:, 0]) + z[:, 1]) + 9 * z[:, 2] + 2 * rng.standard_normal(n)), 1, 100
+    )
     flags = pd.DataFrame(rng.integers(0, 2, size=(n, len(META_COLS))), columns=META_COLS)
     table = pd.concat([pd.DataFrame({ID: ids}), flags], axis=1)
     table.iloc[:N_TRAIN].assign(**{TARGET: target[:N_TRAIN].astype(int)}).to_csv(comp / "train.csv", index=False)
@@ -58,13 +60,27 @@ def sel_exp(tmp_path) -> tuple[Path, Path, Path]:
     mix = rng.standard_normal((2, 12))
     for k in range(N_FOLDS):
         _emb(out / "emb" / f"fold{k}", ids, np.tanh(z[:, :2] @ mix) + 0.05 * rng.standard_normal((n, 12)), N_TRAIN)
-    _emb(out / "emb" / "partial", ids, np.tanh(z[:, 2:3] @ rng.standard_normal((1, 4))) + 0.05 * rng.standard_normal((n, 4)), N_TRAIN)
+    _emb(
+        out / "emb" / "partial",
+        ids,
+        np.tanh(z[:, 2:3] @ rng.standard_normal((1, 4))) + 0.05 * rng.standard_normal((n, 4)),
+        N_TRAIN,
+    )
     _emb(out / "emb" / "noise", ids, rng.standard_normal((n, 12)), N_TRAIN)
     config = tmp_path / "select.yaml"
-    config.write_text(yaml.safe_dump({
-        "experiment": "sel", "device": "cpu", "data_dir": str(comp), "output_dir": str(out),
-        "folds": {"n_folds": N_FOLDS, "group_duplicates": False},
-        "embed": {"backbones": BACKBONES}, "svr": {"c_min": 0.5, "c_max": 200.0, "epsilon": 0.5}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": "sel",
+                "device": "cpu",
+                "data_dir": str(comp),
+                "output_dir": str(out),
+                "folds": {"n_folds": N_FOLDS, "group_duplicates": False},
+                "embed": {"backbones": BACKBONES},
+                "svr": {"c_min": 0.5, "c_max": 200.0, "epsilon": 0.5},
+            }
+        )
+    )
     adopt_folds(load_config(config), pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}))
     return comp, out, config
 
@@ -109,15 +125,21 @@ def test_reported_rmse_is_what_the_svr_stage_gets_with_those_sets(sel_exp):
 
 
 def test_forward_select_stops_below_the_minimum_improvement():
-    scores = {("a",): 10.0, ("b",): 11.0, ("c",): 12.0,
-              ("a", "b"): 9.0, ("a", "c"): 9.5,
-              ("a", "b", "c"): 9.0 - select.MIN_IMPROVEMENT / 2}  # a real but too small gain
+    scores = {
+        ("a",): 10.0,
+        ("b",): 11.0,
+        ("c",): 12.0,
+        ("a", "b"): 9.0,
+        ("a", "c"): 9.5,
+        ("a", "b", "c"): 9.0 - select.MIN_IMPROVEMENT / 2,
+    }  # a real but too small gain
     steps, rejected = select.forward_select(["a", "b", "c"], lambda names: (scores[tuple(sorted(names))], 1.0))
     assert [s.added for s in steps] == ["a", "b"]
     assert [s.oof_rmse for s in steps] == [10.0, 9.0]
     assert rejected["set"] == "c" and rejected["improvement"] == pytest.approx(select.MIN_IMPROVEMENT / 2)
-    steps, rejected = select.forward_select(["a", "b", "c"], lambda names: (scores[tuple(sorted(names))], 1.0),
-                                            min_improvement=0.0)
+    steps, rejected = select.forward_select(
+        ["a", "b", "c"], lambda names: (scores[tuple(sorted(names))], 1.0), min_improvement=0.0
+    )
     assert [s.added for s in steps] == ["a", "b", "c"] and rejected == {}
 
 
@@ -200,13 +222,13 @@ def test_select_as_writes_the_choice_as_a_new_experiment_and_leaves_this_one(sel
 @pytest.mark.parametrize("c_min,c_max", [(0.1, 100.0), (0.5, 200.0), (1e-3, 1e3)])
 def test_the_edge_warning_fires_at_a_bound_and_not_inside(c_min, c_max):
     grid = select.c_grid(c_min, c_max)
-    top, bottom = svr_head.c_at_edge(grid[-1], c_min, c_max), svr_head.c_at_edge(grid[0], c_min, c_max)
+    top, bottom = svr_study.c_at_edge(grid[-1], c_min, c_max), svr_study.c_at_edge(grid[0], c_min, c_max)
     assert "raise svr.c_max" in top and f"svr.c_max={c_max * 10:g}" in top and "c_min" not in top
     assert "lower svr.c_min" in bottom and "c_max=" not in bottom
     inside = grid[1:-1] + [float(np.sqrt(a * b)) for a, b in itertools.pairwise(grid)]  # select's refinements too
-    assert all(svr_head.c_at_edge(c, c_min, c_max) is None for c in inside)
-    assert svr_head.c_at_edge(c_max * 0.974, c_min, c_max) is not None  # the issue's 97.4 of 100
-    assert svr_head.c_at_edge(5.0, 5.0, 5.0) is None  # one value: no range to widen
+    assert all(svr_study.c_at_edge(c, c_min, c_max) is None for c in inside)
+    assert svr_study.c_at_edge(c_max * 0.974, c_min, c_max) is not None  # the issue's 97.4 of 100
+    assert svr_study.c_at_edge(5.0, 5.0, 5.0) is None  # one value: no range to widen
 
 
 def test_nested_selection_redoes_the_choice_without_each_fold():

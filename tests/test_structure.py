@@ -1,5 +1,6 @@
 """The house plan, checked: no import circle, files and functions that fit a sitting, and no private name of
 another library (Optuna, timm, torch, ...) read anywhere in src/."""
+
 from __future__ import annotations
 
 import ast
@@ -21,8 +22,12 @@ def _modules() -> dict[str, Path]:
 
 
 def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    return {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
+    return {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -39,8 +44,11 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             else:
-                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else [])) \
-                    if node.level else (node.module or "")
+                base = (
+                    ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                    if node.level
+                    else (node.module or "")
+                )
                 subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
                 targets = subs or [base]
             graph[name] |= {t for t in targets if t in modules and t != name}
@@ -126,9 +134,14 @@ def private_reads(root: Path = PKG) -> list[str]:
             name = None
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 name = node.attr
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                  and node.func.id in ("getattr", "setattr", "hasattr", "delattr") and len(node.args) > 1
-                  and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("_")):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and str(node.args[1].value).startswith("_")
+            ):
                 name = str(node.args[1].value)
             if name and not name.startswith("__") and name not in own:
                 found.append(f"{path.relative_to(root.parent)}:{node.lineno} {name}")
@@ -140,6 +153,8 @@ def test_no_private_attribute_of_another_library_is_read(tmp_path):
     # the check sees what it must: a sampler's private RNG, a storage behind a study, torch's hook table
     probe = tmp_path / "pawpular"
     probe.mkdir()
-    (probe / "probe.py").write_text("def f(study, sampler, m):\n    sampler._rng.rng.seed(0)\n"
-                                    "    return getattr(study, '_storage'), m._forward_hooks\n")
+    (probe / "probe.py").write_text(
+        "def f(study, sampler, m):\n    sampler._rng.rng.seed(0)\n"
+        "    return getattr(study, '_storage'), m._forward_hooks\n"
+    )
     assert sorted(r.split()[-1] for r in private_reads(probe)) == ["_forward_hooks", "_rng", "_storage"]

@@ -5,6 +5,7 @@ Workers are real OS processes running this file (``python test_study.py SPEC``) 
 objective of C instead of the SVR. They open the study, print ``ready`` and wait for ``go`` on stdin, so the test
 starts them together once their imports are done.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,17 @@ def _no_leftover_workers():
 def start(*specs: dict) -> list[subprocess.Popen]:
     """Start one worker per spec (their imports run in parallel) and wait until each is ready."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p))
-    procs = [subprocess.Popen([sys.executable, __file__, json.dumps(spec)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for spec in specs]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for spec in specs
+    ]
     _started.extend(procs)
     for proc in procs:
         if proc.stdout.readline().strip() != "ready":
@@ -143,8 +153,16 @@ def test_three_workers_fill_one_budget_exactly_and_find_the_single_worker_best(p
     for c in grid:
         single.study.enqueue_trial({"C": c})
     done = []
-    assert st.run_trials(single, lambda t: loss(t.suggest_float("C", C_MIN, C_MAX, log=True)), n, poll=POLL,
-                         callbacks=[lambda study, trial: done.append(trial.number)]) == n
+    assert (
+        st.run_trials(
+            single,
+            lambda t: loss(t.suggest_float("C", C_MIN, C_MAX, log=True)),
+            n,
+            poll=POLL,
+            callbacks=[lambda study, trial: done.append(trial.number)],
+        )
+        == n
+    )
     assert done == list(range(n))
 
     assert states(shared) == {"COMPLETE": n} and st.n_complete(shared.study) == n
@@ -153,7 +171,9 @@ def test_three_workers_fill_one_budget_exactly_and_find_the_single_worker_best(p
     assert sorted(t.params["C"] for t in single.study.trials) == sorted(grid)
     assert shared.study.best_params["C"] == single.study.best_params["C"]
     assert shared.study.best_value == single.study.best_value
-    assert {t.user_attrs["pid"] for t in shared.study.trials} == {p.pid for p, r in zip(workers, ran) if r}
+    assert {t.user_attrs["pid"] for t in shared.study.trials} == {
+        p.pid for p, r in zip(workers, ran, strict=False) if r
+    }
 
 
 def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(postgres_db):
@@ -161,12 +181,17 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(postgres_db):
     the study still ends with exactly n_trials COMPLETE, none of them the killed worker's."""
     n = 6
     study = make(postgres_db, "svr-kill")
-    victim, *others = start({"url": postgres_db, "name": "svr-kill", "n_trials": n, "hang_at": 0},
-                            *[{"url": postgres_db, "name": "svr-kill", "n_trials": n}] * 2)
+    victim, *others = start(
+        {"url": postgres_db, "name": "svr-kill", "n_trials": n, "hang_at": 0},
+        *[{"url": postgres_db, "name": "svr-kill", "n_trials": n}] * 2,
+    )
     go(victim)
     deadline = time.monotonic() + 60
-    while not (running := [t for t in study.study.get_trials() if t.state.name == "RUNNING"
-                           and t.user_attrs.get("pid") == victim.pid]):
+    while not (
+        running := [
+            t for t in study.study.get_trials() if t.state.name == "RUNNING" and t.user_attrs.get("pid") == victim.pid
+        ]
+    ):
         assert time.monotonic() < deadline and victim.poll() is None, "the victim never started its trial"
         time.sleep(0.05)
     killed = running[0]
@@ -192,8 +217,13 @@ def test_two_studies_on_one_server_do_not_mix(postgres_db):
     only its own trials (each trial records the study its worker was given)."""
     budgets = {"svr-exp-a": 5, "svr-exp-b": 7}
     studies = {name: make(postgres_db, name) for name in budgets}
-    procs = start(*[{"url": postgres_db, "name": name, "n_trials": n, "sleep": 0.1}
-                    for name, n in budgets.items() for _ in range(2)])
+    procs = start(
+        *[
+            {"url": postgres_db, "name": name, "n_trials": n, "sleep": 0.1}
+            for name, n in budgets.items()
+            for _ in range(2)
+        ]
+    )
     go(*procs)
     ran = {"svr-exp-a": finish(*procs[:2]), "svr-exp-b": finish(*procs[2:])}
     for name, n in budgets.items():
@@ -204,8 +234,9 @@ def test_two_studies_on_one_server_do_not_mix(postgres_db):
         assert len({t.params["C"] for t in study.study.trials}) == n  # shared seeding: workers draw different C
 
 
-def test_bad_storage_is_a_clear_error_before_anything_is_written(postgres_server, postgres_db, postgres_role,
-                                                                  monkeypatch):
+def test_bad_storage_is_a_clear_error_before_anything_is_written(
+    postgres_server, postgres_db, postgres_role, monkeypatch
+):
     database = postgres_db.rsplit("/", 1)[1]
     down = socket_port_with_nothing_listening()
     cases = {
@@ -264,22 +295,27 @@ def test_sqlite_path_with_odd_characters_and_local_workers(tmp_path):
     storage = st.make_storage(None, db, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
     shared = st.open_study("svr-shared", storage, seed=0, shared=True)
     private = st.open_study("svr-private", storage, seed=0, shared=False)
-    assert [p.relative_to(tmp_path) for p in sorted(tmp_path.rglob("*"))] == [db.parent.relative_to(tmp_path),
-                                                                              db.relative_to(tmp_path)]
+    assert [p.relative_to(tmp_path) for p in sorted(tmp_path.rglob("*"))] == [
+        db.parent.relative_to(tmp_path),
+        db.relative_to(tmp_path),
+    ]
     with sqlite3.connect(db) as conn:  # that very file holds the studies
-        assert sorted(conn.execute("SELECT study_name FROM studies").fetchall()) == [("svr-private",),
-                                                                                    ("svr-shared",)]
+        assert sorted(conn.execute("SELECT study_name FROM studies").fetchall()) == [("svr-private",), ("svr-shared",)]
 
     n = 6
-    workers = start(*[{"url": url, "name": name, "n_trials": n, "shared": name == "svr-shared", "sleep": 0.1}
-                      for name in ("svr-shared", "svr-shared", "svr-private", "svr-private")])
+    workers = start(
+        *[
+            {"url": url, "name": name, "n_trials": n, "shared": name == "svr-shared", "sleep": 0.1}
+            for name in ("svr-shared", "svr-shared", "svr-private", "svr-private")
+        ]
+    )
     go(*workers)
     ran = finish(*workers)
     assert states(shared) == {"COMPLETE": n} and sum(ran[:2]) == n
     assert states(private) == {"COMPLETE": n} and sum(ran[2:]) == n
     assert len({t.params["C"] for t in private.study.trials}) == n
     trials = private.study.trials
-    for before, after in zip(trials, trials[1:]):  # serial: each trial starts after the last ends
+    for before, after in zip(trials, trials[1:], strict=False):  # serial: each trial starts after the last ends
         assert after.datetime_start >= before.datetime_complete
     assert sorted(p.name for p in db.parent.iterdir()) == sorted([db.name, db.name + ".lock"])
 

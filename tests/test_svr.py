@@ -3,6 +3,7 @@
 The fixture is a tiny competition (no images) with embedding files whose target is a nonlinear function of a
 latent the embeddings encode, so a working SVR beats predicting the mean and misaligned rows would not.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,16 +15,16 @@ import pandas as pd
 import pytest
 
 from pawpular import artifacts, backend, svr_head
-from pawpular.stages.svr import make_objective
 from pawpular.config import load_config
 from pawpular.data import ID, META_COLS, TARGET, read_competition
 from pawpular.files import read_json
-from pawpular.svr_head import SvrHead, assemble_features, rbf_kernel
 from pawpular.metrics import rmse
 from pawpular.runner import Context, run_planned
 from pawpular.splits import read_folds
 from pawpular.stages import svr
-from pawpular.svr_study import open_study, storage_url
+from pawpular.stages.svr import make_objective
+from pawpular.svr_head import SvrHead, assemble_features, rbf_kernel
+from pawpular.svr_study import storage_url
 
 N_TRAIN, N_TEST, DIM, N_FOLDS = 90, 12, 16, 3
 
@@ -48,7 +49,9 @@ def _write_comp(root: Path, seed: int = 0) -> tuple[Path, Path]:
     table.iloc[N_TRAIN:].to_csv(comp / "test.csv", index=False)
     pd.DataFrame({ID: ids[N_TRAIN:], TARGET: 50}).to_csv(comp / "sample_submission.csv", index=False)
     (out / "folds").mkdir(parents=True)
-    pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}).to_csv(out / "folds" / "folds.csv", index=False)
+    pd.DataFrame({ID: ids[:N_TRAIN], "fold": np.arange(N_TRAIN) % N_FOLDS}).to_csv(
+        out / "folds" / "folds.csv", index=False
+    )
     mix = rng.standard_normal((3, DIM))
     sets = {f"fold{k}": None for k in range(N_FOLDS)} | {"frozen": None}
     for name in sets:  # each fold's "fine-tuned" backbone sees the latent through its own noise
@@ -69,7 +72,14 @@ def svr_exp(tmp_path):
 
 
 def _cfg(comp: Path, out: Path, *overrides: str):
-    base = ["device=cpu", "svr.n_trials=3", "svr.c_min=0.5", "svr.c_max=200", "svr.epsilon=0.5", f"folds.n_folds={N_FOLDS}"]
+    base = [
+        "device=cpu",
+        "svr.n_trials=3",
+        "svr.c_min=0.5",
+        "svr.c_max=200",
+        "svr.epsilon=0.5",
+        f"folds.n_folds={N_FOLDS}",
+    ]
     return load_config(None, [*base, *overrides], data_dir=str(comp), output_dir=str(out))
 
 
@@ -87,8 +97,10 @@ def _folds(cfg):
 def _study(cfg):
     import optuna
 
-    return optuna.load_study(study_name=read_json(artifacts.best_params(cfg.out))["study_name"],
-                             storage=storage_url(None, artifacts.study_db(cfg.out)))
+    return optuna.load_study(
+        study_name=read_json(artifacts.best_params(cfg.out))["study_name"],
+        storage=storage_url(None, artifacts.study_db(cfg.out)),
+    )
 
 
 def test_cpu_device_builds_scikit_learn_svr_with_shared_args():
@@ -168,8 +180,12 @@ def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp
         head = SvrHead.load(artifacts.svr_head(cfg.out, k))
         assert head.fold == k and head.params == {"C": best["C"], "epsilon": best["epsilon"]}
         assert head.columns[:DIM] == [f"model/e{j}" for j in range(DIM)] and head.columns[-12:] == META_COLS
-        features = assemble_features({**sets, "model": pd.read_parquet(artifacts.set_file(cfg.out, "model", "test", k))},
-                                     comp.test, cfg.svr.features, cfg.svr.use_meta)
+        features = assemble_features(
+            {**sets, "model": pd.read_parquet(artifacts.set_file(cfg.out, "model", "test", k))},
+            comp.test,
+            cfg.svr.features,
+            cfg.svr.use_meta,
+        )
         preds.append(head.predict(features))
     np.testing.assert_allclose(np.mean(preds, axis=0), test["pred"], rtol=1e-6)
 

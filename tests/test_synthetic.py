@@ -1,4 +1,5 @@
 """The embedded competition: layout, determinism, calibration to the real data, and real image signal."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,11 @@ from pawpular.synthetic_draw import Pet, render
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):
@@ -54,7 +59,9 @@ def test_image_signal_beats_metadata_signal_beats_the_mean(default_competition):
 
 
 def test_duplicates_are_planted(default_competition):
-    digests = pd.Series({p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in (default_competition / "train").glob("*.jpg")})
+    digests = pd.Series(
+        {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in (default_competition / "train").glob("*.jpg")}
+    )
     assert digests.duplicated().sum() >= 3  # exact copies (near copies are checked by the folds tests)
 
 

@@ -5,6 +5,7 @@ TensorBoard's event files are read with tensorboard's EventAccumulator (the scal
 run folders with wandb's own reader of its transaction log, ``wandb leet inspect --json`` (no network). Both
 packages come from requirements-tracking.txt, which ``./run.sh test`` installs.
 """
+
 from __future__ import annotations
 
 import filecmp
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import HOLDOUT, tiny_args
 
 pytest.importorskip("tensorboard", reason="requirements-tracking.txt is not installed (./run.sh test installs it)")
@@ -64,9 +64,14 @@ def wandb_runs(out: Path) -> dict[str, list[dict]]:
     """job_type -> the records of that offline run, as wandb's own reader prints them."""
     found = {}
     for run_dir in sorted((out / "wandb").glob("offline-run-*")):
-        printed = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
-                                 capture_output=True, text=True, timeout=120, check=True,
-                                 env={"PATH": "/usr/bin:/bin", "HOME": str(out.parent), "WANDB_MODE": "offline"})
+        printed = subprocess.run(
+            [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+            env={"PATH": "/usr/bin:/bin", "HOME": str(out.parent), "WANDB_MODE": "offline"},
+        )
         records = [json.loads(line) for line in printed.stdout.splitlines() if line.startswith("{")]
         run = next(r["run"] for r in records if r["type"] == "run")
         found[run["job_type"]] = records
@@ -115,7 +120,7 @@ def test_tensorboard_curves_read_back(tracked_run):
         batches = len(steps) // len(metrics)
         assert steps == list(range(1, len(steps) + 1)) and batches * len(metrics) == len(steps) and batches > 1
         for e, row in metrics.iterrows():  # equal-size batches: the epoch's loss is the mean of its batches'
-            epoch = got["train/loss"][e * batches:(e + 1) * batches]
+            epoch = got["train/loss"][e * batches : (e + 1) * batches]
             assert sum(v for _, v in epoch) / batches == pytest.approx(row["train_loss"], rel=1e-5)
             assert got["train/lr"][(e + 1) * batches - 1][1] == pytest.approx(row["lr"], rel=1e-6, abs=1e-12)
         assert all(v > 0 for _, v in got["train/images_per_s"]) and len(got["train/images_per_s"]) == len(steps)
@@ -125,8 +130,10 @@ def test_tensorboard_curves_read_back(tracked_run):
 
     import optuna
 
-    trials = optuna.load_study(study_name=json.loads((tracked_run / "svr" / "best_params.json").read_text())[
-        "study_name"], storage=f"sqlite:///{tracked_run / 'svr' / 'study.db'}").trials
+    trials = optuna.load_study(
+        study_name=json.loads((tracked_run / "svr" / "best_params.json").read_text())["study_name"],
+        storage=f"sqlite:///{tracked_run / 'svr' / 'study.db'}",
+    ).trials
     svr = scalars(one_execution(tracked_run, "svr"))
     assert [s for s, _ in svr["trial/C"]] == [t.number for t in trials] == list(range(8))
     assert [v for _, v in svr["trial/C"]] == pytest.approx([t.params["C"] for t in trials], rel=1e-6)
@@ -136,9 +143,11 @@ def test_tensorboard_curves_read_back(tracked_run):
     blend = scalars(one_execution(tracked_run, "ensemble"))
     for name, w in weights["weights"].items():
         assert blend[f"weights/{name}"] == [(0, pytest.approx(w, rel=1e-6))]
-    for tag, value in (("blend/in_sample", weights["oof_rmse"]["ensemble"]),
-                       ("blend/cross_validated", weights["oof_rmse"]["ensemble_cv"]),
-                       ("blend/holdout", weights["holdout_rmse"]["ensemble"])):
+    for tag, value in (
+        ("blend/in_sample", weights["oof_rmse"]["ensemble"]),
+        ("blend/cross_validated", weights["oof_rmse"]["ensemble_cv"]),
+        ("blend/holdout", weights["holdout_rmse"]["ensemble"]),
+    ):
         assert blend[tag] == [(0, pytest.approx(value, rel=1e-6))]
 
 
@@ -154,7 +163,9 @@ def test_wandb_offline_runs_read_back(tracked_run):
         assert any(r["type"] == "exit" and r["exit"].get("exit_code", 0) == 0 for r in records)
 
     metrics = pd.read_csv(tracked_run / "train" / "fold1" / "metrics.csv")
-    assert history(runs["train"], "fold1/val/rmse", "fold1/epoch") == list(zip(metrics["epoch"], metrics["val_rmse"]))
+    assert history(runs["train"], "fold1/val/rmse", "fold1/epoch") == list(
+        zip(metrics["epoch"], metrics["val_rmse"], strict=False)
+    )
     losses = history(runs["train"], "fold1/train/loss", "fold1/batch")  # the same batches as TensorBoard's
     board = scalars(one_execution(tracked_run, "train") / "fold1")["train/loss"]
     assert [s for s, _ in losses] == [s for s, _ in board] and len(losses) > len(metrics)
@@ -166,10 +177,12 @@ def test_wandb_offline_runs_read_back(tracked_run):
     assert dict(history(runs["svr"], "trial/C", "trial"))[min(trials, key=lambda t: t[1])[0]] == best["C"]
 
     weights = json.loads((tracked_run / "ensemble" / "weights.json").read_text())
-    for key, value in [*((f"weights/{n}", w) for n, w in weights["weights"].items()),
-                       ("blend/in_sample", weights["oof_rmse"]["ensemble"]),
-                       ("blend/cross_validated", weights["oof_rmse"]["ensemble_cv"]),
-                       ("blend/holdout", weights["holdout_rmse"]["ensemble"])]:
+    for key, value in [
+        *((f"weights/{n}", w) for n, w in weights["weights"].items()),
+        ("blend/in_sample", weights["oof_rmse"]["ensemble"]),
+        ("blend/cross_validated", weights["oof_rmse"]["ensemble_cv"]),
+        ("blend/holdout", weights["holdout_rmse"]["ensemble"]),
+    ]:
         assert history(runs["ensemble"], key, "step") == [(0, value)], key
 
 

@@ -1,5 +1,6 @@
 """Fine-tuning: the loop learns, every Id gets one OOF prediction, resume replays exactly, SSF saves a plain model,
 DDP (gloo, 2 processes) trains in sync. Tiny random-weight Swin at 32 px on the 120-image synthetic competition."""
+
 from __future__ import annotations
 
 import os
@@ -11,20 +12,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import adopt_folds
 
 from pawpular import training
 from pawpular.api import run_config
 from pawpular.config import ModelConfig, TrainConfig, load_config
-from pawpular.errors import ConfigError
 from pawpular.data import ID, TARGET, read_competition
 from pawpular.dataset import PetDataset, build_transform
+from pawpular.errors import ConfigError
 from pawpular.files import ArtifactError
 from pawpular.inference import predict
 from pawpular.metrics import rmse
 from pawpular.models import build_model, load_checkpoint
 from pawpular.runner import run_stage
-
-from conftest import adopt_folds
 
 N_FOLDS = 3
 TINY = [
@@ -58,20 +58,30 @@ def trained(small_competition, tmp_path_factory):
 
 def test_loss_falls_on_a_tiny_set():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="swin_tiny_patch4_window7_224", img_size=32, drop_rate=0.0,
-                                    kwargs=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], img_size=32, window_size=4)),
-                        pretrained=False)
+    model = build_model(
+        ModelConfig(
+            name="swin_tiny_patch4_window7_224",
+            img_size=32,
+            drop_rate=0.0,
+            kwargs=dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], img_size=32, window_size=4),
+        ),
+        pretrained=False,
+    )
     g = torch.Generator().manual_seed(0)
-    batches = [dict(image=torch.randn(8, 3, 32, 32, generator=g), meta=torch.zeros(8, 12), target=torch.rand(8, generator=g))
-               for _ in range(2)]
+    batches = [
+        dict(image=torch.randn(8, 3, 32, 32, generator=g), meta=torch.zeros(8, 12), target=torch.rand(8, generator=g))
+        for _ in range(2)
+    ]
     y = np.concatenate([b["target"].numpy() * 100 for b in batches])
     tc = TrainConfig(epochs=15, lr=3e-3, warmup_epochs=0, batch_size=8, channels_last=False)
     opt = training.make_optimizer(model, tc)
     sched = training.make_scheduler(opt, tc, steps_per_epoch=2)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     before = rmse(predict(model, batches, "cpu"), y)
-    losses = [training.train_one_epoch(model, batches, opt, sched, scaler, torch.device("cpu"), tc, show=False)
-              for _ in range(tc.epochs)]
+    losses = [
+        training.train_one_epoch(model, batches, opt, sched, scaler, torch.device("cpu"), tc, show=False)
+        for _ in range(tc.epochs)
+    ]
     after = rmse(predict(model, batches, "cpu"), y)
     assert losses[-1] < losses[0] - 0.01
     assert after < 0.25 * before, (before, after)
@@ -110,7 +120,9 @@ def test_best_checkpoint_reproduces_the_oof_predictions(trained, small_competiti
     model, dc = load_checkpoint(out / "fold1" / "best.pt")
     oof = pd.read_parquet(out / "fold1" / "oof.parquet")
     df = comp.train.set_index(ID).loc[oof[ID]].reset_index()
-    ds = PetDataset(df, comp.root / "train", build_transform(dc["input_size"][1], dc["mean"], dc["std"], train=False), 32)
+    ds = PetDataset(
+        df, comp.root / "train", build_transform(dc["input_size"][1], dc["mean"], dc["std"], train=False), 32
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=64)
     pred = predict(model, loader, "cpu", tta_hflip=cfg.train.tta_hflip)
     np.testing.assert_allclose(pred, oof["pred"], atol=1e-4)
@@ -126,8 +138,9 @@ def test_rerun_skips_finished_folds(trained, caplog):
     caplog.clear()
     run_config("train", cfg)
     assert caplog.text.count("already trained") == N_FOLDS
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.p*") if p.parent.name.startswith("fold")} == \
-        {p: t for p, t in stamps.items() if p.parent.name.startswith("fold")}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.p*") if p.parent.name.startswith("fold")} == {
+        p: t for p, t in stamps.items() if p.parent.name.startswith("fold")
+    }
 
 
 def test_clear_errors_for_missing_folds_and_unknown_fold(small_competition, tmp_path):
@@ -144,6 +157,7 @@ def _final_weights(store: dict, stop_at: tuple[int, int] | None = None):
         store[(fold, epoch)] = {k: v.clone() for k, v in model.state_dict().items()}
         if stop_at == (fold, epoch):
             raise KeyboardInterrupt("simulated kill")
+
     return on_epoch_end
 
 
@@ -165,13 +179,15 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(small_competiti
     ma, mb = ((tmp_path / x / "train" / "fold0" / "metrics.csv").read_bytes() for x in "ab")
     assert ma == mb  # byte for byte: no timings in it
     for name in ("oof.parquet", "test.parquet"):
-        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a/train/fold0" / name),
-                                      pd.read_parquet(fold_dir / name))
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "a/train/fold0" / name), pd.read_parquet(fold_dir / name)
+        )
 
 
 def test_ssf_run_saves_a_plain_checkpoint(small_competition, tmp_path):
-    cfg = make_experiment(small_competition, tmp_path / "exp", "model.finetune=ssf", "train.epochs=1", "train.folds=[2]",
-                          "train.lr=1e-2")
+    cfg = make_experiment(
+        small_competition, tmp_path / "exp", "model.finetune=ssf", "train.epochs=1", "train.folds=[2]", "train.lr=1e-2"
+    )
     out = run_config("train", cfg)
     assert not (out / "oof.parquet").exists()  # folds 0 and 1 are not trained
     ckpt = torch.load(out / "fold2" / "best.pt", weights_only=True)
@@ -206,9 +222,22 @@ def test_ddp_two_processes_gloo(small_competition, tmp_path):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(tmp_path / "ddp.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(tmp_path / "ddp.py"),
+            str(tmp_path / "cfg.yaml"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DDP: rank 1 of 2" in proc.stderr and "gloo" in proc.stderr
     for k in range(N_FOLDS):  # gradients were averaged: both ranks end every fold with the same weights

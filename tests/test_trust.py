@@ -3,6 +3,7 @@
 Each test reproduces a failure users met (the old behaviour is in its docstring) on a copy of the session's tiny
 finished run, through the real CLI.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -11,14 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_args
 
 from pawpular import cli
 from pawpular.blend import cross_validated, fit_weights
 from pawpular.config import load_config
 from pawpular.files import read_json
 from pawpular.metrics import rmse
-
-from conftest import tiny_args
 
 
 def _copy(run: Path, dst: Path) -> Path:
@@ -33,8 +33,9 @@ def _status(capsys, data: Path, out: Path, *extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_changed_lr_retrains_and_downstream_refuses_until_recomputed(experiment_run, small_competition, tmp_path,
-                                                                      caplog, capsys):
+def test_a_changed_lr_retrains_and_downstream_refuses_until_recomputed(
+    experiment_run, small_competition, tmp_path, caplog, capsys
+):
     """Old: `train --set train.lr=...` said "already trained, skipping", rewrote config.yaml, embed "reused"."""
     run = _copy(experiment_run, tmp_path / "run")
     caplog.set_level("INFO", logger="pawpular")
@@ -43,7 +44,12 @@ def test_a_changed_lr_retrains_and_downstream_refuses_until_recomputed(experimen
     assert (run / "train/fold0/best.pt").read_bytes() != (experiment_run / "train/fold0/best.pt").read_bytes()
     assert load_config(run / "config.yaml").train.lr == pytest.approx(1e-3)
     assert _status(capsys, small_competition, run, "--set", "train.lr=1e-3") == {
-        "folds": "done", "train": "done", "embed": "stale", "svr": "stale", "ensemble": "stale"}
+        "folds": "done",
+        "train": "done",
+        "embed": "stale",
+        "svr": "stale",
+        "ensemble": "stale",
+    }
     assert cli.main(["ensemble", *tiny_args(small_competition, run), "--set", "train.lr=1e-3"]) == 2
     assert "ensemble needs embed, which is stale" in capsys.readouterr().err
     caplog.clear()
@@ -54,9 +60,22 @@ def test_a_changed_lr_retrains_and_downstream_refuses_until_recomputed(experimen
 def test_config_yaml_says_what_made_the_artifacts(experiment_run, small_competition, tmp_path, capsys):
     """Old: any stage rewrote config.yaml with the command's settings, including sections it never used."""
     run = _copy(experiment_run, tmp_path / "run")
-    assert cli.main(["ensemble", *tiny_args(small_competition, run), "--set", "ensemble.method=hill",
-                     "--set", "model.drop_rate=0.5"]) == 2  # refused: train would be stale
-    assert load_config(run / "config.yaml").model.drop_rate == load_config(experiment_run / "config.yaml").model.drop_rate
+    assert (
+        cli.main(
+            [
+                "ensemble",
+                *tiny_args(small_competition, run),
+                "--set",
+                "ensemble.method=hill",
+                "--set",
+                "model.drop_rate=0.5",
+            ]
+        )
+        == 2
+    )  # refused: train would be stale
+    assert (
+        load_config(run / "config.yaml").model.drop_rate == load_config(experiment_run / "config.yaml").model.drop_rate
+    )
     assert cli.main(["ensemble", *tiny_args(small_competition, run), "--set", "ensemble.method=hill"]) == 0
     saved = load_config(run / "config.yaml")
     assert saved.ensemble.method == "hill" and saved.train.lr == load_config(experiment_run / "config.yaml").train.lr
@@ -81,8 +100,9 @@ def test_more_svr_trials_then_export_refuses_the_stale_blend(experiment_run, sma
     assert cli.main(["export", "--output", str(run), "--to", str(tmp_path / "art")]) == 0
 
 
-def test_status_on_a_fresh_a_finished_and_a_partly_stale_experiment(experiment_run, small_competition, tmp_path,
-                                                                   capsys):
+def test_status_on_a_fresh_a_finished_and_a_partly_stale_experiment(
+    experiment_run, small_competition, tmp_path, capsys
+):
     assert set(_status(capsys, small_competition, tmp_path / "fresh").values()) == {"missing"}
     assert set(_status(capsys, small_competition, experiment_run).values()) == {"done"}
     stale = _status(capsys, small_competition, experiment_run, "--set", "svr.c_max=50")
@@ -91,8 +111,10 @@ def test_status_on_a_fresh_a_finished_and_a_partly_stale_experiment(experiment_r
     out = capsys.readouterr().out
     assert "svr.c_max 100.0 -> 50.0" in out and "upstream svr is stale" in out and "recomputes svr, ensemble" in out
     weights = read_json(experiment_run / "ensemble" / "weights.json")  # the score to trust first, then the others
-    assert (f"scores: nested RMSE {weights['nested_rmse']['ensemble']:.3f} (the one to trust); optimistic: "
-            f"cross-validated {weights['oof_rmse']['ensemble_cv']:.3f}") in out
+    assert (
+        f"scores: nested RMSE {weights['nested_rmse']['ensemble']:.3f} (the one to trust); optimistic: "
+        f"cross-validated {weights['oof_rmse']['ensemble_cv']:.3f}"
+    ) in out
 
 
 def test_a_cached_rerun_keeps_the_timings_of_the_work(experiment_run, small_competition, tmp_path):
@@ -145,9 +167,9 @@ def test_holdout_is_never_fit_on_and_scored_once(small_competition, tmp_path, ca
 
 
 def test_a_head_worse_than_the_mean_is_a_loud_warning(make_cfg, small_competition, caplog):
-    from pawpular.runner import Context, run_planned
-
     from conftest import adopt_folds, plant_finished
+
+    from pawpular.runner import Context, run_planned
 
     cfg = make_cfg(small_competition)
     comp_train = pd.read_csv(small_competition / "train.csv", dtype={"Id": str})
@@ -158,8 +180,9 @@ def test_a_head_worse_than_the_mean_is_a_loud_warning(make_cfg, small_competitio
     y = comp_train["Pawpularity"].to_numpy(float)
     for head, noise in (("train", 4.0), ("svr", 60.0)):
         (cfg.out / head).mkdir(parents=True)
-        pd.DataFrame({"Id": comp_train["Id"], "fold": fold, "pred": np.clip(y + rng.normal(0, noise, len(y)), 1, 100)}
-                     ).to_parquet(cfg.out / head / "oof.parquet")
+        pd.DataFrame(
+            {"Id": comp_train["Id"], "fold": fold, "pred": np.clip(y + rng.normal(0, noise, len(y)), 1, 100)}
+        ).to_parquet(cfg.out / head / "oof.parquet")
         pd.DataFrame({"Id": test_ids, "pred": 40.0}).to_parquet(cfg.out / head / "test.parquet")
         plant_finished(cfg.out, cfg.out / head)
     with caplog.at_level("WARNING", logger="pawpular"):

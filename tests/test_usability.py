@@ -1,6 +1,7 @@
 """Where Kagglers work: progress in piped output, an API that raises, help that names inputs and outputs, config
 errors that blame the right place, Ctrl-C / SIGTERM that leave a resumable run, the generated Kaggle notebook
 run offline, run.sh's own help and its --set pass-through."""
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import CONFIG, REPO, tiny_args
 
 import pawpular
 from pawpular import cli
 from pawpular.config import load_config
-from pawpular.errors import ConfigError
 from pawpular.data import DataError
+from pawpular.errors import ConfigError
 from pawpular.files import ArtifactError
-
-from conftest import CONFIG, REPO, tiny_args
 
 
 def _env(**extra: str) -> dict:
@@ -37,8 +37,13 @@ def _env(**extra: str) -> dict:
 @pytest.mark.slow
 def test_progress_lines_in_piped_output(experiment_run, small_competition, tmp_path):
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
-    r = subprocess.run([sys.executable, "-m", "pawpular", "all", *tiny_args(small_competition, run), "--overwrite"],
-                       capture_output=True, text=True, cwd=REPO, env=_env(PAWPULAR_PROGRESS_SECONDS="0"))
+    r = subprocess.run(
+        [sys.executable, "-m", "pawpular", "all", *tiny_args(small_competition, run), "--overwrite"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(PAWPULAR_PROGRESS_SECONDS="0"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stderr.splitlines()
     train = [x for x in lines if re.search(r"fold 0 epoch 1/2: \d+/\d+ \(\d+%\), [\d.]+ img/s, (ETA|took) ", x)]
@@ -86,16 +91,31 @@ def test_api_raises_where_the_cli_returns_2(experiment_run, small_competition, t
 def test_api_overrides_reach_the_config(tmp_path):
     from pawpular.api import config_from
 
-    cfg = config_from(CONFIG, output=tmp_path, train={"epochs": 3, "lr": 1e-3}, svr__n_trials=7,
-                      set=["model.use_meta=false"])
+    cfg = config_from(
+        CONFIG, output=tmp_path, train={"epochs": 3, "lr": 1e-3}, svr__n_trials=7, set=["model.use_meta=false"]
+    )
     assert (cfg.train.epochs, cfg.train.lr, cfg.svr.n_trials, cfg.model.use_meta) == (3, 1e-3, 7, False)
     assert cfg.out == tmp_path
 
 
 def test_estimate_says_it_wrote_no_submission(experiment_run, small_competition, tmp_path, capsys):
     art = pawpular.export(experiment_run, tmp_path / "art")
-    assert cli.main(["predict", "--artifacts", str(art), "--data", str(small_competition),
-                     "--out", str(tmp_path / "sub.csv"), "--estimate", "6800"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                "--artifacts",
+                str(art),
+                "--data",
+                str(small_competition),
+                "--out",
+                str(tmp_path / "sub.csv"),
+                "--estimate",
+                "6800",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "6800 images ->" in out and "No submission written" in out and not (tmp_path / "sub.csv").exists()
 
@@ -119,13 +139,17 @@ def test_export_refuses_a_non_empty_target_without_overwrite(experiment_run, tmp
 # Help that teaches; config that checks itself
 
 
-@pytest.mark.parametrize("stage, names", [
-    ("folds", ["folds/folds.csv", "train.csv"]), ("train", ["train/fold{k}/best.pt", "folds/folds.csv", "train.lr"]),
-    ("embed", ["emb/fold{k}/{train,test}.parquet", "best.pt", "embed.tta_hflip"]),
-    ("svr", ["svr/fold{k}/head.safetensors", "svr.n_trials", "emb/"]),
-    ("ensemble", ["submission.csv", "ensemble/weights.json", "ensemble.method"]),
-    ("select", ["select/selection.json", "embed.backbones"]),
-])
+@pytest.mark.parametrize(
+    "stage, names",
+    [
+        ("folds", ["folds/folds.csv", "train.csv"]),
+        ("train", ["train/fold{k}/best.pt", "folds/folds.csv", "train.lr"]),
+        ("embed", ["emb/fold{k}/{train,test}.parquet", "best.pt", "embed.tta_hflip"]),
+        ("svr", ["svr/fold{k}/head.safetensors", "svr.n_trials", "emb/"]),
+        ("ensemble", ["submission.csv", "ensemble/weights.json", "ensemble.method"]),
+        ("select", ["select/selection.json", "embed.backbones"]),
+    ],
+)
 def test_stage_help_says_what_it_reads_writes_and_needs(stage, names, capsys):
     with pytest.raises(SystemExit):
         cli.main([stage, "--help"])
@@ -155,15 +179,23 @@ def test_top_help_and_report_options(capsys):
     assert "--set" not in text and "--overwrite" not in text and "--output" in text
 
 
-@pytest.mark.parametrize("where, value, blamed, message", [
-    ("set", "train.epoch=1", "--set train.epoch=1", "did you mean 'train.epochs'"),
-    ("file", "train: {epoch: 1}", "bad.yaml", "did you mean 'train.epochs'"),
-    ("set", "model.img_size=-3", "--set model.img_size=-3", "model.img_size=-3: must be > 0"),
-    ("set", "train.folds=[0, 7]", "--set train.folds=[0, 7]", "train.folds must list distinct folds in 0..folds.n_folds-1"),
-    ("file", "svr: {c_min: 500, c_max: 100}", "bad.yaml", "svr.c_min must be < svr.c_max"),
-    ("set", "svr.c_min=500", "--set svr.c_min=500", "svr.c_min must be < svr.c_max"),
-    ("set", "embed.compress=int4", "--set embed.compress=int4", "must be none, int8, bf16"),
-])
+@pytest.mark.parametrize(
+    "where, value, blamed, message",
+    [
+        ("set", "train.epoch=1", "--set train.epoch=1", "did you mean 'train.epochs'"),
+        ("file", "train: {epoch: 1}", "bad.yaml", "did you mean 'train.epochs'"),
+        ("set", "model.img_size=-3", "--set model.img_size=-3", "model.img_size=-3: must be > 0"),
+        (
+            "set",
+            "train.folds=[0, 7]",
+            "--set train.folds=[0, 7]",
+            "train.folds must list distinct folds in 0..folds.n_folds-1",
+        ),
+        ("file", "svr: {c_min: 500, c_max: 100}", "bad.yaml", "svr.c_min must be < svr.c_max"),
+        ("set", "svr.c_min=500", "--set svr.c_min=500", "svr.c_min must be < svr.c_max"),
+        ("set", "embed.compress=int4", "--set embed.compress=int4", "must be none, int8, bf16"),
+    ],
+)
 def test_config_errors_blame_the_right_place(tmp_path, where, value, blamed, message):
     path = tmp_path / "bad.yaml"
     path.write_text(value + "\n" if where == "file" else "experiment: x\n")
@@ -189,8 +221,13 @@ def test_config_show_prints_every_key_with_default_and_type(capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupt_leaves_a_resumable_run(experiment_run, small_competition, tmp_path, sig, code):
-    run = Path(shutil.copytree(experiment_run, tmp_path / "run", ignore=shutil.ignore_patterns(
-        "train", "emb", "svr", "ensemble", "submission.csv")))
+    run = Path(
+        shutil.copytree(
+            experiment_run,
+            tmp_path / "run",
+            ignore=shutil.ignore_patterns("train", "emb", "svr", "ensemble", "submission.csv"),
+        )
+    )
     argv = [sys.executable, "-m", "pawpular", "train", *tiny_args(small_competition, run)]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO, env=_env())
     deadline = time.time() + 300
@@ -217,16 +254,28 @@ def test_generated_notebook_runs_offline_against_the_export(experiment_run, smal
     art = pawpular.export(experiment_run, tmp_path / "art")
     spec = tmp_path / "jupyter" / "kernels" / "python3"
     spec.mkdir(parents=True)
-    guard = ("import socket\ndef _no(*a, **k):\n    raise RuntimeError('the notebook used the network')\n"
-             "socket.socket.connect = _no\nsocket.create_connection = _no\n")
+    guard = (
+        "import socket\ndef _no(*a, **k):\n    raise RuntimeError('the notebook used the network')\n"
+        "socket.socket.connect = _no\nsocket.create_connection = _no\n"
+    )
     (tmp_path / "guard").mkdir()
     (tmp_path / "guard" / "sitecustomize.py").write_text(guard)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "test",
-        "language": "python", "env": {"PYTHONPATH": str(tmp_path / "guard")}}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "test",
+                "language": "python",
+                "env": {"PYTHONPATH": str(tmp_path / "guard")},
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    for key, value in (("PAWPULAR_ARTIFACTS", art), ("PAWPULAR_DATA", small_competition),
-                       ("PAWPULAR_OUT", tmp_path / "submission.csv")):
+    for key, value in (
+        ("PAWPULAR_ARTIFACTS", art),
+        ("PAWPULAR_DATA", small_competition),
+        ("PAWPULAR_OUT", tmp_path / "submission.csv"),
+    ):
         monkeypatch.setenv(key, str(value))
     nb = nbformat.read(art / "inference.ipynb", as_version=4)
     NotebookClient(nb, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -237,7 +286,9 @@ def test_generated_notebook_runs_offline_against_the_export(experiment_run, smal
     broken = nbformat.read(art / "inference.ipynb", as_version=4)
     monkeypatch.setenv("PAWPULAR_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(Exception, match="competition folder does not exist"):  # fails loudly, not a silent pass
-        NotebookClient(broken, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            broken, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,8 +304,13 @@ def test_run_sh_help_is_its_own():
 @pytest.mark.slow
 def test_run_sh_passes_set_data_and_output_to_the_pipeline(small_competition, tmp_path):
     out = tmp_path / "exp"
-    r = subprocess.run(["bash", str(REPO / "run.sh"), *tiny_args(small_competition, out)[2:], "--config", str(CONFIG)],
-                       capture_output=True, text=True, cwd=REPO, env=_env())
+    r = subprocess.run(
+        ["bash", str(REPO / "run.sh"), *tiny_args(small_competition, out)[2:], "--config", str(CONFIG)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"submission: {out}/submission.csv" in r.stdout and (out / "report.html").is_file()
     assert load_config(out / "config.yaml").svr.n_trials == 8 and load_config(out / "config.yaml").folds.n_folds == 3

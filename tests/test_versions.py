@@ -1,13 +1,14 @@
 """What predict checks of the machine it runs on: library versions, the device and precision of each model, and
 an inference transform that needs no training library."""
+
 from __future__ import annotations
 
 import logging
 
 import numpy as np
 import pytest
-
 from lowest_env import lower_bounds
+
 from pawpular import versions
 from pawpular.inference import Policy, model_device
 
@@ -33,8 +34,11 @@ def test_differences_are_logged_and_only_too_old_libraries_fail(caplog):
     assert differ == ["numpy 2.4.6 (export) vs 1.26.4 (here)", "python 3.11.7 (export) vs 3.12.1 (here)"]
     assert "numpy 2.4.6 (export) vs 1.26.4 (here)" in caplog.text
     assert versions.check(made, dict(made)) == []
-    with pytest.raises(versions.VersionError, match=r"pandas 2\.1\.4 is older than 2\.2, the oldest pawpular "
-                                                    r"supports .*pandas 3\.1\.1.*pip install 'pandas>=2\.2'"):
+    with pytest.raises(
+        versions.VersionError,
+        match=r"pandas 2\.1\.4 is older than 2\.2, the oldest pawpular "
+        r"supports .*pandas 3\.1\.1.*pip install 'pandas>=2\.2'",
+    ):
         versions.check(made, dict(made, pandas="2.1.4"))
     with pytest.raises(versions.VersionError, match=r"opencv is missing"):
         versions.check(made, dict(made, opencv="missing"))
@@ -95,6 +99,9 @@ def test_weights_another_timm_names_otherwise_say_so(tmp_path):
     state["backbone.fc_renamed.weight"] = state.pop("backbone.conv1.weight")
     old = tmp_path / "old.safetensors"
     old.write_bytes(safetensors_bytes(state, dict(meta, timm="0.9.2"), "pt"))
-    with pytest.raises(ArtifactError, match=rf"old.safetensors: the weights do not fit resnet18: it was made with "
-                                            rf"timm 0\.9\.2 and this is timm {timm.__version__}.*pip install timm==0\.9\.2"):
+    with pytest.raises(
+        ArtifactError,
+        match=rf"old.safetensors: the weights do not fit resnet18: it was made with "
+        rf"timm 0\.9\.2 and this is timm {timm.__version__}.*pip install timm==0\.9\.2",
+    ):
         load_model_file(old)

@@ -2,6 +2,7 @@
 starts (``select --starts``), the SVR's target clip (``svr.target_clip``), square crops (``square: crop``), and an
 inference budget (``select --budget-hours``). Each is checked on tiny data; one end-to-end run uses them all and
 export/predict reproduces its submission."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_select import sel_exp  # noqa: F401  (fixture)
 
 from pawpular import cli, embedding_cache, manifest, selection, svr_head
 from pawpular.config import ModelConfig, load_config
 from pawpular.dataset import EvalTransform, RandomSquare, square_crop
 from pawpular.metrics import rmse
 from pawpular.models import PretrainedWeightsError, build_frozen, data_config, frozen_description
-
-from test_select import sel_exp  # noqa: F401  (fixture)
 
 TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
 
@@ -47,8 +47,10 @@ def _reference(path: Path, num_classes: int = 10) -> torch.nn.Module:
 def test_logits_are_the_weight_files_own_classifier_outputs(tmp_path):
     path = _weights(tmp_path / "r.safetensors")
     kw = dict(name="resnet18", kwargs={**TINY_RESNET, "num_classes": 10}, pretrained=str(path), img_size=64)
-    logits, pooled = build_frozen(ModelConfig(**kw, output="logits")).eval(), build_frozen(ModelConfig(
-        name="resnet18", kwargs=TINY_RESNET, pretrained=str(path), img_size=64)).eval()
+    logits, pooled = (
+        build_frozen(ModelConfig(**kw, output="logits")).eval(),
+        build_frozen(ModelConfig(name="resnet18", kwargs=TINY_RESNET, pretrained=str(path), img_size=64)).eval(),
+    )
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         got, want, feats = logits.embed(x), _reference(path)(x), pooled.embed(x)
@@ -101,7 +103,7 @@ def test_the_random_square_in_training_is_a_square_of_the_photo_at_varied_places
     seen = set()
     for _ in range(40):
         out = RandomSquare(lambda image: {"image": image})(img)["image"]
-        assert out.shape == (30, 30, 3) and (out[:, :, 0] == img[:, out[0, 0, 0]:out[0, 0, 0] + 30, 0]).all()
+        assert out.shape == (30, 30, 3) and (out[:, :, 0] == img[:, out[0, 0, 0] : out[0, 0, 0] + 30, 0]).all()
         seen.add(int(out[0, 0, 0]))
     assert len(seen) > 10
 
@@ -115,7 +117,9 @@ def test_the_clip_changes_the_fit_and_not_the_scoring():
     plain = [svr_head.make_fold(k, x, y, fold_of, "scale", "cpu") for k in range(3)]
     clipped = [svr_head.make_fold(k, x, y, fold_of, "scale", "cpu", [1, 50]) for k in range(3)]
     assert all(f.y_train.max() <= 50 for f in clipped) and max(f.y_train.max() for f in plain) > 50
-    assert all(np.array_equal(a.x_train, b.x_train) for a, b in zip(plain, clipped))  # only the target changes
+    assert all(
+        np.array_equal(a.x_train, b.x_train) for a, b in zip(plain, clipped, strict=False)
+    )  # only the target changes
     params = {"C": 20.0, "epsilon": 0.1}
     p_plain, p_clip = (svr_head.fit_predict(params, f) for f in (plain, clipped))
     assert np.abs(p_plain - p_clip).max() > 1  # another fit
@@ -139,8 +143,16 @@ def _score_table(table: dict) -> selection.Score:
 
 
 def test_several_starts_give_different_sets_when_the_data_says_so_and_one_when_not():
-    two_ways = {frozenset("a"): 10.0, frozenset("c"): 10.5, frozenset("b"): 11.0, frozenset("d"): 12.0,
-                frozenset("ab"): 9.0, frozenset("cd"): 9.2, frozenset("ac"): 9.9, frozenset("bc"): 10.4}
+    two_ways = {
+        frozenset("a"): 10.0,
+        frozenset("c"): 10.5,
+        frozenset("b"): 11.0,
+        frozenset("d"): 12.0,
+        frozenset("ab"): 9.0,
+        frozenset("cd"): 9.2,
+        frozenset("ac"): 9.9,
+        frozenset("bc"): 10.4,
+    }
     runs = selection.multi_start("abcd", _score_table(two_ways), 2, 0.01)
     assert [r.features for r in runs] == [["a", "b"], ["c", "d"]] and [r.oof_rmse for r in runs] == [9.0, 9.2]
     assert runs[0].path == [("a", 10.0), ("b", 9.0)]
@@ -148,6 +160,7 @@ def test_several_starts_give_different_sets_when_the_data_says_so_and_one_when_n
     runs = selection.multi_start("ab", _score_table(one_way), 2, 0.01)
     assert [sorted(r.features) for r in runs] == [["a", "b"]]  # both starts end on the same sets: kept once
     calls = []
+
     def counted(names: list[str]) -> tuple[float, float]:
         calls.append(frozenset(names))
         return two_ways.get(frozenset(names), 99.0), 1.0
@@ -157,8 +170,13 @@ def test_several_starts_give_different_sets_when_the_data_says_so_and_one_when_n
 
 
 def test_the_budget_keeps_out_what_does_not_fit():
-    table = {frozenset("a"): 10.0, frozenset("b"): 10.5, frozenset("ab"): 9.0, frozenset("c"): 11.0,
-             frozenset("bc"): 9.5}
+    table = {
+        frozenset("a"): 10.0,
+        frozenset("b"): 10.5,
+        frozenset("ab"): 9.0,
+        frozenset("c"): 11.0,
+        frozenset("bc"): 9.5,
+    }
     runs = selection.multi_start("abc", _score_table(table), 3, 0.01, allowed=lambda n: "a" not in n)
     assert [r.features for r in runs] == [["b", "c"]]
     with pytest.raises(ValueError, match="budget"):
@@ -191,8 +209,10 @@ def test_select_with_starts_and_a_budget_writes_every_feature_set(sel_exp, capsy
     for folder, ips in (("fold0", 100.0), ("fold1", 100.0), ("fold2", 100.0), ("partial", 1.0), ("noise", 50.0)):
         _plant_speed(out, folder, ips)
     # 3,600 photos: "model" (3 folds at 100/s: 0.03 h) and "noise" fit in 0.9 h, "partial" (1/s: 1 h) does not
-    assert cli.main(["select", "--config", str(config), "--starts", "2", "--budget-hours", "0.9",
-                     "--test-images", "3600"]) == 0
+    assert (
+        cli.main(["select", "--config", str(config), "--starts", "2", "--budget-hours", "0.9", "--test-images", "3600"])
+        == 0
+    )
     found = json.loads((out / "select" / "selection.json").read_text())
     assert all("partial" not in s["features"] for s in found["starts"])
     assert all(s["inference_hours"] <= 0.9 for s in found["starts"])
@@ -204,25 +224,39 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     """Logits of a classifier file on centred squares, a pooled set squashed, the target clipped, and a second
     start's head in its own experiment blended by ensemble.experiments: predict reproduces the submission."""
     import cv2
+    from test_frozen import FROZEN
+    from test_predict import assert_predict_matches
 
     from pawpular.data import read_competition
     from pawpular.exporter import export
     from pawpular.images import load_image
 
-    from test_frozen import FROZEN
-    from test_predict import assert_predict_matches
-
     path = _weights(tmp_path / "r.safetensors")
-    backbones = (f"embed.backbones=[{{name: rl, model: resnet18, kwargs: {{layers: [1, 1, 1, 1], channels: [16, 32, "
-                 f"64, 128], stem_width: 16, num_classes: 10}}, pretrained: '{path}', img_size: 48, output: logits, "
-                 "square: crop}, {name: rp, model: resnet18, kwargs: {layers: [1, 1, 1, 1], channels: [16, 32, 64, "
-                 "128], stem_width: 16}, pretrained: none, img_size: 48}]")
-    common = ["folds.n_folds=3", "embed.num_workers=0", "embed.tta_hflip=false", "svr.n_trials=4", backbones,
-              "svr.target_clip=[1, 60]"]
+    backbones = (
+        f"embed.backbones=[{{name: rl, model: resnet18, kwargs: {{layers: [1, 1, 1, 1], channels: [16, 32, "
+        f"64, 128], stem_width: 16, num_classes: 10}}, pretrained: '{path}', img_size: 48, output: logits, "
+        "square: crop}, {name: rp, model: resnet18, kwargs: {layers: [1, 1, 1, 1], channels: [16, 32, 64, "
+        "128], stem_width: 16}, pretrained: none, img_size: 48}]"
+    )
+    common = [
+        "folds.n_folds=3",
+        "embed.num_workers=0",
+        "embed.tta_hflip=false",
+        "svr.n_trials=4",
+        backbones,
+        "svr.target_clip=[1, 60]",
+    ]
 
     def args(out: Path, *extra: str) -> list[str]:
-        return ["--config", str(FROZEN), "--data", str(small_competition), "--output", str(out),
-                *[a for s in [*common, *extra] for a in ("--set", s)]]
+        return [
+            "--config",
+            str(FROZEN),
+            "--data",
+            str(small_competition),
+            "--output",
+            str(out),
+            *[a for s in [*common, *extra] for a in ("--set", s)],
+        ]
 
     second, main = tmp_path / "start2", tmp_path / "main"
     assert cli.main(["all", *args(second, "svr.features=[rp]")]) == 0
@@ -238,8 +272,10 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     table = pd.read_parquet(main / "emb" / "rl" / "test.parquet").set_index("Id")
     for i in comp.test["Id"].astype(str)[:4]:
         img = square_crop(load_image(small_competition / "test" / f"{i}.jpg", 48))
-        x = (cv2.resize(np.ascontiguousarray(img), (48, 48), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-             - np.array([0.485, 0.456, 0.406], np.float32) * 255) / (np.array([0.229, 0.224, 0.225], np.float32) * 255)
+        x = (
+            cv2.resize(np.ascontiguousarray(img), (48, 48), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+            - np.array([0.485, 0.456, 0.406], np.float32) * 255
+        ) / (np.array([0.229, 0.224, 0.225], np.float32) * 255)
         with torch.no_grad():
             want = ref(torch.from_numpy(x.transpose(2, 0, 1))[None].float())[0].numpy()
         assert np.abs(table.loc[i].to_numpy() - want).max() < 1e-4
@@ -250,5 +286,6 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     capsys.readouterr()
     assert cli.main(["predict", "--artifacts", str(art), "--data", str(test_only), "--estimate", "6800"]) == 0
     printed = capsys.readouterr().out
-    assert all(f"{e}/{s}: " in printed and "ms/image" in printed for e, s in (("main", "rl"), ("main", "rp"),
-                                                                               ("start2", "rp")))
+    assert all(
+        f"{e}/{s}: " in printed and "ms/image" in printed for e, s in (("main", "rl"), ("main", "rp"), ("start2", "rp"))
+    )

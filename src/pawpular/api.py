@@ -11,10 +11,10 @@
 Overrides are the command line's ``--set``: ``section={"key": value}``, ``section__key=value`` or
 ``set=["section.key=value"]``; unknown keys are errors that say so (with "did you mean").
 """
+
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,16 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 from . import artifacts
 from .config import Config, load_config
-from .errors import ConfigError
-from .errors import UsageError
+from .errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 log = logging.getLogger("pawpular")
 # The main thing each stage writes (what run() returns).
-MAIN_OUTPUT = {"folds": artifacts.folds_csv, "train": lambda out: out / "train", "embed": lambda out: out / "emb",
-               "svr": artifacts.svr_dir, "ensemble": artifacts.submission, "select": artifacts.selection_json}
+MAIN_OUTPUT = {
+    "folds": artifacts.folds_csv,
+    "train": lambda out: out / "train",
+    "embed": lambda out: out / "emb",
+    "svr": artifacts.svr_dir,
+    "ensemble": artifacts.submission,
+    "select": artifacts.selection_json,
+}
 
 
 def _override_items(overrides: dict[str, Any]) -> list[tuple[str, Any, str]]:
@@ -48,8 +53,15 @@ def _override_items(overrides: dict[str, Any]) -> list[tuple[str, Any, str]]:
     return out
 
 
-def config_from(config: str | Path | None = None, *, output: str | Path | None = None, data: str | Path | None = None,
-                overwrite: bool = False, set: list[str] | None = None, **overrides: Any) -> Config:
+def config_from(
+    config: str | Path | None = None,
+    *,
+    output: str | Path | None = None,
+    data: str | Path | None = None,
+    overwrite: bool = False,
+    set: list[str] | None = None,
+    **overrides: Any,
+) -> Config:
     """The resolved config: the file (default: the experiment's own config.yaml when ``output`` has one, else
     configs/default.yaml), then ``set`` / keyword overrides, then data / output / overwrite."""
     if isinstance(set, (str, bytes)):
@@ -58,8 +70,13 @@ def config_from(config: str | Path | None = None, *, output: str | Path | None =
     if path is None:
         saved = artifacts.config_yaml(Path(output)) if output else None
         path = saved if saved is not None and saved.is_file() else artifacts.default_config()
-    return load_config(path, [*(set or []), *_override_items(overrides)], data_dir=str(data) if data else None,
-                       output_dir=str(output) if output else None, overwrite=True if overwrite else None)
+    return load_config(
+        path,
+        [*(set or []), *_override_items(overrides)],
+        data_dir=str(data) if data else None,
+        output_dir=str(output) if output else None,
+        overwrite=True if overwrite else None,
+    )
 
 
 def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
@@ -91,15 +108,29 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
         return artifacts.submission(cfg.out)
 
 
-def run(stage: str = "all", config: str | Path | None = None, *, output: str | Path | None = None,
-        data: str | Path | None = None, overwrite: bool = False, set: list[str] | None = None, **overrides: Any) -> Path:
+def run(
+    stage: str = "all",
+    config: str | Path | None = None,
+    *,
+    output: str | Path | None = None,
+    data: str | Path | None = None,
+    overwrite: bool = False,
+    set: list[str] | None = None,
+    **overrides: Any,
+) -> Path:
     """Run one stage (or "all") and return its main output; raises on any failure."""
     cfg = config_from(config, output=output, data=data, overwrite=overwrite, set=set, **overrides)
     return run_config(stage, cfg)
 
 
-def status(config: str | Path | None = None, *, output: str | Path | None = None, data: str | Path | None = None,
-           set: list[str] | None = None, **overrides: Any) -> dict:
+def status(
+    config: str | Path | None = None,
+    *,
+    output: str | Path | None = None,
+    data: str | Path | None = None,
+    set: list[str] | None = None,
+    **overrides: Any,
+) -> dict:
     """Each pipeline stage's verdict: done / stale / damaged / missing / partial, with the reasons."""
     from .runner import status as stage_status
 
@@ -115,10 +146,12 @@ def export(output: str | Path, to: str | Path, overwrite: bool = False, data: st
         return _export(Path(output), Path(to), overwrite=overwrite, data=str(data) if data else None)
 
 
-def predict(artifacts_dir: str | Path, data: str | Path, out: str | Path = "submission.csv", device: str = "auto") -> Path:
+def predict(
+    artifacts_dir: str | Path, data: str | Path, out: str | Path = "submission.csv", device: str = "auto"
+) -> Path:
     """Write a validated submission from an exported folder; returns its path (raises on any problem)."""
-    from .predictor import predict as _predict
     from .lock import interruptible
+    from .predictor import predict as _predict
 
     with interruptible():
         return _predict(Path(artifacts_dir), Path(data), Path(out), device=device)
@@ -134,7 +167,7 @@ def report(output: str | Path, data: str | Path | None = None) -> Path:
     return write_report(Path(output), Path(data) if data else None)
 
 
-def runs(*folders: str | Path | list, sort: str | None = None, baseline: str | None = None) -> "pd.DataFrame":
+def runs(*folders: str | Path | list, sort: str | None = None, baseline: str | None = None) -> pd.DataFrame:
     """One row per experiment (default: every one under output/): status, scores, settings, seconds per stage;
     then the settings that differ between the rows (listed in ``attrs["settings"]``). See ``experiments.py``.
     ``baseline``: an experiment's name or folder: each row's nested RMSE minus its own, with a 95% interval, the

@@ -24,6 +24,7 @@ stage folder holds a ``manifest.json`` saying what made its files (``manifest.py
       report.html, timings.json            pawpular report; seconds of the last run that did each stage's work
       tensorboard/<stage>/<start>/, wandb/ with `tracking`: curves and scores (logs, in no manifest)
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,14 @@ from pathlib import Path
 
 # The pipeline in order, and each stage's folder inside the experiment.
 PIPELINE = ("folds", "train", "embed", "svr", "ensemble")
-STAGE_DIRS = {"folds": "folds", "train": "train", "embed": "emb", "svr": "svr", "ensemble": "ensemble",
-              "select": "select"}
+STAGE_DIRS = {
+    "folds": "folds",
+    "train": "train",
+    "embed": "emb",
+    "svr": "svr",
+    "ensemble": "ensemble",
+    "select": "select",
+}
 # Heads whose predictions are blended: head name -> the stage folder holding its {oof,test,holdout}.parquet.
 HEADS = {"nn": "train", "svr": "svr"}
 SPLITS = ("train", "test")  # embedding tables
@@ -45,8 +52,12 @@ _FOLD_RE = re.compile(r"fold(\d+)")
 def is_name_part(name: object) -> bool:
     """``name`` can be one part of a path that stays inside its folder: a non-empty string, not ``.`` or ``..``,
     with no separator and no NUL (so never absolute)."""
-    return (isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-            and name.strip() == name)
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and name.strip() == name
+    )
 
 
 def name_part(name: str, key: str) -> str:
@@ -55,8 +66,11 @@ def name_part(name: str, key: str) -> str:
     if not is_name_part(name):
         from .errors import ConfigError
 
-        raise ConfigError(f"{key}: {name!r} is not a plain name: as a path part it would leave its folder (a "
-                          "separator, '..', an absolute path or surrounding spaces); choose a plain name", (key,))
+        raise ConfigError(
+            f"{key}: {name!r} is not a plain name: as a path part it would leave its folder (a "
+            "separator, '..', an absolute path or surrounding spaces); choose a plain name",
+            (key,),
+        )
     return name
 
 
@@ -185,12 +199,17 @@ def blend_members(out: Path, experiments: list) -> list[tuple[str, Path]]:
         name = prefix.rstrip("/") or Path(out).resolve().name
         where = {p.resolve(): p for p in seen.values()}
         if folder.resolve() in where:
-            raise ConfigError(f"ensemble.experiments: {folder} is listed twice (or is this experiment itself)",
-                              ("ensemble.experiments",))
+            raise ConfigError(
+                f"ensemble.experiments: {folder} is listed twice (or is this experiment itself)",
+                ("ensemble.experiments",),
+            )
         if name in seen:
-            raise ConfigError(f"ensemble.experiments: {seen[name]} and {folder} are both called {name!r}: the blend "
-                              f"names each experiment's models by its folder name ({name}/nn, {name}/svr), so the "
-                              "two would be one; rename or move one of the folders", ("ensemble.experiments",))
+            raise ConfigError(
+                f"ensemble.experiments: {seen[name]} and {folder} are both called {name!r}: the blend "
+                f"names each experiment's models by its folder name ({name}/nn, {name}/svr), so the "
+                "two would be one; rename or move one of the folders",
+                ("ensemble.experiments",),
+            )
         seen[name] = folder
     return members
 

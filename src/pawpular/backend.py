@@ -9,6 +9,7 @@ where it is installed (``requirements-gpu.txt``); otherwise scikit-learn and pan
 - ``read_table`` / ``write_table``: parquet through cuDF on a RAPIDS GPU (the data stays on the device), through
   pandas / pyarrow elsewhere; writes are atomic; the files hold the same columns and values either way.
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,7 +53,7 @@ def choose_device(asked: str, cuda_usable: bool) -> str:
     return NO_DEVICE if asked == "cuda" else "cpu"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve_device(device: str = "auto") -> str:
     """'cpu' or 'cuda', decided once per process and logged.
 
@@ -68,8 +69,10 @@ def resolve_device(device: str = "auto") -> str:
     unusable = None if has_cuda or device == "cpu" else unusable_gpu()
     resolved = choose_device(device, has_cuda)
     if resolved == NO_DEVICE:
-        raise DeviceError("device: cuda was asked for, but "
-                          + (unusable or "torch sees no CUDA GPU and no NVIDIA driver lists one (nvidia-smi)"))
+        raise DeviceError(
+            "device: cuda was asked for, but "
+            + (unusable or "torch sees no CUDA GPU and no NVIDIA driver lists one (nvidia-smi)")
+        )
     if unusable and "unusable-gpu" not in _LOGGED:
         _LOGGED.add("unusable-gpu")
         log.warning("device: auto falls back to the CPU for every stage: %s", unusable)
@@ -88,8 +91,12 @@ def unusable_gpu() -> str | None:
     driver = install_plan.read_driver()
     if driver is None or not driver.gpus:
         return None
-    info = install_plan.TorchInfo(dist=_dist_version("torch") or torch.__version__, version=torch.__version__,
-                                  cuda=torch.version.cuda, available=torch.cuda.is_available())
+    info = install_plan.TorchInfo(
+        dist=_dist_version("torch") or torch.__version__,
+        version=torch.__version__,
+        cuda=torch.version.cuda,
+        available=torch.cuda.is_available(),
+    )
     verdict = cuda_builds.torch_verdict(info, driver, os.environ)
     if verdict.problem is None:
         return None
@@ -127,8 +134,12 @@ class RapidsStatus:
 
 def rapids_status() -> RapidsStatus:
     """Import cuML and cuDF (not just find them): a broken install is reported with its error, not crashed on."""
-    dists = tuple(f"{name}-cu{major}" for name in cuda_builds.RAPIDS_PACKAGES for major in cuda_builds.SUPPORTED_CUDA
-                  if _dist_version(f"{name}-cu{major}") is not None)
+    dists = tuple(
+        f"{name}-cu{major}"
+        for name in cuda_builds.RAPIDS_PACKAGES
+        for major in cuda_builds.SUPPORTED_CUDA
+        if _dist_version(f"{name}-cu{major}") is not None
+    )
     found = {name: importlib.util.find_spec(name) is not None for name in cuda_builds.RAPIDS_PACKAGES}
     if not any(found.values()):
         return RapidsStatus(False, dists=dists)
@@ -140,15 +151,24 @@ def rapids_status() -> RapidsStatus:
         cudf = importlib.import_module("cudf")
     except Exception as e:  # ImportError, OSError for a missing libcu*.so, RuntimeError for a CUDA mismatch...
         return RapidsStatus(True, error=f"{type(e).__name__}: {e}", dists=dists)
-    return RapidsStatus(True, str(getattr(cuml, "__version__", "?")), str(getattr(cudf, "__version__", "?")), None, dists)
+    return RapidsStatus(
+        True, str(getattr(cuml, "__version__", "?")), str(getattr(cudf, "__version__", "?")), None, dists
+    )
 
 
 def rapids_fix(status: RapidsStatus, python: str = sys.executable, major: int | None = None) -> str:
     """Reinstall RAPIDS for the CUDA major in use (replacing wheels of another major), or remove it."""
     major = major or status.cuda_major or min(cuda_builds.SUPPORTED_CUDA)
     remove = [python, "-m", "pip", "uninstall", "-y", *(status.dists or cuda_builds.RAPIDS_PACKAGES)]
-    install = [python, "-m", "pip", "install", *cuda_builds.rapids_requirements(major),
-               "--extra-index-url", cuda_builds.NVIDIA_INDEX]
+    install = [
+        python,
+        "-m",
+        "pip",
+        "install",
+        *cuda_builds.rapids_requirements(major),
+        "--extra-index-url",
+        cuda_builds.NVIDIA_INDEX,
+    ]
     if status.cuda_major == major or not status.dists:
         fix = f"reinstall RAPIDS for CUDA {major}:  {shlex.join(install[:4] + ['--force-reinstall'] + install[4:])}"
     else:
@@ -169,7 +189,7 @@ def _gpu0() -> tuple[str, tuple[int, int] | None]:
     return torch.cuda.get_device_name(0), tuple(torch.cuda.get_device_capability(0))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_rapids() -> bool:
     """True when cuML and cuDF import and can run on GPU 0. A RAPIDS install that does not import (or a GPU it
     does not support) falls back to scikit-learn and pandas with one warning naming the reason."""
@@ -180,13 +200,20 @@ def has_rapids() -> bool:
         import torch
 
         major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None  # RAPIDS to match torch
-        log.warning("RAPIDS is installed but does not import (%s): the SVR head runs on scikit-learn and tables go "
-                    "through pandas. Fix: %s", status.error, rapids_fix(status, major=major))
+        log.warning(
+            "RAPIDS is installed but does not import (%s): the SVR head runs on scikit-learn and tables go "
+            "through pandas. Fix: %s",
+            status.error,
+            rapids_fix(status, major=major),
+        )
         return False
     blocker = rapids_gpu_blocker(status, *_gpu0())
     if blocker:
-        log.warning("RAPIDS %s is installed but %s: the SVR head runs on scikit-learn and tables go through pandas",
-                    status.cuml, blocker)
+        log.warning(
+            "RAPIDS %s is installed but %s: the SVR head runs on scikit-learn and tables go through pandas",
+            status.cuml,
+            blocker,
+        )
         return False
     return True
 

@@ -12,6 +12,7 @@ the OOF less. Either way the blend's in-sample OOF RMSE is never worse than the 
 The in-sample RMSE flatters the blend (the weights saw those rows), so ``cross_validated`` refits the weights on
 the other folds' OOF rows and scores each held-out fold: the number to compare models by.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,9 @@ def canonical(method: str) -> str:
     return "convex" if method == "nnls" else method
 
 
-def fit_weights(oof: np.ndarray, y: np.ndarray, names: list[str], method: str = "convex",
-                min_improvement: float = 1e-4) -> Blend:
+def fit_weights(
+    oof: np.ndarray, y: np.ndarray, names: list[str], method: str = "convex", min_improvement: float = 1e-4
+) -> Blend:
     """Non-negative weights summing to 1 minimizing the RMSE of ``oof @ w`` against ``y`` (oof: [n, models])."""
     n_models = oof.shape[1]
     singles = [rmse(oof[:, j], y) for j in range(n_models)]
@@ -65,9 +67,15 @@ def fit_weights(oof: np.ndarray, y: np.ndarray, names: list[str], method: str = 
     if canonical(method) != "convex":
         raise ValueError(f"ensemble.method must be convex (or its old name nnls) or hill, got {method!r}")
     gram, rhs = oof.T @ oof / len(y), oof.T @ y / len(y)
-    res = minimize(lambda w: w @ gram @ w - 2 * rhs @ w, np.full(n_models, 1 / n_models), jac=lambda w: 2 * (gram @ w - rhs),
-                   bounds=[(0, 1)] * n_models, constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
-                   method="SLSQP", options={"ftol": 1e-12, "maxiter": 1000})
+    res = minimize(
+        lambda w: w @ gram @ w - 2 * rhs @ w,
+        np.full(n_models, 1 / n_models),
+        jac=lambda w: 2 * (gram @ w - rhs),
+        bounds=[(0, 1)] * n_models,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        method="SLSQP",
+        options={"ftol": 1e-12, "maxiter": 1000},
+    )
     w = np.clip(res.x, 0, None)
     w = w / w.sum() if w.sum() > 0 else np.eye(n_models)[best]
     if rmse(oof @ w, y) > singles[best]:  # never worse than the best single model (guards solver tolerance)
@@ -75,14 +83,24 @@ def fit_weights(oof: np.ndarray, y: np.ndarray, names: list[str], method: str = 
     grad = 2 * (gram @ w - rhs)  # the objective's gradient; convexity: MSE(w) - best MSE <= grad @ w - min(grad)
     gap = float(grad @ w - grad.min())
     if not res.success or gap > GAP_TOLERANCE * singles[best] ** 2:
-        log.warning("ensemble: the convex blend's solver did not reach the optimum (%s; duality gap %.3g in mean "
-                    "squared error, allowed %.3g): its weights may be off the best", res.message, gap,
-                    GAP_TOLERANCE * singles[best] ** 2)
+        log.warning(
+            "ensemble: the convex blend's solver did not reach the optimum (%s; duality gap %.3g in mean "
+            "squared error, allowed %.3g): its weights may be off the best",
+            res.message,
+            gap,
+            GAP_TOLERANCE * singles[best] ** 2,
+        )
     return Blend(names, w, [(names[best], singles[best]), ("convex", rmse(oof @ w, y))])
 
 
-def cross_validated(oof: np.ndarray, y: np.ndarray, fold: np.ndarray, names: list[str], method: str = "convex",
-                    min_improvement: float = 1e-4) -> tuple[float, np.ndarray]:
+def cross_validated(
+    oof: np.ndarray,
+    y: np.ndarray,
+    fold: np.ndarray,
+    names: list[str],
+    method: str = "convex",
+    min_improvement: float = 1e-4,
+) -> tuple[float, np.ndarray]:
     """(RMSE, predictions) of the blend recipe scored on rows its weights never saw: for every fold, weights
     fit on the other folds' OOF rows predict that fold's rows (clipped to [1, 100] as the submission is)."""
     pred = np.empty(len(y))

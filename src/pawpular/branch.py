@@ -11,6 +11,7 @@ a ``config.yaml``: the settings that made those files, with
 folds, train and embed done (nothing is trained or embedded) and fits the SVR and the blend. The source
 experiment is never written; links are safe to share because every write replaces a file, never changes it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ def target(cfg: Any, name: str) -> Path:
     any work) the source itself, a folder inside it or the data, and any folder that is not new or empty."""
     folder = Path(name) if "/" in name else Path(cfg.out).parent / name
     if not name or name in (".", "..") or guards.within(folder, cfg.out) or guards.within(cfg.out, folder):
-        raise UsageError(f"select --as {name}: that is the experiment {cfg.out} (or a folder inside or above it); "
-                         "name a new folder")
+        raise UsageError(
+            f"select --as {name}: that is the experiment {cfg.out} (or a folder inside or above it); name a new folder"
+        )
     guards.check_experiment_folder(folder, cfg.data)
     if folder.is_dir() and any(not is_temp_name(p.name) for p in folder.iterdir()):
         raise UsageError(f"select --as {name}: {folder} exists and is not empty; name a new folder")

@@ -1,11 +1,13 @@
 """The inference budget: how long each embedding set takes to compute on the hidden test photos.
 
-``embed`` records in each set's shared cache entry (``embedding_cache``) the images per second it measured where it made the set (decoding, TTA
-and compression included) and the machine it ran on; ``select --budget-hours H --test-images N`` keeps only the
-combinations of sets whose inference fits: the sum over the sets of N / (images per second), times the folds for
-the experiment's own fine-tuned fold backbones ("model": one pass per fold). The competition allowed 9 hours for
-about 6,800 hidden photos. ``predict --estimate N`` measures the same on the machine it runs on, per set.
+``embed`` records in each set's shared cache entry (``embedding_cache``) the images per second it measured where
+it made the set (decoding, TTA and compression included) and the machine it ran on. ``select --budget-hours H
+--test-images N`` keeps only the combinations of sets whose inference fits: the sum over the sets of N / (images
+per second), times the folds for the experiment's own fine-tuned fold backbones ("model": one pass per fold). The
+competition allowed 9 hours for about 6,800 hidden photos. ``predict --estimate N`` measures the same on the
+machine it runs on, per set.
 """
+
 from __future__ import annotations
 
 import platform
@@ -44,8 +46,10 @@ def set_speed(out: Path, name: str, fold_ids: Sequence[int], finetuned: bool = T
         record = embedding_cache.entry_record(out, folder)  # measured where the set was made: the entry's record
         ips = record.info.get("images_per_second") if record is not None else None
         if not ips:
-            raise ConfigError(f"{path}: no images_per_second recorded for set {name!r}, which an inference budget "
-                              "needs: rerun `pawpular embed --overwrite` to measure it")
+            raise ConfigError(
+                f"{path}: no images_per_second recorded for set {name!r}, which an inference budget "
+                "needs: rerun `pawpular embed --overwrite` to measure it"
+            )
         speeds.append(float(ips))
     return sum(speeds) / len(speeds), len(folds)
 
@@ -53,4 +57,3 @@ def set_speed(out: Path, name: str, fold_ids: Sequence[int], finetuned: bool = T
 def inference_hours(speeds: dict[str, tuple[float, int]], names: Sequence[str], test_images: int) -> float:
     """Hours to embed ``test_images`` photos with every set of ``names`` (``speeds`` from ``set_speed``)."""
     return sum(test_images * passes / ips for ips, passes in (speeds[n] for n in dict.fromkeys(names))) / 3600
-

@@ -5,6 +5,7 @@ read or written), with one line naming the problem (``-v`` adds the traceback); 
 exception): its traceback and a line saying what to put in a report; 130 / 143 interrupted by Ctrl-C / SIGTERM
 (rerun the same command to resume).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,14 +22,20 @@ from .progress import setup_logging
 
 log = logging.getLogger("pawpular")
 
+
 def _config(args: argparse.Namespace):
     from .api import config_from
 
     extra = [f"svr.workers={args.workers}"] if getattr(args, "workers", None) else []
     flags = ("starts", "budget_hours", "test_images")  # select's
     extra += [f"select.{flag}={getattr(args, flag)}" for flag in flags if getattr(args, flag, None) is not None]
-    return config_from(args.config, output=args.output, data=args.data, overwrite=getattr(args, "overwrite", False),
-                       set=[*args.overrides, *extra])
+    return config_from(
+        args.config,
+        output=args.output,
+        data=args.data,
+        overwrite=getattr(args, "overwrite", False),
+        set=[*args.overrides, *extra],
+    )
 
 
 def _show_config(args: argparse.Namespace) -> int:
@@ -72,8 +79,7 @@ def _delete_study(args: argparse.Namespace) -> int:
         print(f"no study: {db} does not exist")
         return 2
     with experiment_lock(cfg.out, "delete-study"):  # the experiment's own file: not while a stage uses it
-        from .files import remove
-        from .files import sqlite_damage
+        from .files import remove, sqlite_damage
 
         if why := sqlite_damage(db):
             for path in (db, db.with_name(db.name + "-journal")):
@@ -147,8 +153,10 @@ def _select_as(args: argparse.Namespace) -> int:
     folder = branch.target(cfg, args.branch)
     chosen = read_json(api.run_config("select", cfg))["chosen"]
     branch.write(cfg, folder, chosen)
-    print(f"wrote the experiment {folder} (svr.features={chosen}; folds, trained folds and embeddings linked "
-          f"from {cfg.out}): next: pawpular all --output {folder}")
+    print(
+        f"wrote the experiment {folder} (svr.features={chosen}; folds, trained folds and embeddings linked "
+        f"from {cfg.out}): next: pawpular all --output {folder}"
+    )
     return 0
 
 
@@ -159,8 +167,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "make-synthetic":
         from .synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
 
-        out = make_synthetic(args.out, n_train=DEFAULT_N_TRAIN if args.n_train is None else args.n_train,
-                             n_test=DEFAULT_N_TEST if args.n_test is None else args.n_test, seed=args.seed)
+        out = make_synthetic(
+            args.out,
+            n_train=DEFAULT_N_TRAIN if args.n_train is None else args.n_train,
+            n_test=DEFAULT_N_TEST if args.n_test is None else args.n_test,
+            seed=args.seed,
+        )
         print(f"wrote the synthetic competition to {out}")
         return 0
     if args.command == "check-data":
@@ -179,9 +191,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(api.export(args.output, args.to, overwrite=args.overwrite, data=args.data))
         return 0
     if args.command == "predict":
-        from .predictor import predict
-
         from .lock import interruptible
+        from .predictor import predict
 
         with interruptible():
             written = predict(Path(args.artifacts), Path(args.data), Path(args.out), args.device, args.estimate)
@@ -208,11 +219,29 @@ def _dispatch(args: argparse.Namespace) -> int:
 # OS errors that say something about the machine or the paths given (space, permissions, the file system), not
 # about the code: one line wherever they happen. Others (a missing file, a folder where a file was expected) are
 # one line only where the project reads or writes (ReadError, WriteError); elsewhere they are a bug's symptom.
-MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM,
-                  errno.EMFILE, errno.ENFILE, errno.EFBIG, errno.ENAMETOOLONG, errno.ELOOP, errno.EBUSY,
-                  errno.ETXTBSY, errno.ESTALE, errno.ENODEV, errno.ENXIO}
-BUG_REPORT = ("this is a bug in pawpular, not a problem with your input ({kind}): please report it with the "
-              "command you ran, the traceback above and the output of `pawpular doctor`")
+MACHINE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EIO,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENOMEM,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.EFBIG,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+    errno.EBUSY,
+    errno.ETXTBSY,
+    errno.ESTALE,
+    errno.ENODEV,
+    errno.ENXIO,
+}
+BUG_REPORT = (
+    "this is a bug in pawpular, not a problem with your input ({kind}): please report it with the "
+    "command you ran, the traceback above and the output of `pawpular doctor`"
+)
 
 
 def _os_error(e: OSError) -> str:
@@ -232,18 +261,25 @@ def _one_line(e: BaseException) -> str | None:
 
     if isinstance(e, PawpularError):
         return str(e)
-    if isinstance(e, OSError) and e.errno is not None and (isinstance(e, (ReadError, WriteError))
-                                                           or e.errno in MACHINE_ERRNOS):
+    if (
+        isinstance(e, OSError)
+        and e.errno is not None
+        and (isinstance(e, (ReadError, WriteError)) or e.errno in MACHINE_ERRNOS)
+    ):
         return _os_error(e)
     if isinstance(e, UnicodeEncodeError) and e.encoding.lower() in (sys.getfilesystemencoding().lower(), "ascii"):
-        return (f"a path or name holds {e.object[e.start:e.end]!r}, which this system's locale encoding "
-                f"({e.encoding}) cannot write: set a UTF-8 locale (export LC_ALL=C.UTF-8) or use a plain ASCII name")
+        return (
+            f"a path or name holds {e.object[e.start : e.end]!r}, which this system's locale encoding "
+            f"({e.encoding}) cannot write: set a UTF-8 locale (export LC_ALL=C.UTF-8) or use a plain ASCII name"
+        )
     top, name = type(e).__module__.split(".")[0], type(e).__name__
     if top == "sqlalchemy":  # the study database failed mid-run (e.g. SQLite's "database or disk is full")
         return f"the Optuna study's database: {str(getattr(e, 'orig', None) or e).splitlines()[0]}"
     if top == "torch" and name == "OutOfMemoryError":
-        return (f"the GPU ran out of memory ({str(e).splitlines()[0][:160]}): lower train.batch_size / "
-                "embed.batch_size (train.accum_steps keeps the effective batch), or model.img_size")
+        return (
+            f"the GPU ran out of memory ({str(e).splitlines()[0][:160]}): lower train.batch_size / "
+            "embed.batch_size (train.accum_steps keeps the effective batch), or model.img_size"
+        )
     return None
 
 

@@ -10,6 +10,7 @@ Every comparison is of nested predictions (``ensemble/nested.parquet``, ``train/
 groups of the baseline's ``folds/duplicates.csv`` (a photo without a duplicate is a group alone). Two experiments
 are comparable when they predict the same Ids, with the same folds and the same targets.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,7 +47,7 @@ def duplicate_groups(out: Path) -> dict:
     if not path.is_file():
         return {}
     table = pd.read_csv(path, dtype={ID: str})
-    return dict(zip(table[ID], table["group"]))
+    return dict(zip(table[ID], table["group"], strict=False))
 
 
 def paired(a: pd.DataFrame, b: pd.DataFrame, groups: dict, target: pd.DataFrame | None = None) -> nested.Difference:
@@ -103,6 +104,7 @@ def inside(out: Path) -> list[dict]:
             heads[head] = nested_table(out, head)
         except NotComparable:
             continue
+
     def part(name: str, a: pd.DataFrame, b: pd.DataFrame) -> dict:
         try:
             return {"experiment": out.name, "part": name, **paired(a, b, groups, blend).to_dict()}
@@ -111,8 +113,10 @@ def inside(out: Path) -> list[dict]:
 
     if len(heads) == 2:
         rows.append(part("svr head vs nn head", heads["svr"], heads["nn"]))
-    scored = {h: float(np.sqrt(((t.merge(blend[[ID, "target"]], on=ID).eval("pred - target")) ** 2).mean()))
-              for h, t in heads.items()}
+    scored = {
+        h: float(np.sqrt(((t.merge(blend[[ID, "target"]], on=ID).eval("pred - target")) ** 2).mean()))
+        for h, t in heads.items()
+    }
     if scored:
         best = min(scored, key=scored.get)
         rows.append(part(f"blend vs {best} head", blend.drop(columns="target"), heads[best]))
@@ -124,8 +128,11 @@ def score_line(weights: dict) -> str | None:
     oof, held, nest = (weights.get(k) or {} for k in ("oof_rmse", "holdout_rmse", "nested_rmse"))
     if "ensemble_cv" not in oof:
         return None
-    trusted = (f"nested RMSE {nest['ensemble']:.3f} (the one to trust)" if "ensemble" in nest
-               else f"no nested score ({nest.get('missing', 'rerun pawpular all')})")
+    trusted = (
+        f"nested RMSE {nest['ensemble']:.3f} (the one to trust)"
+        if "ensemble" in nest
+        else f"no nested score ({nest.get('missing', 'rerun pawpular all')})"
+    )
     holdout = f"; holdout {held['ensemble']:.3f} ({held.get('rows')} rows)" if "ensemble" in held else ""
     return f"{trusted}{holdout}; optimistic: cross-validated {oof['ensemble_cv']:.3f}, in-sample {oof['ensemble']:.3f}"
 
@@ -147,22 +154,28 @@ def _interval(r: dict) -> str:
 
 def text(baseline: str, rows: list[dict], parts: list[dict]) -> str:
     """The comparisons as text: against the baseline, then inside each experiment."""
-    lines = [f"against {baseline} (nested RMSE difference, negative is better; 95% paired-bootstrap interval over "
-             "duplicate groups; folds won):"]
+    lines = [
+        f"against {baseline} (nested RMSE difference, negative is better; 95% paired-bootstrap interval over "
+        "duplicate groups; folds won):"
+    ]
     for r in rows:
         if "why" in r:
             lines.append(f"  {r['experiment']:<24} not comparable: {r['why']}")
         elif r.get("verdict") == "baseline":
             lines.append(f"  {r['experiment']:<24} (the baseline)")
         else:
-            lines.append(f"  {r['experiment']:<24} {_interval(r):<28} {r['folds_won']}/{r['folds']} folds  "
-                         f"{r['verdict']}")
+            lines.append(
+                f"  {r['experiment']:<24} {_interval(r):<28} {r['folds_won']}/{r['folds']} folds  {r['verdict']}"
+            )
     if parts:
         lines.append("inside each experiment (nested, the same way):")
         for r in parts:
             what = f"{r['experiment']}: {r['part']}"
-            shown = (f"not comparable: {r['why']}" if "why" in r
-                     else f"{_interval(r):<28} {r['folds_won']}/{r['folds']} folds  {r['verdict']}")
+            shown = (
+                f"not comparable: {r['why']}"
+                if "why" in r
+                else f"{_interval(r):<28} {r['folds_won']}/{r['folds']} folds  {r['verdict']}"
+            )
             lines.append(f"  {what:<40} {shown}")
     return "\n".join(lines)
 
@@ -171,8 +184,11 @@ def with_baseline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """``experiments.table``'s rows plus, against ``baseline`` (a row's name or path): the nested RMSE difference
     (``vs_baseline``), its interval (``low``, ``high``), ``folds_won`` ("won/folds") and ``verdict`` (better, worse,
     within noise, or "not comparable: why"); ``attrs["inside"]``: ``inside`` of every row; ``attrs["baseline"]``."""
-    match = [i for i, r in df.iterrows() if baseline in (r["experiment"], r["path"])
-             or Path(r["path"]).resolve() == Path(baseline).resolve()]
+    match = [
+        i
+        for i, r in df.iterrows()
+        if baseline in (r["experiment"], r["path"]) or Path(r["path"]).resolve() == Path(baseline).resolve()
+    ]
     if not match:
         raise UsageError(f"--baseline {baseline}: no such experiment among {', '.join(df['experiment'])}")
     base = Path(df.loc[match[0], "path"])

@@ -9,6 +9,7 @@
 Each is a deterministic function of the weights: ``export`` ships the weights a model was compressed from with
 the setting, and ``predict`` applies the same compression (int8 on the CPU, where its kernels are).
 """
+
 from __future__ import annotations
 
 import logging

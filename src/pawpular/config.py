@@ -4,20 +4,21 @@ An experiment is a YAML file (``configs/*.yaml``) mapped onto the dataclasses be
 the wrong type are errors that name the key; ``--set section.key=value`` overrides any field from the command
 line; the resolved config is saved as ``output/<experiment>/config.yaml`` beside what the run writes.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from .config_checks import build, validate
 from .errors import ConfigError
 from .masking import redact_url, url_password, without_password  # noqa: F401 (the config's secrets: re-exported)
+from .yaml_text import parse_yaml
 
 
 @dataclass
@@ -70,7 +71,7 @@ class TrainConfig:
     # auto: bf16 on a GPU that has it, else fp16 (with amp), fp32 on a CPU; fp32 | bf16 | fp16 on any device
     # (fp16 adds a gradient scaler). Train's own OOF/test predictions use it too.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: Union[bool, Literal["auto"]] = "auto"  # auto: on a GPU; true: on any device
+    channels_last: bool | Literal["auto"] = "auto"  # auto: on a GPU; true: on any device
     compile: bool = False
     mixup_alpha: float = 0.0  # 0 disables mixup
     patience: int = 3  # early stopping on validation RMSE; 0 disables
@@ -107,7 +108,7 @@ class EmbedConfig:
     # How embed (and predict, from what embed recorded) computes: as train.precision / train.channels_last, but
     # auto is bf16 on a GPU that has it, else fp16, on a GPU whatever train.amp says; fp32 on a CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: Union[bool, Literal["auto"]] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -204,57 +205,6 @@ class Config:
 # Loading and overriding (the checks are in config_checks.py)
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently: a
-    second ``train:`` would replace the whole first section)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` merges; explicit keys override it
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise ConfigError(f"line {line}: duplicate key '{key}' (first on line {seen[key]}): the second would "
-                                  "silently replace the first; keep one", (str(key),))
-            seen[key] = line
-        return super().construct_mapping(node, deep)
-
-
-MAX_YAML_CHARS = 1 << 20  # a config is a few KB: a bound on what it may cost to read
-MAX_YAML_VALUES = 100_000  # values after aliases are expanded ("billion laughs": a few lines, 10**9 values)
-
-
-def parse_yaml(text: str) -> Any:
-    """YAML text as values (safe: no objects), refusing duplicate keys (ConfigError naming the key and line), text
-    over ``MAX_YAML_CHARS`` and aliases that expand to over ``MAX_YAML_VALUES`` values or refer to themselves."""
-    if len(text) > MAX_YAML_CHARS:
-        raise ConfigError(f"{len(text)} characters, over the {MAX_YAML_CHARS} a config may have")
-    data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    _expanded_size(data, {})
-    return data
-
-
-def _expanded_size(value: Any, sizes: dict[int, int | None]) -> int:
-    """How many values ``value`` holds with its aliases expanded (each shared node counted once per use, computed
-    once); ConfigError over MAX_YAML_VALUES or for a node inside itself."""
-    if not isinstance(value, (dict, list)):
-        return 1
-    if id(value) in sizes:
-        if sizes[id(value)] is None:
-            raise ConfigError("an alias refers to a node that holds it (a loop): write the values out")
-        return sizes[id(value)]
-    sizes[id(value)] = None
-    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-    size = 1 + sum(_expanded_size(v, sizes) for v in items)
-    if size > MAX_YAML_VALUES:
-        raise ConfigError(f"its aliases expand to over {MAX_YAML_VALUES} values (a YAML alias bomb?): write the "
-                          "values out")
-    sizes[id(value)] = size
-    return size
-
-
 def _parse_value(text: str) -> Any:
     """`--set` values are YAML scalars: 1e-4, true, null, [a, b] and plain strings all work."""
     try:
@@ -263,7 +213,7 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-Override = Union[str, tuple]  # "key=value" (YAML-typed, as --set), or (key, value, how the caller wrote it)
+Override = str | tuple  # "key=value" (YAML-typed, as --set), or (key, value, how the caller wrote it)
 
 
 def apply_overrides(data: dict, overrides: list[Override]) -> dict[str, str]:
@@ -271,8 +221,9 @@ def apply_overrides(data: dict, overrides: list[Override]) -> dict[str, str]:
     {key: the item as the caller wrote it} (for messages)."""
     given = {}
     if isinstance(overrides, (str, bytes)):
-        raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r} "
-                          f"(write [{overrides!r}])")
+        raise ConfigError(
+            f"overrides must be a list of 'key=value' strings, got the string {overrides!r} (write [{overrides!r}])"
+        )
     for item in overrides:
         if isinstance(item, tuple):
             key, value, shown = item
@@ -379,8 +330,9 @@ def backbone_configs(cfg: Config) -> list[BackboneConfig]:
 
 def backbone_model_config(b: BackboneConfig) -> ModelConfig:
     """The ModelConfig of a frozen backbone of ``embed.backbones``."""
-    return ModelConfig(name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size, output=b.output,
-                       square=b.square)
+    return ModelConfig(
+        name=b.model, kwargs=b.kwargs, pretrained=b.pretrained, img_size=b.img_size, output=b.output, square=b.square
+    )
 
 
 def config_hash(*parts: Any) -> str:

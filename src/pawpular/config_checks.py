@@ -4,6 +4,7 @@ rules, all at load time, so a bad value fails before any work and says which set
 ``config.load_config`` calls ``build`` (types, unknown keys) and ``validate`` (values), and prefixes the error with
 where the value came from: the ``--set`` item, or the config file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,9 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 from .artifacts import is_name_part
 from .errors import ConfigError
@@ -106,7 +108,9 @@ def all_keys(cls: type, prefix: str = "") -> list[str]:
 
 def unknown_key_message(key: str, known: list[str]) -> str:
     near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    return f"unknown config key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else "; `pawpular config keys` lists them")
+    return f"unknown config key '{key}'" + (
+        f" (did you mean '{near[0]}'?)" if near else "; `pawpular config keys` lists them"
+    )
 
 
 def build(cls: type, data: dict, prefix: str = "") -> Any:
@@ -132,8 +136,6 @@ def build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Values: ranges and rules between settings
 
@@ -149,64 +151,151 @@ def _at_least(key: str, low: float) -> Rule:
     return (key,), lambda c: _get(c, key) >= low, f"must be >= {low:g}"
 
 
-def _get(cfg: "Config", key: str) -> Any:
+def _get(cfg: Config, key: str) -> Any:
     obj: Any = cfg
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-_NAME = ("must be a plain name (it becomes a path part: a separator, '..', an absolute path or surrounding spaces "
-         "would leave its folder)")
+_NAME = (
+    "must be a plain name (it becomes a path part: a separator, '..', an absolute path or surrounding spaces "
+    "would leave its folder)"
+)
 RULES: list[Rule] = [
     ((("folds.n_folds",), lambda c: c.folds.n_folds >= 2, "must be >= 2 (a fold needs other folds to train on)")),
     ((("folds.holdout",), lambda c: 0 <= c.folds.holdout < 0.5, "must be in [0, 0.5): a fraction of train.csv")),
     ((("folds.hash_threshold",), lambda c: 0 <= c.folds.hash_threshold <= 64, "must be in 0..64 (bits of the hash)")),
     ((("model.img_size",), lambda c: c.model.img_size is None or c.model.img_size > 0, "must be > 0 or null")),
     ((("model.drop_rate",), lambda c: 0 <= c.model.drop_rate < 1, "must be in [0, 1)")),
-    _positive("train.epochs"), _positive("train.batch_size"), _positive("train.lr"), _positive("train.accum_steps"),
+    _positive("train.epochs"),
+    _positive("train.batch_size"),
+    _positive("train.lr"),
+    _positive("train.accum_steps"),
     ((("train.head_lr",), lambda c: c.train.head_lr is None or c.train.head_lr > 0, "must be > 0 or null")),
-    _at_least("train.weight_decay", 0), _at_least("train.warmup_epochs", 0), _at_least("train.mixup_alpha", 0),
-    _at_least("train.patience", 0), _at_least("train.num_workers", 0), _at_least("train.grad_clip", 0),
-    ((("train.folds", "folds.n_folds"), lambda c: c.train.folds is None or (
-        all(isinstance(k, int) and not isinstance(k, bool) for k in c.train.folds)
-        and set(c.train.folds) <= set(range(c.folds.n_folds)) and len(set(c.train.folds)) == len(c.train.folds)),
-      "train.folds must list distinct folds in 0..folds.n_folds-1")),
-    _positive("embed.batch_size"), _at_least("embed.num_workers", 0),
-    ((("embed.compress",), lambda c: _compress_ok(c.embed.compress),
-      "must be none, int8, bf16 or prune:<fraction in (0, 1)>")),
-    _positive("svr.n_trials"), _positive("svr.c_min"), _positive("svr.max_kernel_gb"), _at_least("svr.workers", 1),
-    _at_least("svr.epsilon", 0), _positive("svr.epsilon_min"),
+    _at_least("train.weight_decay", 0),
+    _at_least("train.warmup_epochs", 0),
+    _at_least("train.mixup_alpha", 0),
+    _at_least("train.patience", 0),
+    _at_least("train.num_workers", 0),
+    _at_least("train.grad_clip", 0),
+    (
+        (
+            ("train.folds", "folds.n_folds"),
+            lambda c: (
+                c.train.folds is None
+                or (
+                    all(isinstance(k, int) and not isinstance(k, bool) for k in c.train.folds)
+                    and set(c.train.folds) <= set(range(c.folds.n_folds))
+                    and len(set(c.train.folds)) == len(c.train.folds)
+                )
+            ),
+            "train.folds must list distinct folds in 0..folds.n_folds-1",
+        )
+    ),
+    _positive("embed.batch_size"),
+    _at_least("embed.num_workers", 0),
+    (
+        (
+            ("embed.compress",),
+            lambda c: _compress_ok(c.embed.compress),
+            "must be none, int8, bf16 or prune:<fraction in (0, 1)>",
+        )
+    ),
+    _positive("svr.n_trials"),
+    _positive("svr.c_min"),
+    _positive("svr.max_kernel_gb"),
+    _at_least("svr.workers", 1),
+    _at_least("svr.epsilon", 0),
+    _positive("svr.epsilon_min"),
     ((("svr.c_min", "svr.c_max"), lambda c: c.svr.c_min < c.svr.c_max, "svr.c_min must be < svr.c_max")),
-    ((("svr.epsilon_min", "svr.epsilon_max"), lambda c: c.svr.epsilon_min < c.svr.epsilon_max,
-      "svr.epsilon_min must be < svr.epsilon_max")),
-    ((("svr.gamma",), lambda c: c.svr.gamma in ("scale", "auto") or (isinstance(c.svr.gamma, float) and c.svr.gamma > 0),
-      "must be 'scale', 'auto' or a number > 0")),
-    ((("svr.features",), lambda c: bool(c.svr.features) and all(isinstance(n, str) and n for n in c.svr.features),
-      "must list embedding sets, e.g. [model]")),
-    ((("svr.target_clip",), lambda c: _clip_ok(c.svr.target_clip),
-      "must be null or [low, high] with low < high, e.g. [1, 85]")),
-    ((("model.output", "embed.source"), lambda c: c.model.output == "pooled" or c.embed.source == "pretrained",
-      "model.output: logits needs embed.source: pretrained (a fine-tuned model has no classifier to read)")),
+    (
+        (
+            ("svr.epsilon_min", "svr.epsilon_max"),
+            lambda c: c.svr.epsilon_min < c.svr.epsilon_max,
+            "svr.epsilon_min must be < svr.epsilon_max",
+        )
+    ),
+    (
+        (
+            ("svr.gamma",),
+            lambda c: c.svr.gamma in ("scale", "auto") or (isinstance(c.svr.gamma, float) and c.svr.gamma > 0),
+            "must be 'scale', 'auto' or a number > 0",
+        )
+    ),
+    (
+        (
+            ("svr.features",),
+            lambda c: bool(c.svr.features) and all(isinstance(n, str) and n for n in c.svr.features),
+            "must list embedding sets, e.g. [model]",
+        )
+    ),
+    (
+        (
+            ("svr.target_clip",),
+            lambda c: _clip_ok(c.svr.target_clip),
+            "must be null or [low, high] with low < high, e.g. [1, 85]",
+        )
+    ),
+    (
+        (
+            ("model.output", "embed.source"),
+            lambda c: c.model.output == "pooled" or c.embed.source == "pretrained",
+            "model.output: logits needs embed.source: pretrained (a fine-tuned model has no classifier to read)",
+        )
+    ),
     _at_least("select.starts", 1),
-    ((("select.budget_hours", "select.test_images"), lambda c: (c.select.budget_hours is None) == (
-        c.select.test_images is None) and (c.select.budget_hours is None or (
-            c.select.budget_hours > 0 and c.select.test_images > 0)),
-      "select.budget_hours and select.test_images go together, both > 0 (e.g. --budget-hours 9 --test-images 6800)")),
+    (
+        (
+            ("select.budget_hours", "select.test_images"),
+            lambda c: (
+                (c.select.budget_hours is None) == (c.select.test_images is None)
+                and (c.select.budget_hours is None or (c.select.budget_hours > 0 and c.select.test_images > 0))
+            ),
+            "select.budget_hours and select.test_images go together, both > 0 "
+            "(e.g. --budget-hours 9 --test-images 6800)",
+        )
+    ),
     ((("experiment",), lambda c: is_name_part(c.experiment), _NAME)),
     ((("svr.features",), lambda c: all(is_name_part(n) for n in c.svr.features), _NAME)),
-    ((("embed.backbones",), lambda c: all(is_name_part(b["name"]) for b in c.embed.backbones
-                                          if isinstance(b, dict) and b.get("name") not in (None, "")), _NAME)),
-    ((("ensemble.experiments",), lambda c: all(is_name_part(Path(str(e)).name) for e in c.ensemble.experiments),
-      "each must be an experiment folder whose own name is a plain name (the blend and an export name it so); "
-      "'..' or '/' would leave its folder")),
-    *(((key,), lambda c, key=key: 0 <= _get(c, key) < 2**32, "must be in 0 .. 2**32-1 (a random seed)")
-      for key in ("seed", "folds.seed", "svr.seed")),
+    (
+        (
+            ("embed.backbones",),
+            lambda c: all(
+                is_name_part(b["name"])
+                for b in c.embed.backbones
+                if isinstance(b, dict) and b.get("name") not in (None, "")
+            ),
+            _NAME,
+        )
+    ),
+    (
+        (
+            ("ensemble.experiments",),
+            lambda c: all(is_name_part(Path(str(e)).name) for e in c.ensemble.experiments),
+            "each must be an experiment folder whose own name is a plain name (the blend and an export name it so); "
+            "'..' or '/' would leave its folder",
+        )
+    ),
+    *(
+        ((key,), lambda c, key=key: 0 <= _get(c, key) < 2**32, "must be in 0 .. 2**32-1 (a random seed)")
+        for key in ("seed", "folds.seed", "svr.seed")
+    ),
     _at_least("ensemble.min_improvement", 0),
-    ((("ensemble.heads",), lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
-      "must list heads among nn, svr")),
-    ((("tracking",), lambda c: all(b in ("tensorboard", "wandb") for b in c.tracking),
-      "must list tracking backends among tensorboard, wandb (e.g. [tensorboard])")),
+    (
+        (
+            ("ensemble.heads",),
+            lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
+            "must list heads among nn, svr",
+        )
+    ),
+    (
+        (
+            ("tracking",),
+            lambda c: all(b in ("tensorboard", "wandb") for b in c.tracking),
+            "must list tracking backends among tensorboard, wandb (e.g. [tensorboard])",
+        )
+    ),
 ]
 
 
@@ -228,8 +317,9 @@ def compress_spec(spec: str) -> tuple[str, float]:
             frac = -1.0
         if 0.0 < frac < 1.0:
             return "prune", frac
-    raise ConfigError(f"embed.compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}",
-                      ("embed.compress",))
+    raise ConfigError(
+        f"embed.compress: expected none, int8, bf16 or prune:<fraction in (0, 1)>, got {spec!r}", ("embed.compress",)
+    )
 
 
 def _compress_ok(spec: str) -> bool:
@@ -240,7 +330,7 @@ def _compress_ok(spec: str) -> bool:
     return True
 
 
-def validate(cfg: "Config") -> None:
+def validate(cfg: Config) -> None:
     """Every rule of RULES; the first broken one raises ConfigError naming its settings and their values."""
     for keys, ok, message in RULES:
         if not ok(cfg):

@@ -1,5 +1,6 @@
 """Every setting of a config as rows (key, value, default, type): what `pawpular config show` and `keys` print,
 the study's password masked."""
+
 from __future__ import annotations
 
 import dataclasses

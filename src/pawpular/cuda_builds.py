@@ -5,12 +5,14 @@ RAPIDS run on this driver and GPU). One set of rules, applied by the installer (
 
 Standard library only, like ``install_plan.py`` (``run.sh`` runs that before the venv holds anything).
 """
+
 from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .machine import Driver, TorchInfo
@@ -51,15 +53,19 @@ def gpu_names(driver: Driver) -> str:
 
 
 def torch_verdict(torch: TorchInfo | None, driver: Driver | None, env: Mapping[str, str] = {}) -> TorchVerdict:
-    """Whether torch uses the GPU, and if the driver lists one torch cannot use, why and whether a torch build fixes it."""
+    """Whether torch uses the GPU, and if the driver lists one torch cannot use, why and whether a torch build fixes
+    it."""
     if torch is not None and torch.available and torch.error is None:
         return TorchVerdict(True)
     if driver is None or not driver.gpus or gpus_hidden(env):
         return TorchVerdict(False)
     where = f"the driver {driver.version or '?'} runs CUDA {driver.cuda_text} at most"
     if driver.cuda and driver.cuda[0] < min(SUPPORTED_CUDA):
-        return TorchVerdict(False, f"torch {torch.label if torch else '(not installed)'} cannot use it: {where}, older "
-                                   "than any torch or RAPIDS build pawpular installs (CUDA 12 or 13)")
+        return TorchVerdict(
+            False,
+            f"torch {torch.label if torch else '(not installed)'} cannot use it: {where}, older "
+            "than any torch or RAPIDS build pawpular installs (CUDA 12 or 13)",
+        )
     if torch is None:
         return TorchVerdict(False, "torch is not installed", True)
     if torch.error:
@@ -68,8 +74,10 @@ def torch_verdict(torch: TorchInfo | None, driver: Driver | None, env: Mapping[s
         return TorchVerdict(False, f"torch {torch.label} is a CPU-only build", True)
     if driver.cuda and (torch.cuda_major or 0) > driver.cuda[0]:
         return TorchVerdict(False, f"torch {torch.label} is built for CUDA {torch.cuda} while {where}", True)
-    return TorchVerdict(False, f"torch {torch.label} (built for CUDA {torch.cuda}) sees no GPU although {where} and "
-                               f"lists {gpu_names(driver)}")
+    return TorchVerdict(
+        False,
+        f"torch {torch.label} (built for CUDA {torch.cuda}) sees no GPU although {where} and lists {gpu_names(driver)}",
+    )
 
 
 def wants_gpu(env: Mapping[str, str], driver: Driver | None) -> bool:
@@ -107,18 +115,30 @@ def torch_requirements(major: int, tested: Mapping[str, str], env: Mapping[str, 
 
 
 def torch_install_command(python: str, major: int, tested: Mapping[str, str], env: Mapping[str, str] = {}) -> list[str]:
-    return [python, "-m", "pip", "install", *torch_requirements(major, tested, env), "--index-url", torch_index(major, env)]
+    return [
+        python,
+        "-m",
+        "pip",
+        "install",
+        *torch_requirements(major, tested, env),
+        "--index-url",
+        torch_index(major, env),
+    ]
 
 
 def torch_fix(python: str, driver: Driver | None, tested: Mapping[str, str], env: Mapping[str, str] = {}) -> str:
     """What to run so that torch uses the GPU the driver lists (one command, then the installer alternative)."""
     if driver is not None and driver.cuda and driver.cuda[0] < min(SUPPORTED_CUDA):
-        return ("update the NVIDIA driver to one that runs CUDA 12 (driver >= 525) or CUDA 13 (>= 580); torch and "
-                "RAPIDS have no builds for this one")
+        return (
+            "update the NVIDIA driver to one that runs CUDA 12 (driver >= 525) or CUDA 13 (>= 580); torch and "
+            "RAPIDS have no builds for this one"
+        )
     major = cuda_major({k: v for k, v in env.items() if k == "PAWPULAR_CUDA"}, driver) or min(SUPPORTED_CUDA)
-    return (f"install the CUDA {major} build of torch into this python:  "
-            f"{shlex.join(torch_install_command(python, major, tested, env))}  "
-            f"(in a checkout, `{shlex.quote(python)} src/pawpular/install_plan.py --run` plans it and adds RAPIDS)")
+    return (
+        f"install the CUDA {major} build of torch into this python:  "
+        f"{shlex.join(torch_install_command(python, major, tested, env))}  "
+        f"(in a checkout, `{shlex.quote(python)} src/pawpular/install_plan.py --run` plans it and adds RAPIDS)"
+    )
 
 
 def rapids_requirements(major: int) -> list[str]:
@@ -131,7 +151,10 @@ def rapids_blocker(major: int, driver: Driver | None) -> str | None:
         return None
     need = RAPIDS_MIN_DRIVER[major]
     if driver.cuda and driver.cuda < need:
-        return f"RAPIDS for CUDA {major} needs a driver that runs CUDA {need[0]}.{need[1]}; this one runs {driver.cuda_text}"
+        return (
+            f"RAPIDS for CUDA {major} needs a driver that runs CUDA {need[0]}.{need[1]}; "
+            f"this one runs {driver.cuda_text}"
+        )
     gpu = driver.gpus[0] if driver.gpus else None
     return capability_blocker(major, gpu.name, gpu.capability) if gpu is not None else None
 
@@ -141,6 +164,8 @@ def capability_blocker(major: int, gpu_name: str, capability: tuple[int, int] | 
     and ``pawpular doctor`` all apply); None when it can or the capability is unknown."""
     cap = RAPIDS_MIN_CAPABILITY[major]
     if capability is not None and tuple(capability) < cap:
-        return (f"RAPIDS for CUDA {major} needs compute capability {cap[0]}.{cap[1]} or newer; GPU 0 ({gpu_name}) has "
-                f"compute capability {capability[0]}.{capability[1]}")
+        return (
+            f"RAPIDS for CUDA {major} needs compute capability {cap[0]}.{cap[1]} or newer; GPU 0 ({gpu_name}) has "
+            f"compute capability {capability[0]}.{capability[1]}"
+        )
     return None

@@ -12,6 +12,7 @@ Layout (exactly Kaggle's)::
 the competition folder; the record ``<experiment>/.data_check.json`` (what was last checked, and digests) is
 written by data_digest.py.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -30,8 +31,18 @@ from .images import ImageDecodeError, PixelBudget, check_image, image_path, max_
 ID = "Id"
 TARGET = "Pawpularity"
 META_COLS = [
-    "Subject Focus", "Eyes", "Face", "Near", "Action", "Accessory",
-    "Group", "Collage", "Human", "Occlusion", "Info", "Blur",
+    "Subject Focus",
+    "Eyes",
+    "Face",
+    "Near",
+    "Action",
+    "Accessory",
+    "Group",
+    "Collage",
+    "Human",
+    "Occlusion",
+    "Info",
+    "Blur",
 ]
 TRAIN_COLS = [ID, *META_COLS, TARGET]
 TEST_COLS = [ID, *META_COLS]
@@ -39,16 +50,46 @@ SUBMISSION_COLS = [ID, TARGET]
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 # pandas' default spellings of a missing value (read_csv's na_values), for every column but Id: an Id "NA" or
 # "null" is an Id, not an empty cell.
-NA_STRINGS = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
-              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
-__all__ = ["ID", "TARGET", "META_COLS", "DataError", "ImageDecodeError", "Problem", "Competition",
-           "check_competition", "read_competition", "read_test_set", "check_images"]
+NA_STRINGS = [
+    "",
+    "#N/A",
+    "#N/A N/A",
+    "#NA",
+    "-1.#IND",
+    "-1.#QNAN",
+    "-NaN",
+    "-nan",
+    "1.#IND",
+    "1.#QNAN",
+    "<NA>",
+    "N/A",
+    "NA",
+    "NULL",
+    "NaN",
+    "None",
+    "n/a",
+    "nan",
+    "null",
+]
+__all__ = [
+    "ID",
+    "TARGET",
+    "META_COLS",
+    "DataError",
+    "ImageDecodeError",
+    "Problem",
+    "Competition",
+    "check_competition",
+    "read_competition",
+    "read_test_set",
+    "check_images",
+]
 
 
 class DataError(PawpularError, ValueError):
     """The competition folder breaks the contract; ``problems`` lists each one."""
 
-    def __init__(self, problems: list["Problem"]):
+    def __init__(self, problems: list[Problem]):
         self.problems = problems
         head = "\n".join(f"  {p}" for p in problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -170,7 +211,10 @@ def _check_target(df: pd.DataFrame, file: str, problems: list[Problem]) -> None:
 
 def _check_sample_ids(test: pd.DataFrame, sample: pd.DataFrame, problems: list[Problem]) -> None:
     t, s = set(test[ID].dropna()), set(sample[ID].dropna())
-    problems += [Problem("sample_submission.csv", f"Id {v}", "in test.csv but not in sample_submission.csv") for v in sorted(t - s)]
+    problems += [
+        Problem("sample_submission.csv", f"Id {v}", "in test.csv but not in sample_submission.csv")
+        for v in sorted(t - s)
+    ]
     problems += [Problem("sample_submission.csv", f"Id {v}", "not in test.csv") for v in sorted(s - t)]
 
 
@@ -187,7 +231,9 @@ def _check_rows(df: pd.DataFrame, file: str, problems: list[Problem], target: bo
         _check_target(df, file, problems)
 
 
-def check_competition(root: str | Path, images: bool = True, workers: int = 8) -> tuple[list[Problem], Competition | None]:
+def check_competition(
+    root: str | Path, images: bool = True, workers: int = 8
+) -> tuple[list[Problem], Competition | None]:
     """Check every rule of the contract in one pass; return (problems, competition-or-None)."""
     root = Path(root)
     problems: list[Problem] = []
@@ -197,7 +243,11 @@ def check_competition(root: str | Path, images: bool = True, workers: int = 8) -
     test = _read_csv(root / "test.csv", problems)
     sample = _read_csv(root / "sample_submission.csv", problems)
     ok, has_id = {}, {}
-    for name, df, cols in (("train.csv", train, TRAIN_COLS), ("test.csv", test, TEST_COLS), ("sample_submission.csv", sample, SUBMISSION_COLS)):
+    for name, df, cols in (
+        ("train.csv", train, TRAIN_COLS),
+        ("test.csv", test, TEST_COLS),
+        ("sample_submission.csv", sample, SUBMISSION_COLS),
+    ):
         ok[name] = df is not None and _check_columns(df, cols, name, problems)
         has_id[name] = df is not None and ID in df.columns and len(df) > 0
         if df is not None and len(df) == 0:
@@ -237,7 +287,7 @@ def check_images(root: Path, split: str, ids: list[str], workers: int) -> list[P
     budget = PixelBudget(max_pixels())  # memory bound: at most one cap of decoded pixels in flight (images.py)
     with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
         reasons = list(pool.map(lambda p: check_image(p, budget), paths))
-    return [Problem(f"{split}/{i}.jpg", f"Id {i}", r) for i, r in zip(ids, reasons) if r]
+    return [Problem(f"{split}/{i}.jpg", f"Id {i}", r) for i, r in zip(ids, reasons, strict=False) if r]
 
 
 def _typed_train(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Fingerprints of the competition data: a cheap stat fingerprint of every file, the per-split photo digests, and
 the record (``<experiment>/.data_check.json``) that lets a stage skip re-checking and re-hashing unchanged photos.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,9 @@ from .images import image_path
 
 
 def _image_paths(comp: Competition) -> list[Path]:
-    return [image_path(comp.root, split, i) for split, df in (("train", comp.train), ("test", comp.test)) for i in df[ID]]
+    return [
+        image_path(comp.root, split, i) for split, df in (("train", comp.train), ("test", comp.test)) for i in df[ID]
+    ]
 
 
 def stat_fingerprint(comp: Competition) -> str:
@@ -61,7 +64,9 @@ def ensure_valid(root: str | Path, record: str | Path) -> Competition:
         fingerprint = None  # a missing or unreadable image: the full check below names it
     if fingerprint and _read_record(record, root).get("fingerprint") == fingerprint:
         return comp
-    problems = check_images(root, "train", comp.train[ID].tolist(), 8) + check_images(root, "test", comp.test[ID].tolist(), 8)
+    problems = check_images(root, "train", comp.train[ID].tolist(), 8) + check_images(
+        root, "test", comp.test[ID].tolist(), 8
+    )
     if problems:
         raise DataError(problems)
     _write_record(record, root, {"fingerprint": fingerprint})

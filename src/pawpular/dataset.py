@@ -4,6 +4,7 @@ Items are dicts: ``image`` (CxHxW float tensor), ``meta`` (12 floats), ``target`
 unknown) and ``index`` (row position). Used by training (``train_dataset``) and by every inference
 (``eval_dataset``: resize to the model's input size, its normalization).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,6 @@ import pandas as pd
 from .data import ID, META_COLS, TARGET
 from .images import ImageDecodeError, load_image
 
-
 SQUARES = ("squash", "crop")  # how a photo becomes a square input (data_cfg["square"]; absent = squash)
 
 
@@ -28,7 +28,7 @@ def square_crop(image: np.ndarray, rng: random.Random | None = None) -> np.ndarr
         top, left = (h - side) // 2, (w - side) // 2
     else:
         top, left = rng.randint(0, h - side), rng.randint(0, w - side)
-    return image[top:top + side, left:left + side]
+    return image[top : top + side, left : left + side]
 
 
 class EvalTransform:
@@ -76,18 +76,20 @@ def build_transform(img_size: int, mean: tuple, std: tuple, train: bool, square:
     import albumentations as A
     from albumentations.pytorch import ToTensorV2
 
-    augment = A.Compose([
-        A.RandomResizedCrop(size=(img_size, img_size), scale=(0.75, 1.0), ratio=(0.8, 1.25)),
-        A.HorizontalFlip(p=0.5),
-        A.Affine(rotate=(-10, 10), translate_percent=(-0.05, 0.05), scale=(0.95, 1.05), p=0.5),
-        A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.02, p=0.5),
-        A.Normalize(mean=mean, std=std),
-        ToTensorV2(),
-    ])
+    augment = A.Compose(
+        [
+            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.75, 1.0), ratio=(0.8, 1.25)),
+            A.HorizontalFlip(p=0.5),
+            A.Affine(rotate=(-10, 10), translate_percent=(-0.05, 0.05), scale=(0.95, 1.05), p=0.5),
+            A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.02, p=0.5),
+            A.Normalize(mean=mean, std=std),
+            ToTensorV2(),
+        ]
+    )
     return RandomSquare(augment) if square == "crop" else augment
 
 
-def train_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> "PetDataset":
+def train_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> PetDataset:
     """Training images: random crops, flips, affine and colour jitter at the model's input size."""
     size = data_cfg["input_size"][1]
     square = data_cfg.get("square", "squash")
@@ -95,7 +97,7 @@ def train_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> "P
     return PetDataset(df, image_dir, transform, min_side=max(data_cfg["input_size"][1:]))
 
 
-def eval_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> "PetDataset":
+def eval_dataset(df: pd.DataFrame, image_dir: str | Path, data_cfg: dict) -> PetDataset:
     """Images as a model sees them at inference: resized to its input size, its normalization."""
     size = data_cfg["input_size"][1]
     square = data_cfg.get("square", "squash")
@@ -114,7 +116,9 @@ class PetDataset:
     def __init__(self, df: pd.DataFrame, image_dir: str | Path, transform, min_side: int | None = None):
         self.ids = df[ID].astype(str).tolist()
         self.meta = df[META_COLS].to_numpy(np.float32)
-        self.target = (df[TARGET].to_numpy(np.float32) / 100.0) if TARGET in df.columns else np.full(len(df), -1.0, np.float32)
+        self.target = (
+            (df[TARGET].to_numpy(np.float32) / 100.0) if TARGET in df.columns else np.full(len(df), -1.0, np.float32)
+        )
         self.image_dir = Path(image_dir)
         self.transform = transform
         self.min_side = min_side

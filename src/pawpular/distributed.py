@@ -4,13 +4,14 @@ torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything is one pro
 GPU, gloo on a CPU. Only rank 0 writes files, takes the experiment lock and logs progress; inference shards the
 images over the ranks and gathers the parts once (``shard`` / ``gather``).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -100,8 +101,13 @@ def process_group(device: str) -> Iterator[Dist]:
         started = not torch.distributed.is_initialized()
         if started:
             torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-        log.info("DDP: rank %d of %d (local rank %d, %s)", dist.rank, dist.world, dist.local_rank,
-                 torch.distributed.get_backend())
+        log.info(
+            "DDP: rank %d of %d (local rank %d, %s)",
+            dist.rank,
+            dist.world,
+            dist.local_rank,
+            torch.distributed.get_backend(),
+        )
         if not dist.main:  # one voice: progress and summaries come from rank 0
             log.setLevel(logging.WARNING)
     try:

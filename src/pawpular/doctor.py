@@ -12,6 +12,7 @@ CUDA than the driver runs), when RAPIDS is installed but does not import, or whe
 exit 2 for a config that does not load. Facts are gathered once (``gather_facts``); ``diagnose`` and the renderers
 only read them, so tests build the facts of machines they do not have.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ import importlib.metadata
 import os
 import platform
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 from . import backend, cuda_builds, install_plan
 from .backend import RapidsStatus
@@ -71,11 +72,18 @@ def torch_facts() -> tuple[TorchInfo | None, tuple[GpuInfo, ...]]:
 
 def gather_facts() -> Facts:
     torch, gpus = torch_facts()
-    return Facts(python=platform.python_version(), executable=sys.executable, torch=torch, torch_gpus=gpus,
-                 driver=install_plan.read_driver(), rapids=backend.rapids_status(),
-                 packages={p: _version(p) for p in PACKAGES},
-                 env={k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "PAWPULAR_CUDA") if k in os.environ},
-                 tested=install_plan.read_tested(), cpu_count=os.cpu_count() or 1)
+    return Facts(
+        python=platform.python_version(),
+        executable=sys.executable,
+        torch=torch,
+        torch_gpus=gpus,
+        driver=install_plan.read_driver(),
+        rapids=backend.rapids_status(),
+        packages={p: _version(p) for p in PACKAGES},
+        env={k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "PAWPULAR_CUDA") if k in os.environ},
+        tested=install_plan.read_tested(),
+        cpu_count=os.cpu_count() or 1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -121,14 +129,19 @@ def _device(facts: Facts, cfg: Config, problems: list[Problem], notes: list[str]
     if cfg.device == "cpu" and verdict.usable:
         notes.append("device: cpu in the config, although torch can use the GPU")
     elif device == backend.NO_DEVICE:
-        problems.append(Problem("device: cuda is asked for, but " + (verdict.problem or "torch sees no GPU and no "
-                                "NVIDIA driver lists one") + ": every GPU stage stops with this error",
-                                torch_fix if verdict.problem else "run on a machine with an NVIDIA GPU, or set "
-                                "device: auto / cpu"))
+        problems.append(
+            Problem(
+                "device: cuda is asked for, but "
+                + (verdict.problem or "torch sees no GPU and no NVIDIA driver lists one")
+                + ": every GPU stage stops with this error",
+                torch_fix if verdict.problem else "run on a machine with an NVIDIA GPU, or set device: auto / cpu",
+            )
+        )
     if verdict.problem and cfg.device != "cuda":
         consequence = "every stage runs on the CPU" if cfg.device == "auto" else "(the config asks for the CPU anyway)"
-        problems.append(Problem(f"nvidia-smi lists {cuda_builds.gpu_names(driver)} but {verdict.problem}: "
-                                f"{consequence}", torch_fix))
+        problems.append(
+            Problem(f"nvidia-smi lists {cuda_builds.gpu_names(driver)} but {verdict.problem}: {consequence}", torch_fix)
+        )
     if driver is not None and driver.error:
         notes.append(f"nvidia-smi failed: {driver.error}")
     if driver is not None and driver.gpus and cuda_builds.gpus_hidden(facts.env):
@@ -145,23 +158,37 @@ def _rapids(facts: Facts, device: str, problems: list[Problem], notes: list[str]
         major = torch.cuda_major if torch is not None and torch.cuda_major in cuda_builds.SUPPORTED_CUDA else None
         why = rapids.error
         if driver is not None and driver.cuda and rapids.cuda_major and rapids.cuda_major > driver.cuda[0]:
-            why += (f" ({', '.join(rapids.dists)} need{'s' if len(rapids.dists) == 1 else ''} a CUDA "
-                    f"{rapids.cuda_major} driver; this one runs {driver.cuda_text})")
+            why += (
+                f" ({', '.join(rapids.dists)} need{'s' if len(rapids.dists) == 1 else ''} a CUDA "
+                f"{rapids.cuda_major} driver; this one runs {driver.cuda_text})"
+            )
             major = major or cuda_builds.cuda_major({}, driver)
-        problems.append(Problem(f"RAPIDS is installed but does not import: {why}; the SVR head falls back to "
-                                "scikit-learn and tables to pandas", backend.rapids_fix(rapids, facts.executable, major)))
+        problems.append(
+            Problem(
+                f"RAPIDS is installed but does not import: {why}; the SVR head falls back to "
+                "scikit-learn and tables to pandas",
+                backend.rapids_fix(rapids, facts.executable, major),
+            )
+        )
     elif blocker:
         notes.append(f"RAPIDS {rapids.cuml} is installed but {blocker}: the SVR head runs on scikit-learn")
     elif device == "cuda" and not rapids.installed and torch is not None:
         major = torch.cuda_major if torch.cuda_major in cuda_builds.SUPPORTED_CUDA else min(cuda_builds.SUPPORTED_CUDA)
         rapids_blocked = cuda_builds.rapids_blocker(major, driver)
-        notes.append("RAPIDS is not installed: the SVR head runs on scikit-learn on the CPU" + (
-            f" ({rapids_blocked})" if rapids_blocked else
-            f"; for cuML: PAWPULAR_CUDA={major} {facts.executable} -m pip install -r requirements-gpu.txt "
-            f"torch=={torch.dist} --extra-index-url {cuda_builds.NVIDIA_INDEX}"))
+        notes.append(
+            "RAPIDS is not installed: the SVR head runs on scikit-learn on the CPU"
+            + (
+                f" ({rapids_blocked})"
+                if rapids_blocked
+                else f"; for cuML: PAWPULAR_CUDA={major} {facts.executable} -m pip install -r requirements-gpu.txt "
+                f"torch=={torch.dist} --extra-index-url {cuda_builds.NVIDIA_INDEX}"
+            )
+        )
     if use_rapids and torch is not None and rapids.cuda_major and torch.cuda_major != rapids.cuda_major:
-        notes.append(f"torch is built for CUDA {torch.cuda} but RAPIDS for CUDA {rapids.cuda_major} ("
-                     f"{', '.join(rapids.dists)}): both load their own CUDA libraries; one major is safer")
+        notes.append(
+            f"torch is built for CUDA {torch.cuda} but RAPIDS for CUDA {rapids.cuda_major} ("
+            f"{', '.join(rapids.dists)}): both load their own CUDA libraries; one major is safer"
+        )
     return use_rapids
 
 
@@ -169,17 +196,25 @@ def _svr_line(facts: Facts, cfg: Config, use_rapids: bool, notes: list[str]) -> 
     rapids, cache = facts.rapids, cfg.svr.kernel_cache
     if not use_rapids:
         sklearn = facts.packages.get("scikit-learn") or "?"
-        kernels = ("refit from features every trial (svr.kernel_cache: plain)" if cache == "plain" else
-                   "precomputed kernels" + (f" (up to svr.max_kernel_gb = {cfg.svr.max_kernel_gb:g} GB)"
-                                            if cache == "auto" else ""))
+        kernels = (
+            "refit from features every trial (svr.kernel_cache: plain)"
+            if cache == "plain"
+            else "precomputed kernels"
+            + (f" (up to svr.max_kernel_gb = {cfg.svr.max_kernel_gb:g} GB)" if cache == "auto" else "")
+        )
         return f"scikit-learn {sklearn} on CPU, {kernels}"
     precomputed_ok = backend.cuml_takes_precomputed(rapids.cuml)
-    kernels = ("precomputed kernels" if precomputed_ok and cache != "plain" else
-               "refit from features every trial" + (" (svr.kernel_cache: plain)" if cache == "plain" else
-                                                    " (cuML < 26.02 takes no precomputed kernels)"))
+    kernels = (
+        "precomputed kernels"
+        if precomputed_ok and cache != "plain"
+        else "refit from features every trial"
+        + (" (svr.kernel_cache: plain)" if cache == "plain" else " (cuML < 26.02 takes no precomputed kernels)")
+    )
     if not precomputed_ok:
-        notes.append(f"cuML {rapids.cuml} predates precomputed kernels (26.02): each Optuna trial refits from "
-                     f"features; upgrade: {' '.join(cuda_builds.rapids_requirements(rapids.cuda_major or 12))}")
+        notes.append(
+            f"cuML {rapids.cuml} predates precomputed kernels (26.02): each Optuna trial refits from "
+            f"features; upgrade: {' '.join(cuda_builds.rapids_requirements(rapids.cuda_major or 12))}"
+        )
     return f"cuML {rapids.cuml} on cuda:0, {kernels}"
 
 
@@ -196,8 +231,17 @@ def diagnose(facts: Facts, cfg: Config) -> Diagnosis:
         stages.append(("train, embed, svr", "stop: device: cuda but torch cannot use a GPU"))
     else:
         multi = len(facts.torch_gpus) > 1 and device == "cuda"
-        stages.append(("train", f"{on}, {prec}" + (f" (torchrun --nproc_per_node {len(facts.torch_gpus)} uses all "
-                                                    f"{len(facts.torch_gpus)} GPUs)" if multi else "")))
+        stages.append(
+            (
+                "train",
+                f"{on}, {prec}"
+                + (
+                    f" (torchrun --nproc_per_node {len(facts.torch_gpus)} uses all {len(facts.torch_gpus)} GPUs)"
+                    if multi
+                    else ""
+                ),
+            )
+        )
         compress = f", compress: {cfg.embed.compress}" if cfg.embed.compress != "none" else ""
         prec = precision(device, gpu, True, cfg.embed.precision)
         stages.append(("embed", f"{on}, {prec}{compress}, parquet through " + ("cuDF" if use_rapids else "pandas")))
@@ -231,8 +275,10 @@ def _gpu_line(gpu: GpuInfo) -> str:
     mem = f"{gpu.memory_mib / 1024:.1f} GiB" if gpu.memory_mib else "memory ?"
     if gpu.capability is None:
         return f"{gpu.name}, {mem}, bf16: unknown"
-    return (f"{gpu.name}, {mem}, compute {gpu.capability[0]}.{gpu.capability[1]}, "
-            f"bf16: {'yes' if gpu.bf16 else 'no (fp16 autocast instead)'}")
+    return (
+        f"{gpu.name}, {mem}, compute {gpu.capability[0]}.{gpu.capability[1]}, "
+        f"bf16: {'yes' if gpu.bf16 else 'no (fp16 autocast instead)'}"
+    )
 
 
 def _rapids_line(r: RapidsStatus) -> str:
@@ -241,18 +287,26 @@ def _rapids_line(r: RapidsStatus) -> str:
     if r.error:
         return f"{', '.join(r.dists) or 'installed'} but does not import: {r.error}"
     precomputed = backend.cuml_takes_precomputed(r.cuml)
-    return (f"cuML {r.cuml}, cuDF {r.cudf}" + (f" ({', '.join(r.dists)})" if r.dists else "") +
-            f"; cuML's SVR takes precomputed kernels: {'yes' if precomputed else 'no (needs cuML >= 26.02)'}")
+    return (
+        f"cuML {r.cuml}, cuDF {r.cudf}"
+        + (f" ({', '.join(r.dists)})" if r.dists else "")
+        + f"; cuML's SVR takes precomputed kernels: {'yes' if precomputed else 'no (needs cuML >= 26.02)'}"
+    )
 
 
 def render(facts: Facts, diag: Diagnosis, config: str) -> str:
     gpus = facts.torch_gpus or (facts.driver.gpus if facts.driver else ())
-    rows = [("python", f"{facts.python} ({facts.executable})"), ("torch", _torch_line(facts.torch)),
-            ("driver", _driver_line(facts.driver))]
+    rows = [
+        ("python", f"{facts.python} ({facts.executable})"),
+        ("torch", _torch_line(facts.torch)),
+        ("driver", _driver_line(facts.driver)),
+    ]
     rows += [(f"GPU {g.index}", _gpu_line(g)) for g in gpus]
-    rows += [("RAPIDS", _rapids_line(facts.rapids)),
-             ("packages", ", ".join(f"{p} {v or 'missing'}" for p, v in facts.packages.items())),
-             ("config", config)]
+    rows += [
+        ("RAPIDS", _rapids_line(facts.rapids)),
+        ("packages", ", ".join(f"{p} {v or 'missing'}" for p, v in facts.packages.items())),
+        ("config", config),
+    ]
     width = max(len(k) for k, _ in [*rows, *diag.stages]) + 2
     lines = ["pawpular doctor", ""] + [f"  {k:<{width}}{v}" for k, v in rows]
     lines += ["", "what runs where"] + [f"  {k + ':':<{width}}{v}" for k, v in diag.stages]
@@ -269,8 +323,13 @@ def render_short(facts: Facts, diag: Diagnosis) -> str:
     """At most three lines: where the stages run, then the problems and the first fix."""
     stages = dict(diag.stages)
     torch = facts.torch.label if facts.torch else "no torch"
-    driver = (f"driver CUDA {facts.driver.cuda_text}" if facts.driver and not facts.driver.error else
-              "nvidia-smi fails" if facts.driver else "no NVIDIA driver")
+    driver = (
+        f"driver CUDA {facts.driver.cuda_text}"
+        if facts.driver and not facts.driver.error
+        else "nvidia-smi fails"
+        if facts.driver
+        else "no NVIDIA driver"
+    )
     if diag.device == backend.NO_DEVICE:
         where = stages["train, embed, svr"]
     else:
@@ -283,8 +342,11 @@ def render_short(facts: Facts, diag: Diagnosis) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="pawpular doctor", description="What will run where (device, precision, "
-                                "backend per stage), and the fix when a GPU is out of torch's reach.")
+    p = argparse.ArgumentParser(
+        prog="pawpular doctor",
+        description="What will run where (device, precision, "
+        "backend per stage), and the fix when a GPU is out of torch's reach.",
+    )
     p.add_argument("--config", help="experiment YAML (default: the built-in defaults, device: auto)")
     p.add_argument("--short", action="store_true", help="a 1-3 line summary (./run.sh prints it)")
     args = p.parse_args(argv)
@@ -295,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     facts = gather_facts()
     diag = diagnose(facts, cfg)
-    config = (f"{args.config}: " if args.config else "defaults (no --config): ") + \
-        f"device: {cfg.device}, train.amp: {str(cfg.train.amp).lower()}, svr.kernel_cache: {cfg.svr.kernel_cache}"
+    config = (
+        f"{args.config}: " if args.config else "defaults (no --config): "
+    ) + f"device: {cfg.device}, train.amp: {str(cfg.train.amp).lower()}, svr.kernel_cache: {cfg.svr.kernel_cache}"
     print(render_short(facts, diag) if args.short else render(facts, diag, config))
     return 1 if diag.problems else 0
 

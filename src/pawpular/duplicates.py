@@ -3,11 +3,12 @@
 Used by the folds stage (a duplicate group never straddles a split) and by ``notebooks/01_eda.ipynb``. Reads
 photos; writes nothing.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,8 +44,8 @@ def duplicate_groups(hashes: np.ndarray, threshold: int) -> np.ndarray:
 
     h = hashes.astype(np.uint64)
     for start in range(0, n, 1024):  # blocks keep memory at 1024 x n
-        dist = np.bitwise_count(h[start:start + 1024, None] ^ h[None, :])
-        for a, b in zip(*np.nonzero(dist <= threshold)):
+        dist = np.bitwise_count(h[start : start + 1024, None] ^ h[None, :])
+        for a, b in zip(*np.nonzero(dist <= threshold), strict=False):
             a += start
             if a < b:
                 ra, rb = find(a), find(b)
@@ -62,12 +63,12 @@ def group_table(ids: Sequence[str], hashes: np.ndarray, groups: np.ndarray) -> p
     """Id, group, hash of every photo in a group of two or more."""
     sizes = pd.Series(groups).value_counts()
     keep = pd.Series(groups).map(sizes).to_numpy() > 1
-    return pd.DataFrame({ID: np.asarray(ids)[keep], "group": groups[keep],
-                         "hash": [f"{h:016x}" for h in hashes[keep]]})
+    return pd.DataFrame({ID: np.asarray(ids)[keep], "group": groups[keep], "hash": [f"{h:016x}" for h in hashes[keep]]})
 
 
-def find_duplicates(data: str | Path, ids: Sequence[str], saved: str | Path | None = None,
-                    threshold: int = 4) -> pd.DataFrame:
+def find_duplicates(
+    data: str | Path, ids: Sequence[str], saved: str | Path | None = None, threshold: int = 4
+) -> pd.DataFrame:
     """Id, group of every photo in a duplicate group: the folds stage's ``duplicates.csv`` (``saved``) when it
     covers these Ids, else computed here with the same hash."""
     if saved is not None and Path(saved).is_file():

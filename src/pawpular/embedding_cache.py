@@ -17,13 +17,15 @@ crash rules are the stages': an entry's manifest is cleared before its files are
 kill at any instant leaves no entry that passes as done. Writers of one entry take its lock (``lock.py``,
 ``<entry>/.lock``); a second experiment embedding the same set waits for the first and then reuses its files.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from . import artifacts, manifest
 from .files import link_or_copy
@@ -84,8 +86,15 @@ def done_entry(entry: Path, config: dict, inputs: dict, policy: dict) -> manifes
     return v.record if v.done else None
 
 
-def provide(ctx: Any, folder: Path, config: dict, inputs: dict, policy: dict,
-            compute: Callable[[], tuple[dict[str, Any], dict]], write: Callable[[Any, Path], None]) -> str:
+def provide(
+    ctx: Any,
+    folder: Path,
+    config: dict,
+    inputs: dict,
+    policy: dict,
+    compute: Callable[[], tuple[dict[str, Any], dict]],
+    write: Callable[[Any, Path], None],
+) -> str:
     """Make ``folder`` (an experiment's ``emb/<set>``) hold the set: the cached entry's files when it is done
     (and --overwrite was not asked), else freshly computed ones written into the entry first. ``compute()``
     returns ({split: table}, info) on every rank; ``write(table, path)`` writes one table. Returns "reused" or
@@ -99,26 +108,27 @@ def provide(ctx: Any, folder: Path, config: dict, inputs: dict, policy: dict,
         if record is None:
             tables, info = compute()
             if main:
-                record = _write_entry(entry, config, inputs, policy, tables, write,
-                                      {**info, "made_by": str(Path(ctx.out).resolve())})
+                record = _write_entry(
+                    entry, config, inputs, policy, tables, write, {**info, "made_by": str(Path(ctx.out).resolve())}
+                )
         if main:
             _link(ctx.out, folder, entry, config, inputs, record)
     return how
 
 
-def _write_entry(entry: Path, config: dict, inputs: dict, policy: dict, tables: dict, write: Callable,
-                 info: dict) -> manifest.Record:
+def _write_entry(
+    entry: Path, config: dict, inputs: dict, policy: dict, tables: dict, write: Callable, info: dict
+) -> manifest.Record:
     path = entry / "manifest.json"
     manifest.clear(path)
     for split, table in tables.items():
         write(table, entry / f"{split}.parquet")
-    return manifest.commit(path, entry, manifest.Record(entry_config(config, policy), inputs, info=info),
-                           _files(entry))
+    return manifest.commit(path, entry, manifest.Record(entry_config(config, policy), inputs, info=info), _files(entry))
 
 
 def _link(out: Path, folder: Path, entry: Path, config: dict, inputs: dict, record: manifest.Record) -> None:
     """The experiment's folder: links to the entry's files, then its own manifest (last)."""
-    for src, dst in zip(_files(entry), _files(folder)):
+    for src, dst in zip(_files(entry), _files(folder), strict=False):
         link_or_copy(src, dst)
     # what the files are, not how fast this machine made them: the speed stays in the entry's own record
     info = {**{k: v for k, v in record.info.items() if k not in MEASURED}, "cache": entry.name}

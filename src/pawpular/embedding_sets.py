@@ -7,10 +7,12 @@
 "model" (the fine-tuned network) has a table per fold; a frozen backbone's is the same for every fold, so it is
 read once per split and kept in ``frozen``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import artifacts, backend
 from .errors import MissingArtifact

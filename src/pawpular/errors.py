@@ -7,6 +7,7 @@ that caught those still does. The command line prints a ``PawpularError`` as one
 place where the project reads or writes a named file is a ``ReadError`` / ``WriteError`` (the line says which).
 Anything else is a bug: the command line prints its traceback and says what to put in a report.
 """
+
 from __future__ import annotations
 
 import errno
@@ -73,6 +74,8 @@ def env_number(name: str, default: float, kind: type = int, minimum: float | Non
         value = None
     if value is None or (minimum is not None and value < minimum) or value != value:  # NaN is no number either
         bound = f" >= {minimum:g}" if minimum is not None else ""
-        raise UsageError(f"environment variable {name}={raw!r}: expected {'an integer' if kind is int else 'a number'}"
-                         f"{bound}; unset it or give one")
+        raise UsageError(
+            f"environment variable {name}={raw!r}: expected {'an integer' if kind is int else 'a number'}"
+            f"{bound}; unset it or give one"
+        )
     return value

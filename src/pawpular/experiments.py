@@ -18,6 +18,7 @@ Its status is the manifests' verdict without re-hashing what is big:
   partial  a stage has not finished (train: only some folds)
 ``pawpular status`` also hashes the big outputs and the photos, and compares with the settings asked for now.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,11 +34,39 @@ from .files import ArtifactError, digest_or_none, read_json
 
 SMALL = 1 << 20  # outputs up to this size are hashed; bigger ones (checkpoints, embeddings) only must exist
 NOT_SETTINGS = ("experiment", "output_dir", "overwrite")  # differ between experiments by definition
-ORDER = {manifest.DAMAGED: 3, manifest.STALE: 2, manifest.PARTIAL: 1, manifest.MISSING: 1, manifest.DONE: 0,
-         manifest.NOT_NEEDED: 0}
-COLUMNS = ["experiment", "status", "recipe", "nested", "holdout", "nn", "svr", "blend", "blend_cv", "mean", "best_C",
-           "sets", "model", "img_size", "finetune", "epochs", "device", "precision",
-           *[f"t_{s}" for s in artifacts.PIPELINE], "t_total", "why", "path", "stages"]
+ORDER = {
+    manifest.DAMAGED: 3,
+    manifest.STALE: 2,
+    manifest.PARTIAL: 1,
+    manifest.MISSING: 1,
+    manifest.DONE: 0,
+    manifest.NOT_NEEDED: 0,
+}
+COLUMNS = [
+    "experiment",
+    "status",
+    "recipe",
+    "nested",
+    "holdout",
+    "nn",
+    "svr",
+    "blend",
+    "blend_cv",
+    "mean",
+    "best_C",
+    "sets",
+    "model",
+    "img_size",
+    "finetune",
+    "epochs",
+    "device",
+    "precision",
+    *[f"t_{s}" for s in artifacts.PIPELINE],
+    "t_total",
+    "why",
+    "path",
+    "stages",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -46,9 +75,11 @@ COLUMNS = ["experiment", "status", "recipe", "nested", "holdout", "nn", "svr", "
 
 def is_experiment(folder: Path) -> bool:
     """A folder some stage wrote into: it has config.yaml or a stage's (or a train fold's) manifest."""
-    return artifacts.config_yaml(folder).is_file() or any(
-        artifacts.manifest(folder, s).is_file() for s in artifacts.PIPELINE) or any(
-        (d / "manifest.json").is_file() for d in artifacts.fold_dirs(Path(folder) / "train").values())
+    return (
+        artifacts.config_yaml(folder).is_file()
+        or any(artifacts.manifest(folder, s).is_file() for s in artifacts.PIPELINE)
+        or any((d / "manifest.json").is_file() for d in artifacts.fold_dirs(Path(folder) / "train").values())
+    )
 
 
 def find(folders: list[str | Path] | None = None) -> list[Path]:
@@ -60,10 +91,16 @@ def find(folders: list[str | Path] | None = None) -> list[Path]:
         if not folder.is_dir():
             hint = ": name experiment folders (pawpular runs FOLDER ...)" if not folders else ""
             raise ArtifactError(f"{folder}: no such folder{hint}")
-        inside = [folder] if is_experiment(folder) else sorted(p for p in folder.iterdir() if p.is_dir() and is_experiment(p))
+        inside = (
+            [folder]
+            if is_experiment(folder)
+            else sorted(p for p in folder.iterdir() if p.is_dir() and is_experiment(p))
+        )
         if not inside:
-            raise ArtifactError(f"{folder}: not an experiment folder (no config.yaml and no stage manifest) and "
-                                "none of its subfolders is one")
+            raise ArtifactError(
+                f"{folder}: not an experiment folder (no config.yaml and no stage manifest) and "
+                "none of its subfolders is one"
+            )
         found += [p for p in inside if p.resolve() not in {q.resolve() for q in found}]
     return found
 
@@ -98,8 +135,10 @@ class _Data:
     def change(self, label: str, recorded: str | None) -> str | None:
         name = label.removeprefix("data:")
         if self.root is None:
-            return (f"{label}: unknown: the experiment's config.yaml is missing or cannot be read (no data_dir): "
-                    "`pawpular status --output` with --config and --data checks it")
+            return (
+                f"{label}: unknown: the experiment's config.yaml is missing or cannot be read (no data_dir): "
+                "`pawpular status --output` with --config and --data checks it"
+            )
         if not self.root.is_dir():
             return f"{label}: the competition folder {self.root} is not here"
         if name.endswith(" photos"):
@@ -145,8 +184,9 @@ def _unfinished(out: Path, stage: str, n_folds: int | None) -> tuple[str, list[s
     if stage == "train":
         done = [k for k, d in artifacts.fold_dirs(out / "train").items() if manifest.read(d / "manifest.json")]
         if done:
-            return manifest.PARTIAL, [f"folds {', '.join(map(str, done))}" + (f" of {n_folds}" if n_folds else "")
-                                      + " trained"]
+            return manifest.PARTIAL, [
+                f"folds {', '.join(map(str, done))}" + (f" of {n_folds}" if n_folds else "") + " trained"
+            ]
     return manifest.MISSING, ["not run" if not artifacts.stage_dir(out, stage).exists() else "not finished"]
 
 
@@ -166,7 +206,9 @@ def quick_status(out: Path, config: dict, cache: dict | None = None) -> dict[str
         elif damaged := _damaged(out, record):
             states[s] = (manifest.DAMAGED, damaged)
         else:
-            why = [w for label, d in record.inputs.items() if (w := _input_change(out, label, d, produced, states, data))]
+            why = [
+                w for label, d in record.inputs.items() if (w := _input_change(out, label, d, produced, states, data))
+            ]
             states[s] = (manifest.STALE, why) if why else (manifest.DONE, [])
     return states
 
@@ -244,17 +286,32 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
     timings = _json(artifacts.timings_json(out))
     times = {f"t_{s}": _number(timings.get(s)) for s in artifacts.PIPELINE}
     nested = weights.get("nested_rmse") or {}  # the score to trust; nn, svr, blend and blend_cv are optimistic
-    return {"experiment": out.name, "status": status, "recipe": kind, "nested": _number(nested.get("ensemble")),
-            "nn": _number(oof.get("nn")),
-            "svr": _number(best.get("oof_rmse", oof.get("svr"))), "blend": _number(oof.get("ensemble")),
-            "blend_cv": _number(oof.get("ensemble_cv")), "holdout": _number(held.get("ensemble")),
-            "mean": _number(oof.get("predict_mean")), "best_C": _number(best.get("C")), "sets": sets,
-            "model": trained.get("model"), "img_size": _img_size(out, trained) if trained else None,
-            "finetune": trained.get("finetune"), "epochs": trained.get("epochs"),
-            "device": "/".join(devices) or None, "precision": "/".join(precisions) or None, **times,
-            "t_total": sum(v for v in times.values() if not math.isnan(v)) if timings else math.nan,
-            "why": why, "path": str(out), "stages": {s: st for s, (st, _) in states.items()},
-            "config": _flatten({k: v for k, v in config.items() if k not in NOT_SETTINGS})}
+    return {
+        "experiment": out.name,
+        "status": status,
+        "recipe": kind,
+        "nested": _number(nested.get("ensemble")),
+        "nn": _number(oof.get("nn")),
+        "svr": _number(best.get("oof_rmse", oof.get("svr"))),
+        "blend": _number(oof.get("ensemble")),
+        "blend_cv": _number(oof.get("ensemble_cv")),
+        "holdout": _number(held.get("ensemble")),
+        "mean": _number(oof.get("predict_mean")),
+        "best_C": _number(best.get("C")),
+        "sets": sets,
+        "model": trained.get("model"),
+        "img_size": _img_size(out, trained) if trained else None,
+        "finetune": trained.get("finetune"),
+        "epochs": trained.get("epochs"),
+        "device": "/".join(devices) or None,
+        "precision": "/".join(precisions) or None,
+        **times,
+        "t_total": sum(v for v in times.values() if not math.isnan(v)) if timings else math.nan,
+        "why": why,
+        "path": str(out),
+        "stages": {s: st for s, (st, _) in states.items()},
+        "config": _flatten({k: v for k, v in config.items() if k not in NOT_SETTINGS}),
+    }
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -274,8 +331,9 @@ def differing(configs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
 
 
-def table(folders: list[str | Path] | None = None, sort: str | None = None,
-          baseline: str | None = None) -> pd.DataFrame:
+def table(
+    folders: list[str | Path] | None = None, sort: str | None = None, baseline: str | None = None
+) -> pd.DataFrame:
     """One row per experiment (COLUMNS, then the settings that differ between the rows, also listed in
     ``attrs["settings"]``); ``sort``: a column, ``-column`` descending (missing values last). ``baseline``: an
     experiment's name or folder: the columns of ``compare.BASELINE_COLUMNS`` and ``attrs["inside"]``."""
@@ -286,9 +344,16 @@ def table(folders: list[str | Path] | None = None, sort: str | None = None,
     if sort:
         key = sort.lstrip("-")
         if key not in df.columns:
-            raise UsageError(f"--sort {sort}: no such column; columns: {', '.join(c for c in df.columns if c != 'stages')}")
-        df = df.sort_values(key, ascending=not sort.startswith("-"), na_position="last", kind="stable",
-                            key=lambda s: s.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v))
+            raise UsageError(
+                f"--sort {sort}: no such column; columns: {', '.join(c for c in df.columns if c != 'stages')}"
+            )
+        df = df.sort_values(
+            key,
+            ascending=not sort.startswith("-"),
+            na_position="last",
+            kind="stable",
+            key=lambda s: s.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v),
+        )
     df = df.reset_index(drop=True)
     df.attrs["settings"] = settings
     if baseline is not None:

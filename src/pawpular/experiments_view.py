@@ -8,6 +8,7 @@ HTML: both tables, why each row that is not done is not, and a figure of each ru
 cross-validated, nested, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as
 report.html does).
 """
+
 from __future__ import annotations
 
 import base64
@@ -28,12 +29,42 @@ if TYPE_CHECKING:  # matplotlib loads only for the HTML page: the text table sta
     from matplotlib.figure import Figure
 
 SCORES = ("nested", "nn", "svr", "blend", "blend_cv", "holdout", "mean")
-SHOWN = ("experiment", "status", "recipe", "nested", "holdout", "nn", "svr", "blend", "blend_cv", "best_C", "sets",
-         "model", "img_size",
-         "finetune", "epochs", "device", "precision", "t_folds", "t_train", "t_embed", "t_svr", "t_ensemble")
-HEADERS = {"nn": "nn opt.", "svr": "svr opt.", "blend": "blend opt.", "blend_cv": "blend_cv opt.",  # optimistic
-           "img_size": "img", "t_folds": "folds s", "t_train": "train s", "t_embed": "embed s", "t_svr": "svr s",
-           "t_ensemble": "ens. s"}
+SHOWN = (
+    "experiment",
+    "status",
+    "recipe",
+    "nested",
+    "holdout",
+    "nn",
+    "svr",
+    "blend",
+    "blend_cv",
+    "best_C",
+    "sets",
+    "model",
+    "img_size",
+    "finetune",
+    "epochs",
+    "device",
+    "precision",
+    "t_folds",
+    "t_train",
+    "t_embed",
+    "t_svr",
+    "t_ensemble",
+)
+HEADERS = {
+    "nn": "nn opt.",
+    "svr": "svr opt.",
+    "blend": "blend opt.",
+    "blend_cv": "blend_cv opt.",  # optimistic
+    "img_size": "img",
+    "t_folds": "folds s",
+    "t_train": "train s",
+    "t_embed": "embed s",
+    "t_svr": "svr s",
+    "t_ensemble": "ens. s",
+}
 
 
 def _cell(column: str, value: Any) -> str:
@@ -56,22 +87,30 @@ def _cell(column: str, value: Any) -> str:
 
 def _grid(rows: list[list[str]], right: set[int]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=False))
+        ).rstrip()
+        for r in rows
+    )
 
 
 def text(df: pd.DataFrame) -> str:
     """The table as aligned text, the reasons of the rows that are not done, and the settings that differ."""
     cols = list(SHOWN)
     rows = [[HEADERS.get(c, c) for c in cols]] + [[_cell(c, r[c]) for c in cols] for _, r in df.iterrows()]
-    right = {i for i, c in enumerate(cols) if c in SCORES or c.startswith("t_") or c in ("best_C", "img_size", "epochs")}
+    right = {
+        i for i, c in enumerate(cols) if c in SCORES or c.startswith("t_") or c in ("best_C", "img_size", "epochs")
+    }
     parts = [_grid(rows, right)]
     why = [[f"  {r['experiment']}", r["status"], r["why"]] for _, r in df.iterrows() if r["status"] != "done"]
     if why:
         parts.append("why not done:\n" + _grid(why, set()))
     settings = df.attrs.get("settings", [])
     if settings:
-        grid = [["experiment", *settings]] + [[r["experiment"], *[_cell(k, r[k]) for k in settings]] for _, r in df.iterrows()]
+        grid = [["experiment", *settings]] + [
+            [r["experiment"], *[_cell(k, r[k]) for k in settings]] for _, r in df.iterrows()
+        ]
         parts.append("settings that differ:\n" + _grid(grid, set()))
     elif len(df) > 1:
         parts.append("settings that differ: none")
@@ -108,21 +147,32 @@ def blend_figure(df: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(10, 0.5 * len(order) + 1.8), layout="constrained")
     ax = fig.add_subplot()
     # (column, label, marker, colour, size, hollow, row offset): the heads above the blend, the holdout below it
-    marks = [("nn", "NN head (OOF)", "o", plots.color("nn"), 5, False, 0.22),
-             ("svr", "SVR head (OOF)", "o", plots.color("svr"), 5, False, 0.22),
-             ("blend", "blend, in-sample", "o", "#2ca02c", 10, True, 0.0),
-             ("blend_cv", "blend, cross-validated", "D", "#145214", 6, False, 0.0),
-             ("nested", "blend, nested (to trust)", "*", "#000000", 9, False, -0.11),
-             ("holdout", "blend, holdout", "s", "#d62728", 6, False, -0.22)]
+    marks = [
+        ("nn", "NN head (OOF)", "o", plots.color("nn"), 5, False, 0.22),
+        ("svr", "SVR head (OOF)", "o", plots.color("svr"), 5, False, 0.22),
+        ("blend", "blend, in-sample", "o", "#2ca02c", 10, True, 0.0),
+        ("blend_cv", "blend, cross-validated", "D", "#145214", 6, False, 0.0),
+        ("nested", "blend, nested (to trust)", "*", "#000000", 9, False, -0.11),
+        ("holdout", "blend, holdout", "s", "#d62728", 6, False, -0.22),
+    ]
     for column, label, marker, color, size, hollow, offset in marks:
         values = order[column].to_numpy(float)
         if not np.isnan(values).all():
-            ax.plot(values, pos + offset, marker, color=color, markersize=size, label=label, linestyle="none",
-                    markerfacecolor="none" if hollow else color, markeredgewidth=1.5 if hollow else 1)
-    for p, v in zip(pos, order["blend_cv"].to_numpy(float)):
+            ax.plot(
+                values,
+                pos + offset,
+                marker,
+                color=color,
+                markersize=size,
+                label=label,
+                linestyle="none",
+                markerfacecolor="none" if hollow else color,
+                markeredgewidth=1.5 if hollow else 1,
+            )
+    for p, v in zip(pos, order["blend_cv"].to_numpy(float), strict=False):
         if not np.isnan(v):
             ax.annotate(f"{v:.3f}", (v, p), textcoords="offset points", xytext=(9, -3), fontsize=8)
-    labels = [f"{e} ({s})" if s != "done" else e for e, s in zip(order["experiment"], order["status"])]
+    labels = [f"{e} ({s})" if s != "done" else e for e, s in zip(order["experiment"], order["status"], strict=False)]
     ax.set(yticks=pos, yticklabels=labels, xlabel="OOF RMSE (lower is better)", title="Blend score of each run")
     ax.set_ylim(-0.6, len(order) - 0.4)
     ax.grid(axis="x", alpha=0.3)
@@ -176,23 +226,39 @@ def page(df: pd.DataFrame) -> str:
     settings = df.attrs.get("settings", [])
     png = base64.b64encode(plots.to_png(blend_figure(df))).decode()
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    differ = (_html_table(df, ["experiment", *settings], "settings") if settings
-              else '<p class="missing">none: the listed runs have the same settings</p>')
-    why = "".join(f'<li><b>{html.escape(str(r["experiment"]))}</b> {html.escape(str(r["status"]))}: '
-                  f'{html.escape(str(r["why"]))}</li>' for _, r in df.iterrows() if r["status"] != "done")
-    return (f"{PAGE_START}<style>{CSS}{PAGE_CSS}</style></head><body><h1>pawpular runs</h1>"
-            f'<p class="sub">{len(df)} experiment(s) &middot; written {stamp} &middot; scores are OOF RMSE '
-            "(lower is better); times in seconds; status from the manifests</p><h2>Experiments</h2>"
-            + _html_table(df, list(SHOWN), "runs") + (f'<ul class="why">{why}</ul>' if why else "")
-            + "<h2>Settings that differ</h2>" + differ
-            + '<h2>Blend scores</h2><figure><img alt="Blend score of each run" '
-            f'src="data:image/png;base64,{png}"><figcaption>Each run\'s blend RMSE in-sample, cross-validated and '
-            f"on the holdout (where there is one), beside its heads' OOF RMSE.{_mean_note(df)}</figcaption></figure>"
-            "</body></html>")
+    differ = (
+        _html_table(df, ["experiment", *settings], "settings")
+        if settings
+        else '<p class="missing">none: the listed runs have the same settings</p>'
+    )
+    why = "".join(
+        f"<li><b>{html.escape(str(r['experiment']))}</b> {html.escape(str(r['status']))}: "
+        f"{html.escape(str(r['why']))}</li>"
+        for _, r in df.iterrows()
+        if r["status"] != "done"
+    )
+    return (
+        f"{PAGE_START}<style>{CSS}{PAGE_CSS}</style></head><body><h1>pawpular runs</h1>"
+        f'<p class="sub">{len(df)} experiment(s) &middot; written {stamp} &middot; scores are OOF RMSE '
+        "(lower is better); times in seconds; status from the manifests</p><h2>Experiments</h2>"
+        + _html_table(df, list(SHOWN), "runs")
+        + (f'<ul class="why">{why}</ul>' if why else "")
+        + "<h2>Settings that differ</h2>"
+        + differ
+        + '<h2>Blend scores</h2><figure><img alt="Blend score of each run" '
+        f'src="data:image/png;base64,{png}"><figcaption>Each run\'s blend RMSE in-sample, cross-validated and '
+        f"on the holdout (where there is one), beside its heads' OOF RMSE.{_mean_note(df)}</figcaption></figure>"
+        "</body></html>"
+    )
 
 
-def main(folders: list[str], sort: str | None = None, as_json: bool = False, html_file: str | None = None,
-         baseline: str | None = None) -> int:
+def main(
+    folders: list[str],
+    sort: str | None = None,
+    as_json: bool = False,
+    html_file: str | None = None,
+    baseline: str | None = None,
+) -> int:
     """`pawpular runs`: print the table (or JSON); with ``html_file`` also write the page; with ``baseline`` the
     comparisons against it (``compare.py``)."""
     if html_file:

@@ -22,6 +22,7 @@ the error names the stage to run. The folder is built beside the target and swap
 target is always the old export whole or the new one whole; an existing non-empty target needs --overwrite
 and must be an earlier export (``guards.check_export_target``: never the experiment or a folder above it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,19 @@ from pathlib import Path
 
 from . import __version__, artifacts, manifest, versions
 from .config import Config, backbone_configs, backbone_model_config, load_config, save_config
-from .files import (ArtifactError, MissingArtifact, file_digest, read_json, recover_swap, remove_tree, swap_dirs,
-                    temp_path, write_bytes, write_json, write_text)
+from .files import (
+    ArtifactError,
+    MissingArtifact,
+    file_digest,
+    read_json,
+    recover_swap,
+    remove_tree,
+    swap_dirs,
+    temp_path,
+    write_bytes,
+    write_json,
+    write_text,
+)
 from .predictor import FORMAT, check_weights, manifest_digest
 
 log = logging.getLogger("pawpular")
@@ -46,8 +58,10 @@ def check_current(cfg: Config) -> None:
 
     for name, v in chain(Context(cfg), [*upstream(cfg, "ensemble"), "ensemble"]).items():
         if not v.done:
-            raise ArtifactError(f"cannot export {cfg.out}: {name} is {v.state} ({v.why()}): run `pawpular {name}` "
-                                f"(or `pawpular all`) first")
+            raise ArtifactError(
+                f"cannot export {cfg.out}: {name} is {v.state} ({v.why()}): run `pawpular {name}` "
+                f"(or `pawpular all`) first"
+            )
     for _, folder in artifacts.blend_members(cfg.out, cfg.ensemble.experiments)[1:]:
         for stage in ("train", "svr"):
             record = manifest.read(artifacts.manifest(folder, stage))
@@ -62,7 +76,9 @@ def export(out: Path, to: Path, overwrite: bool = False, data: str | None = None
 
     out, to = Path(out), Path(to)
     if not artifacts.config_yaml(out).is_file() or not artifacts.weights_json(out).is_file():
-        raise MissingArtifact(f"{out} has no config.yaml or ensemble/weights.json: run the pipeline to the ensemble first")
+        raise MissingArtifact(
+            f"{out} has no config.yaml or ensemble/weights.json: run the pipeline to the ensemble first"
+        )
     recover_swap(to)
     check_export_target(out, to, overwrite)  # never the experiment; --overwrite replaces only an earlier export
 
@@ -96,8 +112,11 @@ def _stage(out: Path, to: Path, staging: Path, members: list, weights: dict) -> 
         name = prefix.rstrip("/") or out.resolve().name
         models[name] = _export_experiment(folder, artifacts.export_experiment(staging, name), prefix, weights)
     check_weights({"weights": weights, "experiments": models})  # predict's own check, before anything is swapped in
-    shutil.copytree(Path(__file__).resolve().parent, artifacts.export_source(staging) / "pawpular",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(
+        Path(__file__).resolve().parent,
+        artifacts.export_source(staging) / "pawpular",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     from .notebook import kaggle_notebook
 
     write_text(artifacts.inference_notebook(staging), kaggle_notebook(to.name))
@@ -108,8 +127,16 @@ def _write_manifest(staging: Path, main: str, models: dict, weights: dict) -> No
     """Every file of the folder with its digest (models, heads, settings, the source copy, the notebook), and the
     manifest's own digest over all of it: predict verifies both before it uses anything."""
     files = {artifacts.relative(staging, p): file_digest(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-    found = {"format": FORMAT, "pawpular": __version__, "versions": versions.installed(), "main": main,
-             "experiments": models, "weights": weights, "files": files, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    found = {
+        "format": FORMAT,
+        "pawpular": __version__,
+        "versions": versions.installed(),
+        "main": main,
+        "experiments": models,
+        "weights": weights,
+        "files": files,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     found = json.loads(json.dumps(found, default=str))  # as it will read back
     write_json(artifacts.export_manifest(staging), {**found, "digest": manifest_digest(found)})
 
@@ -138,16 +165,17 @@ def _export_experiment(folder: Path, dst: Path, prefix: str, weights: dict) -> d
         embeddings[name] = _embedding_entry(records, unit)
     ecfg.output_dir, ecfg.data_dir, ecfg.svr.storage, ecfg.ensemble.experiments = "", "", None, []
     save_config(ecfg, artifacts.config_yaml(dst))
-    return {"prefix": prefix, "folds": folds, "weights": used, "svr_sets": svr_sets, "nn": nn,
-            "embeddings": embeddings}
+    return {"prefix": prefix, "folds": folds, "weights": used, "svr_sets": svr_sets, "nn": nn, "embeddings": embeddings}
 
 
 def _nn_entry(records: dict, fold: int) -> dict:
     """How fold ``fold``'s NN predictions were made: its own manifest's policy and TTA."""
     record = records.get(f"train/{artifacts.fold_name(fold)}")
     if record is None or "policy" not in record.info:
-        raise ArtifactError(f"train/{artifacts.fold_name(fold)}: no manifest recording its inference policy: run "
-                            "`pawpular train` (it re-predicts with the same weights)")
+        raise ArtifactError(
+            f"train/{artifacts.fold_name(fold)}: no manifest recording its inference policy: run "
+            "`pawpular train` (it re-predicts with the same weights)"
+        )
     return {"policy": record.info["policy"], "tta_hflip": bool(record.config["train"]["tta_hflip"])}
 
 
@@ -185,8 +213,9 @@ def _write_frozen_model(model_cfg, path: Path) -> None:
 
     model = build_frozen(model_cfg)
     shipped = dataclasses.replace(model_cfg, pretrained="none")  # the weights are in the file
-    write_bytes(path, model_file_bytes(model.state_dict(), dataclasses.asdict(shipped),
-                                       data_config(model_cfg, model.backbone)))
+    write_bytes(
+        path, model_file_bytes(model.state_dict(), dataclasses.asdict(shipped), data_config(model_cfg, model.backbone))
+    )
 
 
 def _copy(src: Path, dst: Path) -> None:

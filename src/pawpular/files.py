@@ -11,6 +11,7 @@ swap goes through ``_commit_point``, where the fault-injection tests kill the pr
 ``torch.save`` output is made byte-stable (saved through memory: a file name is not stored inside the zip), so
 the same weights give the same digest and a retrain that changes nothing invalidates nothing downstream.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,9 @@ import shutil
 import signal
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ArtifactError, MissingArtifact, as_read_error, as_write_error  # noqa: F401 (re-exported)
 
@@ -122,11 +124,14 @@ def read_json_object(path: str | Path) -> dict:
     try:
         value = read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}): damaged, not the file pawpular wrote; rerun the stage "
-                            "that writes it") from None
+        raise ArtifactError(
+            f"{path}: not valid JSON ({e}): damaged, not the file pawpular wrote; rerun the stage that writes it"
+        ) from None
     if not isinstance(value, dict):
-        raise ArtifactError(f"{path}: holds a JSON {type(value).__name__}, not an object: damaged, not the file "
-                            "pawpular wrote; rerun the stage that writes it")
+        raise ArtifactError(
+            f"{path}: holds a JSON {type(value).__name__}, not an object: damaged, not the file "
+            "pawpular wrote; rerun the stage that writes it"
+        )
     return value
 
 

@@ -1,17 +1,18 @@
 """Fine-tuning modes (``model.finetune``): which parameters train, and SSF adapters merged away for saving.
 
-  full  every parameter trains.
-  fpt   "frozen pretrained transformer": attention and MLP weights frozen; norm scales/biases, the patch
-        embedding (a CNN's stem), position terms (Swin relative_position_bias_table, ViT pos_embed / cls_token)
-        and the head train.
-  ssf   backbone frozen; a learnable per-channel scale (init 1) and shift (init 0) after each Linear, Conv2d and
-        LayerNorm. They are merged into the preceding layer (W' = diag(s) W, b' = s*b + t), so saved weights are a
-        plain timm state dict with the original parameter count.
-  head  linear probe: only the head trains.
+full  every parameter trains.
+fpt   "frozen pretrained transformer": attention and MLP weights frozen; norm scales/biases, the patch
+      embedding (a CNN's stem), position terms (Swin relative_position_bias_table, ViT pos_embed / cls_token)
+      and the head train.
+ssf   backbone frozen; a learnable per-channel scale (init 1) and shift (init 0) after each Linear, Conv2d and
+      LayerNorm. They are merged into the preceding layer (W' = diag(s) W, b' = s*b + t), so saved weights are a
+      plain timm state dict with the original parameter count.
+head  linear probe: only the head trains.
 
-    setup_finetune(model, "ssf")      # freeze / add adapters in place; returns (trainable, total)
-    state = export_state_dict(model)  # SSF merged in: a plain PawModel state dict
+  setup_finetune(model, "ssf")      # freeze / add adapters in place; returns (trainable, total)
+  state = export_state_dict(model)  # SSF merged in: a plain PawModel state dict
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,11 +27,20 @@ from .models import PawModel
 log = logging.getLogger("pawpular")
 
 # Parameter names (last component) that are position terms: they train in `fpt` and get no weight decay.
-POSITION_TERMS = ("relative_position_bias_table", "pos_embed", "cls_token", "reg_token", "dist_token", "absolute_pos_embed")
+POSITION_TERMS = (
+    "relative_position_bias_table",
+    "pos_embed",
+    "cls_token",
+    "reg_token",
+    "dist_token",
+    "absolute_pos_embed",
+)
 
 
 def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+    if isinstance(
+        module, (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    ):
         return True
     return "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))
 
@@ -64,8 +74,13 @@ def setup_finetune(model: PawModel, mode: str) -> tuple[int, int]:
         raise ConfigError(f"model.finetune must be full, fpt, ssf or head, got {mode!r}")
     total = count_parameters(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("finetune %s: %s of %s parameters trainable (%.2f%%)", mode, f"{trainable:,}", f"{total:,}",
-             100.0 * trainable / max(total, 1))
+    log.info(
+        "finetune %s: %s of %s parameters trainable (%.2f%%)",
+        mode,
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+    )
     return trainable, total
 
 

@@ -2,6 +2,7 @@
 then write the fold's checkpoint, predictions and manifest. stages/train.py decides which folds run and combines
 them; the epoch loop's pieces (optimizer, schedule, one epoch) are in training.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,18 @@ from .metrics import rmse
 from .models import build_model, data_config, load_checkpoint
 from .splits import HOLDOUT
 from .tracking import StepMeter
-from .training import (DIVERGED_HINT, FoldState, LossNotFinite, Trainer, grad_scaler, make_optimizer, make_scheduler,
-                       seed_epoch, train_loader, train_one_epoch)
+from .training import (
+    DIVERGED_HINT,
+    FoldState,
+    LossNotFinite,
+    Trainer,
+    grad_scaler,
+    make_optimizer,
+    make_scheduler,
+    seed_epoch,
+    train_loader,
+    train_one_epoch,
+)
 
 if TYPE_CHECKING:
     from .stages import Plan
@@ -86,8 +97,12 @@ class FoldRun:
         self.loader = train_loader(self.train_ds, tc, self.ctx.device, self.ctx.dist)
         optimizer = make_optimizer(model, tc)
         self.steps = math.ceil(len(self.loader) / tc.accum_steps)
-        self.trainer = Trainer(model, optimizer, make_scheduler(optimizer, tc, self.steps),
-                               grad_scaler(self.policy.precision, self.dev.type))
+        self.trainer = Trainer(
+            model,
+            optimizer,
+            make_scheduler(optimizer, tc, self.steps),
+            grad_scaler(self.policy.precision, self.dev.type),
+        )
 
     def resume(self) -> tuple[FoldState, np.ndarray]:
         last = artifacts.last_checkpoint(self.cfg.out, self.fold)
@@ -98,12 +113,19 @@ class FoldRun:
                 self.build()  # its weights were loaded: build the fold's start again
             elif restored is not None:
                 state = restored[0]
-                log.info("fold %d: resuming after epoch %d of %d (best val RMSE %.4f at epoch %d)", self.fold,
-                         state.epoch, self.cfg.train.epochs, state.best_rmse, state.best_epoch)
+                log.info(
+                    "fold %d: resuming after epoch %d of %d (best val RMSE %.4f at epoch %d)",
+                    self.fold,
+                    state.epoch,
+                    self.cfg.train.epochs,
+                    state.best_rmse,
+                    state.best_epoch,
+                )
                 return restored
             else:
-                log.warning("fold %d: %s was written for other settings or data; starting the fold afresh", self.fold,
-                            last)
+                log.warning(
+                    "fold %d: %s was written for other settings or data; starting the fold afresh", self.fold, last
+                )
         if self.ctx.dist.main:  # a fresh start: stale files must not look like this run's
             for f in (*FOLD_FILES, "holdout.parquet", "epochs.parquet", "last.pt"):
                 remove(self.dir / f)
@@ -112,25 +134,42 @@ class FoldRun:
     def epochs(self, state: FoldState, best_pred: np.ndarray) -> tuple[FoldState, np.ndarray]:
         tc, dist = self.cfg.train, self.ctx.dist
         model = self.trainer.model
-        ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if self.ctx.device == "cuda" else None) if dist.enabled else None
+        ddp = (
+            torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if self.ctx.device == "cuda" else None
+            )
+            if dist.enabled
+            else None
+        )
         forward = torch.compile(ddp or model) if tc.compile else (ddp or model)
-        how = [str(self.dev), self.policy.precision] + ["channels_last"] * self.policy.channels_last + \
-            ["compiled"] * tc.compile
-        log.info("fold %d: %d train / %d val images, input %s, %d steps/epoch, %d epochs, %s", self.fold,
-                 len(self.train_ds), len(self.val_ds), self.data_cfg["input_size"], self.steps, tc.epochs,
-                 ", ".join(how))
+        how = (
+            [str(self.dev), self.policy.precision]
+            + ["channels_last"] * self.policy.channels_last
+            + ["compiled"] * tc.compile
+        )
+        log.info(
+            "fold %d: %d train / %d val images, input %s, %d steps/epoch, %d epochs, %s",
+            self.fold,
+            len(self.train_ds),
+            len(self.val_ds),
+            self.data_cfg["input_size"],
+            self.steps,
+            tc.epochs,
+            ", ".join(how),
+        )
         while state.epoch < tc.epochs and not state.stopped:
             epoch, t0 = state.epoch, time.time()
             loss = self.train_epoch(forward, ddp, epoch)
             pred = self.predict(model, self.val_ds)
             best_pred = self.end_epoch(state, epoch, loss, pred, best_pred, time.time() - t0)
         if state.stopped:
-            log.info("fold %d: early stop after epoch %d (no improvement for %d epochs)", self.fold, state.epoch,
-                     tc.patience)
+            log.info(
+                "fold %d: early stop after epoch %d (no improvement for %d epochs)", self.fold, state.epoch, tc.patience
+            )
         self.ctx.tracker.log({"best/epoch": state.best_epoch, "best/val_rmse": state.best_rmse}, self.fold, axis="fold")
-        self.ctx.tracker.summary({f"fold{self.fold}/best_epoch": state.best_epoch,
-                                  f"fold{self.fold}/best_val_rmse": state.best_rmse})
+        self.ctx.tracker.summary(
+            {f"fold{self.fold}/best_epoch": state.best_epoch, f"fold{self.fold}/best_val_rmse": state.best_rmse}
+        )
         return state, best_pred
 
     def train_epoch(self, forward, ddp, epoch: int) -> float:
@@ -139,12 +178,22 @@ class FoldRun:
         seed_epoch(self.seed + epoch, self.loader, dist.rank)
         meter = StepMeter(self.ctx.tracker, self.fold, epoch, len(self.loader), dist.world)
         try:
-            loss = train_one_epoch(forward, self.loader, self.trainer.optimizer, self.trainer.scheduler,
-                                   self.trainer.scaler, self.dev, tc, precision=self.policy.precision,
-                                   channels_last=self.policy.channels_last, ddp=ddp,
-                                   frozen_backbone=model.backbone if cfg.model.finetune == "head" else None,
-                                   desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}", show=dist.main,
-                                   on_step=meter if self.ctx.tracker.enabled else None)
+            loss = train_one_epoch(
+                forward,
+                self.loader,
+                self.trainer.optimizer,
+                self.trainer.scheduler,
+                self.trainer.scaler,
+                self.dev,
+                tc,
+                precision=self.policy.precision,
+                channels_last=self.policy.channels_last,
+                ddp=ddp,
+                frozen_backbone=model.backbone if cfg.model.finetune == "head" else None,
+                desc=f"fold {self.fold} epoch {epoch + 1}/{tc.epochs}",
+                show=dist.main,
+                on_step=meter if self.ctx.tracker.enabled else None,
+            )
         except LossNotFinite as e:
             self.diverged(epoch, e.value, e.step)
         loss = dist.mean(loss, self.dev)
@@ -156,17 +205,23 @@ class FoldRun:
         """The loss became NaN / inf: say where and what to change (best.pt holds the last finite epoch's best)."""
         where = f"epoch {epoch + 1} step {step}" if step else f"epoch {epoch + 1}"
         what = "NaN" if math.isnan(value) else "infinite"
-        raise LossNotFinite(f"fold {self.fold}: the loss became {what} at {where} (train.lr={self.cfg.train.lr:g}); "
-                            f"{DIVERGED_HINT}", step, value)
+        raise LossNotFinite(
+            f"fold {self.fold}: the loss became {what} at {where} (train.lr={self.cfg.train.lr:g}); {DIVERGED_HINT}",
+            step,
+            value,
+        )
 
-    def end_epoch(self, state: FoldState, epoch: int, loss: float, pred: np.ndarray, best_pred: np.ndarray,
-                  seconds: float) -> np.ndarray:
+    def end_epoch(
+        self, state: FoldState, epoch: int, loss: float, pred: np.ndarray, best_pred: np.ndarray, seconds: float
+    ) -> np.ndarray:
         """Score the epoch, keep the best, write best.pt / metrics.csv / last.pt (rank 0), call the test hook."""
         tc, model = self.cfg.train, self.trainer.model
         val_rmse = rmse(pred, self.val_df[TARGET].to_numpy())
         if not math.isfinite(val_rmse):  # the weights diverged though the loss still looked finite
-            raise LossNotFinite(f"fold {self.fold}: the validation predictions became NaN at epoch {epoch + 1} "
-                                f"(train.lr={tc.lr:g}); {DIVERGED_HINT}")
+            raise LossNotFinite(
+                f"fold {self.fold}: the validation predictions became NaN at epoch {epoch + 1} "
+                f"(train.lr={tc.lr:g}); {DIVERGED_HINT}"
+            )
         state.epoch = epoch + 1
         improved = val_rmse < state.best_rmse
         if improved:
@@ -180,14 +235,30 @@ class FoldRun:
         state.epoch_preds.append(np.asarray(pred, float).tolist())
         if self.ctx.dist.main:
             if improved:
-                save_torch({"model": export_state_dict(model), "model_cfg": dataclasses.asdict(self.cfg.model),
-                            "data_cfg": self.data_cfg, "epoch": epoch + 1, "val_rmse": val_rmse},
-                           artifacts.best_checkpoint(self.cfg.out, self.fold))
+                save_torch(
+                    {
+                        "model": export_state_dict(model),
+                        "model_cfg": dataclasses.asdict(self.cfg.model),
+                        "data_cfg": self.data_cfg,
+                        "epoch": epoch + 1,
+                        "val_rmse": val_rmse,
+                    },
+                    artifacts.best_checkpoint(self.cfg.out, self.fold),
+                )
             write_csv(pd.DataFrame(state.history), artifacts.fold_metrics(self.cfg.out, self.fold))
             if tc.save_every_epoch:
                 self.trainer.save(artifacts.last_checkpoint(self.cfg.out, self.fold), state, best_pred, self.key)
-        log.info("fold %d epoch %d/%d: train_loss %.4f val_rmse %.4f lr %.2e (%.1fs)%s", self.fold, epoch + 1,
-                 tc.epochs, loss, val_rmse, lr, seconds, " *" if improved else "")
+        log.info(
+            "fold %d epoch %d/%d: train_loss %.4f val_rmse %.4f lr %.2e (%.1fs)%s",
+            self.fold,
+            epoch + 1,
+            tc.epochs,
+            loss,
+            val_rmse,
+            lr,
+            seconds,
+            " *" if improved else "",
+        )
         self.ctx.tracker.log({"val/rmse": val_rmse, "train/epoch_loss": loss}, epoch + 1, f"fold{self.fold}", "epoch")
         self.ctx.dist.barrier()
         hook = self.ctx.hooks.get("on_epoch_end")
@@ -196,9 +267,16 @@ class FoldRun:
         return best_pred
 
     def predict(self, model: torch.nn.Module, ds) -> np.ndarray:
-        return run_backbone(model, ds, self.dev, self.policy, batch_size=self.cfg.embed.batch_size,
-                            num_workers=self.cfg.train.num_workers, pred_tta=self.cfg.train.tta_hflip,
-                            dist=self.ctx.dist).pred
+        return run_backbone(
+            model,
+            ds,
+            self.dev,
+            self.policy,
+            batch_size=self.cfg.embed.batch_size,
+            num_workers=self.cfg.train.num_workers,
+            pred_tta=self.cfg.train.tta_hflip,
+            dist=self.ctx.dist,
+        ).pred
 
     def finish(self, best_pred: np.ndarray, epoch_preds: list | None = None) -> None:
         """The best checkpoint's test and holdout predictions; the fold's files, then its manifest (rank 0).
@@ -207,20 +285,36 @@ class FoldRun:
         best_model, _ = load_checkpoint(artifacts.best_checkpoint(out, self.fold), self.dev)
         test_pred = self.predict(best_model, eval_dataset(comp.test, comp.root / "test", self.data_cfg))
         held = len(self.holdout_df) > 0
-        held_pred = self.predict(best_model, eval_dataset(self.holdout_df, comp.root / "train", self.data_cfg)) if held else None
+        held_pred = (
+            self.predict(best_model, eval_dataset(self.holdout_df, comp.root / "train", self.data_cfg))
+            if held
+            else None
+        )
         if self.ctx.dist.main:
             write_parquet(pd.DataFrame({ID: comp.test[ID], "pred": test_pred}), self.dir / "test.parquet")
             if held:
                 write_parquet(pd.DataFrame({ID: self.holdout_df[ID], "pred": held_pred}), self.dir / "holdout.parquet")
-            write_parquet(pd.DataFrame({ID: self.val_df[ID], "fold": self.fold, "pred": best_pred}), self.dir / "oof.parquet")
+            write_parquet(
+                pd.DataFrame({ID: self.val_df[ID], "fold": self.fold, "pred": best_pred}), self.dir / "oof.parquet"
+            )
             epochs = artifacts.epoch_preds(out, self.fold)
             if epoch_preds is not None:
-                write_parquet(pd.DataFrame({ID: self.val_df[ID], **{f"epoch_{e + 1}": p for e, p in
-                                                                    enumerate(epoch_preds)}}), epochs)
+                write_parquet(
+                    pd.DataFrame({ID: self.val_df[ID], **{f"epoch_{e + 1}": p for e, p in enumerate(epoch_preds)}}),
+                    epochs,
+                )
             remove(artifacts.last_checkpoint(out, self.fold))
             files = [self.dir / f for f in FOLD_FILES] + ([self.dir / "holdout.parquet"] if held else [])
             files += [epochs] if epochs.is_file() else []
             p = self.plan
-            manifest.commit(self.dir / "manifest.json", out, manifest.Record(p.config, p.inputs, info={
-                "policy": self.policy.to_dict(), "device": self.ctx.device, "weights_key": self.weights_key}), files)
+            manifest.commit(
+                self.dir / "manifest.json",
+                out,
+                manifest.Record(
+                    p.config,
+                    p.inputs,
+                    info={"policy": self.policy.to_dict(), "device": self.ctx.device, "weights_key": self.weights_key},
+                ),
+                files,
+            )
         self.ctx.dist.barrier()

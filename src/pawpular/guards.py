@@ -13,6 +13,7 @@ temporary files carry the project's own pattern (``files.TEMP_GLOB``). Everythin
 
 Paths are compared resolved (symlinks, ``..``), and an existing ``--out`` also by inode (a hard link to an input).
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,15 @@ def within(path: str | Path, folder: str | Path) -> bool:
 
 
 # What a stage writes into a fold folder (train/fold{k}, emb/fold{k}, svr/fold{k}): removing a fold removes these.
-FOLD_FILES = ("manifest.json", "best.pt", "last.pt", "metrics.csv", "epochs.parquet", "head.safetensors",
-              *(f"{split}.parquet" for split in ("oof", "test", "holdout", "train")))
+FOLD_FILES = (
+    "manifest.json",
+    "best.pt",
+    "last.pt",
+    "metrics.csv",
+    "epochs.parquet",
+    "head.safetensors",
+    *(f"{split}.parquet" for split in ("oof", "test", "holdout", "train")),
+)
 
 
 def remove_fold_folder(folder: Path) -> list[str]:
@@ -87,15 +95,21 @@ def check_experiment_folder(out: Path, data: Path, experiment: str | None = None
     given: a second config never silently takes over another's folder), and never into the competition folder."""
     out = Path(out)
     if experiment is not None and (recorded := recorded_experiment(out)) not in (None, experiment):
-        raise UsageError(f"--output {out} holds the experiment {recorded!r} (its config.yaml); this config is "
-                         f"{experiment!r}: it would take over that experiment's files; choose another --output, or "
-                         f"--set experiment={recorded} to continue that one")
+        raise UsageError(
+            f"--output {out} holds the experiment {recorded!r} (its config.yaml); this config is "
+            f"{experiment!r}: it would take over that experiment's files; choose another --output, or "
+            f"--set experiment={recorded} to continue that one"
+        )
     if data and within(out, data):
-        raise UsageError(f"--output {out} is inside the competition folder {data} (data_dir): the pipeline never "
-                         "writes into its inputs; choose another --output")
+        raise UsageError(
+            f"--output {out} is inside the competition folder {data} (data_dir): the pipeline never "
+            "writes into its inputs; choose another --output"
+        )
     if out.is_dir() and not is_experiment(out) and (found := _entries(out)):
-        raise UsageError(f"--output {out} is not empty and holds no pawpular experiment (found {_show(found)}): "
-                         "a stage writes only into a new or empty folder or an experiment; choose another --output")
+        raise UsageError(
+            f"--output {out} is not empty and holds no pawpular experiment (found {_show(found)}): "
+            "a stage writes only into a new or empty folder or an experiment; choose another --output"
+        )
 
 
 def _show(names: list[str], n: int = 3) -> str:
@@ -115,7 +129,10 @@ def export_files(to: Path) -> dict | None:
 
 def _foreign_files(to: Path, listed: dict) -> list[str]:
     """Files in export ``to`` that export did not write: not its manifest, notebook, source copy or listed files."""
-    own = {artifacts.relative(to, artifacts.export_manifest(to)), artifacts.relative(to, artifacts.inference_notebook(to))}
+    own = {
+        artifacts.relative(to, artifacts.export_manifest(to)),
+        artifacts.relative(to, artifacts.inference_notebook(to)),
+    }
     source = artifacts.relative(to, artifacts.export_source(to))
     found = []
     for p in sorted(to.rglob("*")):
@@ -130,8 +147,10 @@ def check_export_target(out: Path, to: Path, overwrite: bool) -> None:
     """export --to: never the experiment or a folder above it; an existing non-empty folder only when it is an
     earlier export (its manifest says so) holding nothing else, and only with --overwrite."""
     if within(out, to):
-        raise UsageError(f"export --to {to}: that is the experiment {out} or a folder above it: the export would "
-                         "replace what it reads; choose another --to (even --overwrite never does this)")
+        raise UsageError(
+            f"export --to {to}: that is the experiment {out} or a folder above it: the export would "
+            "replace what it reads; choose another --to (even --overwrite never does this)"
+        )
     if not to.exists():
         return
     if not to.is_dir():
@@ -140,14 +159,18 @@ def check_export_target(out: Path, to: Path, overwrite: bool) -> None:
         return
     listed = export_files(to)
     if listed is None:
-        raise UsageError(f"export --to {to}: not empty and not an export (no manifest.json of `pawpular export`): "
-                         "export replaces only an earlier export, even with --overwrite; choose another --to or "
-                         "empty it")
+        raise UsageError(
+            f"export --to {to}: not empty and not an export (no manifest.json of `pawpular export`): "
+            "export replaces only an earlier export, even with --overwrite; choose another --to or "
+            "empty it"
+        )
     if not overwrite:
         raise UsageError(f"{to} exists and is not empty: pass --overwrite to replace it")
     if foreign := _foreign_files(to, listed):
-        raise UsageError(f"export --to {to}: holds files export did not write ({_show(foreign)}): --overwrite would "
-                         "remove them; move them out or choose another --to")
+        raise UsageError(
+            f"export --to {to}: holds files export did not write ({_show(foreign)}): --overwrite would "
+            "remove them; move them out or choose another --to"
+        )
 
 
 def check_own_page(path: Path, flag: str, marker: str) -> None:
@@ -164,21 +187,27 @@ def check_own_page(path: Path, flag: str, marker: str) -> None:
     except OSError:
         ours = False
     if not ours:
-        raise UsageError(f"{flag} {path}: exists and is not a page pawpular wrote: it would be replaced; choose "
-                         "another file name (or remove it first)")
+        raise UsageError(
+            f"{flag} {path}: exists and is not a page pawpular wrote: it would be replaced; choose "
+            "another file name (or remove it first)"
+        )
 
 
 def check_predict_out(out: Path, art: Path, data: Path) -> None:
     """predict --out: never a file of the competition folder or of the artifact folder (test.csv, a model ...)."""
     for folder, what in ((data, "the competition folder (--data)"), (art, "the artifact folder (--artifacts)")):
         if within(out, folder):
-            raise UsageError(f"predict --out {out}: inside {what} {folder}: predict never writes onto its inputs; "
-                             "choose another --out, e.g. submission.csv")
+            raise UsageError(
+                f"predict --out {out}: inside {what} {folder}: predict never writes onto its inputs; "
+                "choose another --out, e.g. submission.csv"
+            )
     if not out.is_file():
         return
     inputs = [Path(data) / n for n in ("test.csv", "sample_submission.csv", "train.csv")]
     inputs.append(artifacts.export_manifest(Path(art)))
     for p in inputs:
         if p.is_file() and os.path.samefile(p, out):
-            raise UsageError(f"predict --out {out}: is {p} (the same file: a link): predict never writes onto its "
-                             "inputs; choose another --out")
+            raise UsageError(
+                f"predict --out {out}: is {p} (the same file: a link): predict never writes onto its "
+                "inputs; choose another --out"
+            )

@@ -11,6 +11,7 @@ check-data's decoding holds at most ``PAWPULAR_MAX_PIXELS x PEAK_BYTES_PER_PIXEL
 and however large the photos. An environment variable rather than a config key: check-data and predict run
 without an experiment config, and DataLoader workers inherit it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,8 @@ import ctypes
 import functools
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -138,8 +139,10 @@ def _refuse_huge(path: Path, im: Image.Image, header: tuple[int, int]) -> int:
     cap = max_pixels()
     if w * h > cap:
         scaled = f" (decoded at {w}x{h})" if (w, h) != tuple(header) else ""
-        raise ImageDecodeError(f"{path}: {header[0]}x{header[1]} pixels{scaled}, {w * h / 1e6:.0f} million to decode, "
-                               f"over the cap of {cap / 1e6:g} million ({MAX_PIXELS_ENV}); refused before decoding")
+        raise ImageDecodeError(
+            f"{path}: {header[0]}x{header[1]} pixels{scaled}, {w * h / 1e6:.0f} million to decode, "
+            f"over the cap of {cap / 1e6:g} million ({MAX_PIXELS_ENV}); refused before decoding"
+        )
     return w * h
 
 

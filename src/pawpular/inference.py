@@ -11,13 +11,15 @@ with an export, so ``predict`` computes exactly what the pipeline computed.
 
 Under torchrun the images are sharded over the ranks and gathered once (every rank gets the whole result).
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +38,14 @@ class Policy:
     channels_last: bool = False
 
     @classmethod
-    def for_run(cls, device: str, precision: str = "auto", channels_last: bool | str = "auto", amp: bool = True,
-                bf16: bool | None = None) -> "Policy":
+    def for_run(
+        cls,
+        device: str,
+        precision: str = "auto",
+        channels_last: bool | str = "auto",
+        amp: bool = True,
+        bf16: bool | None = None,
+    ) -> Policy:
         """The policy a stage runs with on ``device``: ``precision`` auto = ``precision_rule`` (with ``amp``), an
         explicit one as asked on any device, except bf16 on a GPU without native bf16 (fp16, warned once);
         ``channels_last`` auto = on a GPU. ``bf16``: whether the GPU has it (None: ask torch)."""
@@ -48,13 +56,13 @@ class Policy:
         return cls(chosen, device == "cuda" if channels_last == "auto" else bool(channels_last))
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Policy":
+    def from_dict(cls, d: dict | None) -> Policy:
         return cls(**d) if d else cls()
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def usable_on(self, device: str, bf16: bool | None = None, native: bool | None = None) -> "Policy":
+    def usable_on(self, device: str, bf16: bool | None = None, native: bool | None = None) -> Policy:
         """This policy as ``device`` can run it (each change logged once: results differ a little).
 
         A GPU without native bf16 (T4, P100, V100) runs fp16 for bf16; a CPU runs bf16 / fp16 where it has the
@@ -65,15 +73,19 @@ class Policy:
         if device != "cuda":
             native = cpu_native(self.precision) if native is None else native
             if self.precision != "fp32" and not native:
-                _warn_once(f"the pipeline ran this model in {self.precision}; this {device} has no {self.precision} "
-                           "instructions and runs it in fp32: predictions may differ from the pipeline's in the "
-                           "third decimal")
+                _warn_once(
+                    f"the pipeline ran this model in {self.precision}; this {device} has no {self.precision} "
+                    "instructions and runs it in fp32: predictions may differ from the pipeline's in the "
+                    "third decimal"
+                )
                 return Policy("fp32", self.channels_last)
             return self
         bf16 = gpu_has_bf16() if bf16 is None else bf16
         if self.precision == "bf16" and not bf16:
-            _warn_once("this GPU has no native bf16: the models made in bf16 run in fp16 here (predictions may "
-                       "differ from the pipeline's in the third decimal)")
+            _warn_once(
+                "this GPU has no native bf16: the models made in bf16 run in fp16 here (predictions may "
+                "differ from the pipeline's in the third decimal)"
+            )
             return Policy("fp16", self.channels_last)
         return self
 
@@ -95,7 +107,7 @@ def gpu_has_bf16() -> bool:
 CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """This CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
@@ -154,8 +166,16 @@ class Outputs:
 
 
 @torch.inference_mode()
-def forward_batches(model: torch.nn.Module, batches: Iterable[dict], device: str | torch.device, policy: Policy = Policy(),
-                    *, pred_tta: bool | None = None, emb_tta: bool | None = None, desc: str = "") -> Outputs:
+def forward_batches(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    device: str | torch.device,
+    policy: Policy = Policy(),
+    *,
+    pred_tta: bool | None = None,
+    emb_tta: bool | None = None,
+    desc: str = "",
+) -> Outputs:
     """Run ``model`` (a PawModel) over ``batches`` (dicts of image, meta) in order.
 
     ``pred_tta`` / ``emb_tta``: None = not wanted, False = plain, True = averaged with the mirror image.
@@ -183,26 +203,49 @@ def forward_batches(model: torch.nn.Module, batches: Iterable[dict], device: str
             if emb_tta is not None:
                 emb = e.float() if not emb_tta else (e.float() + flipped.float()) / 2
                 embs.append(emb.cpu().numpy())
-    return Outputs(np.concatenate(preds) if pred_tta is not None else None,
-                   np.concatenate(embs).astype(np.float32) if emb_tta is not None else None)
+    return Outputs(
+        np.concatenate(preds) if pred_tta is not None else None,
+        np.concatenate(embs).astype(np.float32) if emb_tta is not None else None,
+    )
 
 
-def run_backbone(model: torch.nn.Module, dataset: Any, device: str | torch.device, policy: Policy = Policy(), *,
-                 batch_size: int, num_workers: int = 0, pred_tta: bool | None = None, emb_tta: bool | None = None,
-                 dist: Dist = Dist(), desc: str = "") -> Outputs:
+def run_backbone(
+    model: torch.nn.Module,
+    dataset: Any,
+    device: str | torch.device,
+    policy: Policy = Policy(),
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    pred_tta: bool | None = None,
+    emb_tta: bool | None = None,
+    dist: Dist | None = None,
+    desc: str = "",
+) -> Outputs:
     """``forward_batches`` over a whole dataset (under torchrun: this rank's shard, then gathered)."""
+    dist = dist or Dist()
     idx = dist.shard(len(dataset))
     if dist.enabled and not len(idx):  # more ranks than images (Kaggle's 8 test photos): nothing to run here,
-        out = Outputs()                # but the gathers are collective: every rank must join them
+        out = Outputs()  # but the gathers are collective: every rank must join them
     else:
         part = dataset if not dist.enabled else torch.utils.data.Subset(dataset, idx.tolist())
-        loader = torch.utils.data.DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                             pin_memory=torch.device(device).type == "cuda")
+        loader = torch.utils.data.DataLoader(
+            part,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=torch.device(device).type == "cuda",
+        )
         out = forward_batches(model, loader, device, policy, pred_tta=pred_tta, emb_tta=emb_tta, desc=desc)
     return Outputs(dist.gather(idx, out.pred, len(dataset)), dist.gather(idx, out.emb, len(dataset)))
 
 
-def predict(model: torch.nn.Module, batches: Iterable[dict], device: str | torch.device = "cpu",
-            tta_hflip: bool = False, policy: Policy = Policy()) -> np.ndarray:
+def predict(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    device: str | torch.device = "cpu",
+    tta_hflip: bool = False,
+    policy: Policy = Policy(),
+) -> np.ndarray:
     """Pawpularity (0-100) for every item of ``batches``, in order."""
     return forward_batches(model, batches, device, policy, pred_tta=tta_hflip).pred

@@ -24,6 +24,7 @@ The rules:
   left out where it cannot run (GPU too old, driver too old). The GPU set is resolved by pip within the lower
   bounds and RAPIDS's own pins (cuDF pins pandas and pyarrow), not locked to constraints.txt.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,23 +32,62 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 # The machine's facts (GpuInfo, parse_nvidia_smi, read_tested are re-exported: doctor and the tests use them here)
 # and the rules on them (cuda_builds.py)
 if __package__:  # imported as pawpular.install_plan
-    from .cuda_builds import (NVIDIA_INDEX, PlanError, TorchVerdict, cuda_major, gpu_names, rapids_blocker, torch_fix,
-                              torch_index, torch_install_command, torch_requirements, torch_verdict, wants_gpu)
-    from .machine import (ENV_KEYS, ROOT, Driver, Facts, GpuInfo, Runner, TorchInfo, gather_facts,  # noqa: F401
-                          parse_nvidia_smi, probe_torch, read_driver, read_tested)
+    from .cuda_builds import (
+        NVIDIA_INDEX,
+        PlanError,
+        TorchVerdict,
+        cuda_major,
+        gpu_names,
+        rapids_blocker,
+        torch_fix,
+        torch_index,
+        torch_install_command,
+        torch_requirements,
+        torch_verdict,
+        wants_gpu,
+    )
+    from .machine import (
+        ENV_KEYS,
+        ROOT,
+        Facts,
+        TorchInfo,
+        gather_facts,  # noqa: F401
+        probe_torch,
+        read_driver,
+    )
 else:  # run as a file with `python -I` (no sys.path entry for this folder): the siblings by their path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from cuda_builds import (NVIDIA_INDEX, PlanError, TorchVerdict, cuda_major, gpu_names, rapids_blocker, torch_fix,
-                             torch_index, torch_install_command, torch_requirements, torch_verdict, wants_gpu)
-    from machine import (ENV_KEYS, ROOT, Driver, Facts, GpuInfo, Runner, TorchInfo, gather_facts,  # noqa
-                         parse_nvidia_smi, probe_torch, read_driver, read_tested)
+    from cuda_builds import (
+        NVIDIA_INDEX,
+        PlanError,
+        TorchVerdict,
+        cuda_major,
+        gpu_names,
+        rapids_blocker,
+        torch_fix,
+        torch_index,
+        torch_install_command,
+        torch_requirements,
+        torch_verdict,
+        wants_gpu,
+    )
+    from machine import (
+        ENV_KEYS,
+        ROOT,
+        Facts,
+        TorchInfo,
+        gather_facts,  # noqa
+        probe_torch,
+        read_driver,
+    )
+
     sys.path.pop(0)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,11 +127,15 @@ def _gpu_major(facts: Facts, verdict: TorchVerdict, notes: list[str]) -> int | N
         return None
     major = cuda_major(env, driver, facts.torch)
     if major is None and driver is not None and driver.cuda:
-        notes.append(f"WARNING: {verdict.problem or 'the driver is too old'}: installing the CPU set; "
-                     f"{torch_fix(facts.python, driver, facts.tested, env)}")
+        notes.append(
+            f"WARNING: {verdict.problem or 'the driver is too old'}: installing the CPU set; "
+            f"{torch_fix(facts.python, driver, facts.tested, env)}"
+        )
     elif major is None:
-        raise PlanError("a GPU install was asked for (PAWPULAR_GPU=1) but no NVIDIA driver says which CUDA it runs "
-                        "(nvidia-smi): set PAWPULAR_CUDA=12 or 13 to choose the builds")
+        raise PlanError(
+            "a GPU install was asked for (PAWPULAR_GPU=1) but no NVIDIA driver says which CUDA it runs "
+            "(nvidia-smi): set PAWPULAR_CUDA=12 or 13 to choose the builds"
+        )
     return major
 
 
@@ -99,15 +143,23 @@ def _cpu_plan(facts: Facts, keep: list[str], notes: list[str]) -> Plan:
     """requirements.txt at the tested versions, or beside a torch that uses the GPU (kept: pinned as it is)."""
     env, driver, torch = facts.env, facts.driver, facts.torch
     pip = [facts.python, "-m", "pip", "install"]
-    why = ("PAWPULAR_GPU=0" if env.get("PAWPULAR_GPU", "").strip() == "0" else
-           "no NVIDIA driver: nvidia-smi not found" if driver is None else
-           f"nvidia-smi failed: {driver.error}" if driver.error else
-           "nvidia-smi lists no GPU" if not driver.gpus else "")
+    why = (
+        "PAWPULAR_GPU=0"
+        if env.get("PAWPULAR_GPU", "").strip() == "0"
+        else "no NVIDIA driver: nvidia-smi not found"
+        if driver is None
+        else f"nvidia-smi failed: {driver.error}"
+        if driver.error
+        else "nvidia-smi lists no GPU"
+        if not driver.gpus
+        else ""
+    )
     if keep:
         notes.append(f"keeping torch {torch.label}: it uses the GPU (constraints.txt would replace it)")
         return Plan("cpu", None, (Step((*pip, "-r", "requirements.txt", *keep)),), tuple(notes))
-    notes.append("CPU install" + (f" ({why})" if why else "") + ": requirements.txt at the tested versions "
-                 "in constraints.txt")
+    notes.append(
+        "CPU install" + (f" ({why})" if why else "") + ": requirements.txt at the tested versions in constraints.txt"
+    )
     return Plan("cpu", None, (Step((*pip, "-r", "requirements.txt", "-c", "constraints.txt")),), tuple(notes))
 
 
@@ -118,15 +170,19 @@ def _gpu_torch(facts: Facts, major: int, verdict: TorchVerdict, notes: list[str]
     if verdict.usable and torch is not None:
         notes.append(f"keeping torch {torch.label}: it already uses the GPU")
         if torch.cuda_major != major:
-            notes.append(f"note: torch is built for CUDA {torch.cuda} but the RAPIDS builds are for CUDA {major} "
-                         "(PAWPULAR_CUDA)")
+            notes.append(
+                f"note: torch is built for CUDA {torch.cuda} but the RAPIDS builds are for CUDA {major} (PAWPULAR_CUDA)"
+            )
         return [], _pins(torch)
     if torch is None or torch.error or torch.cuda_major != major:
-        what = verdict.problem or ("torch is not installed" if torch is None else f"torch {torch.label} is not a "
-                                   f"CUDA {major} build")
+        what = verdict.problem or (
+            "torch is not installed" if torch is None else f"torch {torch.label} is not a CUDA {major} build"
+        )
         notes.append(f"{what}: installing torch for CUDA {major} from {torch_index(major, env)}")
-        return ([Step(tuple(torch_install_command(facts.python, major, facts.tested, env)))],
-                torch_requirements(major, facts.tested, env))
+        return (
+            [Step(tuple(torch_install_command(facts.python, major, facts.tested, env)))],
+            torch_requirements(major, facts.tested, env),
+        )
     if driver is None or not driver.gpus:  # PAWPULAR_GPU=1 on a machine without a GPU (an image built for one)
         notes.append(f"keeping torch {torch.label}: a CUDA {major} build (no GPU here to try it on)")
     else:  # the right build, yet it sees no GPU: a reinstall would not help; keep it and say so loudly
@@ -143,8 +199,11 @@ def make_plan(facts: Facts) -> Plan:
     if major is None:  # the CPU set
         return _cpu_plan(facts, _pins(torch) if verdict.usable and torch is not None else [], notes)
 
-    where = f"driver {driver.version}, CUDA {driver.cuda_text}, {gpu_names(driver)}" if driver and driver.gpus else \
-        "no driver visible: PAWPULAR_GPU=1"
+    where = (
+        f"driver {driver.version}, CUDA {driver.cuda_text}, {gpu_names(driver)}"
+        if driver and driver.gpus
+        else "no driver visible: PAWPULAR_GPU=1"
+    )
     notes.append(f"GPU install for CUDA {major} ({where})")
     steps, keep = _gpu_torch(facts, major, verdict, notes)
     blocker = rapids_blocker(major, driver)
@@ -152,8 +211,12 @@ def make_plan(facts: Facts) -> Plan:
         notes.append(f"{blocker}: no RAPIDS, the SVR head runs on scikit-learn")
         steps.append(Step((*pip, "-r", "requirements.txt", *keep)))
     else:
-        steps.append(Step((*pip, "-r", "requirements-gpu.txt", *keep, "--extra-index-url", NVIDIA_INDEX),
-                          {"PAWPULAR_CUDA": str(major)}))
+        steps.append(
+            Step(
+                (*pip, "-r", "requirements-gpu.txt", *keep, "--extra-index-url", NVIDIA_INDEX),
+                {"PAWPULAR_CUDA": str(major)},
+            )
+        )
     return Plan("gpu", major, tuple(steps), tuple(notes))
 
 
@@ -165,8 +228,12 @@ def plan_key(facts: Facts) -> str:
     return f"{key} index={index}" if index and key != "cpu" else key
 
 
-def execute(plan: Plan, root: Path = ROOT, quiet: bool = False,
-            run: Callable[..., int] = lambda argv, env, cwd: subprocess.run(argv, env=env, cwd=cwd).returncode) -> int:
+def execute(
+    plan: Plan,
+    root: Path = ROOT,
+    quiet: bool = False,
+    run: Callable[..., int] = lambda argv, env, cwd: subprocess.run(argv, env=env, cwd=cwd).returncode,
+) -> int:
     """Print and run each step from ``root``; stop at the first failure and return its exit code."""
     for note in plan.notes:
         print(f"[install] {note}", flush=True)
@@ -207,8 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rc == 0 and plan.mode == "gpu" and facts.driver is not None and facts.driver.gpus:
         verdict = torch_verdict(probe_torch(args.python), facts.driver, facts.env)
         if verdict.problem:
-            print(f"[install] WARNING: after the install, {verdict.problem}: the pipeline would run on the CPU. "
-                  "`pawpular doctor` says more.", file=sys.stderr)
+            print(
+                f"[install] WARNING: after the install, {verdict.problem}: the pipeline would run on the CPU. "
+                "`pawpular doctor` says more.",
+                file=sys.stderr,
+            )
     return rc
 
 

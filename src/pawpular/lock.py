@@ -8,6 +8,7 @@ may have unlinked it in between) and retry if not; release unlinks the file only
 Re-entrant within one process: ``pawpular all`` holds it while each stage takes it again. ``interruptible()``
 turns SIGTERM into an exception like Ctrl-C, so the lock is released and temp files swept on the way out.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,9 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import PawpularError
 from .files import sweep_temp_files
@@ -77,8 +79,11 @@ def experiment_lock(folder: str | Path, command: str, *, name: str = LOCK_NAME, 
     fd = _try_lock(path)
     if fd is None:
         owner = _owner(path)
-        who = (f"pid {owner.get('pid')} on {owner.get('host')}, stage {owner.get('command')}"
-               if owner.get("pid") else "a process that has not written its name yet")
+        who = (
+            f"pid {owner.get('pid')} on {owner.get('host')}, stage {owner.get('command')}"
+            if owner.get("pid")
+            else "a process that has not written its name yet"
+        )
         what = folder if name == LOCK_NAME else folder / name.removeprefix(".").removesuffix(".lock")
         raise ExperimentLocked(f"{what} is being written by another run ({who}); wait for it to finish")
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command}
@@ -104,6 +109,7 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Turn SIGTERM into an exception (like Ctrl-C), so every ``finally`` runs: locks released, temp files gone."""
+
     def on_term(signum: int, frame: Any) -> None:
         raise Interrupted(f"signal {signum}")
 

@@ -4,6 +4,7 @@ torch of a given python (probed in a child process), and the tested versions in 
 Standard library only (``install_plan.py`` runs before the venv holds anything). Each fact is gathered by one
 small function with its command runner injectable, so tests fake the machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: requirements*.txt and constraints.txt live here
 ENV_KEYS = ("PAWPULAR_GPU", "PAWPULAR_CUDA", "PAWPULAR_TORCH_INDEX", "CUDA_VISIBLE_DEVICES")
@@ -29,7 +30,8 @@ class GpuInfo:
 
     @property
     def bf16(self) -> bool | None:
-        """Native bf16 (Ampere, compute 8.0, and newer): what ``is_bf16_supported(including_emulation=False)`` checks."""
+        """Native bf16 (Ampere, compute 8.0, and newer): what ``is_bf16_supported(including_emulation=False)``
+        checks."""
         return None if self.capability is None else self.capability >= (8, 0)
 
 
@@ -103,8 +105,9 @@ def parse_nvidia_smi(header: str, query: str | None = None) -> Driver:
             parts = parts[:-1]
         mem = int(parts[-1]) if parts[-1].isdigit() else None
         gpus.append(GpuInfo(int(parts[0]), ", ".join(parts[1:-1]), mem, cap))  # type: ignore[arg-type]
-    return Driver(version.group(1) if version else None,
-                  (int(cuda.group(1)), int(cuda.group(2))) if cuda else None, tuple(gpus))
+    return Driver(
+        version.group(1) if version else None, (int(cuda.group(1)), int(cuda.group(2))) if cuda else None, tuple(gpus)
+    )
 
 
 def read_driver(run: Runner = _run, which: Callable[[str], str | None] = shutil.which) -> Driver | None:
@@ -153,8 +156,14 @@ def probe_torch(python: str, run: Runner = _run) -> TorchInfo | None:
         return TorchInfo(dist="unknown", error=out.strip()[-500:] or f"{python} exited with {rc}")
     if data.get("dist") is None:
         return None
-    return TorchInfo(dist=data["dist"], version=data.get("version"), cuda=data.get("cuda"),
-                     available=bool(data.get("available")), torchvision=data.get("torchvision"), error=data.get("error"))
+    return TorchInfo(
+        dist=data["dist"],
+        version=data.get("version"),
+        cuda=data.get("cuda"),
+        available=bool(data.get("available")),
+        torchvision=data.get("torchvision"),
+        error=data.get("error"),
+    )
 
 
 def read_tested(root: Path = ROOT) -> dict[str, str]:
@@ -170,7 +179,17 @@ def read_tested(root: Path = ROOT) -> dict[str, str]:
     return pins
 
 
-def gather_facts(python: str, root: Path = ROOT, env: Mapping[str, str] = os.environ, run: Runner = _run,
-                 which: Callable[[str], str | None] = shutil.which) -> Facts:
-    return Facts(driver=read_driver(run, which), torch=probe_torch(python, run),
-                 env={k: env[k] for k in ENV_KEYS if k in env}, python=python, tested=read_tested(root))
+def gather_facts(
+    python: str,
+    root: Path = ROOT,
+    env: Mapping[str, str] = os.environ,
+    run: Runner = _run,
+    which: Callable[[str], str | None] = shutil.which,
+) -> Facts:
+    return Facts(
+        driver=read_driver(run, which),
+        torch=probe_torch(python, run),
+        env={k: env[k] for k in ENV_KEYS if k in env},
+        python=python,
+        tested=read_tested(root),
+    )

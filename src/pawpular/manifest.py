@@ -18,6 +18,7 @@ by hand (a setting edited so that old outputs pass for new settings) is *damaged
 work is redone. It guards against edits and accidents, not against someone who recomputes the hash or deletes
 it (a manifest without one, as older versions wrote them, is trusted as it was then).
 """
+
 from __future__ import annotations
 
 import json
@@ -159,8 +160,11 @@ def input_changes(old: dict, new: dict) -> list[str]:
 
 
 def damaged_outputs(record: Record, root: Path) -> list[str]:
-    return [f"{p} is {'missing' if not (Path(root) / p).exists() else 'damaged (not the file this stage wrote)'}"
-            for p, d in record.outputs.items() if digest_or_none(Path(root) / p) != d]
+    return [
+        f"{p} is {'missing' if not (Path(root) / p).exists() else 'damaged (not the file this stage wrote)'}"
+        for p, d in record.outputs.items()
+        if digest_or_none(Path(root) / p) != d
+    ]
 
 
 def verdict(path: Path, root: Path, config: dict, inputs: dict) -> Verdict:

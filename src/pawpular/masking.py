@@ -1,6 +1,7 @@
 """Secrets out of everything shown or written: a URL's password, however it is given (``svr.storage``, a command
 line, a driver's message quoting its connection string). ``config.public_dict`` applies it to a whole config.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,8 +17,9 @@ def redact_url(url: str, mask: str = "") -> str:
     default removed): the one of ``scheme://user:password@host``, whole even when it holds '@', and a
     ``password=`` query parameter. The rest as given."""
     url = _USERINFO.sub(lambda m: m.group(1) + (f":{mask}" if mask else "") + "@", url)
-    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + (f"password={mask}{m.group(3)}" if mask else ""),
-                               url).rstrip("?&")
+    return _QUERY_PASSWORD.sub(lambda m: m.group(1) + (f"password={mask}{m.group(3)}" if mask else ""), url).rstrip(
+        "?&"
+    )
 
 
 def url_password(url: str) -> str | None:

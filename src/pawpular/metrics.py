@@ -1,7 +1,8 @@
 """The competition's metric, shared by every stage, the report and the benchmarks."""
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

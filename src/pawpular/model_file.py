@@ -1,6 +1,7 @@
 """The model file that ships (``pawpular export``, read by predict): a PawModel's weights as safetensors, its
 settings as JSON metadata - data, never code to unpickle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,8 +23,13 @@ def model_file_bytes(state: dict[str, torch.Tensor], model_cfg: dict, data_cfg: 
     from .files import safetensors_bytes
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
-    meta = {"format": MODEL_FORMAT, "model_cfg": model_cfg, "data_cfg": data_cfg, "torch": torch.__version__,
-            "timm": timm.__version__}
+    meta = {
+        "format": MODEL_FORMAT,
+        "model_cfg": model_cfg,
+        "data_cfg": data_cfg,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+    }
     return safetensors_bytes(tensors, meta, "pt")
 
 
@@ -45,9 +51,13 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         made = meta.get("timm")
-        hint = (f"it was made with timm {made} and this is timm {timm.__version__}, which names or shapes the "
-                f"parameters of {model_cfg.name} otherwise: pip install timm=={made}" if made != timm.__version__
-                else "the file does not match its own settings")
-        raise ArtifactError(f"{path}: the weights do not fit {model_cfg.name}: {hint} "
-                            f"({str(e).splitlines()[0][:200]})") from None
+        hint = (
+            f"it was made with timm {made} and this is timm {timm.__version__}, which names or shapes the "
+            f"parameters of {model_cfg.name} otherwise: pip install timm=={made}"
+            if made != timm.__version__
+            else "the file does not match its own settings"
+        )
+        raise ArtifactError(
+            f"{path}: the weights do not fit {model_cfg.name}: {hint} ({str(e).splitlines()[0][:200]})"
+        ) from None
     return model.to(device).eval(), data_cfg

@@ -10,6 +10,7 @@ Reads ``cfg.model`` (and a local pretrained file or ``train/fold{k}/best.pt`` wh
 Fine-tuning modes (which parameters train; SSF adapters) are in ``finetune.py``; the model file that ships, in
 ``model_file.py``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,9 +26,9 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .data import META_COLS
 from .errors import ConfigError
 from .files import not_a_file
-from .data import META_COLS
 
 log = logging.getLogger("pawpular")
 
@@ -82,9 +83,11 @@ def _img_size(model_cfg: ModelConfig) -> Any:
 
 
 HUB_HOST = ("huggingface.co", 443)
-LOCAL_FILE_HINT = ("set model.pretrained to a local .safetensors / .pth file instead: where there is internet, "
-                   "python -c \"import timm, safetensors.torch as st; m = timm.create_model('{name}', pretrained=True);"
-                   " st.save_file(m.state_dict(), '{name}.safetensors')\" (see configs/swin_large.yaml)")
+LOCAL_FILE_HINT = (
+    "set model.pretrained to a local .safetensors / .pth file instead: where there is internet, "
+    "python -c \"import timm, safetensors.torch as st; m = timm.create_model('{name}', pretrained=True);"
+    " st.save_file(m.state_dict(), '{name}.safetensors')\" (see configs/swin_large.yaml)"
+)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -117,8 +120,10 @@ def _create_from_hub(model_cfg: ModelConfig, kwargs: dict) -> nn.Module:
         if "Unknown model" in str(e):
             raise ConfigError(f"model.name: {e}") from None
         why = "no internet (huggingface.co unreachable) and not in the local cache" if not online else str(e)[:300]
-        raise PretrainedWeightsError(f"model.pretrained: hub: cannot get {model_cfg.name}'s weights ({why}); "
-                                     + LOCAL_FILE_HINT.format(name=model_cfg.name)) from None
+        raise PretrainedWeightsError(
+            f"model.pretrained: hub: cannot get {model_cfg.name}'s weights ({why}); "
+            + LOCAL_FILE_HINT.format(name=model_cfg.name)
+        ) from None
 
 
 def _classes(model_cfg: ModelConfig) -> dict:
@@ -165,8 +170,11 @@ def _blame(model_cfg: ModelConfig, e: Exception) -> Exception:
             timm.create_model(model_cfg.name, pretrained=False, num_classes=0)
     except Exception:  # noqa: BLE001 - it fails without the kwargs too: not theirs to blame
         return e
-    return ConfigError(f"model.kwargs {model_cfg.kwargs}: timm.create_model({model_cfg.name!r}) rejects them "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})", ("model.kwargs",))
+    return ConfigError(
+        f"model.kwargs {model_cfg.kwargs}: timm.create_model({model_cfg.name!r}) rejects them "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''})",
+        ("model.kwargs",),
+    )
 
 
 def check_buildable(model_cfg: ModelConfig) -> None:
@@ -189,8 +197,9 @@ def _check_weight_file(path: Path) -> None:
     PretrainedWeightsError naming model.pretrained and the file."""
     if why := not_a_file(path):
         shown = f"not found: {path}" if why == "not found" else f"{path} {why}"
-        raise PretrainedWeightsError(f"model.pretrained: weight file {shown} (use none, hub, or a path to "
-                                     ".safetensors / .pth / .bin)")
+        raise PretrainedWeightsError(
+            f"model.pretrained: weight file {shown} (use none, hub, or a path to .safetensors / .pth / .bin)"
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -199,8 +208,10 @@ def _check_weight_file(path: Path) -> None:
     size = path.stat().st_size
     safetensors = len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80") or safetensors):
-        raise PretrainedWeightsError(f"model.pretrained: {path} is not a weight file: neither safetensors nor a torch "
-                                     f".pth / .bin (it starts with {head[:12]!r}); give the weight file itself")
+        raise PretrainedWeightsError(
+            f"model.pretrained: {path} is not a weight file: neither safetensors nor a torch "
+            f".pth / .bin (it starts with {head[:12]!r}); give the weight file itself"
+        )
 
 
 def build_model(model_cfg: ModelConfig, pretrained: bool = True) -> PawModel:
@@ -239,14 +250,16 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     except Exception as e:  # corrupt file, pickle with unsafe globals, ...
         raise PretrainedWeightsError(f"model.pretrained: cannot read {path}: {e}") from None
     if any(k.startswith("backbone.") for k in state):  # a PawModel checkpoint (our best.pt)
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     filter_fn = getattr(sys.modules.get(type(backbone).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
             state = filter_fn(state, backbone)
         except Exception as e:
-            raise PretrainedWeightsError(f"model.pretrained: {path} does not fit {type(backbone).__name__} "
-                                         f"(timm's checkpoint filter failed: {e!r})") from None
+            raise PretrainedWeightsError(
+                f"model.pretrained: {path} does not fit {type(backbone).__name__} "
+                f"(timm's checkpoint filter failed: {e!r})"
+            ) from None
     expected = backbone.state_dict()
     heads = _classifier_prefixes(backbone)
     ignored = _non_persistent_buffers(backbone)
@@ -254,19 +267,26 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     # As torch's own strict load: BatchNorm fills a missing num_batches_tracked (converted ResNet/EfficientNet files)
     missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                    if k in state and state[k].shape != v.shape)
+    shapes = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
     if missing or unexpected or shapes:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:12]) + (f", ... ({len(keys)} in all)" if len(keys) > 12 else "")
 
-        parts = [f"{len(missing)} missing key(s): {show(missing)}" if missing else "",
-                 f"{len(unexpected)} unexpected key(s): {show(unexpected)}" if unexpected else "",
-                 f"{len(shapes)} shape mismatch(es) (file vs model): {show(shapes)}" if shapes else ""]
+        parts = [
+            f"{len(missing)} missing key(s): {show(missing)}" if missing else "",
+            f"{len(unexpected)} unexpected key(s): {show(unexpected)}" if unexpected else "",
+            f"{len(shapes)} shape mismatch(es) (file vs model): {show(shapes)}" if shapes else "",
+        ]
         hint = "; output: logits needs the file's own classifier" if any(k.startswith(heads) for k in missing) else ""
-        raise PretrainedWeightsError(f"model.pretrained: {path} does not fit {type(backbone).__name__} "
-                                     f"({sum(v.numel() for v in expected.values())} values): "
-                                     + "; ".join(p for p in parts if p) + hint)
+        raise PretrainedWeightsError(
+            f"model.pretrained: {path} does not fit {type(backbone).__name__} "
+            f"({sum(v.numel() for v in expected.values())} values): " + "; ".join(p for p in parts if p) + hint
+        )
     for k in set(expected) - set(state):  # only num_batches_tracked is left: start it at 0, as torch does
         state[k] = torch.zeros_like(expected[k])
     backbone.load_state_dict(state, strict=True)
@@ -342,8 +362,9 @@ def build_frozen(model_cfg: ModelConfig) -> PawModel:
     """A frozen backbone's PawModel with its weights: from its file / the hub, or the seeded random init."""
     if model_cfg.pretrained != "none":
         return build_model(model_cfg, pretrained=True)
-    log.warning("backbone %s has random weights (pretrained: none): fine for tests, useless for a score",
-                model_cfg.name)
+    log.warning(
+        "backbone %s has random weights (pretrained: none): fine for tests, useless for a score", model_cfg.name
+    )
     with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
         torch.manual_seed(RANDOM_INIT_SEED)
         return build_model(model_cfg, pretrained=True)
@@ -351,6 +372,9 @@ def build_frozen(model_cfg: ModelConfig) -> PawModel:
 
 def frozen_description(model_cfg: ModelConfig) -> dict:
     """The settings that decide a frozen backbone's embeddings (its cache key), less the head's."""
-    desc = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("finetune", "drop_rate", "use_meta")
-            and (k, v) not in (("output", "pooled"), ("square", "squash"))}  # defaults: keys as before they existed
+    desc = {
+        k: v
+        for k, v in dataclasses.asdict(model_cfg).items()
+        if k not in ("finetune", "drop_rate", "use_meta") and (k, v) not in (("output", "pooled"), ("square", "squash"))
+    }  # defaults: keys as before they existed
     return {**desc, "weights": pretrained_source(model_cfg)}

@@ -13,6 +13,7 @@ A difference between two sets of predictions on the same rows is measured with a
 duplicate groups (``folds/duplicates.csv``: photos of one pet move together), not single rows, so near-identical
 rows do not narrow the interval. Pure numpy: the stages, ``compare.py`` and the tests call it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -97,13 +98,28 @@ class Difference:
         return "within noise"
 
     def to_dict(self) -> dict:
-        return {"delta": self.delta, "low": self.low, "high": self.high, "verdict": self.verdict, "rows": self.rows,
-                "groups": self.groups, "folds_won": self.folds_won, "folds": self.folds}
+        return {
+            "delta": self.delta,
+            "low": self.low,
+            "high": self.high,
+            "verdict": self.verdict,
+            "rows": self.rows,
+            "groups": self.groups,
+            "folds_won": self.folds_won,
+            "folds": self.folds,
+        }
 
 
-def paired_bootstrap(pred_a: np.ndarray, pred_b: np.ndarray, y: np.ndarray, groups: np.ndarray | None = None,
-                     fold: np.ndarray | None = None, n_boot: int = N_BOOT, seed: int = 0,
-                     level: float = LEVEL) -> Difference:
+def paired_bootstrap(
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray | None = None,
+    fold: np.ndarray | None = None,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Difference:
     """RMSE(a) - RMSE(b) on the same rows, with a ``level`` percentile interval from ``n_boot`` resamples of whole
     groups (``groups``: an integer code per row; default, one group per row), and with ``fold`` the folds where a's
     RMSE is lower. Deterministic for a seed."""

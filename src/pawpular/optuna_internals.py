@@ -7,15 +7,21 @@ below. Checked against Optuna ``CHECKED`` (requirements.txt: optuna>=5.0,<6); ``
 asserts the installed Optuna is in that range and that each method has the signature used here, so an upgrade that
 changes them fails a test instead of a study.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 CHECKED = ((5, 0), (6, 0))  # Optuna versions these calls were checked against: from (inclusive) to (exclusive)
 # RDBStorage method -> its parameters (after self), as called below
-METHODS = {"get_study_id_from_name": ("study_name",), "get_trial_id_from_study_id_trial_number": ("study_id",
-           "trial_number"), "record_heartbeat": ("trial_id",), "set_trial_system_attr": ("trial_id", "key", "value"),
-           "get_heartbeat_interval": (), "remove_session": ()}
+METHODS = {
+    "get_study_id_from_name": ("study_name",),
+    "get_trial_id_from_study_id_trial_number": ("study_id", "trial_number"),
+    "record_heartbeat": ("trial_id",),
+    "set_trial_system_attr": ("trial_id", "key", "value"),
+    "get_heartbeat_interval": (),
+    "remove_session": (),
+}
 
 
 def study_id(rdb: Any, study_name: str) -> int:

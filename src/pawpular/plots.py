@@ -9,6 +9,7 @@ close, safe in a report loop; a notebook shows one when it is a cell's value (af
     from pawpular import plots
     plots.target_distribution(train["Pawpularity"])
 """
+
 from __future__ import annotations
 
 import io
@@ -71,14 +72,21 @@ def _thumb(root: str | Path, split: str, id_: str, side: int = 384) -> np.ndarra
     return np.asarray(im)
 
 
-def photo_grid(root: str | Path, ids: list[str], titles: list[str], cols: int, suptitle: str, split: str = "train",
-                row_labels: list[str] | None = None) -> Figure:
+def photo_grid(
+    root: str | Path,
+    ids: list[str],
+    titles: list[str],
+    cols: int,
+    suptitle: str,
+    split: str = "train",
+    row_labels: list[str] | None = None,
+) -> Figure:
     rows = max(1, -(-len(ids) // cols))
     fig = Figure(figsize=(3.0 * cols, 3.1 * rows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, id_, title in zip(axes, ids, titles):
+    for ax, id_, title in zip(axes, ids, titles, strict=False):
         if id_ is None:
             continue
         ax.imshow(_thumb(root, split, id_))
@@ -144,12 +152,16 @@ def oof_scatter(oof: pd.DataFrame, heads: Sequence[str]) -> Figure:
     fig = Figure(figsize=(4.3 * len(heads), 4.4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(heads), sharey=True))
     y = oof[TARGET].to_numpy(float)
-    for i, (ax, head) in enumerate(zip(axes, heads)):
+    for i, (ax, head) in enumerate(zip(axes, heads, strict=False)):
         p = oof[head].to_numpy(float)
         ax.scatter(y, p, s=6, alpha=0.35, color=color(head, i))
         ax.plot([0, 100], [0, 100], "k--", lw=1)
-        ax.set(xlim=(-1, 102), ylim=(-1, 102), xlabel="true Pawpularity",
-               title=f"{head}: RMSE {rmse(p, y):.3f}, r = {np.corrcoef(p, y)[0, 1]:.3f}" if len(y) > 1 else head)
+        ax.set(
+            xlim=(-1, 102),
+            ylim=(-1, 102),
+            xlabel="true Pawpularity",
+            title=f"{head}: RMSE {rmse(p, y):.3f}, r = {np.corrcoef(p, y)[0, 1]:.3f}" if len(y) > 1 else head,
+        )
         ax.set_aspect("equal")
     axes[0].set_ylabel("out-of-fold prediction")
     return fig
@@ -172,9 +184,14 @@ def residuals_by_target(oof: pd.DataFrame, heads: Sequence[str], edges: Sequence
         res = pd.Series(oof[head].to_numpy(float) - y).groupby(bins, observed=False)
         off = x + (i - (len(heads) - 1) / 2) * width
         a.bar(off, res.mean().to_numpy(), width, color=color(head, i), label=head)
-        b.bar(off, res.apply(lambda r: np.sqrt(np.mean(r**2)) if len(r) else np.nan).to_numpy(), width,
-              color=color(head, i), label=head)
-    ticks = [f"{lab}\nn={c}" for lab, c in zip(labels, counts)]
+        b.bar(
+            off,
+            res.apply(lambda r: np.sqrt(np.mean(r**2)) if len(r) else np.nan).to_numpy(),
+            width,
+            color=color(head, i),
+            label=head,
+        )
+    ticks = [f"{lab}\nn={c}" for lab, c in zip(labels, counts, strict=False)]
     a.axhline(0, color="k", lw=0.8)
     a.set(ylabel="mean residual (prediction - true)", title="Bias by true Pawpularity")
     b.set(ylabel="RMSE", title="RMSE by true Pawpularity")
@@ -186,8 +203,13 @@ def residuals_by_target(oof: pd.DataFrame, heads: Sequence[str], edges: Sequence
     return fig
 
 
-def optuna_study(trials: pd.DataFrame | None, param: str = "C", title: str = "", minimize: bool = True,
-                 bounds: tuple[float, float] | None = None) -> Figure:
+def optuna_study(
+    trials: pd.DataFrame | None,
+    param: str = "C",
+    title: str = "",
+    minimize: bool = True,
+    bounds: tuple[float, float] | None = None,
+) -> Figure:
     """Left: objective per trial and the best so far. Right: objective against ``param`` (log scale), over the
     searched interval ``bounds`` when given.
 
@@ -234,15 +256,17 @@ def ensemble_weights(weights: dict[str, float], oof_rmse: dict[str, float]) -> F
     names = list(weights)
     pos = np.arange(len(names))[::-1]
     a.barh(pos, [weights[n] for n in names], color=[color(n, i) for i, n in enumerate(names)])
-    for p, n in zip(pos, names):
+    for p, n in zip(pos, names, strict=False):
         a.text(weights[n] + 0.02, p, f"{weights[n]:.3f}", va="center")
     a.set(yticks=pos, yticklabels=names, xlim=(0, 1.15), xlabel="weight", title="Blend weights (non-negative, sum 1)")
     labels = {"ensemble": "ensemble", "equal_weights": "equal-weight blend", "predict_mean": "predict the mean"}
-    rows = [(n, oof_rmse[n]) for n in names if n in oof_rmse] + [(labels[k], oof_rmse[k]) for k in labels if k in oof_rmse]
+    rows = [(n, oof_rmse[n]) for n in names if n in oof_rmse] + [
+        (labels[k], oof_rmse[k]) for k in labels if k in oof_rmse
+    ]
     pos = np.arange(len(rows))[::-1]
     vals = [v for _, v in rows]
     b.plot(vals, pos, "o", color="#333333")
-    for p, v in zip(pos, vals):
+    for p, v in zip(pos, vals, strict=False):
         b.text(v, p + 0.18, f"{v:.3f}", ha="center", fontsize=8)
     b.set(yticks=pos, yticklabels=[n for n, _ in rows], xlabel="OOF RMSE", title="OOF RMSE (lower is better)")
     b.set_ylim(-0.6, len(rows) - 0.3)
@@ -250,8 +274,9 @@ def ensemble_weights(weights: dict[str, float], oof_rmse: dict[str, float]) -> F
     return fig
 
 
-def worst_predictions(root: str | Path | None, oof: pd.DataFrame, head: str, others: Sequence[str] = (), n: int = 8,
-                      cols: int = 4) -> Figure:
+def worst_predictions(
+    root: str | Path | None, oof: pd.DataFrame, head: str, others: Sequence[str] = (), n: int = 8, cols: int = 4
+) -> Figure:
     """The ``n`` train photos with the largest absolute OOF error of ``head``, titled with truth and predictions."""
     if head not in oof.columns or TARGET not in oof or root is None:
         return message(f"no {head or 'out-of-fold'} predictions (or no competition data)", "Worst predictions")
@@ -260,8 +285,9 @@ def worst_predictions(root: str | Path | None, oof: pd.DataFrame, head: str, oth
     titles = []
     for _, r in worst.iterrows():
         extra = ", ".join(f"{o} {r[o]:.0f}" for o in others if o in r and o != head)
-        titles.append(f"true {r[TARGET]:g} | {head} {r[head]:.1f}" + (f"\n({extra})" if extra else "")
-                      + f"\n{str(r[ID])[:10]}")
+        titles.append(
+            f"true {r[TARGET]:g} | {head} {r[head]:.1f}" + (f"\n({extra})" if extra else "") + f"\n{str(r[ID])[:10]}"
+        )
     return photo_grid(root, worst[ID].tolist(), titles, cols, f"Worst {head} out-of-fold predictions")
 
 
@@ -273,7 +299,7 @@ def stage_timings(timings: dict[str, float]) -> Figure:
     fig = Figure(figsize=(8, 0.45 * len(names) + 1.2), layout="constrained")
     ax = fig.add_subplot()
     ax.barh(pos, [timings[n] for n in names], color="#4c72b0")
-    for p, n in zip(pos, names):
+    for p, n in zip(pos, names, strict=False):
         ax.text(timings[n], p, f" {timings[n]:.1f}s", va="center", fontsize=9)
     ax.set(yticks=pos, yticklabels=names, xlabel="seconds", title="Time per stage")
     return fig

@@ -5,6 +5,7 @@ empty inputs give a figure saying what is missing).
     from pawpular import plots_eda
     plots_eda.target_distribution(train["Pawpularity"])
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -25,8 +26,12 @@ def target_distribution(y: Sequence[float]) -> Figure:
     ax.hist(y, bins=np.arange(0.5, 101.5, 2), color="#4c72b0", edgecolor="white")
     for value, name, style in ((y.mean(), "mean", "-"), (np.median(y), "median", "--")):
         ax.axvline(value, color="#c44e52", ls=style, lw=1.5, label=f"{name} {value:.1f}")
-    ax.set(xlabel="Pawpularity", ylabel="photos", xlim=(0, 101),
-           title=f"Target distribution: n={len(y)}, std {y.std():.2f} (= RMSE of predicting the mean)")
+    ax.set(
+        xlabel="Pawpularity",
+        ylabel="photos",
+        xlim=(0, 101),
+        title=f"Target distribution: n={len(y)}, std {y.std():.2f} (= RMSE of predicting the mean)",
+    )
     ax.legend(frameon=False)
     return fig
 
@@ -49,7 +54,7 @@ def metadata_effect(train: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1, 1.6]})
     left.barh(pos, freq, color="#4c72b0")
-    for p, f in zip(pos, freq):
+    for p, f in zip(pos, freq, strict=False):
         left.text(f + 1, p, f"{f:.1f}%", va="center", fontsize=8)
     left.set(yticks=pos, yticklabels=flags, xlim=(0, 110), xlabel="photos with the flag (%)", title="Flag frequency")
     for offset, value, label, c in ((0.15, 1, "flag = 1", "#c44e52"), (-0.15, 0, "flag = 0", "#8c8c8c")):
@@ -81,21 +86,28 @@ def image_size_stats(sizes: pd.DataFrame) -> Figure:
     fig = Figure(figsize=(13, 4), layout="constrained")
     a, b, c = fig.subplots(1, 3)
     a.scatter(sizes["width"], sizes["height"], s=6, alpha=0.4, color="#4c72b0")
-    a.set(xlabel="width (px)", ylabel="height (px)", title=f"Image size (median {sizes['width'].median():.0f} x "
-                                                            f"{sizes['height'].median():.0f})")
+    a.set(
+        xlabel="width (px)",
+        ylabel="height (px)",
+        title=f"Image size (median {sizes['width'].median():.0f} x {sizes['height'].median():.0f})",
+    )
     a.set_aspect("equal", adjustable="datalim")
     b.hist(sizes["aspect"], bins=40, color="#4c72b0", edgecolor="white")
     b.axvline(1, color="k", ls=":", lw=1)
-    b.set(xlabel="aspect ratio (width / height)", ylabel="photos",
-          title=f"Aspect ratio: {(sizes['aspect'] < 1).mean():.0%} portrait")
+    b.set(
+        xlabel="aspect ratio (width / height)",
+        ylabel="photos",
+        title=f"Aspect ratio: {(sizes['aspect'] < 1).mean():.0%} portrait",
+    )
     mp = sizes["width"] * sizes["height"] / 1e6
     c.hist(mp, bins=40, color="#4c72b0", edgecolor="white")
     c.set(xlabel="megapixels", ylabel="photos", title=f"Pixels per photo (max {mp.max():.2f} MP)")
     return fig
 
 
-def duplicate_pairs(root: str | Path, dups: pd.DataFrame, train: pd.DataFrame, max_groups: int = 6,
-                    per_group: int = 3) -> Figure:
+def duplicate_pairs(
+    root: str | Path, dups: pd.DataFrame, train: pd.DataFrame, max_groups: int = 6, per_group: int = 3
+) -> Figure:
     """One row per duplicate group (largest first): its photos with their scores; the score spread is label noise."""
     if dups is None or not len(dups):
         return message("no duplicate groups found", "Duplicate photos")
@@ -107,8 +119,16 @@ def duplicate_pairs(root: str | Path, dups: pd.DataFrame, train: pd.DataFrame, m
         members = members[:cols]
         scores = [score.get(m, np.nan) for m in members]
         ids += members + [None] * (cols - len(members))
-        titles += [f"Pawpularity {s:g}  ·  {str(m)[:10]}" for m, s in zip(members, scores)] + [""] * (cols - len(members))
+        titles += [f"Pawpularity {s:g}  ·  {str(m)[:10]}" for m, s in zip(members, scores, strict=False)] + [""] * (
+            cols - len(members)
+        )
         labels.append(f"group {g}: spread {np.nanmax(scores) - np.nanmin(scores):g}")
     n_groups = dups["group"].nunique()
-    return photo_grid(root, ids, titles, cols, f"Duplicate photos: {n_groups} group(s) holding {len(dups)} photos ("
-                                                f"showing {len(groups)})", row_labels=labels)
+    return photo_grid(
+        root,
+        ids,
+        titles,
+        cols,
+        f"Duplicate photos: {n_groups} group(s) holding {len(dups)} photos (showing {len(groups)})",
+        row_labels=labels,
+    )

@@ -19,6 +19,7 @@ pass per fold feeds both the NN head and the SVR's embeddings when the two agree
 skipped. ``--estimate N`` times a few test images and prints the run time for N images against Kaggle's 9-hour
 limit; it writes no submission.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,11 +38,11 @@ from .data import ID, read_test_set
 from .dataset import eval_dataset
 from .errors import UsageError
 from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json, value_digest
-from .svr_head import SvrHead, assemble_features, embedding_table
 from .inference import Policy, model_device, run_backbone
 from .lock import experiment_lock
 from .model_file import load_model_file
 from .submission import check_output_path, write_submission
+from .svr_head import SvrHead, assemble_features, embedding_table
 
 log = logging.getLogger("pawpular")
 KAGGLE_LIMIT_H = 9.0
@@ -64,13 +65,17 @@ def read_manifest(art: Path, verify: bool = True) -> dict:
         format_ = found.get("format") if isinstance(found, dict) else None
         raise ArtifactError(f"{path}: written by another version of pawpular (format {format_}); export again")
     if verify and found.get("digest") != manifest_digest(found):
-        raise ArtifactError(f"{path}: was changed after export wrote it (its own digest does not match): it decides "
-                            "every prediction, so it is not used; copy the artifact folder again or export again")
+        raise ArtifactError(
+            f"{path}: was changed after export wrote it (its own digest does not match): it decides "
+            "every prediction, so it is not used; copy the artifact folder again or export again"
+        )
     for rel, digest in found["files"].items() if verify else ():
         p = art / rel
         if not p.is_file() or file_digest(p) != digest:
-            raise ArtifactError(f"{p}: {'missing' if not p.is_file() else 'damaged (not the file export wrote)'}: "
-                                "copy the artifact folder again or export again")
+            raise ArtifactError(
+                f"{p}: {'missing' if not p.is_file() else 'damaged (not the file export wrote)'}: "
+                "copy the artifact folder again or export again"
+            )
     return found
 
 
@@ -80,11 +85,15 @@ def check_weights(found: dict) -> dict[str, float]:
     shipped = {f"{e['prefix']}{h}" for e in found["experiments"].values() for h, w in e["weights"].items() if w > 0}
     lost = sorted(m for m, w in weights.items() if w > 0 and m not in shipped)
     if lost:
-        raise ArtifactError(f"the blend weighs {', '.join(lost)}, but the export holds no such model: run "
-                            "`pawpular ensemble`, then export again")
+        raise ArtifactError(
+            f"the blend weighs {', '.join(lost)}, but the export holds no such model: run "
+            "`pawpular ensemble`, then export again"
+        )
     total = sum(w for m, w in weights.items() if m in shipped)
     if abs(total - 1.0) > 1e-6:
-        raise ArtifactError(f"the blend's weights sum to {total:.6f}, not 1: run `pawpular ensemble`, then export again")
+        raise ArtifactError(
+            f"the blend's weights sum to {total:.6f}, not 1: run `pawpular ensemble`, then export again"
+        )
     return weights
 
 
@@ -131,8 +140,16 @@ class Experiment:
         model = compress_model(model.to(device), entry["compress"], device)
         policy = Policy.from_dict(entry["policy"]).usable_on(device)
         ds = eval_dataset(test, data / "test", data_cfg)
-        emb = run_backbone(model, ds, device, policy, batch_size=self.cfg.embed.batch_size,
-                           num_workers=self.cfg.embed.num_workers, emb_tta=entry["tta_hflip"], desc=desc).emb
+        emb = run_backbone(
+            model,
+            ds,
+            device,
+            policy,
+            batch_size=self.cfg.embed.batch_size,
+            num_workers=self.cfg.embed.num_workers,
+            emb_tta=entry["tta_hflip"],
+            desc=desc,
+        ).emb
         return embedding_table(ds.ids, emb)
 
     def fold_pass(self, k: int, test: pd.DataFrame, data: Path) -> tuple[np.ndarray | None, pd.DataFrame | None]:
@@ -148,27 +165,38 @@ class Experiment:
         ds = eval_dataset(test, data / "test", data_cfg)
         kw = dict(batch_size=self.cfg.embed.batch_size, num_workers=self.cfg.embed.num_workers, desc=f"fold {k}")
         model = model.to(self.device)
-        one_pass = (emb_entry is not None and compress_spec(emb_entry["compress"])[0] == "none"
-                    and Policy.from_dict(emb_entry["policy"]).usable_on(self.device) == policy)
+        one_pass = (
+            emb_entry is not None
+            and compress_spec(emb_entry["compress"])[0] == "none"
+            and Policy.from_dict(emb_entry["policy"]).usable_on(self.device) == policy
+        )
         if one_pass:
-            out = run_backbone(model, ds, self.device, policy, pred_tta=nn_entry["tta_hflip"],
-                               emb_tta=emb_entry["tta_hflip"], **kw)
+            out = run_backbone(
+                model, ds, self.device, policy, pred_tta=nn_entry["tta_hflip"], emb_tta=emb_entry["tta_hflip"], **kw
+            )
             return out.pred, embedding_table(ds.ids, out.emb)
         nn = run_backbone(model, ds, self.device, policy, pred_tta=nn_entry["tta_hflip"], **kw).pred
         emb = self.embed(model, data_cfg, emb_entry, test, data, f"fold {k}") if emb_entry is not None else None
         return nn, emb
 
 
-def predict(artifacts_dir: Path, data: Path, out: Path | None = Path("submission.csv"), device: str = "auto",
-            estimate: int | None = None) -> Path | None:
+def predict(
+    artifacts_dir: Path,
+    data: Path,
+    out: Path | None = Path("submission.csv"),
+    device: str = "auto",
+    estimate: int | None = None,
+) -> Path | None:
     """Write ``out`` (a validated submission.csv); with ``estimate`` only time a few images (returns None)."""
     from .guards import check_predict_out, export_files
 
     if estimate is not None and estimate < 1:
         raise UsageError(f"--estimate {estimate}: expected the number of test images to estimate for (>= 1)")
     if export_files(Path(artifacts_dir)) is None:
-        raise MissingArtifact(f"{artifacts.export_manifest(Path(artifacts_dir))} not found or damaged: is "
-                              f"{artifacts_dir} a folder written by `pawpular export`? (export, or copy it, again)")
+        raise MissingArtifact(
+            f"{artifacts.export_manifest(Path(artifacts_dir))} not found or damaged: is "
+            f"{artifacts_dir} a folder written by `pawpular export`? (export, or copy it, again)"
+        )
     if estimate is not None:
         return _predict(Path(artifacts_dir), Path(data), None, device, estimate)
     out = Path(out)
@@ -202,8 +230,13 @@ def _predict(art: Path, data: Path, out: Path | None, device: str, estimate: int
         return None
     blend = sum(weights[m] * columns[m] for m in columns)
     write_submission(pd.DataFrame({ID: test[ID], "pred": blend}), sample, out)
-    log.info("predict: %d test images, %s in %.1fs -> %s", n_total,
-             ", ".join(f"{m} x {weights[m]:.3f}" for m in columns), seconds, out)
+    log.info(
+        "predict: %d test images, %s in %.1fs -> %s",
+        n_total,
+        ", ".join(f"{m} x {weights[m]:.3f}" for m in columns),
+        seconds,
+        out,
+    )
     return Path(out)
 
 
@@ -211,9 +244,11 @@ def _print_estimate(seconds: float, n: int, estimate: int, device: str, per_set:
     per_image = seconds / max(n, 1)
     hours = per_image * estimate / 3600
     verdict = "within" if hours < KAGGLE_LIMIT_H else "OVER"
-    msg = (f"estimate: {per_image * 1000:.1f} ms/image measured on {n} images ({device}); {estimate} images -> "
-           f"{hours * 60:.1f} min ({verdict} Kaggle's {KAGGLE_LIMIT_H:g} h limit; model loading counted per measured "
-           "batch, so this is an upper bound). No submission written: run without --estimate to write one.")
+    msg = (
+        f"estimate: {per_image * 1000:.1f} ms/image measured on {n} images ({device}); {estimate} images -> "
+        f"{hours * 60:.1f} min ({verdict} Kaggle's {KAGGLE_LIMIT_H:g} h limit; model loading counted per measured "
+        "batch, so this is an upper bound). No submission written: run without --estimate to write one."
+    )
     for name, t in per_set.items():  # what select --budget-hours adds up, measured here
         msg += f"\n  {name}: {t / max(n, 1) * 1000:.1f} ms/image -> {t / max(n, 1) * estimate / 60:.1f} min"
     log.info(msg)

@@ -13,13 +13,15 @@
     with Progress(total=30, desc="svr trials", unit="trial") as bar:   # manual updates
         bar.update()
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from .errors import env_number
 from .masking import redact_url
@@ -40,8 +42,9 @@ log.addFilter(_masked)
 
 def setup_logging(verbose: bool) -> None:
     """The log the user reads: time-stamped lines on stderr (debug with -v), third-party chatter at warnings only."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("PIL", "matplotlib", "timm", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -83,8 +86,16 @@ def clock(seconds: float) -> str:
 class Progress:
     """Progress over ``iterable`` (or ``total`` manual updates): a bar where one renders, else log lines."""
 
-    def __init__(self, iterable: Iterable | None = None, desc: str = "", total: int | None = None, unit: str = "it",
-                 scale: int = 1, every: float | None = None, quiet: bool = False):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        desc: str = "",
+        total: int | None = None,
+        unit: str = "it",
+        scale: int = 1,
+        every: float | None = None,
+        quiet: bool = False,
+    ):
         self.iterable = iterable
         self.desc = desc
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
@@ -99,7 +110,7 @@ class Progress:
         self.done, self.t0, self.last, self.logged = 0, 0.0, 0.0, False
         self.logged_at = -1  # the count of the last line logged: the closing line is not that line again
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self.t0 = self.last = time.time()
         bar_class = None if self.quiet else _bar_class()
         if bar_class is not None:
@@ -135,7 +146,9 @@ class Progress:
 
     def line(self) -> str:
         elapsed = max(time.time() - self.t0, 1e-9)
-        head = f"{self.desc}: {self.done}" + (f"/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else "")
+        head = f"{self.desc}: {self.done}" + (
+            f"/{self.total} ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        )
         parts = [head, f"{self.done * self.scale / elapsed:.1f} {self.unit}/s"]
         if self.total and self.done < self.total:
             parts.append(f"ETA {clock((self.total - self.done) * elapsed / max(self.done, 1))}")

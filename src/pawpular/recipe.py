@@ -9,6 +9,7 @@
 A run is *frozen* when nothing it needs trains (``stages.needed``): its SVR reads only frozen backbones
 (``embed.backbones``, or the deprecated ``embed.source: pretrained``) and no NN head is blended.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,28 +75,39 @@ def sets(out: Path, features: list[str] | None = None) -> list[dict]:
         size = transform.get("input_size")
         made_by = record.info.get("made_by")
         cached = bool(record.info.get("cache"))
-        found.append({
-            "name": name, "backbone": record.info.get("backbone"), "img_size": size[-1] if size else None,
-            "kind": record.info.get("output") or (record.config.get("embed") or {}).get("output") or DEFAULT_KIND,
-            "source": record.info.get("source"),
-            "reused": cached and made_by is not None and Path(made_by) != out.resolve(),
-            "shared_with": max(0, _links(out / "emb" / folder / "train.parquet") - 2) if cached else 0})
+        found.append(
+            {
+                "name": name,
+                "backbone": record.info.get("backbone"),
+                "img_size": size[-1] if size else None,
+                "kind": record.info.get("output") or (record.config.get("embed") or {}).get("output") or DEFAULT_KIND,
+                "source": record.info.get("source"),
+                "reused": cached and made_by is not None and Path(made_by) != out.resolve(),
+                "shared_with": max(0, _links(out / "emb" / folder / "train.parquet") - 2) if cached else 0,
+            }
+        )
     return found
 
 
 def set_label(s: dict) -> str:
-    """"resnet=resnet18@96 pooled" (the backbone and size where the manifest records them)."""
+    """ "resnet=resnet18@96 pooled" (the backbone and size where the manifest records them)."""
     what = " ".join(x for x in (f"{s['backbone']}@{s['img_size']}" if s["backbone"] else "", s["kind"]) if x)
     return f"{s['name']}={what}" + (" (reused)" if s["reused"] else "")
 
 
 def trained_model(out: Path, config: dict) -> dict | None:
     """The fine-tuned model's settings (name, image size, mode, epochs), when this experiment trained folds."""
-    if not any((d / "manifest.json").is_file() for d in artifacts.fold_dirs(artifacts.stage_dir(out, "train")).values()):
+    if not any(
+        (d / "manifest.json").is_file() for d in artifacts.fold_dirs(artifacts.stage_dir(out, "train")).values()
+    ):
         return None
     model, train = config.get("model") or {}, config.get("train") or {}
-    return {"model": model.get("name"), "img_size": model.get("img_size"), "finetune": model.get("finetune"),
-            "epochs": train.get("epochs")}
+    return {
+        "model": model.get("name"),
+        "img_size": model.get("img_size"),
+        "finetune": model.get("finetune"),
+        "epochs": train.get("epochs"),
+    }
 
 
 def reuse_line(out: Path, features: list[str] | None = None) -> str:
@@ -106,8 +118,14 @@ def reuse_line(out: Path, features: list[str] | None = None) -> str:
         return ""
     reused = [s["name"] for s in found if s["reused"]]
     shared = max(s["shared_with"] for s in found)
-    return ", ".join(x for x in (f"reused from the shared cache: {', '.join(reused)}" if reused else "",
-                                 f"sets shared with {shared} other experiment(s)" if shared else "") if x)
+    return ", ".join(
+        x
+        for x in (
+            f"reused from the shared cache: {', '.join(reused)}" if reused else "",
+            f"sets shared with {shared} other experiment(s)" if shared else "",
+        )
+        if x
+    )
 
 
 def what_ran(out: Path, config: dict) -> dict:

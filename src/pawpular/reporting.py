@@ -7,6 +7,7 @@ Writes  <experiment>/report.html: figures embedded as base64 PNGs (opens offline
         scores, time per stage and the config that made the artifacts
 Run     pawpular report --output output/default [--data input/synthetic]
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,8 @@ import pandas as pd
 import yaml
 
 from . import artifacts, manifest, plots, plots_eda
-from .files import write_text
 from .data import TARGET
+from .files import write_text
 from .results import NOT_RUN, RunResults, fold_table, load_results, model_table, oof_rmse
 
 log = logging.getLogger("pawpular")
@@ -36,7 +37,8 @@ log = logging.getLogger("pawpular")
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1180px;padding:12px 28px;color:#222}
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1180px;padding:12px 28px;
+color:#222}
 h1{margin-bottom:0}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
 .sub{color:#666;margin-top:4px}table{border-collapse:collapse;margin:10px 0}
 th,td{border:1px solid #ddd;padding:4px 10px;text-align:left}th{background:#f4f4f4}
@@ -68,18 +70,23 @@ def _model_html(table: pd.DataFrame) -> str:
         if not np.isnan(r.weight):
             attrs += f' data-weight="{r.weight!r}"'
         ratio = r.oof_rmse / mean if mean and not np.isnan(r.oof_rmse) else np.nan
-        rows.append(f'<tr class="{cls}" {attrs}><td>{html.escape(r.model)}</td>{_num(r.oof_rmse)}{_num(r.weight)}'
-                    f'{_num(ratio)}<td>{html.escape(r.status)}</td></tr>')
-    return ('<table id="models"><tr><th>model</th><th>OOF RMSE</th><th>weight</th><th>RMSE / mean\'s</th>'
-            '<th>status</th></tr>' + "".join(rows) + "</table>")
+        rows.append(
+            f'<tr class="{cls}" {attrs}><td>{html.escape(r.model)}</td>{_num(r.oof_rmse)}{_num(r.weight)}'
+            f"{_num(ratio)}<td>{html.escape(r.status)}</td></tr>"
+        )
+    return (
+        '<table id="models"><tr><th>model</th><th>OOF RMSE</th><th>weight</th><th>RMSE / mean\'s</th>'
+        "<th>status</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _df_html(df: pd.DataFrame, table_id: str, index_name: str = "") -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [index_name, *df.columns])
     rows = []
-    for index, values in zip(df.index, df.to_numpy()):
-        cells = "".join(_num(v) if isinstance(v, (int, float, np.number)) else f"<td>{html.escape(str(v))}</td>"
-                        for v in values)
+    for index, values in zip(df.index, df.to_numpy(), strict=False):
+        cells = "".join(
+            _num(v) if isinstance(v, (int, float, np.number)) else f"<td>{html.escape(str(v))}</td>" for v in values
+        )
         rows.append(f"<tr><td>{html.escape(str(index))}</td>{cells}</tr>")
     return f'<table id="{table_id}"><tr>{head}</tr>{"".join(rows)}</table>'
 
@@ -111,12 +118,16 @@ class _Page:
             png = plots.to_png(make(), colors=256)
         except Exception as e:  # one broken figure must not cost the whole report
             log.warning("report: figure %r failed: %s", caption, e, exc_info=True)
-            self.parts.append(f'<p class="note">figure failed ({html.escape(type(e).__name__)}: {html.escape(str(e))})</p>')
+            self.parts.append(
+                f'<p class="note">figure failed ({html.escape(type(e).__name__)}: {html.escape(str(e))})</p>'
+            )
             return
         self.n_figures += 1
         b64 = base64.b64encode(png).decode()
-        self.parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
-                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.parts.append(
+            f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
 
 
 def _stages_section(page: _Page, res: RunResults) -> None:
@@ -124,13 +135,17 @@ def _stages_section(page: _Page, res: RunResults) -> None:
     if not res.stages:
         page.missing("stage status unknown (no config.yaml or no competition data)")
         return
-    rows = "".join(f'<tr data-stage="{s}" data-state="{st}"><td>{s}</td><td>{st}</td><td>{html.escape(why)}</td></tr>'
-                   for s, (st, why) in res.stages.items())
+    rows = "".join(
+        f'<tr data-stage="{s}" data-state="{st}"><td>{s}</td><td>{st}</td><td>{html.escape(why)}</td></tr>'
+        for s, (st, why) in res.stages.items()
+    )
     page.add(f'<table id="stages"><tr><th>stage</th><th>state</th><th>why</th></tr>{rows}</table>')
     stale = [s for s, (st, _) in res.stages.items() if st not in ("done", "missing", manifest.NOT_NEEDED)]
     if stale:
-        page.add(f'<p class="warn">WARNING: {", ".join(stale)} no longer match their inputs or settings: the '
-                 "numbers below describe the old results; run <code>pawpular all</code>.</p>")
+        page.add(
+            f'<p class="warn">WARNING: {", ".join(stale)} no longer match their inputs or settings: the '
+            "numbers below describe the old results; run <code>pawpular all</code>.</p>"
+        )
 
 
 def _what_ran(page: _Page, res: RunResults, config: dict) -> None:
@@ -140,50 +155,72 @@ def _what_ran(page: _Page, res: RunResults, config: dict) -> None:
 
     ran = recipe.what_ran(res.out, config)
     trained, sets, kind = ran["model"], ran["sets"], ran["recipe"]
-    rows = "".join(f'<tr data-set="{html.escape(s["name"])}"><td>{html.escape(s["name"])}</td>'
-                   f'<td>{html.escape(str(s["backbone"] or "-"))}</td><td>{s["img_size"] or "-"}</td>'
-                   f'<td>{html.escape(s["kind"])}</td><td>{html.escape(str(s["source"] or "-"))}</td>'
-                   f'<td>{"reused from another experiment" if s["reused"] else "computed here"}</td></tr>'
-                   for s in sets)
-    model = ("nothing is fine-tuned" if not trained else
-             f"fine-tuned model: {trained['model']} ({trained['finetune']}, {trained['epochs']} epochs, "
-             f"image size {trained['img_size'] or 'its own'})")
+    rows = "".join(
+        f'<tr data-set="{html.escape(s["name"])}"><td>{html.escape(s["name"])}</td>'
+        f"<td>{html.escape(str(s['backbone'] or '-'))}</td><td>{s['img_size'] or '-'}</td>"
+        f"<td>{html.escape(s['kind'])}</td><td>{html.escape(str(s['source'] or '-'))}</td>"
+        f"<td>{'reused from another experiment' if s['reused'] else 'computed here'}</td></tr>"
+        for s in sets
+    )
+    model = (
+        "nothing is fine-tuned"
+        if not trained
+        else f"fine-tuned model: {trained['model']} ({trained['finetune']}, {trained['epochs']} epochs, "
+        f"image size {trained['img_size'] or 'its own'})"
+    )
     page.add(f'<p id="recipe">What ran: <b>{kind}</b>; {html.escape(model)}.</p>')
     if rows:
-        page.add('<table id="sets"><tr><th>embedding set</th><th>backbone</th><th>image size</th><th>features</th>'
-                 f"<th>weights</th><th>made</th></tr>{rows}</table>")
+        page.add(
+            '<table id="sets"><tr><th>embedding set</th><th>backbone</th><th>image size</th><th>features</th>'
+            f"<th>weights</th><th>made</th></tr>{rows}</table>"
+        )
 
 
 def _models_section(page: _Page, res: RunResults) -> None:
     models = model_table(res)
     page.section("Models")
     page.add(_model_html(models))
-    score = dict(zip(models["model"], models["oof_rmse"]))
+    score = dict(zip(models["model"], models["oof_rmse"], strict=False))
     ens, mean = score.get("ensemble, cross-val.", score["ensemble"]), score["predict the mean"]
     trusted = score.get("ensemble, nested", np.nan)
     held = f"; on the holdout, {score['holdout RMSE']:.3f}" if "holdout RMSE" in score else ""
     if not np.isnan(trusted) and not np.isnan(mean) and mean > 0:
-        page.add(f"<p>The blend's nested out-of-fold RMSE (every choice, the NN's epoch, the SVR's C and the blend "
-                 f"weights, made without the fold scored: the one to trust) is <b>{trusted:.3f}</b>, "
-                 f"{trusted / mean:.3f}x that of predicting the mean ({mean:.3f}){held}. The cross-validated "
-                 f"{ens:.3f} is optimistic.</p>")
+        page.add(
+            f"<p>The blend's nested out-of-fold RMSE (every choice, the NN's epoch, the SVR's C and the blend "
+            f"weights, made without the fold scored: the one to trust) is <b>{trusted:.3f}</b>, "
+            f"{trusted / mean:.3f}x that of predicting the mean ({mean:.3f}){held}. The cross-validated "
+            f"{ens:.3f} is optimistic.</p>"
+        )
     elif not np.isnan(ens) and not np.isnan(mean) and mean > 0:
         why = (res.weights.get("nested_rmse") or {}).get("missing", "rerun the stages")
-        page.add(f"<p>The blend's cross-validated out-of-fold RMSE is <b>{ens:.3f}</b>, {ens / mean:.3f}x that of "
-                 f"predicting the mean ({mean:.3f}){held}; optimistic: no nested score was recorded "
-                 f"({html.escape(str(why))}).</p>")
+        page.add(
+            f"<p>The blend's cross-validated out-of-fold RMSE is <b>{ens:.3f}</b>, {ens / mean:.3f}x that of "
+            f"predicting the mean ({mean:.3f}){held}; optimistic: no nested score was recorded "
+            f"({html.escape(str(why))}).</p>"
+        )
     for line in res.weights.get("worse_than_mean", []):
         page.add(f'<p class="warn">WARNING: {html.escape(line)}</p>')
     folds = fold_table(res)
     page.section("Per-fold scores")
     if len(folds):
-        page.add(_df_html(pd.concat([folds, pd.DataFrame({h: [oof_rmse(res, h)] for h in folds}, index=["all (OOF)"])]),
-                          "folds", "fold"))
-    page.figure(lambda: plots.fold_scores(folds), "Validation RMSE of every head on every fold.",
-                missing=None if len(folds) else "no fold scores: no head has run")
+        page.add(
+            _df_html(
+                pd.concat([folds, pd.DataFrame({h: [oof_rmse(res, h)] for h in folds}, index=["all (OOF)"])]),
+                "folds",
+                "fold",
+            )
+        )
+    page.figure(
+        lambda: plots.fold_scores(folds),
+        "Validation RMSE of every head on every fold.",
+        missing=None if len(folds) else "no fold scores: no head has run",
+    )
     if res.status.get("nn") != manifest.NOT_NEEDED:  # the frozen recipe trains nothing: no figure to miss
-        page.figure(lambda: plots.training_curves(res.metrics), "NN head: loss and validation RMSE per epoch and fold.",
-                    missing=None if len(res.metrics) else "NN head: not run (no train/fold*/metrics.csv)")
+        page.figure(
+            lambda: plots.training_curves(res.metrics),
+            "NN head: loss and validation RMSE per epoch and fold.",
+            missing=None if len(res.metrics) else "NN head: not run (no train/fold*/metrics.csv)",
+        )
 
 
 def _oof_section(page: _Page, res: RunResults) -> None:
@@ -191,10 +228,16 @@ def _oof_section(page: _Page, res: RunResults) -> None:
     heads = res.heads
     why = "competition data not found" if res.train is None else (None if heads else "no head has run")
     page.figure(lambda: plots.oof_scatter(res.oof, heads), "Out-of-fold prediction against the true score.", why)
-    page.figure(lambda: plots.residuals_by_target(res.oof, heads),
-                "Bias and RMSE by true score: regression to the mean shows as positive bias low, negative high.", why)
-    page.figure(lambda: plots.worst_predictions(res.data, res.oof, res.main_head, heads),
-                f"The train photos the {res.main_head} head misses most.", why)
+    page.figure(
+        lambda: plots.residuals_by_target(res.oof, heads),
+        "Bias and RMSE by true score: regression to the mean shows as positive bias low, negative high.",
+        why,
+    )
+    page.figure(
+        lambda: plots.worst_predictions(res.data, res.oof, res.main_head, heads),
+        f"The train photos the {res.main_head} head misses most.",
+        why,
+    )
 
 
 def _svr_section(page: _Page, res: RunResults, config: dict) -> None:
@@ -204,8 +247,10 @@ def _svr_section(page: _Page, res: RunResults, config: dict) -> None:
         page.add(f"<p>Study <code>{html.escape(str(res.study_name))}</code>: {len(res.trials)} completed trials.</p>")
         svr_cfg = config.get("svr") or {}
         bounds = (svr_cfg["c_min"], svr_cfg["c_max"]) if param == "C" and "c_min" in svr_cfg else None
-        page.figure(lambda: plots.optuna_study(res.trials, param, str(res.study_name), res.minimize, bounds),
-                    f"Objective per trial and its response to {param}.")
+        page.figure(
+            lambda: plots.optuna_study(res.trials, param, str(res.study_name), res.minimize, bounds),
+            f"Objective per trial and its response to {param}.",
+        )
     else:
         page.missing(f"SVR: {res.status.get('svr', NOT_RUN)} (no Optuna study in svr/study.db)")
     if res.best_params:
@@ -217,10 +262,14 @@ def _timings_table(timings: dict[str, float], states: dict[str, tuple[str, str]]
     rows = [(s, timings.get(s)) for s in stages] + [(s, v) for s, v in timings.items() if s not in stages]
     total = sum(v for _, v in rows if v is not None)
     unrun = {s: manifest.NOT_NEEDED if states.get(s, ("",))[0] == manifest.NOT_NEEDED else NOT_RUN for s, _ in rows}
-    body = "".join(f"<tr><td>{s}</td>{_num(v, '{:.1f}')}<td>{_duration(v) if v is not None else unrun[s]}</td></tr>"
-                   for s, v in rows)
-    return (f'<table id="timings"><tr><th>stage</th><th>seconds</th><th>duration</th></tr>{body}'
-            f"<tr><th>total</th>{_num(total, '{:.1f}')}<th>{_duration(total)}</th></tr></table>")
+    body = "".join(
+        f"<tr><td>{s}</td>{_num(v, '{:.1f}')}<td>{_duration(v) if v is not None else unrun[s]}</td></tr>"
+        for s, v in rows
+    )
+    return (
+        f'<table id="timings"><tr><th>stage</th><th>seconds</th><th>duration</th></tr>{body}'
+        f"<tr><th>total</th>{_num(total, '{:.1f}')}<th>{_duration(total)}</th></tr></table>"
+    )
 
 
 def render(res: RunResults, config: dict, title: str = "") -> tuple[str, int]:
@@ -232,9 +281,11 @@ def render(res: RunResults, config: dict, title: str = "") -> tuple[str, int]:
     _oof_section(page, res)
     _svr_section(page, res, config)
     page.section("Ensemble")
-    page.figure(lambda: plots.ensemble_weights(res.weights.get("weights", {}), res.weights.get("oof_rmse", {})),
-                "Blend weights fit on out-of-fold predictions, and every model's OOF RMSE.",
-                missing=None if res.weights else "ensemble: not run")
+    page.figure(
+        lambda: plots.ensemble_weights(res.weights.get("weights", {}), res.weights.get("oof_rmse", {})),
+        "Blend weights fit on out-of-fold predictions, and every model's OOF RMSE.",
+        missing=None if res.weights else "ensemble: not run",
+    )
     page.section("The competition")
     no_data = "competition data not found" if res.train is None else None
     page.figure(lambda: plots_eda.target_distribution(res.train[TARGET]), "Pawpularity in train.csv.", no_data)
@@ -247,11 +298,14 @@ def render(res: RunResults, config: dict, title: str = "") -> tuple[str, int]:
     notes = "".join(f'<p class="note">{html.escape(n)}</p>' for n in res.notes)
     toc = "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in page.toc)
     stamp = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    doc = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-           f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-           f'<p class="sub">experiment folder <code>{html.escape(str(res.out))}</code> &middot; data '
-           f"<code>{html.escape(str(res.data))}</code> &middot; written {stamp}</p><nav>{toc}</nav>{notes}"
-           + "".join(page.parts) + "</body></html>")
+    doc = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f'<p class="sub">experiment folder <code>{html.escape(str(res.out))}</code> &middot; data '
+        f"<code>{html.escape(str(res.data))}</code> &middot; written {stamp}</p><nav>{toc}</nav>{notes}"
+        + "".join(page.parts)
+        + "</body></html>"
+    )
     return doc, page.n_figures
 
 
@@ -276,6 +330,12 @@ def write_report(out: Path, data: Path | None = None) -> Path:
         doc, n_figures = render(res, config, title=f"pawpular report: {Path(out).resolve().name}")
         path = artifacts.report_html(out)
         write_text(path, doc)
-    log.info("report: %d figures, heads %s, %.1f KB in %.1fs -> %s", n_figures,
-             ", ".join(f"{h} {s}" for h, s in res.status.items()), path.stat().st_size / 1024, time.time() - t0, path)
+    log.info(
+        "report: %d figures, heads %s, %.1f KB in %.1fs -> %s",
+        n_figures,
+        ", ".join(f"{h} {s}" for h, s in res.status.items()),
+        path.stat().st_size / 1024,
+        time.time() - t0,
+        path,
+    )
     return path

@@ -9,6 +9,7 @@ except the experiment folder itself.
     res = load_results("output/default", "input/synthetic")
     model_table(res); fold_table(res)
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -85,8 +86,9 @@ def _read_yaml(path: Path) -> dict:
         return {}
 
 
-def _pick_data(candidates: list[Any], folds: pd.DataFrame | None,
-               notes: list[str]) -> tuple[Path | None, pd.DataFrame | None]:
+def _pick_data(
+    candidates: list[Any], folds: pd.DataFrame | None, notes: list[str]
+) -> tuple[Path | None, pd.DataFrame | None]:
     """The first candidate competition whose train Ids are the ones in folds.csv (any, without folds.csv)."""
     tried = []
     for cand in candidates:
@@ -109,15 +111,20 @@ def _pick_data(candidates: list[Any], folds: pd.DataFrame | None,
 
 
 def _nn_fold_oofs(out: Path) -> tuple[pd.DataFrame | None, list[int]]:
-    found = {k: d / "oof.parquet" for k, d in artifacts.fold_dirs(out / "train").items() if (d / "oof.parquet").is_file()}
+    found = {
+        k: d / "oof.parquet" for k, d in artifacts.fold_dirs(out / "train").items() if (d / "oof.parquet").is_file()
+    }
     if not found:
         return None, []
     return pd.concat([pd.read_parquet(f) for f in found.values()], ignore_index=True), list(found)
 
 
 def read_metrics(out: Path) -> pd.DataFrame:
-    frames = [pd.read_csv(d / "metrics.csv").assign(fold=k) for k, d in artifacts.fold_dirs(out / "train").items()
-              if (d / "metrics.csv").is_file()]
+    frames = [
+        pd.read_csv(d / "metrics.csv").assign(fold=k)
+        for k, d in artifacts.fold_dirs(out / "train").items()
+        if (d / "metrics.csv").is_file()
+    ]
     return pd.concat(frames, ignore_index=True).sort_values(["fold", "epoch"]) if frames else pd.DataFrame()
 
 
@@ -187,7 +194,7 @@ def load_results(out: str | Path, data: str | Path | None = None, storage: str |
     else:
         oof = folds.copy() if folds is not None else pd.DataFrame(columns=[ID])
     n_folds = int(folds["fold"].nunique()) if folds is not None else None
-    for head, folder in HEAD_DIRS.items():
+    for head in HEAD_DIRS:
         path = artifacts.preds(out, head, "oof")
         pred, status = None, NOT_RUN
         if path.is_file():
@@ -276,8 +283,9 @@ def model_table(res: RunResults) -> pd.DataFrame:
         nested = res.weights.get("nested_rmse") or {}
         for name in [n for n in nested if n not in ("ensemble", "missing")] + ["ensemble"]:
             if name in nested:  # every choice made without the fold scored (nested.py)
-                rows.append((f"{name}, nested", nested[name], np.nan, "ok; the score to trust" if name == "ensemble"
-                             else "ok"))
+                rows.append(
+                    (f"{name}, nested", nested[name], np.nan, "ok; the score to trust" if name == "ensemble" else "ok")
+                )
         if "equal_weights" in scores:
             rows.append(("equal-weight blend", scores["equal_weights"], np.nan, "ok"))
         holdout = res.weights.get("holdout_rmse") or {}

@@ -8,6 +8,7 @@ Rules it enforces: only rank 0 of a torchrun launch writes; a stage whose upstre
 command to run; a cache hit never overwrites a stage's recorded time; ``config.yaml`` is assembled from the
 manifests, so it says what made the artifacts, never what was merely asked for.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -103,8 +104,6 @@ def upstream(cfg: Config, name: str) -> list[str]:
     return [s for s in (*stages.PIPELINE, *stages.ON_DEMAND) if s in seen]
 
 
-
-
 def not_needed_why(cfg: Config, name: str) -> str:
     from .recipe import describe
 
@@ -136,8 +135,10 @@ def fix_command(cfg: Config, name: str, v: manifest.Verdict) -> str:
     """The command that makes stage ``name`` done: with train.folds naming only some folds, rerunning the same
     command would train the same folds again, so the command trains the rest."""
     if name == "train" and v.state == manifest.PARTIAL and cfg.train.folds is not None:
-        return (f"`pawpular train --set train.folds=null` (train.folds={cfg.train.folds} trains only those; or list "
-                "the missing folds)")
+        return (
+            f"`pawpular train --set train.folds=null` (train.folds={cfg.train.folds} trains only those; or list "
+            "the missing folds)"
+        )
     return f"`pawpular {name}` (or `pawpular all`, which recomputes exactly what is stale)"
 
 
@@ -203,7 +204,9 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
             require_upstream(ctx, name)
             result = run_planned(ctx, name)
             if dist.main and hasattr(stage, "remove_leftovers"):
-                stage.remove_leftovers(ctx)  # leftovers of killed runs that no manifest lists (e.g. a done fold's last.pt)
+                stage.remove_leftovers(
+                    ctx
+                )  # leftovers of killed runs that no manifest lists (e.g. a done fold's last.pt)
     if dist.main:
         seconds = time.time() - t0
         if not result.cached:

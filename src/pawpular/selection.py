@@ -10,6 +10,7 @@ is never tried. Scores are cached per combination: a combination reached from tw
 
 Plain functions of a ``score(names) -> (rmse, C)`` callable: the select stage passes the SVR's own scoring.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,9 @@ class Step:
     tried: dict[str, dict]  # every set tried at this step -> {"oof_rmse", "C"}
 
 
-def forward_select(candidates: Sequence[str], score: Any, min_improvement: float = MIN_IMPROVEMENT) -> tuple[list[Step], dict]:
+def forward_select(
+    candidates: Sequence[str], score: Any, min_improvement: float = MIN_IMPROVEMENT
+) -> tuple[list[Step], dict]:
     """Greedy forward selection. ``score(names) -> (rmse, C)``; returns the steps taken and the last step's
     rejected best addition (``{}`` when every candidate was taken). Ties go to the earlier candidate."""
     if not candidates:
@@ -53,13 +56,26 @@ def forward_select(candidates: Sequence[str], score: Any, min_improvement: float
         best = min(remaining, key=lambda n: tried[n][0])
         rmse, c = tried[best]
         if steps and steps[-1].oof_rmse - rmse < min_improvement:
-            rejected = {"set": best, "oof_rmse": rmse, "C": c, "improvement": steps[-1].oof_rmse - rmse,
-                        "tried": {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()}}
+            rejected = {
+                "set": best,
+                "oof_rmse": rmse,
+                "C": c,
+                "improvement": steps[-1].oof_rmse - rmse,
+                "tried": {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()},
+            }
             break
         chosen.append(best)
         remaining.remove(best)
-        steps.append(Step(len(steps) + 1, best, list(chosen), rmse, c,
-                          {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()}))
+        steps.append(
+            Step(
+                len(steps) + 1,
+                best,
+                list(chosen),
+                rmse,
+                c,
+                {n: {"oof_rmse": r, "C": cc} for n, (r, cc) in tried.items()},
+            )
+        )
     return steps, rejected
 
 
@@ -87,8 +103,13 @@ def cached(score: Score) -> Score:
     return run
 
 
-def forward_from(start: str, candidates: Sequence[str], score: Score, min_improvement: float,
-                 allowed: Callable[[list[str]], bool] = lambda names: True) -> Start:
+def forward_from(
+    start: str,
+    candidates: Sequence[str],
+    score: Score,
+    min_improvement: float,
+    allowed: Callable[[list[str]], bool] = lambda names: True,
+) -> Start:
     """Greedy forward selection beginning with ``start``; ties go to the earlier candidate."""
     chosen = [start]
     rmse, c = score(chosen)
@@ -108,8 +129,13 @@ def forward_from(start: str, candidates: Sequence[str], score: Score, min_improv
     return Start(start, chosen, rmse, c, path)
 
 
-def multi_start(candidates: Sequence[str], score: Score, starts: int, min_improvement: float,
-                allowed: Callable[[list[str]], bool] = lambda names: True) -> list[Start]:
+def multi_start(
+    candidates: Sequence[str],
+    score: Score,
+    starts: int,
+    min_improvement: float,
+    allowed: Callable[[list[str]], bool] = lambda names: True,
+) -> list[Start]:
     """Up to ``starts`` different feature sets, each from forward selection beginning with one of the best
     ``starts`` single sets that fit ``allowed``; sorted by OOF RMSE. ValueError when no single set fits."""
     if starts < 1:
@@ -149,17 +175,37 @@ def write_starts(cfg: Any, runs: list[Start], speeds: dict, facts: dict, min_imp
     """selection.json and the printout of several starts: each feature set an SVR head of its own (the first in
     this experiment, the others in experiments of their own), blended by ``ensemble.experiments``."""
     s = cfg.select
-    hours = {i: budget.inference_hours(speeds, r.features, s.test_images) if speeds else None
-             for i, r in enumerate(runs)}
+    hours = {
+        i: budget.inference_hours(speeds, r.features, s.test_images) if speeds else None for i, r in enumerate(runs)
+    }
     others = [f"{cfg.out}-start{i + 1}" for i in range(1, len(runs))]
-    result = {**facts, "chosen": runs[0].features, "oof_rmse": runs[0].oof_rmse, "C": runs[0].C,
-              "set_line": features_line(runs[0].features),
-              "starts": [{**dataclasses.asdict(r), "inference_hours": hours[i], "set_line": features_line(r.features),
-                          "output": str(cfg.out if i == 0 else others[i - 1])} for i, r in enumerate(runs)],
-              "blend_line": f"--set 'ensemble.experiments=[{','.join(others)}]'" if others else "",
-              "settings": {"min_improvement": min_improvement, "starts": s.starts, "budget_hours": s.budget_hours,
-                           "test_images": s.test_images, "epsilon": cfg.svr.epsilon, "gamma": cfg.svr.gamma,
-                           "use_meta": cfg.svr.use_meta, "target_clip": cfg.svr.target_clip}}
+    result = {
+        **facts,
+        "chosen": runs[0].features,
+        "oof_rmse": runs[0].oof_rmse,
+        "C": runs[0].C,
+        "set_line": features_line(runs[0].features),
+        "starts": [
+            {
+                **dataclasses.asdict(r),
+                "inference_hours": hours[i],
+                "set_line": features_line(r.features),
+                "output": str(cfg.out if i == 0 else others[i - 1]),
+            }
+            for i, r in enumerate(runs)
+        ],
+        "blend_line": f"--set 'ensemble.experiments=[{','.join(others)}]'" if others else "",
+        "settings": {
+            "min_improvement": min_improvement,
+            "starts": s.starts,
+            "budget_hours": s.budget_hours,
+            "test_images": s.test_images,
+            "epsilon": cfg.svr.epsilon,
+            "gamma": cfg.svr.gamma,
+            "use_meta": cfg.svr.use_meta,
+            "target_clip": cfg.svr.target_clip,
+        },
+    }
     path = artifacts.selection_json(cfg.out)
     write_json(path, result)
     for i, r in enumerate(runs):
@@ -182,8 +228,10 @@ def format_table(steps: Sequence[Step], rejected: dict) -> str:
         rows.append(f"{s.step:>4}  {s.added:<20} {s.oof_rmse:9.4f} {gain:>7} {s.C:9.4g}")
         prev = s.oof_rmse
     if rejected:
-        rows.append(f"{'-':>4}  {rejected['set'] + ' (not added)':<20} {rejected['oof_rmse']:9.4f} "
-                    f"{rejected['improvement']:7.4f} {rejected['C']:9.4g}")
+        rows.append(
+            f"{'-':>4}  {rejected['set'] + ' (not added)':<20} {rejected['oof_rmse']:9.4f} "
+            f"{rejected['improvement']:7.4f} {rejected['C']:9.4g}"
+        )
     return "\n".join(rows)
 
 
@@ -205,3 +253,60 @@ def format_steps(steps: Sequence[Step], rejected: dict) -> str:
         if added is None:
             rows.append(f"  none added: the best gain ({rejected['improvement']:.4f}) is below {MIN_IMPROVEMENT}")
     return "\n".join(rows)
+
+
+def print_choice(cfg: Any, steps: list, rejected: dict | None, nested_result: dict, gains: list[dict]) -> None:
+    """Every set's score and step, the choice, its nested score and each step's gain against the noise."""
+    best = steps[-1]
+    print(format_steps(steps, rejected))
+    print()
+    print(format_table(steps, rejected))
+    print(
+        f"chosen: {', '.join(best.features)} (OOF RMSE {best.oof_rmse:.4f} at C={best.C:.4g}; best single "
+        f"{steps[0].added} {steps[0].oof_rmse:.4f})"
+    )
+    print(f"use:    {features_line(best.features)}   (or `pawpular select --as NAME`: a new experiment)")
+    print(
+        f"nested: {nested_result['nested_rmse']:.4f} (the selection and C redone without each fold, scored on it: "
+        f"the one to trust; the {best.oof_rmse:.4f} above is optimistic)"
+    )
+    for g in gains:
+        print(
+            f"        step {g['step']} adds {g['added']}: {g['delta']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] "
+            f"(95% over duplicate groups), {g['folds_won']}/{g['folds']} folds: {g['verdict']}"
+        )
+    from .svr_study import c_at_edge
+
+    if edge := c_at_edge(best.C, cfg.svr.c_min, cfg.svr.c_max):
+        log.warning("select: %s", edge)
+
+
+def write_single(cfg: Any, facts: dict, steps: list[Step], rejected: dict, nested_result: dict, gains: list) -> Path:
+    """select/selection.json of one start: every step, the choice, its nested score and each step's gain;
+    ``facts``: the candidates, the sets left out, the C grid, the train rows and folds."""
+    best = steps[-1]
+    result = {
+        "candidates": facts["candidates"],
+        "skipped": facts["skipped"],
+        "single": steps[0].tried,
+        "steps": [dataclasses.asdict(s) for s in steps],
+        "rejected": rejected,
+        "chosen": best.features,
+        "oof_rmse": best.oof_rmse,
+        "C": best.C,
+        "set_line": features_line(best.features),
+        "nested": nested_result,
+        "gains": gains,
+        "settings": {
+            "min_improvement": MIN_IMPROVEMENT,
+            "c_grid": facts["c_grid"],
+            "epsilon": cfg.svr.epsilon,
+            "gamma": cfg.svr.gamma,
+            "use_meta": cfg.svr.use_meta,
+            "n_folds": facts["n_folds"],
+            "n_train": facts["n_train"],
+        },
+    }
+    path = artifacts.selection_json(cfg.out)
+    write_json(path, result)
+    return path

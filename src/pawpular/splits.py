@@ -5,6 +5,7 @@
 against train.csv and the config (every train Id once, integer folds in range, no empty fold) before any stage
 uses it, so a hand-edited file with fold 7, NaN or 1.5 is an error naming the row, not a 1-row fold.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,8 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from . import artifacts
 from .config import FoldsConfig
-from .errors import MissingArtifact
 from .data import ID, TARGET, DataError, Problem, read_csv_or_raise, read_id_csv
+from .errors import MissingArtifact
 
 HOLDOUT = -1
 
@@ -32,8 +33,9 @@ def _splitter(n_splits: int, seed: int, grouped: bool):
     return cls(n_splits, shuffle=True, random_state=seed)
 
 
-def make_folds(train: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray | None = None,
-               holdout: float = 0.0) -> np.ndarray:
+def make_folds(
+    train: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray | None = None, holdout: float = 0.0
+) -> np.ndarray:
     """Fold index per row of ``train`` (-1: holdout), stratified on binned targets; deterministic in ``seed``.
 
     The holdout is one part of a stratified (group) k-fold with k = round(1 / holdout), taken before the folds,
@@ -51,7 +53,9 @@ def make_folds(train: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray 
     sub_groups = None if groups is None else groups[rows]
     check_enough_rows(len(rows), n_folds, 0.0, sub_groups)
     _check_bins(sturges_bins(y[rows]), n_folds, "folds.n_folds")
-    for k, (_, val) in enumerate(_splitter(n_folds, seed, groups is not None).split(rows, sturges_bins(y[rows]), sub_groups)):
+    for k, (_, val) in enumerate(
+        _splitter(n_folds, seed, groups is not None).split(rows, sturges_bins(y[rows]), sub_groups)
+    ):
         fold[rows[val]] = k
     return fold
 
@@ -64,12 +68,18 @@ def check_enough_rows(n_rows: int, n_folds: int, holdout: float = 0.0, groups: n
     what = "rows" if groups is None else "groups of duplicates (folds.group_duplicates)"
     parts = max(2, int(round(1 / holdout))) if holdout > 0 else 0
     if parts > units:
-        raise ConfigError(f"folds.holdout={holdout:g}: train.csv has {units} {what}, too few to set 1/{parts} "
-                          "aside; lower folds.holdout or add rows", ("folds.holdout",))
+        raise ConfigError(
+            f"folds.holdout={holdout:g}: train.csv has {units} {what}, too few to set 1/{parts} "
+            "aside; lower folds.holdout or add rows",
+            ("folds.holdout",),
+        )
     if n_folds > int(units * (1 - 1 / parts if parts else 1)):
-        raise ConfigError(f"folds.n_folds={n_folds}: train.csv has {units} {what}"
-                          f"{' (before the holdout)' if parts else ''}, too few for one in each fold; lower "
-                          "folds.n_folds", ("folds.n_folds",))
+        raise ConfigError(
+            f"folds.n_folds={n_folds}: train.csv has {units} {what}"
+            f"{' (before the holdout)' if parts else ''}, too few for one in each fold; lower "
+            "folds.n_folds",
+            ("folds.n_folds",),
+        )
 
 
 def _check_bins(bins: np.ndarray, k: int, key: str) -> None:
@@ -78,8 +88,11 @@ def _check_bins(bins: np.ndarray, k: int, key: str) -> None:
 
     largest = int(np.bincount(np.unique(bins, return_inverse=True)[1]).max()) if len(bins) else 0
     if k > largest:
-        raise ConfigError(f"{key}: {k} parts need a Pawpularity bin with {k} rows, but the largest of "
-                          f"train.csv's {len(bins)} rows' bins has {largest}: lower {key} or add rows", (key,))
+        raise ConfigError(
+            f"{key}: {k} parts need a Pawpularity bin with {k} rows, but the largest of "
+            f"train.csv's {len(bins)} rows' bins has {largest}: lower {key} or add rows",
+            (key,),
+        )
 
 
 def read_folds(out, train: pd.DataFrame, folds_cfg: FoldsConfig) -> pd.DataFrame:
@@ -101,7 +114,9 @@ def written_fold_ids(out) -> list[int]:
     return sorted(int(k) for k in values.unique() if k != HOLDOUT and float(k).is_integer())
 
 
-def check_folds(folds: pd.DataFrame, train: pd.DataFrame, folds_cfg: FoldsConfig, name: str = "folds.csv") -> pd.DataFrame:
+def check_folds(
+    folds: pd.DataFrame, train: pd.DataFrame, folds_cfg: FoldsConfig, name: str = "folds.csv"
+) -> pd.DataFrame:
     """A folds table (Id, fold) checked against train.csv and the config; in train.csv's row order."""
     problems = [Problem(name, "columns", f"missing column '{c}'") for c in (ID, "fold") if c not in folds]
     if not problems:
@@ -115,9 +130,11 @@ def check_folds(folds: pd.DataFrame, train: pd.DataFrame, folds_cfg: FoldsConfig
 
 def _id_problems(folds: pd.DataFrame, train: pd.DataFrame, name: str) -> list[Problem]:
     ids, known = set(folds[ID]), set(train[ID])
-    return ([Problem(name, f"Id {i}", "train Id without a fold") for i in sorted(known - ids)[:20]]
-            + [Problem(name, f"Id {i}", "not in train.csv") for i in sorted(ids - known)[:20]]
-            + [Problem(name, f"Id {i}", "listed more than once") for i in sorted(folds[ID][folds[ID].duplicated()])[:20]])
+    return (
+        [Problem(name, f"Id {i}", "train Id without a fold") for i in sorted(known - ids)[:20]]
+        + [Problem(name, f"Id {i}", "not in train.csv") for i in sorted(ids - known)[:20]]
+        + [Problem(name, f"Id {i}", "listed more than once") for i in sorted(folds[ID][folds[ID].duplicated()])[:20]]
+    )
 
 
 def _fold_problems(folds: pd.DataFrame, fc: FoldsConfig, name: str) -> list[Problem]:
@@ -127,8 +144,11 @@ def _fold_problems(folds: pd.DataFrame, fc: FoldsConfig, name: str) -> list[Prob
     for i in np.flatnonzero(~(values.isin(list(allowed))).to_numpy())[:20]:
         raw, id_ = folds["fold"].iloc[i], folds[ID].iloc[i]
         raw = raw.item() if isinstance(raw, np.generic) else raw  # 7, 1.5, nan or 'x' as written, not np.int64(7)
-        why = ("fold -1 marks the holdout, but folds.holdout is 0 (and no folds.file)" if values.iloc[i] == HOLDOUT
-               else f"fold must be an integer in 0..{fc.n_folds - 1} (folds.n_folds={fc.n_folds}), got {raw!r}")
+        why = (
+            "fold -1 marks the holdout, but folds.holdout is 0 (and no folds.file)"
+            if values.iloc[i] == HOLDOUT
+            else f"fold must be an integer in 0..{fc.n_folds - 1} (folds.n_folds={fc.n_folds}), got {raw!r}"
+        )
         problems.append(Problem(name, f"line {i + 2} (Id {id_})", why))
     if not problems:
         empty = sorted(set(range(fc.n_folds)) - set(values.astype(int)))

@@ -27,14 +27,16 @@ so ``predict`` (a Kaggle notebook) needs neither scikit-learn nor cuML, and load
 pipeline's own SVR predictions come from the same arrays. Of files, it reads head files only (``SvrHead.load``;
 embedding tables: ``embedding_sets.read_sets``) and writes none (``to_bytes`` gives the bytes a stage writes).
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,8 +64,9 @@ def embedding_table(ids: Sequence[str], emb: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({ID: list(ids), **cols})
 
 
-def assemble_matrix(sets: dict[str, Any], ids: Sequence[str], names: Sequence[str], meta: np.ndarray | None = None,
-                    xp: Any = np) -> tuple[Array, list[str]]:
+def assemble_matrix(
+    sets: dict[str, Any], ids: Sequence[str], names: Sequence[str], meta: np.ndarray | None = None, xp: Any = np
+) -> tuple[Array, list[str]]:
     """Rows ``ids`` of the embedding tables ``sets[name]`` side by side (+ ``meta``), with their column names."""
     blocks, columns = [], []
     for name in names:
@@ -74,7 +77,9 @@ def assemble_matrix(sets: dict[str, Any], ids: Sequence[str], names: Sequence[st
         pos = have.get_indexer(pd.Index(ids))
         if (pos < 0).any():
             missing = [ids[i] for i in np.flatnonzero(pos < 0)[:3]]
-            raise ArtifactError(f"embedding set {name!r} lacks {int((pos < 0).sum())} Ids, e.g. {missing}: rerun `pawpular embed`")
+            raise ArtifactError(
+                f"embedding set {name!r} lacks {int((pos < 0).sum())} Ids, e.g. {missing}: rerun `pawpular embed`"
+            )
         cols = [c for c in table.columns if c != ID]
         blocks.append(backend.table_matrix(table, cols)[xp.asarray(pos)])
         columns += [f"{name}/{c}" for c in cols]
@@ -84,13 +89,15 @@ def assemble_matrix(sets: dict[str, Any], ids: Sequence[str], names: Sequence[st
     return xp.concatenate(blocks, axis=1), columns
 
 
-def assemble_features(sets: dict[str, pd.DataFrame], table: pd.DataFrame, names: Sequence[str],
-                      use_meta: bool) -> pd.DataFrame:
+def assemble_features(
+    sets: dict[str, pd.DataFrame], table: pd.DataFrame, names: Sequence[str], use_meta: bool
+) -> pd.DataFrame:
     """The SVR's input for the rows of ``table`` (Id + flags) as a named table: what ``SvrHead.predict`` takes."""
     ids = table[ID].astype(str).tolist()
     meta = table[META_COLS].to_numpy(np.float32) if use_meta else None
     x, columns = assemble_matrix(sets, ids, names, meta)
     return pd.DataFrame(x, columns=columns, index=table.index)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scaler, kernel and the arrays that ship
@@ -104,7 +111,7 @@ class Standardizer:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, x: Array) -> "Standardizer":
+    def fit(cls, x: Array) -> Standardizer:
         x = x.astype(np.float64)
         scale = backend.to_numpy(x.std(axis=0))
         scale[scale < 1e-12] = 1.0
@@ -154,8 +161,16 @@ class SvrHead:
     params: dict = field(default_factory=dict)  # what it was fit with (C, epsilon): a record, not used to predict
 
     @classmethod
-    def from_fitted(cls, estimator: Any, x_train: Array, scaler: Standardizer, gamma: float, columns: list[str],
-                    fold: int, params: dict | None = None) -> "SvrHead":
+    def from_fitted(
+        cls,
+        estimator: Any,
+        x_train: Array,
+        scaler: Standardizer,
+        gamma: float,
+        columns: list[str],
+        fold: int,
+        params: dict | None = None,
+    ) -> SvrHead:
         """The arrays of a fitted epsilon-SVR with an RBF kernel (scikit-learn or cuML; kernel 'rbf' or a callable).
 
         The support vectors are the training rows at ``support_`` (a callable kernel leaves scikit-learn's
@@ -167,15 +182,24 @@ class SvrHead:
         intercept = float(backend.to_numpy(estimator.intercept_).reshape(-1)[0])
         if len(dual) != len(vectors):
             raise ValueError(f"SVR fold {fold}: {len(dual)} dual coefficients for {len(vectors)} support vectors")
-        return cls(list(columns), np.asarray(scaler.mean, np.float64), np.asarray(scaler.scale, np.float64),
-                   vectors, dual, intercept, float(gamma), int(fold), dict(params or {}))
+        return cls(
+            list(columns),
+            np.asarray(scaler.mean, np.float64),
+            np.asarray(scaler.scale, np.float64),
+            vectors,
+            dual,
+            intercept,
+            float(gamma),
+            int(fold),
+            dict(params or {}),
+        )
 
     def decision(self, x: np.ndarray) -> np.ndarray:
         """The SVR's output for standardized rows ``x`` (not clipped), a block of rows at a time."""
         out = np.empty(len(x), np.float64)
         for start in range(0, len(x), ROWS_PER_BLOCK):
-            block = x[start:start + ROWS_PER_BLOCK]
-            out[start:start + len(block)] = rbf_kernel(block, self.support_vectors, self.gamma) @ self.dual_coef
+            block = x[start : start + ROWS_PER_BLOCK]
+            out[start : start + len(block)] = rbf_kernel(block, self.support_vectors, self.gamma) @ self.dual_coef
         return out + self.intercept
 
     def predict_matrix(self, x: np.ndarray) -> np.ndarray:
@@ -192,18 +216,39 @@ class SvrHead:
 
     def to_bytes(self) -> bytes:
         """The safetensors file: the arrays, and the columns and scalars as metadata."""
-        arrays = {"mean": self.mean, "scale": self.scale, "support_vectors": self.support_vectors,
-                  "dual_coef": self.dual_coef}
-        meta = {"format": FORMAT, "kernel": "rbf", "columns": self.columns, "intercept": self.intercept,
-                "gamma": self.gamma, "fold": self.fold, "params": self.params}
+        arrays = {
+            "mean": self.mean,
+            "scale": self.scale,
+            "support_vectors": self.support_vectors,
+            "dual_coef": self.dual_coef,
+        }
+        meta = {
+            "format": FORMAT,
+            "kernel": "rbf",
+            "columns": self.columns,
+            "intercept": self.intercept,
+            "gamma": self.gamma,
+            "fold": self.fold,
+            "params": self.params,
+        }
         return safetensors_bytes({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> "SvrHead":
+    def load(cls, path: str | Path) -> SvrHead:
         """Read a head written by ``to_bytes``; a file of another kind is an ArtifactError naming it."""
         meta, arrays = read_safetensors(path, "np", "an SVR head file", FORMAT)
-        return cls(meta["columns"], arrays["mean"], arrays["scale"], arrays["support_vectors"], arrays["dual_coef"],
-                   float(meta["intercept"]), float(meta["gamma"]), int(meta["fold"]), meta.get("params", {}))
+        return cls(
+            meta["columns"],
+            arrays["mean"],
+            arrays["scale"],
+            arrays["support_vectors"],
+            arrays["dual_coef"],
+            float(meta["intercept"]),
+            float(meta["gamma"]),
+            int(meta["fold"]),
+            meta.get("params", {}),
+        )
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Fitting: per-fold standardized rows, cached kernels, fits and out-of-fold predictions
@@ -237,8 +282,15 @@ class FoldData:
     n_rows: int = 0  # rows of the whole train table (holdout included)
 
 
-def make_fold(fold: int, x: Array, y: np.ndarray, fold_of: np.ndarray, gamma: float | str, device: str,
-              target_clip: Sequence[float] | None = None) -> FoldData:
+def make_fold(
+    fold: int,
+    x: Array,
+    y: np.ndarray,
+    fold_of: np.ndarray,
+    gamma: float | str,
+    device: str,
+    target_clip: Sequence[float] | None = None,
+) -> FoldData:
     """Split the train matrix ``x`` (rows = train table) by ``fold_of``; standardize on the training rows.
 
     Training rows are the other folds' (fold_of >= 0 and != fold): holdout rows (fold -1) are never fit on.
@@ -253,16 +305,16 @@ def make_fold(fold: int, x: Array, y: np.ndarray, fold_of: np.ndarray, gamma: fl
     scaler = Standardizer.fit(rows)
     x_train = scaler.transform(rows)
     y_train = np.asarray(y[tr], np.float64) if target_clip is None else np.clip(y[tr], *target_clip).astype(np.float64)
-    return FoldData(fold, x_train, xp.asarray(y_train), scaler.transform(x[xp.asarray(val)]), val,
-                    scaler, resolve_gamma(x_train, gamma), n_rows=len(fold_of))
-
-
-def kernel_gb(fold_of: np.ndarray) -> float:
-    """Memory the cached float64 kernels take: per fold, train x (train + validation) rows. Fold sizes alone
-    decide it, so it is known before any fold is built."""
-    folds = [k for k in np.unique(fold_of) if k >= 0]
-    n_train = {k: int(((fold_of != k) & (fold_of >= 0)).sum()) for k in folds}
-    return sum(8 * n_train[k] * (n_train[k] + int((fold_of == k).sum())) for k in folds) / 2**30
+    return FoldData(
+        fold,
+        x_train,
+        xp.asarray(y_train),
+        scaler.transform(x[xp.asarray(val)]),
+        val,
+        scaler,
+        resolve_gamma(x_train, gamma),
+        n_rows=len(fold_of),
+    )
 
 
 def attach_kernels(folds: Sequence[FoldData]) -> None:
@@ -274,41 +326,6 @@ def attach_kernels(folds: Sequence[FoldData]) -> None:
 def detach_kernels(folds: Sequence[FoldData]) -> None:
     for f in folds:
         f.k_train = f.k_val = None
-
-
-def fit_cache_gb(fold_of: np.ndarray) -> float:
-    """The kernel cache one cuML SVR fit allocates on the GPU: ``cache_size`` MiB of SVR_ARGS, at most the fold's
-    float32 train x train rows. (libsvm grows its cache in RAM as it needs rows, up to the same size.)"""
-    n_train = max((int(((fold_of != k) & (fold_of >= 0)).sum()) for k in np.unique(fold_of) if k >= 0), default=0)
-    return min(backend.SVR_ARGS["cache_size"] / 1024, 4 * n_train**2 / 2**30)
-
-
-def memory_gb(fold_of: np.ndarray, device: str, workers: int = 1) -> float:
-    """What tuning with cached kernels holds at once: every local worker process (``svr.workers``, on the same
-    machine and GPU) its own kernels, plus with cuML the cache of the one fit each process runs at a time."""
-    cache = fit_cache_gb(fold_of) if backend.use_rapids(device) else 0.0
-    return workers * (kernel_gb(fold_of) + cache)
-
-
-def resolve_kernel_cache(mode: str, fold_of: np.ndarray, max_gb: float, device: str, workers: int = 1) -> str:
-    """'precomputed' or 'plain' for ``svr.kernel_cache``, logged with the reason.
-
-    auto: cached kernels when ``memory_gb`` (every worker's kernels, cuML's fit caches) fits in
-    ``max_gb``; precomputed: cached kernels whatever their size (an explicit request); plain: refit from features
-    every trial.
-    """
-    need = memory_gb(fold_of, device, workers)
-    each = f" ({workers} workers)" if workers > 1 else ""
-    if mode == "plain":
-        chosen, why = "plain", "asked for"
-    elif not backend.svr_precomputed_ok(device):
-        chosen, why = "plain", "this cuML has no kernel='precomputed' (needs 26.02+)"
-    elif mode == "auto" and need > max_gb:
-        chosen, why = "plain", f"cached kernels would need {need:.2f} GB{each} > svr.max_kernel_gb={max_gb:g}"
-    else:
-        chosen, why = "precomputed", f"{need:.2f} GB of kernels{each}"
-    log.info("kernel_cache: %s -> %s (%s)", mode, chosen, why)
-    return chosen
 
 
 def _n_jobs(device: str, n_folds: int) -> int:
@@ -326,6 +343,7 @@ def fit_predict(params: dict, folds: Sequence[FoldData], device: str = "cpu") ->
     ``params``: C and epsilon. A fold with cached kernels fits SVR(kernel='precomputed') on them, otherwise
     SVR(kernel='rbf') on its features: the same model, so the same predictions up to the solver's tolerance.
     """
+
     def fit_fold(f: FoldData) -> np.ndarray:
         if f.k_train is not None:
             model = backend.build_svr(device, kernel="precomputed", **params).fit(f.k_train, f.y_train)
@@ -340,8 +358,9 @@ def fit_predict(params: dict, folds: Sequence[FoldData], device: str = "cpu") ->
     return np.clip(oof, LO, HI)
 
 
-def oof_rmse(params: dict, folds: Sequence[FoldData], y: np.ndarray, device: str = "cpu",
-             per_fold: dict | None = None) -> float:
+def oof_rmse(
+    params: dict, folds: Sequence[FoldData], y: np.ndarray, device: str = "cpu", per_fold: dict | None = None
+) -> float:
     """RMSE of ``fit_predict`` over the validation rows of every fold (what a trial scores); ``per_fold`` is
     filled with each fold's sum of squared errors (the nested choice of C, ``nested.py``)."""
     pred = fit_predict(params, folds, device)
@@ -366,21 +385,3 @@ def fit_head(f: FoldData, params: dict, columns: list[str], mode: str, device: s
 # The best C lies "at the edge" of [c_min, c_max] when it is within this share of the range's width (log scale)
 # of a bound: 5% of 0.1-100 is a factor of 1.41, so C above 70.8 or below 0.141. A range that narrow may cut off
 # a better C; the user moves the bound.
-C_EDGE_SHARE = 0.05
-
-
-def c_at_edge(c: float, c_min: float, c_max: float, share: float | None = None) -> str | None:
-    """A one-line warning when the best ``c`` lies at the edge of the searched range (within ``share``, default
-    C_EDGE_SHARE, of its log width from a bound), naming the bound to move; None when it lies inside (or the range
-    is one value)."""
-    share = C_EDGE_SHARE if share is None else share
-    if not 0 < c_min < c_max:
-        return None
-    width = np.log(c_max / c_min)
-    if np.log(c_max / c) <= share * width:
-        return (f"the best C ({c:.4g}) is at the top of the searched range [{c_min:g}, {c_max:g}]: a larger C may "
-                f"score better; raise svr.c_max (e.g. --set svr.c_max={c_max * 10:g})")
-    if np.log(c / c_min) <= share * width:
-        return (f"the best C ({c:.4g}) is at the bottom of the searched range [{c_min:g}, {c_max:g}]: a smaller C "
-                f"may score better; lower svr.c_min (e.g. --set svr.c_min={c_min / 10:g})")
-    return None

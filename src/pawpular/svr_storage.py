@@ -3,6 +3,7 @@
 for the setting with the password masked; the heartbeat timing each database can keep. ``svr_study.py`` runs the
 trials on it. Optuna and SQLAlchemy are imported lazily.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,8 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from . import artifacts
-from .masking import redact_url, without_password
 from .errors import ArtifactError, PawpularError
+from .masking import redact_url, without_password
 
 log = logging.getLogger("pawpular")
 SETTING = "svr.storage"  # the config key users set; named in every storage error
@@ -39,11 +40,13 @@ def resolve_setting(setting: str | None) -> str | None:
     """``svr.storage`` as a URL: ``env:NAME`` is environment variable NAME (no file ever holds the URL)."""
     if setting is None or not setting.startswith(ENV_PREFIX):
         return setting
-    name = setting[len(ENV_PREFIX):]
+    name = setting[len(ENV_PREFIX) :]
     value = os.environ.get(name, "").strip()
     if not value:
-        raise StudyStorageError(f"{SETTING}: {setting}: the environment variable {name} is not set (it should hold "
-                                "the study's URL, e.g. postgresql://USER:PASSWORD@HOST:5432/DATABASE)")
+        raise StudyStorageError(
+            f"{SETTING}: {setting}: the environment variable {name} is not set (it should hold "
+            "the study's URL, e.g. postgresql://USER:PASSWORD@HOST:5432/DATABASE)"
+        )
     return value
 
 
@@ -63,7 +66,8 @@ def storage_url(setting: str | None, default_sqlite: Path) -> str:
         return setting
     database = "file:" + quote(str(Path(default_sqlite).resolve()), safe="/")
     return sqlalchemy.URL.create("sqlite", database=database, query={"uri": "true"}).render_as_string(
-        hide_password=False)
+        hide_password=False
+    )
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -75,7 +79,7 @@ def sqlite_path(url: str) -> Path | None:
         return None
     db = u.database
     if u.query.get("uri") in ("true", "1", "True") and db.startswith("file:"):
-        db = unquote(db[len("file:"):].split("?", 1)[0].split("#", 1)[0].removeprefix("//"))
+        db = unquote(db[len("file:") :].split("?", 1)[0].split("#", 1)[0].removeprefix("//"))
         if db in ("", ":memory:"):
             return None
     return Path(db)
@@ -89,8 +93,10 @@ def _engine_kwargs(url: str, connect_timeout: int) -> dict:
     u = sqlalchemy.make_url(url)
     if u.get_backend_name() == "sqlite":
         return {"connect_args": {"timeout": SQLITE_LOCK_WAIT}}
-    return {"pool_pre_ping": True, "connect_args": {"connect_timeout": connect_timeout}
-            if u.get_driver_name() in ("psycopg2", "psycopg") else {}}
+    return {
+        "pool_pre_ping": True,
+        "connect_args": {"connect_timeout": connect_timeout} if u.get_driver_name() in ("psycopg2", "psycopg") else {},
+    }
 
 
 def _storage_error(url: str, err: BaseException, connected: bool = False) -> StudyStorageError:
@@ -99,30 +105,47 @@ def _storage_error(url: str, err: BaseException, connected: bool = False) -> Stu
 
     if isinstance(err, ImportError):
         reason = f"the database driver is not installed ({type(err).__name__}: {err}); " + (
-            "pip install -r requirements-distributed.txt" if getattr(err, "name", None) == "psycopg2"
-            else "install that module, or write postgresql:// (psycopg2, from requirements-distributed.txt)")
+            "pip install -r requirements-distributed.txt"
+            if getattr(err, "name", None) == "psycopg2"
+            else "install that module, or write postgresql:// (psycopg2, from requirements-distributed.txt)"
+        )
     elif isinstance(err, (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError)):
-        reason = (f"not a database URL ({err}); expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE with one host "
-                  "(a multi-host URL is not supported), or leave it unset for the experiment's own SQLite file")
+        reason = (
+            f"not a database URL ({err}); expected postgresql://USER:PASSWORD@HOST:PORT/DATABASE with one host "
+            "(a multi-host URL is not supported), or leave it unset for the experiment's own SQLite file"
+        )
     else:
         detail = " ".join(line.strip() for line in str(getattr(err, "orig", None) or err).strip().splitlines()[:3])
         if connected:  # e.g. PostgreSQL 15+: only the database owner may create tables in schema public
-            reason = (f"connected, but cannot create Optuna's tables ({detail}); the user needs to own the "
-                      "database, or GRANT CREATE ON SCHEMA public TO the user")
+            reason = (
+                f"connected, but cannot create Optuna's tables ({detail}); the user needs to own the "
+                "database, or GRANT CREATE ON SCHEMA public TO the user"
+            )
         elif url.startswith("sqlite"):
             reason = f"cannot open ({detail}); does its folder exist, and may we write there?"
         else:
-            reason = (f"cannot connect ({detail}); is the server running and reachable, and are the user, password "
-                      "and database right?")
+            reason = (
+                f"cannot connect ({detail}); is the server running and reachable, and are the user, password "
+                "and database right?"
+            )
     if "no password supplied" in reason or "password authentication failed" in reason:
-        reason += ("; a password is never written to a file, so a config read back (config.yaml) has none: give "
-                   "it with PGPASSWORD or ~/.pgpass (libpq), or the whole URL with svr.storage: env:NAME")
+        reason += (
+            "; a password is never written to a file, so a config read back (config.yaml) has none: give "
+            "it with PGPASSWORD or ~/.pgpass (libpq), or the whole URL with svr.storage: env:NAME"
+        )
     message = f"{SETTING}: {redact_url(url, '***')}: {reason}"
     return StudyStorageError(without_password(message, url))
 
 
-def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interval: int = 10,
-                 grace_period: int = 60, max_retry: int | None = 3, connect_timeout: int = 5) -> Any:
+def make_storage(
+    setting: str | None,
+    default_sqlite: Path,
+    *,
+    heartbeat_interval: int = 10,
+    grace_period: int = 60,
+    max_retry: int | None = 3,
+    connect_timeout: int = 5,
+) -> Any:
     """An ``optuna.storages.RDBStorage`` for ``setting`` (``storage_url``), checked by connecting once before any
     table exists; a trial silent for ``grace_period`` s is failed and retried up to ``max_retry`` times."""
     import optuna
@@ -134,9 +157,11 @@ def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interva
     except (sqlalchemy.exc.ArgumentError, ValueError) as e:
         raise _storage_error(url, e) from None
     if backend not in ("postgresql", "sqlite"):
-        raise StudyStorageError(f"{SETTING}: {redact_url(url, '***')}: not a postgresql:// or sqlite:// URL, the two "
-                                "this supports (the trial budget's lock is implemented for them); expected "
-                                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+        raise StudyStorageError(
+            f"{SETTING}: {redact_url(url, '***')}: not a postgresql:// or sqlite:// URL, the two "
+            "this supports (the trial budget's lock is implemented for them); expected "
+            "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        )
     if setting is None:
         Path(default_sqlite).parent.mkdir(parents=True, exist_ok=True)
     kwargs = _engine_kwargs(url, connect_timeout)
@@ -151,8 +176,13 @@ def make_storage(setting: str | None, default_sqlite: Path, *, heartbeat_interva
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
                 try:
-                    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
-                                                      grace_period=grace_period, heartbeat_stale_trial_callback=retry)
+                    return optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=retry,
+                    )
                 except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
                     raise _storage_error(url, e, connected=True) from None
     except (ImportError, sqlalchemy.exc.SQLAlchemyError) as e:
@@ -185,8 +215,10 @@ def open_storage(cfg: Any, replace_damaged: bool = False) -> Any:
     db = artifacts.study_db(cfg.out)
     if why := sqlite_damage(db):
         if not replace_damaged:
-            raise ArtifactError(f"{db} is damaged ({why}): rerun with --overwrite to start a new study, or "
-                                "`pawpular delete-study` to remove it")
+            raise ArtifactError(
+                f"{db} is damaged ({why}): rerun with --overwrite to start a new study, or "
+                "`pawpular delete-study` to remove it"
+            )
         log.warning("svr: %s is damaged (%s): removing it; a new study starts", db, why)
         for extra in (db, db.with_name(db.name + "-journal"), db.with_name(db.name + "-wal")):
             remove(extra)

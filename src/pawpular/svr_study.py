@@ -14,12 +14,14 @@ one trial), so their heartbeat is beaten here too, through the few ``RDBStorage`
 for users: all in ``optuna_internals.py``, with the Optuna versions they were checked against and a test.
 Optuna and SQLAlchemy are imported lazily; nothing here knows the stages.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import logging
 import math
+import signal
 import threading
 import time
 import warnings
@@ -29,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from . import optuna_internals as internals
-from .svr_storage import (SETTING, StudyStorageError, make_storage, open_storage, resolve_setting,  # noqa: F401
-                          sqlite_path, storage_url)
+from .svr_storage import (
+    make_storage,
+    resolve_setting,  # noqa: F401
+    sqlite_path,
+)
 
 log = logging.getLogger("pawpular")
 _CLAIM = "pawpular:claimed"  # trial system attr: the trial number its worker wrote when it claimed it
@@ -70,8 +75,12 @@ def open_study(name: str, storage: Any, seed: int, shared: bool = False) -> Stud
     if isinstance(storage, str):
         storage = make_storage(storage, Path())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return StudyHandle(optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True),
-                 storage, seed, shared)
+    return StudyHandle(
+        optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True),
+        storage,
+        seed,
+        shared,
+    )
 
 
 def delete_study(name: str, storage: Any) -> bool:
@@ -96,8 +105,9 @@ def study_lock(study: StudyHandle) -> Callable[[], contextlib.AbstractContextMan
     study name, ``flock`` on ``<database>.lock`` for SQLite, a thread lock in memory (all die with their holder)."""
     rdb = study.storage
     if internals.engine(rdb).name == "postgresql":
-        key = int.from_bytes(hashlib.blake2b(f"pawpular-study:{study.study_name}".encode(), digest_size=8).digest(),
-                             "big", signed=True)
+        key = int.from_bytes(
+            hashlib.blake2b(f"pawpular-study:{study.study_name}".encode(), digest_size=8).digest(), "big", signed=True
+        )
 
         @contextlib.contextmanager
         def pg() -> Iterator[None]:
@@ -175,10 +185,31 @@ def _heartbeat(rdb: Any, trial_id: int) -> Iterator[None]:
         thread.join()
 
 
-def run_trials(study: StudyHandle, objective: Callable[[Any], float], n_trials: int, *,
-               callbacks: Sequence[Callable[[Any, Any], None]] | None = (),
-               lock: Callable[[], contextlib.AbstractContextManager] | None = None, poll: float | None = None,
-               sole: bool = False) -> int:
+def _retry_killed_trials(study: StudyHandle, lock: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """A study only this process works on: a RUNNING trial is one a killed run left; fail it and queue its
+    parameters again, at once (no heartbeat has to go stale first)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    with lock():
+        for stale in study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.study.tell(stale.number, state=TrialState.FAIL, skip_if_finished=True)
+            retry(study.study, stale)
+
+
+def run_trials(
+    study: StudyHandle,
+    objective: Callable[[Any], float],
+    n_trials: int,
+    *,
+    callbacks: Sequence[Callable[[Any, Any], None]] | None = (),
+    lock: Callable[[], contextlib.AbstractContextManager] | None = None,
+    poll: float | None = None,
+    sole: bool = False,
+) -> int:
     """Run trials until ``study`` holds ``n_trials`` COMPLETE trials across all its workers; returns how many this
     worker completed. With the budget taken but others' trials running, poll every ``poll`` s until they finish or
     go stale. A private study runs one trial at a time: a rerun after a kill retries the killed trial first.
@@ -186,7 +217,6 @@ def run_trials(study: StudyHandle, objective: Callable[[Any], float], n_trials: 
     (or returns a non-finite value) fails its trial and the error propagates. ``sole``: no other process works on
     the study (the caller holds a lock that says so): a trial a killed run left RUNNING is retried at once, and no
     heartbeat is sent (nothing could fail this worker's trial as stale)."""
-    import optuna
     from optuna.trial import TrialState
 
     rdb = study.storage
@@ -196,14 +226,8 @@ def run_trials(study: StudyHandle, objective: Callable[[Any], float], n_trials: 
     poll = poll if poll is not None else float(internals.heartbeat_interval(rdb))
     study_id = internals.study_id(rdb, study.study_name)
     ran, waiting = 0, False
-    if sole:  # a RUNNING trial is one a killed run left: fail it and queue its parameters again, at once
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
-        with lock():
-            for stale in study.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                study.study.tell(stale.number, state=TrialState.FAIL, skip_if_finished=True)
-                retry(study.study, stale)
+    if sole:
+        _retry_killed_trials(study, lock)
     while True:
         with lock():
             asker, trial, complete = _claim(study, study_id, n_trials)
@@ -211,30 +235,45 @@ def run_trials(study: StudyHandle, objective: Callable[[Any], float], n_trials: 
             if complete >= n_trials:
                 return ran
             if not waiting:
-                log.info("study %s: %d/%d complete, waiting for running trials to finish or go stale",
-                         study.study_name, complete, n_trials)
+                log.info(
+                    "study %s: %d/%d complete, waiting for running trials to finish or go stale",
+                    study.study_name,
+                    complete,
+                    n_trials,
+                )
             waiting = True
             time.sleep(poll)
             continue
         waiting = False
-        trial_id = internals.trial_id(rdb, study_id, trial.number)
-        with contextlib.nullcontext() if sole else _heartbeat(rdb, trial_id):
-            try:
-                value = float(objective(trial))
-            except BaseException:
-                _tell(asker, trial, state=TrialState.FAIL)
-                raise
-        if not math.isfinite(value):
-            _tell(asker, trial, state=TrialState.FAIL)
-            raise ValueError(f"study {study.study_name}: trial {trial.number} returned {value} for {trial.params}")
-        frozen = _tell(asker, trial, value)
+        frozen = _evaluate(study, asker, trial, objective, study_id, sole)
         if frozen is None or frozen.state != TrialState.COMPLETE:  # we stalled past grace_period: failed as stale
-            log.warning("study %s: trial %d was failed as stale by another worker; its retry counts instead",
-                        study.study_name, trial.number)
+            log.warning(
+                "study %s: trial %d was failed as stale by another worker; its retry counts instead",
+                study.study_name,
+                trial.number,
+            )
             continue
         ran += 1
         for callback in callbacks or ():
             callback(asker, frozen)
+
+
+def _evaluate(study: StudyHandle, asker: Any, trial: Any, objective: Callable, study_id: int, sole: bool) -> Any:
+    """Run ``objective`` on a claimed trial (its heartbeat beating unless ``sole``) and tell the study; returns the
+    finished trial. An objective that raises, or returns a non-finite value, fails the trial and raises."""
+    from optuna.trial import TrialState
+
+    trial_id = internals.trial_id(study.storage, study_id, trial.number)
+    with contextlib.nullcontext() if sole else _heartbeat(study.storage, trial_id):
+        try:
+            value = float(objective(trial))
+        except BaseException:
+            _tell(asker, trial, state=TrialState.FAIL)
+            raise
+    if not math.isfinite(value):
+        _tell(asker, trial, state=TrialState.FAIL)
+        raise ValueError(f"study {study.study_name}: trial {trial.number} returned {value} for {trial.params}")
+    return _tell(asker, trial, value)
 
 
 def _tell(study: Any, trial: Any, value: float | None = None, state: Any = None) -> Any:
@@ -245,3 +284,78 @@ def _tell(study: Any, trial: Any, value: float | None = None, state: Any = None)
         return study.tell(trial, value, state=state, skip_if_finished=True)
     except optuna.exceptions.UpdateFinishedTrialError:
         return None
+
+
+C_EDGE_SHARE = 0.05
+
+
+def c_at_edge(c: float, c_min: float, c_max: float, share: float | None = None) -> str | None:
+    """A one-line warning when the best ``c`` lies at the edge of the searched range (within ``share``, default
+    C_EDGE_SHARE, of its log width from a bound), naming the bound to move; None when it lies inside (or the range
+    is one value)."""
+    share = C_EDGE_SHARE if share is None else share
+    if not 0 < c_min < c_max:
+        return None
+    width = math.log(c_max / c_min)
+    if math.log(c_max / c) <= share * width:
+        return (
+            f"the best C ({c:.4g}) is at the top of the searched range [{c_min:g}, {c_max:g}]: a larger C may "
+            f"score better; raise svr.c_max (e.g. --set svr.c_max={c_max * 10:g})"
+        )
+    if math.log(c / c_min) <= share * width:
+        return (
+            f"the best C ({c:.4g}) is at the bottom of the searched range [{c_min:g}, {c_max:g}]: a smaller C "
+            f"may score better; lower svr.c_min (e.g. --set svr.c_min={c_min / 10:g})"
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Local workers (svr.workers > 1): more processes on the same study; the stage's own process writes the outputs
+
+
+def start_workers(target: Callable, args: tuple, n: int) -> list:
+    """``n`` local worker processes (``svr.workers`` - 1) running ``target(*args)`` on the same study: spawned
+    (a fresh interpreter: no CUDA or thread state inherited), daemonic, deaf to Ctrl-C (the stage stops them)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=target, args=args, daemon=True) for _ in range(n)]
+    with _ignoring_sigint():  # inherited through exec: a Ctrl-C is the stage's process's to handle, from the start
+        for p in procs:
+            p.start()
+    return procs
+
+
+@contextlib.contextmanager
+def _ignoring_sigint():
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to change
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_workers(procs: list, wait: float = 10.0) -> list[int]:
+    """Stop the local workers at once; returns the exit codes of those that had failed on their own.
+
+    Called when the stage's run_trials returned (the study holds n_trials COMPLETE trials, so no worker can claim
+    another: waiting for one that is still loading its folds, or sleeping a poll interval, gains nothing) or
+    raised (its error, or a Ctrl-C, is what gets reported). SIGTERM makes a worker log its count and exit 0;
+    one busy in C code past ``wait`` seconds is killed (a trial it left RUNNING goes stale and is retried).
+    """
+    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]  # exited before we asked: their own error
+    alive = [p for p in procs if p.exitcode is None]
+    for p in alive:
+        p.terminate()
+    deadline = time.monotonic() + wait
+    for p in alive:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return failed

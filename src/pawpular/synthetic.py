@@ -14,6 +14,7 @@ mapped by rank onto the real target's quantile function (integers 1-100, mean 38
 a spike at 100); flag frequencies follow the real ones. About 1% of the photos are exact or near duplicates of
 another one, as in the real data. The same seed gives byte-identical CSVs and images.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,22 +37,141 @@ MARKER = ".pawpular-synthetic.json"  # written last into the folder: the files m
 DEFAULT_N_TEST = 100
 
 # Percentiles 0..100 of the real train.csv Pawpularity (9,912 rows): its quantile function.
-REAL_QUANTILES = np.array([
-    1, 3, 4, 8, 10, 12, 13, 15, 16, 17, 18, 18, 19, 20, 20, 21, 21, 22, 22, 23, 23, 23, 24, 24, 25, 25, 25, 26,
-    26, 26, 27, 27, 27, 28, 28, 28, 28, 29, 29, 29, 30, 30, 30, 31, 31, 31, 32, 32, 32, 33, 33, 34, 34, 34, 35,
-    35, 36, 36, 36, 37, 37, 38, 38, 39, 39.04, 40, 41, 41, 42, 42, 43, 43, 44, 45, 46, 46, 47, 48, 49, 50, 51,
-    52, 53, 55, 56, 57, 59, 60, 63, 64, 66, 69, 72, 75, 79, 83.45, 89, 98, 100, 100, 100,
-], dtype=np.float64)
+REAL_QUANTILES = np.array(
+    [
+        1,
+        3,
+        4,
+        8,
+        10,
+        12,
+        13,
+        15,
+        16,
+        17,
+        18,
+        18,
+        19,
+        20,
+        20,
+        21,
+        21,
+        22,
+        22,
+        23,
+        23,
+        23,
+        24,
+        24,
+        25,
+        25,
+        25,
+        26,
+        26,
+        26,
+        27,
+        27,
+        27,
+        28,
+        28,
+        28,
+        28,
+        29,
+        29,
+        29,
+        30,
+        30,
+        30,
+        31,
+        31,
+        31,
+        32,
+        32,
+        32,
+        33,
+        33,
+        34,
+        34,
+        34,
+        35,
+        35,
+        36,
+        36,
+        36,
+        37,
+        37,
+        38,
+        38,
+        39,
+        39.04,
+        40,
+        41,
+        41,
+        42,
+        42,
+        43,
+        43,
+        44,
+        45,
+        46,
+        46,
+        47,
+        48,
+        49,
+        50,
+        51,
+        52,
+        53,
+        55,
+        56,
+        57,
+        59,
+        60,
+        63,
+        64,
+        66,
+        69,
+        72,
+        75,
+        79,
+        83.45,
+        89,
+        98,
+        100,
+        100,
+        100,
+    ],
+    dtype=np.float64,
+)
 # Real flag frequencies (train.csv). Eyes is drawn given Face (no eyes without a face): 0.773 / 0.904.
 FLAG_P = {
-    "Subject Focus": 0.028, "Face": 0.904, "Near": 0.862, "Action": 0.010, "Accessory": 0.068,
-    "Group": 0.129, "Collage": 0.050, "Human": 0.166, "Occlusion": 0.172, "Info": 0.061, "Blur": 0.070,
+    "Subject Focus": 0.028,
+    "Face": 0.904,
+    "Near": 0.862,
+    "Action": 0.010,
+    "Accessory": 0.068,
+    "Group": 0.129,
+    "Collage": 0.050,
+    "Human": 0.166,
+    "Occlusion": 0.172,
+    "Info": 0.061,
+    "Blur": 0.070,
 }
 P_EYES_GIVEN_FACE = 0.773 / 0.904
 # How the flags move popularity (latent units; the image-only part has unit-scale weights on 5 factors).
 FLAG_EFFECT = {
-    "Subject Focus": 0.3, "Eyes": 0.25, "Face": 0.2, "Near": 0.25, "Action": 0.3, "Accessory": 0.35,
-    "Group": 0.35, "Collage": -0.3, "Human": 0.25, "Occlusion": -0.35, "Info": -0.3, "Blur": -0.5,
+    "Subject Focus": 0.3,
+    "Eyes": 0.25,
+    "Face": 0.2,
+    "Near": 0.25,
+    "Action": 0.3,
+    "Accessory": 0.35,
+    "Group": 0.35,
+    "Collage": -0.3,
+    "Human": 0.25,
+    "Occlusion": -0.35,
+    "Info": -0.3,
+    "Blur": -0.5,
 }
 NOISE_SD = 0.4
 DUPLICATE_FRACTION = 0.01
@@ -63,9 +183,15 @@ def _sample_pet(rng: np.random.Generator, seed: int) -> Pet:
     side = int(rng.integers(128, 225))
     aspect = float(np.exp(rng.uniform(-0.35, 0.35)))  # portrait to landscape
     return Pet(
-        flags={k: flags[k] for k in META_COLS}, warm=float(rng.random()), fur=float(rng.random()),
-        size=float(rng.random()), dog=bool(rng.random() < 0.5), eye=float(rng.random()),
-        width=max(96, int(side * np.sqrt(aspect))), height=max(96, int(side / np.sqrt(aspect))), seed=seed,
+        flags={k: flags[k] for k in META_COLS},
+        warm=float(rng.random()),
+        fur=float(rng.random()),
+        size=float(rng.random()),
+        dog=bool(rng.random() < 0.5),
+        eye=float(rng.random()),
+        width=max(96, int(side * np.sqrt(aspect))),
+        height=max(96, int(side / np.sqrt(aspect))),
+        seed=seed,
     )
 
 
@@ -110,12 +236,16 @@ def check_target(out: Path) -> None:
         return
     listed = _listed(out)
     if listed is None:
-        raise UsageError(f"make-synthetic --out {out}: not empty and not written by make-synthetic (no {MARKER}): "
-                         "it replaces only its own output; choose a new or empty folder")
+        raise UsageError(
+            f"make-synthetic --out {out}: not empty and not written by make-synthetic (no {MARKER}): "
+            "it replaces only its own output; choose a new or empty folder"
+        )
     if extra := sorted(_files(out) - listed):
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        raise UsageError(f"make-synthetic --out {out}: holds files make-synthetic did not write ({', '.join(extra[:3])}"
-                         f"{more}): replacing it would remove them; move them out or choose another --out")
+        raise UsageError(
+            f"make-synthetic --out {out}: holds files make-synthetic did not write ({', '.join(extra[:3])}"
+            f"{more}): replacing it would remove them; move them out or choose another --out"
+        )
 
 
 def _staging(out: Path) -> Path:
@@ -131,7 +261,9 @@ def _staging(out: Path) -> Path:
     return tmp
 
 
-def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST, seed: int = 0) -> Path:
+def make_synthetic(
+    out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST, seed: int = 0
+) -> Path:
     """Write the synthetic competition to ``out_dir`` and return it. It replaces only a folder it wrote itself
     (``MARKER`` lists the files); a non-empty folder it did not make is refused (UsageError)."""
     if n_train < 20 or n_test < 1:
@@ -145,7 +277,9 @@ def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: 
     # Duplicates: some train photos repeat another train photo, byte for byte or re-encoded smaller.
     n_dup = max(1, int(round(DUPLICATE_FRACTION * n_train)))
     src = rng.choice(n_train, size=2 * n_dup, replace=False)
-    duplicate_of = {int(b): (int(a), bool(k % 2)) for k, (a, b) in enumerate(zip(src[:n_dup], src[n_dup:]))}
+    duplicate_of = {
+        int(b): (int(a), bool(k % 2)) for k, (a, b) in enumerate(zip(src[:n_dup], src[n_dup:], strict=False))
+    }
     for b, (a, _) in duplicate_of.items():
         pets[b] = pets[a]
     latent = np.array([_image_score(p) for p in pets]) / 1.0 + np.array([_meta_score(p) for p in pets])
@@ -154,7 +288,7 @@ def make_synthetic(out_dir: str | Path, n_train: int = DEFAULT_N_TRAIN, n_test: 
 
     tmp = _staging(out)
     cache: dict[int, bytes] = {}
-    for i, (id_, p) in enumerate(zip(ids, pets)):
+    for i, (id_, p) in enumerate(zip(ids, pets, strict=False)):
         split = "train" if i < n_train else "test"
         if i in duplicate_of:
             a, exact = duplicate_of[i]

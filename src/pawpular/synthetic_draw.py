@@ -3,6 +3,7 @@
 ``render`` draws the scene the flags describe (background, pets, people, fences, text, collage, blur), deterministic
 in ``Pet.seed``; ``jpeg_bytes`` encodes it. synthetic.py samples the pets and writes the competition folder.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,7 +29,7 @@ class Pet:
 
 
 def _mix(a: tuple, b: tuple, t: float) -> tuple:
-    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b))
+    return tuple(int(round(x + (y - x) * t)) for x, y in zip(a, b, strict=False))
 
 
 def _draw_background(img: Image.Image, p: Pet, rng: np.random.Generator, plain: bool) -> None:
@@ -36,7 +37,7 @@ def _draw_background(img: Image.Image, p: Pet, rng: np.random.Generator, plain: 
     top = _mix((40, 55, 95), (250, 215, 160), p.warm)
     bottom = _mix((20, 30, 60), (215, 150, 90), p.warm)
     grad = np.linspace(0, 1, h)[:, None, None]
-    arr = (np.array(top)[None, None] * (1 - grad) + np.array(bottom)[None, None] * grad)
+    arr = np.array(top)[None, None] * (1 - grad) + np.array(bottom)[None, None] * grad
     arr = arr + rng.normal(0, 6, (h, 1, 3))  # faint horizontal texture
     img.paste(Image.fromarray(np.clip(np.broadcast_to(arr, (h, w, 3)), 0, 255).astype(np.uint8)))
     if plain:
@@ -62,12 +63,28 @@ def _draw_pet(d: ImageDraw.ImageDraw, cx: float, cy: float, r: float, p: Pet, rn
         d.ellipse([cx - 1.25 * r, cy - 0.6 * r, cx - 0.55 * r, cy + 0.8 * r], fill=dark)
         d.ellipse([cx + 0.55 * r, cy - 0.6 * r, cx + 1.25 * r, cy + 0.8 * r], fill=dark)
     else:  # pointed ears
-        d.polygon([(cx - 0.95 * r, cy - 0.3 * r), (cx - 0.75 * r, cy - 1.45 * r), (cx - 0.15 * r, cy - 0.85 * r)], fill=fur, outline=dark)
-        d.polygon([(cx + 0.95 * r, cy - 0.3 * r), (cx + 0.75 * r, cy - 1.45 * r), (cx + 0.15 * r, cy - 0.85 * r)], fill=fur, outline=dark)
+        d.polygon(
+            [(cx - 0.95 * r, cy - 0.3 * r), (cx - 0.75 * r, cy - 1.45 * r), (cx - 0.15 * r, cy - 0.85 * r)],
+            fill=fur,
+            outline=dark,
+        )
+        d.polygon(
+            [(cx + 0.95 * r, cy - 0.3 * r), (cx + 0.75 * r, cy - 1.45 * r), (cx + 0.15 * r, cy - 0.85 * r)],
+            fill=fur,
+            outline=dark,
+        )
     d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fur, outline=dark)  # head
     if p.flags["Face"]:
-        d.polygon([(cx - 0.15 * r, cy + 0.2 * r), (cx + 0.15 * r, cy + 0.2 * r), (cx, cy + 0.38 * r)], fill=(30, 20, 20))
-        d.arc([cx - 0.3 * r, cy + 0.25 * r, cx + 0.3 * r, cy + 0.65 * r], 20, 160, fill=(30, 20, 20), width=max(1, int(r / 12)))
+        d.polygon(
+            [(cx - 0.15 * r, cy + 0.2 * r), (cx + 0.15 * r, cy + 0.2 * r), (cx, cy + 0.38 * r)], fill=(30, 20, 20)
+        )
+        d.arc(
+            [cx - 0.3 * r, cy + 0.25 * r, cx + 0.3 * r, cy + 0.65 * r],
+            20,
+            160,
+            fill=(30, 20, 20),
+            width=max(1, int(r / 12)),
+        )
     else:  # head turned away: a darker patch instead of a face
         d.ellipse([cx - 0.6 * r, cy - 0.5 * r, cx + 0.6 * r, cy + 0.5 * r], fill=dark)
     if p.flags["Eyes"]:

@@ -23,6 +23,7 @@ them later); its files go to ``<experiment>/wandb/`` unless ``WANDB_DIR`` is set
 Logging never changes results: the backends start with every RNG state saved and restored, the stages only read
 numbers they already computed, ``tracking`` enters no stage's plan, and these folders are in no manifest.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import artifacts
 from .config import public_dict, redact_url
@@ -56,8 +58,9 @@ def require(cfg) -> None:
         try:
             importlib.import_module(BACKENDS[name])
         except ImportError as e:
-            raise TrackingError(f"tracking: {name} is not installed ({e}): {INSTALL}  (or: pip install {name})",
-                                ("tracking",)) from None
+            raise TrackingError(
+                f"tracking: {name} is not installed ({e}): {INSTALL}  (or: pip install {name})", ("tracking",)
+            ) from None
 
 
 @contextlib.contextmanager
@@ -141,13 +144,25 @@ class _WandB:
         mode = os.environ.get("WANDB_MODE") or "offline"
         where = {} if os.environ.get("WANDB_DIR") else {"dir": str(cfg.out)}
         with _argv_masked():  # W&B records the command line: a --set svr.storage=URL holds a password
-            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "pawpular", group=cfg.out.name,
-                                  name=f"{cfg.out.name}/{stage}", job_type=stage, config=public_dict(cfg, "***"),
-                                  mode=mode, settings=wandb.Settings(console="off", silent=True), **where)
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT") or "pawpular",
+                group=cfg.out.name,
+                name=f"{cfg.out.name}/{stage}",
+                job_type=stage,
+                config=public_dict(cfg, "***"),
+                mode=mode,
+                settings=wandb.Settings(console="off", silent=True),
+                **where,
+            )
         self.defined: set[str] = set()
         folder = Path(self.run.dir).parent  # run.dir is the run's files/ folder
-        log.info("tracking: W&B run %s (%s) in %s%s", self.run.name, mode, folder,
-                 f"; upload it later: wandb sync {folder}" if mode == "offline" else "")
+        log.info(
+            "tracking: W&B run %s (%s) in %s%s",
+            self.run.name,
+            mode,
+            folder,
+            f"; upload it later: wandb sync {folder}" if mode == "offline" else "",
+        )
 
     def log(self, values: dict, step: int, series: str, axis: str) -> None:
         prefix = f"{series}/" if series else ""
@@ -182,8 +197,9 @@ def start(ctx, stage: str) -> Tracker:
                 backends.append(_WandB(cfg, stage))
     except Exception as e:
         Tracker(backends).close(failed=True)
-        raise TrackingError(f"tracking: could not start {stage}'s logging ({type(e).__name__}: {e})",
-                            ("tracking",)) from e
+        raise TrackingError(
+            f"tracking: could not start {stage}'s logging ({type(e).__name__}: {e})", ("tracking",)
+        ) from e
     return Tracker(backends)
 
 
@@ -226,8 +242,9 @@ class StepMeter:
         now = time.perf_counter()
         rate = images * self.world / (now - self.t) if now > self.t else None
         self.t = now
-        self.tracker.log({"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, self.first + i + 1,
-                         self.series, "batch")
+        self.tracker.log(
+            {"train/loss": loss, "train/lr": lr, "train/images_per_s": rate}, self.first + i + 1, self.series, "batch"
+        )
 
 
 def log_trials(tracker: Tracker, study: Any) -> None:
@@ -239,15 +256,22 @@ def log_trials(tracker: Tracker, study: Any) -> None:
     for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number):
         if t.number not in tracker.logged_trials:
             tracker.logged_trials.add(t.number)
-            tracker.log({"trial/C": t.params.get("C"), "trial/epsilon": t.params.get("epsilon"),
-                         "trial/oof_rmse": t.value}, t.number, axis="trial")
+            tracker.log(
+                {"trial/C": t.params.get("C"), "trial/epsilon": t.params.get("epsilon"), "trial/oof_rmse": t.value},
+                t.number,
+                axis="trial",
+            )
 
 
 def log_blend(tracker: Tracker, weights: dict[str, float], summary: dict, holdout: dict) -> None:
     """The ensemble's weights, every model's OOF RMSE and the blend's three scores."""
     scores = {f"weights/{n}": w for n, w in weights.items()}
     scores |= {f"oof/{n}": summary.get(n) for n in weights}
-    scores |= {"blend/in_sample": summary.get("ensemble"), "blend/cross_validated": summary.get("ensemble_cv"),
-               "blend/holdout": holdout.get("ensemble"), "blend/predict_mean": summary.get("predict_mean")}
+    scores |= {
+        "blend/in_sample": summary.get("ensemble"),
+        "blend/cross_validated": summary.get("ensemble_cv"),
+        "blend/holdout": holdout.get("ensemble"),
+        "blend/predict_mean": summary.get("predict_mean"),
+    }
     tracker.log(scores, 0)
     tracker.summary({k: v for k, v in scores.items() if v is not None})

@@ -5,15 +5,17 @@ torch, the DataLoader generator and the augmentations from (seed, fold, epoch, r
 every RNG state (and the GradScaler's), so on a CPU a resumed run ends with the same weights as an uninterrupted
 one. Precision and memory format are the stage's ``inference.Policy`` (fp16 adds a GradScaler, on any device).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +40,10 @@ class LossNotFinite(PawpularError, FloatingPointError):
         self.step, self.value = step, value
 
 
-DIVERGED_HINT = ("lower train.lr (and train.head_lr), raise train.warmup_epochs, keep train.grad_clip > 0, or on a "
-                 "GPU try train.amp: false")
+DIVERGED_HINT = (
+    "lower train.lr (and train.head_lr), raise train.warmup_epochs, keep train.grad_clip > 0, or on a "
+    "GPU try train.amp: false"
+)
 
 
 def _base_dataset(ds: Any) -> Any:
@@ -61,9 +65,17 @@ def train_loader(ds: Dataset, tc: TrainConfig, device: str, dist: Dist) -> DataL
     if dist.enabled:
         sampler, shuffle = DistributedSampler(ds, dist.world, dist.rank, shuffle=True, drop_last=True), False
     per_rank = len(ds) // dist.world
-    return DataLoader(ds, batch_size=tc.batch_size, shuffle=shuffle, sampler=sampler, num_workers=tc.num_workers,
-                      pin_memory=device == "cuda", drop_last=per_rank > tc.batch_size, worker_init_fn=_seed_worker,
-                      generator=torch.Generator())
+    return DataLoader(
+        ds,
+        batch_size=tc.batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=tc.num_workers,
+        pin_memory=device == "cuda",
+        drop_last=per_rank > tc.batch_size,
+        worker_init_fn=_seed_worker,
+        generator=torch.Generator(),
+    )
 
 
 def seed_epoch(seed: int, loader: DataLoader, rank: int) -> None:
@@ -87,11 +99,17 @@ def make_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
         lr = tc.head_lr if (tc.head_lr and name.startswith("head.")) else tc.lr
         decay = p.ndim >= 2 and name.split(".")[-1] not in POSITION_TERMS
         groups.setdefault((lr, decay), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": tc.weight_decay if decay else 0.0}
-                              for (lr, decay), ps in groups.items()])
+    return torch.optim.AdamW(
+        [
+            {"params": ps, "lr": lr, "weight_decay": tc.weight_decay if decay else 0.0}
+            for (lr, decay), ps in groups.items()
+        ]
+    )
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to zero, stepped once per optimizer step."""
     total = max(1, tc.epochs * steps_per_epoch)
     warmup = min(total - 1, int(round(tc.warmup_epochs * steps_per_epoch)))
@@ -104,7 +122,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _to_device(batch: dict, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _to_device(
+    batch: dict, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     image = batch["image"].to(device, non_blocking=True, memory_format=fmt)
     meta = torch.as_tensor(batch["meta"]).to(device, non_blocking=True).float()
@@ -118,8 +138,9 @@ def _mixup(alpha: float, image: torch.Tensor, meta: torch.Tensor, target: torch.
     return tuple(lam * t + (1 - lam) * t[perm] for t in (image, meta, target))
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler: Any,
-                    grad_clip: float) -> None:
+def _optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, scheduler: Any, grad_clip: float
+) -> None:
     """After the last batch of an accumulation: clip the (unscaled) gradients, step, update the scaler, zero the
     gradients and advance the schedule (it counts optimizer steps)."""
     if grad_clip > 0:
@@ -131,11 +152,23 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
     scheduler.step()
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer, scheduler: Any,
-                    scaler: torch.amp.GradScaler, device: torch.device, tc: TrainConfig, *,
-                    precision: str = "fp32", channels_last: bool = False, ddp: nn.Module | None = None,
-                    frozen_backbone: nn.Module | None = None, desc: str = "", show: bool = True,
-                    on_step: Any = None) -> float:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    tc: TrainConfig,
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    ddp: nn.Module | None = None,
+    frozen_backbone: nn.Module | None = None,
+    desc: str = "",
+    show: bool = True,
+    on_step: Any = None,
+) -> float:
     """One pass over ``loader`` (dicts of image, meta, target in [0, 1]); returns the mean BCE loss.
 
     ``model`` is what runs forward (maybe compiled / DDP-wrapped; ``ddp`` is the DDP wrapper for no_sync during
@@ -201,8 +234,12 @@ class FoldState:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -213,8 +250,12 @@ def set_rng_state(state: dict) -> None:
     saved = state["cuda"] if torch.cuda.is_available() else []
     fits = min(len(saved), torch.cuda.device_count()) if saved else 0
     if fits < len(saved):  # saved on a machine with more GPUs (a T4x2 run resumed on one): restore what fits
-        log.warning("resume: last.pt holds the RNG states of %d GPUs, this machine has %d: restoring the first %d",
-                    len(saved), fits, fits)
+        log.warning(
+            "resume: last.pt holds the RNG states of %d GPUs, this machine has %d: restoring the first %d",
+            len(saved),
+            fits,
+            fits,
+        )
     for i in range(fits):
         torch.cuda.set_rng_state(saved[i], i)
 
@@ -231,10 +272,19 @@ class Trainer:
     def save(self, path: Path, state: FoldState, best_pred: np.ndarray, key: str) -> None:
         from .files import save_torch
 
-        save_torch({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "rng": rng_state(), "state": asdict(state), "best_pred": torch.from_numpy(best_pred),
-                    "resume_key": key}, path)
+        save_torch(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "state": asdict(state),
+                "best_pred": torch.from_numpy(best_pred),
+                "resume_key": key,
+            },
+            path,
+        )
 
     def restore(self, path: Path, key: str) -> tuple[FoldState, np.ndarray] | None:
         """The saved (state, best predictions) when ``path`` was written for ``key``; None otherwise."""

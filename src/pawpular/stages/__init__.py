@@ -18,14 +18,16 @@ and, where a stage needs them: DISTRIBUTED (every torchrun rank takes part: trai
 anything changes: svr's storage), partial(ctx) (how much of an unfinished stage is done: train's folds),
 remove_leftovers(ctx) (files no manifest lists: train's stray last.pt).
 """
+
 from __future__ import annotations
 
 import ast
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 from .. import artifacts
 from ..artifacts import PIPELINE
@@ -70,8 +72,11 @@ def describe(name: str) -> tuple[str, str]:
     """A stage's SUMMARY and HELP, read from its source without importing it: the CLI's parser lists every stage,
     and ``pawpular predict`` (an offline notebook) must not import training code or Optuna to build it."""
     tree = ast.parse((Path(__file__).parent / f"{_known(name)}.py").read_text())
-    summary = next(node.value.value for node in tree.body if isinstance(node, ast.Assign)
-                   and any(isinstance(t, ast.Name) and t.id == "SUMMARY" for t in node.targets))
+    summary = next(
+        node.value.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SUMMARY" for t in node.targets)
+    )
     return summary, ast.get_docstring(tree, clean=False) or ""
 
 
@@ -95,8 +100,18 @@ def needs(name: str, cfg: Any) -> list[str]:
     if name == "svr":
         return ["folds", "embed"]
     if name == "ensemble":
-        return ["folds", *(artifacts.HEADS[h] for h in cfg.ensemble.heads if h in artifacts.HEADS and (
-            artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file() or artifacts.preds(cfg.out, h, "oof").is_file()))]
+        return [
+            "folds",
+            *(
+                artifacts.HEADS[h]
+                for h in cfg.ensemble.heads
+                if h in artifacts.HEADS
+                and (
+                    artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file()
+                    or artifacts.preds(cfg.out, h, "oof").is_file()
+                )
+            ),
+        ]
     return ["folds"]  # train, select
 
 

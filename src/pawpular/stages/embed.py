@@ -22,6 +22,7 @@ links into <output root>/.embeddings/<key>/): a second experiment with the same 
 ("reused"). On a GPU with cuDF the tables are written through cuDF (``backend.write_table``); the files hold the
 same values.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,19 +31,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import artifacts, backend, embedding_cache, manifest
+from .. import artifacts, backend, budget, embedding_cache, manifest
 from ..compress import compress_model
 from ..config import ModelConfig, backbone_configs, backbone_model_config
-from ..errors import ConfigError
 from ..dataset import eval_dataset
 from ..distributed import torch_device
-from .. import budget
-from ..svr_head import embedding_table
+from ..errors import ConfigError
 from ..files import ArtifactError, MissingArtifact, file_digest
 from ..inference import Policy, run_backbone
-from ..models import (build_frozen, build_model, check_buildable, data_config, frozen_description, load_checkpoint,
-                      read_checkpoint)
+from ..models import (
+    build_frozen,
+    build_model,
+    check_buildable,
+    data_config,
+    frozen_description,
+    load_checkpoint,
+    read_checkpoint,
+)
 from ..splits import written_fold_ids
+from ..svr_head import embedding_table
 from . import Plan, Result, wants_fold_embeddings
 
 log = logging.getLogger("pawpular")
@@ -56,8 +63,10 @@ def check(ctx) -> None:
     """Before anything changes: frozen backbones' settings timm rejects, or weight files that are none."""
     cfg = ctx.cfg
     if cfg.embed.source == "pretrained":
-        log.warning("embed.source: pretrained is deprecated (it still works): list the frozen backbone under "
-                    "embed.backbones ({name: NAME, model: ..., pretrained: ...}) and NAME in svr.features instead")
+        log.warning(
+            "embed.source: pretrained is deprecated (it still works): list the frozen backbone under "
+            "embed.backbones ({name: NAME, model: ..., pretrained: ...}) and NAME in svr.features instead"
+        )
         check_buildable(cfg.model)
     for i, b in enumerate(backbone_configs(cfg)):
         try:
@@ -101,13 +110,17 @@ _NAMES: dict[str, str] = {}  # checkpoint digest -> its timm model name
 
 def units(ctx) -> list[EmbeddingSet]:
     cfg, out = ctx.cfg, ctx.out
-    found = [EmbeddingSet(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
-             for b in backbone_configs(cfg)]
+    found = [
+        EmbeddingSet(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
+        for b in backbone_configs(cfg)
+    ]
     # as written: a stale folds.csv is the folds stage's verdict, not a data error
     folds = written_fold_ids(out) if wants_fold_embeddings(cfg) else []
     for k in folds:
         if cfg.embed.source == "finetuned":
-            found.append(EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k)))
+            found.append(
+                EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k))
+            )
         else:
             found.append(EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), model_cfg=cfg.model))
     return found
@@ -115,8 +128,14 @@ def units(ctx) -> list[EmbeddingSet]:
 
 def unit_plan(ctx, unit: EmbeddingSet) -> Plan:
     e = ctx.cfg.embed
-    config = {"embed": {"tta_hflip": e.tta_hflip, "compress": e.compress, "precision": e.precision,
-                        "channels_last": e.channels_last}}
+    config = {
+        "embed": {
+            "tta_hflip": e.tta_hflip,
+            "compress": e.compress,
+            "precision": e.precision,
+            "channels_last": e.channels_last,
+        }
+    }
     if unit.checkpoint is not None:
         inputs = ctx.file_inputs([unit.checkpoint])
         try:
@@ -137,8 +156,16 @@ def _jsonable(d: dict | None) -> dict | None:
 def plan(ctx) -> Plan:
     plans = {u.name: unit_plan(ctx, u) for u in units(ctx)}
     e = ctx.cfg.embed
-    config = {"embed": {"source": e.source, "tta_hflip": e.tta_hflip, "compress": e.compress,
-                        "precision": e.precision, "channels_last": e.channels_last, "backbones": e.backbones}}
+    config = {
+        "embed": {
+            "source": e.source,
+            "tta_hflip": e.tta_hflip,
+            "compress": e.compress,
+            "precision": e.precision,
+            "channels_last": e.channels_last,
+            "backbones": e.backbones,
+        }
+    }
     if e.source == "pretrained":
         config["model"] = dataclasses.asdict(ctx.cfg.model)
     inputs = {f"{name}: {k}": v for name, p in plans.items() for k, v in p.inputs.items() if not k.startswith("data:")}
@@ -157,13 +184,21 @@ def run(ctx) -> Result:
             status[unit.name] = "cached"
         else:
             if unit.checkpoint is not None and not unit.checkpoint.is_file():
-                raise MissingArtifact(f"{unit.checkpoint} not found: run `pawpular train` first "
-                                      "(or list frozen backbones under embed.backbones)")
+                raise MissingArtifact(
+                    f"{unit.checkpoint} not found: run `pawpular train` first "
+                    "(or list frozen backbones under embed.backbones)"
+                )
             if ctx.dist.main:
                 manifest.clear(path)
             status[unit.name] = embedding_cache.provide(
-                ctx, unit.folder, p.config, p.inputs, policy.to_dict(), lambda u=unit: _compute(ctx, u, policy),
-                lambda table, dst: backend.write_table(table, dst, ctx.device))
+                ctx,
+                unit.folder,
+                p.config,
+                p.inputs,
+                policy.to_dict(),
+                lambda u=unit: _compute(ctx, u, policy),
+                lambda table, dst: backend.write_table(table, dst, ctx.device),
+            )
         outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS] + [path]  # its record: never done without
     cached = [k for k, v in status.items() if v == "cached"]
     if cached:
@@ -171,8 +206,10 @@ def run(ctx) -> Result:
     log.info("embed summary: %s", ", ".join(f"{k}={v}" for k, v in status.items()))
     # what the files are, not how this run went: each set's own policy (its manifest's)
     records = {u: r for u, r in manifest.unit_records(cfg.out).items() if u.startswith("emb/")}
-    info = {"policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")},
-            "cache": {u: r.info["cache"] for u, r in records.items() if r.info.get("cache")}}  # the shared sets used
+    info = {
+        "policies": {u: p for u, p in manifest.policies(cfg.out).items() if u.startswith("emb/")},
+        "cache": {u: r.info["cache"] for u, r in records.items() if r.info.get("cache")},
+    }  # the shared sets used
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 
@@ -188,16 +225,38 @@ def _compute(ctx, unit: EmbeddingSet, policy: Policy) -> tuple[dict, dict]:
     t0, tables = time.time(), {}
     for split, df in (("train", comp.train), ("test", comp.test)):
         ds = eval_dataset(df, comp.root / split, data_cfg)
-        emb = run_backbone(model, ds, dev, policy, batch_size=cfg.embed.batch_size, num_workers=cfg.embed.num_workers,
-                           emb_tta=cfg.embed.tta_hflip, dist=ctx.dist, desc=f"{unit.name}/{split}").emb
+        emb = run_backbone(
+            model,
+            ds,
+            dev,
+            policy,
+            batch_size=cfg.embed.batch_size,
+            num_workers=cfg.embed.num_workers,
+            emb_tta=cfg.embed.tta_hflip,
+            dist=ctx.dist,
+            desc=f"{unit.name}/{split}",
+        ).emb
         tables[split] = embedding_table(ds.ids, emb)
     seconds, n = time.time() - t0, sum(len(t) for t in tables.values())
-    log.info("%s: %d images -> %d-dim embeddings in %.1fs (%.0f img/s)", unit.folder, n, tables["train"].shape[1] - 1,
-             seconds, n / max(seconds, 1e-9))
+    log.info(
+        "%s: %d images -> %d-dim embeddings in %.1fs (%.0f img/s)",
+        unit.folder,
+        n,
+        tables["train"].shape[1] - 1,
+        seconds,
+        n / max(seconds, 1e-9),
+    )
     output = unit.model_cfg.output if unit.model_cfg is not None else "pooled"
-    return tables, {"policy": policy.to_dict(), "device": ctx.device, "dim": int(tables["train"].shape[1] - 1),
-                    "images": n, "source": "finetuned" if unit.checkpoint else "frozen",
-                    "backbone": unit.backbone(), "output": output, "square": data_cfg.get("square", "squash"),
-                    # the inference budget (select --budget-hours): measured here, decoding and TTA included
-                    "images_per_second": round(n / max(seconds, 1e-9), 2),
-                    "machine": budget.machine_name(ctx.device)}
+    return tables, {
+        "policy": policy.to_dict(),
+        "device": ctx.device,
+        "dim": int(tables["train"].shape[1] - 1),
+        "images": n,
+        "source": "finetuned" if unit.checkpoint else "frozen",
+        "backbone": unit.backbone(),
+        "output": output,
+        "square": data_cfg.get("square", "squash"),
+        # the inference budget (select --budget-hours): measured here, decoding and TTA included
+        "images_per_second": round(n / max(seconds, 1e-9), 2),
+        "machine": budget.machine_name(ctx.device),
+    }

@@ -16,6 +16,7 @@ every choice made without the fold scored, the one to trust), and with folds.hol
 submission's own recipe on rows no stage ever fit on. A head or blend no better
 than predicting the mean is a loud warning here and in the report.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,17 +30,18 @@ from .. import artifacts, manifest, tracking
 from ..blend import canonical, cross_validated, fit_weights
 from ..data import ID, TARGET
 from ..errors import ConfigError
-from ..files import ArtifactError, MissingArtifact, not_a_file, remove, write_json, write_parquet
+from ..files import ArtifactError, MissingArtifact, not_a_file, remove, write_csv, write_json, write_parquet
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from ..submission import build_submission
-from ..files import write_csv
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-TRUST = ("nested_rmse.ensemble is the score to trust: every choice (epoch, C, blend weights) made without the fold "
-         "scored; oof_rmse.ensemble_cv is optimistic (the heads' epoch and C were chosen on the rows it scores), "
-         "oof_rmse.ensemble more so (its weights too)")
+TRUST = (
+    "nested_rmse.ensemble is the score to trust: every choice (epoch, C, blend weights) made without the fold "
+    "scored; oof_rmse.ensemble_cv is optimistic (the heads' epoch and C were chosen on the rows it scores), "
+    "oof_rmse.ensemble more so (its weights too)"
+)
 SUMMARY = "blend the NN and SVR heads with weights fit on out-of-fold predictions -> submission.csv"
 HELP = __doc__
 IMAGES = False
@@ -61,14 +63,21 @@ def _used(cfg, prefix: str) -> list[str] | None:
 
 
 def _pred_files(cfg) -> list[Path]:
-    return [artifacts.preds(folder, h, s) for prefix, folder in experiments(cfg) for h in _heads(folder, _used(cfg, prefix))
-            for s in artifacts.PRED_SPLITS if s != "holdout" or artifacts.preds(folder, h, s).is_file()]
+    return [
+        artifacts.preds(folder, h, s)
+        for prefix, folder in experiments(cfg)
+        for h in _heads(folder, _used(cfg, prefix))
+        for s in artifacts.PRED_SPLITS
+        if s != "holdout" or artifacts.preds(folder, h, s).is_file()
+    ]
 
 
 def plan(ctx) -> Plan:
     cfg = ctx.cfg
-    inputs = {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *_pred_files(cfg)]),
-              **ctx.data_inputs("train.csv", "sample_submission.csv")}
+    inputs = {
+        **ctx.file_inputs([artifacts.folds_csv(ctx.out), *_pred_files(cfg)]),
+        **ctx.data_inputs("train.csv", "sample_submission.csv"),
+    }
     return Plan({"ensemble": dataclasses.asdict(cfg.ensemble)}, inputs)
 
 
@@ -77,13 +86,19 @@ def check(ctx) -> None:
     the same Ids on the same folds."""
     from ..guards import is_experiment
 
-    for prefix, folder in experiments(ctx.cfg)[1:]:
+    for _prefix, folder in experiments(ctx.cfg)[1:]:
         if not folder.is_dir():
-            raise ConfigError(f"ensemble.experiments: {folder} {not_a_file(folder) or 'is a file, not a folder'}: "
-                              "list experiment folders", ("ensemble.experiments",))
+            raise ConfigError(
+                f"ensemble.experiments: {folder} {not_a_file(folder) or 'is a file, not a folder'}: "
+                "list experiment folders",
+                ("ensemble.experiments",),
+            )
         if not is_experiment(folder):
-            raise ConfigError(f"ensemble.experiments: {folder} holds no pawpular experiment (no config.yaml or stage "
-                              "manifest): list experiment folders", ("ensemble.experiments",))
+            raise ConfigError(
+                f"ensemble.experiments: {folder} holds no pawpular experiment (no config.yaml or stage "
+                "manifest): list experiment folders",
+                ("ensemble.experiments",),
+            )
     gather(ctx.cfg)  # whole predictions of the same Ids on the same folds (it reads them: small tables)
 
 
@@ -93,8 +108,10 @@ def _check_foreign(prefix: str, folder: Path) -> None:
         record = manifest.read(artifacts.manifest(folder, artifacts.HEADS[h]))
         problems = ["no manifest (not finished)"] if record is None else manifest.damaged_outputs(record, folder)
         if problems:
-            raise ArtifactError(f"{folder} (in ensemble.experiments): its {artifacts.HEADS[h]} stage is not whole: "
-                                f"{'; '.join(problems[:3])}; rerun it there")
+            raise ArtifactError(
+                f"{folder} (in ensemble.experiments): its {artifacts.HEADS[h]} stage is not whole: "
+                f"{'; '.join(problems[:3])}; rerun it there"
+            )
 
 
 def gather(cfg) -> tuple[list[str], dict[str, pd.DataFrame]]:
@@ -116,7 +133,9 @@ def gather(cfg) -> tuple[list[str], dict[str, pd.DataFrame]]:
                 path = artifacts.preds(folder, h, split)
                 if path.is_file():
                     cols = [ID, "pred"] + (["fold"] if split == "oof" else [])
-                    parts[split].append(pd.read_parquet(path)[cols].rename(columns={"pred": name, "fold": f"fold:{name}"}))
+                    parts[split].append(
+                        pd.read_parquet(path)[cols].rename(columns={"pred": name, "fold": f"fold:{name}"})
+                    )
     if not names:
         raise MissingArtifact(f"no predictions to blend in {cfg.out}: run `pawpular train` and/or `pawpular svr` first")
     return names, {s: _join(tables, names, s) for s, tables in parts.items() if tables}
@@ -128,13 +147,17 @@ def _join(tables: list[pd.DataFrame], names: list[str], split: str) -> pd.DataFr
         table = table.merge(t, on=ID, how="outer")
     if len(tables) != len(names) or table[names].isna().any().any():
         bad = [n for n in names if n not in table or table[n].isna().any()]
-        raise ConfigError(f"{split} predictions do not cover the same Ids: {', '.join(bad)} miss some "
-                         "(rerun them on the same data and folds)")
+        raise ConfigError(
+            f"{split} predictions do not cover the same Ids: {', '.join(bad)} miss some "
+            "(rerun them on the same data and folds)"
+        )
     if split == "oof":
         fold_cols = [f"fold:{n}" for n in names]
         if (table[fold_cols].nunique(axis=1) > 1).any():
-            raise ConfigError("ensemble.experiments: the blended models used different folds: OOF weights would leak; "
-                              "use one folds.csv for all")
+            raise ConfigError(
+                "ensemble.experiments: the blended models used different folds: OOF weights would leak; "
+                "use one folds.csv for all"
+            )
         table = table.rename(columns={fold_cols[0]: "fold"}).drop(columns=fold_cols[1:])
     return table
 
@@ -153,15 +176,19 @@ def run(ctx) -> Result:
     blend = fit_weights(P, y, names, method, min_imp)
     scores = {n: rmse(P[:, j], y) for j, n in enumerate(names)}
     cv, _ = cross_validated(P, y, oof["fold"].to_numpy(), names, method, min_imp)
-    summary = {**scores, "ensemble": rmse(np.clip(P @ blend.weights, 1, 100), y),
-               "ensemble_cv": cv, "equal_weights": rmse(np.clip(P.mean(1), 1, 100), y),
-               "predict_mean": rmse(np.full_like(y, y.mean()), y)}
+    summary = {
+        **scores,
+        "ensemble": rmse(np.clip(P @ blend.weights, 1, 100), y),
+        "ensemble_cv": cv,
+        "equal_weights": rmse(np.clip(P.mean(1), 1, 100), y),
+        "predict_mean": rmse(np.full_like(y, y.mean()), y),
+    }
     holdout = _holdout_scores(tables, names, blend.weights, target, y.mean())
     policies = _policies(cfg)
     nested_scores = _nested(ctx, names, oof, y)
     outputs = _write(ctx, tables, names, blend, summary, holdout, policies, nested_scores)
     _log(cfg, names, blend, summary, holdout, nested_scores)
-    tracking.log_blend(ctx.tracker, dict(zip(names, map(float, blend.weights))), summary, holdout)
+    tracking.log_blend(ctx.tracker, dict(zip(names, map(float, blend.weights), strict=False)), summary, holdout)
     return Result(outputs, {"oof_rmse": summary, "holdout_rmse": holdout})
 
 
@@ -171,8 +198,12 @@ def _holdout_scores(tables: dict, names: list[str], w: np.ndarray, target: pd.Se
     h = tables["holdout"]
     y = target.loc[h[ID]].to_numpy()
     H = h[names].to_numpy(float)
-    return {**{n: rmse(H[:, j], y) for j, n in enumerate(names)}, "ensemble": rmse(np.clip(H @ w, 1, 100), y),
-            "predict_mean": rmse(np.full_like(y, train_mean), y), "rows": int(len(y))}
+    return {
+        **{n: rmse(H[:, j], y) for j, n in enumerate(names)},
+        "ensemble": rmse(np.clip(H @ w, 1, 100), y),
+        "predict_mean": rmse(np.full_like(y, train_mean), y),
+        "rows": int(len(y)),
+    }
 
 
 def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
@@ -180,8 +211,11 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
     other folds' nested predictions); writes ensemble/nested.parquet. ``{"missing": why}`` when a head has none."""
     path = artifacts.nested_preds(ctx.out, "ensemble")
     remove(path)
-    files = {f"{prefix}{h}": artifacts.nested_preds(folder, h) for prefix, folder in experiments(ctx.cfg)
-             for h in _heads(folder, _used(ctx.cfg, prefix))}
+    files = {
+        f"{prefix}{h}": artifacts.nested_preds(folder, h)
+        for prefix, folder in experiments(ctx.cfg)
+        for h in _heads(folder, _used(ctx.cfg, prefix))
+    }
     missing = [f"{n} ({files[n]})" for n in names if not files[n].is_file()]
     if missing:
         return {"missing": f"no nested predictions for {', '.join(missing)}: rerun that stage"}
@@ -191,8 +225,9 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
     if table[names].isna().any().any():
         return {"missing": "the nested predictions do not cover the OOF rows: rerun train / svr"}
     P = table[names].to_numpy(float)
-    score, pred = cross_validated(P, y, table["fold"].to_numpy(), names, ctx.cfg.ensemble.method,
-                                  ctx.cfg.ensemble.min_improvement)
+    score, pred = cross_validated(
+        P, y, table["fold"].to_numpy(), names, ctx.cfg.ensemble.method, ctx.cfg.ensemble.min_improvement
+    )
     # the target too: `pawpular runs --baseline` compares experiments from this file alone
     write_parquet(pd.DataFrame({ID: table[ID], "fold": table["fold"], "pred": pred, "target": y}), path)
     return {**{n: rmse(P[:, j], y) for j, n in enumerate(names)}, "ensemble": score}
@@ -201,26 +236,34 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
 def _policies(cfg) -> dict[str, str]:
     """The precision each blended experiment's models and embeddings were made with (their own manifests); a
     warning when they differ: predict repeats each one's own, but the heads were fit on mixed inputs."""
-    found = {f"{prefix}{unit}": p["precision"] for prefix, folder in experiments(cfg)
-             for unit, p in manifest.policies(folder).items()}
+    found = {
+        f"{prefix}{unit}": p["precision"]
+        for prefix, folder in experiments(cfg)
+        for unit, p in manifest.policies(folder).items()
+    }
     if len(set(found.values())) > 1:
         by = {}
         for unit, precision in sorted(found.items()):
             by.setdefault(precision, []).append(unit)
-        log.warning("ensemble: the blended models and embeddings were made under different inference policies "
-                    "(%s): the SVR heads were fit on embeddings of mixed precision; predict repeats each model's "
-                    "own policy", "; ".join(f"{p}: {', '.join(u[:4])}{' ...' if len(u) > 4 else ''}"
-                                              for p, u in sorted(by.items())))
+        log.warning(
+            "ensemble: the blended models and embeddings were made under different inference policies "
+            "(%s): the SVR heads were fit on embeddings of mixed precision; predict repeats each model's "
+            "own policy",
+            "; ".join(f"{p}: {', '.join(u[:4])}{' ...' if len(u) > 4 else ''}" for p, u in sorted(by.items())),
+        )
     return found
 
 
-def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: dict, policies: dict,
-           nested_scores: dict) -> list[Path]:
+def _write(
+    ctx, tables: dict, names: list[str], blend, summary: dict, holdout: dict, policies: dict, nested_scores: dict
+) -> list[Path]:
     out, w = ctx.out / "ensemble", blend.weights
     oof = tables["oof"]
     paths = [out / "oof.parquet", out / "test.parquet"]
-    write_parquet(pd.DataFrame({ID: oof[ID], "fold": oof["fold"], "pred": np.clip(oof[names].to_numpy(float) @ w, 1, 100)}),
-                  paths[0])
+    write_parquet(
+        pd.DataFrame({ID: oof[ID], "fold": oof["fold"], "pred": np.clip(oof[names].to_numpy(float) @ w, 1, 100)}),
+        paths[0],
+    )
     test = pd.DataFrame({ID: tables["test"][ID], "pred": np.clip(tables["test"][names].to_numpy(float) @ w, 1, 100)})
     write_parquet(test, paths[1])
     if "holdout" in tables:
@@ -228,11 +271,20 @@ def _write(ctx, tables: dict, names: list[str], blend, summary: dict, holdout: d
         paths.append(out / "holdout.parquet")
         write_parquet(pd.DataFrame({ID: h[ID], "pred": np.clip(h[names].to_numpy(float) @ w, 1, 100)}), paths[-1])
     sub = build_submission(test, ctx.comp.sample)  # validated before anything is written for it
-    write_json(artifacts.weights_json(ctx.out), {
-        "weights": dict(zip(names, map(float, w))), "method": canonical(ctx.cfg.ensemble.method), "oof_rmse": summary,
-        "nested_rmse": nested_scores, "trust": TRUST,
-        "holdout_rmse": holdout, "worse_than_mean": worse_than_mean(summary, holdout), "precision": policies,
-        "steps": [{"added": a, "oof_rmse": r} for a, r in blend.steps]})
+    write_json(
+        artifacts.weights_json(ctx.out),
+        {
+            "weights": dict(zip(names, map(float, w), strict=False)),
+            "method": canonical(ctx.cfg.ensemble.method),
+            "oof_rmse": summary,
+            "nested_rmse": nested_scores,
+            "trust": TRUST,
+            "holdout_rmse": holdout,
+            "worse_than_mean": worse_than_mean(summary, holdout),
+            "precision": policies,
+            "steps": [{"added": a, "oof_rmse": r} for a, r in blend.steps],
+        },
+    )
     write_csv(sub, artifacts.submission(ctx.out), float_format="%.5f")
     nested_file = [artifacts.nested_preds(ctx.out, "ensemble")] if "ensemble" in nested_scores else []
     return paths + nested_file + [artifacts.weights_json(ctx.out), artifacts.submission(ctx.out)]
@@ -252,21 +304,35 @@ def worse_than_mean(summary: dict, holdout: dict) -> list[str]:
 def _log(cfg, names: list[str], blend, summary: dict, holdout: dict, nested_scores: dict) -> None:
     mean = summary["predict_mean"]
     ratio = summary["ensemble_cv"] / mean if mean > 0 else float("nan")
-    rows = [f"  {n:<24} {summary[n]:>8.3f} {w:>8.3f}" for n, w in zip(names, blend.weights)]
-    rows += [f"  {'predict the mean':<24} {mean:>8.3f}", f"  {'equal-weight blend':<24} {summary['equal_weights']:>8.3f}",
-             f"  {'ensemble (in-sample)':<24} {summary['ensemble']:>8.3f}",
-             f"  {'ensemble (cross-val.)':<24} {summary['ensemble_cv']:>8.3f}  ({ratio:.3f}x the mean's; optimistic: "
-             "the heads' epoch and C were chosen on these rows)"]
+    rows = [f"  {n:<24} {summary[n]:>8.3f} {w:>8.3f}" for n, w in zip(names, blend.weights, strict=False)]
+    rows += [
+        f"  {'predict the mean':<24} {mean:>8.3f}",
+        f"  {'equal-weight blend':<24} {summary['equal_weights']:>8.3f}",
+        f"  {'ensemble (in-sample)':<24} {summary['ensemble']:>8.3f}",
+        f"  {'ensemble (cross-val.)':<24} {summary['ensemble_cv']:>8.3f}  ({ratio:.3f}x the mean's; optimistic: "
+        "the heads' epoch and C were chosen on these rows)",
+    ]
     if "ensemble" in nested_scores:
-        rows.append(f"  {'ensemble (nested)':<24} {nested_scores['ensemble']:>8.3f}  (every choice made without the "
-                    "fold scored: the one to trust)")
+        rows.append(
+            f"  {'ensemble (nested)':<24} {nested_scores['ensemble']:>8.3f}  (every choice made without the "
+            "fold scored: the one to trust)"
+        )
     else:
         rows.append(f"  {'ensemble (nested)':<24} {'-':>8}  ({nested_scores.get('missing')})")
     if holdout:
-        rows.append(f"  {'holdout RMSE':<24} {holdout['ensemble']:>8.3f}  ({holdout['rows']} rows no stage fit on; "
-                    f"the mean: {holdout['predict_mean']:.3f})")
-    log.info("ensemble (%s):\n  %-24s %8s %8s\n%s\nsubmission: %s", canonical(cfg.ensemble.method), "model", "OOF RMSE",
-             "weight", "\n".join(rows), artifacts.submission(cfg.out))
+        rows.append(
+            f"  {'holdout RMSE':<24} {holdout['ensemble']:>8.3f}  ({holdout['rows']} rows no stage fit on; "
+            f"the mean: {holdout['predict_mean']:.3f})"
+        )
+    log.info(
+        "ensemble (%s):\n  %-24s %8s %8s\n%s\nsubmission: %s",
+        canonical(cfg.ensemble.method),
+        "model",
+        "OOF RMSE",
+        "weight",
+        "\n".join(rows),
+        artifacts.submission(cfg.out),
+    )
     if cfg.ensemble.method == "hill":
         log.info("hill climbing: %s", " -> ".join(f"{a} {r:.3f}" for a, r in blend.steps))
     for line in worse_than_mean(summary, holdout):

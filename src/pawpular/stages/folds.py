@@ -11,6 +11,7 @@ group_duplicates, photos whose 64-bit DCT pHashes differ in at most hash_thresho
 StratifiedGroupKFold keeps it in one fold, so a duplicate never flatters the validation score. When the folds
 change, fold folders of a larger earlier n_folds are removed so nothing downstream can pick them up.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from .. import artifacts
-from ..errors import ConfigError
 from ..data import ID, TARGET, read_csv_or_raise
 from ..duplicates import duplicate_groups, group_table, image_hashes
+from ..errors import ConfigError
 from ..files import digest_or_none, not_a_file, remove, write_csv
 from ..guards import remove_fold_folder
 from ..splits import check_enough_rows, check_folds, make_folds
@@ -39,9 +40,14 @@ def plan(ctx) -> Plan:
     if fc.file and (why := not_a_file(fc.file)):  # before its digest: a folder or a device is refused, not read
         raise ConfigError(f"folds.file: {fc.file} {why}; give a CSV of Id,fold", ("folds.file",))
     if fc.file:  # the user's split: its bytes decide, not the split settings
-        return Plan({"folds": {"file": fc.file, "n_folds": fc.n_folds, "holdout": fc.holdout}},
-                    {"folds.file": digest_or_none(fc.file), **ctx.data_inputs("train.csv")})
-    return Plan({"folds": dataclasses.asdict(fc)}, ctx.data_inputs("train.csv", images=("train",) if fc.group_duplicates else ()))
+        return Plan(
+            {"folds": {"file": fc.file, "n_folds": fc.n_folds, "holdout": fc.holdout}},
+            {"folds.file": digest_or_none(fc.file), **ctx.data_inputs("train.csv")},
+        )
+    return Plan(
+        {"folds": dataclasses.asdict(fc)},
+        ctx.data_inputs("train.csv", images=("train",) if fc.group_duplicates else ()),
+    )
 
 
 def check(ctx) -> None:
@@ -58,8 +64,13 @@ def _from_file(ctx) -> Result:
     write_csv(folds, artifacts.folds_csv(cfg.out))
     remove(artifacts.duplicates_csv(cfg.out))
     _remove_extra_fold_dirs(cfg.out, cfg.folds.n_folds)
-    log.info("folds: %s (%d folds, %d holdout rows) -> %s", path, cfg.folds.n_folds, int((folds["fold"] < 0).sum()),
-             artifacts.folds_csv(cfg.out))
+    log.info(
+        "folds: %s (%d folds, %d holdout rows) -> %s",
+        path,
+        cfg.folds.n_folds,
+        int((folds["fold"] < 0).sum()),
+        artifacts.folds_csv(cfg.out),
+    )
     return Result([artifacts.folds_csv(cfg.out)], {"n_folds": cfg.folds.n_folds, "file": str(path)})
 
 
@@ -72,8 +83,12 @@ def run(ctx) -> Result:
         hashes = image_hashes(ctx.comp.root, train[ID].tolist())
         groups = duplicate_groups(hashes, cfg.folds.hash_threshold)
         dups = group_table(train[ID].tolist(), hashes, groups)
-        log.info("duplicates: %d groups holding %d photos (pHash distance <= %d)", dups["group"].nunique(),
-                 len(dups), cfg.folds.hash_threshold)
+        log.info(
+            "duplicates: %d groups holding %d photos (pHash distance <= %d)",
+            dups["group"].nunique(),
+            len(dups),
+            cfg.folds.hash_threshold,
+        )
         write_csv(dups, artifacts.duplicates_csv(cfg.out))
         outputs.append(artifacts.duplicates_csv(cfg.out))
     else:
@@ -83,8 +98,13 @@ def run(ctx) -> Result:
     _remove_extra_fold_dirs(cfg.out, cfg.folds.n_folds)
     summary = train.assign(fold=fold).groupby("fold")[TARGET].agg(["size", "mean", "std"]).round(2)
     held = int((fold < 0).sum())
-    log.info("folds (%d, seed %d%s):\n%s", cfg.folds.n_folds, cfg.folds.seed,
-             f"; holdout: {held} rows, fold -1" if held else "", summary.to_string())
+    log.info(
+        "folds (%d, seed %d%s):\n%s",
+        cfg.folds.n_folds,
+        cfg.folds.seed,
+        f"; holdout: {held} rows, fold -1" if held else "",
+        summary.to_string(),
+    )
     return Result(outputs, {"n_folds": cfg.folds.n_folds, "holdout_rows": held})
 
 
@@ -94,5 +114,8 @@ def _remove_extra_fold_dirs(out, n_folds: int) -> None:
             if k >= n_folds:
                 log.info("folds: removing %s (n_folds is now %d)", folder, n_folds)
                 if kept := remove_fold_folder(folder):
-                    log.warning("folds: kept %s in %s: not written by pawpular (move them, then remove the folder)",
-                                ", ".join(kept), folder)
+                    log.warning(
+                        "folds: kept %s in %s: not written by pawpular (move them, then remove the folder)",
+                        ", ".join(kept),
+                        folder,
+                    )

@@ -27,6 +27,7 @@ measured against the noise.
 its own, blended by ``ensemble.experiments``; ``--budget-hours H --test-images N`` tries only combinations whose
 inference fits, at the images/s each set recorded (``selection.py``, ``budget.py``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,16 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts, backend, manifest, selection, svr_head
+from .. import artifacts, backend, manifest, selection, svr_head, svr_memory
 from ..config import Config, backbone_configs
-from ..errors import ConfigError
 from ..data import ID, META_COLS, TARGET, Competition
 from ..embedding_sets import read_sets
-from ..files import MissingArtifact, write_json
+from ..errors import ConfigError
+from ..files import MissingArtifact
 from ..metrics import rmse
-from ..splits import read_folds
 from ..progress import Progress
-from ..selection import MIN_IMPROVEMENT, Step, features_line, format_steps, format_table, forward_select
+from ..selection import MIN_IMPROVEMENT, Step, forward_select
+from ..splits import read_folds
 from . import Plan, Result, wants_fold_embeddings
 
 log = logging.getLogger("pawpular")
@@ -74,8 +75,14 @@ def c_grid(c_min: float, c_max: float, points: int = C_GRID_POINTS) -> list[floa
     return [float(c) for c in np.geomspace(c_min, c_max, max(points, 1) if c_max > c_min else 1)]
 
 
-def tune_c(folds: Sequence[svr_head.FoldData], y: np.ndarray, grid: Sequence[float], epsilon: float,
-           device: str = "cpu", preds: dict | None = None) -> tuple[float, float]:
+def tune_c(
+    folds: Sequence[svr_head.FoldData],
+    y: np.ndarray,
+    grid: Sequence[float],
+    epsilon: float,
+    device: str = "cpu",
+    preds: dict | None = None,
+) -> tuple[float, float]:
     """(best OOF RMSE, its C): every C of ``grid``, then the geometric midpoints beside the best. Deterministic.
     ``preds``: filled with each C's OOF predictions (train-table rows; the nested choice picks among them)."""
     scores: dict[float, float] = {}
@@ -113,8 +120,9 @@ class TrainSets:
     def fold_ids(self) -> list[int]:
         return sorted(k for k in np.unique(self.fold_of).tolist() if k >= 0)
 
-    def folds(self, names: Sequence[str], gamma: float | str, device: str,
-              target_clip: Sequence[float] | None = None) -> list[svr_head.FoldData]:
+    def folds(
+        self, names: Sequence[str], gamma: float | str, device: str, target_clip: Sequence[float] | None = None
+    ) -> list[svr_head.FoldData]:
         """The SVR stage's folds (standardized per fold, gamma per fold) for the sets ``names`` concatenated."""
         xp = backend.array_module(device)
         out = []
@@ -125,8 +133,14 @@ class TrainSets:
         return out
 
 
-def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, mode: str = "precomputed",
-               preds: dict | None = None) -> tuple[float, float]:
+def score_sets(
+    data: TrainSets,
+    names: Sequence[str],
+    cfg: Config,
+    device: str,
+    mode: str = "precomputed",
+    preds: dict | None = None,
+) -> tuple[float, float]:
     """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels;
     ``preds``: see ``tune_c``."""
     folds = data.folds(names, cfg.svr.gamma, device, cfg.svr.target_clip)
@@ -135,8 +149,9 @@ def score_sets(data: TrainSets, names: Sequence[str], cfg: Config, device: str, 
     return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device, preds)
 
 
-def nested_selection(candidates: Sequence[str], evaluated: dict, rescore: Any, y: np.ndarray, fold_of: np.ndarray,
-                     grid: Sequence[float]) -> tuple[dict, np.ndarray]:
+def nested_selection(
+    candidates: Sequence[str], evaluated: dict, rescore: Any, y: np.ndarray, fold_of: np.ndarray, grid: Sequence[float]
+) -> tuple[dict, np.ndarray]:
     """Per fold k, the whole selection again on the other folds' rows (sets and C, C from ``grid``), and fold k
     predicted with what it chose. ``evaluated``: sets (tuple) -> {C: OOF predictions}, filled by ``rescore(names)``
     for a combination the selection on all rows never tried. Returns (selection.json's "nested", predictions)."""
@@ -146,14 +161,15 @@ def nested_selection(candidates: Sequence[str], evaluated: dict, rescore: Any, y
     def sse(names: tuple) -> dict[float, np.ndarray]:
         if names not in evaluated:
             rescore(list(names))
-        return {c: np.array([((p[r] - y[r]) ** 2).sum() for r in rows_of]) for c, p in evaluated[names].items()
-                if c in grid}
+        return {
+            c: np.array([((p[r] - y[r]) ** 2).sum() for r in rows_of]) for c, p in evaluated[names].items() if c in grid
+        }
 
     pred, chosen = np.full(len(y), np.nan), {}
-    for i, (k, rows) in enumerate(zip(folds, rows_of)):
+    for i, (k, rows) in enumerate(zip(folds, rows_of, strict=False)):
         n_other = sum(int(r.sum()) for j, r in enumerate(rows_of) if j != i)
 
-        def score_without_k(names: list[str]) -> tuple[float, float]:
+        def score_without_k(names: list[str], i: int = i, n_other: int = n_other) -> tuple[float, float]:
             table = sse(tuple(names))
             c = min(table, key=lambda c: (table[c].sum() - table[c][i], c))
             return float(np.sqrt((table[c].sum() - table[c][i]) / n_other)), c
@@ -166,8 +182,14 @@ def nested_selection(candidates: Sequence[str], evaluated: dict, rescore: Any, y
     return {"nested_rmse": rmse(pred[scored], y[scored]), "folds": chosen}, pred
 
 
-def step_gains(steps: Sequence[Step], evaluated: dict, y: np.ndarray, fold_of: np.ndarray, grid: Sequence[float],
-               groups: np.ndarray) -> list[dict]:
+def step_gains(
+    steps: Sequence[Step],
+    evaluated: dict,
+    y: np.ndarray,
+    fold_of: np.ndarray,
+    grid: Sequence[float],
+    groups: np.ndarray,
+) -> list[dict]:
     """Does each set added beat what it is added to, beyond noise? Step s against step s - 1, each with C chosen per
     fold on the other folds (``nested.leave_one_out``): ``nested.paired_bootstrap`` over duplicate groups."""
     from .. import nested
@@ -180,14 +202,15 @@ def step_gains(steps: Sequence[Step], evaluated: dict, y: np.ndarray, fold_of: n
         cs = list(preds)
         sse = np.array([[((preds[c][fold_of == k] - y[fold_of == k]) ** 2).sum() for k in folds] for c in cs])
         out = np.full(len(y), np.nan)
-        for k, j in zip(folds, nested.leave_one_out(sse)):
+        for k, j in zip(folds, nested.leave_one_out(sse), strict=False):
             out[fold_of == k] = preds[cs[j]][fold_of == k]
         return out[scored]
 
     gains = []
-    for prev, step in zip(steps, steps[1:]):
-        d = nested.paired_bootstrap(nested_c(step.features), nested_c(prev.features), y[scored], groups[scored],
-                                    fold_of[scored])
+    for prev, step in zip(steps, steps[1:], strict=False):
+        d = nested.paired_bootstrap(
+            nested_c(step.features), nested_c(prev.features), y[scored], groups[scored], fold_of[scored]
+        )
         gains.append({"step": step.step, "added": step.added, **d.to_dict()})
     return gains
 
@@ -227,7 +250,9 @@ def load_train_sets(cfg: Config, comp: Competition, folds_df: Any, names: Sequen
         for name, table in read_sets(cfg.out, names, "train", k, device, frozen).items():
             tables[(name, k)] = table
     meta = comp.train[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
-    return TrainSets(tables, comp.train[ID].astype(str).tolist(), comp.train[TARGET].to_numpy(np.float64), fold_of, meta)
+    return TrainSets(
+        tables, comp.train[ID].astype(str).tolist(), comp.train[TARGET].to_numpy(np.float64), fold_of, meta
+    )
 
 
 def _groups(cfg: Config, ids: list[str]) -> np.ndarray:
@@ -239,14 +264,35 @@ def _groups(cfg: Config, ids: list[str]) -> np.ndarray:
 
 def plan(ctx) -> Plan:
     s = ctx.cfg.svr
-    settings = {"c_min": s.c_min, "c_max": s.c_max, "epsilon": s.epsilon, "gamma": s.gamma, "use_meta": s.use_meta,
-                "target_clip": s.target_clip}
+    settings = {
+        "c_min": s.c_min,
+        "c_max": s.c_max,
+        "epsilon": s.epsilon,
+        "gamma": s.gamma,
+        "use_meta": s.use_meta,
+        "target_clip": s.target_clip,
+    }
     folds = range(ctx.cfg.folds.n_folds)
     files = [artifacts.set_file(ctx.out, b.name, "train", 0) for b in backbone_configs(ctx.cfg)]
     files += [artifacts.set_file(ctx.out, artifacts.MODEL_SET, "train", k) for k in folds]
-    return Plan({"svr": settings, "embed": {"backbones": ctx.cfg.embed.backbones},
-                 "select": dataclasses.asdict(ctx.cfg.select)},
-                {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *files]), **ctx.data_inputs("train.csv")})
+    return Plan(
+        {
+            "svr": settings,
+            "embed": {"backbones": ctx.cfg.embed.backbones},
+            "select": dataclasses.asdict(ctx.cfg.select),
+        },
+        {**ctx.file_inputs([artifacts.folds_csv(ctx.out), *files]), **ctx.data_inputs("train.csv")},
+    )
+
+
+def _candidates(cfg: Config, fold_ids: list[int]) -> tuple[list[str], dict[str, str]]:
+    """The sets to choose among (``find_candidates``), each one left out named; none at all is an error."""
+    candidates, skipped = find_candidates(cfg, fold_ids)
+    for name, why in skipped.items():
+        log.warning("select: leaving out %r: %s (run `pawpular embed` first)", name, why)
+    if not candidates:
+        raise MissingArtifact(f"no finished embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
+    return candidates, skipped
 
 
 def run(ctx) -> Result:
@@ -255,17 +301,26 @@ def run(ctx) -> Result:
     t0 = time.time()
     folds_df = read_folds(cfg.out, comp.train, cfg.folds)
     fold_ids = sorted(k for k in folds_df["fold"].unique().tolist() if k >= 0)
-    candidates, skipped = find_candidates(cfg, fold_ids)
-    for name, why in skipped.items():
-        log.warning("select: leaving out %r: %s (run `pawpular embed` first)", name, why)
-    if not candidates:
-        raise MissingArtifact(f"no finished embedding sets under {cfg.out / 'emb'}: run `pawpular embed` first")
+    candidates, skipped = _candidates(cfg, fold_ids)
     data = load_train_sets(cfg, comp, folds_df, candidates, device)
     # Kernel memory depends on the fold sizes only, not on the sets: decide once.
-    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)
+    mode = svr_memory.resolve_kernel_cache(cfg.svr.kernel_cache, data.fold_of, cfg.svr.max_kernel_gb, device)
     grid = c_grid(cfg.svr.c_min, cfg.svr.c_max)
-    log.info("select: %d candidate sets (%s), %d train rows, %d folds, C grid %s", len(candidates),
-             ", ".join(candidates), len(data.ids), len(data.fold_ids), ", ".join(f"{c:.3g}" for c in grid))
+    log.info(
+        "select: %d candidate sets (%s), %d train rows, %d folds, C grid %s",
+        len(candidates),
+        ", ".join(candidates),
+        len(data.ids),
+        len(data.fold_ids),
+        ", ".join(f"{c:.3g}" for c in grid),
+    )
+    facts = {
+        "candidates": candidates,
+        "skipped": skipped,
+        "c_grid": grid,
+        "n_train": len(data.ids),
+        "n_folds": len(data.fold_ids),
+    }
     evaluated: dict = {}  # sets -> {C: OOF predictions}: what the nested selection chooses among
 
     def rescore(names: list[str]) -> tuple[float, float]:
@@ -275,6 +330,7 @@ def run(ctx) -> Result:
     allowed, speeds = selection.budget_rule(cfg, candidates, data.fold_ids)
     several = cfg.select.starts > 1 or cfg.select.budget_hours is not None
     with Progress(desc="select", total=sum(range(1, len(candidates) + 1)), unit="fit") as bar:
+
         def score(names: list[str]) -> tuple[float, float]:
             result = rescore(names)
             bar.update()
@@ -282,9 +338,7 @@ def run(ctx) -> Result:
 
         if several:
             runs = selection.multi_start(candidates, score, cfg.select.starts, MIN_IMPROVEMENT, allowed)
-            path = selection.write_starts(cfg, runs, speeds, {
-                "candidates": candidates, "skipped": skipped, "c_grid": grid, "n_train": len(data.ids),
-                "n_folds": len(data.fold_ids)}, MIN_IMPROVEMENT, t0)
+            path = selection.write_starts(cfg, runs, speeds, facts, MIN_IMPROVEMENT, t0)
             return Result([path], {"chosen": runs[0].features, "oof_rmse": runs[0].oof_rmse, "starts": len(runs)})
         steps, rejected = forward_select(candidates, score, MIN_IMPROVEMENT)
     best = steps[-1]
@@ -292,37 +346,12 @@ def run(ctx) -> Result:
     nested_result, _ = nested_selection(candidates, evaluated, rescore, data.y, data.fold_of, grid)
     gains = step_gains(steps, evaluated, data.y, data.fold_of, grid, _groups(cfg, data.ids))
     t_nested = time.time() - t_nested
-    result = {
-        "candidates": candidates, "skipped": skipped, "single": steps[0].tried,
-        "steps": [dataclasses.asdict(s) for s in steps], "rejected": rejected, "chosen": best.features,
-        "oof_rmse": best.oof_rmse, "C": best.C, "set_line": features_line(best.features),
-        "nested": nested_result, "gains": gains,
-        "settings": {"min_improvement": MIN_IMPROVEMENT, "c_grid": grid, "epsilon": cfg.svr.epsilon,
-                     "gamma": cfg.svr.gamma, "use_meta": cfg.svr.use_meta, "n_folds": len(data.fold_ids),
-                     "n_train": len(data.ids)},
-    }
-    path = artifacts.selection_json(cfg.out)
-    write_json(path, result)
-    _print_choice(cfg, steps, rejected, nested_result, gains)
-    log.info("select: the nested score took %.1fs (%.1f%% of the stage)", t_nested,
-             100 * t_nested / max(time.time() - t0, 1e-9))
+    path = selection.write_single(cfg, facts, steps, rejected, nested_result, gains)
+    selection.print_choice(cfg, steps, rejected, nested_result, gains)
+    log.info(
+        "select: the nested score took %.1fs (%.1f%% of the stage)",
+        t_nested,
+        100 * t_nested / max(time.time() - t0, 1e-9),
+    )
     log.info("select: %d of %d sets chosen in %.1fs -> %s", len(best.features), len(candidates), time.time() - t0, path)
     return Result([path], {"chosen": best.features, "oof_rmse": best.oof_rmse})
-
-
-def _print_choice(cfg, steps: list, rejected: dict | None, nested_result: dict, gains: list[dict]) -> None:
-    """Every set's score and step, the choice, its nested score and each step's gain against the noise."""
-    best = steps[-1]
-    print(format_steps(steps, rejected))
-    print()
-    print(format_table(steps, rejected))
-    print(f"chosen: {', '.join(best.features)} (OOF RMSE {best.oof_rmse:.4f} at C={best.C:.4g}; best single "
-          f"{steps[0].added} {steps[0].oof_rmse:.4f})")
-    print(f"use:    {features_line(best.features)}   (or `pawpular select --as NAME`: a new experiment)")
-    print(f"nested: {nested_result['nested_rmse']:.4f} (the selection and C redone without each fold, scored on it: "
-          f"the one to trust; the {best.oof_rmse:.4f} above is optimistic)")
-    for g in gains:
-        print(f"        step {g['step']} adds {g['added']}: {g['delta']:+.4f} [{g['low']:+.4f}, {g['high']:+.4f}] "
-              f"(95% over duplicate groups), {g['folds_won']}/{g['folds']} folds: {g['verdict']}")
-    if edge := svr_head.c_at_edge(best.C, cfg.svr.c_min, cfg.svr.c_max):
-        log.warning("select: %s", edge)

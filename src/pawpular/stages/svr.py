@@ -19,9 +19,9 @@ study's name is a hash of the values it is tuned on (the feature matrices, folds
 the same embeddings written by cuDF on one machine and pandas on another share a study, and new inputs never mix
 with old ones. The SVR is scikit-learn on a CPU and cuML on a RAPIDS GPU (``backend.build_svr``).
 """
+
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -31,7 +31,8 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, nested, svr_head, svr_study as studies, tracking
+from .. import artifacts, backend, nested, svr_head, svr_memory, tracking
+from .. import svr_study as studies
 from ..data import ID, META_COLS, TARGET
 from ..embedding_sets import read_sets
 from ..files import remove, write_bytes, write_json
@@ -57,9 +58,12 @@ def check(ctx) -> None:
 def input_files(ctx) -> list:
     out, names = ctx.out, dict.fromkeys(ctx.cfg.svr.features)
     folds = range(ctx.cfg.folds.n_folds)
-    return [artifacts.folds_csv(out)] + [artifacts.set_file(out, name, split, k) for name in names
-                                         for k in (folds if name == artifacts.MODEL_SET else [0])
-                                         for split in artifacts.SPLITS]
+    return [artifacts.folds_csv(out)] + [
+        artifacts.set_file(out, name, split, k)
+        for name in names
+        for k in (folds if name == artifacts.MODEL_SET else [0])
+        for split in artifacts.SPLITS
+    ]
 
 
 def plan(ctx) -> Plan:
@@ -70,7 +74,11 @@ def plan(ctx) -> Plan:
         done = record.info.get("n_trials", 0)
         return [] if done >= n_trials else [f"svr.n_trials raised ({done} trials done, {n_trials} asked)"]
 
-    return Plan({"svr": svr}, {**ctx.file_inputs(input_files(ctx)), **ctx.data_inputs("train.csv", "test.csv")}, more_trials_asked)
+    return Plan(
+        {"svr": svr},
+        {**ctx.file_inputs(input_files(ctx)), **ctx.data_inputs("train.csv", "test.csv")},
+        more_trials_asked,
+    )
 
 
 def recorded_settings(record) -> dict:
@@ -93,8 +101,9 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
     frozen: dict = {}
     folds, columns = [], []
     for k in sorted(k for k in np.unique(fold_of).tolist() if k != HOLDOUT):
-        x, columns = svr_head.assemble_matrix(read_sets(cfg.out, cfg.svr.features, "train", k, device, frozen), ids,
-                                              cfg.svr.features, meta, xp)
+        x, columns = svr_head.assemble_matrix(
+            read_sets(cfg.out, cfg.svr.features, "train", k, device, frozen), ids, cfg.svr.features, meta, xp
+        )
         h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
         folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device, cfg.svr.target_clip))
         del x
@@ -116,8 +125,9 @@ def run(ctx) -> Result:
         studies.delete_study(name, storage)
     handle = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
     study = handle.study  # the optuna.Study
-    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb,
-                                         device, cfg.svr.workers)
+    mode = svr_memory.resolve_kernel_cache(
+        cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device, cfg.svr.workers
+    )
     ran, t_tune = _tune(handle, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
@@ -127,30 +137,66 @@ def run(ctx) -> Result:
     t_nested = time.time()
     nested_files, nested_info = nested_c(ctx, study, folds, folds_df, y, params, preds["oof"][1])
     t_nested = time.time() - t_nested
-    best = {**params, "oof_rmse": oof_rmse, "best_trial_rmse": float(study.best_value),
-            "n_trials": studies.n_complete(study), "study_name": name, "gamma": {str(f.fold): f.gamma for f in folds},
-            "n_features": len(columns), "features": list(cfg.svr.features), "use_meta": cfg.svr.use_meta,
-            "kernel_cache": mode, "device": device, "svr_class": svr_class, **nested_info}
+    best = {
+        **params,
+        "oof_rmse": oof_rmse,
+        "best_trial_rmse": float(study.best_value),
+        "n_trials": studies.n_complete(study),
+        "study_name": name,
+        "gamma": {str(f.fold): f.gamma for f in folds},
+        "n_features": len(columns),
+        "features": list(cfg.svr.features),
+        "use_meta": cfg.svr.use_meta,
+        "kernel_cache": mode,
+        "device": device,
+        "svr_class": svr_class,
+        **nested_info,
+    }
     write_json(artifacts.best_params(cfg.out), best)  # no timings in it: the same inputs give the same bytes
     ctx.tracker.summary({"best/C": params["C"], "best/oof_rmse": oof_rmse, "n_trials": best["n_trials"]})
-    log.info("svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
-             "features, %s kernels, %s; %.1fs in all -> %s", params["C"], params["epsilon"], oof_rmse,
-             study.best_value, best["n_trials"], ran, t_tune, len(columns), mode, device, time.time() - t0,
-             artifacts.svr_dir(cfg.out))
-    if edge := svr_head.c_at_edge(params["C"], cfg.svr.c_min, cfg.svr.c_max):
-        log.warning("svr: %s", edge)
-    if nested_info:
-        log.info("svr: nested RMSE %.4f (C per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
-                 "the stage); the OOF RMSE %.4f of the C best on all folds is optimistic", nested_info["nested_rmse"],
-                 ", ".join(f"{c:.3g}" for c in nested_info["nested_C"].values()), t_nested,
-                 100 * t_nested / max(time.time() - t0, 1e-9), oof_rmse)
+    _log_summary(cfg, best, study.best_value, ran, t_tune, time.time() - t0, t_nested)
     models = [artifacts.svr_head(cfg.out, f.fold) for f in folds]
-    return Result([*outputs, *nested_files, *models, artifacts.best_params(cfg.out)],
-                  {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse})  # no timings: same bytes
+    return Result(
+        [*outputs, *nested_files, *models, artifacts.best_params(cfg.out)],
+        {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse},
+    )  # no timings: same bytes
 
 
-def nested_c(ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict,
-             oof: np.ndarray) -> tuple[list, dict]:
+def _log_summary(cfg, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float) -> None:
+    """The stage's last lines: the best C and its OOF RMSE, the edge warning, the nested score and its cost."""
+    log.info(
+        "svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
+        "features, %s kernels, %s; %.1fs in all -> %s",
+        best["C"],
+        best["epsilon"],
+        best["oof_rmse"],
+        best_trial,
+        best["n_trials"],
+        ran,
+        t_tune,
+        best["n_features"],
+        best["kernel_cache"],
+        best["device"],
+        seconds,
+        artifacts.svr_dir(cfg.out),
+    )
+    if edge := studies.c_at_edge(best["C"], cfg.svr.c_min, cfg.svr.c_max):
+        log.warning("svr: %s", edge)
+    if "nested_rmse" in best:
+        log.info(
+            "svr: nested RMSE %.4f (C per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
+            "the stage); the OOF RMSE %.4f of the C best on all folds is optimistic",
+            best["nested_rmse"],
+            ", ".join(f"{c:.3g}" for c in best["nested_C"].values()),
+            t_nested,
+            100 * t_nested / max(seconds, 1e-9),
+            best["oof_rmse"],
+        )
+
+
+def nested_c(
+    ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict, oof: np.ndarray
+) -> tuple[list, dict]:
     """svr/nested.parquet: fold k predicted with the trial whose C (and epsilon) is best on the other folds'
     squared errors (each trial recorded them); a fold is refit only where that is not the study's best
     (``oof``: the final fits' predictions of the fold-assigned rows). Returns (files, best_params.json keys)."""
@@ -159,24 +205,35 @@ def nested_c(ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, par
     path = artifacts.nested_preds(ctx.out, "svr")
     remove(path)
     keys = [str(f.fold) for f in folds]
-    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if set(keys) <= set(t.user_attrs.get(FOLD_SSE, {}))]
+    trials = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if set(keys) <= set(t.user_attrs.get(FOLD_SSE, {}))
+    ]
     if not trials:
-        log.info("svr: no nested score (no trial of study %s recorded its per-fold errors: an older study; "
-                 "--overwrite starts a new one)", study.study_name)
+        log.info(
+            "svr: no nested score (no trial of study %s recorded its per-fold errors: an older study; "
+            "--overwrite starts a new one)",
+            study.study_name,
+        )
         return [], {}
     choice = nested.leave_one_out(np.array([[t.user_attrs[FOLD_SSE][k] for k in keys] for t in trials]))
     keep = folds_df["fold"].to_numpy() != HOLDOUT
     pred = np.full(len(y), np.nan)
     pred[keep] = oof
     chosen = {}
-    for f, c in zip(folds, choice):
+    for f, c in zip(folds, choice, strict=False):
         p = {"C": float(trials[c].params["C"]), "epsilon": float(trials[c].params.get("epsilon", ctx.cfg.svr.epsilon))}
         chosen[str(f.fold)] = p["C"]
         if p != params:  # its predictions with this C were not kept: one more fit of this fold
             pred[f.val_rows] = svr_head.fit_predict(p, [f], ctx.device)[f.val_rows]
-    table = pd.DataFrame({ID: ctx.comp.train[ID][keep].astype(str).to_numpy(),
-                          "fold": folds_df["fold"][keep].to_numpy(), "pred": pred[keep]})
+    table = pd.DataFrame(
+        {
+            ID: ctx.comp.train[ID][keep].astype(str).to_numpy(),
+            "fold": folds_df["fold"][keep].to_numpy(),
+            "pred": pred[keep],
+        }
+    )
     backend.write_table(table, path, ctx.device)
     return [path], {"nested_rmse": rmse(pred[keep], y[keep]), "nested_C": chosen}
 
@@ -197,6 +254,7 @@ def suggest(trial, s) -> dict:
 
 def make_objective(folds: list, y: np.ndarray, s, device: str):
     """Optuna's objective, thin: sample, then the head's plain ``oof_rmse`` (what tests call without Optuna)."""
+
     def objective(trial) -> float:
         per_fold: dict = {}  # each fold's squared errors: the nested choice of C picks per fold on the others'
         value = svr_head.oof_rmse(suggest(trial, s), folds, y, device, per_fold)
@@ -215,13 +273,19 @@ def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, track
     missing = max(0, s.n_trials - studies.n_complete(study))
     if not missing:
         return 0, 0.0
-    log.info("svr: study %s: %d of %d trials done%s", study.study_name, s.n_trials - missing, s.n_trials,
-             f"; {s.workers} local workers" if s.workers > 1 else "")
-    helpers = start_workers(cfg, study.study_name, s.workers - 1, device)
+    log.info(
+        "svr: study %s: %d of %d trials done%s",
+        study.study_name,
+        s.n_trials - missing,
+        s.n_trials,
+        f"; {s.workers} local workers" if s.workers > 1 else "",
+    )
+    helpers = studies.start_workers(_worker, (cfg.to_dict(), study.study_name, device), s.workers - 1)
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
     try:
         with Progress(desc="svr trials", total=missing, unit="trial") as bar:
+
             def progress(study, trial) -> None:  # the study's count: local workers' trials too
                 bar.update(studies.n_complete(study) - (s.n_trials - missing) - bar.done)
                 bar.set(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")
@@ -230,77 +294,33 @@ def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, track
 
             # the experiment's own study with one process (the experiment lock held): no heartbeat to go stale
             sole = s.storage is None and s.workers <= 1
-            ran = studies.run_trials(handle, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress],
-                                     sole=sole)
+            ran = studies.run_trials(
+                handle, make_objective(folds, y, s, device), s.n_trials, callbacks=[progress], sole=sole
+            )
     finally:
         svr_head.detach_kernels(folds)
-        failed = stop_workers(helpers)  # never raises: an error or Ctrl-C on its way out stays the one reported
+        failed = studies.stop_workers(helpers)  # never raises: an error or Ctrl-C on its way out stays the one reported
     if failed:
         raise RuntimeError(f"svr: {len(failed)} local worker(s) failed (exit codes {failed}); see the log above")
     return ran, time.time() - t0
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Local workers (svr.workers > 1): more processes on the same study; the stage's own process writes the outputs
-
-
-def start_workers(cfg, name: str, n: int, device: str) -> list:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(cfg.to_dict(), name, device), daemon=True) for _ in range(n)]
-    with _ignoring_sigint():  # inherited through exec: a Ctrl-C is the stage's process's to handle, from the start
-        for p in procs:
-            p.start()
-    return procs
-
-
-@contextlib.contextmanager
-def _ignoring_sigint():
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: nothing to change
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def stop_workers(procs: list, wait: float = 10.0) -> list[int]:
-    """Stop the local workers at once; returns the exit codes of those that had failed on their own.
-
-    Called when the stage's run_trials returned (the study holds n_trials COMPLETE trials, so no worker can claim
-    another: waiting for one that is still loading its folds, or sleeping a poll interval, gains nothing) or
-    raised (its error, or a Ctrl-C, is what gets reported). SIGTERM makes a worker log its count and exit 0;
-    one busy in C code past ``wait`` seconds is killed (a trial it left RUNNING goes stale and is retried).
-    """
-    failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]  # exited before we asked: their own error
-    alive = [p for p in procs if p.exitcode is None]
-    for p in alive:
-        p.terminate()
-    deadline = time.monotonic() + wait
-    for p in alive:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
-    return failed
+# A local worker (svr.workers > 1, started by svr_study.start_workers): the same folds and objective
 
 
 def _worker(cfg_dict: dict, name: str, device: str) -> None:
     """A local worker: the same folds and objective, trials from the shared budget; writes nothing else."""
     import os
 
-    from ..progress import setup_logging
     from ..config import load_config_dict
+    from ..progress import setup_logging
     from ..runner import Context
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the stage stops us
     ran = 0
 
-    def stop(signum, frame) -> None:  # stop_workers: the study is full, or the stage is failing
+    def stop(signum, frame) -> None:  # studies.stop_workers: the study is full, or the stage is failing
         log.info("svr worker %d: %d trials (stopped by the stage)", os.getpid(), ran)
         os._exit(0)
 
@@ -311,8 +331,9 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     ctx = Context(cfg, device)
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
     folds, _, _ = load_folds(cfg, ctx.comp, folds_df, device)
-    mode = svr_head.resolve_kernel_cache(cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb,
-                                         device, cfg.svr.workers)
+    mode = svr_memory.resolve_kernel_cache(
+        cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device, cfg.svr.workers
+    )
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
     study = studies.open_study(name, studies.open_storage(cfg), cfg.svr.seed, shared=True)
@@ -326,8 +347,9 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     log.info("svr worker %d: %d trials", os.getpid(), ran)
 
 
-def final_fits(ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], params: dict,
-               mode: str) -> tuple[dict[str, tuple[pd.Series, np.ndarray]], str]:
+def final_fits(
+    ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], params: dict, mode: str
+) -> tuple[dict[str, tuple[pd.Series, np.ndarray]], str]:
     """Each fold's SVR with the best params, saved as arrays (head.safetensors); OOF, test and holdout
     predictions computed from those arrays, as predict computes them."""
     cfg, comp, device = ctx.cfg, ctx.comp, ctx.device

@@ -20,6 +20,7 @@ Each fold has its own manifest keyed on the model / train settings, the seed, th
 fold with the same key is skipped, a changed lr or model retrains it, and ``last.pt`` resumes only a run with
 the same key. ``train.folds`` trains some folds only (spread over machines); the stage is then partial.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,8 @@ import time
 import pandas as pd
 
 from .. import artifacts, manifest, nested
-from ..errors import ConfigError
 from ..data import ID, TARGET
+from ..errors import ConfigError
 from ..files import digest_or_none, remove, write_parquet
 from ..fold_run import FOLD_FILES, FoldRun
 from ..inference import Policy
@@ -53,7 +54,9 @@ def check(ctx) -> None:
 
 def settings(cfg) -> dict:
     """The settings a fold's weights depend on (not: workers, which folds to run, epoch checkpoints)."""
-    tc = {k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("num_workers", "folds", "save_every_epoch")}
+    tc = {
+        k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("num_workers", "folds", "save_every_epoch")
+    }
     # model.output is the frozen embeddings' (no fold trains on it); model.square at its default leaves the key as
     # it was before the setting existed
     model = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "output" and (k, v) != ("square", "squash")}
@@ -61,8 +64,10 @@ def settings(cfg) -> dict:
 
 
 def plan(ctx) -> Plan:
-    inputs = {**ctx.file_inputs([artifacts.folds_csv(ctx.out)]),
-              **ctx.data_inputs("train.csv", "test.csv", images=True)}
+    inputs = {
+        **ctx.file_inputs([artifacts.folds_csv(ctx.out)]),
+        **ctx.data_inputs("train.csv", "test.csv", images=True),
+    }
     return Plan(settings(ctx.cfg), inputs)
 
 
@@ -109,8 +114,11 @@ def run(ctx) -> Result:
     for fold in todo:
         v = _fold_verdict(ctx, fold)
         if v.done and not cfg.overwrite:
-            log.info("fold %d: already trained (%s); skipping (--overwrite retrains)", fold,
-                     artifacts.train_fold_dir(cfg.out, fold))
+            log.info(
+                "fold %d: already trained (%s); skipping (--overwrite retrains)",
+                fold,
+                artifacts.train_fold_dir(cfg.out, fold),
+            )
             continue
         if not cfg.overwrite and _weights_current(ctx, fold, v):
             log.info("fold %d: %s (%s); its weights still hold: predicting again", fold, v.state, v.why())
@@ -138,8 +146,9 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
     """train/{oof,test,holdout}.parquet from the fold files; logs the per-fold scores. Returns every output."""
     out, comp = ctx.out, ctx.comp
     oofs = [pd.read_parquet(artifacts.fold_preds(out, k, "oof")) for k in known]
-    oof = folds.loc[folds["fold"] != HOLDOUT, [ID]].merge(pd.concat(oofs, ignore_index=True), on=ID, how="left",
-                                                          validate="one_to_one")
+    oof = folds.loc[folds["fold"] != HOLDOUT, [ID]].merge(
+        pd.concat(oofs, ignore_index=True), on=ID, how="left", validate="one_to_one"
+    )
     assert oof["pred"].notna().all(), "every fold-assigned train Id has exactly one OOF prediction"
     tables = {"oof": oof, "test": _mean_over_folds(out, known, "test", comp.test[ID])}
     if (folds["fold"] == HOLDOUT).any():
@@ -147,10 +156,16 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
     for split, table in tables.items():
         write_parquet(table, artifacts.preds(out, "nn", split))
     target = comp.train.set_index(ID)[TARGET]
-    rows = [{"fold": k, "n": len(o), "val_rmse": rmse(o["pred"], target.loc[o[ID]])} for k, o in zip(known, oofs)]
+    rows = [
+        {"fold": k, "n": len(o), "val_rmse": rmse(o["pred"], target.loc[o[ID]])}
+        for k, o in zip(known, oofs, strict=False)
+    ]
     rows.append({"fold": "all", "n": len(oof), "val_rmse": rmse(oof["pred"], target.loc[oof[ID]])})
-    log.info("train: validation RMSE by fold (target std %.3f)\n%s", float(comp.train[TARGET].std(ddof=0)),
-             pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    log.info(
+        "train: validation RMSE by fold (target std %.3f)\n%s",
+        float(comp.train[TARGET].std(ddof=0)),
+        pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.4f}"),
+    )
     # each fold's own manifest too: a fold whose record is removed or replaced leaves the stage damaged, not done
     files = [artifacts.train_fold_dir(out, k) / f for k in known for f in (*FOLD_FILES, "manifest.json")]
     files += [artifacts.fold_preds(out, k, "holdout") for k in known if "holdout" in tables]
@@ -165,18 +180,30 @@ def nested_epochs(out, known: list[int], target: pd.Series, optimistic: float) -
     paths = [artifacts.epoch_preds(out, k) for k in known]
     remove(artifacts.nested_preds(out, "nn"))
     if not all(p.is_file() for p in paths):
-        log.info("train: no nested score (folds %s kept no per-epoch predictions: trained by an older version)",
-                 [k for k, p in zip(known, paths) if not p.is_file()])
+        log.info(
+            "train: no nested score (folds %s kept no per-epoch predictions: trained by an older version)",
+            [k for k, p in zip(known, paths, strict=False) if not p.is_file()],
+        )
         return []
     tables = [pd.read_parquet(p) for p in paths]
     curves = [[rmse(t[c], target.loc[t[ID]]) for c in t.columns if c != ID] for t in tables]
     epochs = nested.epoch_choice(curves)
-    table = pd.concat([pd.DataFrame({ID: t[ID], "fold": k, "pred": t[f"epoch_{e}"]})
-                       for k, t, e in zip(known, tables, epochs)], ignore_index=True)
+    table = pd.concat(
+        [
+            pd.DataFrame({ID: t[ID], "fold": k, "pred": t[f"epoch_{e}"]})
+            for k, t, e in zip(known, tables, epochs, strict=False)
+        ],
+        ignore_index=True,
+    )
     write_parquet(table, artifacts.nested_preds(out, "nn"))
-    log.info("train: nested RMSE %.4f (epochs %s, each chosen on the other folds' mean validation curve; %.2fs); the "
-             "OOF RMSE %.4f of each fold's own best epoch is optimistic", rmse(table["pred"], target.loc[table[ID]]),
-             ", ".join(map(str, epochs)), time.time() - t0, optimistic)
+    log.info(
+        "train: nested RMSE %.4f (epochs %s, each chosen on the other folds' mean validation curve; %.2fs); the "
+        "OOF RMSE %.4f of each fold's own best epoch is optimistic",
+        rmse(table["pred"], target.loc[table[ID]]),
+        ", ".join(map(str, epochs)),
+        time.time() - t0,
+        optimistic,
+    )
     return [*paths, artifacts.nested_preds(out, "nn")]
 
 
