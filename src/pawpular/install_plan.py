@@ -53,15 +53,12 @@ if __package__:  # imported as pawpular.install_plan
         torch_verdict,
         wants_gpu,
     )
-    from .machine import (
-        ENV_KEYS,
-        ROOT,
-        Facts,
-        TorchInfo,
-        gather_facts,  # noqa: F401
-        probe_torch,
-        read_driver,
-    )
+    from .machine import ENV_KEYS, ROOT, Facts, TorchInfo, gather_facts, probe_torch, read_driver
+    from .machine import Driver as Driver  # re-exported (doctor and the tests use them here)
+    from .machine import GpuInfo as GpuInfo
+    from .machine import Runner as Runner
+    from .machine import parse_nvidia_smi as parse_nvidia_smi
+    from .machine import read_tested as read_tested
 else:  # run as a file with `python -I` (no sys.path entry for this folder): the siblings by their path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cuda_builds import (
@@ -78,15 +75,12 @@ else:  # run as a file with `python -I` (no sys.path entry for this folder): the
         torch_verdict,
         wants_gpu,
     )
-    from machine import (
-        ENV_KEYS,
-        ROOT,
-        Facts,
-        TorchInfo,
-        gather_facts,  # noqa
-        probe_torch,
-        read_driver,
-    )
+    from machine import ENV_KEYS, ROOT, Facts, TorchInfo, gather_facts, probe_torch, read_driver
+    from machine import Driver as Driver  # re-exported (doctor and the tests use them here)
+    from machine import GpuInfo as GpuInfo
+    from machine import Runner as Runner
+    from machine import parse_nvidia_smi as parse_nvidia_smi
+    from machine import read_tested as read_tested
 
     sys.path.pop(0)
 

@@ -31,11 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from . import optuna_internals as internals
-from .svr_storage import (
-    make_storage,
-    resolve_setting,  # noqa: F401
-    sqlite_path,
-)
+
+# where the study lives, re-exported: the stage, the CLI and the tests name them here
+from .svr_storage import SETTING as SETTING
+from .svr_storage import StudyStorageError as StudyStorageError
+from .svr_storage import make_storage, sqlite_path
+from .svr_storage import open_storage as open_storage
+from .svr_storage import resolve_setting as resolve_setting
+from .svr_storage import storage_url as storage_url
 
 log = logging.getLogger("pawpular")
 _CLAIM = "pawpular:claimed"  # trial system attr: the trial number its worker wrote when it claimed it
