@@ -39,11 +39,15 @@ def _embed(data: Path, out: Path, *extra: str) -> None:
 
 
 def _made_by(out: Path) -> dict[str, str]:
-    """Each set's maker, as its manifest records it (the folder name of the experiment that computed it)."""
-    return {
-        name: Path(json.loads((out / "emb" / name / "manifest.json").read_text())["info"]["made_by"]).name
-        for name in ("resnet", "convnext")
-    }
+    """Each set's maker, as its shared entry records it (the folder name of the experiment that computed it); the
+    experiment's own record names the entry and whether it reused it, never a path."""
+    from pawpular.embedding_cache import entry_record
+
+    found = {}
+    for name in ("resnet", "convnext"):
+        assert "made_by" not in json.loads((out / "emb" / name / "manifest.json").read_text())["info"]
+        found[name] = Path(entry_record(out, out / "emb" / name).info["made_by"]).name
+    return found
 
 
 def _digests(out: Path) -> dict[str, str]:

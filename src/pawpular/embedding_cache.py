@@ -8,7 +8,8 @@ The key is ``manifest.key_of`` of what the set's own manifest records (its plan:
 checkpoint's digest, the transform, TTA, compression, the photos' and CSVs' digests, and any setting a stage adds
 to that plan later) plus the inference policy (precision, channels_last): two experiments that would record the
 same set share one entry, whatever they call it. An experiment's ``emb/<set>/manifest.json`` records the entry it
-used (``info["cache"]``) and which experiment computed it (``info["made_by"]``).
+used (``info["cache"]``) and whether another experiment computed it (``info["reused"]``); the entry's own record
+says which one (``info["made_by"]``).
 
 Nothing removes an entry, and an entry's files are only ever replaced (``os.replace``), never changed in place:
 an experiment's links keep the bytes it recorded whatever later happens to the entry (another experiment's
@@ -34,7 +35,10 @@ from .lock import ExperimentLocked, experiment_lock
 log = logging.getLogger("pawpular")
 WAIT_SECONDS = 2.0  # how often a waiting writer retries the entry's lock
 REUSED, COMPUTED = "reused", "computed"
-MEASURED = ("images_per_second", "machine")  # in the entry's record only (select's budget reads them there)
+# in the entry's record only: how fast, where and by which experiment it was made (select's budget reads the
+# speed there); an experiment's own record says only whether another experiment computed it ("reused"), so it is
+# the same bytes wherever the experiment's folder is and on whichever machine the set was made
+ENTRY_ONLY = ("images_per_second", "machine", "made_by")
 
 
 def entry_config(config: dict, policy: dict) -> dict:
@@ -131,5 +135,6 @@ def _link(out: Path, folder: Path, entry: Path, config: dict, inputs: dict, reco
     for src, dst in zip(_files(entry), _files(folder), strict=False):
         link_or_copy(src, dst)
     # what the files are, not how fast this machine made them: the speed stays in the entry's own record
-    info = {**{k: v for k, v in record.info.items() if k not in MEASURED}, "cache": entry.name}
+    reused = record.info.get("made_by") != str(Path(out).resolve())  # another experiment computed it
+    info = {**{k: v for k, v in record.info.items() if k not in ENTRY_ONLY}, "cache": entry.name, "reused": reused}
     manifest.commit(folder / "manifest.json", out, manifest.Record(config, inputs, info=info), _files(folder))

@@ -73,7 +73,6 @@ def sets(out: Path, features: list[str] | None = None) -> list[dict]:
         folder, record = grouped[name]
         transform = (record.config.get("derived") or {}).get("transform") or {}
         size = transform.get("input_size")
-        made_by = record.info.get("made_by")
         cached = bool(record.info.get("cache"))
         found.append(
             {
@@ -82,7 +81,7 @@ def sets(out: Path, features: list[str] | None = None) -> list[dict]:
                 "img_size": size[-1] if size else None,
                 "kind": record.info.get("output") or (record.config.get("embed") or {}).get("output") or DEFAULT_KIND,
                 "source": record.info.get("source"),
-                "reused": cached and made_by is not None and Path(made_by) != out.resolve(),
+                "reused": cached and bool(record.info.get("reused")),
                 "shared_with": max(0, _links(out / "emb" / folder / "train.parquet") - 2) if cached else 0,
             }
         )
