@@ -28,7 +28,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -205,24 +204,25 @@ def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(
     from pawpular.config import load_config
     from pawpular.runner import run_stage
 
-    out = tmp_path / "killed"
-    shutil.copytree(fp16_run / "folds", out / "folds")
-    args = tiny_args(small_competition, out, *FP16, "train.folds=[0]")
+    out, probe = tmp_path / "killed", tmp_path / "probe" / "exp"
+    for folder in (out, probe):
+        shutil.copytree(fp16_run / "folds", folder / "folds")
     env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same kernels' rounding as this process
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pawpular.cli", "train", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+
+    def train(folder: Path, **extra: str) -> subprocess.CompletedProcess:
+        args = tiny_args(small_competition, folder, *FP16, "train.folds=[0]")
+        cmd = [sys.executable, "-m", "pawpular.cli", "train", *args]
+        return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
+
+    # A probe run lists its file commits; the one after epoch 1's last.pt comes once epoch 2 has trained: killed
+    # there, epoch 2's work is lost and last.pt holds epoch 1 (a kill by the clock raced a fast epoch here).
+    log = tmp_path / "commits.log"
+    assert train(probe, PAWPULAR_FAULT_LOG=str(log)).returncode == 0
+    commits = [line.split(maxsplit=2) for line in log.read_text().splitlines()]
+    after_epoch_1 = next(int(k) for k, _, path in commits if path.endswith("fold0/last.pt")) + 1
+    r = train(out, PAWPULAR_FAULT_KILL_AT=str(after_epoch_1))
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     last = out / "train" / "fold0" / "last.pt"
-    deadline = time.monotonic() + 240
-    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # into epoch 2 (an epoch takes seconds here)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(30) == -signal.SIGKILL, proc.stderr.read()[-3000:]
     saved = torch.load(last, weights_only=True)
     assert saved["state"]["epoch"] == 1 and not (out / "train" / "fold0" / "oof.parquet").exists()
     assert saved["scaler"] != training.grad_scaler("fp16", "cpu").state_dict()  # restoring it matters
