@@ -143,7 +143,10 @@ class _Data:
             return f"{label}: the competition folder {self.root} is not here"
         if name.endswith(" photos"):
             if self.photos(name.split()[0]) != recorded:
-                return f"{name} changed (size or mtime) since they were hashed: `pawpular status` rehashes them"
+                return (
+                    f"{name} changed (size or mtime) since they were hashed: "
+                    "`pawpular status` hashes them again (it saves nothing), a stage run records them"
+                )
             return None
         now = digest_or_none(self.root / name)
         return None if now == recorded else f"data {name} {'is missing' if now is None else 'changed'}"
