@@ -102,6 +102,42 @@ def test_a_file_where_the_output_tree_needs_a_folder(tree_path, command, run, sm
     assert path.read_text() == "a user's file"
 
 
+def test_only_a_path_fault_found_on_disk_under_a_given_path_is_a_user_error(tmp_path):
+    import errno
+
+    from pawpular import cli, path_faults
+
+    notes = tmp_path / "given" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("my notes")
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("x")
+    path_faults.register(tmp_path / "given")
+    assert "notes.txt is a file" in cli._one_line(NotADirectoryError(errno.ENOTDIR, "no", str(notes / "a")))
+    assert cli._one_line(NotADirectoryError(errno.ENOTDIR, "no", str(elsewhere / "a"))) is None  # not given
+    assert cli._one_line(FileExistsError(errno.EEXIST, "exists", str(notes.parent))) is None  # nothing in the way
+    assert cli._one_line(IsADirectoryError(errno.EISDIR, "is a dir", str(notes))) is None  # it is no folder
+
+
+def test_a_path_under_a_file_is_never_called_missing(run, small_competition, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    cases = [
+        ("check-data", "--data", notes / "comp"),
+        ("config", "show", "--config", notes / "c.yaml"),
+        ("predict", "--artifacts", notes / "art", "--data", small_competition, "--out", tmp_path / "s.csv"),
+        ("runs", notes / "exp"),
+        ("folds", *tiny_args(notes / "comp", tmp_path / "exp")),
+        ("train", *tiny_args(small_competition, run, f"model.pretrained={notes / 'w.safetensors'}")),
+    ]
+    for args in cases:
+        before = tree(tmp_path)
+        code, out = run_cli(capsys, *args)
+        assert code == 2 and f"under {notes}, which is a file, not a folder" in out, out
+        assert "not found" not in out and "does not exist" not in out and "no such" not in out, out
+        assert tree(tmp_path) == before, args
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 8. An inference budget no embedding set fits
 

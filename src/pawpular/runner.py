@@ -177,6 +177,16 @@ def check_writable(folder: Path, data: Path | None = None, experiment: str | Non
             probe.unlink(missing_ok=True)
 
 
+def check_data_folder(data: Path) -> None:
+    """The competition folder is a folder (DataError naming what it is instead), before the output is made."""
+    from .files import not_a_folder
+
+    if why := not_a_folder(data):
+        from .data import DataError, Problem
+
+        raise DataError([Problem(str(data), "folder", f"competition folder {why}")])
+
+
 def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Result:
     """Run one stage with everything around it; returns what it wrote (or, when cached, what it had written)."""
     from .backend import resolve_device
@@ -192,6 +202,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     with process_group(device) as dist:
         ctx = Context(cfg, device, dist, hooks or {})
         if dist.main:
+            check_data_folder(cfg.data)  # every stage reads the competition: refused before a folder is made
             check_writable(cfg.out, cfg.data, cfg.experiment)
         with experiment_lock(cfg.out, name) if dist.main else contextlib.nullcontext():
             if dist.main:
