@@ -183,6 +183,7 @@ def _wait_for(proc: subprocess.Popen, done, what: str, seconds: float = 300) -> 
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_pressed_three_times_is_one_line(small_competition, tmp_path):
     out = tmp_path / "exp"
     proc = _popen("all", *tiny_args(small_competition, out, "train.epochs=50"))

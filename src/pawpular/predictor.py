@@ -192,7 +192,7 @@ def predict(
 
     if estimate is not None and estimate < 1:
         raise UsageError(f"--estimate {estimate}: expected the number of test images to estimate for (>= 1)")
-    if why := not_a_folder(artifacts_dir):
+    if (why := not_a_folder(artifacts_dir)) and why != "does not exist":  # a file, or a file above it
         raise MissingArtifact(f"--artifacts {artifacts_dir} {why}: give the folder `pawpular export` wrote")
     if export_files(Path(artifacts_dir)) is None:
         raise MissingArtifact(
