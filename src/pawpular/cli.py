@@ -170,6 +170,8 @@ def _select_as(args: argparse.Namespace) -> int:
     register(*folders)
     result = read_json(api.run_config("select", cfg))
     starts = [s["features"] for s in result.get("starts") or [{"features": result["chosen"]}]]
+    if len(starts) > 1:  # select's own use:/blend: lines name {output}-startN folders, which --as does not write
+        print(f"--as {args.branch}: the {len(starts)} starts are written as the experiments below instead")
     for folder, chosen in zip(folders, starts, strict=False):
         branch.write(cfg, folder, chosen)
         print(
