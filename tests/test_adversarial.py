@@ -210,7 +210,10 @@ def test_os_errors_say_whether_a_read_or_a_write_failed(small_competition, tmp_p
     assert cli._os_error(PermissionError(errno.EACCES, "denied", "c")) == "c: permission denied"  # no verb guessed
     (tmp_path / "file").write_text("not a folder")
     code, err = run_cli(capsys, "folds", *tiny_args(small_competition, tmp_path / "file"))
-    assert code == 2 and err.strip() == f"error: cannot write {tmp_path / 'file'}: not a directory"
+    assert (
+        code == 2
+        and err.strip() == f"error: --output {tmp_path / 'file'}: is a file, not a folder; choose another --output"
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="no /proc/self/mem (Linux) to fail a read with")

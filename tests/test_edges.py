@@ -200,7 +200,9 @@ def test_an_output_path_that_is_a_file(small_competition, tmp_path, capsys):
     target = tmp_path / "exp"
     target.write_text("a file, not a folder")
     assert _main("folds", *tiny_args(small_competition, target)) == 2
-    assert capsys.readouterr().err.strip() == f"error: cannot write {target}: not a directory"
+    assert (
+        capsys.readouterr().err.strip() == f"error: --output {target}: is a file, not a folder; choose another --output"
+    )
 
 
 def test_predict_out_a_directory_is_refused_before_the_inference(experiment_run, small_competition, tmp_path, capsys):

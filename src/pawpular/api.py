@@ -83,13 +83,14 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     """Run ``stage`` ("all" = every pipeline stage in order, under one lock) with a resolved config."""
     from .distributed import is_lead_process
     from .lock import experiment_lock, interruptible
-    from .runner import not_needed_why, run_stage
+    from .runner import check_data_folder, not_needed_why, run_stage
     from .stages import needed
     from .tracking import require
 
     if stage not in ("all", *MAIN_OUTPUT):
         raise UsageError(f"no stage {stage!r}: stages are all, {', '.join(MAIN_OUTPUT)}")
     require(cfg)  # a tracking backend that is not installed: one line before anything is written
+    check_data_folder(cfg.data)  # a competition folder that is none: refused before the output folder is made
     with interruptible():
         if stage != "all":
             run_stage(stage, cfg, hooks)

@@ -20,6 +20,7 @@ from typing import Any
 from . import artifacts, guards
 from .errors import UsageError
 from .files import is_temp_name, link_or_copy
+from .path_faults import check_output_path
 
 _NOT_LINKED = ("last.pt",)  # a fold's resume state: the branch never resumes the source's training
 
@@ -32,6 +33,7 @@ def target(cfg: Any, name: str) -> Path:
         raise UsageError(
             f"select --as {name}: that is the experiment {cfg.out} (or a folder inside or above it); name a new folder"
         )
+    check_output_path(folder, "select --as")  # a file or a dangling link where the folder would be
     guards.check_experiment_folder(folder, cfg.data)
     if folder.is_dir() and any(not is_temp_name(p.name) for p in folder.iterdir()):
         raise UsageError(f"select --as {name}: {folder} exists and is not empty; name a new folder")

@@ -9,11 +9,15 @@ exception): its traceback and a line saying what to put in a report; 130 / 143 i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
+import shlex
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from .cli_args import build_parser
@@ -24,18 +28,26 @@ log = logging.getLogger("pawpular")
 
 
 def _config(args: argparse.Namespace):
+    """The command's resolved config; its experiment folder (and the shared embedding cache beside it) are the
+    paths it writes under: a file or a dangling link in their way is refused here, before any work."""
+    from . import artifacts
     from .api import config_from
+    from .path_faults import check_output_path, register
 
     extra = [f"svr.workers={args.workers}"] if getattr(args, "workers", None) else []
     flags = ("starts", "budget_hours", "test_images")  # select's
     extra += [f"select.{flag}={getattr(args, flag)}" for flag in flags if getattr(args, flag, None) is not None]
-    return config_from(
+    cfg = config_from(
         args.config,
         output=args.output,
         data=args.data,
         overwrite=getattr(args, "overwrite", False),
         set=[*args.overrides, *extra],
     )
+    register(cfg.out, artifacts.emb_cache(cfg.out.parent))
+    if args.command != "config":
+        check_output_path(cfg.out, "--output" if args.output else "output_dir")
+    return cfg
 
 
 def _show_config(args: argparse.Namespace) -> int:
@@ -145,25 +157,55 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _select_as(args: argparse.Namespace) -> int:
-    """`pawpular select --as NAME`: select, then write the choice as a new experiment (checked first)."""
+    """`pawpular select --as NAME`: select, then write the choice as a new experiment (checked first). With
+    several starts, each start's sets become an experiment: NAME, NAME-start2, ...; a line says how to blend them."""
     from . import api, branch
     from .files import read_json
+    from .path_faults import register
+    from .selection import blend_line
 
     cfg = _config(args)
-    folder = branch.target(cfg, args.branch)
-    chosen = read_json(api.run_config("select", cfg))["chosen"]
-    branch.write(cfg, folder, chosen)
-    print(
-        f"wrote the experiment {folder} (svr.features={chosen}; folds, trained folds and embeddings linked "
-        f"from {cfg.out}): next: pawpular all --output {folder}"
-    )
+    names = [args.branch, *(f"{args.branch}-start{i}" for i in range(2, cfg.select.starts + 1))]
+    folders = [branch.target(cfg, name) for name in names]  # every one checked before any work
+    register(*folders)
+    result = read_json(api.run_config("select", cfg))
+    starts = [s["features"] for s in result.get("starts") or [{"features": result["chosen"]}]]
+    if len(starts) > 1:  # select's own use:/blend: lines name {output}-startN folders, which --as does not write
+        print(f"--as {args.branch}: the {len(starts)} starts are written as the experiments below instead")
+    for folder, chosen in zip(folders, starts, strict=False):
+        branch.write(cfg, folder, chosen)
+        print(
+            f"wrote the experiment {folder} (svr.features={chosen}; folds, trained folds and embeddings linked "
+            f"from {cfg.out}): next: pawpular all --output {shlex.quote(str(folder))}"
+        )
+    written = folders[: len(starts)]
+    if len(written) > 1:
+        first = shlex.quote(str(written[0]))
+        print(f"blend them: pawpular ensemble --output {first} {blend_line(written[1:])}   (after each one's `all`)")
+    elif cfg.select.starts > 1:
+        print(f"select: the {cfg.select.starts} starts found one feature set: one experiment written")
     return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """The paths this command writes under: noted for the one-line errors (``path_faults``), and refused before
+    any work when a file, a folder or a dangling link is in their way."""
+    from .path_faults import check_output_path, register
+
+    register(*(getattr(args, name, None) for name in ("output", "to", "out", "html")))
+    if args.command == "predict":  # make-synthetic's --out and export's --to: checked where they are written
+        check_output_path(args.out, "predict --out", folder=False)
+    elif args.command == "runs" and args.html:
+        check_output_path(args.html, "runs --html", folder=False)
+    elif args.command == "report" and args.output:
+        check_output_path(args.output, "report --output")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from . import api
     from .distributed import is_lead_process
 
+    _check_paths(args)
     if args.command == "make-synthetic":
         from .synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
 
@@ -212,7 +254,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if is_lead_process():  # under torchrun, one line, not one per rank
         print(result)
         if args.command == "all":  # what ./run.sh does next
-            print(f"report: pawpular report --output {cfg.out}   (report.html: scores, figures, what ran)")
+            where = shlex.quote(str(cfg.out))
+            print(f"report: pawpular report --output {where}   (report.html: scores, figures, what ran)")
     return 0
 
 
@@ -258,9 +301,12 @@ def _os_error(e: OSError) -> str:
 def _one_line(e: BaseException) -> str | None:
     """The line for a failure a user can fix (exit 2), or None for a bug (traceback, exit 70)."""
     from .errors import PawpularError, ReadError, WriteError
+    from .path_faults import describe
 
     if isinstance(e, PawpularError):
         return str(e)
+    if isinstance(e, OSError) and (line := describe(e)):  # a file, folder or dangling link in a given path's way
+        return line
     if (
         isinstance(e, OSError)
         and e.errno is not None
@@ -283,6 +329,30 @@ def _one_line(e: BaseException) -> str | None:
     return None
 
 
+def _on_sigint(signum: int, frame: object) -> None:
+    """Ctrl-C: one KeyboardInterrupt; presses after it are ignored while the command cleans up (locks released,
+    temporary files swept) and the interpreter's exit handlers run (trackers, torch), so one line is all it says."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupt_once() -> Iterator[None]:
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored (a background job), or a
+        yield  # caller's own handler: left as it is
+        return
+    try:
+        previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is _on_sigint:  # not interrupted: as it was (an in-process caller)
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code: 2 (one line) for what a user can fix, 70 with the traceback for a
     bug (EX_SOFTWARE)."""
@@ -294,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return _dispatch(args)
+        with _interrupt_once():
+            return _dispatch(args)
     except BrokenPipeError:  # `pawpular config show | head`: the reader left; nothing to report
         sys.stderr.close()
         return 141

@@ -73,11 +73,12 @@ def ensure_valid(root: str | Path, record: str | Path) -> Competition:
     return comp
 
 
-def images_digest(comp: Competition, record: str | Path | None = None) -> dict[str, str]:
+def images_digest(comp: Competition, record: str | Path | None = None, save: bool = True) -> dict[str, str]:
     """Per split (train, test), one hash over every image's Id and bytes: a changed photo changes its split's.
 
     Reading every photo costs about a second per GB; with ``record`` the digests are kept beside the data check's
-    stat fingerprint and reused while no image's size or mtime changed (as make and DVC judge inputs).
+    stat fingerprint and reused while no image's size or mtime changed (as make and DVC judge inputs); ``save``
+    False only reads that record (a reading command writes nothing).
     """
     from .files import file_digest
 
@@ -91,6 +92,6 @@ def images_digest(comp: Competition, record: str | Path | None = None) -> dict[s
         for id_ in df[ID]:
             h.update(f"{id_}:{file_digest(image_path(comp.root, split, id_))};".encode())
         digests[split] = h.hexdigest()
-    if record:
+    if record and save:
         _write_record(Path(record), comp.root, {**entry, "fingerprint": fingerprint, "images": digests})
     return digests

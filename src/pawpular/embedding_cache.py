@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import artifacts, manifest
+from .errors import UsageError
 from .files import link_or_copy
 from .lock import ExperimentLocked, experiment_lock
 
@@ -84,6 +86,12 @@ def entry_lock(entry: Path, command: str) -> Iterator[None]:
         yield
 
 
+def _read_only(entry: Path) -> bool:
+    """The entry, or the nearest folder above it that exists, cannot be written by this process."""
+    found = next((p for p in (entry, *entry.parents) if p.exists()), None)
+    return found is not None and not os.access(found, os.W_OK)
+
+
 def done_entry(entry: Path, config: dict, inputs: dict, policy: dict) -> manifest.Record | None:
     """The entry's record when it is finished and its files are the ones it recorded, else None."""
     v = manifest.verdict(entry / "manifest.json", entry, entry_config(config, policy), inputs)
@@ -105,10 +113,17 @@ def provide(
     "computed". The caller has cleared ``folder``'s manifest."""
     entry = entry_of(ctx.out, config, inputs, policy)
     main = ctx.dist.main
-    with entry_lock(entry, f"embed {ctx.out}") if main else contextlib.nullcontext():
+    read_only = main and _read_only(entry)  # a cache attached read-only: its finished sets are read unlocked
+    with entry_lock(entry, f"embed {ctx.out}") if main and not read_only else contextlib.nullcontext():
         ctx.dist.barrier()  # rank 0 holds the lock: every rank sees the same entry
         record = None if ctx.cfg.overwrite else done_entry(entry, config, inputs, policy)
         how = REUSED if record is not None else COMPUTED
+        if record is None and read_only:
+            raise UsageError(
+                f"the shared embedding cache {entry.parent} is read-only, and embed needs to write this set into "
+                f"{entry} ({'--overwrite asked to recompute it' if ctx.cfg.overwrite else 'it is not there yet'}); "
+                "make the cache writable, or give an --output under another folder (its own cache)"
+            )
         if record is None:
             tables, info = compute()
             if main:

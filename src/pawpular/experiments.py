@@ -30,7 +30,7 @@ import pandas as pd
 
 from . import artifacts, manifest, recipe
 from .errors import UsageError
-from .files import ArtifactError, digest_or_none, read_json
+from .files import ArtifactError, digest_or_none, not_a_folder, read_json
 
 SMALL = 1 << 20  # outputs up to this size are hashed; bigger ones (checkpoints, embeddings) only must exist
 NOT_SETTINGS = ("experiment", "output_dir", "overwrite")  # differ between experiments by definition
@@ -88,9 +88,9 @@ def find(folders: list[str | Path] | None = None) -> list[Path]:
     named = [Path(f) for f in folders] if folders else [Path("output")]
     found: list[Path] = []
     for folder in named:
-        if not folder.is_dir():
+        if why := not_a_folder(folder):
             hint = ": name experiment folders (pawpular runs FOLDER ...)" if not folders else ""
-            raise ArtifactError(f"{folder}: no such folder{hint}")
+            raise ArtifactError(f"{folder}: {'no such folder' if why == 'does not exist' else why}{hint}")
         inside = (
             [folder]
             if is_experiment(folder)
@@ -143,7 +143,10 @@ class _Data:
             return f"{label}: the competition folder {self.root} is not here"
         if name.endswith(" photos"):
             if self.photos(name.split()[0]) != recorded:
-                return f"{name} changed (size or mtime) since they were hashed: `pawpular status` rehashes them"
+                return (
+                    f"{name} changed (size or mtime) since they were hashed: "
+                    "`pawpular status` hashes them again (it saves nothing), a stage run records them"
+                )
             return None
         now = digest_or_none(self.root / name)
         return None if now == recorded else f"data {name} {'is missing' if now is None else 'changed'}"

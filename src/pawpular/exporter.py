@@ -56,7 +56,7 @@ def check_current(cfg: Config) -> None:
     """Every stage up to the ensemble done, or ArtifactError naming the first that is not and what to run."""
     from .runner import Context, chain, upstream
 
-    for name, v in chain(Context(cfg), [*upstream(cfg, "ensemble"), "ensemble"]).items():
+    for name, v in chain(Context(cfg, read_only=True), [*upstream(cfg, "ensemble"), "ensemble"]).items():
         if not v.done:
             raise ArtifactError(
                 f"cannot export {cfg.out}: {name} is {v.state} ({v.why()}): run `pawpular {name}` "
@@ -82,7 +82,7 @@ def export(out: Path, to: Path, overwrite: bool = False, data: str | None = None
     recover_swap(to)
     check_export_target(out, to, overwrite)  # never the experiment; --overwrite replaces only an earlier export
 
-    with experiment_lock(out, "export"):  # no stage rewrites the experiment while it is read
+    with experiment_lock(out, "export", reader=True):  # no stage rewrites the experiment while it is read
         return _export(out, to, load_config(artifacts.config_yaml(out), output_dir=str(out), data_dir=data))
 
 
@@ -94,11 +94,11 @@ def _export(out: Path, to: Path, cfg: Config) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         _stage(out, to, staging, members, weights)
-    except BaseException:  # a refusal (or a failure) leaves no partial folder beside the target
+        to.parent.mkdir(parents=True, exist_ok=True)
+        swap_dirs(staging, to)
+    except BaseException:  # a refusal (or a failure, or Ctrl-C) leaves no partial folder beside the target
         remove_tree(staging)
         raise
-    to.parent.mkdir(parents=True, exist_ok=True)
-    swap_dirs(staging, to)
     size = sum(p.stat().st_size for p in to.rglob("*") if p.is_file()) / 2**20
     log.info("exported %s -> %s (%.1f MiB)", out, to, size)
     return to

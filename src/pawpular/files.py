@@ -323,6 +323,10 @@ def not_a_file(path: str | Path) -> str | None:
         if p.is_symlink():
             return f"is a broken symbolic link (to {os.readlink(p)}, which does not exist)"
         if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            from .path_faults import in_the_way, what_it_is
+
+            if (above := in_the_way(p.parent)) is not None:  # never "not found" when a file is in the way
+                return f"is under {above}, which is {what_it_is(above)}"
             return "not found"
         return f"cannot be read ({(e.strerror or str(e)).lower()})"
     if stat.S_ISDIR(st.st_mode):

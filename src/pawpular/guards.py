@@ -23,6 +23,7 @@ from pathlib import Path
 from . import artifacts
 from .errors import UsageError
 from .files import is_temp_name, remove, remove_tree
+from .path_faults import check_output_path
 
 # What the runner writes into an experiment folder before or with any stage output: a folder holding one of
 # these is an experiment (the lock file too: a killed run leaves it).
@@ -151,10 +152,9 @@ def check_export_target(out: Path, to: Path, overwrite: bool) -> None:
             f"export --to {to}: that is the experiment {out} or a folder above it: the export would "
             "replace what it reads; choose another --to (even --overwrite never does this)"
         )
+    check_output_path(to, "export --to")  # a file, or a file or dangling link above it
     if not to.exists():
         return
-    if not to.is_dir():
-        raise UsageError(f"export --to {to}: exists and is not a folder; choose another --to")
     if not _entries(to):
         return
     listed = export_files(to)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from .errors import PawpularError
 from .files import sweep_temp_files
 
 LOCK_NAME = ".lock"
+log = logging.getLogger("pawpular")
 _held: dict[str, list] = {}  # resolved lock path -> [fd, depth]
 
 
@@ -60,12 +62,20 @@ def _try_lock(path: Path) -> int | None:
 
 
 @contextlib.contextmanager
-def experiment_lock(folder: str | Path, command: str, *, name: str = LOCK_NAME, sweep: bool = True) -> Iterator[None]:
+def experiment_lock(
+    folder: str | Path, command: str, *, name: str = LOCK_NAME, sweep: bool = True, reader: bool = False
+) -> Iterator[None]:
     """Hold ``folder``'s lock for the block; sweep temporary files of killed writers once it is ours.
 
     ``name``/``sweep=False``: a lock for one output file in a folder that is not ours (predict's --out).
+    ``reader``: a command that only reads the folder (export) reads a read-only one (an earlier run attached as a
+    read-only dataset) without the lock: no run can write there either.
     """
     folder = Path(folder)
+    if reader and folder.is_dir() and not os.access(folder, os.W_OK):
+        log.info("%s is read-only: %s reads it without taking its lock", folder, command)
+        yield
+        return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     key = str(path.resolve())
@@ -111,6 +121,7 @@ def interruptible() -> Iterator[None]:
     """Turn SIGTERM into an exception (like Ctrl-C), so every ``finally`` runs: locks released, temp files gone."""
 
     def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM never interrupts the cleanup
         raise Interrupted(f"signal {signum}")
 
     try:

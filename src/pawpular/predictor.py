@@ -37,7 +37,7 @@ from .config_checks import compress_spec
 from .data import ID, read_test_set
 from .dataset import eval_dataset
 from .errors import UsageError
-from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, read_json, value_digest
+from .files import TEMP_MARK, ArtifactError, MissingArtifact, file_digest, not_a_folder, read_json, value_digest
 from .inference import Policy, model_device, run_backbone
 from .lock import experiment_lock
 from .model_file import load_model_file
@@ -192,6 +192,8 @@ def predict(
 
     if estimate is not None and estimate < 1:
         raise UsageError(f"--estimate {estimate}: expected the number of test images to estimate for (>= 1)")
+    if (why := not_a_folder(artifacts_dir)) and why != "does not exist":  # a file, or a file above it
+        raise MissingArtifact(f"--artifacts {artifacts_dir} {why}: give the folder `pawpular export` wrote")
     if export_files(Path(artifacts_dir)) is None:
         raise MissingArtifact(
             f"{artifacts.export_manifest(Path(artifacts_dir))} not found or damaged: is "

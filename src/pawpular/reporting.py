@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import html
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import yaml
 
 from . import artifacts, manifest, plots, plots_eda
 from .data import TARGET
+from .errors import UsageError
 from .files import write_text
 from .results import NOT_RUN, RunResults, fold_table, load_results, model_table, oof_rmse
 
@@ -317,6 +319,17 @@ def _duration(seconds: float) -> str:
     return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
 
 
+def check_writable_for_report(out: Path) -> None:
+    """report writes report.html into the experiment: a read-only one (an earlier run attached as a read-only
+    dataset) is refused in one line, before any work, saying what it needed to write."""
+    if out.is_dir() and not os.access(out, os.W_OK):
+        raise UsageError(
+            f"report --output {out}: the experiment folder is read-only, and report writes "
+            f"{artifacts.report_html(out)} into it; copy the folder somewhere writable and report that copy "
+            "(status, runs and export read a read-only experiment)"
+        )
+
+
 def write_report(out: Path, data: Path | None = None) -> Path:
     """Write ``out/report.html`` from what the experiment folder holds (under its lock); return its path."""
     from .lock import experiment_lock
@@ -324,6 +337,7 @@ def write_report(out: Path, data: Path | None = None) -> Path:
     t0 = time.time()
     from .config import public_dict
 
+    check_writable_for_report(Path(out))
     res = load_results(out, data)
     config = public_dict(res.config)  # a config.yaml of an older version may still hold a password
     with experiment_lock(out, "report"):

@@ -40,6 +40,7 @@ class Context:
     dist: Dist = field(default_factory=Dist)
     hooks: dict = field(default_factory=dict)  # test hooks, e.g. on_epoch_end(fold, epoch, model) in train
     tracker: tracking.Tracker = field(default_factory=tracking.Tracker)  # curves to TensorBoard / W&B (logs only)
+    read_only: bool = False  # a reading command (status, export): the photo digests are never saved
     _comp: Any = None
     _images: dict | None = None
 
@@ -59,7 +60,7 @@ class Context:
         if self._images is None:
             from .data_digest import images_digest
 
-            self._images = images_digest(self.comp, artifacts.data_check_record(self.out))
+            self._images = images_digest(self.comp, artifacts.data_check_record(self.out), save=not self.read_only)
         return self._images[split]
 
     def data_inputs(self, *names: str, images: tuple[str, ...] | bool = ()) -> dict[str, str | None]:
@@ -123,11 +124,11 @@ def chain(ctx: Context, names: list[str]) -> dict[str, manifest.Verdict]:
 
 
 def status(cfg: Config, names: list[str] | None = None) -> dict[str, manifest.Verdict]:
-    """Each pipeline stage's verdict (reads and hashes files; writes nothing but the data digest cache); a stage
-    nothing needs (``needed``) is "not needed", whatever its files."""
+    """Each pipeline stage's verdict (reads and hashes files; writes nothing, so it works on a read-only
+    experiment); a stage nothing needs (``needed``) is "not needed", whatever its files."""
     names = list(names or stages.PIPELINE)
     want = stages.needed(cfg)
-    verdicts = chain(Context(cfg), [n for n in names if n in want or n not in stages.PIPELINE])
+    verdicts = chain(Context(cfg, read_only=True), [n for n in names if n in want or n not in stages.PIPELINE])
     return {n: verdicts.get(n) or manifest.Verdict(manifest.NOT_NEEDED, [not_needed_why(cfg, n)]) for n in names}
 
 
@@ -155,14 +156,12 @@ def require_upstream(ctx: Context, name: str) -> None:
 def check_writable(folder: Path, data: Path | None = None, experiment: str | None = None) -> None:
     """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space), or
     must not be (the competition folder, a non-empty folder that holds no experiment: ``guards``)."""
-    import errno
-
     from .errors import WriteError
     from .files import temp_path
     from .guards import check_experiment_folder
+    from .path_faults import check_output_path
 
-    if folder.exists() and not folder.is_dir():
-        raise WriteError(errno.ENOTDIR, "not a directory", str(folder))
+    check_output_path(folder, "output folder")  # a file, or a dangling link, where the folder should be
     check_experiment_folder(folder, data, experiment)
     probe = temp_path(folder / "write-probe", str(os.getpid()))
     try:
@@ -176,6 +175,16 @@ def check_writable(folder: Path, data: Path | None = None, experiment: str | Non
     finally:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
+
+
+def check_data_folder(data: Path) -> None:
+    """The competition folder is a folder (DataError naming what it is instead), before the output is made."""
+    from .files import not_a_folder
+
+    if why := not_a_folder(data):
+        from .data import DataError, Problem
+
+        raise DataError([Problem(str(data), "folder", f"competition folder {why}")])
 
 
 def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Result:
@@ -193,6 +202,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
     with process_group(device) as dist:
         ctx = Context(cfg, device, dist, hooks or {})
         if dist.main:
+            check_data_folder(cfg.data)  # every stage reads the competition: refused before a folder is made
             check_writable(cfg.out, cfg.data, cfg.experiment)
         with experiment_lock(cfg.out, name) if dist.main else contextlib.nullcontext():
             if dist.main:

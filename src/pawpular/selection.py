@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts, budget
+from .errors import ConfigError
 from .files import write_json
 
 log = logging.getLogger("pawpular")
@@ -152,8 +154,13 @@ def multi_start(
 
 
 def features_line(names: Sequence[str]) -> str:
-    """The override to pass to `pawpular svr` / `all` (quoted: unquoted brackets are a shell glob)."""
-    return f"--set 'svr.features=[{','.join(names)}]'"
+    """The override to pass to `pawpular svr` / `all` (shell-quoted: unquoted brackets are a shell glob)."""
+    return "--set " + shlex.quote(f"svr.features=[{','.join(names)}]")
+
+
+def blend_line(folders: Sequence[str | Path]) -> str:
+    """The override that blends the experiments in ``folders`` (``ensemble.experiments``), shell-quoted."""
+    return "--set " + shlex.quote(f"ensemble.experiments=[{','.join(map(str, folders))}]")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,6 +175,16 @@ def budget_rule(cfg: Any, candidates: Sequence[str], fold_ids: Sequence[int]) ->
         return (lambda names: True), {}
     finetuned = cfg.embed.source == "finetuned"  # else "model" is one frozen pass, as predict runs it
     speeds = {n: budget.set_speed(cfg.out, n, fold_ids, finetuned) for n in candidates}
+    hours = {n: budget.inference_hours(speeds, [n], s.test_images) for n in candidates}
+    if hours and (fastest := min(hours, key=hours.get)) and hours[fastest] > s.budget_hours:
+        ips, passes = speeds[fastest]
+        raise ConfigError(
+            f"select.budget_hours={s.budget_hours:g} (--budget-hours): no embedding set fits on its own: the "
+            f"fastest, {fastest!r}, needs {hours[fastest]:.3g} h for select.test_images={s.test_images} photos "
+            f"({ips:.3g} images/s, {passes} pass(es) each); raise --budget-hours to at least {hours[fastest]:.3g} "
+            "or lower --test-images",
+            ("select.budget_hours",),
+        )
     return (lambda names: budget.inference_hours(speeds, names, s.test_images) <= s.budget_hours), speeds
 
 
@@ -194,7 +211,7 @@ def write_starts(cfg: Any, runs: list[Start], speeds: dict, facts: dict, min_imp
             }
             for i, r in enumerate(runs)
         ],
-        "blend_line": f"--set 'ensemble.experiments=[{','.join(others)}]'" if others else "",
+        "blend_line": blend_line(others) if others else "",
         "settings": {
             "min_improvement": min_improvement,
             "starts": s.starts,
@@ -212,7 +229,7 @@ def write_starts(cfg: Any, runs: list[Start], speeds: dict, facts: dict, min_imp
         cost = f"; {hours[i]:.2f} h for {s.test_images} photos" if hours[i] is not None else ""
         print(f"start {i + 1} ({r.start}): {' + '.join(r.features)}  OOF RMSE {r.oof_rmse:.4f} at C={r.C:.4g}{cost}")
     for i, r in enumerate(runs):
-        where = "" if i == 0 else f" --output {others[i - 1]}"
+        where = "" if i == 0 else f" --output {shlex.quote(others[i - 1])}"
         print(f"use:    pawpular all --config <this config>{where} {features_line(r.features)}")
     if others:
         print(f"blend:  pawpular ensemble {result['blend_line']}   (every head; export and predict carry them)")

@@ -29,7 +29,8 @@ from PIL import Image
 
 from .data import ID, META_COLS, TARGET
 from .errors import UsageError
-from .files import swap_dirs, temp_path, write_csv, write_text
+from .files import remove_tree, swap_dirs, temp_path, write_csv, write_text
+from .path_faults import check_output_path
 from .synthetic_draw import Pet, jpeg_bytes, render
 
 DEFAULT_N_TRAIN = 1000
@@ -230,8 +231,7 @@ def _files(folder: Path) -> set[str]:
 
 def check_target(out: Path) -> None:
     """make-synthetic replaces only its own output: ``out`` is new, empty, or a folder its marker lists whole."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"make-synthetic --out {out}: exists and is not a folder; choose another --out")
+    check_output_path(out, "make-synthetic --out")  # a file, or a file or dangling link above it
     if not out.is_dir() or not any(out.iterdir()):
         return
     listed = _listed(out)
@@ -287,6 +287,17 @@ def make_synthetic(
     target = _calibrate(latent[:n_train])
 
     tmp = _staging(out)
+    try:
+        _write(tmp, ids, pets, duplicate_of, target, n_train, n_test, seed)
+        swap_dirs(tmp, out)  # the folder appears whole or not at all; the old one (ours, checked) is removed
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: no partial folder is left beside --out
+        remove_tree(tmp)
+        raise
+    return Path(out_dir)
+
+
+def _write(tmp: Path, ids: list, pets: list, duplicate_of: dict, target, n_train: int, n_test: int, seed: int) -> None:
+    """The photos, the CSVs and last the marker listing them, into the staging folder ``tmp``."""
     cache: dict[int, bytes] = {}
     for i, (id_, p) in enumerate(zip(ids, pets, strict=False)):
         split = "train" if i < n_train else "test"
@@ -311,8 +322,6 @@ def make_synthetic(
     write_csv(sample, tmp / "sample_submission.csv")
     meta = {"written_by": "pawpular make-synthetic", "n_train": n_train, "n_test": n_test, "seed": seed}
     write_text(tmp / MARKER, json.dumps({**meta, "files": sorted(_files(tmp))}, indent=1))
-    swap_dirs(tmp, out)  # the folder appears whole or not at all; the old one (ours, checked) is removed
-    return Path(out_dir)
 
 
 def baseline_scores(data_dir: str | Path, n_folds: int = 5, seed: int = 0) -> dict[str, float]:

@@ -295,6 +295,17 @@ def _candidates(cfg: Config, fold_ids: list[int]) -> tuple[list[str], dict[str, 
     return candidates, skipped
 
 
+def check(ctx) -> None:
+    """An inference budget no single set fits: refused before the stage clears its manifest, naming what the
+    fastest set needs."""
+    cfg = ctx.cfg
+    if cfg.select.budget_hours is None:
+        return
+    folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
+    fold_ids = sorted(k for k in folds_df["fold"].unique().tolist() if k >= 0)
+    selection.budget_rule(cfg, _candidates(cfg, fold_ids)[0], fold_ids)
+
+
 def run(ctx) -> Result:
     """Select embedding sets by greedy forward selection; print the steps; writes select/selection.json."""
     cfg, device, comp = ctx.cfg, ctx.device, ctx.comp
