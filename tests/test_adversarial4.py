@@ -1,0 +1,93 @@
+"""Adversarial cases, round four (issue 43; the path faults are in test_adversarial4_paths.py), one section per
+class: no command writes over a user's file; no result mixes inputs it did not check; an error names its cause.
+
+Each case runs the real CLI (or the function a command calls) and asserts the exit code, the one line naming
+the cause, and, where the user had files, that every one of them is byte for byte what it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from adversary import run_cli
+
+import pawpular
+
+SECRET = "p@ss/w0rd"  # a password with an '@' followed by a '/'
+
+
+@pytest.fixture
+def run(experiment_run, tmp_path) -> Path:
+    return Path(shutil.copytree(experiment_run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def art(experiment_run, tmp_path_factory) -> Path:
+    return pawpular.export(experiment_run, tmp_path_factory.mktemp("adv4") / "art")
+
+
+def _runs_row(capsys, folder: Path) -> tuple[int, dict]:
+    """`pawpular runs FOLDER --json`: the exit code and the folder's row."""
+    code, out = run_cli(capsys, "runs", folder, "--json")
+    return code, json.loads(out[out.index('{\n "runs"') :])["runs"][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 16. A password is masked whole, and in every line that reaches a log
+
+
+@pytest.mark.parametrize("after", ["/", "?", "#"])
+def test_a_password_with_an_at_sign_then_a_separator_is_masked_whole(after):
+    from pawpular.masking import redact_url, url_password, without_password
+
+    password = f"p@ss{after}w0rd"
+    url = f"postgresql://u:{password}@host:5432/db"
+    assert redact_url(url, "***") == "postgresql://u:***@host:5432/db"
+    assert redact_url(url) == "postgresql://u@host:5432/db"  # what config.yaml keeps: the host, no password
+    assert url_password(url) == password
+    message = f"could not connect to {url}: ss{after}w0rd@host refused"
+    shown = without_password(message, url)
+    assert "w0rd" not in shown and shown.startswith("could not connect to postgresql://u:***@host:5432/db"), shown
+    short = "postgresql://u:p@host/db"  # a one-letter password never masks every 'p' of the text
+    assert without_password(f"{short} failed", short) == "postgresql://u:***@host/db failed"
+    query = "postgresql://svr:pw@dbhost/optuna?options=a@b&sslmode=require"  # an '@' in a query value ends none
+    assert redact_url(query, "***") == "postgresql://svr:***@dbhost/optuna?options=a@b&sslmode=require"
+
+
+def test_a_traceback_reaching_a_log_is_masked(caplog):
+    from pawpular.progress import log, setup_logging
+
+    url = f"postgresql://u:{SECRET}@host/db"
+    with caplog.at_level(logging.DEBUG):
+        setup_logging(True)
+        try:
+            raise ValueError(f"cannot connect to {url}")
+        except ValueError:
+            log.exception("failed")  # what `-v` logs for a user's error
+            logging.getLogger("optuna.storages").exception("a library's own line")
+    assert "w0rd" not in caplog.text and "ss/" not in caplog.text and "cannot connect to" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 17. A photo rewritten with the same size and modification time is seen
+
+
+def test_a_photo_rewritten_with_its_size_and_mtime_is_rehashed(competition_copy, tmp_path):
+    from pawpular.data import read_competition
+    from pawpular.data_digest import images_digest
+
+    comp, record = read_competition(competition_copy), tmp_path / ".data_check.json"
+    first = images_digest(comp, record)
+    photo = sorted((competition_copy / "test").iterdir())[0]
+    st, data = photo.stat(), bytearray(photo.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte changed: the same size
+    photo.write_bytes(bytes(data))
+    os.utime(photo, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the modification time put back
+    assert photo.stat().st_size == st.st_size and photo.stat().st_mtime_ns == st.st_mtime_ns
+    again = images_digest(read_competition(competition_copy), record)
+    assert again["test"] != first["test"] and again["train"] == first["train"]
