@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from adversary import run_cli
+from adversary import one_line, run_cli, tree
 
 import pawpular
 
@@ -35,6 +35,28 @@ def _runs_row(capsys, folder: Path) -> tuple[int, dict]:
     """`pawpular runs FOLDER --json`: the exit code and the folder's row."""
     code, out = run_cli(capsys, "runs", folder, "--json")
     return code, json.loads(out[out.index('{\n "runs"') :])["runs"][0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. A command writes onto only what the project made, or a new path
+
+
+def test_predict_out_replaces_only_a_submission_and_never_an_experiments_file(
+    art, run, small_competition, tmp_path, capsys
+):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    predict = ("predict", "--artifacts", art, "--data", small_competition, "--out")
+    user_files = [notes, run / "config.yaml", run / "svr" / "oof.parquet", run / "submission.csv"]
+    before = tree(tmp_path)
+    for target in user_files:
+        code, out = run_cli(capsys, *predict, target)
+        assert code == 2 and one_line(out) and str(target) in out, out
+    assert tree(tmp_path) == before  # the notes and the whole experiment as they were
+    sub = tmp_path / "sub.csv"
+    for _ in range(2):  # a new path, then predict's own submission there: replaced
+        code, out = run_cli(capsys, *predict, sub)
+        assert code == 0 and sub.read_text().startswith("Id,Pawpularity"), out
 
 
 # ---------------------------------------------------------------------------------------------------------------
