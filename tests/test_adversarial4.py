@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from adversary import one_line, run_cli, tree
+from conftest import tiny_args
 
 import pawpular
 
@@ -57,6 +58,46 @@ def test_predict_out_replaces_only_a_submission_and_never_an_experiments_file(
     for _ in range(2):  # a new path, then predict's own submission there: replaced
         code, out = run_cli(capsys, *predict, sub)
         assert code == 0 and sub.read_text().startswith("Id,Pawpularity"), out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Members of a blend saw the same data; 3. one resolution of a configured path
+
+
+@pytest.fixture(scope="module")
+def other_test_photos(experiment_run, small_competition, tmp_path_factory) -> Path:
+    """The experiment, rerun on the competition with one test photo's bytes replaced (same Id)."""
+    import cv2
+
+    root = tmp_path_factory.mktemp("adv4_other")
+    comp = Path(shutil.copytree(small_competition, root / "comp"))
+    photo = sorted((comp / "test").iterdir())[0]
+    cv2.imwrite(str(photo), 255 - cv2.imread(str(photo)))
+    member = Path(shutil.copytree(experiment_run, root / "member"))
+    assert pawpular.cli.main(["all", *tiny_args(comp, member)]) == 0
+    return member
+
+
+def test_a_blend_member_made_on_other_test_photos_is_refused(run, other_test_photos, small_competition, capsys):
+    before = tree(run)
+    code, out = run_cli(
+        capsys, "ensemble", *tiny_args(small_competition, run, f"ensemble.experiments=[{other_test_photos}]")
+    )
+    assert code == 2 and one_line(out) and str(other_test_photos) in out and "test photos differs" in out, out
+    assert tree(run) == before
+
+
+def test_a_relative_blend_member_is_read_where_the_config_resolved_it(
+    run, small_competition, tmp_path, monkeypatch, capsys
+):
+    shutil.copytree(run, tmp_path / "member")
+    monkeypatch.chdir(tmp_path)  # the config says "member": from here
+    code, out = run_cli(capsys, "ensemble", *tiny_args(small_competition, run, "ensemble.experiments=[member]"))
+    assert code == 0, out  # a member on the same data blends
+    code, row = _runs_row(capsys, run)
+    assert code == 0 and row["status"] == "done", row
+    code, out = run_cli(capsys, "status", *tiny_args(small_competition, run, "ensemble.experiments=[member]"))
+    assert code == 0 and "stale" not in out, out
 
 
 # ---------------------------------------------------------------------------------------------------------------

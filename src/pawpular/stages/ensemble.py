@@ -100,6 +100,40 @@ def check(ctx) -> None:
                 ("ensemble.experiments",),
             )
     gather(ctx.cfg)  # whole predictions of the same Ids on the same folds (it reads them: small tables)
+    if len(experiments(ctx.cfg)) > 1:
+        _check_same_data(ctx)
+
+
+def _data_seen(folder: Path) -> list[tuple[str, str, str | None]]:
+    """The competition data an experiment's work was made on: (label: ``data:test photos``, ``data:train.csv``
+    ..., the manifest that records it, its digest), from its stages' and their units' manifests."""
+    seen = []
+    for stage in artifacts.PIPELINE:
+        stage_dir = artifacts.stage_dir(folder, stage)
+        units = sorted(p for p in stage_dir.iterdir() if p.is_dir()) if stage_dir.is_dir() else []
+        for path in [artifacts.manifest(folder, stage), *(u / "manifest.json" for u in units)]:
+            record = manifest.read(path) if path.is_file() else None
+            seen += [
+                (label, artifacts.relative(folder, path), digest)
+                for label, digest in (record.inputs if record else {}).items()
+                if label.startswith("data:")
+            ]
+    return seen
+
+
+def _check_same_data(ctx) -> None:
+    """Every blended experiment was made on this experiment's data (train and test CSVs and photos, by digest):
+    another experiment's test predictions of other photos under the same Ids would blend silently."""
+    now = ctx.data_inputs("train.csv", "test.csv", images=True)
+    for _prefix, folder in experiments(ctx.cfg)[1:]:
+        for label, where, digest in _data_seen(folder):
+            if label in now and digest != now[label]:
+                raise ConfigError(
+                    f"ensemble.experiments: {folder} was made on other data: {label.removeprefix('data:')} "
+                    f"differs ({where} records {str(digest)[:12]}, {ctx.cfg.data} gives {str(now[label])[:12]}); "
+                    "blend only experiments made on the same data: rerun it with this data_dir, or leave it out",
+                    ("ensemble.experiments",),
+                )
 
 
 def _check_foreign(prefix: str, folder: Path) -> None:
