@@ -101,6 +101,25 @@ def test_a_relative_blend_member_is_read_where_the_config_resolved_it(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 11. runs --baseline: an unfinished baseline and an ambiguous name
+
+
+def test_an_unfinished_baseline_is_named_as_such(run, partial_run, tmp_path, capsys):
+    partial = Path(shutil.copytree(partial_run, tmp_path / "partial"))
+    code, out = run_cli(capsys, "runs", run, partial, "--baseline", "partial")
+    assert code == 2 and one_line(out) and "not finished" in out and "version" not in out, out
+
+
+def test_an_ambiguous_baseline_name_is_refused_naming_both(experiment_run, tmp_path, capsys):
+    a = Path(shutil.copytree(experiment_run, tmp_path / "a" / "exp"))
+    b = Path(shutil.copytree(experiment_run, tmp_path / "b" / "exp"))
+    code, out = run_cli(capsys, "runs", a, b, "--baseline", "exp")
+    assert code == 2 and one_line(out) and str(a) in out and str(b) in out, out
+    code, out = run_cli(capsys, "runs", a, b, "--baseline", a)  # its path picks one
+    assert code == 0, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 16. A password is masked whole, and in every line that reaches a log
 
 
