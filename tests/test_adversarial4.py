@@ -101,6 +101,145 @@ def test_a_relative_blend_member_is_read_where_the_config_resolved_it(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 4. Logits come from a classifier; pooled features whatever the classifier
+
+
+def test_logits_without_a_classifier_are_refused_naming_the_set(tmp_path, capsys):
+    sets = "embed.backbones=[{name: r, model: resnet18, pretrained: none, output: logits, kwargs: {num_classes: 0}}]"
+    code, out = run_cli(capsys, "config", "show", "--set", sets, "--set", "svr.features=[r]", "--output", tmp_path)
+    assert code == 2 and one_line(out) and "embed.backbones[0] (r)" in out and "num_classes: 0" in out, out
+    assert "model.kwargs" not in out
+    logits = ["model.output=logits", "embed.source=pretrained", "model.kwargs={num_classes: 0}"]
+    code, out = run_cli(capsys, "config", "show", *[a for s in logits for a in ("--set", s)])
+    assert code == 2 and one_line(out) and "model: output: logits" in out, out
+
+
+def test_a_pooled_set_whose_kwargs_name_num_classes_gives_pooled_features():
+    import torch
+
+    from pawpular.config import ModelConfig
+    from pawpular.models import build_frozen, check_buildable
+
+    tiny = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
+    shared = {**tiny, "num_classes": 10}  # one kwargs block (a YAML anchor) for a pooled and a logits set
+    pooled = ModelConfig(name="resnet18", kwargs=shared, pretrained="none", img_size=48)
+    check_buildable(pooled)  # once "model.kwargs ... rejects them"
+    with torch.no_grad():
+        got = build_frozen(pooled).eval().embed(torch.randn(2, 3, 48, 48))
+    assert got.shape == (2, 128)  # the pooled features, not 10 logits
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. What reads a stage's outputs checks they are current; 12. a missing weight file is named
+
+
+def _weights(path: Path, seed: int) -> Path:
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model("resnet18", num_classes=0, layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def _frozen_args(data: Path, out: Path, weights: str, *extra: str) -> list[str]:
+    from test_frozen import FROZEN
+
+    sets = (
+        "embed.backbones=[{name: r, model: resnet18, kwargs: {layers: [1, 1, 1, 1], channels: [16, 32, 64, 128], "
+        f"stem_width: 16}}, pretrained: '{weights}', img_size: 48}}, {{name: q, model: resnet18, kwargs: {{layers: "
+        "[1, 1, 1, 1], channels: [16, 32, 64, 128], stem_width: 16}, pretrained: none, img_size: 48}]"
+    )
+    settings = ["folds.n_folds=3", "embed.num_workers=0", "embed.tta_hflip=false", "svr.n_trials=4", sets]
+    settings += ["svr.features=[r, q]", *extra]
+    return ["--config", str(FROZEN), "--data", str(data), "--output", str(out)] + [
+        a for s in settings for a in ("--set", s)
+    ]
+
+
+@pytest.fixture(scope="module")
+def frozen_weights(small_competition, tmp_path_factory) -> tuple[Path, Path]:
+    """A frozen experiment whose set ``r`` has a weight file (and ``q`` a seeded random init), and that file."""
+    root = tmp_path_factory.mktemp("adv4_frozen")
+    weights = _weights(root / "r.safetensors", seed=1)
+    out = root / "frozen"
+    assert pawpular.cli.main(["all", *_frozen_args(small_competition, out, str(weights))]) == 0
+    return out, weights
+
+
+@pytest.fixture
+def replaced_weights(frozen_weights, tmp_path):
+    """The experiment's weight file replaced by other weights for the test (put back after it)."""
+    out, weights = frozen_weights
+    kept = Path(shutil.copy(weights, tmp_path / "kept.safetensors"))
+    _weights(weights, seed=2)
+    yield out, weights
+    shutil.copy(kept, weights)
+
+
+def test_select_and_runs_never_pass_a_set_made_with_a_replaced_weight_file(
+    replaced_weights, small_competition, tmp_path, capsys
+):
+    out, weights = replaced_weights
+    exp = Path(shutil.copytree(out, tmp_path / "frozen"))
+    before = tree(exp)
+    code, said = run_cli(capsys, "select", *_frozen_args(small_competition, exp, str(weights)))
+    assert code == 2 and one_line(said) and "'r'" in said and "stale" in said and "frozen backbone" in said, said
+    assert tree(exp) == before
+    code, row = _runs_row(capsys, exp)
+    assert code == 0 and row["status"] == "stale" and "frozen backbone r changed" in row["why"], row
+
+
+def test_a_missing_weight_file_is_named_with_where_it_was_looked_for(
+    frozen_weights, small_competition, tmp_path, monkeypatch, capsys
+):
+    out, weights = frozen_weights
+    exp = Path(shutil.copytree(out, tmp_path / "frozen"))
+    args = _frozen_args(small_competition, exp, str(weights))
+    shutil.move(weights, tmp_path / "kept.safetensors")
+    try:
+        code, said = run_cli(capsys, "status", *args)
+        row = _runs_row(capsys, exp)[1]
+    finally:
+        shutil.move(tmp_path / "kept.safetensors", weights)
+    assert code == 0 and f"weight file of r: {weights} is missing" in said, said
+    assert row["status"] == "stale" and f"the weight file of r is missing: {weights}" in row["why"], row
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a relative weight path, read from another working directory
+    relative = os.path.relpath(weights, weights.parent.parent)
+    code, said = run_cli(capsys, "embed", *_frozen_args(small_competition, exp, relative))
+    assert code == 2 and one_line(said) and f"looked for at {elsewhere / relative}" in said, said
+    assert "embed.backbones[0] (r): pretrained:" in said, said
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Duplicate and empty names; 10. an unknown set name is refused before anything is touched
+
+
+def test_a_set_listed_twice_is_a_config_error(tmp_path, capsys):
+    code, out = run_cli(capsys, "config", "show", "--set", "svr.features=[model, model]", "--output", tmp_path)
+    assert code == 2 and one_line(out) and "model listed twice" in out, out
+
+
+def test_select_as_an_empty_name_is_refused(run, small_competition, capsys):
+    before = tree(run.parent)
+    code, said = run_cli(capsys, "select", *tiny_args(small_competition, run), "--as", "")
+    assert code == 2 and one_line(said) and "empty" in said, said
+    assert tree(run.parent) == before  # no selection run, no branch written
+
+
+def test_an_unknown_set_in_svr_features_is_refused_before_svr_is_touched(run, small_competition, capsys):
+    before = tree(run)
+    code, out = run_cli(capsys, "svr", *tiny_args(small_competition, run, "svr.features=[model, nosuch]"))
+    assert code == 2 and one_line(out) and "'nosuch'" in out and "embed.backbones" in out, out
+    assert "pawpular embed" not in out
+    assert tree(run) == before  # the finished svr stage is still finished
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 11. runs --baseline: an unfinished baseline and an ambiguous name
 
 
