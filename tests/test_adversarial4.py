@@ -202,9 +202,12 @@ def test_a_missing_weight_file_is_named_with_where_it_was_looked_for(
     try:
         code, said = run_cli(capsys, "status", *args)
         row = _runs_row(capsys, exp)[1]
+        exported = run_cli(capsys, "export", "--output", exp, "--to", tmp_path / "art")
     finally:
         shutil.move(tmp_path / "kept.safetensors", weights)
     assert code == 0 and f"weight file of r: {weights} is missing" in said, said
+    assert exported[0] == 2 and one_line(exported[1]) and f"weight file of r: {weights} is missing" in exported[1]
+    assert not (tmp_path / "art").exists()
     assert row["status"] == "stale" and f"the weight file of r is missing: {weights}" in row["why"], row
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
