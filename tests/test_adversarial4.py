@@ -78,13 +78,21 @@ def other_test_photos(experiment_run, small_competition, tmp_path_factory) -> Pa
     return member
 
 
-def test_a_blend_member_made_on_other_test_photos_is_refused(run, other_test_photos, small_competition, capsys):
+def test_a_blend_member_made_on_other_test_photos_is_refused(
+    run, other_test_photos, small_competition, monkeypatch, capsys
+):
+    from pawpular.stages import ensemble
+
+    args = tiny_args(small_competition, run, f"ensemble.experiments=[{other_test_photos}]")
     before = tree(run)
-    code, out = run_cli(
-        capsys, "ensemble", *tiny_args(small_competition, run, f"ensemble.experiments=[{other_test_photos}]")
-    )
+    code, out = run_cli(capsys, "ensemble", *args)
     assert code == 2 and one_line(out) and str(other_test_photos) in out and "test photos differs" in out, out
     assert tree(run) == before
+    monkeypatch.setattr(ensemble, "_check_same_data", lambda ctx: None)  # a blend made before members were compared
+    assert run_cli(capsys, "ensemble", *args)[0] == 0
+    monkeypatch.undo()
+    code, out = run_cli(capsys, "status", *args)
+    assert code == 0 and "ensemble  stale" in out and "made on other data: test photos differs" in out, out
 
 
 def test_a_relative_blend_member_is_read_where_the_config_resolved_it(

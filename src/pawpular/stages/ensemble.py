@@ -78,7 +78,9 @@ def plan(ctx) -> Plan:
         **ctx.file_inputs([artifacts.folds_csv(ctx.out), *_pred_files(cfg)]),
         **ctx.data_inputs("train.csv", "sample_submission.csv"),
     }
-    return Plan({"ensemble": dataclasses.asdict(cfg.ensemble)}, inputs)
+    # a blend made before members were compared: `status` says which member saw other data
+    other_data = (lambda _record: _other_data(ctx)) if cfg.ensemble.experiments else None
+    return Plan({"ensemble": dataclasses.asdict(cfg.ensemble)}, inputs, other_data)
 
 
 def check(ctx) -> None:
@@ -121,19 +123,30 @@ def _data_seen(folder: Path) -> list[tuple[str, str, str | None]]:
     return seen
 
 
-def _check_same_data(ctx) -> None:
-    """Every blended experiment was made on this experiment's data (train and test CSVs and photos, by digest):
-    another experiment's test predictions of other photos under the same Ids would blend silently."""
+def _other_data(ctx) -> list[str]:
+    """Per blended experiment made on other data than this one's (train and test CSVs and photos, by digest):
+    what differs. Another experiment's test predictions of other photos under the same Ids would blend silently."""
     now = ctx.data_inputs("train.csv", "test.csv", images=True)
+    found = []
     for _prefix, folder in experiments(ctx.cfg)[1:]:
-        for label, where, digest in _data_seen(folder):
-            if label in now and digest != now[label]:
-                raise ConfigError(
-                    f"ensemble.experiments: {folder} was made on other data: {label.removeprefix('data:')} "
-                    f"differs ({where} records {str(digest)[:12]}, {ctx.cfg.data} gives {str(now[label])[:12]}); "
-                    "blend only experiments made on the same data: rerun it with this data_dir, or leave it out",
-                    ("ensemble.experiments",),
-                )
+        differ = [(label, where, d) for label, where, d in _data_seen(folder) if label in now and d != now[label]]
+        if differ:
+            label, where, digest = differ[0]
+            found.append(
+                f"{folder} was made on other data: {label.removeprefix('data:')} differs ({where} records "
+                f"{str(digest)[:12]}, {ctx.cfg.data} gives {str(now[label])[:12]})"
+            )
+    return found
+
+
+def _check_same_data(ctx) -> None:
+    """Every blended experiment was made on this experiment's data (``_other_data``), or ConfigError naming it."""
+    if found := _other_data(ctx):
+        raise ConfigError(
+            f"ensemble.experiments: {found[0]}; blend only experiments made on the same data: rerun it with this "
+            "data_dir, or leave it out",
+            ("ensemble.experiments",),
+        )
 
 
 def _check_foreign(prefix: str, folder: Path) -> None:
