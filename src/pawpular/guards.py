@@ -209,21 +209,21 @@ def check_predict_out(out: Path, art: Path, data: Path) -> None:
             f"predict --out {out}: inside the experiment {folder}: its stages own its files (a submission "
             "there is the ensemble's); choose another --out, e.g. submission.csv"
         )
-    if not out.exists() and not out.is_symlink():
-        return
+    if out.is_dir() or (not out.exists() and not out.is_symlink()):
+        return  # a new path; a folder is refused by submission.check_output_path ("is a directory")
+    inputs = [Path(data) / n for n in ("test.csv", "sample_submission.csv", "train.csv")]
+    inputs.append(artifacts.export_manifest(Path(art)))
+    for p in inputs:
+        if out.is_file() and p.is_file() and os.path.samefile(p, out):
+            raise UsageError(
+                f"predict --out {out}: is {p} (the same file: a link): predict never writes onto its "
+                "inputs; choose another --out"
+            )
     if not _is_submission(out):
         raise UsageError(
             f"predict --out {out}: exists and is not a submission (its first line is not Id,Pawpularity): "
             "predict replaces only a submission; choose another --out (or move the file first)"
         )
-    inputs = [Path(data) / n for n in ("test.csv", "sample_submission.csv", "train.csv")]
-    inputs.append(artifacts.export_manifest(Path(art)))
-    for p in inputs:
-        if p.is_file() and os.path.samefile(p, out):
-            raise UsageError(
-                f"predict --out {out}: is {p} (the same file: a link): predict never writes onto its "
-                "inputs; choose another --out"
-            )
 
 
 def _experiment_holding(path: Path) -> Path | None:
