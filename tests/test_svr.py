@@ -71,6 +71,10 @@ def svr_exp(tmp_path):
     return _write_comp(tmp_path)
 
 
+# The planted 'frozen' set, as a config lists it (svr.features names only sets of embed.backbones, or 'model')
+FROZEN_SET = "embed.backbones=[{name: frozen, model: resnet18}]"
+
+
 def _cfg(comp: Path, out: Path, *overrides: str):
     base = [
         "device=cpu",
@@ -155,7 +159,7 @@ def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
 
 
 def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp):
-    cfg = _cfg(*svr_exp, "svr.features=[model, frozen]", "svr.use_meta=true")
+    cfg = _cfg(*svr_exp, FROZEN_SET, "svr.features=[model, frozen]", "svr.use_meta=true")
     result = _run(cfg)
     assert artifacts.svr_head(cfg.out, 0) in result.outputs and not result.cached
     comp = read_competition(cfg.data)
@@ -246,7 +250,7 @@ def test_plain_path_when_kernels_exceed_the_memory_budget(svr_exp, caplog):
 
 
 def test_missing_embedding_set_names_the_file(svr_exp):
-    cfg = _cfg(*svr_exp, "svr.features=[model, dinov2]")
+    cfg = _cfg(*svr_exp, "embed.backbones=[{name: dinov2, model: resnet18}]", "svr.features=[model, dinov2]")
     with pytest.raises(FileNotFoundError, match=r"emb/dinov2/train.parquet"):
         _run(cfg)
 

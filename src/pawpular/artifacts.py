@@ -184,16 +184,24 @@ def set_file(out: Path, name: str, split: str, fold: int) -> Path:
     return emb_file(out, split, fold=fold) if name == MODEL_SET else emb_file(out, split, backbone=name)
 
 
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute from the working directory (``~`` expanded, symbolic links kept: its name stays)."""
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
 def blend_members(out: Path, experiments: list) -> list[tuple[str, Path]]:
     """(model-name prefix, folder) of every experiment a blend holds: this one (prefix ""), then
     ``ensemble.experiments`` (prefix "<folder name>/": their models are "<name>/nn", "<name>/svr").
+
+    A relative folder is taken from the working directory (as ``data_dir`` and ``output_dir`` are), once, here:
+    every reader (the stage, its manifest, ``runs``, export) gets the same absolute path.
 
     The names must be unique, or two experiments' models would be one in weights.json and in an export: a folder
     listed twice, or two folders with one name, is an error that says so.
     """
     from .errors import ConfigError
 
-    members = [("", Path(out))] + [(Path(e).name + "/", Path(e)) for e in experiments]
+    members = [("", Path(out))] + [(Path(e).name + "/", absolute(e)) for e in experiments]
     seen: dict[str, Path] = {}
     for prefix, folder in members:
         name = prefix.rstrip("/") or Path(out).resolve().name

@@ -28,6 +28,8 @@ _NOT_LINKED = ("last.pt",)  # a fold's resume state: the branch never resumes th
 def target(cfg: Any, name: str) -> Path:
     """The new experiment's folder: ``name`` beside ``cfg.out`` (or a path, when it has a slash). Refuses (before
     any work) the source itself, a folder inside it or the data, and any folder that is not new or empty."""
+    if not name.strip():
+        raise UsageError(f"select --as {name!r}: the name is empty; name the new experiment, e.g. --as frozen_best")
     folder = Path(name) if "/" in name else Path(cfg.out).parent / name
     if not name or name in (".", "..") or guards.within(folder, cfg.out) or guards.within(cfg.out, folder):
         raise UsageError(

@@ -247,7 +247,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         output = args.output or config_from(args.config, output=args.output).out
         print(api.report(output, args.data))
         return 0
-    if args.command == "select" and args.branch:
+    if args.command == "select" and args.branch is not None:  # --as "" is a name too: refused, never ignored
         return _select_as(args)
     cfg = _config(args)
     result = api.run_config(args.command, cfg)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import artifacts, nested
+from . import artifacts, manifest, nested
 from .data import ID
 from .errors import UsageError
 
@@ -34,6 +34,8 @@ def nested_table(out: Path, head: str = "ensemble") -> pd.DataFrame:
     path = artifacts.nested_preds(out, head)
     if not path.is_file():
         stage = {"ensemble": "ensemble", "nn": "train", "svr": "svr"}.get(head, head)
+        if manifest.read(artifacts.manifest(out, stage)) is None:
+            raise NotComparable(f"not finished (its {stage} stage has not run)")
         raise NotComparable(f"no {artifacts.relative(out, path)} (run `pawpular {stage}` with this version)")
     table = pd.read_parquet(path)
     if head == "ensemble" and "target" not in table:
@@ -184,14 +186,7 @@ def with_baseline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """``experiments.table``'s rows plus, against ``baseline`` (a row's name or path): the nested RMSE difference
     (``vs_baseline``), its interval (``low``, ``high``), ``folds_won`` ("won/folds") and ``verdict`` (better, worse,
     within noise, or "not comparable: why"); ``attrs["inside"]``: ``inside`` of every row; ``attrs["baseline"]``."""
-    match = [
-        i
-        for i, r in df.iterrows()
-        if baseline in (r["experiment"], r["path"]) or Path(r["path"]).resolve() == Path(baseline).resolve()
-    ]
-    if not match:
-        raise UsageError(f"--baseline {baseline}: no such experiment among {', '.join(df['experiment'])}")
-    base = Path(df.loc[match[0], "path"])
+    base = _baseline_folder(df, baseline)
     rows = against(base, [Path(p) for p in df["path"]])
     df = df.copy()
     df["vs_baseline"] = [r.get("delta", np.nan) for r in rows]
@@ -202,6 +197,27 @@ def with_baseline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     df.attrs["baseline"], df.attrs["against"] = base.name, rows
     df.attrs["inside"] = [part for p in df["path"] for part in inside(Path(p))]
     return df
+
+
+def _baseline_folder(df: pd.DataFrame, baseline: str) -> Path:
+    """The one experiment ``baseline`` names (its path, else its name), finished: UsageError when none, two
+    (experiments named alike in two folders: both paths named) or an unfinished one (what it lacks)."""
+    match = [p for p in df["path"] if Path(p).resolve() == Path(baseline).resolve()]
+    match = match or [p for p, name in zip(df["path"], df["experiment"], strict=True) if name == baseline]
+    if not match:
+        raise UsageError(f"--baseline {baseline}: no such experiment among {', '.join(df['experiment'])}")
+    if len(match) > 1:
+        raise UsageError(
+            f"--baseline {baseline}: {len(match)} experiments have that name ({', '.join(map(str, match))}): "
+            "give the baseline's path"
+        )
+    base = Path(match[0])
+    if manifest.read(artifacts.manifest(base, "ensemble")) is None:
+        raise UsageError(
+            f"--baseline {baseline}: the experiment {base} is not finished (its ensemble stage has not run): "
+            f"nothing to compare against; finish it (pawpular all --output {base}) or choose another baseline"
+        )
+    return base
 
 
 def baseline_text(df: pd.DataFrame) -> str:

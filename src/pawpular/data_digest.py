@@ -19,12 +19,14 @@ def _image_paths(comp: Competition) -> list[Path]:
 
 
 def stat_fingerprint(comp: Competition) -> str:
-    """Cheap fingerprint (name, size, mtime) of the CSVs and every image: changes when any file does."""
+    """Cheap fingerprint (name, size, mtime, inode, inode change time) of the CSVs and every image, as git and DVC
+    judge a file: a rewrite changes it even with the same size and a restored mtime (writing a file, or setting
+    its mtime, sets its ctime, which no user call can set back)."""
     h = hashlib.blake2b(digest_size=16)
     paths = [comp.root / n for n in ("train.csv", "test.csv", "sample_submission.csv")] + _image_paths(comp)
     for p in paths:
         st = p.stat()
-        h.update(f"{p.relative_to(comp.root)}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(f"{p.relative_to(comp.root)}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_ctime_ns};".encode())
     return h.hexdigest()
 
 
@@ -43,7 +45,7 @@ def _write_record(record: Path, root: Path, entry: dict) -> None:
 
 
 def cached_images_digest(comp: Competition, record: str | Path) -> dict[str, str] | None:
-    """The photo digests ``images_digest`` cached in ``record`` while no photo's size or mtime changed since, else
+    """The photo digests ``images_digest`` cached in ``record`` while no photo's stat changed since, else
     None; reads no photo (``pawpular runs``: a status that never hashes images)."""
     entry = _read_record(Path(record), comp.root)
     try:
@@ -77,8 +79,8 @@ def images_digest(comp: Competition, record: str | Path | None = None, save: boo
     """Per split (train, test), one hash over every image's Id and bytes: a changed photo changes its split's.
 
     Reading every photo costs about a second per GB; with ``record`` the digests are kept beside the data check's
-    stat fingerprint and reused while no image's size or mtime changed (as make and DVC judge inputs); ``save``
-    False only reads that record (a reading command writes nothing).
+    stat fingerprint and reused while no image's stat (size, mtime, inode, ctime) changed (as git and DVC judge
+    inputs); ``save`` False only reads that record (a reading command writes nothing).
     """
     from .files import file_digest
 

@@ -4,16 +4,18 @@
     table.attrs["settings"]                    # the settings that differ between the rows (also columns)
 
 Reads per experiment: each stage's manifest.json (and train's per-fold ones), ensemble/weights.json,
-svr/best_params.json, timings.json, config.yaml, .data_check.json, and the competition's CSVs (hashed: small).
-Never a checkpoint's or embedding table's bytes, never a photo, never a recomputed score: listing dozens of
-experiments takes about a second (``python bench/runs.py``).
+svr/best_params.json, timings.json, config.yaml, .data_check.json, the competition's CSVs (hashed: small), and
+the weight files of frozen sets (hashed once per command: shared by the experiments that use them). Never a
+checkpoint's or embedding table's bytes, never a photo, never a recomputed score: listing dozens of experiments
+takes about a second (``python bench/runs.py``).
 
 Its status is the manifests' verdict without re-hashing what is big:
   done     every stage finished; each stage's recorded inputs are what its upstream stage recorded writing; the
            CSVs hash to the recorded digests; the photos' digests cached by the data check are the recorded ones
-           and no photo changed size or mtime since; every recorded output exists, and those up to 1 MiB
-           (scores, predictions, tables) still hash to their recorded digests
-  stale    an input changed after a stage ran (an upstream stage ran again, a CSV or photo changed)
+           and no photo changed (size, mtime, inode, ctime) since; every recorded output exists, and those up to
+           1 MiB (scores, predictions, tables) still hash to their recorded digests; a frozen set's weight file
+           is there and makes the key it was embedded with (``frozen_key.change``)
+  stale    an input changed after a stage ran (an upstream stage ran again, a CSV, photo or weight file changed)
   damaged  a recorded output is missing, or a small one is not the file the stage wrote
   partial  a stage has not finished (train: only some folds)
 ``pawpular status`` also hashes the big outputs and the photos, and compares with the settings asked for now.
@@ -112,8 +114,8 @@ def find(folders: list[str | Path] | None = None) -> list[Path]:
 class _Data:
     """The competition's digests as the manifests label them ("data:train.csv", "data:train photos"), lazily."""
 
-    def __init__(self, out: Path, root: Path | None, cache: dict):
-        self.out, self.root, self.cache = out, root, cache
+    def __init__(self, out: Path, root: Path | None, cache: dict, config: dict | None = None):
+        self.out, self.root, self.cache, self.config = out, root, cache, config or {}
 
     def photos(self, split: str) -> str | None:
         """The photos' digest cached by this experiment's data check, if no photo changed since (else None).
@@ -144,7 +146,7 @@ class _Data:
         if name.endswith(" photos"):
             if self.photos(name.split()[0]) != recorded:
                 return (
-                    f"{name} changed (size or mtime) since they were hashed: "
+                    f"{name} changed (size, mtime, inode or ctime) since they were hashed: "
                     "`pawpular status` hashes them again (it saves nothing), a stage run records them"
                 )
             return None
@@ -169,6 +171,10 @@ def _damaged(out: Path, record: manifest.Record) -> list[str]:
 def _input_change(out: Path, label: str, recorded: str | None, produced: dict, states: dict, data: _Data) -> str | None:
     if label.startswith("data:"):
         return data.change(label, recorded)
+    if label.endswith(": frozen backbone"):
+        from .frozen_key import change
+
+        return change(data.config, label.removesuffix(": frozen backbone"), recorded)
     rel = label.split(": ", 1)[-1]  # embed labels its units' inputs "fold0: train/fold0/best.pt"
     if rel in produced:
         stage, digest = produced[rel]
@@ -198,7 +204,8 @@ def quick_status(out: Path, config: dict, cache: dict | None = None) -> dict[str
     out = Path(out)
     records = {s: manifest.read(artifacts.manifest(out, s)) for s in artifacts.PIPELINE}
     produced = {rel: (s, d) for s, r in records.items() if r for rel, d in r.outputs.items()}
-    data = _Data(out, Path(config["data_dir"]) if config.get("data_dir") else None, {} if cache is None else cache)
+    root = Path(config["data_dir"]) if config.get("data_dir") else None
+    data = _Data(out, root, {} if cache is None else cache, config)
     states: dict[str, tuple[str, list[str]]] = {}
     want = _needed(out, config)
     for s, record in records.items():

@@ -7,7 +7,8 @@ temporary files carry the project's own pattern (``files.TEMP_GLOB``). Everythin
 
     check_experiment_folder(out, data, experiment) a stage's --output: new, empty or this experiment; not the data
     check_export_target(out, to, overwrite)        export --to: not the experiment or above it; replaces an export
-    check_predict_out(out, artifacts, data)        predict --out: not a file of the data or the artifact folder
+    check_predict_out(out, artifacts, data)        predict --out: new or a submission; not in the data, the
+                                                   artifact folder or an experiment
     check_own_page(path, flag, marker)             runs --html: replaces only a page it wrote
     remove_fold_folder(folder)                     a fold folder of a larger n_folds: its files, not a user's
 
@@ -194,20 +195,62 @@ def check_own_page(path: Path, flag: str, marker: str) -> None:
 
 
 def check_predict_out(out: Path, art: Path, data: Path) -> None:
-    """predict --out: never a file of the competition folder or of the artifact folder (test.csv, a model ...)."""
+    """predict --out: a new path or a submission (a file whose first line is ``Id,Pawpularity``), never a file of
+    the competition folder, of the artifact folder (test.csv, a model ...) or of an experiment (its config.yaml,
+    its predictions, its own submission.csv)."""
     for folder, what in ((data, "the competition folder (--data)"), (art, "the artifact folder (--artifacts)")):
         if within(out, folder):
             raise UsageError(
                 f"predict --out {out}: inside {what} {folder}: predict never writes onto its inputs; "
                 "choose another --out, e.g. submission.csv"
             )
-    if not out.is_file():
-        return
+    if (folder := _experiment_holding(out)) is not None:
+        raise UsageError(
+            f"predict --out {out}: inside the experiment {folder}: its stages own its files (a submission "
+            "there is the ensemble's); choose another --out, e.g. submission.csv"
+        )
+    if out.is_dir() or (not out.exists() and not out.is_symlink()):
+        return  # a new path; a folder is refused by submission.check_output_path ("is a directory")
     inputs = [Path(data) / n for n in ("test.csv", "sample_submission.csv", "train.csv")]
     inputs.append(artifacts.export_manifest(Path(art)))
     for p in inputs:
-        if p.is_file() and os.path.samefile(p, out):
+        if out.is_file() and p.is_file() and os.path.samefile(p, out):
             raise UsageError(
                 f"predict --out {out}: is {p} (the same file: a link): predict never writes onto its "
                 "inputs; choose another --out"
             )
+    if not _is_submission(out):
+        raise UsageError(
+            f"predict --out {out}: exists and is not a submission (its first line is not Id,Pawpularity): "
+            "predict replaces only a submission; choose another --out (or move the file first)"
+        )
+
+
+def _experiment_holding(path: Path) -> Path | None:
+    """The experiment ``path`` would be a file of: its folder is an experiment, or ``path`` lies in a stage
+    folder of one (``svr/oof.parquet``, ``emb/<set>/train.parquet``); None otherwise (a user's folder that merely
+    holds an experiment somewhere above is not one)."""
+    parent = Path(path).absolute().parent
+    if _ran_in(parent):
+        return parent
+    stage_dirs = set(artifacts.STAGE_DIRS.values())
+    for below, folder in zip([parent, *parent.parents][:3], [*parent.parents][:3], strict=False):
+        if below.name in stage_dirs and _ran_in(folder):
+            return folder
+    return None
+
+
+def _ran_in(folder: Path) -> bool:
+    """A stage ran in ``folder`` (its manifest or the runner's timings are there): a pawpular config.yaml that a
+    user keeps in a working folder does not make it an experiment here."""
+    records = [folder / "timings.json", *(artifacts.manifest(folder, stage) for stage in artifacts.STAGE_DIRS)]
+    return any(p.is_file() for p in records)
+
+
+def _is_submission(path: Path) -> bool:
+    """``path`` is a regular file whose first line is a submission's header (what predict and ensemble write)."""
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.readline(64).rstrip(b"\r\n") == b"Id,Pawpularity"
+    except OSError:
+        return False

@@ -143,6 +143,11 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return [f"{k} {_show(a.get(k))} -> {_show(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+# The digest of an input that a plan names only while it is not there (a frozen set's weight file): the verdict
+# says "<label> is missing" though the manifest never recorded it.
+GONE = "missing"
+
+
 def input_changes(old: dict, new: dict) -> list[str]:
     out = []
     for k in sorted(set(old) | set(new)):
@@ -150,7 +155,7 @@ def input_changes(old: dict, new: dict) -> list[str]:
             continue
         if k not in new:  # left out by a setting (a set no longer listed): not a file gone missing
             out.append(f"{k} is no longer used")
-        elif new.get(k) is None:
+        elif new.get(k) in (None, GONE):
             out.append(f"{k} is missing")
         elif k not in old:
             out.append(f"{k} is a new input")

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import re
 
-# scheme://user:PASSWORD@host: the password runs to the last '@' before the host (a password may hold '@', which
-# SQLAlchemy would split at its first: masking to the first would show the rest); and a password= query parameter.
-_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:\s]*):(\S*?)@(?=[^@/?#\s]*(?:[/?#\s]|$))")
+# scheme://user:PASSWORD@host: the password runs to the last '@' that a host follows (name or address, port,
+# brackets, commas of a host list) and then the path, query or the end: a password may hold '@' and, after it,
+# '/', '?' or '#' (masking to the first '@', or to one before a '/', would show the rest); an '@' in a query value
+# ("?options=a@b&...") is followed by no host and ends no password. And a password= query parameter.
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^/?#@:\s]*):(\S*)@(?=[A-Za-z0-9._~%\-\[\]:,]*(?:[/?#\s]|$))")
 _QUERY_PASSWORD = re.compile(r"([?&])password=([^&#\s]*)(&?)")
 
 
@@ -34,6 +36,6 @@ def without_password(text: str, url: str | None) -> str:
     text = redact_url(text, "***")
     password = url_password(url or "")
     for secret in sorted({password, *(password or "").split("@")} - {None}, key=len, reverse=True):
-        if len(secret) >= 3 or secret == password:
+        if len(secret) >= 3:  # a shorter piece would mask every 'p' of the text ("***ostgresql"), not a secret
             text = text.replace(secret, "***")
     return text

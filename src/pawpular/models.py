@@ -29,13 +29,14 @@ from .config import ModelConfig
 from .data import META_COLS
 from .errors import ConfigError
 from .files import not_a_file
+from .frozen_key import RANDOM_INIT_SEED, frozen_description, pretrained_source  # noqa: F401 (re-exported)
 
 log = logging.getLogger("pawpular")
 
-# The random init of a frozen backbone with `pretrained: none` is drawn from this seed, in a forked RNG: every
-# process (embed now, predict later, a rerun with --overwrite) builds the same weights, so test embeddings come
-# from the model whose train embeddings the SVR was fit on, and the cache key names one set of weights.
-RANDOM_INIT_SEED = 0
+# The random init of a frozen backbone with `pretrained: none` is drawn from RANDOM_INIT_SEED (frozen_key.py), in a
+# forked RNG: every process (embed now, predict later, a rerun with --overwrite) builds the same weights, so test
+# embeddings come from the model whose train embeddings the SVR was fit on, and the cache key names one set of
+# weights.
 
 
 class PretrainedWeightsError(ConfigError):
@@ -135,6 +136,8 @@ def _create_backbone(model_cfg: ModelConfig, hub: bool) -> nn.Module:
     import timm
 
     kwargs = dict(model_cfg.kwargs)
+    if model_cfg.output != "logits":  # pooled features whatever classifier kwargs ask for (a YAML anchor shared)
+        kwargs.pop("num_classes", None)
     # Transformers are built for their input size (position tables); CNNs take any size and have no img_size.
     sized = _img_size(model_cfg) is not None and "img_size" not in kwargs
 
@@ -196,7 +199,8 @@ def _check_weight_file(path: Path) -> None:
     """``path`` exists and starts like a weight file (safetensors, a torch zip or a pickle), else
     PretrainedWeightsError naming model.pretrained and the file."""
     if why := not_a_file(path):
-        shown = f"not found: {path}" if why == "not found" else f"{path} {why}"
+        where = "" if path.is_absolute() else f" (looked for at {os.path.abspath(path)})"  # from the working dir
+        shown = f"not found: {path}{where}" if why == "not found" else f"{path} {why}"
         raise PretrainedWeightsError(
             f"model.pretrained: weight file {shown} (use none, hub, or a path to .safetensors / .pth / .bin)"
         )
@@ -348,16 +352,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
 # Frozen backbones (embed.source: pretrained, embed.backbones)
 
 
-def pretrained_source(model_cfg: ModelConfig) -> str:
-    """What identifies a frozen backbone's weights: the file's bytes, or the hub name / the seeded random init."""
-    from .files import file_digest
-
-    p = model_cfg.pretrained
-    if p == "none":
-        return f"none:seed{RANDOM_INIT_SEED}"
-    return p if p == "hub" else file_digest(Path(p)) if Path(p).is_file() else p
-
-
 def build_frozen(model_cfg: ModelConfig) -> PawModel:
     """A frozen backbone's PawModel with its weights: from its file / the hub, or the seeded random init."""
     if model_cfg.pretrained != "none":
@@ -368,13 +362,3 @@ def build_frozen(model_cfg: ModelConfig) -> PawModel:
     with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG stream as it was
         torch.manual_seed(RANDOM_INIT_SEED)
         return build_model(model_cfg, pretrained=True)
-
-
-def frozen_description(model_cfg: ModelConfig) -> dict:
-    """The settings that decide a frozen backbone's embeddings (its cache key), less the head's."""
-    desc = {
-        k: v
-        for k, v in dataclasses.asdict(model_cfg).items()
-        if k not in ("finetune", "drop_rate", "use_meta") and (k, v) not in (("output", "pooled"), ("square", "squash"))
-    }  # defaults: keys as before they existed
-    return {**desc, "weights": pretrained_source(model_cfg)}

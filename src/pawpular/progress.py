@@ -30,10 +30,17 @@ log = logging.getLogger("pawpular")
 
 
 def _masked(record: logging.LogRecord) -> bool:
-    """The project's log lines with every URL password masked (``masking.redact_url``), whatever handler gets them."""
+    """A log record with every URL password masked (``masking.redact_url``): its message, and the traceback
+    (``-v``, ``exc_info``) and stack it carries, formatted here so that no handler formats them unmasked."""
     message = record.getMessage()
     if "://" in message:
         record.msg, record.args = redact_url(message, "***"), None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact_url(record.exc_text, "***")
+    if record.stack_info:
+        record.stack_info = redact_url(record.stack_info, "***")
     return True
 
 
@@ -47,6 +54,9 @@ def setup_logging(verbose: bool) -> None:
     )
     for noisy in ("PIL", "matplotlib", "timm", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:  # a library's own log lines (optuna, SQLAlchemy) masked too
+        if _masked not in handler.filters:
+            handler.addFilter(_masked)
 
 
 def in_notebook() -> bool:

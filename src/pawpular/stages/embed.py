@@ -38,6 +38,7 @@ from ..dataset import eval_dataset
 from ..distributed import torch_device
 from ..errors import ConfigError
 from ..files import ArtifactError, MissingArtifact, file_digest
+from ..frozen_key import weights_gone
 from ..inference import Policy, run_backbone
 from ..models import (
     build_frozen,
@@ -72,7 +73,16 @@ def check(ctx) -> None:
         try:
             check_buildable(backbone_model_config(b))
         except ConfigError as e:
-            raise ConfigError(f"embed.backbones[{i}] ({b.name}): {e}", ("embed.backbones",)) from None
+            raise ConfigError(f"embed.backbones[{i}] ({b.name}): {_as_set_key(str(e))}", ("embed.backbones",)) from None
+
+
+def _as_set_key(message: str) -> str:
+    """A model check's message with the key named as an ``embed.backbones`` entry names it (kwargs, model,
+    pretrained), not as the ``model:`` section does."""
+    for key, own in (("model.kwargs", "kwargs"), ("model.name", "model"), ("model.pretrained", "pretrained")):
+        if message.startswith(key):
+            return own + message[len(key) :]
+    return message
 
 
 @dataclass
@@ -143,10 +153,18 @@ def unit_plan(ctx, unit: EmbeddingSet) -> Plan:
         except ArtifactError:  # a damaged best.pt: the checkpoint's digest already says it changed
             transform = None
     else:
-        inputs = {"frozen backbone": manifest.key_of(frozen_description(unit.model_cfg), {})}
+        inputs = {"frozen backbone": manifest.key_of(frozen_description(unit.model_cfg), {}), **_weights_gone(unit)}
         transform = unit.data_cfg()
     config["derived"] = {"transform": _jsonable(transform)}
     return Plan(config, {**inputs, **ctx.data_inputs("train.csv", "test.csv", images=True)})
+
+
+def _weights_gone(unit: EmbeddingSet) -> dict[str, str]:
+    """A frozen set's weight file that is not there, as an input of its own (``manifest.GONE``): the verdict names
+    the file and where it was looked for (a relative path is read from the working directory), not only that the
+    backbone changed. Nothing when the file is there, so a run's record is the same."""
+    gone = weights_gone(unit.model_cfg.pretrained)
+    return {f"weight file of {unit.name}: {gone}": manifest.GONE} if gone else {}
 
 
 def _jsonable(d: dict | None) -> dict | None:

@@ -78,7 +78,9 @@ def plan(ctx) -> Plan:
         **ctx.file_inputs([artifacts.folds_csv(ctx.out), *_pred_files(cfg)]),
         **ctx.data_inputs("train.csv", "sample_submission.csv"),
     }
-    return Plan({"ensemble": dataclasses.asdict(cfg.ensemble)}, inputs)
+    # a blend made before members were compared: `status` says which member saw other data
+    other_data = (lambda _record: _other_data(ctx)) if cfg.ensemble.experiments else None
+    return Plan({"ensemble": dataclasses.asdict(cfg.ensemble)}, inputs, other_data)
 
 
 def check(ctx) -> None:
@@ -100,6 +102,51 @@ def check(ctx) -> None:
                 ("ensemble.experiments",),
             )
     gather(ctx.cfg)  # whole predictions of the same Ids on the same folds (it reads them: small tables)
+    if len(experiments(ctx.cfg)) > 1:
+        _check_same_data(ctx)
+
+
+def _data_seen(folder: Path) -> list[tuple[str, str, str | None]]:
+    """The competition data an experiment's work was made on: (label: ``data:test photos``, ``data:train.csv``
+    ..., the manifest that records it, its digest), from its stages' and their units' manifests."""
+    seen = []
+    for stage in artifacts.PIPELINE:
+        stage_dir = artifacts.stage_dir(folder, stage)
+        units = sorted(p for p in stage_dir.iterdir() if p.is_dir()) if stage_dir.is_dir() else []
+        for path in [artifacts.manifest(folder, stage), *(u / "manifest.json" for u in units)]:
+            record = manifest.read(path) if path.is_file() else None
+            seen += [
+                (label, artifacts.relative(folder, path), digest)
+                for label, digest in (record.inputs if record else {}).items()
+                if label.startswith("data:")
+            ]
+    return seen
+
+
+def _other_data(ctx) -> list[str]:
+    """Per blended experiment made on other data than this one's (train and test CSVs and photos, by digest):
+    what differs. Another experiment's test predictions of other photos under the same Ids would blend silently."""
+    now = ctx.data_inputs("train.csv", "test.csv", images=True)
+    found = []
+    for _prefix, folder in experiments(ctx.cfg)[1:]:
+        differ = [(label, where, d) for label, where, d in _data_seen(folder) if label in now and d != now[label]]
+        if differ:
+            label, where, digest = differ[0]
+            found.append(
+                f"{folder} was made on other data: {label.removeprefix('data:')} differs ({where} records "
+                f"{str(digest)[:12]}, {ctx.cfg.data} gives {str(now[label])[:12]})"
+            )
+    return found
+
+
+def _check_same_data(ctx) -> None:
+    """Every blended experiment was made on this experiment's data (``_other_data``), or ConfigError naming it."""
+    if found := _other_data(ctx):
+        raise ConfigError(
+            f"ensemble.experiments: {found[0]}; blend only experiments made on the same data: rerun it with this "
+            "data_dir, or leave it out",
+            ("ensemble.experiments",),
+        )
 
 
 def _check_foreign(prefix: str, folder: Path) -> None:

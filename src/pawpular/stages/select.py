@@ -45,7 +45,7 @@ from ..config import Config, backbone_configs
 from ..data import ID, META_COLS, TARGET, Competition
 from ..embedding_sets import read_sets
 from ..errors import ConfigError
-from ..files import MissingArtifact
+from ..files import ArtifactError, MissingArtifact
 from ..metrics import rmse
 from ..progress import Progress
 from ..selection import MIN_IMPROVEMENT, Step, forward_select
@@ -296,9 +296,25 @@ def _candidates(cfg: Config, fold_ids: list[int]) -> tuple[list[str], dict[str, 
 
 
 def check(ctx) -> None:
-    """An inference budget no single set fits: refused before the stage clears its manifest, naming what the
-    fastest set needs."""
+    """Before anything changes: every finished frozen set select would score is still what the config makes
+    (``frozen_key.stale``: its weight file there, with the bytes and settings it was embedded with); one that is
+    not is refused naming it, never scored as if it were the config's. A set whose manifest records no key (made
+    by hand, or by a version before it) is taken as it is. Then an inference budget no single set fits: refused
+    naming what the fastest set needs."""
+    from ..config import backbone_model_config
+    from ..frozen_key import stale
+    from ..splits import written_fold_ids
+
     cfg = ctx.cfg
+    candidates, _ = find_candidates(cfg, written_fold_ids(ctx.out))
+    for b in backbone_configs(cfg):
+        folder = artifacts.emb_dir(ctx.out, backbone=b.name)
+        record = manifest.read(folder / "manifest.json") if b.name in candidates else None
+        if record and (why := stale(backbone_model_config(b), b.name, record.inputs.get("frozen backbone"))):
+            raise ArtifactError(
+                f"select: the embedding set {b.name!r} ({artifacts.relative(ctx.out, folder)}) is stale ({why}): "
+                "its scores would not be this config's; run `pawpular embed` first"
+            )
     if cfg.select.budget_hours is None:
         return
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
