@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from . import svr_heads
 from .config_checks import build, validate
 from .errors import ConfigError
 from .masking import redact_url, url_password, without_password  # noqa: F401 (the config's secrets: re-exported)
@@ -140,6 +141,9 @@ class SvrConfig:
     # [low, high]: the SVR is fit on the target clipped to this range (the first place clipped at 85); its
     # predictions are scored on the true target. None = no clip.
     target_clip: list | None = None
+    # More SVR heads in this experiment: [{name: svr_logits, features: [...]}, ...], each the settings above with
+    # its own keys replaced, blended by name in ensemble.heads (svr_heads.py).
+    heads: list = field(default_factory=list)
 
 
 @dataclass
@@ -273,6 +277,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = build(Config, data)
         validate(cfg)
+        svr_heads.heads(cfg)
     except ConfigError as e:
         raise ConfigError(redact_url(_blame(e, path, given, top), "***")) from None  # it may quote svr.storage
     return cfg
@@ -294,6 +299,7 @@ def load_config_dict(data: dict) -> Config:
     """A Config from a dict as ``Config.to_dict`` gives it (checked like a file)."""
     cfg = build(Config, data)
     validate(cfg)
+    svr_heads.heads(cfg)
     return cfg
 
 

@@ -285,8 +285,8 @@ RULES: list[Rule] = [
     (
         (
             ("ensemble.heads",),
-            lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
-            "must list heads among nn, svr",
+            lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr", *_extra_heads(c)},
+            "must list heads among nn, svr and the names of svr.heads",
         )
     ),
     (
@@ -328,6 +328,11 @@ def _compress_ok(spec: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _extra_heads(cfg: Config) -> list:
+    """The names svr.heads declares (checked in svr_heads.heads)."""
+    return [h.get("name") for h in cfg.svr.heads if isinstance(h, dict)]
 
 
 def validate(cfg: Config) -> None:

@@ -5,10 +5,12 @@ Reads   folds/folds.csv, train.csv / test.csv (targets, flags), and for every na
 Writes  svr/study.db (the Optuna study, unless svr.storage names a database), svr/best_params.json,
         svr/fold{k}/head.safetensors (the head as arrays: columns, scaler, support vectors, dual
         coefficients, intercept, gamma; what predict computes from),
-        svr/{oof,test,holdout}.parquet, svr/nested.parquet (fold k predicted with the C best on the other folds)
+        svr/{oof,test,holdout}.parquet, svr/nested.parquet (fold k predicted with the C best on the other folds);
+        the same files in svr/<name>/ for every head of svr.heads (svr_heads.py: each runs this code on its own
+        settings, with its own study)
 Needs   pawpular embed
 Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma, svr.use_meta, svr.features,
-        svr.kernel_cache, svr.storage
+        svr.kernel_cache, svr.storage, svr.heads
 Run     pawpular svr --config configs/default.yaml [--set svr.n_trials=60] [--workers 3]
         pawpular delete-study --config ...   (the only way a shared svr.storage study is deleted)
 
@@ -31,11 +33,11 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, nested, svr_head, svr_memory, tracking
+from .. import artifacts, backend, nested, svr_fits, svr_head, svr_heads, svr_memory, tracking
 from .. import svr_study as studies
 from ..data import ID, META_COLS, TARGET
 from ..embedding_sets import read_sets
-from ..files import remove, write_bytes, write_json
+from ..files import remove, write_json
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
@@ -56,7 +58,7 @@ def check(ctx) -> None:
 
 
 def input_files(ctx) -> list:
-    out, names = ctx.out, dict.fromkeys(ctx.cfg.svr.features)
+    out, names = ctx.out, svr_heads.all_features(ctx.cfg)
     folds = range(ctx.cfg.folds.n_folds)
     return [artifacts.folds_csv(out)] + [
         artifacts.set_file(out, name, split, k)
@@ -68,11 +70,19 @@ def input_files(ctx) -> list:
 
 def plan(ctx) -> Plan:
     svr = {k: v for k, v in dataclasses.asdict(ctx.cfg.svr).items() if k not in NOT_RESULTS}
-    n_trials = ctx.cfg.svr.n_trials
+    if not svr["heads"]:  # no extra head: the settings (and so the manifests) of a config without svr.heads
+        del svr["heads"]
+    heads = svr_heads.heads(ctx.cfg)
 
     def more_trials_asked(record) -> list[str]:
-        done = record.info.get("n_trials", 0)
-        return [] if done >= n_trials else [f"svr.n_trials raised ({done} trials done, {n_trials} asked)"]
+        done = {svr_heads.FIRST: record.info.get("n_trials", 0)}
+        done.update({n: h.get("n_trials", 0) for n, h in record.info.get("heads", {}).items()})
+        return [
+            f"{'svr' if name == svr_heads.FIRST else f'svr.heads {name}'}: n_trials raised ({done.get(name, 0)} "
+            f"trials done, {s.n_trials} asked)"
+            for name, s in heads.items()
+            if done.get(name, 0) < s.n_trials
+        ]
 
     return Plan(
         {"svr": svr},
@@ -111,6 +121,21 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
 
 
 def run(ctx) -> Result:
+    """Every SVR head of the experiment (svr, then svr.heads), each with its own study and folder."""
+    outputs, info = [], {}
+    ctx.comp  # noqa: B018 (read once, shared by every head's context)
+    for name, settings in svr_heads.heads(ctx.cfg).items():
+        files, head_info = run_head(dataclasses.replace(ctx, cfg=svr_heads.with_head(ctx.cfg, settings)), name)
+        outputs += files
+        if name == svr_heads.FIRST:
+            info.update(head_info)
+        else:
+            info.setdefault("heads", {})[name] = head_info
+    return Result(outputs, info)
+
+
+def run_head(ctx, head: str) -> tuple[list, dict]:
+    """One SVR head (``ctx.cfg.svr``: its settings) into its folder (``artifacts.head_dir``): tune, fit, predict."""
     cfg, device, comp = ctx.cfg, ctx.device, ctx.comp
     t0 = time.time()
     if not cfg.svr.features:
@@ -131,11 +156,11 @@ def run(ctx) -> Result:
     ran, t_tune = _tune(handle, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
     params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
-    preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
-    outputs = write_predictions(ctx, folds_df, preds)
+    preds, svr_class = svr_fits.final_fits(ctx, folds, folds_df, columns, params, mode, head)
+    outputs = svr_fits.write_predictions(ctx, folds_df, preds, head)
     oof_rmse = rmse(preds["oof"][1], y[folds_df["fold"].to_numpy() != HOLDOUT])
     t_nested = time.time()
-    nested_files, nested_info = nested_c(ctx, study, folds, folds_df, y, params, preds["oof"][1])
+    nested_files, nested_info = nested_c(ctx, study, folds, folds_df, y, params, preds["oof"][1], head)
     t_nested = time.time() - t_nested
     best = {
         **params,
@@ -152,21 +177,27 @@ def run(ctx) -> Result:
         "svr_class": svr_class,
         **nested_info,
     }
-    write_json(artifacts.best_params(cfg.out), best)  # no timings in it: the same inputs give the same bytes
-    ctx.tracker.summary({"best/C": params["C"], "best/oof_rmse": oof_rmse, "n_trials": best["n_trials"]})
-    _log_summary(cfg, best, study.best_value, ran, t_tune, time.time() - t0, t_nested)
-    models = [artifacts.svr_head(cfg.out, f.fold) for f in folds]
-    return Result(
-        [*outputs, *nested_files, *models, artifacts.best_params(cfg.out)],
+    write_json(artifacts.best_params(cfg.out, head), best)  # no timings in it: the same inputs give the same bytes
+    tag = "" if head == svr_heads.FIRST else f"{head}/"
+    ctx.tracker.summary(
+        {f"{tag}best/C": params["C"], f"{tag}best/oof_rmse": oof_rmse, f"{tag}n_trials": best["n_trials"]}
+    )
+    _log_summary(cfg, head, best, study.best_value, ran, t_tune, time.time() - t0, t_nested)
+    models = [artifacts.svr_head(cfg.out, f.fold, head) for f in folds]
+    return (
+        [*outputs, *nested_files, *models, artifacts.best_params(cfg.out, head)],
         {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse},
     )  # no timings: same bytes
 
 
-def _log_summary(cfg, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float) -> None:
-    """The stage's last lines: the best C and its OOF RMSE, the edge warning, the nested score and its cost."""
+def _log_summary(
+    cfg, head: str, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float
+) -> None:
+    """The head's last lines: the best C and its OOF RMSE, the edge warning, the nested score and its cost."""
     log.info(
-        "svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
+        "%s: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
         "features, %s kernels, %s; %.1fs in all -> %s",
+        head,
         best["C"],
         best["epsilon"],
         best["oof_rmse"],
@@ -178,14 +209,15 @@ def _log_summary(cfg, best: dict, best_trial: float, ran: int, t_tune: float, se
         best["kernel_cache"],
         best["device"],
         seconds,
-        artifacts.svr_dir(cfg.out),
+        artifacts.head_dir(cfg.out, head),
     )
     if edge := studies.c_at_edge(best["C"], cfg.svr.c_min, cfg.svr.c_max):
-        log.warning("svr: %s", edge)
+        log.warning("%s: %s", head, edge)
     if "nested_rmse" in best:
         log.info(
-            "svr: nested RMSE %.4f (C per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
-            "the stage); the OOF RMSE %.4f of the C best on all folds is optimistic",
+            "%s: nested RMSE %.4f (C per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
+            "the head); the OOF RMSE %.4f of the C best on all folds is optimistic",
+            head,
             best["nested_rmse"],
             ", ".join(f"{c:.3g}" for c in best["nested_C"].values()),
             t_nested,
@@ -195,14 +227,14 @@ def _log_summary(cfg, best: dict, best_trial: float, ran: int, t_tune: float, se
 
 
 def nested_c(
-    ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict, oof: np.ndarray
+    ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict, oof: np.ndarray, head: str = "svr"
 ) -> tuple[list, dict]:
     """svr/nested.parquet: fold k predicted with the trial whose C (and epsilon) is best on the other folds'
     squared errors (each trial recorded them); a fold is refit only where that is not the study's best
     (``oof``: the final fits' predictions of the fold-assigned rows). Returns (files, best_params.json keys)."""
     from optuna.trial import TrialState
 
-    path = artifacts.nested_preds(ctx.out, "svr")
+    path = artifacts.nested_preds(ctx.out, head)
     remove(path)
     keys = [str(f.fold) for f in folds]
     trials = [
@@ -240,7 +272,7 @@ def nested_c(
 
 def study_name(cfg, values: str) -> str:
     """The study's name: a hash of the values it is tuned on and of the settings that change results."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg.svr).items() if k not in NOT_RESULTS}
+    settings = {k: v for k, v in dataclasses.asdict(cfg.svr).items() if k not in (*NOT_RESULTS, "heads")}
     if settings["target_clip"] is None:  # the default names the studies it named before the setting existed
         del settings["target_clip"]
     return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
@@ -345,42 +377,3 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
 
     studies.run_trials(study, make_objective(folds, y, cfg.svr, device), cfg.svr.n_trials, callbacks=[count])
     log.info("svr worker %d: %d trials", os.getpid(), ran)
-
-
-def final_fits(
-    ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], params: dict, mode: str
-) -> tuple[dict[str, tuple[pd.Series, np.ndarray]], str]:
-    """Each fold's SVR with the best params, saved as arrays (head.safetensors); OOF, test and holdout
-    predictions computed from those arrays, as predict computes them."""
-    cfg, comp, device = ctx.cfg, ctx.comp, ctx.device
-    xp = backend.array_module(device)
-    held = folds_df["fold"].to_numpy() == HOLDOUT
-    tables = {"test": comp.test, **({"holdout": comp.train[held]} if held.any() else {})}
-    n = len(comp.train)
-    oof, fold_of, other = np.full(n, np.nan), np.full(n, HOLDOUT, dtype=np.int64), {s: [] for s in tables}
-    frozen: dict = {}
-    for f in folds:
-        head, model = svr_head.fit_head(f, params, columns, mode, device)
-        write_bytes(artifacts.svr_head(cfg.out, f.fold), head.to_bytes())
-        oof[f.val_rows] = np.clip(head.decision(backend.to_numpy(f.x_val)), 1, 100)
-        fold_of[f.val_rows] = f.fold
-        for split, table in tables.items():
-            sets = read_sets(cfg.out, cfg.svr.features, "test" if split == "test" else "train", f.fold, device, frozen)
-            meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
-            x, _ = svr_head.assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
-            other[split].append(head.predict_matrix(x))
-    keep = ~held
-    preds = {"oof": (comp.train[ID][keep].astype(str), oof[keep], fold_of[keep])}
-    for split, table in tables.items():
-        preds[split] = (table[ID].astype(str), np.mean(other[split], axis=0), None)
-    return preds, f"{type(model).__module__}.{type(model).__name__}"
-
-
-def write_predictions(ctx, folds_df: pd.DataFrame, preds: dict) -> list:
-    paths = []
-    for split, (ids, values, fold) in preds.items():
-        table = pd.DataFrame({ID: ids.to_numpy(), **({"fold": fold} if fold is not None else {}), "pred": values})
-        path = artifacts.preds(ctx.out, "svr", split)
-        backend.write_table(table, path, ctx.device)
-        paths.append(path)
-    return paths
