@@ -121,7 +121,15 @@ class SvrConfig:
     tune_epsilon: bool = False
     epsilon_min: float = 0.01
     epsilon_max: float = 5.0
-    gamma: float | str = "scale"  # scale | auto | a number (RBF width, fixed per fold)
+    # The RBF width's reference per fold: scale (1 / (n_features * X_train.var()), scikit-learn's) | auto
+    # (1 / n_features) | a number. With tune_gamma (the default) Optuna tunes the width jointly with C as a
+    # multiple of that reference, log-uniform in [gamma_min, gamma_max] ('scale' x 0.01 .. x 10); a fixed number
+    # needs tune_gamma: false (a number with tune_gamma is refused as contradictory). Without tune_gamma the width
+    # is the reference itself.
+    gamma: float | str = "scale"
+    tune_gamma: bool = True
+    gamma_min: float = 0.01
+    gamma_max: float = 10.0
     use_meta: bool = False
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"

@@ -223,6 +223,22 @@ RULES: list[Rule] = [
             "must be 'scale', 'auto' or a number > 0",
         )
     ),
+    _positive("svr.gamma_min"),
+    (
+        (
+            ("svr.gamma_min", "svr.gamma_max"),
+            lambda c: c.svr.gamma_min < c.svr.gamma_max,
+            "svr.gamma_min must be < svr.gamma_max (multiples of svr.gamma's width)",
+        )
+    ),
+    (
+        (
+            ("svr.gamma", "svr.tune_gamma"),
+            lambda c: not (c.svr.tune_gamma and isinstance(c.svr.gamma, float)),
+            "a fixed svr.gamma (a number) is not tuned: set svr.tune_gamma=false to keep it, or svr.gamma=scale "
+            "to tune multiples of 'scale' in [svr.gamma_min, svr.gamma_max]",
+        )
+    ),
     (
         (
             ("svr.features",),

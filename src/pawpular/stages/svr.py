@@ -1,4 +1,5 @@
-"""Stage 4, svr: an RBF support-vector regressor on the cached embeddings, its C tuned by Optuna on OOF RMSE.
+"""Stage 4, svr: an RBF support-vector regressor on the cached embeddings, its C and RBF width tuned by Optuna on
+OOF RMSE.
 
 Reads   folds/folds.csv, train.csv / test.csv (targets, flags), and for every name in svr.features the
         embeddings emb/fold{k}/{train,test}.parquet ("model": fold k's backbone) or emb/<name>/ (a frozen one)
@@ -9,14 +10,17 @@ Writes  svr/study.db (the Optuna study, unless svr.storage names a database), sv
         the same files in svr/<name>/ for every head of svr.heads (svr_heads.py: each runs this code on its own
         settings, with its own study)
 Needs   pawpular embed
-Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma, svr.use_meta, svr.features,
-        svr.kernel_cache, svr.storage, svr.heads
+Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma (svr.tune_gamma,
+        svr.gamma_min / gamma_max), svr.use_meta, svr.features, svr.kernel_cache, svr.storage, svr.heads
 Run     pawpular svr --config configs/default.yaml [--set svr.n_trials=60] [--workers 3]
         pawpular delete-study --config ...   (the only way a shared svr.storage study is deleted)
 
 Per fold k the listed sets are joined on Id and concatenated (plus the 12 flags with svr.use_meta), standardized
 on the rows of the other folds (never the holdout), and an SVR fit on those rows predicts fold k (OOF), the test
-set and the holdout. ``svr.n_trials`` is the total of one study: a rerun with more trials continues it. The
+set and the holdout. A trial samples C (log-uniform in [c_min, c_max]) and, with svr.tune_gamma, the RBF width as
+a multiple ``gamma_x`` of each fold's svr.gamma ('scale'), log-uniform in [gamma_min, gamma_max]: each fold's
+squared distances are cached once, so a trial is an element-wise exp and a fit. ``svr.n_trials`` is the total of
+one study: a rerun with more trials continues it. The
 study's name is a hash of the values it is tuned on (the feature matrices, folds, targets and svr settings), so
 the same embeddings written by cuDF on one machine and pandas on another share a study, and new inputs never mix
 with old ones. The SVR is scikit-learn on a CPU and cuML on a RAPIDS GPU (``backend.build_svr``).
@@ -33,7 +37,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, nested, svr_fits, svr_head, svr_heads, svr_memory, tracking
+from .. import artifacts, backend, nested, svr_fits, svr_head, svr_heads, svr_space, tracking
 from .. import svr_study as studies
 from ..data import ID, META_COLS, TARGET
 from ..embedding_sets import read_sets
@@ -43,7 +47,7 @@ from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-SUMMARY = "fit the SVR head per fold on the embeddings, Optuna tuning C on out-of-fold RMSE"
+SUMMARY = "fit the SVR head per fold on the embeddings, Optuna tuning C and the RBF width on out-of-fold RMSE"
 HELP = __doc__
 IMAGES = False
 # Settings that do not change the results (n_trials is checked on its own: raising it continues the study).
@@ -150,12 +154,10 @@ def run_head(ctx, head: str) -> tuple[list, dict]:
         studies.delete_study(name, storage)
     handle = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
     study = handle.study  # the optuna.Study
-    mode = svr_memory.resolve_kernel_cache(
-        cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device, cfg.svr.workers
-    )
+    mode = svr_space.cache_mode(cfg, folds_df["fold"].to_numpy(), device)
     ran, t_tune = _tune(handle, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
-    params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
+    params = svr_space.trial_params(study.best_params, cfg.svr)
     preds, svr_class = svr_fits.final_fits(ctx, folds, folds_df, columns, params, mode, head)
     outputs = svr_fits.write_predictions(ctx, folds_df, preds, head)
     oof_rmse = rmse(preds["oof"][1], y[folds_df["fold"].to_numpy() != HOLDOUT])
@@ -168,7 +170,7 @@ def run_head(ctx, head: str) -> tuple[list, dict]:
         "best_trial_rmse": float(study.best_value),
         "n_trials": studies.n_complete(study),
         "study_name": name,
-        "gamma": {str(f.fold): f.gamma for f in folds},
+        "gamma": {str(f.fold): f.gamma * params.get("gamma_x", 1.0) for f in folds},  # what each head ships
         "n_features": len(columns),
         "features": list(cfg.svr.features),
         "use_meta": cfg.svr.use_meta,
@@ -193,13 +195,15 @@ def run_head(ctx, head: str) -> tuple[list, dict]:
 def _log_summary(
     cfg, head: str, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float
 ) -> None:
-    """The head's last lines: the best C and its OOF RMSE, the edge warning, the nested score and its cost."""
+    """The head's last lines: the best C and its OOF RMSE, the edge warnings, the nested score and its cost."""
+    width = f" gamma={best['gamma_x']:.3g} x {cfg.svr.gamma}" if "gamma_x" in best else ""
     log.info(
-        "%s: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
+        "%s: best C=%.4g epsilon=%.3g%s, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
         "features, %s kernels, %s; %.1fs in all -> %s",
         head,
         best["C"],
         best["epsilon"],
+        width,
         best["oof_rmse"],
         best_trial,
         best["n_trials"],
@@ -213,12 +217,24 @@ def _log_summary(
     )
     if edge := studies.c_at_edge(best["C"], cfg.svr.c_min, cfg.svr.c_max):
         log.warning("%s: %s", head, edge)
+    if "gamma_x" in best and (
+        edge := studies.at_edge(
+            f"width (x {cfg.svr.gamma})",
+            best["gamma_x"],
+            cfg.svr.gamma_min,
+            cfg.svr.gamma_max,
+            "svr.gamma_min",
+            "svr.gamma_max",
+        )
+    ):
+        log.warning("%s: %s", head, edge)
     if "nested_rmse" in best:
         log.info(
-            "%s: nested RMSE %.4f (C per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
-            "the head); the OOF RMSE %.4f of the C best on all folds is optimistic",
+            "%s: nested RMSE %.4f (C%s per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
+            "the head); the OOF RMSE %.4f of the parameters best on all folds is optimistic",
             head,
             best["nested_rmse"],
+            " and width" if "nested_gamma_x" in best else "",
             ", ".join(f"{c:.3g}" for c in best["nested_C"].values()),
             t_nested,
             100 * t_nested / max(seconds, 1e-9),
@@ -229,8 +245,8 @@ def _log_summary(
 def nested_c(
     ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict, oof: np.ndarray, head: str = "svr"
 ) -> tuple[list, dict]:
-    """svr/nested.parquet: fold k predicted with the trial whose C (and epsilon) is best on the other folds'
-    squared errors (each trial recorded them); a fold is refit only where that is not the study's best
+    """svr/nested.parquet: fold k predicted with the trial whose C (and epsilon, and width) is best on the other
+    folds' squared errors (each trial recorded them); a fold is refit only where that is not the study's best
     (``oof``: the final fits' predictions of the fold-assigned rows). Returns (files, best_params.json keys)."""
     from optuna.trial import TrialState
 
@@ -253,10 +269,12 @@ def nested_c(
     keep = folds_df["fold"].to_numpy() != HOLDOUT
     pred = np.full(len(y), np.nan)
     pred[keep] = oof
-    chosen = {}
+    chosen, widths = {}, {}
     for f, c in zip(folds, choice, strict=False):
-        p = {"C": float(trials[c].params["C"]), "epsilon": float(trials[c].params.get("epsilon", ctx.cfg.svr.epsilon))}
+        p = svr_space.trial_params(trials[c].params, ctx.cfg.svr)
         chosen[str(f.fold)] = p["C"]
+        if "gamma_x" in p:
+            widths[str(f.fold)] = p["gamma_x"]
         if p != params:  # its predictions with this C were not kept: one more fit of this fold
             pred[f.val_rows] = svr_head.fit_predict(p, [f], ctx.device)[f.val_rows]
     table = pd.DataFrame(
@@ -267,7 +285,8 @@ def nested_c(
         }
     )
     backend.write_table(table, path, ctx.device)
-    return [path], {"nested_rmse": rmse(pred[keep], y[keep]), "nested_C": chosen}
+    info = {"nested_rmse": rmse(pred[keep], y[keep]), "nested_C": chosen}
+    return [path], {**info, "nested_gamma_x": widths} if widths else info
 
 
 def study_name(cfg, values: str) -> str:
@@ -278,18 +297,12 @@ def study_name(cfg, values: str) -> str:
     return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
 
 
-def suggest(trial, s) -> dict:
-    """A trial's SVR parameters: C log-uniform in [c_min, c_max]; epsilon too with svr.tune_epsilon."""
-    eps = trial.suggest_float("epsilon", s.epsilon_min, s.epsilon_max, log=True) if s.tune_epsilon else s.epsilon
-    return {"C": trial.suggest_float("C", s.c_min, s.c_max, log=True), "epsilon": eps}
-
-
 def make_objective(folds: list, y: np.ndarray, s, device: str):
     """Optuna's objective, thin: sample, then the head's plain ``oof_rmse`` (what tests call without Optuna)."""
 
     def objective(trial) -> float:
         per_fold: dict = {}  # each fold's squared errors: the nested choice of C picks per fold on the others'
-        value = svr_head.oof_rmse(suggest(trial, s), folds, y, device, per_fold)
+        value = svr_head.oof_rmse(svr_space.suggest(trial, s), folds, y, device, per_fold)
         trial.set_user_attr(FOLD_SSE, per_fold)
         return value
 
@@ -313,14 +326,16 @@ def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, track
         f"; {s.workers} local workers" if s.workers > 1 else "",
     )
     helpers = studies.start_workers(_worker, (cfg.to_dict(), study.study_name, device), s.workers - 1)
-    if mode == "precomputed":
-        svr_head.attach_kernels(folds)
+    svr_space.attach(folds, s, mode)
     try:
         with Progress(desc="svr trials", total=missing, unit="trial") as bar:
 
             def progress(study, trial) -> None:  # the study's count: local workers' trials too
                 bar.update(studies.n_complete(study) - (s.n_trials - missing) - bar.done)
-                bar.set(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")
+                best = study.best_params
+                bar.set(best=f"{study.best_value:.4f}", C=f"{best['C']:.3g}")
+                if "gamma_x" in best:
+                    bar.set(gamma_x=f"{best['gamma_x']:.3g}")
                 if tracker is not None:
                     tracking.log_trials(tracker, study)
 
@@ -363,11 +378,7 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     ctx = Context(cfg, device)
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
     folds, _, _ = load_folds(cfg, ctx.comp, folds_df, device)
-    mode = svr_memory.resolve_kernel_cache(
-        cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device, cfg.svr.workers
-    )
-    if mode == "precomputed":
-        svr_head.attach_kernels(folds)
+    svr_space.attach(folds, cfg.svr, svr_space.cache_mode(cfg, folds_df["fold"].to_numpy(), device))
     study = studies.open_study(name, studies.open_storage(cfg), cfg.svr.seed, shared=True)
     y = ctx.comp.train[TARGET].to_numpy(np.float64)
 
