@@ -1,20 +1,60 @@
-"""Several SVR heads in one experiment (``svr.heads``).
+"""Several SVR heads in one experiment (``svr.heads``) and the recommended recipe (configs/recommended.yaml).
 
 An extra head is the svr block with its own keys replaced: the same code fits it, into svr/<name>/, and it is
-blended, exported and predicted under its name.
+blended, exported and predicted under its name. The recommended config (a fine-tuned model blended with SVR heads
+on frozen logits) runs end to end on the embedded data with tiny random weights, and predict reproduces its
+submission.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO
 from test_frozen import FROZEN, frozen_args
 
 from pawpular import cli
 from pawpular.config import load_config
 from pawpular.errors import ConfigError
+
+RECOMMENDED = REPO / "configs" / "recommended.yaml"
+RESNET = "{layers: [1, 1, 1, 1], channels: [16, 32, 64, 128], stem_width: 16"
+# configs/recommended.yaml with its real weight files swapped for tiny random ones (the same kinds: a fine-tuned
+# model, frozen logits sets), and a second SVR head on the fine-tuned folds' embeddings
+TINY_RECOMMENDED = [
+    "folds.n_folds=3",
+    "model.name=resnet18",
+    f"model.kwargs={RESNET}}}",
+    "model.pretrained=none",
+    "model.img_size=48",
+    "train.epochs=2",
+    "train.lr=4e-3",
+    "train.head_lr=1e-2",
+    "train.num_workers=0",
+    "embed.num_workers=0",
+    "embed.batch_size=32",
+    f"embed.backbones=[{{name: lite0l, model: resnet18, kwargs: {RESNET}, num_classes: 10}}, img_size: 48, "
+    f"output: logits}}, {{name: lite1l, model: resnet18, kwargs: {RESNET}, num_classes: 7}}, img_size: 56, "
+    "output: logits}]",
+    "svr.n_trials=6",
+    "svr.heads=[{name: svr_tuned, features: [model], n_trials: 4}]",
+    "ensemble.heads=[nn, svr, svr_tuned]",
+]
+
+
+def _args(config: Path, data: Path, out: Path, settings: list[str]) -> list[str]:
+    return [
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        *[a for s in settings for a in ("--set", s)],
+    ]
 
 
 @pytest.mark.parametrize(
@@ -96,4 +136,24 @@ def test_an_extra_head_alone_is_exported_and_predicted_under_its_name(small_comp
     assert shipped["svr_heads"] == {"both": {"sets": ["resnet", "convnext"], "use_meta": True}}
     assert (art / "experiments" / "alone" / "svr" / "both" / "fold0" / "head.safetensors").is_file()
     assert not (art / "experiments" / "alone" / "svr" / "fold0").exists()  # weight 0: svr's own head not shipped
+    assert_predict_matches(art, test_only, out, tmp_path)
+
+
+def test_the_recommended_config_runs_end_to_end_and_predict_reproduces_it(small_competition, test_only, tmp_path):
+    from test_predict import assert_predict_matches
+
+    from pawpular.exporter import export
+
+    out = tmp_path / "recommended"
+    assert cli.main(["all", *_args(RECOMMENDED, small_competition, out, TINY_RECOMMENDED)]) == 0
+    weights = json.loads((out / "ensemble" / "weights.json").read_text())
+    assert list(weights["weights"]) == ["nn", "svr", "svr_tuned"]
+    assert json.loads((out / "svr" / "best_params.json").read_text())["features"] == ["lite0l", "lite1l"]
+    for name, dim in (("lite0l", 10), ("lite1l", 7)):  # classifier outputs, not pooled features
+        assert json.loads((out / "emb" / name / "manifest.json").read_text())["info"]["dim"] == dim
+    assert (out / "svr" / "svr_tuned" / "fold2" / "head.safetensors").is_file()
+    art = export(out, tmp_path / "art")
+    shipped = json.loads((art / "manifest.json").read_text())["experiments"]["recommended"]
+    used = [h for h, w in weights["weights"].items() if w > 0]
+    assert sorted(shipped["svr_heads"]) == sorted(h for h in used if h != "nn")
     assert_predict_matches(art, test_only, out, tmp_path)
