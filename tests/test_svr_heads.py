@@ -120,6 +120,9 @@ def test_an_extra_head_is_the_svr_block_run_on_its_own_settings(small_competitio
         f"{h} {weights['weights'][h]:.2f} (nested {weights['nested_rmse'][h]:.3f})" in heads for h in ("svr", "both")
     )
     assert "everything is done and current" in printed
+    from pawpular.experiments import row
+
+    assert row(two_dir)["svr_heads"] == f"both {weights['nested_rmse']['both']:.3f}"  # pawpular runs' column
 
 
 def test_an_extra_head_alone_is_exported_and_predicted_under_its_name(small_competition, test_only, tmp_path):

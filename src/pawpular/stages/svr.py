@@ -184,7 +184,7 @@ def run_head(ctx, head: str) -> tuple[list, dict]:
     ctx.tracker.summary(
         {f"{tag}best/C": params["C"], f"{tag}best/oof_rmse": oof_rmse, f"{tag}n_trials": best["n_trials"]}
     )
-    _log_summary(cfg, head, best, study.best_value, ran, t_tune, time.time() - t0, t_nested)
+    _log_summary(cfg, best, study.best_value, ran, t_tune, time.time() - t0, t_nested, head)
     models = [artifacts.svr_head(cfg.out, f.fold, head) for f in folds]
     return (
         [*outputs, *nested_files, *models, artifacts.best_params(cfg.out, head)],
@@ -193,7 +193,7 @@ def run_head(ctx, head: str) -> tuple[list, dict]:
 
 
 def _log_summary(
-    cfg, head: str, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float
+    cfg, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float, head: str = "svr"
 ) -> None:
     """The head's last lines: the best C and its OOF RMSE, the edge warnings, the nested score and its cost."""
     width = f" gamma={best['gamma_x']:.3g} x {cfg.svr.gamma}" if "gamma_x" in best else ""
