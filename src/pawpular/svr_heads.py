@@ -9,9 +9,9 @@
 
 Each head is the same code (``stages/svr.py`` runs it once per head, with the head's settings as ``cfg.svr``):
 its own Optuna study, its files in its own folder (``svr/`` for ``svr``, ``svr/<name>/`` for the others), its
-predictions blended, exported and predicted under its name. A head may replace any result setting of the svr
-block (features, use_meta, target_clip, gamma, C and epsilon ranges, n_trials, seed); where the trials run
-(storage, workers, kernel_cache, max_kernel_gb) is the block's for every head.
+predictions blended, exported and predicted under its name. A head may replace any key of the svr block
+(features, use_meta, target_clip, the C, epsilon and width settings, n_trials, seed, ...) except where the trials
+run (storage, workers, kernel_cache, max_kernel_gb: the block's for every head) and heads itself.
 """
 
 from __future__ import annotations
