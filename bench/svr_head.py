@@ -9,16 +9,20 @@ noise and tanh; the target is a nonlinear function of z plus noise, scaled to me
 [1, 100] (Pawpularity's range), so C matters and the RMSE has a real optimum.
 
 Fast loop: the stage's own code on these arrays: ``svr_head.make_fold`` (standardize per fold, gamma='scale'),
-``svr_head.attach_kernels`` (one BLAS product per fold) and a seeded Optuna TPE study whose objective is
-``stages.svr.make_objective`` (``svr_head.fit_predict`` with SVR(kernel='precomputed')). Timed from the raw
-features to the last trial.
+``svr_space.attach`` (per fold, one BLAS product: the squared distances with the width tuned, the kernels with
+C only) and a seeded Optuna TPE study whose objective is ``stages.svr.make_objective`` (``svr_head.fit_predict``
+with SVR(kernel='precomputed'); with the width tuned, on exp(-gamma * d2) of the cached distances). Timed from the
+raw features to the last trial. It runs twice in one run: C only (svr.tune_gamma false, gamma='scale') and C with
+the width (``gamma_x`` x 'scale' in [--gamma-min, --gamma-max]); the printout gives their seconds per trial, their
+ratio, and the share of a trial the exp takes (timed on its own).
 
 Naive loop: for each trial, for each fold, standardize the raw features (StandardScaler fit on the fold's training
-rows) and fit scikit-learn's SVR(kernel='rbf', gamma='scale') on them, then predict the fold's rows: what a
-notebook without caching does. It REPLAYS the trials the fast study chose (the same C and epsilon, in order), so
-both loops evaluate the same sequence of C values and "same best C" is the argmin of two RMSE columns over the
-same candidates. Both loops use the same SVR arguments (``backend.SVR_ARGS``: tol, cache_size) and run a
-trial's folds on the same thread pool (libsvm releases the GIL): the ratio measures the kernel caching alone.
+rows) and fit scikit-learn's SVR(kernel='rbf', gamma=gamma_x / (n_features * X.var())) on them - 'scale' times
+the trial's multiple - then predict the fold's rows: what a notebook without caching does. It REPLAYS the trials
+the fast study with the width chose (the same C, width and epsilon, in order), so both loops evaluate the same
+sequence of parameters and "same best parameters" is the argmin of two RMSE columns over the same candidates.
+Both loops use the same SVR arguments (``backend.SVR_ARGS``: tol, cache_size) and run a trial's folds on the same
+thread pool (libsvm releases the GIL): the ratio measures the caching alone.
 
 The full naive loop takes hours on 2 CPU cores (each fit evaluates ~63M kernel entries of 1,536 dims). With
 ``--naive-trials N`` below ``--trials`` it replays the fast study's best trial and the N-1 trials with the next
@@ -37,10 +41,11 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 
-from pawpular import backend, svr_head, svr_memory
+from pawpular import backend, svr_head, svr_space
 from pawpular.config import SvrConfig
 from pawpular.metrics import rmse
 from pawpular.stages.svr import make_objective
@@ -64,14 +69,21 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
 
     t0 = time.perf_counter()
     folds = [svr_head.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
-    mode = svr_memory.resolve_kernel_cache(s.kernel_cache, fold_of, s.max_kernel_gb, device)
-    if mode == "precomputed":
-        svr_head.attach_kernels(folds)
+    mode = svr_space.cache_mode(SimpleNamespace(svr=s), fold_of, device)
+    svr_space.attach(folds, s, mode)
     t_prep = time.perf_counter() - t0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=s.seed))
     study.optimize(make_objective(folds, y, s, device), n_trials=s.n_trials)
-    return {"seconds": time.perf_counter() - t0, "prep": t_prep, "mode": mode, "study": study}
+    seconds = time.perf_counter() - t0
+    exp_s = None
+    if s.tune_gamma and mode == "precomputed":  # what the width adds to a trial: every fold's exp, timed alone
+        t1 = time.perf_counter()
+        for f in folds:
+            svr_head.kernel_of_distances(f.d_train, f.gamma * 0.3), svr_head.kernel_of_distances(f.d_val, f.gamma * 0.3)
+        exp_s = time.perf_counter() - t1
+    svr_head.detach_kernels(folds)
+    return {"seconds": seconds, "prep": t_prep, "mode": mode, "study": study, "exp": exp_s}
 
 
 def naive_trial(
@@ -84,8 +96,11 @@ def naive_trial(
     def one(k: int) -> tuple[np.ndarray, np.ndarray]:
         tr, va = np.flatnonzero(fold_of != k), np.flatnonzero(fold_of == k)
         scaler = StandardScaler().fit(x[tr].astype(np.float64))
-        model = SVR(**{**backend.SVR_ARGS, "kernel": "rbf", "gamma": "scale", **params})
-        model.fit(scaler.transform(x[tr].astype(np.float64)), y[tr])
+        x_tr = scaler.transform(x[tr].astype(np.float64))
+        svr_params = {k: v for k, v in params.items() if k != "gamma_x"}
+        gamma = params.get("gamma_x", 1.0) / (x_tr.shape[1] * x_tr.var())  # 'scale' x the trial's multiple
+        model = SVR(**{**backend.SVR_ARGS, "kernel": "rbf", "gamma": gamma, **svr_params})
+        model.fit(x_tr, y[tr])
         return va, model.predict(scaler.transform(x[va].astype(np.float64)))
 
     oof = np.full(len(y), np.nan)
@@ -103,6 +118,8 @@ def main() -> int:
     p.add_argument("--naive-trials", type=int, default=None, help="replay only this many trials (default: all)")
     p.add_argument("--c-min", type=float, default=0.1)
     p.add_argument("--c-max", type=float, default=100.0)
+    p.add_argument("--gamma-min", type=float, default=0.01)
+    p.add_argument("--gamma-max", type=float, default=10.0)
     p.add_argument("--max-kernel-gb", type=float, default=8.0)
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
@@ -117,7 +134,10 @@ def main() -> int:
         seed=args.seed,
         kernel_cache="precomputed",
         max_kernel_gb=args.max_kernel_gb,
+        gamma_min=args.gamma_min,
+        gamma_max=args.gamma_max,
     )
+    c_only = SvrConfig(**{**s.__dict__, "tune_gamma": False})
     threads = svr_head._n_jobs("cpu", args.folds)
     print(
         f"data: {args.rows} rows x {args.dims} dims, {args.folds} folds, {args.trials} trials; target mean "
@@ -125,14 +145,27 @@ def main() -> int:
         flush=True,
     )
 
-    fast = fast_tuning(x, y, fold_of, s, "cpu")
-    trials = fast["study"].trials
-    fast_rmse = np.array([t.value for t in trials])
+    per_trial = {}
+    for label, cfg in (("C only", c_only), ("C + width", s)):
+        fast = fast_tuning(x, y, fold_of, cfg, "cpu")
+        trials = fast["study"].trials
+        per_trial[label] = (fast["seconds"] - fast["prep"]) / len(trials)
+        best = fast["study"].best_trial
+        print(
+            f"fast, {label} (stage, {fast['mode']} kernels): {fast['seconds']:8.1f} s  (folds + "
+            f"{'distances' if cfg.tune_gamma else 'kernels'} {fast['prep']:.1f} s, {len(trials)} trials "
+            f"{fast['seconds'] - fast['prep']:.1f} s, {per_trial[label]:.2f} s a trial); best RMSE {best.value:.5f} "
+            f"at {', '.join(f'{k}={v:.4g}' for k, v in best.params.items())}",
+            flush=True,
+        )
+        if fast["exp"] is not None:
+            print(f"  the exp of every fold's distances, timed alone: {fast['exp']:.2f} s a trial", flush=True)
     print(
-        f"fast  (stage, {fast['mode']} kernels): {fast['seconds']:8.1f} s  (folds + kernels {fast['prep']:.1f} s, "
-        f"{len(trials)} trials {fast['seconds'] - fast['prep']:.1f} s)",
+        f"seconds a trial, C + width / C only: {per_trial['C + width'] / per_trial['C only']:.2f}x (each study "
+        "samples its own parameters: a trial's fit time depends on them)",
         flush=True,
     )
+    fast_rmse = np.array([t.value for t in trials])
 
     n_naive = min(args.naive_trials or len(trials), len(trials))
     replay = sorted(np.argsort(fast_rmse, kind="stable")[:n_naive].tolist())
@@ -143,7 +176,8 @@ def main() -> int:
             t1 = time.perf_counter()
             naive_rmse[i] = rmse(naive_trial(trials[i].params | {"epsilon": s.epsilon}, x, y, fold_of, pool), y)
             print(
-                f"  naive trial {i:2d}: C={trials[i].params['C']:9.4f}  RMSE {naive_rmse[i]:.5f} "
+                f"  naive trial {i:2d}: C={trials[i].params['C']:9.4f} gamma_x={trials[i].params['gamma_x']:7.4f}  "
+                f"RMSE {naive_rmse[i]:.5f} "
                 f"(fast {fast_rmse[i]:.5f})  {time.perf_counter() - t1:.1f} s",
                 flush=True,
             )
@@ -152,17 +186,18 @@ def main() -> int:
 
     fast_best = int(np.argmin(fast_rmse))
     naive_best = min(naive_rmse, key=naive_rmse.get)
-    c_fast, c_naive = trials[fast_best].params["C"], trials[naive_best].params["C"]
+    p_fast, p_naive = trials[fast_best].params, trials[naive_best].params
     diffs = [abs(naive_rmse[i] - fast_rmse[i]) for i in replay]
     how = f"{len(replay)} of {len(trials)} trials replayed, time extrapolated" if extrapolated else "all trials"
     print(f"naive (scikit-learn SVR refit per trial, {how}): {naive_s:8.1f} s")
-    print(f"speed ratio naive / fast: {naive_s / fast['seconds']:.1f}x")
+    print(f"speed ratio naive / fast (C + width): {naive_s / fast['seconds']:.1f}x")
     print(
-        f"best C: fast {c_fast:.6g} (RMSE {fast_rmse[fast_best]:.5f}), naive {c_naive:.6g} (RMSE "
-        f"{naive_rmse[naive_best]:.5f}); same best C: {'yes' if fast_best == naive_best else 'NO'}"
+        f"best C, gamma_x: fast {p_fast['C']:.6g}, {p_fast['gamma_x']:.6g} (RMSE {fast_rmse[fast_best]:.5f}), naive "
+        f"{p_naive['C']:.6g}, {p_naive['gamma_x']:.6g} (RMSE {naive_rmse[naive_best]:.5f}); same best parameters: "
+        f"{'yes' if fast_best == naive_best else 'NO'}"
     )
     print(
-        f"RMSE difference at the best C: {abs(fast_rmse[fast_best] - naive_rmse[naive_best]):.2e}; "
+        f"RMSE difference at the best parameters: {abs(fast_rmse[fast_best] - naive_rmse[naive_best]):.2e}; "
         f"largest over replayed trials: {max(diffs):.2e}"
     )
 

@@ -67,3 +67,19 @@ def test_config_hash_depends_on_values():
     assert config_hash(a.svr) != config_hash(b.svr)
     assert config_hash(a.svr) == config_hash(load_config(None, []).svr)
     assert yaml.safe_load(yaml.safe_dump(a.to_dict()))["svr"]["c_max"] == 100.0
+
+
+def test_the_rbf_width_settings_refuse_what_contradicts(tmp_path):
+    """svr.gamma as a number is a fixed width: tuning it too is refused, naming both keys; a width range must be a
+    range; 'scale' (the default) with tune_gamma and a fixed number without it load."""
+    with pytest.raises(ConfigError, match=r"svr.gamma.*svr.tune_gamma=false") as e:
+        load_config(None, ["svr.gamma=0.05"])
+    assert "svr.tune_gamma" in str(e.value)
+    with pytest.raises(ConfigError, match="svr.gamma_min must be < svr.gamma_max"):
+        load_config(None, ["svr.gamma_min=2", "svr.gamma_max=1"])
+    with pytest.raises(ConfigError, match="svr.gamma_min"):
+        load_config(None, ["svr.gamma_min=0"])
+    fixed = load_config(None, ["svr.gamma=0.05", "svr.tune_gamma=false"]).svr
+    assert (fixed.gamma, fixed.tune_gamma) == (0.05, False)
+    tuned = load_config(None, []).svr
+    assert (tuned.gamma, tuned.tune_gamma, tuned.gamma_min, tuned.gamma_max) == ("scale", True, 0.01, 10.0)

@@ -309,3 +309,20 @@ def test_kernel_budget_counts_every_worker_and_each_cuml_fits_cache(monkeypatch)
     # one worker fits in 4 GB; three on the same machine do not (each builds its own kernels)
     assert svr_memory.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=1) == "precomputed"
     assert svr_memory.resolve_kernel_cache("auto", fold_of, 4.0, "cuda", workers=3) == "plain"
+
+
+def test_a_tuned_width_counts_its_distances_and_the_kernels_of_the_folds_fit_at_once(monkeypatch):
+    from pawpular import svr_head, svr_memory
+
+    fold_of = np.repeat(np.arange(5), 2000)  # 8,000 train x 10,000 rows a fold: 0.596 GB of float64 kernels
+    one_fold = 8 * 8000 * 10000 / 2**30
+    monkeypatch.setattr(svr_head, "_n_jobs", lambda device, n: 2)  # two folds fit at once on this CPU
+    kernels = svr_memory.kernel_gb(fold_of)
+    assert kernels == pytest.approx(5 * one_fold)  # the distances: one matrix per fold, as the kernels were
+    assert svr_memory.memory_gb(fold_of, "cpu", tuned_width=True) == pytest.approx(kernels + 2 * one_fold)
+    assert svr_memory.memory_gb(fold_of, "cpu", workers=2, tuned_width=True) == pytest.approx(
+        2 * (kernels + 2 * one_fold)
+    )
+    assert svr_memory.resolve_kernel_cache("auto", fold_of, 3.1, "cpu") == "precomputed"
+    assert svr_memory.resolve_kernel_cache("auto", fold_of, 3.1, "cpu", tuned_width=True) == "plain"
+    assert svr_memory.resolve_kernel_cache("auto", fold_of, 4.2, "cpu", tuned_width=True) == "precomputed"

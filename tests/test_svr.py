@@ -154,8 +154,40 @@ def test_precomputed_kernels_and_plain_fits_agree(svr_exp):
     from optuna.trial import FixedTrial
 
     objective = make_objective(folds, y, cfg.svr, "cpu")
-    assert objective(FixedTrial({"C": 30.0})) == rmse(svr_head.fit_predict({"C": 30.0, "epsilon": 0.5}, folds), y)
-    assert objective(FixedTrial({"C": 30.0})) == svr_head.oof_rmse({"C": 30.0, "epsilon": 0.5}, folds, y)
+    trial = {"C": 30.0, "gamma_x": 0.3}
+    assert objective(FixedTrial(trial)) == rmse(svr_head.fit_predict({**trial, "epsilon": 0.5}, folds), y)
+    assert objective(FixedTrial(trial)) == svr_head.oof_rmse({**trial, "epsilon": 0.5}, folds, y)
+
+
+def test_a_tuned_width_fits_from_cached_distances_as_from_features(svr_exp):
+    """A trial's width is the fold's reference width x gamma_x: exp of the cached squared distances gives the same
+    kernel bits as computing it, the same fit as SVR(kernel='rbf', gamma=...) on the features, and another
+    gamma_x gives another fit."""
+    cfg = _cfg(*svr_exp)
+    comp, folds, _ = _folds(cfg)
+    y = comp.train[TARGET].to_numpy(float)
+    f = folds[0]
+    np.testing.assert_array_equal(
+        svr_head.kernel_of_distances(svr_head.squared_distances(f.x_val, f.x_train), 0.7 * f.gamma),
+        rbf_kernel(f.x_val, f.x_train, 0.7 * f.gamma),
+    )
+    preds = {}
+    for gamma_x in (1.0, 0.1, 5.0):
+        params = {"C": 30.0, "epsilon": 0.5, "gamma_x": gamma_x}
+        plain = svr_head.fit_predict(params, folds)
+        svr_head.attach_distances(folds)
+        assert all(f.d_train is not None and f.k_train is None for f in folds)
+        cached = svr_head.fit_predict(params, folds)
+        svr_head.detach_kernels(folds)
+        assert all(f.d_train is None and f.d_val is None for f in folds)
+        assert rmse(plain, cached) < 1e-3
+        preds[gamma_x] = cached
+    assert rmse(preds[1.0], preds[0.1]) > 1 and rmse(preds[1.0], preds[5.0]) > 1  # the width changes the fit
+    assert rmse(preds[1.0], svr_head.fit_predict({"C": 30.0, "epsilon": 0.5}, folds)) < 1e-3  # gamma_x 1 = the ref
+    svr_head.attach_kernels(folds)  # kernels cached at the reference width cannot serve another width
+    with pytest.raises(ValueError, match="reference width"):
+        svr_head.fit_predict({"C": 30.0, "gamma_x": 0.5}, folds)
+    assert np.isfinite(svr_head.oof_rmse({"C": 30.0}, folds, y))
 
 
 def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp):
@@ -173,6 +205,9 @@ def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp
     assert list(test[ID]) == list(comp.test[ID]) and test["pred"].between(1, 100).all()
     best = read_json(artifacts.best_params(cfg.out))
     assert 0.5 <= best["C"] <= 200 and best["n_trials"] == 3 and best["n_features"] == 2 * DIM + len(META_COLS)
+    assert 0.01 <= best["gamma_x"] <= 10 and best["gamma_x"] != 1.0  # the width was tuned (svr.tune_gamma)
+    _, folds, _ = _folds(cfg)
+    assert best["gamma"] == {str(f.fold): pytest.approx(f.gamma * best["gamma_x"], rel=1e-12) for f in folds}
     y = comp.train.set_index(ID).loc[oof[ID], TARGET].to_numpy(float)
     assert best["oof_rmse"] == pytest.approx(rmse(oof["pred"], y), rel=1e-9)
     assert best["oof_rmse"] == pytest.approx(best["best_trial_rmse"], abs=1e-3)  # final fit = best trial's model
@@ -182,7 +217,12 @@ def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp
     preds = []
     for k in range(N_FOLDS):
         head = SvrHead.load(artifacts.svr_head(cfg.out, k))
-        assert head.fold == k and head.params == {"C": best["C"], "epsilon": best["epsilon"]}
+        assert head.fold == k and head.params == {
+            "C": best["C"],
+            "epsilon": best["epsilon"],
+            "gamma_x": best["gamma_x"],
+        }
+        assert head.gamma == best["gamma"][str(k)]  # the tuned width is what ships
         assert head.columns[:DIM] == [f"model/e{j}" for j in range(DIM)] and head.columns[-12:] == META_COLS
         features = assemble_features(
             {**sets, "model": pd.read_parquet(artifacts.set_file(cfg.out, "model", "test", k))},
@@ -192,6 +232,45 @@ def test_stage_writes_every_id_once_and_heads_reproduce_test_predictions(svr_exp
         )
         preds.append(head.predict(features))
     np.testing.assert_allclose(np.mean(preds, axis=0), test["pred"], rtol=1e-6)
+
+
+def test_nested_score_rechooses_the_width_with_c_per_fold(svr_exp):
+    """Fold k of svr/nested.parquet is predicted with the trial (C and width) best on the other folds' errors:
+    refitting that fold with those parameters gives its nested predictions."""
+    import optuna
+
+    from pawpular import nested
+
+    cfg = _cfg(*svr_exp, "svr.n_trials=6")
+    _run(cfg)
+    best = read_json(artifacts.best_params(cfg.out))
+    trials = [t for t in _study(cfg).trials if t.state == optuna.trial.TrialState.COMPLETE]
+    keys = sorted(best["nested_C"])
+    choice = nested.leave_one_out(np.array([[t.user_attrs[svr.FOLD_SSE][k] for k in keys] for t in trials]))
+    assert best["nested_gamma_x"] == {k: trials[c].params["gamma_x"] for k, c in zip(keys, choice, strict=True)}
+    comp, folds, _ = _folds(cfg)
+    table = pd.read_parquet(artifacts.nested_preds(cfg.out, "svr"))
+    for f, c in zip(folds, choice, strict=True):
+        params = {**trials[c].params, "epsilon": cfg.svr.epsilon}
+        ids = comp.train[ID].iloc[f.val_rows].astype(str)
+        got = table.set_index(ID).loc[ids, "pred"].to_numpy()
+        np.testing.assert_allclose(got, svr_head.fit_predict(params, [f])[f.val_rows], atol=1e-2)
+
+
+def test_width_edge_warning_names_its_keys(svr_exp, caplog):
+    from pawpular.svr_study import at_edge
+
+    top = at_edge("width (x scale)", 9.8, 0.01, 10.0, "svr.gamma_min", "svr.gamma_max")
+    bottom = at_edge("width (x scale)", 0.0105, 0.01, 10.0, "svr.gamma_min", "svr.gamma_max")
+    assert "raise svr.gamma_max (e.g. --set svr.gamma_max=100)" in top
+    assert "lower svr.gamma_min (e.g. --set svr.gamma_min=0.001)" in bottom
+    assert at_edge("width (x scale)", 0.2, 0.01, 10.0, "svr.gamma_min", "svr.gamma_max") is None
+    # the stage's summary warns of a width at the edge as it warns of C there
+    best = {"C": 3.0, "epsilon": 0.1, "gamma_x": 9.9, "oof_rmse": 1.0, "n_trials": 1, "n_features": 2}
+    with caplog.at_level(logging.INFO, logger="pawpular"):
+        svr._log_summary(_cfg(*svr_exp), {**best, "kernel_cache": "plain", "device": "cpu"}, 1.0, 1, 0.1, 0.2, 0.0)
+    assert "the best width (x scale) (9.9) is at the top" in caplog.text and "svr.gamma_max=100" in caplog.text
+    assert "the best C" not in caplog.text
 
 
 def test_study_resumes_with_more_trials(svr_exp):
@@ -238,7 +317,14 @@ def test_second_run_skips_and_changed_embeddings_recompute(svr_exp, caplog, monk
 
 
 def test_plain_path_when_kernels_exceed_the_memory_budget(svr_exp, caplog):
-    cfg = _cfg(*svr_exp, "svr.n_trials=2", "svr.max_kernel_gb=1e-6", "svr.gamma=0.05", "svr.tune_epsilon=true")
+    cfg = _cfg(
+        *svr_exp,
+        "svr.n_trials=2",
+        "svr.max_kernel_gb=1e-6",
+        "svr.gamma=0.05",
+        "svr.tune_gamma=false",
+        "svr.tune_epsilon=true",
+    )
     with caplog.at_level(logging.INFO, logger="pawpular"):
         _run(cfg)
     assert "kernel_cache: auto -> plain" in caplog.text

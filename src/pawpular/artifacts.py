@@ -147,16 +147,34 @@ def epoch_preds(out: Path, fold: int) -> Path:
     return train_fold_dir(out, fold) / "epochs.parquet"
 
 
+def head_stage(head: str) -> str:
+    """The stage that makes a head: train for nn, svr for svr and every SVR head of svr.heads."""
+    return HEADS.get(head, "svr")
+
+
+def head_dir(out: Path, head: str) -> Path:
+    """A head's folder: train/ (nn), svr/ (svr), svr/<name>/ (an SVR head of svr.heads), or ensemble/."""
+    if head in HEADS or head == "ensemble":
+        return Path(out) / HEADS.get(head, head)
+    return svr_dir(out) / name_part(head, "svr.heads name")
+
+
 def nested_preds(out: Path, head: str) -> Path:
-    """Out-of-fold predictions of a head (nn, svr) or of the ensemble whose every choice was made without the
-    fold each row belongs to (Id, fold, pred)."""
-    return Path(out) / HEADS.get(head, head) / "nested.parquet"
+    """Out-of-fold predictions of a head (nn, svr, an SVR head of svr.heads) or of the ensemble whose every
+    choice was made without the fold each row belongs to (Id, fold, pred)."""
+    return head_dir(out, head) / "nested.parquet"
 
 
 def preds(out: Path, head: str, split: str) -> Path:
-    """Predictions of a head (nn, svr) or of the ensemble; split: oof, test or holdout."""
-    folder = HEADS.get(head, head)
-    return Path(out) / folder / f"{split}.parquet"
+    """Predictions of a head (nn, svr, an SVR head of svr.heads) or of the ensemble; split: oof, test or
+    holdout."""
+    return head_dir(out, head) / f"{split}.parquet"
+
+
+def extra_svr_heads(out: Path) -> list[str]:
+    """The SVR heads of svr.heads an experiment holds predictions of: svr/<name>/oof.parquet, sorted."""
+    found = svr_dir(out).glob("*/oof.parquet") if svr_dir(out).is_dir() else ()
+    return sorted(p.parent.name for p in found if parse_fold(p.parent.name) is None)
 
 
 def emb_dir(out: Path, fold: int | None = None, backbone: str | None = None) -> Path:
@@ -231,13 +249,14 @@ def study_db(out: Path) -> Path:
     return svr_dir(out) / "study.db"
 
 
-def best_params(out: Path) -> Path:
-    return svr_dir(out) / "best_params.json"
+def best_params(out: Path, head: str = "svr") -> Path:
+    return head_dir(out, head) / "best_params.json"
 
 
-def svr_head(out: Path, fold: int) -> Path:
-    """A fold's SVR head as arrays (heads.SvrHead): what predict computes the SVR's output from."""
-    return svr_dir(out) / fold_name(fold) / "head.safetensors"
+def svr_head(out: Path, fold: int, head: str = "svr") -> Path:
+    """A fold's SVR head (``head``: svr or a name of svr.heads) as arrays (heads.SvrHead): what predict computes
+    that head's output from."""
+    return head_dir(out, head) / fold_name(fold) / "head.safetensors"
 
 
 def weights_json(out: Path) -> Path:

@@ -137,19 +137,22 @@ def _check_data(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from . import recipe
-    from .compare import experiment_score_line
+    from .compare import experiment_score_line, heads_line
     from .manifest import NOT_NEEDED
     from .runner import status
+    from .svr_heads import all_features
 
     cfg = _config(args)
     verdicts = status(cfg)
     print(f"{cfg.out} (data {cfg.data}; {recipe.describe(cfg)}):")
     for name, v in verdicts.items():
-        why = v.why(4) if not v.done or name != "embed" else recipe.reuse_line(cfg.out, list(cfg.svr.features))
+        why = v.why(4) if not v.done or name != "embed" else recipe.reuse_line(cfg.out, all_features(cfg))
         print(f"  {name:<9} {v.state:<10} {why}".rstrip())
     todo = [n for n, v in verdicts.items() if not v.done and v.state != NOT_NEEDED]
     partial = cfg.train.folds is not None and verdicts.get("train") and verdicts["train"].state == "partial"
     run_all = "pawpular all --set train.folds=null" if partial else "pawpular all"  # else it trains the same folds
+    if cfg.svr.heads and (line := heads_line(cfg.out)):  # several SVR heads: each one's weight and nested score
+        print(f"heads: {line}")
     if line := experiment_score_line(cfg.out):
         print(f"scores: {line}")
     print(f"next: {run_all} (recomputes {', '.join(todo)})" if todo else "everything is done and current")

@@ -101,7 +101,7 @@ def inside(out: Path) -> list[dict]:
     except NotComparable as e:
         return [{"experiment": out.name, "part": "blend", "why": str(e)}]
     heads = {}
-    for head in artifacts.HEADS:
+    for head in [*artifacts.HEADS, *artifacts.extra_svr_heads(out)]:
         try:
             heads[head] = nested_table(out, head)
         except NotComparable:
@@ -113,7 +113,7 @@ def inside(out: Path) -> list[dict]:
         except NotComparable as e:  # e.g. a head rerun since the blend was made
             return {"experiment": out.name, "part": name, "why": str(e)}
 
-    if len(heads) == 2:
+    if "svr" in heads and "nn" in heads:
         rows.append(part("svr head vs nn head", heads["svr"], heads["nn"]))
     scored = {
         h: float(np.sqrt(((t.merge(blend[[ID, "target"]], on=ID).eval("pred - target")) ** 2).mean()))
@@ -137,6 +137,24 @@ def score_line(weights: dict) -> str | None:
     )
     holdout = f"; holdout {held['ensemble']:.3f} ({held.get('rows')} rows)" if "ensemble" in held else ""
     return f"{trusted}{holdout}; optimistic: cross-validated {oof['ensemble_cv']:.3f}, in-sample {oof['ensemble']:.3f}"
+
+
+def heads_line(out: Path) -> str | None:
+    """Each blended model's weight and nested RMSE in one line (from weights.json); None without one."""
+    from .files import read_json
+
+    try:
+        weights = read_json(artifacts.weights_json(out))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(weights, dict):
+        return None
+    nested = weights.get("nested_rmse") or {}
+    parts = [
+        f"{name} {w:.2f}" + (f" (nested {nested[name]:.3f})" if name in nested else "")
+        for name, w in (weights.get("weights") or {}).items()
+    ]
+    return ", ".join(parts) or None
 
 
 def experiment_score_line(out: Path) -> str | None:

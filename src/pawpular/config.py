@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from . import svr_heads
 from .config_checks import build, validate
 from .errors import ConfigError
 from .masking import redact_url, url_password, without_password  # noqa: F401 (the config's secrets: re-exported)
@@ -120,7 +121,15 @@ class SvrConfig:
     tune_epsilon: bool = False
     epsilon_min: float = 0.01
     epsilon_max: float = 5.0
-    gamma: float | str = "scale"  # scale | auto | a number (RBF width, fixed per fold)
+    # The RBF width's reference per fold: scale (1 / (n_features * X_train.var()), scikit-learn's) | auto
+    # (1 / n_features) | a number. With tune_gamma (the default) Optuna tunes the width jointly with C as a
+    # multiple of that reference, log-uniform in [gamma_min, gamma_max] ('scale' x 0.01 .. x 10); a fixed number
+    # needs tune_gamma: false (a number with tune_gamma is refused as contradictory). Without tune_gamma the width
+    # is the reference itself.
+    gamma: float | str = "scale"
+    tune_gamma: bool = True
+    gamma_min: float = 0.01
+    gamma_max: float = 10.0
     use_meta: bool = False
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
@@ -140,6 +149,9 @@ class SvrConfig:
     # [low, high]: the SVR is fit on the target clipped to this range (the first place clipped at 85); its
     # predictions are scored on the true target. None = no clip.
     target_clip: list | None = None
+    # More SVR heads in this experiment: [{name: svr_logits, features: [...]}, ...], each the settings above with
+    # its own keys replaced, blended by name in ensemble.heads (svr_heads.py).
+    heads: list = field(default_factory=list)
 
 
 @dataclass
@@ -273,6 +285,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         cfg = build(Config, data)
         validate(cfg)
+        svr_heads.heads(cfg)
     except ConfigError as e:
         raise ConfigError(redact_url(_blame(e, path, given, top), "***")) from None  # it may quote svr.storage
     return cfg
@@ -294,6 +307,7 @@ def load_config_dict(data: dict) -> Config:
     """A Config from a dict as ``Config.to_dict`` gives it (checked like a file)."""
     cfg = build(Config, data)
     validate(cfg)
+    svr_heads.heads(cfg)
     return cfg
 
 

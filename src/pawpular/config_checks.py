@@ -223,6 +223,22 @@ RULES: list[Rule] = [
             "must be 'scale', 'auto' or a number > 0",
         )
     ),
+    _positive("svr.gamma_min"),
+    (
+        (
+            ("svr.gamma_min", "svr.gamma_max"),
+            lambda c: c.svr.gamma_min < c.svr.gamma_max,
+            "svr.gamma_min must be < svr.gamma_max (multiples of svr.gamma's width)",
+        )
+    ),
+    (
+        (
+            ("svr.gamma", "svr.tune_gamma"),
+            lambda c: not (c.svr.tune_gamma and isinstance(c.svr.gamma, float)),
+            "a fixed svr.gamma (a number) is not tuned: set svr.tune_gamma=false to keep it, or svr.gamma=scale "
+            "to tune multiples of 'scale' in [svr.gamma_min, svr.gamma_max]",
+        )
+    ),
     (
         (
             ("svr.features",),
@@ -285,8 +301,8 @@ RULES: list[Rule] = [
     (
         (
             ("ensemble.heads",),
-            lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr"},
-            "must list heads among nn, svr",
+            lambda c: bool(c.ensemble.heads) and set(c.ensemble.heads) <= {"nn", "svr", *_extra_heads(c)},
+            "must list heads among nn, svr and the names of svr.heads",
         )
     ),
     (
@@ -328,6 +344,11 @@ def _compress_ok(spec: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _extra_heads(cfg: Config) -> list:
+    """The names svr.heads declares (checked in svr_heads.heads)."""
+    return [h.get("name") for h in cfg.svr.heads if isinstance(h, dict)]
 
 
 def validate(cfg: Config) -> None:

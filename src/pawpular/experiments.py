@@ -52,6 +52,7 @@ COLUMNS = [
     "holdout",
     "nn",
     "svr",
+    "svr_heads",
     "blend",
     "blend_cv",
     "mean",
@@ -303,6 +304,7 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
         "nested": _number(nested.get("ensemble")),
         "nn": _number(oof.get("nn")),
         "svr": _number(best.get("oof_rmse", oof.get("svr"))),
+        "svr_heads": _svr_heads(out, nested),
         "blend": _number(oof.get("ensemble")),
         "blend_cv": _number(oof.get("ensemble_cv")),
         "holdout": _number(held.get("ensemble")),
@@ -322,6 +324,16 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
         "stages": {s: st for s, (st, _) in states.items()},
         "config": _flatten({k: v for k, v in config.items() if k not in NOT_SETTINGS}),
     }
+
+
+def _svr_heads(out: Path, nested: dict) -> str | None:
+    """The SVR heads of svr.heads an experiment holds, each with its nested RMSE (its OOF RMSE where the blend has
+    no nested score of it): e.g. "svr_logits 17.874"; None without any."""
+    found = []
+    for head in artifacts.extra_svr_heads(out):
+        score = _number(nested.get(head, _json(artifacts.best_params(out, head)).get("oof_rmse")))
+        found.append(f"{head} {score:.3f}" if not math.isnan(score) else head)
+    return ", ".join(found) or None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

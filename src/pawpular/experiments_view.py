@@ -37,6 +37,7 @@ SHOWN = (
     "holdout",
     "nn",
     "svr",
+    "svr_heads",
     "blend",
     "blend_cv",
     "best_C",
@@ -56,6 +57,7 @@ SHOWN = (
 HEADERS = {
     "nn": "nn opt.",
     "svr": "svr opt.",
+    "svr_heads": "svr.heads",
     "blend": "blend opt.",
     "blend_cv": "blend_cv opt.",  # optimistic
     "img_size": "img",

@@ -32,7 +32,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import __version__, artifacts, manifest, versions
+from . import __version__, artifacts, manifest, svr_heads, versions
 from .config import Config, backbone_configs, backbone_model_config, load_config, save_config
 from .files import (
     ArtifactError,
@@ -144,9 +144,11 @@ def _write_manifest(staging: Path, main: str, models: dict, weights: dict) -> No
 def _export_experiment(folder: Path, dst: Path, prefix: str, weights: dict) -> dict:
     """Write one experiment's used models into ``dst``; return its entry of the artifact manifest."""
     ecfg = load_config(artifacts.config_yaml(folder))
-    used = {h: float(weights.get(f"{prefix}{h}", 0.0)) for h in artifacts.HEADS}
+    heads = svr_heads.heads(ecfg)
+    used = {h: float(weights.get(f"{prefix}{h}", 0.0)) for h in dict.fromkeys([*artifacts.HEADS, *heads])}
     folds = list(range(ecfg.folds.n_folds))
-    svr_sets = list(ecfg.svr.features) if used["svr"] > 0 else []
+    shipped = {name: {"sets": list(s.features), "use_meta": s.use_meta} for name, s in heads.items() if used[name] > 0}
+    svr_sets = list(dict.fromkeys(n for h in shipped.values() for n in h["sets"]))
     finetuned = artifacts.MODEL_SET in svr_sets and ecfg.embed.source == "finetuned"
     records = manifest.unit_records(folder)
     nn, embeddings = {}, {}
@@ -157,15 +159,23 @@ def _export_experiment(folder: Path, dst: Path, prefix: str, weights: dict) -> d
             nn[str(k)] = _nn_entry(records, k)
         if finetuned:
             embeddings[artifacts.fold_name(k)] = _embedding_entry(records, artifacts.fold_name(k))
-        if used["svr"] > 0:
-            _copy(artifacts.svr_head(folder, k), artifacts.svr_head(dst, k))
+        for name in shipped:
+            _copy(artifacts.svr_head(folder, k, name), artifacts.svr_head(dst, k, name))
     for name, model_cfg in _frozen_sets(ecfg, svr_sets):
         _write_frozen_model(model_cfg, artifacts.exported_model(dst, backbone=name))
         unit = name if name != artifacts.MODEL_SET else artifacts.fold_name(folds[0])  # linked: one per fold
         embeddings[name] = _embedding_entry(records, unit)
     ecfg.output_dir, ecfg.data_dir, ecfg.svr.storage, ecfg.ensemble.experiments = "", "", None, []
     save_config(ecfg, artifacts.config_yaml(dst))
-    return {"prefix": prefix, "folds": folds, "weights": used, "svr_sets": svr_sets, "nn": nn, "embeddings": embeddings}
+    return {
+        "prefix": prefix,
+        "folds": folds,
+        "weights": used,
+        "svr_sets": svr_sets,
+        "svr_heads": shipped,
+        "nn": nn,
+        "embeddings": embeddings,
+    }
 
 
 def _nn_entry(records: dict, fold: int) -> dict:

@@ -104,18 +104,23 @@ class Experiment:
         self.folder, self.info, self.device = folder, info, device
         self.cfg: Config = load_config(artifacts.config_yaml(folder))
         self.use_nn, self.sets = info["weights"]["nn"] > 0, info["svr_sets"]
+        # {head: {sets, use_meta}} of every shipped SVR head (svr, svr.heads'); an export without it holds svr only
+        self.svr_heads = info.get("svr_heads") or (
+            {"svr": {"sets": self.sets, "use_meta": self.cfg.svr.use_meta}} if self.sets else {}
+        )
         self.finetuned = artifacts.MODEL_SET in self.sets and self.cfg.embed.source == "finetuned"
         self.seconds: dict[str, float] = {}  # per embedding set (a fold's pass for the fine-tuned ones)
 
     def run(self, test: pd.DataFrame, data: Path) -> dict[str, np.ndarray]:
-        """Test predictions of the used heads: {'nn': ..., 'svr': ...}, each the mean over folds."""
+        """Test predictions of the used heads: {'nn': ..., 'svr': ..., <svr.heads name>: ...}, each the mean over
+        folds."""
         frozen = {}
         for name in self.frozen_sets():
             t0 = time.time()
             model, data_cfg = load_model_file(artifacts.exported_model(self.folder, backbone=name))
             frozen[name] = self.embed(model, data_cfg, self.info["embeddings"][name], test, data, name)
             self.seconds[name] = time.time() - t0
-        nn_preds, svr_preds = [], []
+        nn_preds, svr_preds = [], {name: [] for name in self.svr_heads}
         for k in self.info["folds"]:
             t0 = time.time()
             nn, emb = self.fold_pass(k, test, data)
@@ -123,12 +128,12 @@ class Experiment:
                 self.seconds[artifacts.fold_name(k)] = time.time() - t0
             if nn is not None:
                 nn_preds.append(nn)
-            if self.sets:
-                sets = dict(frozen, **({artifacts.MODEL_SET: emb} if emb is not None else {}))
-                head = SvrHead.load(artifacts.svr_head(self.folder, k))
-                svr_preds.append(head.predict(assemble_features(sets, test, self.sets, self.cfg.svr.use_meta)))
+            sets = dict(frozen, **({artifacts.MODEL_SET: emb} if emb is not None else {}))
+            for name, h in self.svr_heads.items():
+                head = SvrHead.load(artifacts.svr_head(self.folder, k, name))
+                svr_preds[name].append(head.predict(assemble_features(sets, test, h["sets"], h["use_meta"])))
         out = {"nn": np.mean(nn_preds, axis=0)} if self.use_nn else {}
-        return {**out, "svr": np.mean(svr_preds, axis=0)} if self.sets else out
+        return {**out, **{name: np.mean(p, axis=0) for name, p in svr_preds.items()}}
 
     def frozen_sets(self) -> list[str]:
         """SVR sets computed once for every fold: frozen backbones (and model.* with embed.source: pretrained)."""

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, manifest
+from . import artifacts, manifest, svr_heads
 
 FROZEN, FINE_TUNED, BOTH = "frozen", "fine-tuned", "fine-tuned + frozen"
 DEFAULT_KIND = "pooled"  # the feature kind embed writes when a set's manifest names none
@@ -35,7 +35,14 @@ def describe(cfg: Any) -> str:
     names = [b["name"] for b in cfg.embed.backbones if isinstance(b, dict) and "name" in b]
     if cfg.embed.source == "pretrained":
         names.append(f"{artifacts.MODEL_SET} (the frozen {cfg.model.name}, embed.source: pretrained)")
-    used = [n for n in cfg.svr.features if n != artifacts.MODEL_SET] if "svr" in cfg.ensemble.heads else []
+    used = [
+        n
+        for head, s in svr_heads.heads(cfg).items()
+        if head in cfg.ensemble.heads
+        for n in s.features
+        if n != artifacts.MODEL_SET
+    ]
+    used = list(dict.fromkeys(used))
     k = kind(cfg)
     frozen = f"frozen backbones {', '.join(used or names)}" if (used or names) else ""
     if k == FROZEN:
@@ -131,6 +138,10 @@ def what_ran(out: Path, config: dict) -> dict:
     """{"recipe": frozen | fine-tuned | fine-tuned + frozen, "model": ``trained_model`` or None, "sets": ``sets``
     of svr.features}: what an experiment folder holds, from its manifests and config.yaml."""
     trained = trained_model(out, config)
-    found = sets(out, (config.get("svr") or {}).get("features"))
+    svr = config.get("svr") or {}
+    features = svr.get("features")
+    for head in svr.get("heads") or []:  # svr.heads' sets too
+        features = [*(features or []), *((head.get("features") or []) if isinstance(head, dict) else [])]
+    found = sets(out, list(dict.fromkeys(features)) if features is not None else None)
     frozen = any(s["source"] == "frozen" for s in found)
     return {"recipe": FROZEN if not trained else BOTH if frozen else FINE_TUNED, "model": trained, "sets": found}

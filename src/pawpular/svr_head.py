@@ -11,9 +11,12 @@
 (``<set>/e<j>`` columns), plus the 12 metadata flags with ``svr.use_meta``: the same code for the SVR stage,
 ``select`` and ``predict``.
 
-**Fitting.** The RBF width gamma is fixed per fold (``svr.gamma``: 'scale' = 1 / (n_features * X_train.var()) as
-scikit-learn defines it, 'auto' = 1 / n_features, or a number), so each fold's kernel matrices are computed once
-(one BLAS product) and every trial fits ``SVR(kernel='precomputed')`` on them: the same model as refitting
+**Fitting.** Each fold has a reference RBF width (``svr.gamma``: 'scale' = 1 / (n_features * X_train.var()) as
+scikit-learn defines it, 'auto' = 1 / n_features, or a number); a trial's width is that reference times its
+``gamma_x`` (``svr.tune_gamma``: Optuna samples it with C; 1 otherwise). With a width that varies, each fold's
+squared distances are computed once (one BLAS product, float64) and a trial's kernels are their element-wise
+``exp(-gamma * d2)`` (``attach_distances``); with a fixed width the kernels themselves are cached
+(``attach_kernels``). Either way every trial fits ``SVR(kernel='precomputed')``: the same model as refitting
 ``SVR(kernel='rbf')`` on the features, without n^2 distances per trial. scikit-learn on a CPU, cuML on a RAPIDS
 GPU (``backend.build_svr``).
 
@@ -46,6 +49,12 @@ from .data import ID, META_COLS
 from .errors import ArtifactError, env_number
 from .files import read_safetensors, safetensors_bytes
 from .metrics import rmse
+
+# the kernel maths, re-exported: the stage, predict and the tests name them here
+from .svr_kernel import RbfKernel as RbfKernel
+from .svr_kernel import kernel_of_distances as kernel_of_distances
+from .svr_kernel import rbf_kernel as rbf_kernel
+from .svr_kernel import squared_distances as squared_distances
 
 log = logging.getLogger("pawpular")
 LO, HI = 1.0, 100.0  # Pawpularity range: predictions are clipped to it
@@ -120,30 +129,6 @@ class Standardizer:
     def transform(self, x: Array) -> Array:
         xp = backend.array_module_of(x)
         return (x.astype(np.float64) - xp.asarray(self.mean)) / xp.asarray(self.scale)
-
-
-def rbf_kernel(a: Array, b: Array, gamma: float) -> Array:
-    """exp(-gamma * ||a_i - b_j||^2) in float64: one matrix product, ||a||^2 + ||b||^2 - 2ab clamped at 0, in place."""
-    xp = backend.array_module_of(a)
-    a, b = a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)
-    k = a @ b.T
-    k *= -2.0
-    k += (a * a).sum(axis=1)[:, None]
-    k += (b * b).sum(axis=1)[None, :]
-    xp.maximum(k, 0.0, out=k)  # rounding can make a tiny distance negative
-    k *= -gamma
-    xp.exp(k, out=k)
-    return k
-
-
-@dataclass(frozen=True)
-class RbfKernel:
-    """An RBF kernel callable for scikit-learn's SVR: the same kernel as kernel='rbf', computed by BLAS."""
-
-    gamma: float
-
-    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return rbf_kernel(np.asarray(a), np.asarray(b), self.gamma)
 
 
 @dataclass
@@ -276,10 +261,12 @@ class FoldData:
     x_val: Array
     val_rows: np.ndarray  # positions of the fold's rows in the competition's train table
     scaler: Standardizer
-    gamma: float
-    k_train: Array | None = None  # rbf(x_train, x_train)
+    gamma: float  # the reference width (svr.gamma resolved on x_train); a trial's is gamma * params["gamma_x"]
+    k_train: Array | None = None  # rbf(x_train, x_train) at the reference width (attach_kernels)
     k_val: Array | None = None  # rbf(x_val, x_train)
     n_rows: int = 0  # rows of the whole train table (holdout included)
+    d_train: Array | None = None  # squared distances x_train - x_train (attach_distances)
+    d_val: Array | None = None  # squared distances x_val - x_train
 
 
 def make_fold(
@@ -318,14 +305,28 @@ def make_fold(
 
 
 def attach_kernels(folds: Sequence[FoldData]) -> None:
+    """Cache each fold's kernels at its reference width (trials that all use it: no ``gamma_x``)."""
     for f in folds:
         f.k_train = rbf_kernel(f.x_train, f.x_train, f.gamma)
         f.k_val = rbf_kernel(f.x_val, f.x_train, f.gamma)
 
 
-def detach_kernels(folds: Sequence[FoldData]) -> None:
+def attach_distances(folds: Sequence[FoldData]) -> None:
+    """Cache each fold's squared distances: a trial of any width then costs an element-wise exp and a fit."""
     for f in folds:
-        f.k_train = f.k_val = None
+        f.d_train = squared_distances(f.x_train, f.x_train)
+        f.d_val = squared_distances(f.x_val, f.x_train)
+
+
+def detach_kernels(folds: Sequence[FoldData]) -> None:
+    """Drop whatever ``attach_kernels`` or ``attach_distances`` cached."""
+    for f in folds:
+        f.k_train = f.k_val = f.d_train = f.d_val = None
+
+
+def split_params(params: dict) -> tuple[dict, float]:
+    """(the estimator's parameters: C, epsilon; the width's multiple ``gamma_x``, 1 when absent)."""
+    return {k: v for k, v in params.items() if k != "gamma_x"}, float(params.get("gamma_x", 1.0))
 
 
 def _n_jobs(device: str, n_folds: int) -> int:
@@ -340,16 +341,26 @@ def _n_jobs(device: str, n_folds: int) -> int:
 def fit_predict(params: dict, folds: Sequence[FoldData], device: str = "cpu") -> np.ndarray:
     """Validation predictions of every fold (train-table rows; NaN elsewhere), clipped to [1, 100].
 
-    ``params``: C and epsilon. A fold with cached kernels fits SVR(kernel='precomputed') on them, otherwise
-    SVR(kernel='rbf') on its features: the same model, so the same predictions up to the solver's tolerance.
+    ``params``: C and epsilon, and ``gamma_x`` (the fold's width is ``f.gamma * gamma_x``; 1 when absent). A fold
+    with cached distances fits SVR(kernel='precomputed') on their exp at that width, one with cached kernels
+    (reference width only) on those, otherwise SVR(kernel='rbf') on its features: the same model, so the same
+    predictions up to the solver's tolerance.
     """
+    svr_params, gamma_x = split_params(params)
 
     def fit_fold(f: FoldData) -> np.ndarray:
-        if f.k_train is not None:
-            model = backend.build_svr(device, kernel="precomputed", **params).fit(f.k_train, f.y_train)
-            return backend.to_numpy(model.predict(f.k_val))
-        model = backend.build_svr(device, gamma=f.gamma, **params).fit(f.x_train, f.y_train)
-        return backend.to_numpy(model.predict(f.x_val))
+        gamma = f.gamma * gamma_x
+        if f.d_train is not None:
+            k_train, k_val = kernel_of_distances(f.d_train, gamma), kernel_of_distances(f.d_val, gamma)
+        elif f.k_train is not None:
+            if gamma_x != 1.0:
+                raise ValueError(f"fold {f.fold}: kernels cached at the reference width, asked gamma_x={gamma_x}")
+            k_train, k_val = f.k_train, f.k_val
+        else:
+            model = backend.build_svr(device, gamma=gamma, **svr_params).fit(f.x_train, f.y_train)
+            return backend.to_numpy(model.predict(f.x_val))
+        model = backend.build_svr(device, kernel="precomputed", **svr_params).fit(k_train, f.y_train)
+        return backend.to_numpy(model.predict(k_val))
 
     oof = np.full(max(f.n_rows for f in folds), np.nan)
     with ThreadPoolExecutor(_n_jobs(device, len(folds))) as pool:
@@ -371,17 +382,15 @@ def oof_rmse(
 
 
 def fit_head(f: FoldData, params: dict, columns: list[str], mode: str, device: str) -> tuple[SvrHead, Any]:
-    """The final SVR of a fold, fitted on its standardized features; returns (the head's arrays, the estimator).
+    """The final SVR of a fold, fitted on its standardized features at width ``f.gamma * params["gamma_x"]`` (the
+    width the head records and predicts with); returns (the head's arrays, the estimator).
 
     On a CPU with cached kernels its kernel is ``RbfKernel(gamma)`` (scikit-learn computes the Gram matrix by one
     BLAS product instead of libsvm's row by row dot products); otherwise kernel='rbf'. Same model either way, and
     the same arrays: what ships is ``SvrHead``, never the estimator.
     """
-    kernel: Any = RbfKernel(f.gamma) if mode == "precomputed" and not backend.use_rapids(device) else "rbf"
-    model = backend.build_svr(device, kernel=kernel, gamma=f.gamma, **params).fit(f.x_train, f.y_train)
-    return SvrHead.from_fitted(model, f.x_train, f.scaler, f.gamma, columns, f.fold, params), model
-
-
-# The best C lies "at the edge" of [c_min, c_max] when it is within this share of the range's width (log scale)
-# of a bound: 5% of 0.1-100 is a factor of 1.41, so C above 70.8 or below 0.141. A range that narrow may cut off
-# a better C; the user moves the bound.
+    svr_params, gamma_x = split_params(params)
+    gamma = f.gamma * gamma_x
+    kernel: Any = RbfKernel(gamma) if mode == "precomputed" and not backend.use_rapids(device) else "rbf"
+    model = backend.build_svr(device, kernel=kernel, gamma=gamma, **svr_params).fit(f.x_train, f.y_train)
+    return SvrHead.from_fitted(model, f.x_train, f.scaler, gamma, columns, f.fold, params), model

@@ -1,5 +1,6 @@
 """How much memory the SVR head's cached kernels take, and whether to cache them (``svr.kernel_cache``,
-``svr.max_kernel_gb``): every local worker's kernels, plus with cuML the cache each fit allocates on the GPU."""
+``svr.max_kernel_gb``): every local worker's kernels (or, with a tuned width, its squared distances plus the
+kernels of the folds a trial fits at once), plus with cuML the cache each fit allocates on the GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 
 import numpy as np
 
-from . import backend
+from . import backend, svr_head
 
 log = logging.getLogger("pawpular")
 
@@ -20,6 +21,16 @@ def kernel_gb(fold_of: np.ndarray) -> float:
     return sum(8 * n_train[k] * (n_train[k] + int((fold_of == k).sum())) for k in folds) / 2**30
 
 
+def trial_kernel_gb(fold_of: np.ndarray, parallel: int) -> float:
+    """With a tuned width: the float64 kernels a trial makes from the cached distances, for the ``parallel`` largest
+    folds it fits at once (train x (train + validation) rows each)."""
+    folds = [k for k in np.unique(fold_of) if k >= 0]
+    sizes = sorted(
+        (8 * int(((fold_of != k) & (fold_of >= 0)).sum()) * int((fold_of >= 0).sum()) for k in folds), reverse=True
+    )
+    return sum(sizes[: max(1, parallel)]) / 2**30
+
+
 def fit_cache_gb(fold_of: np.ndarray) -> float:
     """The kernel cache one cuML SVR fit allocates on the GPU: ``cache_size`` MiB of SVR_ARGS, at most the fold's
     float32 train x train rows. (libsvm grows its cache in RAM as it needs rows, up to the same size.)"""
@@ -27,21 +38,29 @@ def fit_cache_gb(fold_of: np.ndarray) -> float:
     return min(backend.SVR_ARGS["cache_size"] / 1024, 4 * n_train**2 / 2**30)
 
 
-def memory_gb(fold_of: np.ndarray, device: str, workers: int = 1) -> float:
+def memory_gb(fold_of: np.ndarray, device: str, workers: int = 1, tuned_width: bool = False) -> float:
     """What tuning with cached kernels holds at once: every local worker process (``svr.workers``, on the same
-    machine and GPU) its own kernels, plus with cuML the cache of the one fit each process runs at a time."""
+    machine and GPU) its own kernels (``tuned_width``: its squared distances, the same size, plus the kernels of
+    the folds one trial fits at once: one with cuML, one per thread on a CPU), plus with cuML the cache of the one
+    fit each process runs at a time."""
     cache = fit_cache_gb(fold_of) if backend.use_rapids(device) else 0.0
-    return workers * (kernel_gb(fold_of) + cache)
+    trial = 0.0
+    if tuned_width:  # an upper bound: a local worker fits one fold at a time, the stage's process one per thread
+        n_folds = len([k for k in np.unique(fold_of) if k >= 0])
+        trial = trial_kernel_gb(fold_of, svr_head._n_jobs(device, n_folds))
+    return workers * (kernel_gb(fold_of) + trial + cache)
 
 
-def resolve_kernel_cache(mode: str, fold_of: np.ndarray, max_gb: float, device: str, workers: int = 1) -> str:
+def resolve_kernel_cache(
+    mode: str, fold_of: np.ndarray, max_gb: float, device: str, workers: int = 1, tuned_width: bool = False
+) -> str:
     """'precomputed' or 'plain' for ``svr.kernel_cache``, logged with the reason.
 
-    auto: cached kernels when ``memory_gb`` (every worker's kernels, cuML's fit caches) fits in
-    ``max_gb``; precomputed: cached kernels whatever their size (an explicit request); plain: refit from features
-    every trial.
+    auto: cached kernels (or distances, ``tuned_width``) when ``memory_gb`` (every worker's kernels, cuML's fit
+    caches) fits in ``max_gb``; precomputed: cached kernels whatever their size (an explicit request); plain:
+    refit from features every trial.
     """
-    need = memory_gb(fold_of, device, workers)
+    need = memory_gb(fold_of, device, workers, tuned_width)
     each = f" ({workers} workers)" if workers > 1 else ""
     if mode == "plain":
         chosen, why = "plain", "asked for"
@@ -50,6 +69,7 @@ def resolve_kernel_cache(mode: str, fold_of: np.ndarray, max_gb: float, device: 
     elif mode == "auto" and need > max_gb:
         chosen, why = "plain", f"cached kernels would need {need:.2f} GB{each} > svr.max_kernel_gb={max_gb:g}"
     else:
-        chosen, why = "precomputed", f"{need:.2f} GB of kernels{each}"
+        what = "distances and trial kernels" if tuned_width else "kernels"
+        chosen, why = "precomputed", f"{need:.2f} GB of {what}{each}"
     log.info("kernel_cache: %s -> %s (%s)", mode, chosen, why)
     return chosen

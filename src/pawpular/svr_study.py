@@ -289,6 +289,9 @@ def _tell(study: Any, trial: Any, value: float | None = None, state: Any = None)
         return None
 
 
+# The best C lies "at the edge" of [c_min, c_max] when it is within this share of the range's width (log scale)
+# of a bound: 5% of 0.1-100 is a factor of 1.41, so C above 70.8 or below 0.141. A range that narrow may cut off
+# a better C; the user moves the bound. The same rule holds for the width's multiple (svr.gamma_min/gamma_max).
 C_EDGE_SHARE = 0.05
 
 
@@ -296,19 +299,27 @@ def c_at_edge(c: float, c_min: float, c_max: float, share: float | None = None) 
     """A one-line warning when the best ``c`` lies at the edge of the searched range (within ``share``, default
     C_EDGE_SHARE, of its log width from a bound), naming the bound to move; None when it lies inside (or the range
     is one value)."""
+    return at_edge("C", c, c_min, c_max, "svr.c_min", "svr.c_max", share)
+
+
+def at_edge(
+    what: str, value: float, low: float, high: float, key_low: str, key_high: str, share: float | None = None
+) -> str | None:
+    """``c_at_edge`` for any log-uniform parameter: ``what`` names it, ``key_low``/``key_high`` its bounds' keys
+    (e.g. the width: "gamma x 'scale'", svr.gamma_min, svr.gamma_max)."""
     share = C_EDGE_SHARE if share is None else share
-    if not 0 < c_min < c_max:
+    if not 0 < low < high:
         return None
-    width = math.log(c_max / c_min)
-    if math.log(c_max / c) <= share * width:
+    width = math.log(high / low)
+    if math.log(high / value) <= share * width:
         return (
-            f"the best C ({c:.4g}) is at the top of the searched range [{c_min:g}, {c_max:g}]: a larger C may "
-            f"score better; raise svr.c_max (e.g. --set svr.c_max={c_max * 10:g})"
+            f"the best {what} ({value:.4g}) is at the top of the searched range [{low:g}, {high:g}]: a larger "
+            f"{what} may score better; raise {key_high} (e.g. --set {key_high}={high * 10:g})"
         )
-    if math.log(c / c_min) <= share * width:
+    if math.log(value / low) <= share * width:
         return (
-            f"the best C ({c:.4g}) is at the bottom of the searched range [{c_min:g}, {c_max:g}]: a smaller C "
-            f"may score better; lower svr.c_min (e.g. --set svr.c_min={c_min / 10:g})"
+            f"the best {what} ({value:.4g}) is at the bottom of the searched range [{low:g}, {high:g}]: a smaller "
+            f"{what} may score better; lower {key_low} (e.g. --set {key_low}={low / 10:g})"
         )
     return None
 

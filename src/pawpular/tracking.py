@@ -257,7 +257,12 @@ def log_trials(tracker: Tracker, study: Any) -> None:
         if t.number not in tracker.logged_trials:
             tracker.logged_trials.add(t.number)
             tracker.log(
-                {"trial/C": t.params.get("C"), "trial/epsilon": t.params.get("epsilon"), "trial/oof_rmse": t.value},
+                {
+                    "trial/C": t.params.get("C"),
+                    "trial/epsilon": t.params.get("epsilon"),
+                    "trial/gamma_x": t.params.get("gamma_x"),
+                    "trial/oof_rmse": t.value,
+                },
                 t.number,
                 axis="trial",
             )

@@ -81,8 +81,11 @@ def describe(name: str) -> tuple[str, str]:
 
 
 def wants_fold_embeddings(cfg: Any) -> bool:
-    """Whether the folds' own embeddings (emb/fold{k}, the SVR's set "model") are wanted: svr.features lists it."""
-    return artifacts.MODEL_SET in cfg.svr.features
+    """Whether the folds' own embeddings (emb/fold{k}, the SVR's set "model") are wanted: the features of an SVR
+    head (svr.features, svr.heads) list it."""
+    from ..svr_heads import all_features
+
+    return artifacts.MODEL_SET in all_features(cfg)
 
 
 def needs(name: str, cfg: Any) -> list[str]:
@@ -100,25 +103,20 @@ def needs(name: str, cfg: Any) -> list[str]:
     if name == "svr":
         return ["folds", "embed"]
     if name == "ensemble":
-        return [
-            "folds",
-            *(
-                artifacts.HEADS[h]
-                for h in cfg.ensemble.heads
-                if h in artifacts.HEADS
-                and (
-                    artifacts.manifest(cfg.out, artifacts.HEADS[h]).is_file()
-                    or artifacts.preds(cfg.out, h, "oof").is_file()
-                )
-            ),
-        ]
+        stages = dict.fromkeys(
+            artifacts.head_stage(h)
+            for h in cfg.ensemble.heads
+            if artifacts.manifest(cfg.out, artifacts.head_stage(h)).is_file()
+            or artifacts.preds(cfg.out, h, "oof").is_file()
+        )
+        return ["folds", *(s for s in PIPELINE if s in stages)]
     return ["folds"]  # train, select
 
 
 def needed(cfg: Any) -> list[str]:
     """The pipeline stages the config's outputs need, in order: the ensemble, the stages of its heads
     (``ensemble.heads``), and everything those read. ``pawpular all`` runs only these."""
-    todo = ["ensemble", *(artifacts.HEADS[h] for h in cfg.ensemble.heads if h in artifacts.HEADS)]
+    todo = ["ensemble", *(artifacts.head_stage(h) for h in cfg.ensemble.heads)]
     seen: set[str] = set()
     while todo:
         name = todo.pop()

@@ -1,12 +1,14 @@
 """Stage 5, ensemble: blend the heads with weights fit on out-of-fold predictions -> submission.csv.
 
-Reads   train/{oof,test,holdout}.parquet (NN head) and svr/{oof,test,holdout}.parquet (SVR head) of this
-        experiment and of every folder in ensemble.experiments; folds/folds.csv; train.csv; sample_submission.csv
+Reads   train/{oof,test,holdout}.parquet (NN head), svr/{oof,test,holdout}.parquet (SVR head) and
+        svr/<name>/... (the SVR heads of svr.heads) of this experiment (its ensemble.heads) and of every folder in
+        ensemble.experiments (all their heads); folds/folds.csv; train.csv; sample_submission.csv
 Writes  ensemble/weights.json (weights, every model's OOF RMSE, the cross-validated and holdout RMSE),
         ensemble/{oof,test,holdout}.parquet, submission.csv (Id,Pawpularity in sample order, checked as the
         grader checks it)
 Needs   pawpular train and/or pawpular svr (a head that has not run is left out, with a warning)
-Keys    ensemble.method (convex | hill; nnls = convex), ensemble.min_improvement, ensemble.experiments
+Keys    ensemble.heads, ensemble.method (convex | hill; nnls = convex), ensemble.min_improvement,
+        ensemble.experiments
 Run     pawpular ensemble --config configs/default.yaml
 
 Four scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
@@ -53,8 +55,10 @@ def experiments(cfg) -> list[tuple[str, Path]]:
 
 
 def _heads(out: Path, wanted: list[str] | None = None) -> list[str]:
-    """Heads of an experiment whose predictions exist (of ``wanted``, when given)."""
-    return [h for h in artifacts.HEADS if artifacts.preds(out, h, "oof").is_file() and (wanted is None or h in wanted)]
+    """Heads of an experiment whose predictions exist (of ``wanted``, when given): nn, svr, then the SVR heads
+    of svr.heads."""
+    every = [*artifacts.HEADS, *artifacts.extra_svr_heads(out)]
+    return [h for h in every if artifacts.preds(out, h, "oof").is_file() and (wanted is None or h in wanted)]
 
 
 def _used(cfg, prefix: str) -> list[str] | None:
@@ -152,11 +156,11 @@ def _check_same_data(ctx) -> None:
 def _check_foreign(prefix: str, folder: Path) -> None:
     """Another experiment's heads must be whole: their manifests' output digests must hold."""
     for h in _heads(folder):
-        record = manifest.read(artifacts.manifest(folder, artifacts.HEADS[h]))
+        record = manifest.read(artifacts.manifest(folder, artifacts.head_stage(h)))
         problems = ["no manifest (not finished)"] if record is None else manifest.damaged_outputs(record, folder)
         if problems:
             raise ArtifactError(
-                f"{folder} (in ensemble.experiments): its {artifacts.HEADS[h]} stage is not whole: "
+                f"{folder} (in ensemble.experiments): its {artifacts.head_stage(h)} stage is not whole: "
                 f"{'; '.join(problems[:3])}; rerun it there"
             )
 

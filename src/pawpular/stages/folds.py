@@ -109,7 +109,8 @@ def run(ctx) -> Result:
 
 
 def _remove_extra_fold_dirs(out, n_folds: int) -> None:
-    for parent in (out / "train", out / "emb", artifacts.svr_dir(out)):
+    heads = [artifacts.head_dir(out, h) for h in artifacts.extra_svr_heads(out)]  # svr.heads' own fold folders
+    for parent in (out / "train", out / "emb", artifacts.svr_dir(out), *heads):
         for k, folder in artifacts.fold_dirs(parent).items():
             if k >= n_folds:
                 log.info("folds: removing %s (n_folds is now %d)", folder, n_folds)

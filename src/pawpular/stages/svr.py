@@ -1,20 +1,26 @@
-"""Stage 4, svr: an RBF support-vector regressor on the cached embeddings, its C tuned by Optuna on OOF RMSE.
+"""Stage 4, svr: an RBF support-vector regressor on the cached embeddings, its C and RBF width tuned by Optuna on
+OOF RMSE.
 
 Reads   folds/folds.csv, train.csv / test.csv (targets, flags), and for every name in svr.features the
         embeddings emb/fold{k}/{train,test}.parquet ("model": fold k's backbone) or emb/<name>/ (a frozen one)
 Writes  svr/study.db (the Optuna study, unless svr.storage names a database), svr/best_params.json,
         svr/fold{k}/head.safetensors (the head as arrays: columns, scaler, support vectors, dual
         coefficients, intercept, gamma; what predict computes from),
-        svr/{oof,test,holdout}.parquet, svr/nested.parquet (fold k predicted with the C best on the other folds)
+        svr/{oof,test,holdout}.parquet, svr/nested.parquet (fold k predicted with the C best on the other folds);
+        the same files in svr/<name>/ for every head of svr.heads (svr_heads.py: each runs this code on its own
+        settings, with its own study)
 Needs   pawpular embed
-Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma, svr.use_meta, svr.features,
-        svr.kernel_cache, svr.storage
+Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma (svr.tune_gamma,
+        svr.gamma_min / gamma_max), svr.use_meta, svr.features, svr.kernel_cache, svr.storage, svr.heads
 Run     pawpular svr --config configs/default.yaml [--set svr.n_trials=60] [--workers 3]
         pawpular delete-study --config ...   (the only way a shared svr.storage study is deleted)
 
 Per fold k the listed sets are joined on Id and concatenated (plus the 12 flags with svr.use_meta), standardized
 on the rows of the other folds (never the holdout), and an SVR fit on those rows predicts fold k (OOF), the test
-set and the holdout. ``svr.n_trials`` is the total of one study: a rerun with more trials continues it. The
+set and the holdout. A trial samples C (log-uniform in [c_min, c_max]) and, with svr.tune_gamma, the RBF width as
+a multiple ``gamma_x`` of each fold's svr.gamma ('scale'), log-uniform in [gamma_min, gamma_max]: each fold's
+squared distances are cached once, so a trial is an element-wise exp and a fit. ``svr.n_trials`` is the total of
+one study: a rerun with more trials continues it. The
 study's name is a hash of the values it is tuned on (the feature matrices, folds, targets and svr settings), so
 the same embeddings written by cuDF on one machine and pandas on another share a study, and new inputs never mix
 with old ones. The SVR is scikit-learn on a CPU and cuML on a RAPIDS GPU (``backend.build_svr``).
@@ -31,17 +37,17 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, nested, svr_head, svr_memory, tracking
+from .. import artifacts, backend, nested, svr_fits, svr_head, svr_heads, svr_space, tracking
 from .. import svr_study as studies
 from ..data import ID, META_COLS, TARGET
 from ..embedding_sets import read_sets
-from ..files import remove, write_bytes, write_json
+from ..files import remove, write_json
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
-SUMMARY = "fit the SVR head per fold on the embeddings, Optuna tuning C on out-of-fold RMSE"
+SUMMARY = "fit the SVR head per fold on the embeddings, Optuna tuning C and the RBF width on out-of-fold RMSE"
 HELP = __doc__
 IMAGES = False
 # Settings that do not change the results (n_trials is checked on its own: raising it continues the study).
@@ -56,7 +62,7 @@ def check(ctx) -> None:
 
 
 def input_files(ctx) -> list:
-    out, names = ctx.out, dict.fromkeys(ctx.cfg.svr.features)
+    out, names = ctx.out, svr_heads.all_features(ctx.cfg)
     folds = range(ctx.cfg.folds.n_folds)
     return [artifacts.folds_csv(out)] + [
         artifacts.set_file(out, name, split, k)
@@ -68,11 +74,19 @@ def input_files(ctx) -> list:
 
 def plan(ctx) -> Plan:
     svr = {k: v for k, v in dataclasses.asdict(ctx.cfg.svr).items() if k not in NOT_RESULTS}
-    n_trials = ctx.cfg.svr.n_trials
+    if not svr["heads"]:  # no extra head: the settings (and so the manifests) of a config without svr.heads
+        del svr["heads"]
+    heads = svr_heads.heads(ctx.cfg)
 
     def more_trials_asked(record) -> list[str]:
-        done = record.info.get("n_trials", 0)
-        return [] if done >= n_trials else [f"svr.n_trials raised ({done} trials done, {n_trials} asked)"]
+        done = {svr_heads.FIRST: record.info.get("n_trials", 0)}
+        done.update({n: h.get("n_trials", 0) for n, h in record.info.get("heads", {}).items()})
+        return [
+            f"{'svr' if name == svr_heads.FIRST else f'svr.heads {name}'}: n_trials raised ({done.get(name, 0)} "
+            f"trials done, {s.n_trials} asked)"
+            for name, s in heads.items()
+            if done.get(name, 0) < s.n_trials
+        ]
 
     return Plan(
         {"svr": svr},
@@ -111,6 +125,21 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
 
 
 def run(ctx) -> Result:
+    """Every SVR head of the experiment (svr, then svr.heads), each with its own study and folder."""
+    outputs, info = [], {}
+    ctx.comp  # noqa: B018 (read once, shared by every head's context)
+    for name, settings in svr_heads.heads(ctx.cfg).items():
+        files, head_info = run_head(dataclasses.replace(ctx, cfg=svr_heads.with_head(ctx.cfg, settings)), name)
+        outputs += files
+        if name == svr_heads.FIRST:
+            info.update(head_info)
+        else:
+            info.setdefault("heads", {})[name] = head_info
+    return Result(outputs, info)
+
+
+def run_head(ctx, head: str) -> tuple[list, dict]:
+    """One SVR head (``ctx.cfg.svr``: its settings) into its folder (``artifacts.head_dir``): tune, fit, predict."""
     cfg, device, comp = ctx.cfg, ctx.device, ctx.comp
     t0 = time.time()
     if not cfg.svr.features:
@@ -125,17 +154,15 @@ def run(ctx) -> Result:
         studies.delete_study(name, storage)
     handle = studies.open_study(name, storage, cfg.svr.seed, shared=shared)
     study = handle.study  # the optuna.Study
-    mode = svr_memory.resolve_kernel_cache(
-        cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device, cfg.svr.workers
-    )
+    mode = svr_space.cache_mode(cfg, folds_df["fold"].to_numpy(), device)
     ran, t_tune = _tune(handle, folds, y, cfg, mode, device, ctx.tracker)
     tracking.log_trials(ctx.tracker, study)  # every trial of the study: earlier runs', the workers'
-    params = {"C": float(study.best_params["C"]), "epsilon": float(study.best_params.get("epsilon", cfg.svr.epsilon))}
-    preds, svr_class = final_fits(ctx, folds, folds_df, columns, params, mode)
-    outputs = write_predictions(ctx, folds_df, preds)
+    params = svr_space.trial_params(study.best_params, cfg.svr)
+    preds, svr_class = svr_fits.final_fits(ctx, folds, folds_df, columns, params, mode, head)
+    outputs = svr_fits.write_predictions(ctx, folds_df, preds, head)
     oof_rmse = rmse(preds["oof"][1], y[folds_df["fold"].to_numpy() != HOLDOUT])
     t_nested = time.time()
-    nested_files, nested_info = nested_c(ctx, study, folds, folds_df, y, params, preds["oof"][1])
+    nested_files, nested_info = nested_c(ctx, study, folds, folds_df, y, params, preds["oof"][1], head)
     t_nested = time.time() - t_nested
     best = {
         **params,
@@ -143,7 +170,7 @@ def run(ctx) -> Result:
         "best_trial_rmse": float(study.best_value),
         "n_trials": studies.n_complete(study),
         "study_name": name,
-        "gamma": {str(f.fold): f.gamma for f in folds},
+        "gamma": {str(f.fold): f.gamma * params.get("gamma_x", 1.0) for f in folds},  # what each head ships
         "n_features": len(columns),
         "features": list(cfg.svr.features),
         "use_meta": cfg.svr.use_meta,
@@ -152,23 +179,31 @@ def run(ctx) -> Result:
         "svr_class": svr_class,
         **nested_info,
     }
-    write_json(artifacts.best_params(cfg.out), best)  # no timings in it: the same inputs give the same bytes
-    ctx.tracker.summary({"best/C": params["C"], "best/oof_rmse": oof_rmse, "n_trials": best["n_trials"]})
-    _log_summary(cfg, best, study.best_value, ran, t_tune, time.time() - t0, t_nested)
-    models = [artifacts.svr_head(cfg.out, f.fold) for f in folds]
-    return Result(
-        [*outputs, *nested_files, *models, artifacts.best_params(cfg.out)],
+    write_json(artifacts.best_params(cfg.out, head), best)  # no timings in it: the same inputs give the same bytes
+    tag = "" if head == svr_heads.FIRST else f"{head}/"
+    ctx.tracker.summary(
+        {f"{tag}best/C": params["C"], f"{tag}best/oof_rmse": oof_rmse, f"{tag}n_trials": best["n_trials"]}
+    )
+    _log_summary(cfg, best, study.best_value, ran, t_tune, time.time() - t0, t_nested, head)
+    models = [artifacts.svr_head(cfg.out, f.fold, head) for f in folds]
+    return (
+        [*outputs, *nested_files, *models, artifacts.best_params(cfg.out, head)],
         {"n_trials": best["n_trials"], "study_name": name, "oof_rmse": oof_rmse},
     )  # no timings: same bytes
 
 
-def _log_summary(cfg, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float) -> None:
-    """The stage's last lines: the best C and its OOF RMSE, the edge warning, the nested score and its cost."""
+def _log_summary(
+    cfg, best: dict, best_trial: float, ran: int, t_tune: float, seconds: float, t_nested: float, head: str = "svr"
+) -> None:
+    """The head's last lines: the best C and its OOF RMSE, the edge warnings, the nested score and its cost."""
+    width = f" gamma={best['gamma_x']:.3g} x {cfg.svr.gamma}" if "gamma_x" in best else ""
     log.info(
-        "svr: best C=%.4g epsilon=%.3g, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
+        "%s: best C=%.4g epsilon=%.3g%s, OOF RMSE %.4f (best trial %.4f); %d trials (%d new, %.1fs) on %d "
         "features, %s kernels, %s; %.1fs in all -> %s",
+        head,
         best["C"],
         best["epsilon"],
+        width,
         best["oof_rmse"],
         best_trial,
         best["n_trials"],
@@ -178,15 +213,28 @@ def _log_summary(cfg, best: dict, best_trial: float, ran: int, t_tune: float, se
         best["kernel_cache"],
         best["device"],
         seconds,
-        artifacts.svr_dir(cfg.out),
+        artifacts.head_dir(cfg.out, head),
     )
     if edge := studies.c_at_edge(best["C"], cfg.svr.c_min, cfg.svr.c_max):
-        log.warning("svr: %s", edge)
+        log.warning("%s: %s", head, edge)
+    if "gamma_x" in best and (
+        edge := studies.at_edge(
+            f"width (x {cfg.svr.gamma})",
+            best["gamma_x"],
+            cfg.svr.gamma_min,
+            cfg.svr.gamma_max,
+            "svr.gamma_min",
+            "svr.gamma_max",
+        )
+    ):
+        log.warning("%s: %s", head, edge)
     if "nested_rmse" in best:
         log.info(
-            "svr: nested RMSE %.4f (C per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
-            "the stage); the OOF RMSE %.4f of the C best on all folds is optimistic",
+            "%s: nested RMSE %.4f (C%s per fold chosen on the other folds' trial scores: %s; %.1fs, %.1f%% of "
+            "the head); the OOF RMSE %.4f of the parameters best on all folds is optimistic",
+            head,
             best["nested_rmse"],
+            " and width" if "nested_gamma_x" in best else "",
             ", ".join(f"{c:.3g}" for c in best["nested_C"].values()),
             t_nested,
             100 * t_nested / max(seconds, 1e-9),
@@ -195,14 +243,14 @@ def _log_summary(cfg, best: dict, best_trial: float, ran: int, t_tune: float, se
 
 
 def nested_c(
-    ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict, oof: np.ndarray
+    ctx, study, folds: list, folds_df: pd.DataFrame, y: np.ndarray, params: dict, oof: np.ndarray, head: str = "svr"
 ) -> tuple[list, dict]:
-    """svr/nested.parquet: fold k predicted with the trial whose C (and epsilon) is best on the other folds'
-    squared errors (each trial recorded them); a fold is refit only where that is not the study's best
+    """svr/nested.parquet: fold k predicted with the trial whose C (and epsilon, and width) is best on the other
+    folds' squared errors (each trial recorded them); a fold is refit only where that is not the study's best
     (``oof``: the final fits' predictions of the fold-assigned rows). Returns (files, best_params.json keys)."""
     from optuna.trial import TrialState
 
-    path = artifacts.nested_preds(ctx.out, "svr")
+    path = artifacts.nested_preds(ctx.out, head)
     remove(path)
     keys = [str(f.fold) for f in folds]
     trials = [
@@ -221,10 +269,12 @@ def nested_c(
     keep = folds_df["fold"].to_numpy() != HOLDOUT
     pred = np.full(len(y), np.nan)
     pred[keep] = oof
-    chosen = {}
+    chosen, widths = {}, {}
     for f, c in zip(folds, choice, strict=False):
-        p = {"C": float(trials[c].params["C"]), "epsilon": float(trials[c].params.get("epsilon", ctx.cfg.svr.epsilon))}
+        p = svr_space.trial_params(trials[c].params, ctx.cfg.svr)
         chosen[str(f.fold)] = p["C"]
+        if "gamma_x" in p:
+            widths[str(f.fold)] = p["gamma_x"]
         if p != params:  # its predictions with this C were not kept: one more fit of this fold
             pred[f.val_rows] = svr_head.fit_predict(p, [f], ctx.device)[f.val_rows]
     table = pd.DataFrame(
@@ -235,21 +285,16 @@ def nested_c(
         }
     )
     backend.write_table(table, path, ctx.device)
-    return [path], {"nested_rmse": rmse(pred[keep], y[keep]), "nested_C": chosen}
+    info = {"nested_rmse": rmse(pred[keep], y[keep]), "nested_C": chosen}
+    return [path], {**info, "nested_gamma_x": widths} if widths else info
 
 
 def study_name(cfg, values: str) -> str:
     """The study's name: a hash of the values it is tuned on and of the settings that change results."""
-    settings = {k: v for k, v in dataclasses.asdict(cfg.svr).items() if k not in NOT_RESULTS}
+    settings = {k: v for k, v in dataclasses.asdict(cfg.svr).items() if k not in (*NOT_RESULTS, "heads")}
     if settings["target_clip"] is None:  # the default names the studies it named before the setting existed
         del settings["target_clip"]
     return f"svr-{hashlib.blake2b((values + repr(sorted(settings.items()))).encode(), digest_size=8).hexdigest()}"
-
-
-def suggest(trial, s) -> dict:
-    """A trial's SVR parameters: C log-uniform in [c_min, c_max]; epsilon too with svr.tune_epsilon."""
-    eps = trial.suggest_float("epsilon", s.epsilon_min, s.epsilon_max, log=True) if s.tune_epsilon else s.epsilon
-    return {"C": trial.suggest_float("C", s.c_min, s.c_max, log=True), "epsilon": eps}
 
 
 def make_objective(folds: list, y: np.ndarray, s, device: str):
@@ -257,7 +302,7 @@ def make_objective(folds: list, y: np.ndarray, s, device: str):
 
     def objective(trial) -> float:
         per_fold: dict = {}  # each fold's squared errors: the nested choice of C picks per fold on the others'
-        value = svr_head.oof_rmse(suggest(trial, s), folds, y, device, per_fold)
+        value = svr_head.oof_rmse(svr_space.suggest(trial, s), folds, y, device, per_fold)
         trial.set_user_attr(FOLD_SSE, per_fold)
         return value
 
@@ -281,14 +326,16 @@ def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, track
         f"; {s.workers} local workers" if s.workers > 1 else "",
     )
     helpers = studies.start_workers(_worker, (cfg.to_dict(), study.study_name, device), s.workers - 1)
-    if mode == "precomputed":
-        svr_head.attach_kernels(folds)
+    svr_space.attach(folds, s, mode)
     try:
         with Progress(desc="svr trials", total=missing, unit="trial") as bar:
 
             def progress(study, trial) -> None:  # the study's count: local workers' trials too
                 bar.update(studies.n_complete(study) - (s.n_trials - missing) - bar.done)
-                bar.set(best=f"{study.best_value:.4f}", C=f"{study.best_params['C']:.3g}")
+                best = study.best_params
+                bar.set(best=f"{study.best_value:.4f}", C=f"{best['C']:.3g}")
+                if "gamma_x" in best:
+                    bar.set(gamma_x=f"{best['gamma_x']:.3g}")
                 if tracker is not None:
                     tracking.log_trials(tracker, study)
 
@@ -331,11 +378,7 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     ctx = Context(cfg, device)
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
     folds, _, _ = load_folds(cfg, ctx.comp, folds_df, device)
-    mode = svr_memory.resolve_kernel_cache(
-        cfg.svr.kernel_cache, folds_df["fold"].to_numpy(), cfg.svr.max_kernel_gb, device, cfg.svr.workers
-    )
-    if mode == "precomputed":
-        svr_head.attach_kernels(folds)
+    svr_space.attach(folds, cfg.svr, svr_space.cache_mode(cfg, folds_df["fold"].to_numpy(), device))
     study = studies.open_study(name, studies.open_storage(cfg), cfg.svr.seed, shared=True)
     y = ctx.comp.train[TARGET].to_numpy(np.float64)
 
@@ -345,42 +388,3 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
 
     studies.run_trials(study, make_objective(folds, y, cfg.svr, device), cfg.svr.n_trials, callbacks=[count])
     log.info("svr worker %d: %d trials", os.getpid(), ran)
-
-
-def final_fits(
-    ctx, folds: list, folds_df: pd.DataFrame, columns: list[str], params: dict, mode: str
-) -> tuple[dict[str, tuple[pd.Series, np.ndarray]], str]:
-    """Each fold's SVR with the best params, saved as arrays (head.safetensors); OOF, test and holdout
-    predictions computed from those arrays, as predict computes them."""
-    cfg, comp, device = ctx.cfg, ctx.comp, ctx.device
-    xp = backend.array_module(device)
-    held = folds_df["fold"].to_numpy() == HOLDOUT
-    tables = {"test": comp.test, **({"holdout": comp.train[held]} if held.any() else {})}
-    n = len(comp.train)
-    oof, fold_of, other = np.full(n, np.nan), np.full(n, HOLDOUT, dtype=np.int64), {s: [] for s in tables}
-    frozen: dict = {}
-    for f in folds:
-        head, model = svr_head.fit_head(f, params, columns, mode, device)
-        write_bytes(artifacts.svr_head(cfg.out, f.fold), head.to_bytes())
-        oof[f.val_rows] = np.clip(head.decision(backend.to_numpy(f.x_val)), 1, 100)
-        fold_of[f.val_rows] = f.fold
-        for split, table in tables.items():
-            sets = read_sets(cfg.out, cfg.svr.features, "test" if split == "test" else "train", f.fold, device, frozen)
-            meta = table[META_COLS].to_numpy(np.float32) if cfg.svr.use_meta else None
-            x, _ = svr_head.assemble_matrix(sets, table[ID].astype(str).tolist(), cfg.svr.features, meta, xp)
-            other[split].append(head.predict_matrix(x))
-    keep = ~held
-    preds = {"oof": (comp.train[ID][keep].astype(str), oof[keep], fold_of[keep])}
-    for split, table in tables.items():
-        preds[split] = (table[ID].astype(str), np.mean(other[split], axis=0), None)
-    return preds, f"{type(model).__module__}.{type(model).__name__}"
-
-
-def write_predictions(ctx, folds_df: pd.DataFrame, preds: dict) -> list:
-    paths = []
-    for split, (ids, values, fold) in preds.items():
-        table = pd.DataFrame({ID: ids.to_numpy(), **({"fold": fold} if fold is not None else {}), "pred": values})
-        path = artifacts.preds(ctx.out, "svr", split)
-        backend.write_table(table, path, ctx.device)
-        paths.append(path)
-    return paths
