@@ -1,4 +1,4 @@
-"""Benchmark: the SVR head's search space on real photos: C only vs C + the RBF width (vs per-set weights).
+"""Benchmark: the SVR head's search space on real photos: C only vs C + the RBF width vs + each set weighed the same.
 
     nice python bench/svr_width.py --weights /work/weights                # embed once (cached), then the table
     nice python bench/svr_width.py --weights /work/weights --embed-only   # only the embeddings
@@ -7,8 +7,11 @@ Reads ``--data`` (default ``../shared/data/clive``: 930 real photos with a crowd
 photos and their answers) and ``--weights`` (tf_efficientnet_lite0/1/2 with their classifiers, ImageNet). Writes
 one frozen-recipe experiment under ``--out`` (default ``input/bench_width``: git-ignored) whose
 ``embed.backbones`` hold each backbone (``--models``) x feature kind (pooled | logits), squash, no TTA, each
-embedded once by ``pawpular embed`` and reused by every row. Each row is ``pawpular svr`` (``--trials`` Optuna
-trials) on that folder with the row's ``svr.features`` and search-space settings; it prints per row:
+embedded once by ``pawpular embed`` (pooled and logits of a backbone from one pass) and reused by every row. Each
+row is ``pawpular svr`` (``--trials`` Optuna trials) on that folder with the row's ``svr.features`` and search
+space: C only (``svr.tune_gamma: false``, the width 'scale'), C + the width (``gamma_x`` x 'scale' in [0.01, 10]),
+and for several sets C + the width with ``svr.set_weighting: sets`` (each set weighs the same in the distance). It
+prints per row:
 
 - OOF RMSE of the best trial's parameters (optimistic: chosen on those rows), the nested RMSE (fold k predicted
   with the parameters best on the other folds: ``svr/nested.parquet``, the score to trust) and
@@ -31,11 +34,13 @@ import winners_recipe as recipe  # noqa: E402  (the same config writer and quiet
 
 from pawpular import api  # noqa: E402
 from pawpular.metrics import rmse  # noqa: E402
+from pawpular.progress import setup_logging  # noqa: E402
 
 # (label, settings): the search spaces compared on every feature group
 SPACES = [
-    ("C only (gamma = 'scale')", ["svr.tune_gamma=false"]),
-    ("C + width", ["svr.tune_gamma=true"]),
+    ("C only (gamma = 'scale')", ["svr.tune_gamma=false", "svr.set_weighting=columns"]),
+    ("C + width", ["svr.tune_gamma=true", "svr.set_weighting=columns"]),
+    ("C + width, sets weighed the same", ["svr.tune_gamma=true", "svr.set_weighting=sets"]),
 ]
 
 
@@ -58,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="lite0,lite1,lite2")
     p.add_argument("--embed-only", action="store_true")
     args = p.parse_args(argv)
+    setup_logging(False)  # the stages' log lines (embedding progress) on stderr
     if not (args.data / "answers.csv").is_file():
         sys.exit(f"{args.data}/answers.csv not found: this benchmark needs ../shared/data/clive")
     recipe.MODELS.clear()
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe.CROPPED = ()  # squash only (CLIVE's photos are square: a crop changes nothing there)
     config = recipe.write_config(args.out, args.data, args.weights)
     api.run("folds", config=str(config))
-    api.run("embed", config=str(config))
+    api.run("embed", config=str(config), set=["embed.num_workers=0"])  # decoding in the process: 2 shared cores
     if args.embed_only:
         return
     answers = pd.read_csv(args.data / "answers.csv").astype({"Id": str}).set_index("Id")["Pawpularity"]
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| features | search space | OOF RMSE | nested RMSE | test RMSE | C | width (x 'scale') |")
     print("|---|---|---|---|---|---|---|")
     for label, features in groups:
-        for space_label, space in SPACES:
+        for space_label, space in SPACES if len(features) > 1 else SPACES[:2]:  # one set: 'sets' = 'columns'
             best, test_rmse = head_scores(config, args.out, features, space, args.trials, answers)
             print(
                 f"| {label} | {space_label} | {best['oof_rmse']:.3f} | {best.get('nested_rmse', float('nan')):.3f} "
