@@ -10,8 +10,8 @@ one frozen-recipe experiment under ``--out`` (default ``input/bench_width``: git
 embedded once by ``pawpular embed`` (pooled and logits of a backbone from one pass) and reused by every row. Each
 row is ``pawpular svr`` (``--trials`` Optuna trials) on that folder with the row's ``svr.features`` and search
 space: C only (``svr.tune_gamma: false``, the width 'scale'), C + the width (``gamma_x`` x 'scale' in [0.01, 10]),
-and for several sets C + the width with ``svr.set_weighting: sets`` (each set weighs the same in the distance). It
-prints per row:
+and for several sets C + the width with ``svr.set_weighting: sets`` (each set weighs the same in the distance) and
+C + the width + epsilon (``svr.tune_epsilon``, in [0.01, 5]). It prints per row:
 
 - OOF RMSE of the best trial's parameters (optimistic: chosen on those rows), the nested RMSE (fold k predicted
   with the parameters best on the other folds: ``svr/nested.parquet``, the score to trust) and
@@ -38,9 +38,10 @@ from pawpular.progress import setup_logging  # noqa: E402
 
 # (label, settings): the search spaces compared on every feature group
 SPACES = [
-    ("C only (gamma = 'scale')", ["svr.tune_gamma=false", "svr.set_weighting=columns"]),
-    ("C + width", ["svr.tune_gamma=true", "svr.set_weighting=columns"]),
-    ("C + width, sets weighed the same", ["svr.tune_gamma=true", "svr.set_weighting=sets"]),
+    ("C only (gamma = 'scale')", ["svr.tune_gamma=false", "svr.set_weighting=columns", "svr.tune_epsilon=false"]),
+    ("C + width", ["svr.tune_gamma=true", "svr.set_weighting=columns", "svr.tune_epsilon=false"]),
+    ("C + width, sets weighed the same", ["svr.tune_gamma=true", "svr.set_weighting=sets", "svr.tune_epsilon=false"]),
+    ("C + width + epsilon", ["svr.tune_gamma=true", "svr.set_weighting=columns", "svr.tune_epsilon=true"]),
 ]
 
 
@@ -85,14 +86,14 @@ def main(argv: list[str] | None = None) -> None:
         (f"{len(models)} backbones, pooled + logits", pooled + logits),
     ]
     print(f"clive: {args.trials} Optuna trials a row; OOF is optimistic (parameters chosen on those rows)")
-    print("| features | search space | OOF RMSE | nested RMSE | test RMSE | C | width (x 'scale') |")
-    print("|---|---|---|---|---|---|---|")
+    print("| features | search space | OOF RMSE | nested RMSE | test RMSE | C | width (x 'scale') | epsilon |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, features in groups:
         for space_label, space in SPACES if len(features) > 1 else SPACES[:2]:  # one set: 'sets' = 'columns'
             best, test_rmse = head_scores(config, args.out, features, space, args.trials, answers)
             print(
                 f"| {label} | {space_label} | {best['oof_rmse']:.3f} | {best.get('nested_rmse', float('nan')):.3f} "
-                f"| {test_rmse:.3f} | {best['C']:.3g} | {best.get('gamma_x', 1.0):.3g} |",
+                f"| {test_rmse:.3f} | {best['C']:.3g} | {best.get('gamma_x', 1.0):.3g} | {best['epsilon']:.3g} |",
                 flush=True,
             )
 
