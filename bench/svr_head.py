@@ -14,7 +14,9 @@ C only) and a seeded Optuna TPE study whose objective is ``stages.svr.make_objec
 with SVR(kernel='precomputed'); with the width tuned, on exp(-gamma * d2) of the cached distances). Timed from the
 raw features to the last trial. It runs twice in one run: C only (svr.tune_gamma false, gamma='scale') and C with
 the width (``gamma_x`` x 'scale' in [--gamma-min, --gamma-max]); the printout gives their seconds per trial, their
-ratio, and the share of a trial the exp takes (timed on its own).
+ratio (each study samples its own C, and a fit's time depends on C and the width), the exp timed on its own, and
+what the width costs at equal parameters: the first ``--replay`` C-only trials fit again, in turn, on the cached
+kernels and on the exp of the cached distances at gamma_x = 1 (the same kernels).
 
 Naive loop: for each trial, for each fold, standardize the raw features (StandardScaler fit on the fold's training
 rows) and fit scikit-learn's SVR(kernel='rbf', gamma=gamma_x / (n_features * X.var())) on them - 'scale' times
@@ -36,6 +38,7 @@ scikit-learn loop.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -70,7 +73,7 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
     t0 = time.perf_counter()
     folds = [svr_head.make_fold(k, x, y, fold_of, s.gamma, device) for k in np.unique(fold_of)]
     mode = svr_space.cache_mode(SimpleNamespace(svr=s), fold_of, device)
-    svr_space.attach(folds, s, mode)
+    svr_space.attach(folds, s, mode, device)
     t_prep = time.perf_counter() - t0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=s.seed))
@@ -80,10 +83,28 @@ def fast_tuning(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, s: SvrConfig,
     if s.tune_gamma and mode == "precomputed":  # what the width adds to a trial: every fold's exp, timed alone
         t1 = time.perf_counter()
         for f in folds:
-            svr_head.kernel_of_distances(f.d_train, f.gamma * 0.3), svr_head.kernel_of_distances(f.d_val, f.gamma * 0.3)
+            with svr_head.trial_kernels(f, f.gamma * 0.3):
+                pass
         exp_s = time.perf_counter() - t1
     svr_head.detach_kernels(folds)
     return {"seconds": seconds, "prep": t_prep, "mode": mode, "study": study, "exp": exp_s}
+
+
+def replay_overhead(x: np.ndarray, y: np.ndarray, fold_of: np.ndarray, params: list[dict]) -> tuple[float, float]:
+    """Seconds a trial for the same C values fit on cached kernels (C only) and on the exp of cached distances at
+    gamma_x = 1 (the same kernels: what the width adds), trial by trial in turn so both meet the same load."""
+    folds = [svr_head.make_fold(k, x, y, fold_of, "scale", "cpu") for k in np.unique(fold_of)]
+    with_d = [dataclasses.replace(f) for f in folds]
+    svr_head.attach_kernels(folds)
+    svr_head.attach_distances(with_d)
+    seconds = {"kernels": 0.0, "distances": 0.0}
+    for p in params:
+        for label, fs, q in (("kernels", folds, p), ("distances", with_d, {**p, "gamma_x": 1.0})):
+            t0 = time.perf_counter()
+            svr_head.fit_predict(q, fs)
+            seconds[label] += time.perf_counter() - t0
+    svr_head.detach_kernels(folds + with_d)
+    return seconds["kernels"] / len(params), seconds["distances"] / len(params)
 
 
 def naive_trial(
@@ -121,6 +142,7 @@ def main() -> int:
     p.add_argument("--gamma-min", type=float, default=0.01)
     p.add_argument("--gamma-max", type=float, default=10.0)
     p.add_argument("--max-kernel-gb", type=float, default=8.0)
+    p.add_argument("--replay", type=int, default=8, help="C-only trials replayed on kernels vs distances")
     p.add_argument("--seed", type=int, default=42)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -145,7 +167,7 @@ def main() -> int:
         flush=True,
     )
 
-    per_trial = {}
+    per_trial, c_only_params = {}, []
     for label, cfg in (("C only", c_only), ("C + width", s)):
         fast = fast_tuning(x, y, fold_of, cfg, "cpu")
         trials = fast["study"].trials
@@ -160,11 +182,21 @@ def main() -> int:
         )
         if fast["exp"] is not None:
             print(f"  the exp of every fold's distances, timed alone: {fast['exp']:.2f} s a trial", flush=True)
+        else:
+            c_only_params = [t.params | {"epsilon": s.epsilon} for t in trials[: args.replay]]
     print(
         f"seconds a trial, C + width / C only: {per_trial['C + width'] / per_trial['C only']:.2f}x (each study "
         "samples its own parameters: a trial's fit time depends on them)",
         flush=True,
     )
+    if c_only_params:
+        on_k, on_d = replay_overhead(x, y, fold_of, c_only_params)
+        print(
+            f"the same {len(c_only_params)} C-only trials, in turn: {on_k:.2f} s a trial on cached kernels, "
+            f"{on_d:.2f} s on the exp of cached distances: a trial with the width costs {on_d / on_k:.2f}x a C-only "
+            "trial",
+            flush=True,
+        )
     fast_rmse = np.array([t.value for t in trials])
 
     n_naive = min(args.naive_trials or len(trials), len(trials))

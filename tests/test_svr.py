@@ -390,3 +390,32 @@ def test_killed_study_resumes_to_the_uninterrupted_sequence(tmp_path):
 
     assert done(resumed) == done(whole) and done(resumed)[6] == c  # the killed trial's C, retried
     assert len(set(done(whole))) == 14  # the seeding does not make trials repeat each other
+
+
+def test_set_weighting_sets_gives_every_set_and_the_flags_the_same_share_of_the_distance(svr_exp):
+    """svr.set_weighting: with 'sets' the z-scored columns of each set (the 12 flags as one) sum to the same
+    variance, 1 (its share of the expected squared distance); with 'columns' a set's share is its width. The
+    weights live in the shipped scaler: the stage's heads reproduce its test predictions."""
+    shares = {}
+    for weighting in ("columns", "sets"):
+        cfg = _cfg(*svr_exp, "svr.features=[model, frozen]", "svr.use_meta=true", f"svr.set_weighting={weighting}")
+        _, folds, columns = _folds(cfg)
+        var = svr_head.backend.to_numpy(folds[0].x_train).var(axis=0)
+        group = np.array([c.split("/")[0] if "/" in c else "flags" for c in columns])
+        shares[weighting] = {g: float(var[group == g].sum()) for g in ("model", "frozen", "flags")}
+    assert shares["columns"] == pytest.approx({"model": DIM, "frozen": DIM, "flags": len(META_COLS)}, rel=1e-6)
+    assert shares["sets"] == pytest.approx({"model": 1.0, "frozen": 1.0, "flags": 1.0}, rel=1e-6)
+
+    cfg = _cfg(*svr_exp, "svr.features=[model, frozen]", "svr.use_meta=true", "svr.set_weighting=sets")
+    _run(cfg)
+    comp = read_competition(cfg.data)
+    test = pd.read_parquet(artifacts.preds(cfg.out, "svr", "test"))
+    frozen = pd.read_parquet(artifacts.set_file(cfg.out, "frozen", "test", 0))
+    preds = []
+    for k in range(N_FOLDS):
+        head = SvrHead.load(artifacts.svr_head(cfg.out, k))
+        model = pd.read_parquet(artifacts.set_file(cfg.out, "model", "test", k))
+        preds.append(
+            head.predict(assemble_features({"frozen": frozen, "model": model}, comp.test, cfg.svr.features, True))
+        )
+    np.testing.assert_allclose(np.mean(preds, axis=0), test["pred"], rtol=1e-6)

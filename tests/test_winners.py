@@ -16,6 +16,7 @@ from test_select import sel_exp  # noqa: F401  (fixture)
 
 from pawpular import cli, embedding_cache, manifest, selection, svr_head
 from pawpular.config import ModelConfig, load_config
+from pawpular.data import ID
 from pawpular.dataset import EvalTransform, RandomSquare, square_crop
 from pawpular.metrics import rmse
 from pawpular.models import PretrainedWeightsError, build_frozen, data_config, frozen_description
@@ -289,3 +290,55 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     assert all(
         f"{e}/{s}: " in printed and "ms/image" in printed for e, s in (("main", "rl"), ("main", "rp"), ("start2", "rp"))
     )
+
+
+def test_one_pass_gives_pooled_and_logits_as_their_own_passes_and_the_other_kind_embeds_nothing(
+    small_competition, tmp_path, monkeypatch
+):
+    """A backbone listed as pooled and as logits runs over the photos once (2 calls: train and test) and both sets
+    equal their own passes' (the logits within float tolerance); another experiment asking for the other kind of a
+    set one pass already gave embeds nothing."""
+    import yaml
+    from test_frozen import FROZEN
+
+    from pawpular.inference import Policy
+    from pawpular.runner import Context
+    from pawpular.stages import embed
+
+    path = _weights(tmp_path / "r.safetensors")
+    kw = {"model": "resnet18", "kwargs": TINY_RESNET, "pretrained": str(path), "img_size": 48}
+    rp = {"name": "rp", **kw}
+    rl = {**rp, "name": "rl", "kwargs": {**TINY_RESNET, "num_classes": 10}, "output": "logits"}
+    calls = []
+    real = embed.run_backbone
+    monkeypatch.setattr(embed, "run_backbone", lambda *a, **k: (calls.append(k.get("both")), real(*a, **k))[1])
+
+    def run(out: Path, sets: list[dict]) -> None:
+        flow = yaml.safe_dump(sets, default_flow_style=True).strip()
+        extra = ["folds.n_folds=3", "embed.num_workers=0", f"embed.backbones={flow}"]
+        extra.append(f"svr.features=[{', '.join(s['name'] for s in sets)}]")
+        for stage in ("folds", "embed"):
+            argv = ["--config", str(FROZEN), "--data", str(small_competition), "--output", str(out)]
+            assert cli.main([stage, *argv, *[a for s in extra for a in ("--set", s)]]) == 0
+
+    a, b = tmp_path / "root" / "a", tmp_path / "root" / "b"
+    run(a, [rp, rl])
+    assert calls == [True, True]  # one pass (train, test) made both sets
+    run(b, [rl])  # the other kind of a set a made: nothing to embed
+    assert calls == [True, True]
+    tables = {(o, n): pd.read_parquet(o / "emb" / n / "train.parquet") for o, n in ((a, "rp"), (a, "rl"), (b, "rl"))}
+    pd.testing.assert_frame_equal(tables[(a, "rl")], tables[(b, "rl")])
+
+    # each set as its own pass computes it (the model built for its kind alone)
+    flow = yaml.safe_dump([rp, rl], default_flow_style=True).strip()
+    sets = ["folds.n_folds=3", "embed.num_workers=0", f"embed.backbones={flow}", "svr.features=[rp, rl]"]
+    ctx = Context(load_config(FROZEN, sets, data_dir=str(small_competition), output_dir=str(a)), "cpu")
+    for unit in embed.units(ctx):
+        name = unit.name
+        own, _, _ = embed._compute(ctx, unit, Policy())
+        assert calls[-1] is False  # a pass of its own
+        mine = tables[(a, name)]
+        assert list(own["train"][ID]) == list(mine[ID])
+        width = 10 if name == "rl" else 128
+        assert mine.shape[1] == width + 1
+        np.testing.assert_allclose(own["train"].drop(columns=ID), mine.drop(columns=ID), rtol=1e-5, atol=1e-5)

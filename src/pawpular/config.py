@@ -131,6 +131,10 @@ class SvrConfig:
     gamma_min: float = 0.01
     gamma_max: float = 10.0
     use_meta: bool = False
+    # How the feature sets weigh in the RBF distance after z-scoring: columns (each column the same, so a set in
+    # proportion to its width) | sets (each embedding set, and the 12 flags as one more, the same: its columns
+    # scaled by 1/sqrt(width)).
+    set_weighting: Literal["columns", "sets"] = "columns"
     # auto: precomputed RBF kernels when they fit in max_kernel_gb; plain: refit from features every trial.
     kernel_cache: Literal["auto", "precomputed", "plain"] = "auto"
     # What tuning may hold on this machine (its GPU, with cuML): every local worker's kernels (svr.workers) plus,

@@ -106,17 +106,18 @@ def provide(
     policy: dict,
     compute: Callable[[], tuple[dict[str, Any], dict]],
     write: Callable[[Any, Path], None],
+    fresh: bool = False,
 ) -> str:
     """Make ``folder`` (an experiment's ``emb/<set>``) hold the set: the cached entry's files when it is done
-    (and --overwrite was not asked), else freshly computed ones written into the entry first. ``compute()``
-    returns ({split: table}, info) on every rank; ``write(table, path)`` writes one table. Returns "reused" or
-    "computed". The caller has cleared ``folder``'s manifest."""
+    (and --overwrite was not asked, or ``fresh``: this run wrote it, ``store``), else freshly computed ones written
+    into the entry first. ``compute()`` returns ({split: table}, info) on every rank; ``write(table, path)`` writes
+    one table. Returns "reused" or "computed". The caller has cleared ``folder``'s manifest."""
     entry = entry_of(ctx.out, config, inputs, policy)
     main = ctx.dist.main
     read_only = main and _read_only(entry)  # a cache attached read-only: its finished sets are read unlocked
     with entry_lock(entry, f"embed {ctx.out}") if main and not read_only else contextlib.nullcontext():
         ctx.dist.barrier()  # rank 0 holds the lock: every rank sees the same entry
-        record = None if ctx.cfg.overwrite else done_entry(entry, config, inputs, policy)
+        record = None if ctx.cfg.overwrite and not fresh else done_entry(entry, config, inputs, policy)
         how = REUSED if record is not None else COMPUTED
         if record is None and read_only:
             raise UsageError(
@@ -133,6 +134,22 @@ def provide(
         if main:
             _link(ctx.out, folder, entry, config, inputs, record)
     return how
+
+
+def store(
+    ctx: Any, config: dict, inputs: dict, policy: dict, tables: dict, write: Callable[[Any, Path], None], info: dict
+) -> str | None:
+    """Write a set that a pass computed beside another (``embed``'s pooled + logits from one pass) as an entry of
+    its own, for whichever experiment asks for it next; no experiment folder links to it here. Skipped when its
+    entry is done (unless --overwrite). Returns the entry's key when written (rank 0), else None."""
+    if not ctx.dist.main:
+        return None
+    entry = entry_of(ctx.out, config, inputs, policy)
+    with entry_lock(entry, f"embed {ctx.out}"):
+        if not ctx.cfg.overwrite and done_entry(entry, config, inputs, policy) is not None:
+            return None
+        _write_entry(entry, config, inputs, policy, tables, write, {**info, "made_by": str(Path(ctx.out).resolve())})
+    return entry.name
 
 
 def _write_entry(

@@ -163,6 +163,7 @@ def input_dtype(model: torch.nn.Module) -> torch.dtype:
 class Outputs:
     pred: np.ndarray | None = None  # Pawpularity 0-100 (float64), one per image
     emb: np.ndarray | None = None  # pooled pre-logit features [N, D] (float32)
+    logits: np.ndarray | None = None  # with ``both``: the classifier's outputs [N, C] (float32), TTA as ``emb``
 
 
 @torch.inference_mode()
@@ -174,11 +175,14 @@ def forward_batches(
     *,
     pred_tta: bool | None = None,
     emb_tta: bool | None = None,
+    both: bool = False,
     desc: str = "",
 ) -> Outputs:
     """Run ``model`` (a PawModel) over ``batches`` (dicts of image, meta) in order.
 
     ``pred_tta`` / ``emb_tta``: None = not wanted, False = plain, True = averaged with the mirror image.
+    ``both`` (a model built with its classifier, ``emb_tta`` set): the pooled features and the classifier's outputs
+    from one pass (``PawModel.embed_both``), each averaged with the mirror image's as ``emb_tta`` says.
     """
     from .progress import progress
 
@@ -188,13 +192,17 @@ def forward_batches(
     fmt = torch.channels_last if policy.channels_last else torch.contiguous_format
     if policy.channels_last:  # the weights in the policy's layout too (a no-op where they have it already)
         model.to(memory_format=fmt)
-    preds, embs = [], []
+    preds, embs, logits = [], [], []
+
+    def embed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return model.embed_both(x) if both else (model.embed(x), None)
+
     for batch in progress(batches, desc=desc, unit="batch"):
         x = batch["image"].to(device, dtype=dtype, non_blocking=True, memory_format=fmt)
         meta = torch.as_tensor(batch["meta"]).to(device, non_blocking=True).float()
         with autocast(device.type, policy.precision):
-            e = model.embed(x)
-            flipped = model.embed(x.flip(3)) if (pred_tta or emb_tta) else None
+            e, e_logits = embed(x)
+            flipped, f_logits = embed(x.flip(3)) if (pred_tta or emb_tta) else (None, None)
             if pred_tta is not None:
                 prob = torch.sigmoid(model.head_logits(e, meta).float())
                 if pred_tta:
@@ -203,9 +211,13 @@ def forward_batches(
             if emb_tta is not None:
                 emb = e.float() if not emb_tta else (e.float() + flipped.float()) / 2
                 embs.append(emb.cpu().numpy())
+                if both:
+                    out = e_logits.float() if not emb_tta else (e_logits.float() + f_logits.float()) / 2
+                    logits.append(out.cpu().numpy())
     return Outputs(
         np.concatenate(preds) if pred_tta is not None else None,
         np.concatenate(embs).astype(np.float32) if emb_tta is not None else None,
+        np.concatenate(logits).astype(np.float32) if both and emb_tta is not None else None,
     )
 
 
@@ -219,6 +231,7 @@ def run_backbone(
     num_workers: int = 0,
     pred_tta: bool | None = None,
     emb_tta: bool | None = None,
+    both: bool = False,
     dist: Dist | None = None,
     desc: str = "",
 ) -> Outputs:
@@ -236,8 +249,11 @@ def run_backbone(
             num_workers=num_workers,
             pin_memory=torch.device(device).type == "cuda",
         )
-        out = forward_batches(model, loader, device, policy, pred_tta=pred_tta, emb_tta=emb_tta, desc=desc)
-    return Outputs(dist.gather(idx, out.pred, len(dataset)), dist.gather(idx, out.emb, len(dataset)))
+        out = forward_batches(model, loader, device, policy, pred_tta=pred_tta, emb_tta=emb_tta, both=both, desc=desc)
+    gathered = Outputs(dist.gather(idx, out.pred, len(dataset)), dist.gather(idx, out.emb, len(dataset)))
+    if both:
+        gathered.logits = dist.gather(idx, out.logits, len(dataset))
+    return gathered
 
 
 def predict(

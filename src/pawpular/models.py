@@ -58,6 +58,12 @@ class PawModel(nn.Module):
         x = self.backbone.forward_features(image)
         return self.backbone.forward_head(x, pre_logits=not self.logits)
 
+    def embed_both(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled pre-logit features, the classifier's outputs) from one ``forward_features``: what ``embed`` gives
+        without and with ``logits`` (a backbone built with its classifier)."""
+        x = self.backbone.forward_features(image)
+        return self.backbone.forward_head(x, pre_logits=True), self.backbone.forward_head(x, pre_logits=False)
+
     def forward(self, image: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B]; sigmoid(logit) * 100 is the predicted Pawpularity."""
         return self.head_logits(self.embed(image), meta)

@@ -6,10 +6,12 @@
     head, estimator = fit_head(fold, params, columns, mode, device)
     head.to_bytes() / SvrHead.load(path) / head.predict(features)   # svr/fold{k}/head.safetensors; predict
 
-**Features.** An embedding table is ``Id`` + ``e0..e{D-1}`` (float32), one row per image
-(``emb/<set>/{train,test}.parquet``). The SVR's input is the listed sets' tables joined on Id, side by side
-(``<set>/e<j>`` columns), plus the 12 metadata flags with ``svr.use_meta``: the same code for the SVR stage,
-``select`` and ``predict``.
+**Features** (``svr_features.py``, re-exported here). An embedding table is ``Id`` + ``e0..e{D-1}`` (float32), one
+row per image (``emb/<set>/{train,test}.parquet``). The SVR's input is the listed sets' tables joined on Id, side by
+side (``<set>/e<j>`` columns), plus the 12 metadata flags with ``svr.use_meta``: the same code for the SVR stage,
+``select`` and ``predict``. Each column is z-scored on the fold's training rows; with ``svr.set_weighting: sets``
+it is then multiplied by 1/sqrt(its set's width), so every set (the flags as one) weighs the same in the RBF
+distance. The weight is folded into the scaler's ``scale``, so what ships and how predict computes are unchanged.
 
 **Fitting.** Each fold has a reference RBF width (``svr.gamma``: 'scale' = 1 / (n_features * X_train.var()) as
 scikit-learn defines it, 'auto' = 1 / n_features, or a number); a trial's width is that reference times its
@@ -33,9 +35,11 @@ embedding tables: ``embedding_sets.read_sets``) and writes none (``to_bytes`` gi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Sequence
+import queue
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,12 +49,16 @@ import numpy as np
 import pandas as pd
 
 from . import backend
-from .data import ID, META_COLS
-from .errors import ArtifactError, env_number
+from .errors import env_number
 from .files import read_safetensors, safetensors_bytes
 from .metrics import rmse
 
-# the kernel maths, re-exported: the stage, predict and the tests name them here
+# the features and the kernel maths, re-exported: the stage, predict and the tests name them here
+from .svr_features import WEIGHTINGS as WEIGHTINGS
+from .svr_features import assemble_features as assemble_features
+from .svr_features import assemble_matrix as assemble_matrix
+from .svr_features import embedding_table as embedding_table
+from .svr_features import set_weights as set_weights
 from .svr_kernel import RbfKernel as RbfKernel
 from .svr_kernel import kernel_of_distances as kernel_of_distances
 from .svr_kernel import rbf_kernel as rbf_kernel
@@ -61,51 +69,6 @@ LO, HI = 1.0, 100.0  # Pawpularity range: predictions are clipped to it
 Array = Any  # numpy.ndarray on CPU, cupy.ndarray on a RAPIDS GPU
 FORMAT = "pawpular-svr-head/1"
 ROWS_PER_BLOCK = 2048  # rows of the kernel computed at once at predict: 2048 x 10,000 support vectors = 160 MB
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Features: embedding tables side by side
-
-
-def embedding_table(ids: Sequence[str], emb: np.ndarray) -> pd.DataFrame:
-    """The on-disk layout of embeddings: ``Id`` + ``e0..e{D-1}``."""
-    cols = {f"e{j}": emb[:, j] for j in range(emb.shape[1])}
-    return pd.DataFrame({ID: list(ids), **cols})
-
-
-def assemble_matrix(
-    sets: dict[str, Any], ids: Sequence[str], names: Sequence[str], meta: np.ndarray | None = None, xp: Any = np
-) -> tuple[Array, list[str]]:
-    """Rows ``ids`` of the embedding tables ``sets[name]`` side by side (+ ``meta``), with their column names."""
-    blocks, columns = [], []
-    for name in names:
-        table = sets[name]
-        have = pd.Index(backend.column_values(table, ID).astype(str))
-        if not have.is_unique:
-            raise ArtifactError(f"embedding set {name!r} has duplicated Ids, e.g. {have[have.duplicated()][0]!r}")
-        pos = have.get_indexer(pd.Index(ids))
-        if (pos < 0).any():
-            missing = [ids[i] for i in np.flatnonzero(pos < 0)[:3]]
-            raise ArtifactError(
-                f"embedding set {name!r} lacks {int((pos < 0).sum())} Ids, e.g. {missing}: rerun `pawpular embed`"
-            )
-        cols = [c for c in table.columns if c != ID]
-        blocks.append(backend.table_matrix(table, cols)[xp.asarray(pos)])
-        columns += [f"{name}/{c}" for c in cols]
-    if meta is not None:
-        blocks.append(xp.asarray(meta, dtype=np.float32))
-        columns += list(META_COLS)
-    return xp.concatenate(blocks, axis=1), columns
-
-
-def assemble_features(
-    sets: dict[str, pd.DataFrame], table: pd.DataFrame, names: Sequence[str], use_meta: bool
-) -> pd.DataFrame:
-    """The SVR's input for the rows of ``table`` (Id + flags) as a named table: what ``SvrHead.predict`` takes."""
-    ids = table[ID].astype(str).tolist()
-    meta = table[META_COLS].to_numpy(np.float32) if use_meta else None
-    x, columns = assemble_matrix(sets, ids, names, meta)
-    return pd.DataFrame(x, columns=columns, index=table.index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -120,10 +83,14 @@ class Standardizer:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, x: Array) -> Standardizer:
+    def fit(cls, x: Array, weight: np.ndarray | None = None) -> Standardizer:
+        """``weight`` (per column, e.g. ``set_weights``): each z-scored column is multiplied by it (its scale divided),
+        so a column's share of the RBF distance is weight^2; what ships is still a mean and a scale."""
         x = x.astype(np.float64)
         scale = backend.to_numpy(x.std(axis=0))
         scale[scale < 1e-12] = 1.0
+        if weight is not None:
+            scale = scale / np.asarray(weight, np.float64)
         return cls(backend.to_numpy(x.mean(axis=0)), scale)
 
     def transform(self, x: Array) -> Array:
@@ -267,6 +234,7 @@ class FoldData:
     n_rows: int = 0  # rows of the whole train table (holdout included)
     d_train: Array | None = None  # squared distances x_train - x_train (attach_distances)
     d_val: Array | None = None  # squared distances x_val - x_train
+    buffers: Any = None  # attach_distances: a queue of kernel buffers the folds a trial fits at once share
 
 
 def make_fold(
@@ -277,8 +245,10 @@ def make_fold(
     gamma: float | str,
     device: str,
     target_clip: Sequence[float] | None = None,
+    weight: np.ndarray | None = None,
 ) -> FoldData:
-    """Split the train matrix ``x`` (rows = train table) by ``fold_of``; standardize on the training rows.
+    """Split the train matrix ``x`` (rows = train table) by ``fold_of``; standardize on the training rows (each
+    column then multiplied by ``weight``, ``set_weights``).
 
     Training rows are the other folds' (fold_of >= 0 and != fold): holdout rows (fold -1) are never fit on.
     ``target_clip`` ([low, high], svr.target_clip): the SVR is fit on the target clipped to it; scores
@@ -289,7 +259,7 @@ def make_fold(
     val = np.flatnonzero(fold_of == fold)
     tr = np.flatnonzero((fold_of != fold) & (fold_of >= 0))
     rows = x[xp.asarray(tr)]
-    scaler = Standardizer.fit(rows)
+    scaler = Standardizer.fit(rows, weight)
     x_train = scaler.transform(rows)
     y_train = np.asarray(y[tr], np.float64) if target_clip is None else np.clip(y[tr], *target_clip).astype(np.float64)
     return FoldData(
@@ -311,17 +281,39 @@ def attach_kernels(folds: Sequence[FoldData]) -> None:
         f.k_val = rbf_kernel(f.x_val, f.x_train, f.gamma)
 
 
-def attach_distances(folds: Sequence[FoldData]) -> None:
-    """Cache each fold's squared distances: a trial of any width then costs an element-wise exp and a fit."""
+def attach_distances(folds: Sequence[FoldData], device: str = "cpu") -> None:
+    """Cache each fold's squared distances: a trial of any width then costs an element-wise exp and a fit. The
+    exp is written into one of ``_n_jobs`` buffers kept for the whole study (a fresh matrix every trial would
+    fault in its pages again: several times the exp itself on a busy machine)."""
+    xp = backend.array_module(device)
+    size = max(len(f.x_train) * (len(f.x_train) + len(f.x_val)) for f in folds)
+    pool: queue.Queue = queue.Queue()
+    for _ in range(_n_jobs(device, len(folds))):
+        pool.put(xp.empty(size, np.float64))
     for f in folds:
         f.d_train = squared_distances(f.x_train, f.x_train)
         f.d_val = squared_distances(f.x_val, f.x_train)
+        f.buffers = pool
+
+
+@contextlib.contextmanager
+def trial_kernels(f: FoldData, gamma: float) -> Iterator[tuple[Array, Array]]:
+    """The fold's (train x train, validation x train) kernels at ``gamma`` from its cached distances, in a buffer
+    held until the block ends."""
+    buf = f.buffers.get()
+    try:
+        n, m = f.d_train.shape[0], f.d_val.shape[0]
+        k_train = kernel_of_distances(f.d_train, gamma, out=buf[: n * n].reshape(n, n))
+        k_val = kernel_of_distances(f.d_val, gamma, out=buf[n * n : n * (n + m)].reshape(m, n))
+        yield k_train, k_val
+    finally:
+        f.buffers.put(buf)
 
 
 def detach_kernels(folds: Sequence[FoldData]) -> None:
     """Drop whatever ``attach_kernels`` or ``attach_distances`` cached."""
     for f in folds:
-        f.k_train = f.k_val = f.d_train = f.d_val = None
+        f.k_train = f.k_val = f.d_train = f.d_val = f.buffers = None
 
 
 def split_params(params: dict) -> tuple[dict, float]:
@@ -351,8 +343,10 @@ def fit_predict(params: dict, folds: Sequence[FoldData], device: str = "cpu") ->
     def fit_fold(f: FoldData) -> np.ndarray:
         gamma = f.gamma * gamma_x
         if f.d_train is not None:
-            k_train, k_val = kernel_of_distances(f.d_train, gamma), kernel_of_distances(f.d_val, gamma)
-        elif f.k_train is not None:
+            with trial_kernels(f, gamma) as (k_train, k_val):
+                model = backend.build_svr(device, kernel="precomputed", **svr_params).fit(k_train, f.y_train)
+                return backend.to_numpy(model.predict(k_val))
+        if f.k_train is not None:
             if gamma_x != 1.0:
                 raise ValueError(f"fold {f.fold}: kernels cached at the reference width, asked gamma_x={gamma_x}")
             k_train, k_val = f.k_train, f.k_val

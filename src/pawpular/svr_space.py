@@ -50,7 +50,9 @@ def cache_mode(cfg: Any, fold_of: np.ndarray, device: str) -> str:
     )
 
 
-def attach(folds: list, s: Any, mode: str) -> None:
+def attach(folds: list, s: Any, mode: str, device: str = "cpu") -> None:
     """What a trial reads cached: squared distances with a tuned width, kernels with a fixed one."""
-    if mode == "precomputed":
-        (svr_head.attach_distances if s.tune_gamma else svr_head.attach_kernels)(folds)
+    if mode == "precomputed" and s.tune_gamma:
+        svr_head.attach_distances(folds, device)
+    elif mode == "precomputed":
+        svr_head.attach_kernels(folds)

@@ -14,7 +14,11 @@ Run     pawpular embed --config configs/default.yaml
 
 Embeddings are the pooled pre-logit features (``forward_features`` + ``forward_head(pre_logits=True)``), or with
 ``output: logits`` (a frozen set) the outputs of its weight file's own classifier, averaged with the mirror image's
-with hflip TTA, computed by ``inference.run_backbone`` (the path predict uses). Each folder
+with hflip TTA, computed by ``inference.run_backbone`` (the path predict uses). One pass gives both kinds: a frozen
+backbone of embed.backbones with a weight file (not ``pretrained: none``) and no embed.compress is run once with
+its classifier, and the set of the other kind (the same entry but for ``output``) is written to the shared cache
+too, so listing both kinds, or asking for the other kind later in any experiment, embeds nothing more (a file
+without a classifier gives the pooled set alone). Each folder
 has a manifest keyed on its checkpoint's bytes (or the frozen backbone's settings and weight file), every photo,
 the transform, TTA and compression: a rerun with the same key says "cached"; any change recomputes that folder.
 A set is computed once for every experiment under the same output root (``embedding_cache``: the files are hard
@@ -30,6 +34,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import artifacts, backend, budget, embedding_cache, manifest
 from ..compress import compress_model
@@ -41,6 +46,7 @@ from ..files import ArtifactError, MissingArtifact, file_digest
 from ..frozen_key import weights_gone
 from ..inference import Policy, run_backbone
 from ..models import (
+    PretrainedWeightsError,
     build_frozen,
     build_model,
     check_buildable,
@@ -93,6 +99,7 @@ class EmbeddingSet:
     folder: Path
     checkpoint: Path | None = None
     model_cfg: ModelConfig | None = None
+    listed: bool = False  # a frozen backbone of embed.backbones (its other output kind can come from its pass)
 
     def data_cfg(self) -> dict:
         if self.checkpoint is not None:
@@ -121,7 +128,7 @@ _NAMES: dict[str, str] = {}  # checkpoint digest -> its timm model name
 def units(ctx) -> list[EmbeddingSet]:
     cfg, out = ctx.cfg, ctx.out
     found = [
-        EmbeddingSet(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b))
+        EmbeddingSet(b.name, artifacts.emb_dir(out, backbone=b.name), model_cfg=backbone_model_config(b), listed=True)
         for b in backbone_configs(cfg)
     ]
     # as written: a stale folds.csv is the folds stage's verdict, not a data error
@@ -195,9 +202,11 @@ def run(ctx) -> Result:
     policy = Policy.for_run(ctx.device, cfg.embed.precision, cfg.embed.channels_last)
     status: dict[str, str] = {}
     outputs: list[Path] = []
+    fresh: set[str] = set()  # cache entries this run computed: a set's other kind, from the set's own pass
     for unit in units(ctx):
         p = unit_plan(ctx, unit)
         path = unit.folder / "manifest.json"
+        key = embedding_cache.cache_key(p.config, p.inputs, policy.to_dict())
         if manifest.verdict(path, ctx.out, p.config, p.inputs).done and not cfg.overwrite:
             status[unit.name] = "cached"
         else:
@@ -214,9 +223,12 @@ def run(ctx) -> Result:
                 p.config,
                 p.inputs,
                 policy.to_dict(),
-                lambda u=unit: _compute(ctx, u, policy),
+                lambda u=unit: _compute_kinds(ctx, u, policy, fresh),
                 lambda table, dst: backend.write_table(table, dst, ctx.device),
+                fresh=key in fresh,
             )
+            if key in fresh:
+                status[unit.name] = "computed (one pass with its other kind)"
         outputs += [unit.folder / f"{s}.parquet" for s in artifacts.SPLITS] + [path]  # its record: never done without
     cached = [k for k, v in status.items() if v == "cached"]
     if cached:
@@ -231,16 +243,68 @@ def run(ctx) -> Result:
     return Result(outputs, info, cached=all(v == "cached" for v in status.values()))
 
 
-def _compute(ctx, unit: EmbeddingSet, policy: Policy) -> tuple[dict, dict]:
-    """The set's tables ({split: table}) and what its manifest says of them, on every rank."""
+def other_kind(ctx, unit: EmbeddingSet) -> EmbeddingSet | None:
+    """The set of the other output kind that ``unit``'s pass can give too: a listed frozen backbone with a weight
+    file, embedded uncompressed (pruning or int8 would treat its classifier as one more layer)."""
+    m = unit.model_cfg
+    if not unit.listed or m is None or m.pretrained == "none" or ctx.cfg.embed.compress != "none":
+        return None
+    kind = "logits" if m.output == "pooled" else "pooled"
+    other = _same_but_output(m, kind)
+    for b in backbone_configs(ctx.cfg):  # a listed set of the other kind (its own num_classes) is the one to give
+        listed = backbone_model_config(b)
+        if listed.output == kind and _same_but_output(listed, "pooled") == _same_but_output(m, "pooled"):
+            other = listed
+    return EmbeddingSet(f"{unit.name} ({kind})", unit.folder, model_cfg=other)
+
+
+def _same_but_output(m: ModelConfig, output: str) -> ModelConfig:
+    """``m`` as a set of kind ``output``: a pooled set's kwargs hold no num_classes (its build sets 0)."""
+    kwargs = {k: v for k, v in m.kwargs.items() if output == "logits" or k != "num_classes"}
+    return dataclasses.replace(m, output=output, kwargs=kwargs)
+
+
+def _compute_kinds(ctx, unit: EmbeddingSet, policy: Policy, fresh: set[str]) -> tuple[dict, dict]:
+    """``_compute`` of ``unit``, and where one pass gives its other kind, that set stored in the shared cache (its
+    key added to ``fresh``)."""
+    other = other_kind(ctx, unit)
+    classifier = unit.model_cfg if other is None or unit.model_cfg.output == "logits" else other.model_cfg
+    if other is not None:
+        try:
+            model = build_frozen(classifier)
+        except PretrainedWeightsError as e:  # the file has no classifier: the pooled set alone
+            log.info("%s: no logits from this pass (%s)", unit.name, str(e).splitlines()[0])
+            other, model = None, None
+    tables, info, extra = _compute(ctx, unit, policy, model if other is not None else None)
+    if other is not None:
+        p = unit_plan(ctx, other)
+        kind = other.model_cfg.output
+        info_other = {**info, "output": kind, "dim": int(extra.get("dim", 0))}
+        embedding_cache.store(
+            ctx,
+            p.config,
+            p.inputs,
+            policy.to_dict(),
+            extra["tables"],
+            lambda table, dst: backend.write_table(table, dst, ctx.device),
+            info_other,
+        )
+        fresh.add(embedding_cache.cache_key(p.config, p.inputs, policy.to_dict()))
+    return tables, info
+
+
+def _compute(ctx, unit: EmbeddingSet, policy: Policy, both: Any = None) -> tuple[dict, dict, dict]:
+    """The set's tables ({split: table}) and what its manifest says of them, on every rank; with ``both`` (the
+    backbone built with its classifier) also the other kind's tables from the same pass ({"tables", "dim"})."""
     cfg, comp = ctx.cfg, ctx.comp
     dev = torch_device(ctx.device, ctx.dist)
     if unit.checkpoint is not None:
         model, data_cfg = load_checkpoint(unit.checkpoint, dev)
     else:
-        model, data_cfg = build_frozen(unit.model_cfg).to(dev).eval(), unit.data_cfg()
+        model, data_cfg = (both if both is not None else build_frozen(unit.model_cfg)).to(dev).eval(), unit.data_cfg()
     model = compress_model(model, cfg.embed.compress, ctx.device)
-    t0, tables = time.time(), {}
+    logits_first = unit.model_cfg is not None and unit.model_cfg.output == "logits"
+    t0, tables, others = time.time(), {}, {}
     for split, df in (("train", comp.train), ("test", comp.test)):
         ds = eval_dataset(df, comp.root / split, data_cfg)
         emb = run_backbone(
@@ -251,30 +315,41 @@ def _compute(ctx, unit: EmbeddingSet, policy: Policy) -> tuple[dict, dict]:
             batch_size=cfg.embed.batch_size,
             num_workers=cfg.embed.num_workers,
             emb_tta=cfg.embed.tta_hflip,
+            both=both is not None,
             dist=ctx.dist,
             desc=f"{unit.name}/{split}",
-        ).emb
-        tables[split] = embedding_table(ds.ids, emb)
+        )
+        if both is None:
+            tables[split] = embedding_table(ds.ids, emb.emb)
+        else:  # pooled and logits of one pass: the unit's kind, and the other for the shared cache
+            mine, other = (emb.logits, emb.emb) if logits_first else (emb.emb, emb.logits)
+            tables[split], others[split] = embedding_table(ds.ids, mine), embedding_table(ds.ids, other)
     seconds, n = time.time() - t0, sum(len(t) for t in tables.values())
     log.info(
-        "%s: %d images -> %d-dim embeddings in %.1fs (%.0f img/s)",
+        "%s: %d images -> %d-dim embeddings%s in %.1fs (%.0f img/s)",
         unit.folder,
         n,
         tables["train"].shape[1] - 1,
+        f" (and {others['train'].shape[1] - 1}-dim of the other kind, one pass)" if others else "",
         seconds,
         n / max(seconds, 1e-9),
     )
     output = unit.model_cfg.output if unit.model_cfg is not None else "pooled"
-    return tables, {
-        "policy": policy.to_dict(),
-        "device": ctx.device,
-        "dim": int(tables["train"].shape[1] - 1),
-        "images": n,
-        "source": "finetuned" if unit.checkpoint else "frozen",
-        "backbone": unit.backbone(),
-        "output": output,
-        "square": data_cfg.get("square", "squash"),
-        # the inference budget (select --budget-hours): measured here, decoding and TTA included
-        "images_per_second": round(n / max(seconds, 1e-9), 2),
-        "machine": budget.machine_name(ctx.device),
-    }
+    extra = {"tables": others, "dim": others["train"].shape[1] - 1} if others else {}
+    return (
+        tables,
+        {
+            "policy": policy.to_dict(),
+            "device": ctx.device,
+            "dim": int(tables["train"].shape[1] - 1),
+            "images": n,
+            "source": "finetuned" if unit.checkpoint else "frozen",
+            "backbone": unit.backbone(),
+            "output": output,
+            "square": data_cfg.get("square", "squash"),
+            # the inference budget (select --budget-hours): measured here, decoding and TTA included
+            "images_per_second": round(n / max(seconds, 1e-9), 2),
+            "machine": budget.machine_name(ctx.device),
+        },
+        extra,
+    )

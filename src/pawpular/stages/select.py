@@ -121,15 +121,22 @@ class TrainSets:
         return sorted(k for k in np.unique(self.fold_of).tolist() if k >= 0)
 
     def folds(
-        self, names: Sequence[str], gamma: float | str, device: str, target_clip: Sequence[float] | None = None
+        self,
+        names: Sequence[str],
+        gamma: float | str,
+        device: str,
+        target_clip: Sequence[float] | None = None,
+        weighting: str = "columns",
     ) -> list[svr_head.FoldData]:
-        """The SVR stage's folds (standardized per fold, gamma per fold) for the sets ``names`` concatenated."""
+        """The SVR stage's folds (standardized per fold, each set weighed by ``weighting``, gamma per fold) for the
+        sets ``names`` concatenated."""
         xp = backend.array_module(device)
         out = []
         for k in self.fold_ids:
             sets = {n: self.tables[(n, k)] for n in names}
-            x, _ = svr_head.assemble_matrix(sets, self.ids, names, self.meta, xp)
-            out.append(svr_head.make_fold(k, x, self.y, self.fold_of, gamma, device, target_clip))
+            x, columns = svr_head.assemble_matrix(sets, self.ids, names, self.meta, xp)
+            weight = svr_head.set_weights(columns, weighting)
+            out.append(svr_head.make_fold(k, x, self.y, self.fold_of, gamma, device, target_clip, weight))
         return out
 
 
@@ -143,7 +150,7 @@ def score_sets(
 ) -> tuple[float, float]:
     """(OOF RMSE, C) of the SVR head on the sets ``names``; ``mode``: 'precomputed' caches each fold's kernels;
     ``preds``: see ``tune_c``."""
-    folds = data.folds(names, cfg.svr.gamma, device, cfg.svr.target_clip)
+    folds = data.folds(names, cfg.svr.gamma, device, cfg.svr.target_clip, cfg.svr.set_weighting)
     if mode == "precomputed":
         svr_head.attach_kernels(folds)
     return tune_c(folds, data.y, c_grid(cfg.svr.c_min, cfg.svr.c_max), cfg.svr.epsilon, device, preds)

@@ -119,7 +119,8 @@ def load_folds(cfg, comp, folds_df: pd.DataFrame, device: str) -> tuple[list[svr
             read_sets(cfg.out, cfg.svr.features, "train", k, device, frozen), ids, cfg.svr.features, meta, xp
         )
         h.update(np.ascontiguousarray(backend.to_numpy(x)).tobytes())
-        folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device, cfg.svr.target_clip))
+        weight = svr_head.set_weights(columns, cfg.svr.set_weighting)
+        folds.append(svr_head.make_fold(k, x, y, fold_of, cfg.svr.gamma, device, cfg.svr.target_clip, weight))
         del x
     return folds, columns, h.hexdigest()
 
@@ -326,7 +327,7 @@ def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, track
         f"; {s.workers} local workers" if s.workers > 1 else "",
     )
     helpers = studies.start_workers(_worker, (cfg.to_dict(), study.study_name, device), s.workers - 1)
-    svr_space.attach(folds, s, mode)
+    svr_space.attach(folds, s, mode, device)
     try:
         with Progress(desc="svr trials", total=missing, unit="trial") as bar:
 
@@ -378,7 +379,7 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     ctx = Context(cfg, device)
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
     folds, _, _ = load_folds(cfg, ctx.comp, folds_df, device)
-    svr_space.attach(folds, cfg.svr, svr_space.cache_mode(cfg, folds_df["fold"].to_numpy(), device))
+    svr_space.attach(folds, cfg.svr, svr_space.cache_mode(cfg, folds_df["fold"].to_numpy(), device), device)
     study = studies.open_study(name, studies.open_storage(cfg), cfg.svr.seed, shared=True)
     y = ctx.comp.train[TARGET].to_numpy(np.float64)
 
