@@ -398,7 +398,9 @@ def test_set_weighting_sets_gives_every_set_and_the_flags_the_same_share_of_the_
     weights live in the shipped scaler: the stage's heads reproduce its test predictions."""
     shares = {}
     for weighting in ("columns", "sets"):
-        cfg = _cfg(*svr_exp, "svr.features=[model, frozen]", "svr.use_meta=true", f"svr.set_weighting={weighting}")
+        cfg = _cfg(
+            *svr_exp, FROZEN_SET, "svr.features=[model, frozen]", "svr.use_meta=true", f"svr.set_weighting={weighting}"
+        )
         _, folds, columns = _folds(cfg)
         var = svr_head.backend.to_numpy(folds[0].x_train).var(axis=0)
         group = np.array([c.split("/")[0] if "/" in c else "flags" for c in columns])
@@ -406,7 +408,7 @@ def test_set_weighting_sets_gives_every_set_and_the_flags_the_same_share_of_the_
     assert shares["columns"] == pytest.approx({"model": DIM, "frozen": DIM, "flags": len(META_COLS)}, rel=1e-6)
     assert shares["sets"] == pytest.approx({"model": 1.0, "frozen": 1.0, "flags": 1.0}, rel=1e-6)
 
-    cfg = _cfg(*svr_exp, "svr.features=[model, frozen]", "svr.use_meta=true", "svr.set_weighting=sets")
+    cfg = _cfg(*svr_exp, FROZEN_SET, "svr.features=[model, frozen]", "svr.use_meta=true", "svr.set_weighting=sets")
     _run(cfg)
     comp = read_competition(cfg.data)
     test = pd.read_parquet(artifacts.preds(cfg.out, "svr", "test"))
