@@ -147,6 +147,11 @@ def epoch_preds(out: Path, fold: int) -> Path:
     return train_fold_dir(out, fold) / "epochs.parquet"
 
 
+def shipped_json(out: Path) -> Path:
+    """Which epoch each fold ships and by which rule (train.checkpoint), and whether its scores can be trusted."""
+    return Path(out) / "train" / "shipped.json"
+
+
 def nested_preds(out: Path, head: str) -> Path:
     """Out-of-fold predictions of a head (nn, svr) or of the ensemble whose every choice was made without the
     fold each row belongs to (Id, fold, pred)."""
@@ -242,6 +247,11 @@ def submission(out: Path) -> Path:
 
 def selection_json(out: Path) -> Path:
     return Path(out) / "select" / "selection.json"
+
+
+def selected_from(out: Path) -> Path:
+    """What a `select --as` branch was chosen from: the source's selection (its feature sets, chosen on all rows)."""
+    return Path(out) / "select" / "selected_from.json"
 
 
 def report_html(out: Path) -> Path:
