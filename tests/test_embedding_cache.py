@@ -222,6 +222,10 @@ def test_a_branch_from_select_fits_its_svr_on_the_same_sets_and_embeds_nothing(
     assert "embed summary: resnet=" in caplog.text and "=computed" not in caplog.text  # linked or reused
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"report: pawpular report --output {branch}")
     assert yaml_features(branch) == selection["chosen"]
+    # the sets were chosen on all of a's rows: the branch's blend is never called the one to trust
+    weights = json.loads((branch / "ensemble" / "weights.json").read_text())
+    assert weights["trusted"] is False and "were chosen by pawpular select on all rows" in weights["trust"]
+    assert json.loads((branch / "select" / "selected_from.json").read_text())["chosen"] == selection["chosen"]
     assert json.loads((a / "svr" / "best_params.json").read_text())["features"] == ["resnet", "convnext"]  # a kept
 
 

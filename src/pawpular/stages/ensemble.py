@@ -10,10 +10,11 @@ Keys    ensemble.method (convex | hill; nnls = convex), ensemble.min_improvement
 Run     pawpular ensemble --config configs/default.yaml
 
 Four scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
-cross-validated one (weights refit without each fold, scored on it: still optimistic, the heads' epoch and C were
-chosen on those rows), the nested one (the same blend of the heads' nested predictions, ensemble/nested.parquet:
-every choice made without the fold scored, the one to trust), and with folds.holdout > 0 the holdout RMSE of the
-submission's own recipe on rows no stage ever fit on. A head or blend no better
+cross-validated one (weights refit without each fold, scored on it: still optimistic, the SVR's C was chosen on
+those rows), the nested one (the same blend of the heads' nested predictions, ensemble/nested.parquet: C and the
+weights chosen without the fold scored; the one to trust unless ``trust.py`` names a choice made upstream on all
+rows: own-best checkpoints or select's sets, and then weights.json says "trusted": false), and with
+folds.holdout > 0 the holdout RMSE of the submission's own recipe on rows no stage ever fit on. A head or blend no better
 than predicting the mean is a loud warning here and in the report.
 """
 
@@ -230,7 +231,10 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
     }
     missing = [f"{n} ({files[n]})" for n in names if not files[n].is_file()]
     if missing:
-        return {"missing": f"no nested predictions for {', '.join(missing)}: rerun that stage"}
+        return {
+            "missing": f"no nested predictions for {', '.join(missing)}: rerun that stage (train with --overwrite "
+            "where train.checkpoint: best and a new TTA removed the per-epoch predictions)"
+        }
     table = oof[[ID, "fold"]]
     for n in names:
         table = table.merge(pd.read_parquet(files[n])[[ID, "pred"]].rename(columns={"pred": n}), on=ID, how="left")
