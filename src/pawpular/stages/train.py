@@ -38,7 +38,7 @@ from .. import artifacts, manifest, nested
 from ..data import ID, TARGET
 from ..errors import ConfigError
 from ..files import digest_or_none, remove, write_json, write_parquet
-from ..fold_run import FOLD_FILES, FoldRun
+from ..fold_run import FOLD_FILES, FoldRun, shipped_epoch
 from ..inference import Policy
 from ..metrics import rmse
 from ..models import check_buildable
@@ -178,8 +178,14 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
     files = [artifacts.train_fold_dir(out, k) / f for k in known for f in (*FOLD_FILES, "manifest.json")]
     files += [artifacts.fold_preds(out, k, "holdout") for k in known if "holdout" in tables]
     files += [artifacts.preds(out, "nn", s) for s in tables]
-    shipped = {k: _fold_verdict(ctx, k).record.info["shipped_epoch"] for k in known}
+    shipped = {k: _shipped_epoch(ctx, k) for k in known}
     return files + shipped_files(ctx, known, target, oof, shipped)
+
+
+def _shipped_epoch(ctx, fold: int) -> int:
+    """The epoch a done fold ships: its manifest's record, or (a fold an older version trained) its best.pt's."""
+    recorded = _fold_verdict(ctx, fold).record.info.get("shipped_epoch")
+    return int(recorded) if recorded is not None else shipped_epoch(artifacts.best_checkpoint(ctx.out, fold))
 
 
 def shipped_files(ctx, known: list[int], target: pd.Series, oof: pd.DataFrame, shipped: dict) -> list:
