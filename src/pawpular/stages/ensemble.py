@@ -14,8 +14,8 @@ cross-validated one (weights refit without each fold, scored on it: still optimi
 those rows), the nested one (the same blend of the heads' nested predictions, ensemble/nested.parquet: C and the
 weights chosen without the fold scored; the one to trust unless ``trust.py`` names a choice made upstream on all
 rows: own-best checkpoints or select's sets, and then weights.json says "trusted": false), and with
-folds.holdout > 0 the holdout RMSE of the submission's own recipe on rows no stage ever fit on. A head or blend no better
-than predicting the mean is a loud warning here and in the report.
+folds.holdout > 0 the holdout RMSE of the submission's own recipe on rows no stage ever fit on. A head or blend no
+better than predicting the mean is a loud warning here and in the report.
 """
 
 from __future__ import annotations
