@@ -188,6 +188,31 @@ def _shipped_epoch(ctx, fold: int) -> int:
     return int(recorded) if recorded is not None else shipped_epoch(artifacts.best_checkpoint(ctx.out, fold))
 
 
+def _epoch_rules(known: list[int], tables: list[pd.DataFrame], target: pd.Series) -> pd.DataFrame:
+    """Logs what the own-best epochs and the epochs best on the other folds' mean curve score (from each fold's
+    per-epoch validation predictions); returns the latter's predictions (Id, fold, pred)."""
+    curves = [[rmse(t[c], target.loc[t[ID]]) for c in t.columns if c != ID] for t in tables]
+    by_others = nested.epoch_choice(curves)
+    by_own = [int(np.argmin(c)) + 1 for c in curves]
+    other = pd.concat(
+        [
+            pd.DataFrame({ID: t[ID], "fold": k, "pred": t[f"epoch_{e}"]})
+            for k, t, e in zip(known, tables, by_others, strict=False)
+        ],
+        ignore_index=True,
+    )
+    own = pd.concat([pd.DataFrame({ID: t[ID], "pred": t[f"epoch_{e}"]}) for t, e in zip(tables, by_own, strict=False)])
+    log.info(
+        "train: per-epoch validation curves (not shipped): each fold's own best epoch (%s) scores %.4f "
+        "(optimistic), the epoch best on the other folds' mean curve (%s) %.4f (nested)",
+        ", ".join(map(str, by_own)),
+        rmse(own["pred"], target.loc[own[ID]]),
+        ", ".join(map(str, by_others)),
+        rmse(other["pred"], target.loc[other[ID]]),
+    )
+    return other
+
+
 def shipped_files(ctx, known: list[int], target: pd.Series, oof: pd.DataFrame, shipped: dict) -> list:
     """train/shipped.json (the rule, each fold's shipped epoch, whether the NN's scores can be trusted) and
     train/nested.parquet: the NN head's predictions with no epoch chosen on the fold they score. With
@@ -204,30 +229,8 @@ def shipped_files(ctx, known: list[int], target: pd.Series, oof: pd.DataFrame, s
     files = [artifacts.shipped_json(out)]
     paths = [artifacts.epoch_preds(out, k) for k in known]
     have_epochs = all(p.is_file() for p in paths)
-    if have_epochs:
-        files += paths
-        tables = [pd.read_parquet(p) for p in paths]
-        curves = [[rmse(t[c], target.loc[t[ID]]) for c in t.columns if c != ID] for t in tables]
-        by_others = nested.epoch_choice(curves)
-        by_own = [int(np.argmin(c)) + 1 for c in curves]
-        other = pd.concat(
-            [
-                pd.DataFrame({ID: t[ID], "fold": k, "pred": t[f"epoch_{e}"]})
-                for k, t, e in zip(known, tables, by_others, strict=False)
-            ],
-            ignore_index=True,
-        )
-        own = pd.concat(
-            [pd.DataFrame({ID: t[ID], "pred": t[f"epoch_{e}"]}) for t, e in zip(tables, by_own, strict=False)]
-        )
-        log.info(
-            "train: per-epoch validation curves (not shipped): each fold's own best epoch (%s) scores %.4f "
-            "(optimistic), the epoch best on the other folds' mean curve (%s) %.4f (nested)",
-            ", ".join(map(str, by_own)),
-            rmse(own["pred"], target.loc[own[ID]]),
-            ", ".join(map(str, by_others)),
-            rmse(other["pred"], target.loc[other[ID]]),
-        )
+    other = _epoch_rules(known, [pd.read_parquet(p) for p in paths], target) if have_epochs else None
+    files += paths if have_epochs else []
     epochs = ", ".join(f"fold {k}: {e}" for k, e in shipped.items())
     if rule == "last":
         write_parquet(oof[[ID, "fold", "pred"]], artifacts.nested_preds(out, "nn"))
