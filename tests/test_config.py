@@ -33,6 +33,8 @@ def test_every_config_in_configs_loads():
         ("train: {amp: 1}\n", "config key 'train.amp': expected a boolean"),
         ("model: {finetune: lora}\n", "config key 'model.finetune': must be one of"),
         ("folds: 5\n", "config section 'folds': expected a mapping"),
+        ("train: {checkpoint: nested}\n", "config key 'train.checkpoint': must be one of"),
+        ("train: {patience: 2}\n", "early stopping chooses the last epoch on the fold's own validation rows"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, message):
@@ -41,6 +43,15 @@ def test_bad_config_names_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         load_config(path)
     assert str(path) in str(e.value)
+
+
+def test_early_stopping_needs_the_own_best_checkpoint_rule():
+    """train.checkpoint: last ships the schedule's last epoch: a stop decided on the fold's own rows would make
+    that epoch a choice on them, so patience > 0 needs checkpoint: best (whose scores are labelled optimistic)."""
+    with pytest.raises(ConfigError, match=r"train.patience.*train.checkpoint: best"):
+        load_config(None, ["train.patience=2"])
+    assert load_config(None, ["train.patience=2", "train.checkpoint=best"]).train.patience == 2
+    assert load_config(None).train.checkpoint == "last"
 
 
 def test_overrides_are_typed_and_checked():

@@ -56,6 +56,11 @@ def _digests(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): file_digest(p) for p in sorted((out / "emb").rglob("*.parquet"))}
 
 
+def _inodes(out: Path) -> dict[str, int]:
+    """Each embedding file's inode: which file it is, whatever its bytes (a recompute writes the same ones)."""
+    return {str(p.relative_to(out)): p.stat().st_ino for p in sorted((out / "emb").rglob("*.parquet"))}
+
+
 @pytest.fixture(scope="module")
 def shared(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     """Experiment a embeds both frozen sets; b (same backbones, another folder) must embed nothing."""
@@ -98,11 +103,14 @@ def test_overwrite_of_one_experiment_keeps_the_sets_another_uses(shared, small_c
     from pawpular import cli
 
     a, b = shared
-    before = _digests(b)
+    before, inodes = _digests(b), _inodes(b)
+    assert inodes == _inodes(a)  # one file each, linked into both experiments
     with caplog.at_level("INFO", logger="pawpular"):
         assert cli.main(["embed", *args(small_competition, a), "--overwrite"]) == 0
     assert "embed summary: resnet=computed, convnext=computed" in caplog.text  # --overwrite trusts no cache
-    assert _digests(b) == before
+    # a's sets are new files (recomputed: the same bytes on this CPU); b's links still hold the files it recorded
+    assert _inodes(b) == inodes and _digests(b) == before
+    assert all(_inodes(a)[f] != inodes[f] for f in inodes)
     caplog.clear()
     with caplog.at_level("INFO", logger="pawpular"):
         assert cli.main(["embed", *args(small_competition, b)]) == 0
@@ -214,6 +222,10 @@ def test_a_branch_from_select_fits_its_svr_on_the_same_sets_and_embeds_nothing(
     assert "embed summary: resnet=" in caplog.text and "=computed" not in caplog.text  # linked or reused
     assert capsys.readouterr().out.splitlines()[-1].startswith(f"report: pawpular report --output {branch}")
     assert yaml_features(branch) == selection["chosen"]
+    # the sets were chosen on all of a's rows: the branch's blend is never called the one to trust
+    weights = json.loads((branch / "ensemble" / "weights.json").read_text())
+    assert weights["trusted"] is False and "were chosen by pawpular select on all rows" in weights["trust"]
+    assert json.loads((branch / "select" / "selected_from.json").read_text())["chosen"] == selection["chosen"]
     assert json.loads((a / "svr" / "best_params.json").read_text())["features"] == ["resnet", "convnext"]  # a kept
 
 

@@ -1,6 +1,7 @@
-"""Scores a Kaggler can trust (issue 34): the nested choice and the paired bootstrap over duplicate groups
-(nested.py, compare.py) as maths, then on real tiny experiments: the nested NN score is never below the optimistic
-one, the nested SVR and blend are what their files say, two seeds come out within noise, a bad C range beyond it."""
+"""Scores a Kaggler can trust (issues 34, 42): the nested choice and the paired bootstrap over duplicate groups
+(nested.py, compare.py) as maths, then on real tiny experiments: each fold ships the epoch its trusted score
+describes (own-best checkpoints make every score optimistic), a new TTA leaves no stale nested score, the nested SVR
+and blend are what their files say, and `runs --baseline` widens its verdicts by the seed spread of its repeats."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_leave_one_out_chooses_on_the_other_folds_only():
         nested.leave_one_out(np.ones((3, 1)))
 
 
-def test_epoch_choice_uses_the_epochs_every_fold_ran_and_is_never_below_each_folds_own_best():
+def test_epoch_choice_uses_the_epochs_every_fold_ran_and_never_its_own_curve():
     rng = np.random.default_rng(0)
     for _ in range(200):
         n_folds = int(rng.integers(2, 6))
@@ -37,7 +38,11 @@ def test_epoch_choice_uses_the_epochs_every_fold_ran_and_is_never_below_each_fol
         for k, e in enumerate(epochs):
             others = np.mean([c[:common] for j, c in enumerate(curves) if j != k], axis=0)
             assert others[e - 1] == others.min()
-            assert curves[k][e - 1] >= min(curves[k])  # each fold's own best epoch is the optimistic choice
+            # fold k's own curve has no say: make its every other epoch perfect and its choice stays
+            rigged = [
+                c if j != k else [0.0 if i != e - 1 else 99.0 for i in range(len(c))] for j, c in enumerate(curves)
+            ]
+            assert nested.epoch_choice(rigged)[k] == e
 
 
 def test_nested_rmse_of_sse_tables():
@@ -84,23 +89,112 @@ def test_group_codes_and_what_is_not_comparable():
 # --- real tiny experiments ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_nested_nn_score_is_never_below_the_optimistic_one(experiment_run):
+def _fold_epochs(out, k: int) -> pd.DataFrame:
     from pawpular import artifacts
 
+    return pd.read_parquet(artifacts.epoch_preds(out, k))
+
+
+def _shipped(out) -> tuple[dict, dict]:
+    """train/shipped.json, and the epoch each fold's best.pt was saved at."""
+    import torch
+
+    from pawpular import artifacts
+
+    folds = sorted(int(k) for k in json.loads(artifacts.shipped_json(out).read_text())["epochs"])
+    saved = {str(k): torch.load(artifacts.best_checkpoint(out, k), weights_only=True)["epoch"] for k in folds}
+    return json.loads(artifacts.shipped_json(out).read_text()), saved
+
+
+@pytest.mark.slow
+def test_each_fold_ships_the_epoch_its_trusted_score_describes(experiment_run):
+    """train.checkpoint: last (the default): best.pt is the last epoch's, the NN's OOF and nested predictions are
+    that epoch's, the blend's nested score is the one to trust and says so everywhere."""
+    from pawpular import artifacts, compare
+
     out = experiment_run
+    shipped, saved = _shipped(out)
+    assert shipped == {"checkpoint": "last", "epochs": {"0": 2, "1": 2, "2": 2}, "trusted": True}
+    assert saved == shipped["epochs"]  # the checkpoint embedded, exported and scored is the epoch recorded
+    oof, nn = pd.read_parquet(artifacts.preds(out, "nn", "oof")), pd.read_parquet(artifacts.nested_preds(out, "nn"))
+    both = oof.merge(nn, on=["Id", "fold"], suffixes=("_oof", "_nested"))
+    assert len(both) == len(oof) == len(nn) and np.array_equal(both["pred_oof"], both["pred_nested"])
+    for k in range(3):  # the predictions are the shipped (last) epoch's, whatever epoch the fold's own curve prefers
+        fold = both[both["fold"] == k].merge(_fold_epochs(out, k), on="Id")
+        assert np.allclose(fold["pred_nested"], fold["epoch_2"])
+    weights = json.loads(artifacts.weights_json(out).read_text())
+    assert weights["trusted"] is True and "nested_rmse.ensemble is the score to trust" in weights["trust"]
+    assert "(the one to trust)" in compare.score_line(weights)
+
+
+BEST = ("train.checkpoint=best", "train.epochs=3")
+
+
+@pytest.fixture(scope="module")
+def best_run(small_competition, tmp_path_factory):
+    """The tiny run shipping each fold's own best epoch (3 epochs: room for the best to be another than the last)."""
+    return build_run(small_competition, tmp_path_factory.mktemp("best") / "best", *BEST)
+
+
+@pytest.mark.slow
+def test_own_best_checkpoints_make_every_score_optimistic(best_run):
+    """train.checkpoint: best ships each fold's own best epoch: the nested NN epoch (chosen on the other folds'
+    curves) is not the one shipped, so nothing is called the one to trust; the nested NN score is never below the
+    own-best one (each fold's own best minimizes that fold's error)."""
+    from pawpular import artifacts, compare
+
+    out = best_run
+    shipped, saved = _shipped(out)
+    assert shipped["checkpoint"] == "best" and shipped["trusted"] is False and saved == shipped["epochs"]
+    curves = {k: pd.read_csv(artifacts.fold_metrics(out, k))["val_rmse"].tolist() for k in range(3)}
+    assert saved == {str(k): int(np.argmin(c)) + 1 for k, c in curves.items()}  # each fold's own best
     oof, nn = pd.read_parquet(artifacts.preds(out, "nn", "oof")), pd.read_parquet(artifacts.nested_preds(out, "nn"))
     both = oof.merge(nn, on=["Id", "fold"], suffixes=("_opt", "_nested"))
-    assert len(both) == len(oof) == len(nn)
-    curves = {k: pd.read_csv(artifacts.fold_metrics(out, k))["val_rmse"].tolist() for k in sorted(oof["fold"].unique())}
     for k, e in zip(curves, nested.epoch_choice(list(curves.values())), strict=False):
-        rows = pd.read_parquet(artifacts.epoch_preds(out, k))
-        fold = both[both["fold"] == k].merge(rows, on="Id")
+        fold = both[both["fold"] == k].merge(_fold_epochs(out, k), on="Id")
         assert np.allclose(fold["pred_nested"], fold[f"epoch_{e}"])  # the epoch the other folds' curve chose
-        assert np.allclose(fold["pred_opt"], fold[f"epoch_{int(np.argmin(curves[k])) + 1}"])  # its own best
+        assert np.allclose(fold["pred_opt"], fold[f"epoch_{saved[str(k)]}"])  # the epoch shipped
     weights = json.loads(artifacts.weights_json(out).read_text())
     assert weights["nested_rmse"]["nn"] >= weights["oof_rmse"]["nn"] - 1e-9
-    assert "nested_rmse.ensemble is the score to trust" in weights["trust"]
+    assert weights["trusted"] is False and "no score here is to be trusted" in weights["trust"]
+    assert "the one to trust" not in compare.score_line(weights) and "optimistic: own-best" in compare.score_line(
+        weights
+    )
+
+
+def _tta_off(run, small_competition, dest, *extra: str):
+    """A copy of ``run`` after `all` with train.tta_hflip=false: the NN OOF before and after, and the copy."""
+    from pawpular import artifacts, cli
+
+    out = shutil.copytree(run, dest)
+    before = pd.read_parquet(artifacts.preds(out, "nn", "oof")).sort_values("Id")
+    assert cli.main(["all", *tiny_args(small_competition, out, "train.tta_hflip=false", *extra)]) == 0
+    after = pd.read_parquet(artifacts.preds(out, "nn", "oof")).sort_values("Id")
+    assert not np.allclose(before["pred"], after["pred"])  # re-predicted with the new TTA
+    assert not any(artifacts.epoch_preds(out, k).exists() for k in range(3))  # the old recipe's curves: gone
+    return out, after, json.loads(artifacts.weights_json(out).read_text())
+
+
+@pytest.mark.slow
+def test_a_new_tta_re_derives_the_nested_nn_score_of_the_shipped_epoch(experiment_run, small_competition, tmp_path):
+    """checkpoint last: the nested NN predictions are the shipped epoch's re-predicted OOF ones."""
+    from pawpular import artifacts
+
+    out, after, weights = _tta_off(experiment_run, small_competition, tmp_path / "run")
+    nn = pd.read_parquet(artifacts.nested_preds(out, "nn")).merge(after, on=["Id", "fold"])
+    assert len(nn) == len(after) and np.array_equal(nn["pred_x"], nn["pred_y"])
+    assert weights["nested_rmse"]["nn"] == pytest.approx(weights["oof_rmse"]["nn"]) and weights["trusted"] is True
+
+
+@pytest.mark.slow
+def test_a_new_tta_leaves_no_nested_score_of_the_old_recipe(best_run, small_competition, tmp_path):
+    """checkpoint best: the per-epoch predictions were the old recipe's and their weights are gone: no nested NN
+    score rather than a stale one (the blend says which is missing)."""
+    from pawpular import artifacts
+
+    out, _, weights = _tta_off(best_run, small_competition, tmp_path / "run", *BEST)
+    assert not artifacts.nested_preds(out, "nn").exists() and "ensemble" not in weights["nested_rmse"]
+    assert "train/nested.parquet" in weights["nested_rmse"]["missing"]
 
 
 @pytest.mark.slow
@@ -126,10 +220,9 @@ def test_nested_svr_picks_c_on_the_other_folds(experiment_run):
 
 
 @pytest.mark.slow
-def test_runs_baseline_two_seeds_within_noise_a_bad_c_range_beyond_it(
-    experiment_run, small_competition, tmp_path, capsys
-):
-    """The seed run retrains (another seed, same folds); the bad-C run reuses the baseline's training and
+def test_runs_baseline_widens_by_the_seed_spread_of_its_repeats(experiment_run, small_competition, tmp_path, capsys):
+    """The seed run retrains (another seed, same folds): given as the baseline's repeat, its distance from the
+    baseline is the seed spread every verdict allows for. The bad-C run reuses the baseline's training and
     embeddings (copied) and retunes the SVR over C in [0.001, 0.003]: the SVR nearly predicts the mean."""
     from pawpular import api, cli
 
@@ -138,13 +231,44 @@ def test_runs_baseline_two_seeds_within_noise_a_bad_c_range_beyond_it(
     shutil.copytree(experiment_run, bad, ignore=shutil.ignore_patterns("svr", "ensemble", "submission.csv"))
     assert cli.main(["all", *tiny_args(small_competition, bad, "svr.c_min=0.001", "svr.c_max=0.003")]) == 0
     capsys.readouterr()
-    df = api.runs(experiment_run, seed, bad, baseline=experiment_run.name)
+    plain = api.runs(experiment_run, seed, bad, baseline=experiment_run.name).set_index("experiment")
+    df = api.runs(experiment_run, seed, bad, baseline=experiment_run.name, repeats=[str(seed)])
     by = df.set_index("experiment")
-    assert by.loc["seed", "verdict"] == "within noise" and by.loc["seed", "low"] < 0 < by.loc["seed", "high"]
-    assert by.loc["bad_c", "verdict"] == "worse" and by.loc["bad_c", "low"] > 0
+    rmse_of = {
+        f: float(np.sqrt(compare.nested_table(f).eval("(pred - target) ** 2").mean())) for f in (experiment_run, seed)
+    }
+    spread = abs(rmse_of[seed] - rmse_of[experiment_run])
+    assert spread > 0 and by.loc["seed", "verdict"] == "seed repeat"
+    assert by.loc["seed", "vs_baseline"] == pytest.approx(rmse_of[seed] - rmse_of[experiment_run])
+    assert (by.loc["bad_c", "low"], by.loc["bad_c", "high"]) == (plain.loc["bad_c", "low"], plain.loc["bad_c", "high"])
+    expected = nested.Difference(0.0, by.loc["bad_c", "low"], by.loc["bad_c", "high"], 0, 0, spread=spread).verdict
+    assert by.loc["bad_c", "verdict"] == expected  # the interval widened by the spread decides
+    assert plain.loc["bad_c", "verdict"] == "worse" and plain.loc["bad_c", "low"] > 0
     assert by.loc[experiment_run.name, "verdict"] == "baseline"
     inside = {(r["experiment"], r["part"]): r for r in df.attrs["inside"]}
     assert inside[("bad_c", "svr head vs nn head")]["verdict"] == "worse"
-    assert cli.main(["runs", str(experiment_run), str(seed), str(bad), "--baseline", experiment_run.name]) == 0
+    args = ["runs", str(experiment_run), str(seed), str(bad), "--baseline", experiment_run.name]
+    assert cli.main([*args, "--repeats", "seed"]) == 0
     text = capsys.readouterr().out
-    assert f"against {experiment_run.name}" in text and "within noise" in text and "worse" in text
+    assert f"against {experiment_run.name}" in text and f"widened by the seed spread {spread:.3f}" in text
+    assert "over duplicate groups (" in text  # the tiny competition has duplicates: groups were resampled
+    assert cli.main(args) == 0
+    assert "row noise only" in capsys.readouterr().out
+
+
+def test_the_header_names_what_was_resampled_and_a_spread_widens_the_verdict(tmp_path):
+    """Without folds/duplicates.csv (folds.group_duplicates: false) rows are resampled one by one, and the header
+    says so; a difference beyond the row noise but within the seed spread is "within noise"."""
+    rng = np.random.default_rng(0)
+    y = rng.uniform(1, 100, 400)
+    base = pd.DataFrame({"Id": [f"i{i}" for i in range(400)], "fold": np.arange(400) % 4, "target": y})
+    for name, noise in (("base", 15.0), ("other", 12.0)):
+        path = tmp_path / name / "ensemble" / "nested.parquet"
+        path.parent.mkdir(parents=True)
+        base.assign(pred=y + rng.normal(0, noise, 400)).to_parquet(path)
+    rows = compare.against(tmp_path / "base", [tmp_path / "base", tmp_path / "other"])
+    assert rows[1]["verdict"] == "better" and rows[1]["groups"] == rows[1]["rows"] == 400
+    assert "over single rows (the baseline's folds hold no duplicate groups" in compare.text("base", rows, [])
+    d = nested.Difference(rows[1]["delta"], rows[1]["low"], rows[1]["high"], 400, 400)
+    wide = d.with_spread(-rows[1]["high"] + 0.01)
+    assert wide.verdict == "within noise" and d.with_spread(-rows[1]["high"] - 0.01).verdict == "better"

@@ -298,7 +298,9 @@ def test_kernel_budget_counts_every_worker_and_each_cuml_fits_cache(monkeypatch)
 
     fold_of = np.repeat(np.arange(5), 2000)  # 8,000 train rows a fold: 3.0 GB of kernels, 0.24 GB of cache a fit
     kernels, cache = svr_memory.kernel_gb(fold_of), svr_memory.fit_cache_gb(fold_of)
-    assert cache == pytest.approx(min(backend.SVR_ARGS["cache_size"] / 1024, 4 * 8000**2 / 2**30)) and cache > 0
+    # by hand: 5 folds x 8,000 x 10,000 float64 = 3.2e9 bytes; one fit's float32 8,000 x 8,000 = 2.56e8 bytes (under
+    # the 1 GiB cache_size), in GiB
+    assert kernels == pytest.approx(3.2e9 / 1024**3) and cache == pytest.approx(2.56e8 / 1024**3)
     monkeypatch.setattr(backend, "use_rapids", lambda device: device == "cuda")
     assert svr_memory.memory_gb(fold_of, "cuda") == pytest.approx(kernels + cache)  # cuML: one fit at a time
     assert svr_memory.memory_gb(fold_of, "cuda", workers=3) == pytest.approx(3 * (kernels + cache))

@@ -252,11 +252,35 @@ def test_nested_selection_redoes_the_choice_without_each_fold():
     assert result["nested_rmse"] > rmse(pred["a"], y)  # what the selection on all rows reports
 
 
-def test_select_reports_the_nested_score_and_each_steps_gain_against_the_noise(sel_exp):
+def test_select_reports_the_nested_score_and_each_steps_gain_against_the_noise(sel_exp, monkeypatch):
+    """Each fold's C and first set are the best on the other folds' rows (from the OOF predictions of every
+    combination the run evaluated), the fold is predicted with what it chose, and the nested RMSE is theirs."""
     _, out, config = sel_exp
+    seen = {}
+    real = select.nested_selection
+
+    def spy(candidates, evaluated, rescore, y, fold_of, grid):
+        result, pred = real(candidates, evaluated, rescore, y, fold_of, grid)
+        seen.update(evaluated=evaluated, y=y, fold_of=fold_of, grid=grid, pred=pred)
+        return result, pred
+
+    monkeypatch.setattr(select, "nested_selection", spy)
     result = json.loads(run_config("select", load_config(config)).read_text())
-    assert result["nested"]["nested_rmse"] >= result["oof_rmse"] - 0.5  # a little leeway: C per fold on a grid
+    evaluated, y, fold_of, pred = seen["evaluated"], seen["y"], seen["fold_of"], seen["pred"]
     assert set(result["nested"]["folds"]) == {"0", "1", "2"}
+
+    def other_sse(names: tuple, c: float, k: int) -> float:
+        rows = (fold_of != k) & (fold_of >= 0)
+        return float(((evaluated[names][c][rows] - y[rows]) ** 2).sum())
+
+    for key, chosen in result["nested"]["folds"].items():
+        k, names, rows = int(key), tuple(chosen["features"]), fold_of == int(key)
+        assert chosen["C"] == min(seen["grid"], key=lambda c: (other_sse(names, c, k), c))  # C without fold k
+        singles = [(n,) for n in ("model", "noise", "partial")]
+        first = min(singles, key=lambda s: min(other_sse(s, c, k) for c in seen["grid"]))
+        assert names[0] == first[0]  # the first set: the best single one without fold k
+        assert np.array_equal(pred[rows], evaluated[names][chosen["C"]][rows])
+    assert result["nested"]["nested_rmse"] == pytest.approx(rmse(pred[fold_of >= 0], y[fold_of >= 0]))
     (gain,) = result["gains"]  # model, then partial: one step adds
     assert gain["added"] == "partial" and gain["verdict"] == "better" and gain["high"] < 0
 

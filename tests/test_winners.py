@@ -205,8 +205,10 @@ def test_select_with_starts_and_a_budget_writes_every_feature_set(sel_exp, capsy
     assert 1 <= len(sets) <= 3 and len({frozenset(s) for s in sets}) == len(sets)
     assert found["chosen"] == sets[0] and [s["start"] for s in found["starts"]] == [s[0] for s in sets]
     assert "start 1" in printed and "--set 'svr.features=[" in printed
-    if len(sets) > 1:
-        assert "ensemble.experiments=[" in printed and f"{out}-start2" in found["blend_line"]
+    several = len(sets) > 1  # a blend line exactly when another start found another set
+    assert ("ensemble.experiments=[" in printed) == several and (f"{out}-start2" in found["blend_line"]) == several
+    assert "no nested score: the starts' sets were chosen on all rows" in printed
+    assert found["nested"]["missing"].startswith("no nested score")
     for folder, ips in (("fold0", 100.0), ("fold1", 100.0), ("fold2", 100.0), ("partial", 1.0), ("noise", 50.0)):
         _plant_speed(out, folder, ips)
     # 3,600 photos: "model" (3 folds at 100/s: 0.03 h) and "noise" fit in 0.9 h, "partial" (1/s: 1 h) does not

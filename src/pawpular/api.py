@@ -168,12 +168,15 @@ def report(output: str | Path, data: str | Path | None = None) -> Path:
     return write_report(Path(output), Path(data) if data else None)
 
 
-def runs(*folders: str | Path | list, sort: str | None = None, baseline: str | None = None) -> pd.DataFrame:
+def runs(
+    *folders: str | Path | list, sort: str | None = None, baseline: str | None = None, repeats: list | None = None
+) -> pd.DataFrame:
     """One row per experiment (default: every one under output/): status, scores, settings, seconds per stage;
     then the settings that differ between the rows (listed in ``attrs["settings"]``). See ``experiments.py``.
     ``baseline``: an experiment's name or folder: each row's nested RMSE minus its own, with a 95% interval, the
-    folds won and a verdict (``compare.py``); ``attrs["inside"]``: each experiment's parts against each other."""
+    folds won and a verdict (``compare.py``), widened by the seed spread of ``repeats`` (the baseline's config at
+    other seeds: experiments' names or folders); ``attrs["inside"]``: each experiment's parts against each other."""
     from .experiments import table
 
     flat = [f for item in folders for f in (item if isinstance(item, (list, tuple)) else [item])]
-    return table(flat or None, sort, baseline)
+    return table(flat or None, sort, baseline, repeats)

@@ -159,6 +159,11 @@ def head_dir(out: Path, head: str) -> Path:
     return svr_dir(out) / name_part(head, "svr.heads name")
 
 
+def shipped_json(out: Path) -> Path:
+    """Which epoch each fold ships and by which rule (train.checkpoint), and whether its scores can be trusted."""
+    return Path(out) / "train" / "shipped.json"
+
+
 def nested_preds(out: Path, head: str) -> Path:
     """Out-of-fold predictions of a head (nn, svr, an SVR head of svr.heads) or of the ensemble whose every
     choice was made without the fold each row belongs to (Id, fold, pred)."""
@@ -269,6 +274,11 @@ def submission(out: Path) -> Path:
 
 def selection_json(out: Path) -> Path:
     return Path(out) / "select" / "selection.json"
+
+
+def selected_from(out: Path) -> Path:
+    """What a `select --as` branch was chosen from: the source's selection (its feature sets, chosen on all rows)."""
+    return Path(out) / "select" / "selected_from.json"
 
 
 def report_html(out: Path) -> Path:

@@ -5,8 +5,9 @@
 
 The new folder gets hard links (copies where links are not possible) of what the experiment computed upstream of
 the SVR head: ``folds/``, the fine-tuned folds ``train/`` (when it has them) and its embedding sets ``emb/<set>/``
-with their manifests (all of them: a set the branch leaves out of its SVR is still embedded by its config), and
-a ``config.yaml``: the settings that made those files, with
+with their manifests (all of them: a set the branch leaves out of its SVR is still embedded by its config),
+``select/selected_from.json`` (the source and the chosen sets: chosen on all rows, so the branch's blend is labelled
+optimistic) and a ``config.yaml``: the settings that made those files, with
 ``svr.features`` the chosen sets and ``experiment`` the folder's name. `pawpular all --output <target>` then finds
 folds, train and embed done (nothing is trained or embedded) and fits the SVR and the blend. The source
 experiment is never written; links are safe to share because every write replaces a file, never changes it.
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import artifacts, guards
 from .errors import UsageError
-from .files import is_temp_name, link_or_copy
+from .files import is_temp_name, link_or_copy, write_json
 from .path_faults import check_output_path
 
 _NOT_LINKED = ("last.pt",)  # a fold's resume state: the branch never resumes the source's training
@@ -67,6 +68,8 @@ def write(cfg: Any, folder: Path, features: list[str]) -> Path:
         emb = artifacts.stage_dir(src, "embed")
         for d in sorted(p for p in emb.iterdir() if p.is_dir()) if emb.is_dir() else ():
             _link_tree(d, artifacts.stage_dir(folder, "embed") / d.name)  # every set: the branch embeds none again
+        # the sets were chosen on all of the source's rows: the branch's blend says so (trust.py)
+        write_json(artifacts.selected_from(folder), {"source": str(src), "chosen": list(features)})
         data = assembled_config(cfg)
         data["svr"]["features"] = list(features)
         data.update(experiment=folder.name, output_dir=str(folder), overwrite=False)

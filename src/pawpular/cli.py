@@ -231,7 +231,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "runs":
         from .experiments_view import main as runs_main
 
-        return runs_main(args.folders, args.sort, args.json, args.html, args.baseline)
+        return runs_main(args.folders, args.sort, args.json, args.html, args.baseline, args.repeats)
     if args.command == "export":
         print(api.export(args.output, args.to, overwrite=args.overwrite, data=args.data))
         return 0

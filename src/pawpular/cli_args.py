@@ -165,6 +165,13 @@ def _tool_commands(sub, raw) -> None:
         "same rows: difference, 95%% paired-bootstrap interval over duplicate groups, folds won; and "
         "inside each experiment, the SVR head and the blend against what they are added to",
     )
+    p.add_argument(
+        "--repeats",
+        metavar="NAME",
+        action="append",
+        help="with --baseline, once per experiment: one that reruns the baseline's config at another seed "
+        "(e.g. --set seed=7); their spread from the baseline's nested RMSE widens every verdict",
+    )
     p = sub.add_parser("report", help="write report.html for an experiment folder")
     for flag, text in (
         ("--config", "experiment YAML (to find its folder)"),

@@ -72,21 +72,32 @@ def paired(a: pd.DataFrame, b: pd.DataFrame, groups: dict, target: pd.DataFrame 
     return nested.paired_bootstrap(m["pred_a"], m["pred_b"], m["target"], codes, m["fold_a"].to_numpy())
 
 
-def against(baseline: Path, folders: list[Path]) -> list[dict]:
-    """Per folder: its nested RMSE minus the baseline's (the difference's fields) or ``why`` it is not comparable."""
+def _rmse(table: pd.DataFrame) -> float:
+    return float(np.sqrt(((table["pred"] - table["target"]) ** 2).mean()))
+
+
+def against(baseline: Path, folders: list[Path], repeats: list[Path] | None = None) -> list[dict]:
+    """Per folder: its nested RMSE minus the baseline's (the difference's fields) or ``why`` it is not comparable.
+    ``repeats``: the baseline's config at other seeds; their largest distance from the baseline's nested RMSE (the
+    seed spread) widens every verdict, and they are shown as "seed repeat"."""
     groups = duplicate_groups(baseline)
+    repeats = [Path(r).resolve() for r in repeats or []]
     rows = []
     try:
         base = nested_table(baseline)
+        spread = nested.seed_spread(_rmse(base), [_rmse(nested_table(r)) for r in repeats])
     except NotComparable as e:
         return [{"experiment": Path(f).name, "why": f"baseline {Path(baseline).name}: {e}"} for f in folders]
     for folder in folders:
         row = {"experiment": Path(folder).name}
         if Path(folder).resolve() == Path(baseline).resolve():
-            rows.append({**row, "verdict": "baseline"})
+            rows.append({**row, "verdict": "baseline", "spread": spread})
             continue
         try:
-            row.update(paired(nested_table(folder), base, groups).to_dict())
+            diff = paired(nested_table(folder), base, groups).with_spread(spread)
+            row.update(diff.to_dict())
+            if Path(folder).resolve() in repeats:
+                row["verdict"] = "seed repeat"
         except NotComparable as e:
             row["why"] = str(e)
         rows.append(row)
@@ -130,8 +141,10 @@ def score_line(weights: dict) -> str | None:
     oof, held, nest = (weights.get(k) or {} for k in ("oof_rmse", "holdout_rmse", "nested_rmse"))
     if "ensemble_cv" not in oof:
         return None
+    # "trusted": false (or absent: an older version, every fold shipped its own best epoch) makes it optimistic too
+    label = "the one to trust" if weights.get("trusted", False) else "optimistic: own-best checkpoints"
     trusted = (
-        f"nested RMSE {nest['ensemble']:.3f} (the one to trust)"
+        f"nested RMSE {nest['ensemble']:.3f} ({label})"
         if "ensemble" in nest
         else f"no nested score ({nest.get('missing', 'rerun pawpular all')})"
     )
@@ -172,11 +185,29 @@ def _interval(r: dict) -> str:
     return f"{r['delta']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
 
 
+def resampled(rows: list[dict]) -> str:
+    """What the intervals resampled: duplicate groups, or single rows when the baseline's folds left none."""
+    r = next((r for r in rows if "groups" in r), None)
+    if r is None:
+        return "duplicate groups"
+    if r["groups"] == r["rows"]:
+        return f"single rows (the baseline's folds hold no duplicate groups: {r['rows']} rows resampled one by one)"
+    return f"duplicate groups ({r['groups']} groups of {r['rows']} rows)"
+
+
 def text(baseline: str, rows: list[dict], parts: list[dict]) -> str:
     """The comparisons as text: against the baseline, then inside each experiment."""
+    spread = next((r["spread"] for r in rows if r.get("verdict") == "baseline"), 0.0)
+    repeats = [r["experiment"] for r in rows if r.get("verdict") == "seed repeat"]
+    seeds = (
+        f"; verdicts widened by the seed spread {spread:.3f} (the baseline's repeats {', '.join(repeats)})"
+        if repeats
+        else "; row noise only: no seed repeats of the baseline given (--repeats), a seed change alone can come "
+        "out better"
+    )
     lines = [
         f"against {baseline} (nested RMSE difference, negative is better; 95% paired-bootstrap interval over "
-        "duplicate groups; folds won):"
+        f"{resampled(rows)}{seeds}; folds won):"
     ]
     for r in rows:
         if "why" in r:
@@ -200,12 +231,14 @@ def text(baseline: str, rows: list[dict], parts: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def with_baseline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+def with_baseline(df: pd.DataFrame, baseline: str, repeats: list[str] | None = None) -> pd.DataFrame:
     """``experiments.table``'s rows plus, against ``baseline`` (a row's name or path): the nested RMSE difference
     (``vs_baseline``), its interval (``low``, ``high``), ``folds_won`` ("won/folds") and ``verdict`` (better, worse,
-    within noise, or "not comparable: why"); ``attrs["inside"]``: ``inside`` of every row; ``attrs["baseline"]``."""
+    within noise, seed repeat, or "not comparable: why"; ``repeats``: the baseline's config at other seeds, whose
+    spread widens every verdict); ``attrs["inside"]``: ``inside`` of every row; ``attrs["baseline"]``."""
     base = _baseline_folder(df, baseline)
-    rows = against(base, [Path(p) for p in df["path"]])
+    others = [_baseline_folder(df, r, "--repeats") for r in repeats or []]
+    rows = against(base, [Path(p) for p in df["path"]], others)
     df = df.copy()
     df["vs_baseline"] = [r.get("delta", np.nan) for r in rows]
     df["low"] = [r.get("low", np.nan) for r in rows]
@@ -217,22 +250,22 @@ def with_baseline(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return df
 
 
-def _baseline_folder(df: pd.DataFrame, baseline: str) -> Path:
-    """The one experiment ``baseline`` names (its path, else its name), finished: UsageError when none, two
-    (experiments named alike in two folders: both paths named) or an unfinished one (what it lacks)."""
+def _baseline_folder(df: pd.DataFrame, baseline: str, flag: str = "--baseline") -> Path:
+    """The one experiment ``baseline`` (given as ``flag``) names (its path, else its name), finished: UsageError
+    when none, two (experiments named alike in two folders: both paths named) or an unfinished one (what it lacks)."""
     match = [p for p in df["path"] if Path(p).resolve() == Path(baseline).resolve()]
     match = match or [p for p, name in zip(df["path"], df["experiment"], strict=True) if name == baseline]
     if not match:
-        raise UsageError(f"--baseline {baseline}: no such experiment among {', '.join(df['experiment'])}")
+        raise UsageError(f"{flag} {baseline}: no such experiment among {', '.join(df['experiment'])}")
     if len(match) > 1:
         raise UsageError(
-            f"--baseline {baseline}: {len(match)} experiments have that name ({', '.join(map(str, match))}): "
+            f"{flag} {baseline}: {len(match)} experiments have that name ({', '.join(map(str, match))}): "
             "give the baseline's path"
         )
     base = Path(match[0])
     if manifest.read(artifacts.manifest(base, "ensemble")) is None:
         raise UsageError(
-            f"--baseline {baseline}: the experiment {base} is not finished (its ensemble stage has not run): "
+            f"{flag} {baseline}: the experiment {base} is not finished (its ensemble stage has not run): "
             f"nothing to compare against; finish it (pawpular all --output {base}) or choose another baseline"
         )
     return base

@@ -75,7 +75,11 @@ class TrainConfig:
     channels_last: bool | Literal["auto"] = "auto"  # auto: on a GPU; true: on any device
     compile: bool = False
     mixup_alpha: float = 0.0  # 0 disables mixup
-    patience: int = 3  # early stopping on validation RMSE; 0 disables
+    patience: int = 0  # early stopping on validation RMSE (only with checkpoint: best); 0 disables
+    # Which epoch each fold ships (embedded, fed to the SVR, exported, scored): last = the fixed schedule's last
+    # epoch (no choice made on any rows); best = the epoch best on the fold's own validation rows (every score built
+    # on it is optimistic, and none is called the one to trust)
+    checkpoint: Literal["last", "best"] = "last"
     tta_hflip: bool = True
     num_workers: int = 2
     # Only these folds (None = all); lets users spread folds over machines.

@@ -177,6 +177,14 @@ RULES: list[Rule] = [
     _at_least("train.warmup_epochs", 0),
     _at_least("train.mixup_alpha", 0),
     _at_least("train.patience", 0),
+    (
+        (
+            ("train.patience", "train.checkpoint"),
+            lambda c: c.train.patience == 0 or c.train.checkpoint == "best",
+            "early stopping chooses the last epoch on the fold's own validation rows: with train.checkpoint: last "
+            "set train.patience: 0 (or train.checkpoint: best, whose scores are all optimistic)",
+        )
+    ),
     _at_least("train.num_workers", 0),
     _at_least("train.grad_clip", 0),
     (

@@ -354,11 +354,15 @@ def differing(configs: list[dict[str, Any]]) -> list[str]:
 
 
 def table(
-    folders: list[str | Path] | None = None, sort: str | None = None, baseline: str | None = None
+    folders: list[str | Path] | None = None,
+    sort: str | None = None,
+    baseline: str | None = None,
+    repeats: list | None = None,
 ) -> pd.DataFrame:
     """One row per experiment (COLUMNS, then the settings that differ between the rows, also listed in
     ``attrs["settings"]``); ``sort``: a column, ``-column`` descending (missing values last). ``baseline``: an
-    experiment's name or folder: the columns of ``compare.BASELINE_COLUMNS`` and ``attrs["inside"]``."""
+    experiment's name or folder: the columns of ``compare.BASELINE_COLUMNS`` and ``attrs["inside"]``; ``repeats``: the
+    baseline at other seeds (names or folders), whose spread widens the verdicts."""
     cache: dict = {}
     rows = [row(out, cache) for out in find(folders)]
     settings = differing([r["config"] for r in rows]) if len(rows) > 1 else []
@@ -381,5 +385,5 @@ def table(
     if baseline is not None:
         from .compare import with_baseline
 
-        df = with_baseline(df, baseline)
+        df = with_baseline(df, baseline, repeats)
     return df

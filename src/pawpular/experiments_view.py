@@ -260,14 +260,19 @@ def main(
     as_json: bool = False,
     html_file: str | None = None,
     baseline: str | None = None,
+    repeats: list[str] | None = None,
 ) -> int:
     """`pawpular runs`: print the table (or JSON); with ``html_file`` also write the page; with ``baseline`` the
-    comparisons against it (``compare.py``)."""
+    comparisons against it (``compare.py``), widened by the seed spread of ``repeats``."""
     if html_file:
         from .guards import check_own_page
 
         check_own_page(Path(html_file), "--html", PAGE_START)  # before any work: never a user's file
-    df = table(folders or None, sort, baseline)
+    if repeats and baseline is None:
+        from .errors import UsageError
+
+        raise UsageError("--repeats: name them with --baseline (they are the baseline's config at other seeds)")
+    df = table(folders or None, sort, baseline, repeats)
     if html_file:
         write_text(Path(html_file), page(df))
     if as_json:

@@ -1,5 +1,6 @@
-"""One fold of stage 2 (train): build the model, resume from ``last.pt``, train epoch by epoch keeping the best,
-then write the fold's checkpoint, predictions and manifest. stages/train.py decides which folds run and combines
+"""One fold of stage 2 (train): build the model, resume from ``last.pt``, train epoch by epoch, then write the
+checkpoint the fold ships (``train.checkpoint``: the last epoch, or the epoch best on its own validation rows), its
+predictions and manifest. stages/train.py decides which folds run and combines
 them; the epoch loop's pieces (optimizer, schedule, one epoch) are in training.py.
 """
 
@@ -46,6 +47,11 @@ log = logging.getLogger("pawpular")
 FOLD_FILES = ("best.pt", "metrics.csv", "oof.parquet", "test.parquet")
 
 
+def shipped_epoch(path) -> int:
+    """The epoch a fold's best.pt was saved at (memory-mapped: the weights are not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+
+
 class FoldRun:
     """One fold: build -> resume -> epochs -> finish. Rank 0 writes; the others train in step with it."""
 
@@ -73,9 +79,12 @@ class FoldRun:
         self.finish(best_pred, state.epoch_preds if len(state.epoch_preds) == state.epoch else None)
 
     def repredict(self) -> None:
-        """Keep best.pt (and metrics.csv); recompute the fold's predictions with today's TTA and test set."""
+        """Keep best.pt (and metrics.csv); recompute the fold's predictions with today's TTA and test set. The
+        per-epoch predictions (epochs.parquet) describe the old recipe and no checkpoint of those epochs is kept:
+        they are removed, so no nested score is built from them."""
         if self.ctx.dist.main:
             manifest.clear(self.dir / "manifest.json")
+            remove(artifacts.epoch_preds(self.cfg.out, self.fold))
         model, self.data_cfg = load_checkpoint(artifacts.best_checkpoint(self.cfg.out, self.fold), self.dev)
         self.finish(self.predict(model, eval_dataset(self.val_df, self.ctx.comp.root / "train", self.data_cfg)))
 
@@ -214,7 +223,8 @@ class FoldRun:
     def end_epoch(
         self, state: FoldState, epoch: int, loss: float, pred: np.ndarray, best_pred: np.ndarray, seconds: float
     ) -> np.ndarray:
-        """Score the epoch, keep the best, write best.pt / metrics.csv / last.pt (rank 0), call the test hook."""
+        """Score the epoch; write best.pt (the checkpoint the fold ships: at the last epoch, or at each new own best,
+        by ``train.checkpoint``), metrics.csv and last.pt (rank 0); call the test hook."""
         tc, model = self.cfg.train, self.trainer.model
         val_rmse = rmse(pred, self.val_df[TARGET].to_numpy())
         if not math.isfinite(val_rmse):  # the weights diverged though the loss still looked finite
@@ -225,16 +235,20 @@ class FoldRun:
         state.epoch = epoch + 1
         improved = val_rmse < state.best_rmse
         if improved:
-            state.best_rmse, state.best_epoch, state.bad_epochs, best_pred = val_rmse, epoch + 1, 0, pred
+            state.best_rmse, state.best_epoch, state.bad_epochs = val_rmse, epoch + 1, 0
         else:
             state.bad_epochs += 1
+        # the epoch the fold ships: the schedule's last (no choice made on any rows), or its own best (optimistic)
+        ships = epoch + 1 == tc.epochs if tc.checkpoint == "last" else improved
+        if ships or tc.checkpoint == "last":  # best_pred: the shipped epoch's predictions, or the latest epoch's
+            best_pred = pred
         state.stopped = tc.patience > 0 and state.bad_epochs >= tc.patience
         lr = self.trainer.optimizer.param_groups[0]["lr"]
         # No timings in metrics.csv: a resumed run writes the same bytes as an uninterrupted one (they are logged).
         state.history.append({"epoch": epoch + 1, "train_loss": loss, "val_rmse": val_rmse, "lr": lr})
         state.epoch_preds.append(np.asarray(pred, float).tolist())
         if self.ctx.dist.main:
-            if improved:
+            if ships:
                 save_torch(
                     {
                         "model": export_state_dict(model),
@@ -279,9 +293,10 @@ class FoldRun:
         ).pred
 
     def finish(self, best_pred: np.ndarray, epoch_preds: list | None = None) -> None:
-        """The best checkpoint's test and holdout predictions; the fold's files, then its manifest (rank 0).
+        """The shipped checkpoint's test and holdout predictions; the fold's files, then its manifest (rank 0).
         ``epoch_preds``: every epoch's validation predictions (epochs.parquet); None keeps the file there is."""
         out, comp = self.cfg.out, self.ctx.comp
+        shipped = shipped_epoch(artifacts.best_checkpoint(out, self.fold))
         best_model, _ = load_checkpoint(artifacts.best_checkpoint(out, self.fold), self.dev)
         test_pred = self.predict(best_model, eval_dataset(comp.test, comp.root / "test", self.data_cfg))
         held = len(self.holdout_df) > 0
@@ -313,7 +328,12 @@ class FoldRun:
                 manifest.Record(
                     p.config,
                     p.inputs,
-                    info={"policy": self.policy.to_dict(), "device": self.ctx.device, "weights_key": self.weights_key},
+                    info={
+                        "policy": self.policy.to_dict(),
+                        "device": self.ctx.device,
+                        "weights_key": self.weights_key,
+                        "shipped_epoch": shipped,
+                    },
                 ),
                 files,
             )

@@ -16,6 +16,7 @@ rows do not narrow the interval. Pure numpy: the stages, ``compare.py`` and the 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,12 @@ def optimistic_rmse(sse: np.ndarray, counts: np.ndarray) -> float:
 # Differences against the noise
 
 
+def seed_spread(base: float, repeats: list[float]) -> float:
+    """How far a rerun of the same config at another seed moved the score: the largest |RMSE(repeat) - RMSE(base)|
+    (0 without repeats)."""
+    return float(max((abs(r - base) for r in repeats), default=0.0))
+
+
 def group_codes(ids, groups: dict | None = None) -> np.ndarray:
     """An integer group per row: ``groups`` maps an Id to its duplicate group; every other Id is a group alone."""
     groups = groups or {}
@@ -87,15 +94,21 @@ class Difference:
     groups: int
     folds_won: int | None = None
     folds: int | None = None
+    spread: float = 0.0  # the seed-to-seed spread the verdict also allows for (``with_spread``)
 
     @property
     def verdict(self) -> str:
-        """'better' / 'worse' when the whole interval is below / above 0, else 'within noise'."""
-        if self.high < 0:
+        """'better' / 'worse' when the whole interval, widened by ``spread`` on each side, is below / above 0,
+        else 'within noise'."""
+        if self.high + self.spread < 0:
             return "better"
-        if self.low > 0:
+        if self.low - self.spread > 0:
             return "worse"
         return "within noise"
+
+    def with_spread(self, spread: float) -> Difference:
+        """The same difference, its verdict widened by a seed-to-seed spread (>= 0)."""
+        return dataclasses.replace(self, spread=float(spread))
 
     def to_dict(self) -> dict:
         return {
@@ -107,6 +120,7 @@ class Difference:
             "groups": self.groups,
             "folds_won": self.folds_won,
             "folds": self.folds,
+            "spread": self.spread,
         }
 
 

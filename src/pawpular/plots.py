@@ -135,7 +135,7 @@ def training_curves(metrics: pd.DataFrame) -> Figure:
         best = m.loc[m["val_rmse"].idxmin()]
         b.plot(best["epoch"], best["val_rmse"], "*", color=c, ms=12)
     a.set(xlabel="epoch", ylabel="train loss (BCE)", title="NN head: training loss")
-    b.set(xlabel="epoch", ylabel="validation RMSE", title="NN head: validation RMSE (star: best epoch, kept)")
+    b.set(xlabel="epoch", ylabel="validation RMSE", title="NN head: validation RMSE (star: own best epoch)")
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))

@@ -186,10 +186,15 @@ def _models_section(page: _Page, res: RunResults) -> None:
     ens, mean = score.get("ensemble, cross-val.", score["ensemble"]), score["predict the mean"]
     trusted = score.get("ensemble, nested", np.nan)
     held = f"; on the holdout, {score['holdout RMSE']:.3f}" if "holdout RMSE" in score else ""
-    if not np.isnan(trusted) and not np.isnan(mean) and mean > 0:
+    if not res.weights.get("trusted", False) and not np.isnan(trusted):
         page.add(
-            f"<p>The blend's nested out-of-fold RMSE (every choice, the NN's epoch, the SVR's C and the blend "
-            f"weights, made without the fold scored: the one to trust) is <b>{trusted:.3f}</b>, "
+            f"<p>The blend's nested out-of-fold RMSE is {trusted:.3f}, but no score here is to be trusted: "
+            f"{html.escape(str(res.weights.get('trust', 'own-best checkpoints')))}.</p>"
+        )
+    elif not np.isnan(trusted) and not np.isnan(mean) and mean > 0:
+        page.add(
+            f"<p>The blend's nested out-of-fold RMSE (every choice, the SVR's C and the blend weights, made "
+            f"without the fold scored, on checkpoints no rows chose: the one to trust) is <b>{trusted:.3f}</b>, "
             f"{trusted / mean:.3f}x that of predicting the mean ({mean:.3f}){held}. The cross-validated "
             f"{ens:.3f} is optimistic.</p>"
         )

@@ -283,9 +283,7 @@ def model_table(res: RunResults) -> pd.DataFrame:
         nested = res.weights.get("nested_rmse") or {}
         for name in [n for n in nested if n not in ("ensemble", "missing")] + ["ensemble"]:
             if name in nested:  # every choice made without the fold scored (nested.py)
-                rows.append(
-                    (f"{name}, nested", nested[name], np.nan, "ok; the score to trust" if name == "ensemble" else "ok")
-                )
+                rows.append((f"{name}, nested", nested[name], np.nan, _nested_note(res.weights, name)))
         if "equal_weights" in scores:
             rows.append(("equal-weight blend", scores["equal_weights"], np.nan, "ok"))
         holdout = res.weights.get("holdout_rmse") or {}
@@ -313,3 +311,10 @@ def fold_table(res: RunResults) -> pd.DataFrame:
     table = np.sqrt(sq.dropna(subset=["fold"]).groupby("fold").mean())
     table.index = table.index.astype(int)
     return table.sort_index()
+
+
+def _nested_note(weights: dict, name: str) -> str:
+    """The blend's nested score is the one to trust only on checkpoints no rows chose (weights.json "trusted")."""
+    if name != "ensemble":
+        return "ok"
+    return "ok; the score to trust" if weights.get("trusted", False) else "ok; optimistic: own-best checkpoints"

@@ -188,6 +188,12 @@ def budget_rule(cfg: Any, candidates: Sequence[str], fold_ids: Sequence[int]) ->
     return (lambda names: budget.inference_hours(speeds, names, s.test_images) <= s.budget_hours), speeds
 
 
+NO_NESTED_STARTS = (
+    "no nested score: the starts' sets were chosen on all rows (with a budget too); an experiment whose svr.features "
+    "are one of them has every score labelled optimistic, none to trust"
+)
+
+
 def write_starts(cfg: Any, runs: list[Start], speeds: dict, facts: dict, min_improvement: float, t0: float) -> Path:
     """selection.json and the printout of several starts: each feature set an SVR head of its own (the first in
     this experiment, the others in experiments of their own), blended by ``ensemble.experiments``."""
@@ -212,6 +218,7 @@ def write_starts(cfg: Any, runs: list[Start], speeds: dict, facts: dict, min_imp
             for i, r in enumerate(runs)
         ],
         "blend_line": blend_line(others) if others else "",
+        "nested": {"missing": NO_NESTED_STARTS},
         "settings": {
             "min_improvement": min_improvement,
             "starts": s.starts,
@@ -233,6 +240,7 @@ def write_starts(cfg: Any, runs: list[Start], speeds: dict, facts: dict, min_imp
         print(f"use:    pawpular all --config <this config>{where} {features_line(r.features)}")
     if others:
         print(f"blend:  pawpular ensemble {result['blend_line']}   (every head; export and predict carry them)")
+    print(f"note:   {NO_NESTED_STARTS}")
     log.info("select: %d feature sets from %d starts in %.1fs -> %s", len(runs), s.starts, time.time() - t0, path)
     return path
 
@@ -285,7 +293,8 @@ def print_choice(cfg: Any, steps: list, rejected: dict | None, nested_result: di
     print(f"use:    {features_line(best.features)}   (or `pawpular select --as NAME`: a new experiment)")
     print(
         f"nested: {nested_result['nested_rmse']:.4f} (the selection and C redone without each fold, scored on it: "
-        f"the one to trust; the {best.oof_rmse:.4f} above is optimistic)"
+        f"the selection's score to trust; the {best.oof_rmse:.4f} above is optimistic, and so is every score of an "
+        "experiment that uses these sets: their choice is not redone there)"
     )
     for g in gains:
         print(

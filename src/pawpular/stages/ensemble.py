@@ -12,11 +12,12 @@ Keys    ensemble.heads, ensemble.method (convex | hill; nnls = convex), ensemble
 Run     pawpular ensemble --config configs/default.yaml
 
 Four scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
-cross-validated one (weights refit without each fold, scored on it: still optimistic, the heads' epoch and C were
-chosen on those rows), the nested one (the same blend of the heads' nested predictions, ensemble/nested.parquet:
-every choice made without the fold scored, the one to trust), and with folds.holdout > 0 the holdout RMSE of the
-submission's own recipe on rows no stage ever fit on. A head or blend no better
-than predicting the mean is a loud warning here and in the report.
+cross-validated one (weights refit without each fold, scored on it: still optimistic, the SVR's C was chosen on
+those rows), the nested one (the same blend of the heads' nested predictions, ensemble/nested.parquet: C and the
+weights chosen without the fold scored; the one to trust unless ``trust.py`` names a choice made upstream on all
+rows: own-best checkpoints or select's sets, and then weights.json says "trusted": false), and with
+folds.holdout > 0 the holdout RMSE of the submission's own recipe on rows no stage ever fit on. A head or blend no
+better than predicting the mean is a loud warning here and in the report.
 """
 
 from __future__ import annotations
@@ -28,11 +29,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, manifest, tracking
+from .. import artifacts, manifest, tracking, trust
 from ..blend import canonical, cross_validated, fit_weights
 from ..data import ID, TARGET
 from ..errors import ConfigError
-from ..files import ArtifactError, MissingArtifact, not_a_file, remove, write_csv, write_json, write_parquet
+from ..files import (
+    ArtifactError,
+    MissingArtifact,
+    not_a_file,
+    remove,
+    write_csv,
+    write_json,
+    write_parquet,
+)
 from ..metrics import rmse
 from ..splits import HOLDOUT, read_folds
 from ..submission import build_submission
@@ -40,9 +49,13 @@ from . import Plan, Result
 
 log = logging.getLogger("pawpular")
 TRUST = (
-    "nested_rmse.ensemble is the score to trust: every choice (epoch, C, blend weights) made without the fold "
-    "scored; oof_rmse.ensemble_cv is optimistic (the heads' epoch and C were chosen on the rows it scores), "
-    "oof_rmse.ensemble more so (its weights too)"
+    "nested_rmse.ensemble is the score to trust: every choice (C, blend weights) made without the fold scored, on "
+    "checkpoints whose epoch no rows chose (train.checkpoint: last); oof_rmse.ensemble_cv is optimistic (the heads' "
+    "C was chosen on the rows it scores), oof_rmse.ensemble more so (its weights too)"
+)
+UNTRUSTED = (
+    "no score here is to be trusted, nested_rmse included: {why} (a choice made on the rows it is scored on, which "
+    "the nested score does not redo)"
 )
 SUMMARY = "blend the NN and SVR heads with weights fit on out-of-fold predictions -> submission.csv"
 HELP = __doc__
@@ -269,7 +282,10 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
     }
     missing = [f"{n} ({files[n]})" for n in names if not files[n].is_file()]
     if missing:
-        return {"missing": f"no nested predictions for {', '.join(missing)}: rerun that stage"}
+        return {
+            "missing": f"no nested predictions for {', '.join(missing)}: rerun that stage (train with --overwrite "
+            "where train.checkpoint: best and a new TTA removed the per-epoch predictions)"
+        }
     table = oof[[ID, "fold"]]
     for n in names:
         table = table.merge(pd.read_parquet(files[n])[[ID, "pred"]].rename(columns={"pred": n}), on=ID, how="left")
@@ -282,6 +298,12 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
     # the target too: `pawpular runs --baseline` compares experiments from this file alone
     write_parquet(pd.DataFrame({ID: table[ID], "fold": table["fold"], "pred": pred, "target": y}), path)
     return {**{n: rmse(P[:, j], y) for j, n in enumerate(names)}, "ensemble": score}
+
+
+def optimistic_because(cfg) -> str | None:
+    """Why no score of this blend can be trusted (``trust.py``), or None."""
+    members = experiments(cfg)
+    return trust.optimistic_because(cfg, members, {p: _heads(f, _used(cfg, p)) for p, f in members})
 
 
 def _policies(cfg) -> dict[str, str]:
@@ -310,6 +332,7 @@ def _write(
 ) -> list[Path]:
     out, w = ctx.out / "ensemble", blend.weights
     oof = tables["oof"]
+    untrusted = optimistic_because(ctx.cfg)
     paths = [out / "oof.parquet", out / "test.parquet"]
     write_parquet(
         pd.DataFrame({ID: oof[ID], "fold": oof["fold"], "pred": np.clip(oof[names].to_numpy(float) @ w, 1, 100)}),
@@ -329,7 +352,8 @@ def _write(
             "method": canonical(ctx.cfg.ensemble.method),
             "oof_rmse": summary,
             "nested_rmse": nested_scores,
-            "trust": TRUST,
+            "trusted": untrusted is None,
+            "trust": TRUST if untrusted is None else UNTRUSTED.format(why=untrusted),
             "holdout_rmse": holdout,
             "worse_than_mean": worse_than_mean(summary, holdout),
             "precision": policies,
@@ -363,11 +387,14 @@ def _log(cfg, names: list[str], blend, summary: dict, holdout: dict, nested_scor
         f"  {'ensemble (cross-val.)':<24} {summary['ensemble_cv']:>8.3f}  ({ratio:.3f}x the mean's; optimistic: "
         "the heads' epoch and C were chosen on these rows)",
     ]
-    if "ensemble" in nested_scores:
+    untrusted = optimistic_because(cfg)
+    if "ensemble" in nested_scores and untrusted is None:
         rows.append(
             f"  {'ensemble (nested)':<24} {nested_scores['ensemble']:>8.3f}  (every choice made without the "
             "fold scored: the one to trust)"
         )
+    elif "ensemble" in nested_scores:
+        rows.append(f"  {'ensemble (nested)':<24} {nested_scores['ensemble']:>8.3f}  (optimistic too: {untrusted})")
     else:
         rows.append(f"  {'ensemble (nested)':<24} {'-':>8}  ({nested_scores.get('missing')})")
     if holdout:

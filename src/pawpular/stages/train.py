@@ -1,17 +1,22 @@
 """Stage 2, train: fine-tune a timm backbone + head on every fold; out-of-fold, holdout and test predictions.
 
 Reads   the competition (train.csv, test.csv, photos), folds/folds.csv
-Writes  train/fold{k}/best.pt       best epoch by validation RMSE (SSF merged: a plain PawModel)
+Writes  train/fold{k}/best.pt       the checkpoint the fold ships (train.checkpoint: last = the schedule's last
+                                    epoch; best = the epoch best on its own validation rows); SSF merged
         train/fold{k}/last.pt       resume state after each epoch; removed when the fold is done
         train/fold{k}/metrics.csv   epoch, train_loss, val_rmse, lr
-        train/fold{k}/{oof,test,holdout}.parquet   the best epoch's predictions (holdout with folds.holdout)
-        train/fold{k}/epochs.parquet   the validation predictions after every epoch
+        train/fold{k}/{oof,test,holdout}.parquet   the shipped epoch's predictions (holdout with folds.holdout)
+        train/fold{k}/epochs.parquet   the validation predictions after every epoch (removed by a new TTA)
         train/{oof,test,holdout}.parquet   every fold-assigned train Id once / means over folds
-        train/nested.parquet   fold k's predictions at the epoch best on the other folds' mean validation curve
+        train/shipped.json     the rule, each fold's shipped epoch, and whether the NN's scores can be trusted
+        train/nested.parquet   the NN's OOF predictions with no epoch chosen on the fold scored: with checkpoint
+                               last, the shipped OOF itself; with best, the epoch best on the other folds' mean
+                               curve (not the epoch that ships)
 Needs   pawpular folds
 Keys    model.name, model.pretrained, model.finetune (full | fpt | ssf | head), model.img_size, model.use_meta;
         train.epochs, train.lr, train.head_lr, train.batch_size, train.accum_steps, train.precision, train.amp,
-        train.channels_last, train.compile, train.tta_hflip, train.patience, train.folds (only these folds);
+        train.channels_last, train.compile, train.tta_hflip, train.checkpoint (last | best), train.patience (best
+        only), train.folds (only these folds);
         `pawpular config keys` lists every setting
 Run     pawpular train --config configs/default.yaml [--set train.epochs=3] [--set train.folds=[0,1]]
         torchrun --nproc_per_node N -m pawpular.cli train --config ...   DistributedDataParallel, rank 0 writes
@@ -25,15 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
+import numpy as np
 import pandas as pd
 
 from .. import artifacts, manifest, nested
 from ..data import ID, TARGET
 from ..errors import ConfigError
-from ..files import digest_or_none, remove, write_parquet
-from ..fold_run import FOLD_FILES, FoldRun
+from ..files import digest_or_none, remove, write_json, write_parquet
+from ..fold_run import FOLD_FILES, FoldRun, shipped_epoch
 from ..inference import Policy
 from ..metrics import rmse
 from ..models import check_buildable
@@ -54,8 +59,11 @@ def check(ctx) -> None:
 
 def settings(cfg) -> dict:
     """The settings a fold's weights depend on (not: workers, which folds to run, epoch checkpoints)."""
+    # checkpoint: best (the own-best epoch every version before the setting shipped) leaves the key as it was
     tc = {
-        k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in ("num_workers", "folds", "save_every_epoch")
+        k: v
+        for k, v in dataclasses.asdict(cfg.train).items()
+        if k not in ("num_workers", "folds", "save_every_epoch") and (k, v) != ("checkpoint", "best")
     }
     # model.output is the frozen embeddings' (no fold trains on it); model.square at its default leaves the key as
     # it was before the setting existed
@@ -170,41 +178,80 @@ def combine(ctx, folds: pd.DataFrame, known: list[int]) -> list:
     files = [artifacts.train_fold_dir(out, k) / f for k in known for f in (*FOLD_FILES, "manifest.json")]
     files += [artifacts.fold_preds(out, k, "holdout") for k in known if "holdout" in tables]
     files += [artifacts.preds(out, "nn", s) for s in tables]
-    return files + nested_epochs(out, known, target, rows[-1]["val_rmse"])
+    shipped = {k: _shipped_epoch(ctx, k) for k in known}
+    return files + shipped_files(ctx, known, target, oof, shipped)
 
 
-def nested_epochs(out, known: list[int], target: pd.Series, optimistic: float) -> list:
-    """train/nested.parquet: each fold's validation predictions at the epoch that is best on the other folds' mean
-    validation curve (the best epoch of each fold is chosen on its own rows: its OOF RMSE is optimistic)."""
-    t0 = time.time()
-    paths = [artifacts.epoch_preds(out, k) for k in known]
-    remove(artifacts.nested_preds(out, "nn"))
-    if not all(p.is_file() for p in paths):
-        log.info(
-            "train: no nested score (folds %s kept no per-epoch predictions: trained by an older version)",
-            [k for k, p in zip(known, paths, strict=False) if not p.is_file()],
-        )
-        return []
-    tables = [pd.read_parquet(p) for p in paths]
+def _shipped_epoch(ctx, fold: int) -> int:
+    """The epoch a done fold ships: its manifest's record, or (a fold an older version trained) its best.pt's."""
+    recorded = _fold_verdict(ctx, fold).record.info.get("shipped_epoch")
+    return int(recorded) if recorded is not None else shipped_epoch(artifacts.best_checkpoint(ctx.out, fold))
+
+
+def _epoch_rules(known: list[int], tables: list[pd.DataFrame], target: pd.Series) -> pd.DataFrame:
+    """Logs what the own-best epochs and the epochs best on the other folds' mean curve score (from each fold's
+    per-epoch validation predictions); returns the latter's predictions (Id, fold, pred)."""
     curves = [[rmse(t[c], target.loc[t[ID]]) for c in t.columns if c != ID] for t in tables]
-    epochs = nested.epoch_choice(curves)
-    table = pd.concat(
+    by_others = nested.epoch_choice(curves)
+    by_own = [int(np.argmin(c)) + 1 for c in curves]
+    other = pd.concat(
         [
             pd.DataFrame({ID: t[ID], "fold": k, "pred": t[f"epoch_{e}"]})
-            for k, t, e in zip(known, tables, epochs, strict=False)
+            for k, t, e in zip(known, tables, by_others, strict=False)
         ],
         ignore_index=True,
     )
-    write_parquet(table, artifacts.nested_preds(out, "nn"))
+    own = pd.concat([pd.DataFrame({ID: t[ID], "pred": t[f"epoch_{e}"]}) for t, e in zip(tables, by_own, strict=False)])
     log.info(
-        "train: nested RMSE %.4f (epochs %s, each chosen on the other folds' mean validation curve; %.2fs); the "
-        "OOF RMSE %.4f of each fold's own best epoch is optimistic",
-        rmse(table["pred"], target.loc[table[ID]]),
-        ", ".join(map(str, epochs)),
-        time.time() - t0,
-        optimistic,
+        "train: per-epoch validation curves (not shipped): each fold's own best epoch (%s) scores %.4f "
+        "(optimistic), the epoch best on the other folds' mean curve (%s) %.4f (nested)",
+        ", ".join(map(str, by_own)),
+        rmse(own["pred"], target.loc[own[ID]]),
+        ", ".join(map(str, by_others)),
+        rmse(other["pred"], target.loc[other[ID]]),
     )
-    return [*paths, artifacts.nested_preds(out, "nn")]
+    return other
+
+
+def shipped_files(ctx, known: list[int], target: pd.Series, oof: pd.DataFrame, shipped: dict) -> list:
+    """train/shipped.json (the rule, each fold's shipped epoch, whether the NN's scores can be trusted) and
+    train/nested.parquet: the NN head's predictions with no epoch chosen on the fold they score. With
+    ``train.checkpoint: last`` those are the shipped checkpoints' own OOF predictions (no choice was made on any
+    rows); with ``best`` each fold's epoch chosen on the other folds' mean validation curve (epochs.parquet), which
+    is not the epoch the fold ships: optimistic for what ships."""
+    out, rule = ctx.out, ctx.cfg.train.checkpoint
+    remove(artifacts.nested_preds(out, "nn"))
+    oof_rmse = rmse(oof["pred"], target.loc[oof[ID]])
+    write_json(
+        artifacts.shipped_json(out),
+        {"checkpoint": rule, "epochs": {str(k): e for k, e in shipped.items()}, "trusted": rule == "last"},
+    )
+    files = [artifacts.shipped_json(out)]
+    paths = [artifacts.epoch_preds(out, k) for k in known]
+    have_epochs = all(p.is_file() for p in paths)
+    other = _epoch_rules(known, [pd.read_parquet(p) for p in paths], target) if have_epochs else None
+    files += paths if have_epochs else []
+    epochs = ", ".join(f"fold {k}: {e}" for k, e in shipped.items())
+    if rule == "last":
+        write_parquet(oof[[ID, "fold", "pred"]], artifacts.nested_preds(out, "nn"))
+        log.info(
+            "train: each fold ships its last epoch (%s): OOF RMSE %.4f, no epoch chosen on any rows (what ships)",
+            epochs,
+            oof_rmse,
+        )
+        return [*files, artifacts.nested_preds(out, "nn")]
+    log.warning(
+        "train: train.checkpoint: best ships each fold's own best epoch (%s): its OOF RMSE %.4f and every score "
+        "built on it (the SVR's, the blend's) are optimistic; train.checkpoint: last ships a model whose score "
+        "can be trusted",
+        epochs,
+        oof_rmse,
+    )
+    if not have_epochs:
+        log.info("train: no nested NN score (a fold's per-epoch predictions were removed by a new TTA or are missing)")
+        return files
+    write_parquet(other, artifacts.nested_preds(out, "nn"))
+    return [*files, artifacts.nested_preds(out, "nn")]
 
 
 def _mean_over_folds(out, known: list[int], split: str, ids: pd.Series) -> pd.DataFrame:
