@@ -3,8 +3,8 @@
     python bench/blend_recipe.py --prepare             # folds, fine-tune, embed (the long part; cached)
     python bench/blend_recipe.py --trials 25           # then the tables (SVR heads and blends: about a minute)
 
-docs/winners.md's table: both with ``--folds 2 --img-size 96 --epochs 1 --lr 1e-3 --precision bf16`` (what a shared
-2-core CPU allowed) and the second with ``--svr-set c_max=1000``.
+docs/winners.md's table: both commands with the defaults below (3 folds, 160 px, 3 epochs, lr 2e-4, bf16), the second
+with ``--trials 25 --svr-set c_max=1000``.
 
 Reads ``--data`` (default ``../shared/data/clive``: 930 real photos with a crowd-rated score, 232 held-out test
 photos and their ``answers.csv``) and ``--weights`` (default ``../weights``: timm's tf_efficientnet_lite0/1 with
