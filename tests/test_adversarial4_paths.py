@@ -296,3 +296,29 @@ def test_a_read_only_shared_cache(run, small_competition, experiment_run):
     assert done.returncode == 2 and one_line(done.stderr), done.stderr[-2000:]
     assert "embedding cache" in done.stderr and "read-only" in done.stderr and str(cache) in done.stderr
     assert tree(cache) == before
+
+
+def test_a_library_error_that_ctrl_c_caused_is_not_logged_as_a_traceback():
+    """SQLAlchemy logs "Error closing cursor" with a traceback when Ctrl-C lands inside a query: that record is
+    dropped on the terminal's handlers (the interrupt has its own line); an error with no interrupt behind it, or
+    pawpular's own line, is kept."""
+    import logging
+    import sys
+
+    from pawpular.progress import _not_interrupt_noise
+
+    def record(name: str, interrupted: bool) -> logging.LogRecord:
+        try:
+            try:
+                if interrupted:
+                    raise KeyboardInterrupt
+                raise ValueError("the query failed")
+            except BaseException:
+                raise RuntimeError("Cannot operate on a closed database.")  # noqa: B904 (chained as a library does)
+        except RuntimeError:
+            return logging.LogRecord(name, logging.ERROR, __file__, 1, "Error closing cursor", None, sys.exc_info())
+
+    assert not _not_interrupt_noise(record("sqlalchemy.pool.impl.QueuePool", interrupted=True))
+    assert _not_interrupt_noise(record("sqlalchemy.pool.impl.QueuePool", interrupted=False))
+    assert _not_interrupt_noise(record("pawpular", interrupted=True))
+    assert _not_interrupt_noise(logging.LogRecord("optuna", logging.WARNING, __file__, 1, "a warning", None, None))

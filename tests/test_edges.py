@@ -213,7 +213,7 @@ def test_predict_out_a_directory_is_refused_before_the_inference(experiment_run,
         == 2
     )
     err = capsys.readouterr().err
-    assert "is a directory" in err and "Traceback" not in err and "predict:" not in err  # no inference ran
+    assert "is a folder, not a file" in err and "Traceback" not in err and "predict:" not in err  # no inference ran
 
 
 @pytest.fixture

@@ -47,6 +47,18 @@ def _masked(record: logging.LogRecord) -> bool:
 log.addFilter(_masked)
 
 
+def _not_interrupt_noise(record: logging.LogRecord) -> bool:
+    """False for a library's log line about an error that Ctrl-C caused (e.g. SQLAlchemy's "Error closing cursor"
+    when the interrupt landed inside a query): the interrupt has its own line, and that traceback is no fault."""
+    exc = record.exc_info[1] if record.exc_info else None
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, KeyboardInterrupt):
+            return record.name.startswith("pawpular")
+        exc, seen = exc.__context__ or exc.__cause__, seen + 1
+    return True
+
+
 def setup_logging(verbose: bool) -> None:
     """The log the user reads: time-stamped lines on stderr (debug with -v), third-party chatter at warnings only."""
     logging.basicConfig(
@@ -55,8 +67,9 @@ def setup_logging(verbose: bool) -> None:
     for noisy in ("PIL", "matplotlib", "timm", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:  # a library's own log lines (optuna, SQLAlchemy) masked too
-        if _masked not in handler.filters:
-            handler.addFilter(_masked)
+        for check in (_not_interrupt_noise, _masked):
+            if check not in handler.filters:
+                handler.addFilter(check)
 
 
 def in_notebook() -> bool:

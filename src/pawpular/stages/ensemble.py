@@ -123,37 +123,12 @@ def check(ctx) -> None:
         _check_same_data(ctx)
 
 
-def _data_seen(folder: Path) -> list[tuple[str, str, str | None]]:
-    """The competition data an experiment's work was made on: (label: ``data:test photos``, ``data:train.csv``
-    ..., the manifest that records it, its digest), from its stages' and their units' manifests."""
-    seen = []
-    for stage in artifacts.PIPELINE:
-        stage_dir = artifacts.stage_dir(folder, stage)
-        units = sorted(p for p in stage_dir.iterdir() if p.is_dir()) if stage_dir.is_dir() else []
-        for path in [artifacts.manifest(folder, stage), *(u / "manifest.json" for u in units)]:
-            record = manifest.read(path) if path.is_file() else None
-            seen += [
-                (label, artifacts.relative(folder, path), digest)
-                for label, digest in (record.inputs if record else {}).items()
-                if label.startswith("data:")
-            ]
-    return seen
-
-
 def _other_data(ctx) -> list[str]:
-    """Per blended experiment made on other data than this one's (train and test CSVs and photos, by digest):
-    what differs. Another experiment's test predictions of other photos under the same Ids would blend silently."""
+    """Per blended experiment made on other data than this one's (``member_data.other_data``): what differs."""
+    from ..member_data import other_data
+
     now = ctx.data_inputs("train.csv", "test.csv", images=True)
-    found = []
-    for _prefix, folder in experiments(ctx.cfg)[1:]:
-        differ = [(label, where, d) for label, where, d in _data_seen(folder) if label in now and d != now[label]]
-        if differ:
-            label, where, digest = differ[0]
-            found.append(
-                f"{folder} was made on other data: {label.removeprefix('data:')} differs ({where} records "
-                f"{str(digest)[:12]}, {ctx.cfg.data} gives {str(now[label])[:12]})"
-            )
-    return found
+    return other_data(now, ctx.cfg.data, [folder for _prefix, folder in experiments(ctx.cfg)[1:]])
 
 
 def _check_same_data(ctx) -> None:

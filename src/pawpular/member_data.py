@@ -1,0 +1,41 @@
+"""What data a blend's members were made on: ``ensemble`` refuses a member whose stages recorded other train or
+test files than this experiment's (another experiment's test predictions of other photos under the same Ids would
+blend silently), and ``status`` calls such a blend stale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import artifacts, manifest
+
+
+def data_seen(folder: Path) -> list[tuple[str, str, str | None]]:
+    """The competition data an experiment's work was made on: (label: ``data:test photos``, ``data:train.csv``
+    ..., the manifest that records it, its digest), from its stages' and their units' manifests."""
+    seen = []
+    for stage in artifacts.PIPELINE:
+        stage_dir = artifacts.stage_dir(folder, stage)
+        units = sorted(p for p in stage_dir.iterdir() if p.is_dir()) if stage_dir.is_dir() else []
+        for path in [artifacts.manifest(folder, stage), *(u / "manifest.json" for u in units)]:
+            record = manifest.read(path) if path.is_file() else None
+            seen += [
+                (label, artifacts.relative(folder, path), digest)
+                for label, digest in (record.inputs if record else {}).items()
+                if label.startswith("data:")
+            ]
+    return seen
+
+
+def other_data(now: dict[str, str], data_dir: Path | str, members: list[Path]) -> list[str]:
+    """Per member made on other data than ``now`` (this experiment's digests of its train and test CSVs and photos,
+    read from ``data_dir``): the first thing that differs, where it is recorded, and both digests."""
+    found = []
+    for folder in members:
+        differ = [(label, where, d) for label, where, d in data_seen(folder) if label in now and d != now[label]]
+        if differ:
+            label, where, digest = differ[0]
+            found.append(
+                f"{folder} was made on other data: {label.removeprefix('data:')} differs ({where} records "
+                f"{str(digest)[:12]}, {data_dir} gives {str(now[label])[:12]})"
+            )
+    return found
