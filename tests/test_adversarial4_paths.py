@@ -322,3 +322,42 @@ def test_a_library_error_that_ctrl_c_caused_is_not_logged_as_a_traceback():
     assert _not_interrupt_noise(record("sqlalchemy.pool.impl.QueuePool", interrupted=False))
     assert _not_interrupt_noise(record("pawpular", interrupted=True))
     assert _not_interrupt_noise(logging.LogRecord("optuna", logging.WARNING, __file__, 1, "a warning", None, None))
+
+
+def test_a_ctrl_c_lost_in_a_finalizer_is_raised_again_at_the_next_check():
+    """Python prints and drops a KeyboardInterrupt raised inside a finalizer (a database cursor's ``__del__``): the
+    hook keeps it quiet and pending, so the SVR's trial loop (interrupts.check) stops instead of running on with
+    later presses ignored; any other lost exception is printed as Python does."""
+    import gc
+    import io
+    import sys
+
+    from pawpular import interrupts
+
+    class Interrupted:
+        def __del__(self):
+            raise KeyboardInterrupt
+
+    interrupts.reset()
+    saved_hook, saved_err = sys.unraisablehook, sys.stderr
+    sys.unraisablehook, sys.stderr = interrupts.quiet_unraisable, io.StringIO()
+    try:
+        Interrupted()
+        gc.collect()
+        printed_for_interrupt = sys.stderr.getvalue()
+
+        class Broken:
+            def __del__(self):
+                raise ValueError("a real fault")
+
+        Broken()
+        gc.collect()
+        printed_for_fault = sys.stderr.getvalue()
+    finally:
+        sys.unraisablehook, sys.stderr = saved_hook, saved_err
+    assert printed_for_interrupt == ""
+    assert "ValueError: a real fault" in printed_for_fault
+    with pytest.raises(KeyboardInterrupt):
+        interrupts.check()
+    interrupts.reset()
+    interrupts.check()  # a new command starts with nothing pending

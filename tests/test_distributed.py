@@ -378,8 +378,10 @@ def test_ctrl_c_with_local_workers_exits_130_and_stops_them(experiment_run, smal
     stderr = "".join(lines)
     assert stderr.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
     assert "Traceback" not in stderr and "failed" not in stderr, stderr[-3000:]
-    stopped = re.findall(r"svr worker (\d+): \d+ trials \(stopped by the stage\)", stderr)
-    assert len(stopped) == 2, stderr[-3000:]
+    # each worker logs its count as it stops, or (one busy in C code past the stage's 10 s wait, e.g. in SQLite's
+    # busy wait right after the interrupt) the stage says it killed it: both accounted for either way
+    stopped = re.findall(r"svr worker (\d+): (?:\d+ trials \(stopped by the stage\)|did not stop within)", stderr)
+    assert len(set(stopped)) == 2, stderr[-3000:]
     for pid in stopped:  # gone (or a zombie waiting for a reaper that is not ours)
         status = Path(f"/proc/{pid}/status")
         assert not status.exists() or "zombie" in status.read_text(), status.read_text()

@@ -9,18 +9,16 @@ exception): its traceback and a line saying what to put in a report; 130 / 143 i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import logging
 import shlex
-import signal
 import sys
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 from .cli_args import build_parser
+from .interrupts import interrupt_once
 from .masking import redact_url
 from .progress import setup_logging
 
@@ -332,30 +330,6 @@ def _one_line(e: BaseException) -> str | None:
     return None
 
 
-def _on_sigint(signum: int, frame: object) -> None:
-    """Ctrl-C: one KeyboardInterrupt; presses after it are ignored while the command cleans up (locks released,
-    temporary files swept) and the interpreter's exit handlers run (trackers, torch), so one line is all it says."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _interrupt_once() -> Iterator[None]:
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:  # ignored (a background job), or a
-        yield  # caller's own handler: left as it is
-        return
-    try:
-        previous = signal.signal(signal.SIGINT, _on_sigint)
-    except ValueError:  # not the main thread: nothing to install
-        yield
-        return
-    try:
-        yield
-    finally:
-        if signal.getsignal(signal.SIGINT) is _on_sigint:  # not interrupted: as it was (an in-process caller)
-            signal.signal(signal.SIGINT, previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit code: 2 (one line) for what a user can fix, 70 with the traceback for a
     bug (EX_SOFTWARE)."""
@@ -367,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        with _interrupt_once():
+        with interrupt_once():
             return _dispatch(args)
     except BrokenPipeError:  # `pawpular config show | head`: the reader left; nothing to report
         sys.stderr.close()

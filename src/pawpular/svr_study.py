@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import interrupts
 from . import optuna_internals as internals
 
 # where the study lives, re-exported: the stage, the CLI and the tests name them here
@@ -232,6 +233,7 @@ def run_trials(
     if sole:
         _retry_killed_trials(study, lock)
     while True:
+        interrupts.check()  # a Ctrl-C whose KeyboardInterrupt a library lost (in a finalizer) stops here
         with lock():
             asker, trial, complete = _claim(study, study_id, n_trials)
         if trial is None:
@@ -370,6 +372,7 @@ def stop_workers(procs: list, wait: float = 10.0) -> list[int]:
     for p in alive:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
         if p.is_alive():
+            log.info("svr worker %d: did not stop within %.0f s of being asked (busy in C code): killed", p.pid, wait)
             p.kill()
             p.join()
     return failed
