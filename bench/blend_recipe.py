@@ -7,8 +7,9 @@ docs/winners.md's table: both commands with the defaults below (3 folds, 160 px,
 with ``--trials 25 --svr-set c_max=1000``.
 
 Reads ``--data`` (default ``../shared/data/clive``: 930 real photos with a crowd-rated score, 232 held-out test
-photos and their ``answers.csv``) and ``--weights`` (default ``../weights``: timm's tf_efficientnet_lite0/1 with
-their ImageNet classifiers). Writes one experiment, ``--out``/tuned (default ``input/bench_blend``: git-ignored):
+photos and their ``answers.csv``) and ``--weights`` (default ``input/weights``, where ../shared/tools/real-weights
+writes timm's tf_efficientnet_lite0/1 with their ImageNet classifiers). Writes one experiment, ``--out``/tuned
+(default ``input/bench_blend``: git-ignored):
 EfficientNet-Lite0 fine-tuned per fold (``--img-size`` px, ``--epochs`` epochs, ``--folds`` folds: the NN head),
 embedded by its folds (svr.features ``model``) and by frozen backbones whose sets are the weight files' own 1,000
 ImageNet classifier outputs (``lite0l``: Lite0 at 224 px, ``lite1l``: Lite1 at 240 px; no TTA), and three SVR
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parent.parent
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=here.parent / "shared" / "data" / "clive")
-    p.add_argument("--weights", type=Path, default=here.parent / "weights")
+    p.add_argument("--weights", type=Path, default=here / "input" / "weights")
     p.add_argument("--out", type=Path, default=here / "input" / "bench_blend")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--img-size", type=int, default=160)
