@@ -95,6 +95,23 @@ def test_a_blend_member_made_on_other_test_photos_is_refused(
     assert code == 0 and "ensemble  stale" in out and "made on other data: test photos differs" in out, out
 
 
+def test_runs_marks_a_blend_with_a_member_made_on_other_data_stale(
+    run, other_test_photos, small_competition, tmp_path, monkeypatch, capsys
+):
+    from pawpular.stages import ensemble
+
+    args = tiny_args(small_competition, run, f"ensemble.experiments=[{other_test_photos}]")
+    monkeypatch.setattr(ensemble, "_check_same_data", lambda ctx: None)  # a blend made before members were compared
+    assert run_cli(capsys, "ensemble", *args)[0] == 0
+    monkeypatch.undo()
+    code, row = _runs_row(capsys, run)
+    assert code == 0 and row["status"] == "stale" and row["stages"]["ensemble"] == "stale", row
+    assert f"{other_test_photos} was made on other data: test photos differs" in row["why"], row
+    page = tmp_path / "runs.html"
+    code, out = run_cli(capsys, "runs", run, "--html", page)
+    assert code == 0 and "made on other data: test photos differs" in page.read_text(), out
+
+
 def test_a_relative_blend_member_is_read_where_the_config_resolved_it(
     run, small_competition, tmp_path, monkeypatch, capsys
 ):

@@ -5,7 +5,8 @@
 
 Reads per experiment: each stage's manifest.json (and train's per-fold ones), ensemble/weights.json,
 svr/best_params.json, timings.json, config.yaml, .data_check.json, the competition's CSVs (hashed: small), and
-the weight files of frozen sets (hashed once per command: shared by the experiments that use them). Never a
+the weight files of frozen sets (hashed once per command: shared by the experiments that use them), the
+stage manifests of the experiments a blend holds. Never a
 checkpoint's or embedding table's bytes, never a photo, never a recomputed score: listing dozens of experiments
 takes about a second (``python bench/runs.py``).
 
@@ -15,7 +16,9 @@ Its status is the manifests' verdict without re-hashing what is big:
            and no photo changed (size, mtime, inode, ctime) since; every recorded output exists, and those up to
            1 MiB (scores, predictions, tables) still hash to their recorded digests; a frozen set's weight file
            is there and makes the key it was embedded with (``frozen_key.change``)
-  stale    an input changed after a stage ran (an upstream stage ran again, a CSV, photo or weight file changed)
+  stale    an input changed after a stage ran (an upstream stage ran again, a CSV, photo or weight file changed),
+           or an experiment the blend holds (ensemble.experiments) was made on other data (its manifests record
+           other train or test digests: ``member_data``)
   damaged  a recorded output is missing, or a small one is not the file the stage wrote
   partial  a stage has not finished (train: only some folds)
 ``pawpular status`` also hashes the big outputs and the photos, and compares with the settings asked for now.
@@ -220,8 +223,23 @@ def quick_status(out: Path, config: dict, cache: dict | None = None) -> dict[str
             why = [
                 w for label, d in record.inputs.items() if (w := _input_change(out, label, d, produced, states, data))
             ]
+            if s == "ensemble":
+                why += _members_on_other_data(out, record, data)
             states[s] = (manifest.STALE, why) if why else (manifest.DONE, [])
     return states
+
+
+def _members_on_other_data(out: Path, record: manifest.Record, data: _Data) -> list[str]:
+    """A blend whose other experiments were made on other data than this one's (``member_data.other_data``),
+    this experiment's data being what its data_dir holds now (its cached photo digests)."""
+    from .member_data import other_data, recorded_members
+
+    members = recorded_members(out, record.inputs)
+    if not members or data.root is None or not data.root.is_dir():
+        return []
+    now = {f"data:{n}": digest_or_none(data.root / n) for n in ("train.csv", "test.csv")}
+    now |= {f"data:{split} photos": data.photos(split) for split in ("train", "test")}
+    return other_data({k: v for k, v in now.items() if v is not None}, data.root, members)
 
 
 def _needed(out: Path, config: dict) -> list[str]:

@@ -1,6 +1,6 @@
 """What data a blend's members were made on: ``ensemble`` refuses a member whose stages recorded other train or
 test files than this experiment's (another experiment's test predictions of other photos under the same Ids would
-blend silently), and ``status`` calls such a blend stale."""
+blend silently), and ``status`` and ``runs`` call such a blend stale."""
 
 from __future__ import annotations
 
@@ -38,4 +38,20 @@ def other_data(now: dict[str, str], data_dir: Path | str, members: list[Path]) -
                 f"{folder} was made on other data: {label.removeprefix('data:')} differs ({where} records "
                 f"{str(digest)[:12]}, {data_dir} gives {str(now[label])[:12]})"
             )
+    return found
+
+
+def recorded_members(out: Path, inputs: dict) -> list[Path]:
+    """The other experiments a finished blend read, from its manifest's ``inputs``: their prediction files are
+    recorded by absolute path (``artifacts.blend_members``), each inside its experiment folder."""
+    from .guards import is_experiment
+
+    found: list[Path] = []
+    for label in inputs:
+        path = Path(label)
+        if not path.is_absolute() or path.suffix != ".parquet":
+            continue
+        folder = next((p for p in path.parents if is_experiment(p)), None)
+        if folder is not None and folder.resolve() != Path(out).resolve() and folder not in found:
+            found.append(folder)
     return found
