@@ -38,6 +38,11 @@ def _runs_row(capsys, folder: Path) -> tuple[int, dict]:
     return code, json.loads(out[out.index('{\n "runs"') :])["runs"][0]
 
 
+def _results(folder: Path) -> dict[str, str]:
+    """``tree`` less the photos' digest cache (.data_check.json), which a stage command refreshes first."""
+    return {k: v for k, v in tree(folder).items() if k != ".data_check.json"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 1. A command writes onto only what the project made, or a new path
 
@@ -215,6 +220,46 @@ def test_select_and_runs_never_pass_a_set_made_with_a_replaced_weight_file(
     assert tree(exp) == before
     code, row = _runs_row(capsys, exp)
     assert code == 0 and row["status"] == "stale" and "frozen backbone r changed" in row["why"], row
+
+
+def test_select_and_runs_never_pass_a_set_made_before_a_test_photo_changed(
+    run, frozen_weights, competition_copy, tmp_path, capsys
+):
+    import cv2
+
+    out, weights = frozen_weights
+    frozen = Path(shutil.copytree(out, tmp_path / "frozen"))
+    tuned, sets = tiny_args(competition_copy, run), _frozen_args(competition_copy, frozen, str(weights))
+    assert run_cli(capsys, "status", *tuned)[0] == 0  # the copy's photos hashed once: no change yet
+    photo = sorted((competition_copy / "test").iterdir())[0]  # a train photo makes folds stale: refused there
+    cv2.imwrite(str(photo), 255 - cv2.imread(str(photo)))
+    # the photos' digest cache (.data_check.json) is refreshed by any stage command's upstream check: not a result
+    before = {p: _results(p) for p in (run, frozen, competition_copy)}
+    code, said = run_cli(capsys, "select", *sets)  # frozen sets: their own records name the photos
+    assert code == 2 and one_line(said) and "'r'" in said and "emb/r: data:test photos changed" in said, said
+    assert "stale" in said and "`pawpular embed`" in said, said
+    code, said = run_cli(capsys, "select", *tuned)  # the folds' set: the folds it was made from are stale first
+    assert code == 2 and one_line(said) and "'model'" in said and "upstream train is stale" in said, said
+    assert "test photos changed" in said and "`pawpular train`" in said, said
+    assert {p: _results(p) for p in before} == before
+    for folder in (run, frozen):
+        code, row = _runs_row(capsys, folder)
+        assert code == 0 and row["status"] == "stale" and row["stages"]["embed"] == "stale", row
+        assert "test photos changed" in row["why"], row
+
+
+def test_select_and_runs_never_pass_a_model_set_whose_folds_were_retrained(run, small_competition, capsys):
+    args = tiny_args(small_competition, run, "train.epochs=1")
+    assert run_cli(capsys, "train", *args)[0] == 0  # the folds retrained; embed not rerun
+    code, said = run_cli(capsys, "status", *args)
+    assert code == 0 and "embed     stale" in said and "train/fold0/best.pt changed" in said, said
+    before = tree(run)
+    code, said = run_cli(capsys, "select", *args)
+    assert code == 2 and one_line(said) and "'model'" in said and "train/fold0/best.pt changed" in said, said
+    assert "stale" in said and "`pawpular embed`" in said, said
+    assert tree(run) == before
+    code, row = _runs_row(capsys, run)
+    assert code == 0 and row["status"] == "stale" and row["stages"]["embed"] == "stale", row
 
 
 def test_a_missing_weight_file_is_named_with_where_it_was_looked_for(

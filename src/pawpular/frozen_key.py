@@ -1,6 +1,6 @@
 """What identifies a frozen backbone's embeddings (its cache key), without torch: the stage computes it to skip
-work, and `pawpular runs` recomputes it to say whether a frozen set is still its config's (a weight file replaced
-since). Both read this one definition.
+work (and to judge a set current: ``embed.stale_sets``, which select asks), and `pawpular runs` recomputes it to
+say whether a frozen set is still its config's (a weight file replaced since). Both read this one definition.
 """
 
 from __future__ import annotations

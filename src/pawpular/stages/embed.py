@@ -132,14 +132,48 @@ def units(ctx) -> list[EmbeddingSet]:
         for b in backbone_configs(cfg)
     ]
     # as written: a stale folds.csv is the folds stage's verdict, not a data error
-    folds = written_fold_ids(out) if wants_fold_embeddings(cfg) else []
-    for k in folds:
-        if cfg.embed.source == "finetuned":
-            found.append(
-                EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k))
-            )
-        else:
-            found.append(EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), model_cfg=cfg.model))
+    return found + (fold_units(ctx) if wants_fold_embeddings(cfg) else [])
+
+
+def fold_units(ctx) -> list[EmbeddingSet]:
+    """The folds' own sets (the SVR's set "model"): each fold's fine-tuned checkpoint, or ``model`` frozen."""
+    cfg, out = ctx.cfg, ctx.out
+    if cfg.embed.source == "finetuned":
+        return [
+            EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k))
+            for k in written_fold_ids(out)
+        ]
+    return [
+        EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), model_cfg=cfg.model) for k in written_fold_ids(out)
+    ]
+
+
+def stale_sets(ctx, names: list[str]) -> dict[str, tuple[str, str]]:
+    """Why each finished set of ``names`` (embed.backbones names; "model": the folds' own sets) is not what the
+    config and data make now, and the command that refreshes it, as ``status`` judges the embed stage (whose
+    inputs are its sets'): a set's record against ``unit_plan`` (``manifest.verdict``, what makes it "cached" in
+    ``run``) and, for "model" fine-tuned, the stages it reads (``runner.chain``: train stale, partial or gone). A
+    set whose record holds no inputs (planted by hand) is taken as it is. Writes nothing (photo digests read as
+    cached)."""
+    from ..runner import chain, fix_command
+
+    ctx = dataclasses.replace(ctx, read_only=True)
+    sets = {u.name: [u] for u in units(ctx) if u.checkpoint is None and u.model_cfg is not None and u.listed}
+    sets[artifacts.MODEL_SET] = fold_units(ctx)
+    found: dict[str, tuple[str, str]] = {}
+    for name in names:
+        recorded = [u for u in sets.get(name, []) if (r := manifest.read(u.folder / "manifest.json")) and r.inputs]
+        if recorded and name == artifacts.MODEL_SET and ctx.cfg.embed.source == "finetuned":
+            if bad := [(u, v) for u, v in chain(ctx, ["folds", "train"]).items() if not v.done]:
+                u, v = bad[0]
+                found[name] = (f"upstream {u} is {v.state}: {v.why(2)}", fix_command(ctx.cfg, u, v))
+                continue
+        for unit in recorded:
+            p = unit_plan(ctx, unit)
+            v = manifest.verdict(unit.folder / "manifest.json", ctx.out, p.config, p.inputs)
+            if not v.done:
+                found[name] = (f"{artifacts.relative(ctx.out, unit.folder)}: {v.why(2)}", "`pawpular embed`")
+                break
     return found
 
 

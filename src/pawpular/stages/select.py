@@ -303,25 +303,21 @@ def _candidates(cfg: Config, fold_ids: list[int]) -> tuple[list[str], dict[str, 
 
 
 def check(ctx) -> None:
-    """Before anything changes: every finished frozen set select would score is still what the config makes
-    (``frozen_key.stale``: its weight file there, with the bytes and settings it was embedded with); one that is
-    not is refused naming it, never scored as if it were the config's. A set whose manifest records no key (made
-    by hand, or by a version before it) is taken as it is. Then an inference budget no single set fits: refused
-    naming what the fastest set needs."""
-    from ..config import backbone_model_config
-    from ..frozen_key import stale
+    """Before anything changes: every finished set select would score is current, as ``status`` judges the embed
+    stage (``embed.stale_sets``: the photos or CSVs it was made on, a frozen set's weight file and settings, the
+    fine-tuned folds it was made from); one that is not is refused naming it, what changed and the command that
+    refreshes it, never scored as if it were the config's. A set whose manifest records no inputs (made by hand)
+    is taken as it is. Then an inference budget no single set fits: refused naming what the fastest set needs."""
     from ..splits import written_fold_ids
+    from .embed import stale_sets
 
     cfg = ctx.cfg
     candidates, _ = find_candidates(cfg, written_fold_ids(ctx.out))
-    for b in backbone_configs(cfg):
-        folder = artifacts.emb_dir(ctx.out, backbone=b.name)
-        record = manifest.read(folder / "manifest.json") if b.name in candidates else None
-        if record and (why := stale(backbone_model_config(b), b.name, record.inputs.get("frozen backbone"))):
-            raise ArtifactError(
-                f"select: the embedding set {b.name!r} ({artifacts.relative(ctx.out, folder)}) is stale ({why}): "
-                "its scores would not be this config's; run `pawpular embed` first"
-            )
+    for name, (why, command) in stale_sets(ctx, candidates).items():
+        raise ArtifactError(
+            f"select: the embedding set {name!r} is stale ({why}): its scores would not be this config's; run "
+            f"{command} first"
+        )
     if cfg.select.budget_hours is None:
         return
     folds_df = read_folds(cfg.out, ctx.comp.train, cfg.folds)
