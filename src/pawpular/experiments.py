@@ -36,6 +36,7 @@ import pandas as pd
 from . import artifacts, manifest, recipe
 from .errors import UsageError
 from .files import ArtifactError, digest_or_none, not_a_folder, read_json
+from .member_data import members_on_other_data
 
 SMALL = 1 << 20  # outputs up to this size are hashed; bigger ones (checkpoints, embeddings) only must exist
 NOT_SETTINGS = ("experiment", "output_dir", "overwrite")  # differ between experiments by definition
@@ -223,23 +224,10 @@ def quick_status(out: Path, config: dict, cache: dict | None = None) -> dict[str
             why = [
                 w for label, d in record.inputs.items() if (w := _input_change(out, label, d, produced, states, data))
             ]
-            if s == "ensemble":
-                why += _members_on_other_data(out, record, data)
+            if s == "ensemble" and data.root is not None and data.root.is_dir():
+                why += members_on_other_data(out, record.inputs, data.root, data.photos)
             states[s] = (manifest.STALE, why) if why else (manifest.DONE, [])
     return states
-
-
-def _members_on_other_data(out: Path, record: manifest.Record, data: _Data) -> list[str]:
-    """A blend whose other experiments were made on other data than this one's (``member_data.other_data``),
-    this experiment's data being what its data_dir holds now (its cached photo digests)."""
-    from .member_data import other_data, recorded_members
-
-    members = recorded_members(out, record.inputs)
-    if not members or data.root is None or not data.root.is_dir():
-        return []
-    now = {f"data:{n}": digest_or_none(data.root / n) for n in ("train.csv", "test.csv")}
-    now |= {f"data:{split} photos": data.photos(split) for split in ("train", "test")}
-    return other_data({k: v for k, v in now.items() if v is not None}, data.root, members)
 
 
 def _needed(out: Path, config: dict) -> list[str]:

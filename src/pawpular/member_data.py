@@ -4,9 +4,11 @@ blend silently), and ``status`` and ``runs`` call such a blend stale."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from . import artifacts, manifest
+from .files import digest_or_none
 
 
 def data_seen(folder: Path) -> list[tuple[str, str, str | None]]:
@@ -55,3 +57,15 @@ def recorded_members(out: Path, inputs: dict) -> list[Path]:
         if folder is not None and folder.resolve() != Path(out).resolve() and folder not in found:
             found.append(folder)
     return found
+
+
+def members_on_other_data(out: Path, inputs: dict, data_dir: Path, photos: Callable[[str], str | None]) -> list[str]:
+    """``other_data`` for a finished blend as `pawpular runs` sees it: the members its manifest's ``inputs``
+    record (``recorded_members``), this experiment's data being what ``data_dir`` holds now (its CSVs hashed, the
+    photos' digests from ``photos(split)``, None when unknown: left out)."""
+    members = recorded_members(out, inputs)
+    if not members:
+        return []
+    now = {f"data:{n}": digest_or_none(Path(data_dir) / n) for n in ("train.csv", "test.csv")}
+    now |= {f"data:{split} photos": photos(split) for split in ("train", "test")}
+    return other_data({k: v for k, v in now.items() if v is not None}, data_dir, members)

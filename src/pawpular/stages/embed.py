@@ -158,7 +158,7 @@ def stale_sets(ctx, names: list[str]) -> dict[str, tuple[str, str]]:
     from ..runner import chain, fix_command
 
     ctx = dataclasses.replace(ctx, read_only=True)
-    sets = {u.name: [u] for u in units(ctx) if u.checkpoint is None and u.model_cfg is not None and u.listed}
+    sets = {u.name: [u] for u in units(ctx) if u.listed}  # the frozen sets of embed.backbones
     sets[artifacts.MODEL_SET] = fold_units(ctx)
     found: dict[str, tuple[str, str]] = {}
     for name in names:
