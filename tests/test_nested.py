@@ -162,6 +162,35 @@ def test_own_best_checkpoints_make_every_score_optimistic(best_run):
     )
 
 
+@pytest.mark.slow
+def test_runs_marks_an_optimistic_nested_score_in_its_table_and_page(experiment_run, best_run, tmp_path, capsys):
+    """`pawpular runs`: the own-best run's nested score carries "opt." (text and HTML) with the legend saying what
+    it means; the default run's nested score, the one to trust, carries none."""
+    from pawpular import api, cli
+    from pawpular.experiments_view import LEGEND, OPTIMISTIC_MARK
+
+    df = api.runs(experiment_run, best_run).set_index("experiment")
+    nested_of = {name: f"{df.loc[name, 'nested']:.3f}" for name in (experiment_run.name, best_run.name)}
+    assert [df.loc[n, "nested_trusted"] for n in (experiment_run.name, best_run.name)] == [True, False]
+    page = tmp_path / "runs.html"
+    capsys.readouterr()
+    assert cli.main(["runs", str(experiment_run), str(best_run), "--html", str(page)]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0]  # the table and its legend, before the settings that differ
+    lines = {line.split()[0]: line for line in table.splitlines()}
+    assert f"{nested_of[best_run.name]}{OPTIMISTIC_MARK}" in lines[best_run.name]
+    assert nested_of[experiment_run.name] in lines[experiment_run.name]
+    assert OPTIMISTIC_MARK.strip() not in lines[experiment_run.name]  # the only "opt." of a row is the mark
+    assert LEGEND in lines.values()
+    html = page.read_text()
+    assert (
+        f">{nested_of[best_run.name]}{OPTIMISTIC_MARK}</td>" in html
+        and f">{nested_of[experiment_run.name]}</td>" in html
+    )
+    assert LEGEND.replace('"', "&quot;") in html
+    assert cli.main(["runs", str(experiment_run)]) == 0
+    assert LEGEND not in capsys.readouterr().out  # no marked row: no legend
+
+
 def _tta_off(run, small_competition, dest, *extra: str):
     """A copy of ``run`` after `all` with train.tta_hflip=false: the NN OOF before and after, and the copy."""
     from pawpular import artifacts, cli
