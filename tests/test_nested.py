@@ -107,15 +107,24 @@ def _shipped(out) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_each_fold_ships_the_epoch_its_trusted_score_describes(experiment_run):
-    """train.checkpoint: last (the default): best.pt is the last epoch's, the NN's OOF and nested predictions are
-    that epoch's, the blend's nested score is the one to trust and says so everywhere."""
+def test_each_fold_ships_the_epoch_its_trusted_score_describes(experiment_run, tmp_path):
+    """train.checkpoint: last (the default): best.pt is the last epoch's, export ships its weights, the NN's OOF
+    and nested predictions are that epoch's, the blend's nested score is the one to trust and says so everywhere."""
+    import torch
+    from safetensors.torch import load_file
+
     from pawpular import artifacts, compare
+    from pawpular.exporter import export
 
     out = experiment_run
     shipped, saved = _shipped(out)
     assert shipped == {"checkpoint": "last", "epochs": {"0": 2, "1": 2, "2": 2}, "trusted": True}
     assert saved == shipped["epochs"]  # the checkpoint embedded, exported and scored is the epoch recorded
+    art = export(out, tmp_path / "art")
+    for k in range(3):  # the weights export ships are that checkpoint's, tensor for tensor
+        ckpt = torch.load(artifacts.best_checkpoint(out, k), weights_only=True)["model"]
+        model = load_file(artifacts.exported_model(art / "experiments" / out.name, k))
+        assert model.keys() == ckpt.keys() and all(torch.equal(model[n], ckpt[n].cpu()) for n in ckpt)
     oof, nn = pd.read_parquet(artifacts.preds(out, "nn", "oof")), pd.read_parquet(artifacts.nested_preds(out, "nn"))
     both = oof.merge(nn, on=["Id", "fold"], suffixes=("_oof", "_nested"))
     assert len(both) == len(oof) == len(nn) and np.array_equal(both["pred_oof"], both["pred_nested"])
