@@ -324,3 +324,25 @@ def test_the_header_names_what_was_resampled_and_a_spread_widens_the_verdict(tmp
     d = nested.Difference(rows[1]["delta"], rows[1]["low"], rows[1]["high"], 400, 400)
     wide = d.with_spread(-rows[1]["high"] + 0.01)
     assert wide.verdict == "within noise" and d.with_spread(-rows[1]["high"] - 0.01).verdict == "better"
+
+
+def test_a_blend_member_on_a_start_of_select_starts_is_labelled_optimistic(tmp_path):
+    """`select --starts` prints no nested score: its starts' sets were chosen on all rows. A blend whose member
+    experiment holds start 2's sets (found in the source's selection.json) is optimistic, named for that member;
+    sets no start chose leave it trusted."""
+    from types import SimpleNamespace
+
+    from pawpular import artifacts, trust
+    from pawpular.files import write_json
+
+    main, start2 = tmp_path / "main", tmp_path / "main-start2"
+    starts = [{"start": "a", "features": ["a"]}, {"start": "b", "features": ["b", "c"]}]
+    artifacts.selection_json(main).parent.mkdir(parents=True)
+    write_json(artifacts.selection_json(main), {"chosen": ["a"], "starts": starts})
+    start2.mkdir()
+    cfg = SimpleNamespace(svr=SimpleNamespace(features=["d"]), embed=SimpleNamespace(source="pretrained"))
+    members, heads = [("", main), ("s2_", start2)], {"": ["svr"], "s2_": ["svr"]}
+    start_2 = "main-start2's svr.features ['c', 'b'] were chosen by pawpular select on all rows"
+    for features, expected in ((["c", "b"], start_2), (["b"], None)):
+        artifacts.config_yaml(start2).write_text(f"svr:\n  features: [{', '.join(features)}]\n")
+        assert trust.optimistic_because(cfg, members, heads) == expected
