@@ -346,3 +346,24 @@ def test_a_blend_member_on_a_start_of_select_starts_is_labelled_optimistic(tmp_p
     for features, expected in ((["c", "b"], start_2), (["b"], None)):
         artifacts.config_yaml(start2).write_text(f"svr:\n  features: [{', '.join(features)}]\n")
         assert trust.optimistic_because(cfg, members, heads) == expected
+
+
+@pytest.mark.slow
+def test_precision_and_crop_retrain_the_folds_a_new_tta_does_not(experiment_run, small_competition, make_cfg):
+    """What the nested NN score is built from stays current: a fold's weights key (what its best.pt and per-epoch
+    predictions depend on) is the one its manifest recorded, and train.precision or model.square changes it (the
+    folds retrain: new curves, new per-epoch predictions); train.tta_hflip does not (re-predicted, see above)."""
+    from conftest import CONFIG, TINY
+
+    from pawpular import artifacts, manifest
+    from pawpular.runner import Context
+    from pawpular.stages import train
+
+    def key(*extra: str) -> str:
+        return train.weights_key(
+            Context(make_cfg(small_competition, *TINY, *extra, config=str(CONFIG), out=experiment_run)), 0
+        )
+
+    recorded = manifest.read(artifacts.train_fold_dir(experiment_run, 0) / "manifest.json").info["weights_key"]
+    assert key() == recorded == key("train.tta_hflip=false")
+    assert key("train.precision=bf16") != recorded and key("model.square=crop") != recorded
