@@ -2,8 +2,9 @@
 
     pawpular runs [FOLDER ...] [--sort KEY] [--json] [--html FILE] [--baseline NAME]
 
-Text: the table (scores with 3 decimals, times in seconds), why each row that is not done is not, then the
-settings that differ between the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
+Text: the table (scores with 3 decimals, times in seconds; a nested score its weights.json does not call trusted
+marked "opt.", with a legend line), why each row that is not done is not, then the settings that differ between
+the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
 HTML: both tables, why each row that is not done is not, and a figure of each run's blend scores (in-sample,
 cross-validated, nested, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as
 report.html does).
