@@ -52,6 +52,20 @@ def test_nested_rmse_of_sse_tables():
     assert nested.optimistic_rmse(sse, counts) == pytest.approx(np.sqrt(10 / 2))
 
 
+def test_a_nested_choice_never_scores_below_the_optimistic_one():
+    """The order docs/experiments.md promises: where the optimistic choice minimizes the score over fixed candidates
+    (the SVR's C and width on all rows, each fold's own best epoch), the choice made without each fold cannot score
+    below it. Random loss tables with few candidates and folds, where a leak would show."""
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        sse = rng.uniform(0, 10, (int(rng.integers(1, 5)), int(rng.integers(2, 5))))
+        counts = rng.integers(1, 4, sse.shape[1])
+        score = nested.nested_rmse(sse, counts, nested.leave_one_out(sse))
+        assert score >= nested.optimistic_rmse(sse, counts) - 1e-12  # one candidate best on all rows
+        own_best = np.sqrt(sse.min(axis=0).sum() / counts.sum())  # each fold its own best (the own-best epoch)
+        assert score >= own_best - 1e-12
+
+
 def test_paired_bootstrap_resamples_groups_not_rows():
     rng = np.random.default_rng(1)
     y = rng.uniform(1, 100, 300)
@@ -107,15 +121,24 @@ def _shipped(out) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_each_fold_ships_the_epoch_its_trusted_score_describes(experiment_run):
-    """train.checkpoint: last (the default): best.pt is the last epoch's, the NN's OOF and nested predictions are
-    that epoch's, the blend's nested score is the one to trust and says so everywhere."""
+def test_each_fold_ships_the_epoch_its_trusted_score_describes(experiment_run, tmp_path):
+    """train.checkpoint: last (the default): best.pt is the last epoch's, export ships its weights, the NN's OOF
+    and nested predictions are that epoch's, the blend's nested score is the one to trust and says so everywhere."""
+    import torch
+    from safetensors.torch import load_file
+
     from pawpular import artifacts, compare
+    from pawpular.exporter import export
 
     out = experiment_run
     shipped, saved = _shipped(out)
     assert shipped == {"checkpoint": "last", "epochs": {"0": 2, "1": 2, "2": 2}, "trusted": True}
     assert saved == shipped["epochs"]  # the checkpoint embedded, exported and scored is the epoch recorded
+    art = export(out, tmp_path / "art")
+    for k in range(3):  # the weights export ships are that checkpoint's, tensor for tensor
+        ckpt = torch.load(artifacts.best_checkpoint(out, k), weights_only=True)["model"]
+        model = load_file(artifacts.exported_model(art / "experiments" / out.name, k))
+        assert model.keys() == ckpt.keys() and all(torch.equal(model[n], ckpt[n].cpu()) for n in ckpt)
     oof, nn = pd.read_parquet(artifacts.preds(out, "nn", "oof")), pd.read_parquet(artifacts.nested_preds(out, "nn"))
     both = oof.merge(nn, on=["Id", "fold"], suffixes=("_oof", "_nested"))
     assert len(both) == len(oof) == len(nn) and np.array_equal(both["pred_oof"], both["pred_nested"])
@@ -160,6 +183,35 @@ def test_own_best_checkpoints_make_every_score_optimistic(best_run):
     assert "the one to trust" not in compare.score_line(weights) and "optimistic: own-best" in compare.score_line(
         weights
     )
+
+
+@pytest.mark.slow
+def test_runs_marks_an_optimistic_nested_score_in_its_table_and_page(experiment_run, best_run, tmp_path, capsys):
+    """`pawpular runs`: the own-best run's nested score carries "opt." (text and HTML) with the legend saying what
+    it means; the default run's nested score, the one to trust, carries none."""
+    from pawpular import api, cli
+    from pawpular.experiments_view import LEGEND, OPTIMISTIC_MARK
+
+    df = api.runs(experiment_run, best_run).set_index("experiment")
+    nested_of = {name: f"{df.loc[name, 'nested']:.3f}" for name in (experiment_run.name, best_run.name)}
+    assert [df.loc[n, "nested_trusted"] for n in (experiment_run.name, best_run.name)] == [True, False]
+    page = tmp_path / "runs.html"
+    capsys.readouterr()
+    assert cli.main(["runs", str(experiment_run), str(best_run), "--html", str(page)]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0]  # the table and its legend, before the settings that differ
+    lines = {line.split()[0]: line for line in table.splitlines()}
+    assert f"{nested_of[best_run.name]}{OPTIMISTIC_MARK}" in lines[best_run.name]
+    assert nested_of[experiment_run.name] in lines[experiment_run.name]
+    assert OPTIMISTIC_MARK.strip() not in lines[experiment_run.name]  # the only "opt." of a row is the mark
+    assert LEGEND in lines.values()
+    html = page.read_text()
+    assert (
+        f">{nested_of[best_run.name]}{OPTIMISTIC_MARK}</td>" in html
+        and f">{nested_of[experiment_run.name]}</td>" in html
+    )
+    assert LEGEND.replace('"', "&quot;") in html
+    assert cli.main(["runs", str(experiment_run)]) == 0
+    assert LEGEND not in capsys.readouterr().out  # no marked row: no legend
 
 
 def _tta_off(run, small_competition, dest, *extra: str):
@@ -216,7 +268,7 @@ def test_nested_svr_picks_c_on_the_other_folds(experiment_run):
     m = oof.merge(svr, on=["Id", "fold"])
     kept = m[m["fold"].isin(same)]
     assert len(m) == len(oof) and np.allclose(kept["pred_x"], kept["pred_y"])
-    assert np.isfinite(best["nested_rmse"])
+    assert best["nested_rmse"] >= best["oof_rmse"] - 1e-9  # C chosen without each fold never beats the all-rows C
 
 
 @pytest.mark.slow
@@ -272,3 +324,46 @@ def test_the_header_names_what_was_resampled_and_a_spread_widens_the_verdict(tmp
     d = nested.Difference(rows[1]["delta"], rows[1]["low"], rows[1]["high"], 400, 400)
     wide = d.with_spread(-rows[1]["high"] + 0.01)
     assert wide.verdict == "within noise" and d.with_spread(-rows[1]["high"] - 0.01).verdict == "better"
+
+
+def test_a_blend_member_on_a_start_of_select_starts_is_labelled_optimistic(tmp_path):
+    """`select --starts` prints no nested score: its starts' sets were chosen on all rows. A blend whose member
+    experiment holds start 2's sets (found in the source's selection.json) is optimistic, named for that member;
+    sets no start chose leave it trusted."""
+    from types import SimpleNamespace
+
+    from pawpular import artifacts, trust
+    from pawpular.files import write_json
+
+    main, start2 = tmp_path / "main", tmp_path / "main-start2"
+    starts = [{"start": "a", "features": ["a"]}, {"start": "b", "features": ["b", "c"]}]
+    artifacts.selection_json(main).parent.mkdir(parents=True)
+    write_json(artifacts.selection_json(main), {"chosen": ["a"], "starts": starts})
+    start2.mkdir()
+    cfg = SimpleNamespace(svr=SimpleNamespace(features=["d"]), embed=SimpleNamespace(source="pretrained"))
+    members, heads = [("", main), ("s2_", start2)], {"": ["svr"], "s2_": ["svr"]}
+    start_2 = "main-start2's svr.features ['c', 'b'] were chosen by pawpular select on all rows"
+    for features, expected in ((["c", "b"], start_2), (["b"], None)):
+        artifacts.config_yaml(start2).write_text(f"svr:\n  features: [{', '.join(features)}]\n")
+        assert trust.optimistic_because(cfg, members, heads) == expected
+
+
+@pytest.mark.slow
+def test_precision_and_crop_retrain_the_folds_a_new_tta_does_not(experiment_run, small_competition, make_cfg):
+    """What the nested NN score is built from stays current: a fold's weights key (what its best.pt and per-epoch
+    predictions depend on) is the one its manifest recorded, and train.precision or model.square changes it (the
+    folds retrain: new curves, new per-epoch predictions); train.tta_hflip does not (re-predicted, see above)."""
+    from conftest import CONFIG, TINY
+
+    from pawpular import artifacts, manifest
+    from pawpular.runner import Context
+    from pawpular.stages import train
+
+    def key(*extra: str) -> str:
+        return train.weights_key(
+            Context(make_cfg(small_competition, *TINY, *extra, config=str(CONFIG), out=experiment_run)), 0
+        )
+
+    recorded = manifest.read(artifacts.train_fold_dir(experiment_run, 0) / "manifest.json").info["weights_key"]
+    assert key() == recorded == key("train.tta_hflip=false")
+    assert key("train.precision=bf16") != recorded and key("model.square=crop") != recorded

@@ -53,6 +53,7 @@ COLUMNS = [
     "status",
     "recipe",
     "nested",
+    "nested_trusted",
     "holdout",
     "nn",
     "svr",
@@ -308,6 +309,8 @@ def row(out: Path, cache: dict | None = None) -> dict[str, Any]:
         "status": status,
         "recipe": kind,
         "nested": _number(nested.get("ensemble")),
+        # false (or absent: an older version, every fold shipped its own best epoch) makes the nested score optimistic
+        "nested_trusted": bool(weights.get("trusted", False)) if "ensemble" in nested else None,
         "nn": _number(oof.get("nn")),
         "svr": _number(best.get("oof_rmse", oof.get("svr"))),
         "svr_heads": _svr_heads(out, nested),

@@ -2,8 +2,9 @@
 
     pawpular runs [FOLDER ...] [--sort KEY] [--json] [--html FILE] [--baseline NAME]
 
-Text: the table (scores with 3 decimals, times in seconds), why each row that is not done is not, then the
-settings that differ between the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
+Text: the table (scores with 3 decimals, times in seconds; a nested score its weights.json does not call trusted
+marked "opt.", with a legend line), why each row that is not done is not, then the settings that differ between
+the rows. JSON: {"runs": [one object per row], "settings": [the differing keys]}.
 HTML: both tables, why each row that is not done is not, and a figure of each run's blend scores (in-sample,
 cross-validated, nested, holdout) beside its heads'; the figure is an embedded PNG (the page opens offline, as
 report.html does).
@@ -87,6 +88,28 @@ def _cell(column: str, value: Any) -> str:
     return str(value)
 
 
+OPTIMISTIC_MARK = " opt."  # after a nested score a choice upstream of it made on all rows
+LEGEND = (
+    '"opt." after a nested score: optimistic too, not the one to trust (a fold shipped its own best epoch, or select '
+    "chose the svr.features on all rows; pawpular status names which)"
+)
+
+
+def _shown(column: str, row: pd.Series) -> str:
+    """A cell as shown: a nested score its weights.json does not call trusted carries OPTIMISTIC_MARK."""
+    shown = _cell(column, row[column])
+    return shown + OPTIMISTIC_MARK if column == "nested" and _untrusted(row.get("nested_trusted")) else shown
+
+
+def _untrusted(value: Any) -> bool:
+    """False (not None: no nested score, nor NaN) in the nested_trusted column."""
+    return isinstance(value, (bool, np.bool_)) and not value
+
+
+def _marked(df: pd.DataFrame) -> bool:
+    return "nested_trusted" in df and any(_untrusted(v) for v in df["nested_trusted"])
+
+
 def _grid(rows: list[list[str]], right: set[int]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -100,11 +123,11 @@ def _grid(rows: list[list[str]], right: set[int]) -> str:
 def text(df: pd.DataFrame) -> str:
     """The table as aligned text, the reasons of the rows that are not done, and the settings that differ."""
     cols = list(SHOWN)
-    rows = [[HEADERS.get(c, c) for c in cols]] + [[_cell(c, r[c]) for c in cols] for _, r in df.iterrows()]
+    rows = [[HEADERS.get(c, c) for c in cols]] + [[_shown(c, r) for c in cols] for _, r in df.iterrows()]
     right = {
         i for i, c in enumerate(cols) if c in SCORES or c.startswith("t_") or c in ("best_C", "img_size", "epochs")
     }
-    parts = [_grid(rows, right)]
+    parts = [_grid(rows, right) + (f"\n{LEGEND}" if _marked(df) else "")]
     why = [[f"  {r['experiment']}", r["status"], r["why"]] for _, r in df.iterrows() if r["status"] != "done"]
     if why:
         parts.append("why not done:\n" + _grid(why, set()))
@@ -145,6 +168,9 @@ def blend_figure(df: pd.DataFrame) -> Figure:
     if df[["blend", "blend_cv", "holdout"]].isna().all().all():
         return plots.message("no experiment has a blend score yet (run pawpular ensemble)", "Blend scores")
     order = df.sort_values("blend_cv", na_position="first", ascending=False, kind="stable")
+    if "nested_trusted" in order:  # an optimistic nested score is drawn hollow, never as the one to trust
+        opt = np.array([_untrusted(v) for v in order["nested_trusted"]], dtype=bool)
+        order = order.assign(nested=order["nested"].where(~opt), nested_opt=order["nested"].where(opt))
     pos = np.arange(len(order))
     fig = Figure(figsize=(10, 0.5 * len(order) + 1.8), layout="constrained")
     ax = fig.add_subplot()
@@ -155,10 +181,11 @@ def blend_figure(df: pd.DataFrame) -> Figure:
         ("blend", "blend, in-sample", "o", "#2ca02c", 10, True, 0.0),
         ("blend_cv", "blend, cross-validated", "D", "#145214", 6, False, 0.0),
         ("nested", "blend, nested (to trust)", "*", "#000000", 9, False, -0.11),
+        ("nested_opt", "blend, nested, optimistic (opt.)", "*", "#000000", 9, True, -0.11),
         ("holdout", "blend, holdout", "s", "#d62728", 6, False, -0.22),
     ]
     for column, label, marker, color, size, hollow, offset in marks:
-        values = order[column].to_numpy(float)
+        values = order[column].to_numpy(float) if column in order else np.full(len(order), np.nan)
         if not np.isnan(values).all():
             ax.plot(
                 values,
@@ -203,7 +230,7 @@ def _html_table(df: pd.DataFrame, cols: list[str], table_id: str) -> str:
     for _, r in df.iterrows():
         cells = []
         for c in cols:
-            value, shown = r[c], html.escape(_cell(c, r[c]))
+            value, shown = r[c], html.escape(_shown(c, r))
             if c == "status":
                 cells.append(f'<td class="{html.escape(str(value))}" title="{html.escape(str(r["why"]))}">{shown}</td>')
             elif c == "model":  # long timm names break after their underscores, not the page
@@ -244,6 +271,7 @@ def page(df: pd.DataFrame) -> str:
         f'<p class="sub">{len(df)} experiment(s) &middot; written {stamp} &middot; scores are OOF RMSE '
         "(lower is better); times in seconds; status from the manifests</p><h2>Experiments</h2>"
         + _html_table(df, list(SHOWN), "runs")
+        + (f'<p class="legend">{html.escape(LEGEND)}</p>' if _marked(df) else "")
         + (f'<ul class="why">{why}</ul>' if why else "")
         + "<h2>Settings that differ</h2>"
         + differ

@@ -7,7 +7,7 @@
 A score is *optimistic* when a choice (the NN's epoch, the SVR's C, select's sets, the blend's weights) was made
 on the rows it is scored on, and *nested* when, for every fold k, the choice is made again on the other folds and
 fold k is scored with it. The nested score is never below the optimistic one for a choice that minimizes the
-score itself (the optimistic choice is the minimum on each fold's own rows).
+score itself over fixed candidates (the optimistic choice is their minimum on all rows, or on each fold's own rows).
 
 A difference between two sets of predictions on the same rows is measured with a paired bootstrap that resamples
 duplicate groups (``folds/duplicates.csv``: photos of one pet move together), not single rows, so near-identical
