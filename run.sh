@@ -11,7 +11,7 @@
 #                            ./run.sh status, ./run.sh doctor, ./run.sh all --help (every command has --help)
 #   ./run.sh help            this text
 #
-# What gets installed is decided by src/pawpular/install_plan.py (run with the system python; it prints its plan):
+# What gets installed is decided by src/pawpular/machine/install_plan.py (run with the system python; it prints its plan):
 #   - no NVIDIA GPU: requirements.txt at the tested versions in constraints.txt (what CI runs);
 #   - an NVIDIA GPU (nvidia-smi lists one): a torch in .venv that already uses it is kept; otherwise torch comes
 #     from PyTorch's index for the driver's CUDA major (cu126 for CUDA 12, cu130 for CUDA 13), and
@@ -62,7 +62,7 @@ setup() {
     "$PYTHON" -m venv "$VENV"
   fi
   # -I: standard library only, whatever the environment; the installer imports nothing else.
-  local plan=("$PYTHON" -I src/pawpular/install_plan.py --python "$VENV/bin/python")
+  local plan=("$PYTHON" -I src/pawpular/machine/install_plan.py --python "$VENV/bin/python")
   local key want stamp="$VENV/.pawpular-installed"
   key=$("${plan[@]}" --key)  # cpu | gpu cu12 | gpu cu13: nvidia-smi and the overrides, no torch import (fast)
   # Reinstall only when the requirements, the package metadata, the installer or its choice changed: a no-op
@@ -72,7 +72,7 @@ setup() {
   if wants_distributed "$@"; then extra=distributed; fi
   if wants_tracking "$@"; then extra="${extra:+$extra }tracking"; fi
   base=$({ cat requirements.txt requirements-gpu.txt requirements-distributed.txt requirements-tracking.txt \
-               constraints.txt pyproject.toml src/pawpular/install_plan.py src/pawpular/cuda_builds.py
+               constraints.txt pyproject.toml src/pawpular/machine/install_plan.py src/pawpular/machine/cuda_builds.py
                echo "$key"; } | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ]; then read -r have_base have_extras < "$stamp" || true; fi
   if [ "$have_base" != "$base" ]; then have_extras=""; fi
@@ -128,7 +128,7 @@ case "${1:---}" in
     fi
     # Where each stage runs. A GPU that torch cannot use is printed loudly but does not stop the run (it goes on
     # on the CPU, as a machine without a GPU does); `pawpular doctor` prints the full report and the fix.
-    if ! "$VENV/bin/python" -m pawpular.doctor --short --config "$CONFIG"; then
+    if ! "$VENV/bin/python" -m pawpular.cli.doctor --short --config "$CONFIG"; then
       echo "[run.sh] WARNING: the doctor found a problem (above); the run goes on. Details and fix:" \
            "./run.sh doctor --config $CONFIG" >&2
     fi

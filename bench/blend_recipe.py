@@ -37,9 +37,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pawpular import api, artifacts
-from pawpular.metrics import rmse
-from pawpular.progress import setup_logging
+from pawpular import api
+from pawpular.logs.progress import setup_logging
+from pawpular.scores.metrics import rmse
+from pawpular.store import artifacts
 
 FROZEN = {"lite0l": ("tf_efficientnet_lite0", "lite0", 224), "lite1l": ("tf_efficientnet_lite1", "lite1", 240)}
 LOGIT_HEADS = {"svr_l0": ["lite0l"], "svr_l01": ["lite0l", "lite1l"]}  # svr.heads: SVR heads on frozen logits

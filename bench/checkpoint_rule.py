@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pawpular import api, artifacts, nested
-from pawpular.metrics import rmse
+from pawpular import api
+from pawpular.scores import nested
+from pawpular.scores.metrics import rmse
+from pawpular.store import artifacts
 
 REPO = Path(__file__).resolve().parents[1]
 

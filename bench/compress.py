@@ -10,7 +10,7 @@ model: a timm backbone built like ``embed.backbones`` (``--model``, ``--kwargs``
 weights) or a ``train/fold{k}/best.pt``. Writes nothing; prints one table.
 
 For each setting (``--settings``, default ``none,int8,prune:0.3,prune:0.6,bf16``) the same base model is copied and
-compressed by ``pawpular.compress.compress_model`` (what ``embed`` and ``predict`` do), then:
+compressed by ``pawpular.model.compress.compress_model`` (what ``embed`` and ``predict`` do), then:
 
 - img/s: pooled embeddings (``model.embed``) of the same images in the same batches, decoded and resized once
   beforehand, so the forward pass alone is timed; ``--warmup`` batches run first and are not timed. With
@@ -48,16 +48,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pawpular import svr_head
-from pawpular.compress import _prunable, compress_model
-from pawpular.config import ModelConfig
-from pawpular.config_checks import compress_spec as parse
-from pawpular.data import TARGET, read_competition
-from pawpular.dataset import eval_dataset
-from pawpular.inference import input_dtype
-from pawpular.models import build_model, data_config, load_checkpoint
-from pawpular.splits import make_folds
+from pawpular.config.checks import compress_spec as parse
+from pawpular.config.schema import ModelConfig
+from pawpular.data.dataset import eval_dataset
+from pawpular.data.splits import make_folds
+from pawpular.data.tables import TARGET, read_competition
+from pawpular.model.compress import _prunable, compress_model
+from pawpular.model.inference import input_dtype
+from pawpular.model.models import build_model, data_config, load_checkpoint
 from pawpular.stages import select
+from pawpular.svr import head as svr_head
 
 SETTINGS = "none,int8,prune:0.3,prune:0.6,bf16"
 

@@ -19,9 +19,9 @@ from sklearn.model_selection import KFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pawpular.data import META_COLS, TARGET
-from pawpular.metrics import rmse
-from pawpular.synthetic import baseline_scores, make_synthetic
+from pawpular.data.synthetic import baseline_scores, make_synthetic
+from pawpular.data.tables import META_COLS, TARGET
+from pawpular.scores.metrics import rmse
 
 REPO = Path(__file__).resolve().parents[1]
 

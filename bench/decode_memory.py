@@ -7,7 +7,7 @@ Writes its photos into a temporary folder and removes it; prints two tables. Eac
 memory of a fresh process (``VmHWM`` of /proc/self/status: its own since exec; ``getrusage``'s ``ru_maxrss`` would
 carry over the parent's resident size), less the same process's peak before the decode:
 
-- per mode: ``pawpular.images.load_image`` of one photo (PNG of RGB, RGBA, LA, 16-bit and 8-bit grayscale, a
+- per mode: ``pawpular.data.images.load_image`` of one photo (PNG of RGB, RGBA, LA, 16-bit and 8-bit grayscale, a
   palette with transparency, CMYK TIFF, RGB with an EXIF rotation), in bytes per decoded pixel. The largest is what
   ``images.PEAK_BYTES_PER_PIXEL`` rounds up.
 - check-data: ``pawpular check-data`` on a competition whose 8 train photos are RGBA photos of that size, with
@@ -37,7 +37,7 @@ PROBE = (
     PEAK
     + """
 import sys
-from pawpular.images import load_image
+from pawpular.data.images import load_image
 base = peak_kib()
 arr = load_image(sys.argv[1], min_side=64)
 print((peak_kib() - base) * 1024 / (arr.shape[0] * arr.shape[1]))
@@ -47,10 +47,10 @@ CHECK = (
     PEAK
     + """
 import sys
-from pawpular import cli
-import pawpular.data, pawpular.images  # imported before the baseline is taken
+from pawpular.cli.main import main as cli_main
+import pawpular.data.tables, pawpular.data.images  # imported before the baseline is taken
 base = peak_kib()
-code = cli.main(["check-data", "--data", sys.argv[1]])
+code = cli_main(["check-data", "--data", sys.argv[1]])
 print(code, (peak_kib() - base) / 1024)
 """
 )
@@ -93,8 +93,8 @@ def main() -> None:
     args = p.parse_args()
     w = int(np.sqrt(args.megapixels * 1e6 * 4 / 3))
     h = int(args.megapixels * 1e6 / w)
-    from pawpular.images import PEAK_BYTES_PER_PIXEL
-    from pawpular.synthetic import make_synthetic
+    from pawpular.data.images import PEAK_BYTES_PER_PIXEL
+    from pawpular.data.synthetic import make_synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

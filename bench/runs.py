@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from pawpular import artifacts  # noqa: E402
-from pawpular.files import file_digest, write_json, write_text  # noqa: E402
+from pawpular.store import artifacts  # noqa: E402
+from pawpular.store.files import file_digest, write_json, write_text  # noqa: E402
 
 TARGET_S = 2.0
 
@@ -46,7 +46,7 @@ def tiny_run(root: Path) -> Path:
     """The tests' tiny config on a 120-photo synthetic competition: a real, finished experiment folder."""
     from conftest import build_run
 
-    from pawpular.synthetic import make_synthetic
+    from pawpular.data.synthetic import make_synthetic
 
     comp = make_synthetic(root / "comp", n_train=120, n_test=16, seed=3)
     logging.disable(logging.INFO)  # the pipeline's own log: not what is measured here
@@ -105,7 +105,7 @@ def main() -> None:
         work, printed = timed(
             [
                 "-c",
-                "import json, sys, time; from pawpular import experiments; t = time.perf_counter(); "
+                "import json, sys, time; from pawpular.views import experiments; t = time.perf_counter(); "
                 f"df = experiments.table([{folder!r}]); s = time.perf_counter() - t; "
                 "print(json.dumps([s, df['status'].tolist()]))",
             ]

@@ -48,11 +48,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from pawpular import backend, svr_head, svr_space
-from pawpular.config import SvrConfig
-from pawpular.metrics import rmse
+from pawpular.config.schema import SvrConfig
+from pawpular.machine import backend
+from pawpular.scores.metrics import rmse
 from pawpular.stages.svr import make_objective
-from pawpular.svr_head import HI, LO
+from pawpular.svr import head as svr_head
+from pawpular.svr import space as svr_space
+from pawpular.svr.head import HI, LO
 
 
 def make_data(rows: int, dims: int, latent: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import winners_recipe as recipe  # noqa: E402  (the same config writer and quiet runner)
 
 from pawpular import api  # noqa: E402
-from pawpular.metrics import rmse  # noqa: E402
-from pawpular.progress import setup_logging  # noqa: E402
+from pawpular.logs.progress import setup_logging  # noqa: E402
+from pawpular.scores.metrics import rmse  # noqa: E402
 
 # (label, settings): the search spaces compared on every feature group
 SPACES = [

@@ -45,12 +45,12 @@ import numpy as np
 import pandas as pd
 from svr_head import make_data
 
-from pawpular import artifacts, manifest
-from pawpular.config import load_config
-from pawpular.data import ID, META_COLS, TARGET
-from pawpular.files import read_json, write_csv
+from pawpular.config.schema import load_config
+from pawpular.data.tables import ID, META_COLS, TARGET
 from pawpular.runner import Context, run_planned
 from pawpular.stages import folds as folds_stage
+from pawpular.store import artifacts, manifest
+from pawpular.store.files import read_json, write_csv
 
 
 def write_experiment(root: Path, rows: int, dims: int, n_folds: int, seed: int = 0) -> tuple[Path, Path]:

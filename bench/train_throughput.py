@@ -1,5 +1,5 @@
 """Training and embedding throughput by precision and compilation, in one run: fp32 vs bf16 vs fp16 autocast,
-eager vs ``torch.compile``, for our training step (``pawpular.training.train_one_epoch``: autocast, GradScaler with
+eager vs ``torch.compile``, for our training step (``model.training.train_one_epoch``: autocast, GradScaler with
 fp16, the policy's memory format, grad clipping, per-step schedule) and for the embedding forward pass that
 ``embed`` and ``predict`` run (``model.embed`` under autocast, no gradients); plus a plain fp32 PyTorch loop.
 
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pawpular.backend import resolve_device
-from pawpular.config import load_config
-from pawpular.finetune import setup_finetune
-from pawpular.inference import CPU_FLAGS, Policy, autocast, cpu_flags
-from pawpular.models import build_model, data_config
-from pawpular.training import grad_scaler, make_optimizer, make_scheduler, train_one_epoch
+from pawpular.config.schema import load_config
+from pawpular.machine.backend import resolve_device
+from pawpular.model.finetune import setup_finetune
+from pawpular.model.inference import CPU_FLAGS, Policy, autocast, cpu_flags
+from pawpular.model.models import build_model, data_config
+from pawpular.model.training import grad_scaler, make_optimizer, make_scheduler, train_one_epoch
 
 
 def _sync(device: torch.device) -> None:

@@ -35,8 +35,9 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from pawpular import api, blend, budget
-from pawpular.metrics import rmse
+from pawpular import api
+from pawpular.scores import blend, budget
+from pawpular.scores.metrics import rmse
 
 ALL_MODELS = {
     "lite0": ("tf_efficientnet_lite0", 224),

@@ -10,8 +10,8 @@ import time
 import zlib
 from pathlib import Path
 
-from pawpular import cli
-from pawpular.images import PixelBudget
+from pawpular.cli import main as cli
+from pawpular.data.images import PixelBudget
 
 
 def tree(folder: Path) -> dict[str, str]:
@@ -50,10 +50,10 @@ PEAK_OF_CHECK_DATA = """
 import sys, time
 def peak_kib():
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-from pawpular import cli
-import pawpular.data, pawpular.images
+from pawpular.cli.main import main as cli_main
+import pawpular.data.tables, pawpular.data.images
 base, t0 = peak_kib(), time.time()
-code = cli.main(["check-data", "--data", sys.argv[1]])
+code = cli_main(["check-data", "--data", sys.argv[1]])
 print("RESULT", code, (peak_kib() - base) / 1024, time.time() - t0)
 """
 

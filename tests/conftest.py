@@ -17,7 +17,7 @@ SHARED = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def small_competition(tmp_path_factory) -> Path:
     """A 120-train / 16-test synthetic competition (read-only: copy it before breaking it)."""
-    from pawpular.synthetic import make_synthetic
+    from pawpular.data.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("comp") / "small", n_train=120, n_test=16, seed=3)
 
@@ -31,7 +31,7 @@ def competition_copy(small_competition, tmp_path) -> Path:
 @pytest.fixture
 def make_cfg(tmp_path):
     """Build a Config for a data folder with `--set`-style overrides; outputs go under tmp_path."""
-    from pawpular.config import load_config
+    from pawpular.config.schema import load_config
 
     def _make(data_dir: Path, *overrides: str, config: str | None = None, out: Path | None = None):
         return load_config(config, list(overrides), data_dir=str(data_dir), output_dir=str(out or tmp_path / "exp"))
@@ -49,7 +49,7 @@ def shared_or_skip(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def default_competition(tmp_path_factory) -> Path:
     """The synthetic competition at its default size (what `./run.sh` uses)."""
-    from pawpular.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
+    from pawpular.data.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("comp") / "default", DEFAULT_N_TRAIN, DEFAULT_N_TEST, seed=0)
 
@@ -75,7 +75,7 @@ def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 def build_run(comp: Path, out: Path, *extra: str) -> Path:
     """A finished experiment folder from the real pipeline (tiny config: 10-30 s), built once per session."""
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     if not (out / "submission.csv").is_file():
         assert cli.main(["all", *tiny_args(comp, out, *extra)]) == 0
@@ -85,10 +85,10 @@ def build_run(comp: Path, out: Path, *extra: str) -> Path:
 def adopt_folds(cfg, folds) -> None:
     """Write ``folds`` (Id, fold) as the experiment's folds.csv with the folds stage's manifest, as if the stage
     had made them (tests that need a particular split: round-robin folds, planted embeddings)."""
-    from pawpular import artifacts, manifest
-    from pawpular.files import write_csv
     from pawpular.runner import Context
     from pawpular.stages import folds as folds_stage
+    from pawpular.store import artifacts, manifest
+    from pawpular.store.files import write_csv
 
     write_csv(folds, artifacts.folds_csv(cfg.out))
     plan = folds_stage.plan(Context(cfg))
@@ -102,7 +102,7 @@ def adopt_folds(cfg, folds) -> None:
 
 def plant_finished(out: Path, folder: Path) -> None:
     """Mark planted files in ``folder`` (e.g. embeddings written by a test) as a finished unit of work."""
-    from pawpular import manifest
+    from pawpular.store import manifest
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != "manifest.json")
     manifest.commit(folder / "manifest.json", out, manifest.Record({}, {}), files)

@@ -26,13 +26,14 @@ from conftest import CONFIG, REPO, tiny_args
 from PIL import Image
 
 import pawpular
-from pawpular import artifacts, cli
-from pawpular import data as data_module
-from pawpular.config import load_config
-from pawpular.errors import ConfigError, MissingArtifact, ReadError, UsageError, WriteError
-from pawpular.files import TEMP_GLOB, atomic_path, read_json, temp_path
-from pawpular.lock import experiment_lock
-from pawpular.splits import read_folds
+from pawpular.cli import main as cli
+from pawpular.config.schema import load_config
+from pawpular.data import tables as data_module
+from pawpular.data.splits import read_folds
+from pawpular.store import artifacts
+from pawpular.store.errors import ConfigError, MissingArtifact, ReadError, UsageError, WriteError
+from pawpular.store.files import TEMP_GLOB, atomic_path, read_json, temp_path
+from pawpular.store.lock import experiment_lock
 
 
 @pytest.fixture
@@ -350,7 +351,7 @@ def test_a_png_bomb_is_refused_from_its_header_quickly_and_in_little_memory(comp
 
 
 def test_check_data_decodes_at_most_one_cap_of_pixels_at_a_time(tmp_path, monkeypatch, capsys):
-    from pawpular.synthetic import make_synthetic
+    from pawpular.data.synthetic import make_synthetic
 
     comp = make_synthetic(tmp_path / "comp", n_train=20, n_test=1, seed=0)
     noise = np.random.default_rng(0).integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
@@ -427,9 +428,9 @@ def test_a_bug_shows_its_traceback_and_a_user_error_one_line(
 
 
 def test_user_errors_keep_the_bases_callers_catch():
-    from pawpular.backend import DeviceError
-    from pawpular.data import DataError
-    from pawpular.errors import ArtifactError, PawpularError
+    from pawpular.data.tables import DataError
+    from pawpular.machine.backend import DeviceError
+    from pawpular.store.errors import ArtifactError, PawpularError
 
     assert issubclass(MissingArtifact, FileNotFoundError) and issubclass(MissingArtifact, ArtifactError)
     assert issubclass(UsageError, ValueError) and issubclass(DeviceError, RuntimeError)

@@ -19,9 +19,9 @@ from adversary import one_line, run_cli, tree
 from conftest import tiny_args
 
 import pawpular
-import pawpular.errors
-from pawpular import artifacts
-from pawpular.config import load_config, public_dict, redact_url, url_password
+import pawpular.store.errors
+from pawpular.config.schema import load_config, public_dict, redact_url, url_password
+from pawpular.store import artifacts
 
 SECRET = "s3cr@t-P@ss"  # a password that itself holds '@'
 
@@ -66,7 +66,7 @@ def test_an_error_quoting_a_set_item_masks_its_password(items, tmp_path, capsys)
     args = [a for item in items for a in ("--set", item.format(url=url))]
     code, out = run_cli(capsys, "config", "show", *args, "--output", tmp_path / "x")
     assert code == 2 and one_line(out) and "P@ss" not in out and "s3cr" not in out, out
-    with pytest.raises(pawpular.errors.ConfigError) as e:  # the Python API's message too
+    with pytest.raises(pawpular.store.errors.ConfigError) as e:  # the Python API's message too
         load_config(None, [item.format(url=url) for item in items])
     assert "P@ss" not in str(e.value) and "s3cr" not in str(e.value)
 
@@ -74,7 +74,7 @@ def test_an_error_quoting_a_set_item_masks_its_password(items, tmp_path, capsys)
 def test_a_log_line_quoting_a_url_masks_its_password(caplog):
     import logging
 
-    from pawpular.progress import log
+    from pawpular.logs.progress import log
 
     with caplog.at_level(logging.INFO, logger="pawpular"):
         log.info("opening %s", f"postgresql://svr:{SECRET}@dbhost/optuna")
@@ -85,7 +85,7 @@ def test_wandb_never_records_the_password_of_the_command_line(tmp_path, monkeypa
     pytest.importorskip("wandb")
     from test_tracking import wandb_env
 
-    from pawpular import tracking
+    from pawpular.logs import tracking
     from pawpular.runner import Context
 
     wandb_env(monkeypatch, tmp_path)
@@ -241,7 +241,7 @@ def test_an_edited_export_manifest_is_refused(change, art, small_competition, tm
     assert not out_csv.exists()
 
 
-@pytest.mark.parametrize("where", ["src/pawpular/predictor.py", "inference.ipynb"])
+@pytest.mark.parametrize("where", ["src/pawpular/ship/predictor.py", "inference.ipynb"])
 def test_the_shipped_source_and_notebook_are_verified(where, art, small_competition, tmp_path, capsys):
     exported = Path(shutil.copytree(art, tmp_path / "art"))
     with open(exported / where, "a") as f:
@@ -272,7 +272,7 @@ def test_a_unit_whose_manifest_is_removed_or_replaced_is_never_done(run, small_c
 
 @pytest.fixture(scope="module")
 def few_rows(tmp_path_factory) -> Path:
-    from pawpular.synthetic import make_synthetic
+    from pawpular.data.synthetic import make_synthetic
 
     return make_synthetic(tmp_path_factory.mktemp("few") / "few", n_train=20, n_test=2, seed=1)
 
@@ -425,7 +425,7 @@ def test_a_float_tiff_named_jpg_is_not_decoded_to_black(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pawpular.images import load_image
+    from pawpular.data.images import load_image
 
     ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (48, 1))  # float in [0, 1], the usual convention
     Image.fromarray(ramp, mode="F").save(tmp_path / "photo.jpg", format="TIFF")
@@ -435,8 +435,8 @@ def test_a_float_tiff_named_jpg_is_not_decoded_to_black(tmp_path):
 
 
 def test_a_refused_export_leaves_no_partial_folder(experiment_run, tmp_path, monkeypatch, capsys):
-    from pawpular import exporter
-    from pawpular.errors import ArtifactError
+    from pawpular.ship import exporter
+    from pawpular.store.errors import ArtifactError
 
     def refuse(found):
         raise ArtifactError("the blend weighs a model the export holds not (simulated refusal)")

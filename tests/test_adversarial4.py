@@ -79,7 +79,7 @@ def other_test_photos(experiment_run, small_competition, tmp_path_factory) -> Pa
     photo = sorted((comp / "test").iterdir())[0]
     cv2.imwrite(str(photo), 255 - cv2.imread(str(photo)))
     member = Path(shutil.copytree(experiment_run, root / "member"))
-    assert pawpular.cli.main(["all", *tiny_args(comp, member)]) == 0
+    assert pawpular.cli.main.main(["all", *tiny_args(comp, member)]) == 0
     return member
 
 
@@ -147,8 +147,8 @@ def test_logits_without_a_classifier_are_refused_naming_the_set(tmp_path, capsys
 def test_a_pooled_set_whose_kwargs_name_num_classes_gives_pooled_features():
     import torch
 
-    from pawpular.config import ModelConfig
-    from pawpular.models import build_frozen, check_buildable
+    from pawpular.config.schema import ModelConfig
+    from pawpular.model.models import build_frozen, check_buildable
 
     tiny = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
     shared = {**tiny, "num_classes": 10}  # one kwargs block (a YAML anchor) for a pooled and a logits set
@@ -195,7 +195,7 @@ def frozen_weights(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("adv4_frozen")
     weights = _weights(root / "r.safetensors", seed=1)
     out = root / "frozen"
-    assert pawpular.cli.main(["all", *_frozen_args(small_competition, out, str(weights))]) == 0
+    assert pawpular.cli.main.main(["all", *_frozen_args(small_competition, out, str(weights))]) == 0
     return out, weights
 
 
@@ -337,7 +337,7 @@ def test_an_ambiguous_baseline_name_is_refused_naming_both(experiment_run, tmp_p
 
 @pytest.mark.parametrize("after", ["/", "?", "#"])
 def test_a_password_with_an_at_sign_then_a_separator_is_masked_whole(after):
-    from pawpular.masking import redact_url, url_password, without_password
+    from pawpular.store.masking import redact_url, url_password, without_password
 
     password = f"p@ss{after}w0rd"
     url = f"postgresql://u:{password}@host:5432/db"
@@ -354,7 +354,7 @@ def test_a_password_with_an_at_sign_then_a_separator_is_masked_whole(after):
 
 
 def test_a_traceback_reaching_a_log_is_masked(caplog):
-    from pawpular.progress import log, setup_logging
+    from pawpular.logs.progress import log, setup_logging
 
     url = f"postgresql://u:{SECRET}@host/db"
     with caplog.at_level(logging.DEBUG):
@@ -372,8 +372,8 @@ def test_a_traceback_reaching_a_log_is_masked(caplog):
 
 
 def test_a_photo_rewritten_with_its_size_and_mtime_is_rehashed(competition_copy, tmp_path):
-    from pawpular.data import read_competition
-    from pawpular.data_digest import images_digest
+    from pawpular.data.digest import images_digest
+    from pawpular.data.tables import read_competition
 
     comp, record = read_competition(competition_copy), tmp_path / ".data_check.json"
     first = images_digest(comp, record)

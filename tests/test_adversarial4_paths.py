@@ -105,7 +105,8 @@ def test_a_file_where_the_output_tree_needs_a_folder(tree_path, command, run, sm
 def test_only_a_path_fault_found_on_disk_under_a_given_path_is_a_user_error(tmp_path):
     import errno
 
-    from pawpular import cli, path_faults
+    from pawpular.cli import main as cli
+    from pawpular.store import path_faults
 
     notes = tmp_path / "given" / "notes.txt"
     notes.parent.mkdir()
@@ -305,7 +306,7 @@ def test_a_library_error_that_ctrl_c_caused_is_not_logged_as_a_traceback():
     import logging
     import sys
 
-    from pawpular.progress import _not_interrupt_noise
+    from pawpular.logs.progress import _not_interrupt_noise
 
     def record(name: str, interrupted: bool) -> logging.LogRecord:
         try:
@@ -332,7 +333,7 @@ def test_a_ctrl_c_lost_in_a_finalizer_is_raised_again_at_the_next_check():
     import io
     import sys
 
-    from pawpular import interrupts
+    from pawpular.logs import interrupts
 
     class Interrupted:
         def __del__(self):

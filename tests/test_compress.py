@@ -21,13 +21,13 @@ import pytest
 import torch
 from torch import nn
 
-from pawpular.compress import _prunable, compress_model
-from pawpular.config import ModelConfig
-from pawpular.config_checks import compress_spec as parse
-from pawpular.data import read_competition
-from pawpular.dataset import PetDataset, build_transform
-from pawpular.inference import input_dtype, run_backbone
-from pawpular.models import build_model, data_config
+from pawpular.config.checks import compress_spec as parse
+from pawpular.config.schema import ModelConfig
+from pawpular.data.dataset import PetDataset, build_transform
+from pawpular.data.tables import read_competition
+from pawpular.model.compress import _prunable, compress_model
+from pawpular.model.inference import input_dtype, run_backbone
+from pawpular.model.models import build_model, data_config
 
 
 def embed_dataset(model, ds, device, batch_size, num_workers, tta_hflip):
@@ -136,7 +136,7 @@ def test_int8_on_a_cuda_device_is_refused(tiny):
 def test_bf16_becomes_fp16_on_a_gpu_without_native_bf16(tiny, monkeypatch, native, dtype):
     """A T4 / P100 / V100 has no native bf16: the weights run in fp16 there (the model stays where it is: the
     device only decides the dtype, so this runs on a CPU)."""
-    from pawpular import inference
+    from pawpular.model import inference
 
     model, _, _ = tiny
     monkeypatch.setattr(inference, "gpu_has_bf16", lambda: native)

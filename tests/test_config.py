@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pawpular.config import Config, config_hash, load_config, save_config
-from pawpular.errors import ConfigError
+from pawpular.config.schema import Config, config_hash, load_config, save_config
+from pawpular.store.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

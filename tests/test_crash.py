@@ -115,7 +115,7 @@ class Scenario:
 @pytest.fixture(scope="module")
 def crash_base(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     """A finished tiny experiment (2 folds, 2 epochs) and an export of it (the starting point of predict)."""
-    from pawpular.predictor import manifest_digest
+    from pawpular.ship.predictor import manifest_digest
 
     root = tmp_path_factory.mktemp("crash")
     out = root / "exp"
@@ -166,10 +166,10 @@ def reference(sc: Scenario, root: Path, tmp: Path) -> tuple[int, dict[str, bytes
 
 def _artifact_folder_whole(art: Path) -> str:
     """'old' or 'new' when ``art`` is a whole export (every file its manifest lists, with its digest)."""
-    from pawpular.predictor import read_manifest
+    from pawpular.ship.predictor import read_manifest
 
     read_manifest(art)  # raises on a missing or damaged file
-    assert (art / "src" / "pawpular" / "cli.py").is_file(), "the package must travel whole"
+    assert (art / "src" / "pawpular" / "cli" / "main.py").is_file(), "the package must travel whole"
     return "old" if json.loads((art / "manifest.json").read_text())["created"] == OLD_EXPORT else "new"
 
 

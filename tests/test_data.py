@@ -13,8 +13,8 @@ import pytest
 from conftest import shared_or_skip
 from PIL import Image
 
-from pawpular.data import META_COLS, TARGET, check_competition, read_competition
-from pawpular.images import ImageDecodeError, load_image
+from pawpular.data.images import ImageDecodeError, load_image
+from pawpular.data.tables import META_COLS, TARGET, check_competition, read_competition
 
 
 def _edit_csv(path: Path, fn) -> None:
@@ -207,7 +207,7 @@ def test_tiny_and_huge_images(tmp_path):
 def test_dataset_error_names_the_id(competition_copy):
     import albumentations as A
 
-    from pawpular.dataset import PetDataset
+    from pawpular.data.dataset import PetDataset
 
     comp = read_competition(competition_copy)
     id_ = comp.train["Id"].iloc[3]

@@ -28,9 +28,9 @@ from conftest import tiny_args
 from postgres import postgres_db, postgres_role, postgres_server  # noqa: F401  (fixtures)
 
 import pawpular
-from pawpular import artifacts
-from pawpular import svr_study as st
-from pawpular.data import ID
+from pawpular.data.tables import ID
+from pawpular.store import artifacts
+from pawpular.svr import study as st
 
 SRC = str(Path(pawpular.__file__).resolve().parents[1])  # subprocesses import the same pawpular as the tests
 ENV = {
@@ -149,7 +149,7 @@ def test_machines_started_together_on_a_fresh_database(postgres_db, tmp_path):
     script = tmp_path / "connect.py"
     script.write_text(
         "import sys\nfrom pathlib import Path\nimport optuna, sqlalchemy, psycopg2\n"
-        "from pawpular import svr_study as st\n"
+        "from pawpular.svr import study as st\n"
         "print('ready', flush=True)\nsys.stdin.readline()\n"
         "try:\n    st.make_storage(sys.argv[1], Path('unused'))\n    print('ok')\n"
         "except st.StudyStorageError as e:\n    print(e)\n"
@@ -225,7 +225,7 @@ def test_bad_storage_fails_in_seconds_with_one_line_and_writes_nothing(
     """An unreachable server (a real process), a scheme we do not support and a wrong password (in this process,
     through cli.main): exit 2 and one line naming svr.storage with the password masked, before the stage reads
     any embedding, leaving the experiment folder exactly as it was."""
-    from pawpular import cli as pcli
+    from pawpular.cli import main as pcli
 
     database = postgres_db.rsplit("/", 1)[1]
     with __import__("socket").socket() as s:
@@ -264,7 +264,7 @@ def test_bad_storage_fails_in_seconds_with_one_line_and_writes_nothing(
 def test_overwrite_keeps_a_shared_study_and_delete_study_removes_it(
     experiment_run, small_competition, tmp_path, postgres_db
 ):
-    from pawpular import cli as pcli
+    from pawpular.cli import main as pcli
 
     out = machine(experiment_run, tmp_path / "m")
     args = [*tiny_args(small_competition, out), "--set", f"svr.storage={postgres_db}", "--set", "svr.n_trials=5"]
@@ -299,9 +299,9 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(
     A trial on the tiny run takes ~0.1 s and a spawned worker needs 5-20 s (imports, folds, kernels) on a busy
     2-core machine, so the stage's process alone could fill the budget before a worker starts: its trials are
     slowed here to 1 s (the workers, fresh interpreters, run the real speed)."""
-    from pawpular import cli as pcli
-    from pawpular import svr_head
-    from pawpular.svr_head import SvrHead
+    from pawpular.cli import main as pcli
+    from pawpular.svr import head as svr_head
+    from pawpular.svr.head import SvrHead
 
     n = 40
     real = svr_head.oof_rmse
@@ -424,8 +424,8 @@ def test_embed_under_torchrun_equals_one_process(experiment_run, small_competiti
 SHARD_SCRIPT = """
 import sys
 import numpy as np, torch
-from pawpular.distributed import Dist, process_group
-from pawpular.inference import run_backbone
+from pawpular.machine.distributed import Dist, process_group
+from pawpular.model.inference import run_backbone
 
 class Toy(torch.nn.Module):
     def __init__(self):

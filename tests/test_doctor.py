@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pawpular import backend, doctor
-from pawpular.backend import RapidsStatus
-from pawpular.config import load_config
-from pawpular.install_plan import Driver, GpuInfo, TorchInfo
+from pawpular.cli import doctor
+from pawpular.config.schema import load_config
+from pawpular.machine import backend
+from pawpular.machine.backend import RapidsStatus
+from pawpular.machine.install_plan import Driver, GpuInfo, TorchInfo
 
 REPO = Path(__file__).resolve().parents[1]
 TESTED = {"torch": "2.14.1", "torchvision": "0.29.2"}
@@ -200,7 +201,7 @@ def test_doctor_on_this_machine():
     f = doctor.gather_facts()
     assert f.torch is not None and f.torch.label == torch.__version__ and f.torch.cuda == torch.version.cuda
     assert len(f.torch_gpus) == torch.cuda.device_count() and f.packages["timm"] == timm.__version__
-    p = subprocess.run([sys.executable, "-m", "pawpular.doctor", "--short"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "pawpular.cli.doctor", "--short"], capture_output=True, text=True)
     lines = p.stdout.strip().splitlines()
     assert 1 <= len(lines) <= 3 and lines[0].startswith(f"doctor: torch {torch.__version__}")
     if f.driver is None:  # a CPU machine: nothing to fix

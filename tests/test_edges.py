@@ -20,8 +20,9 @@ import pandas as pd
 import pytest
 from conftest import REPO, tiny_args
 
-from pawpular import artifacts, cli
-from pawpular.files import read_json
+from pawpular.cli import main as cli
+from pawpular.store import artifacts
+from pawpular.store.files import read_json
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Embedding sets shared across experiments (embedding_cache.py): computed once under the output root, hard-linked
+"""Embedding sets shared across experiments (store/embedding_cache.py): computed once under the output root, hard-linked
 into each experiment; a second experiment with the same backbones embeds nothing; one experiment's --overwrite
 never touches the files another one uses; the key is the set's own manifest key (plus the policy)."""
 
@@ -32,7 +32,7 @@ def args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _embed(data: Path, out: Path, *extra: str) -> None:
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     for stage in ("folds", "embed"):
         assert cli.main([stage, *args(data, out, *extra)]) == 0
@@ -41,7 +41,7 @@ def _embed(data: Path, out: Path, *extra: str) -> None:
 def _made_by(out: Path) -> dict[str, str]:
     """Each set's maker, as its shared entry records it (the folder name of the experiment that computed it); the
     experiment's own record names the entry and whether it reused it, never a path."""
-    from pawpular.embedding_cache import entry_record
+    from pawpular.store.embedding_cache import entry_record
 
     found = {}
     for name in ("resnet", "convnext"):
@@ -51,7 +51,7 @@ def _made_by(out: Path) -> dict[str, str]:
 
 
 def _digests(out: Path) -> dict[str, str]:
-    from pawpular.files import file_digest
+    from pawpular.store.files import file_digest
 
     return {str(p.relative_to(out)): file_digest(p) for p in sorted((out / "emb").rglob("*.parquet"))}
 
@@ -64,7 +64,7 @@ def _inodes(out: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def shared(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     """Experiment a embeds both frozen sets; b (same backbones, another folder) must embed nothing."""
-    from pawpular import cli
+    from pawpular.cli import main as cli
     from pawpular.stages import embed
 
     root = tmp_path_factory.mktemp("root")
@@ -81,7 +81,8 @@ def shared(small_competition, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_a_second_experiment_with_the_same_sets_embeds_nothing(shared, small_competition, capsys):
-    from pawpular import cli, recipe
+    from pawpular import recipe
+    from pawpular.cli import main as cli
 
     a, b = shared
     assert _made_by(a) == _made_by(b) == {"resnet": "a", "convnext": "a"}
@@ -100,7 +101,7 @@ def test_a_second_experiment_with_the_same_sets_embeds_nothing(shared, small_com
 
 
 def test_overwrite_of_one_experiment_keeps_the_sets_another_uses(shared, small_competition, tmp_path, caplog):
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     a, b = shared
     before, inodes = _digests(b), _inodes(b)
@@ -138,7 +139,7 @@ def test_the_key_follows_the_recorded_settings_and_an_unfinished_entry_is_never_
 
 
 def test_a_writer_of_the_same_set_waits_for_the_one_holding_it(tmp_path, monkeypatch):
-    from pawpular import embedding_cache
+    from pawpular.store import embedding_cache
 
     entry = tmp_path / ".embeddings" / "0123abcd"
     entry.mkdir(parents=True)
@@ -157,7 +158,7 @@ def test_a_writer_of_the_same_set_waits_for_the_one_holding_it(tmp_path, monkeyp
 
 
 def test_runs_names_the_frozen_backbones_and_no_fine_tuned_model(shared, capsys):
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     a, b = shared
     capsys.readouterr()
@@ -176,7 +177,8 @@ def test_runs_names_the_frozen_backbones_and_no_fine_tuned_model(shared, capsys)
 
 
 def test_settings_differ_key_by_key_for_named_backbones():
-    from pawpular import experiments, manifest
+    from pawpular.store import manifest
+    from pawpular.views import experiments
 
     old = {
         "embed": {
@@ -204,8 +206,9 @@ def test_settings_differ_key_by_key_for_named_backbones():
 def test_a_branch_from_select_fits_its_svr_on_the_same_sets_and_embeds_nothing(
     shared, small_competition, capsys, caplog
 ):
-    from pawpular import cli, svr_study
+    from pawpular.cli import main as cli
     from pawpular.stages import embed
+    from pawpular.svr import study as svr_study
 
     a, _ = shared
     assert cli.main(["select", *args(small_competition, a), "--as", "a_best"]) == 0
@@ -250,7 +253,7 @@ def test_the_frozen_config_holds_only_what_the_recipe_reads_and_says_frozen(smal
 
 
 def test_a_set_left_out_by_choice_is_no_longer_used_not_missing():
-    from pawpular import manifest
+    from pawpular.store import manifest
 
     old = {"resnet: frozen backbone": "ab12", "convnext: frozen backbone": "cd34", "data:train.csv": "ef56"}
     new = {"resnet: frozen backbone": "ab12", "data:train.csv": None}

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from conftest import adopt_folds, plant_finished
 
-from pawpular.blend import fit_weights
-from pawpular.data import read_competition
-from pawpular.metrics import rmse
+from pawpular.data.tables import read_competition
 from pawpular.runner import Context, run_planned
-from pawpular.submission import SubmissionError, validate_submission, write_submission
+from pawpular.scores.blend import fit_weights
+from pawpular.scores.metrics import rmse
+from pawpular.scores.submission import SubmissionError, validate_submission, write_submission
 
 
 @pytest.mark.parametrize("method", ["convex", "nnls", "hill"])
@@ -59,7 +59,7 @@ def test_convex_blend_reaches_the_exact_optimum_without_a_warning(seed, caplog):
 def test_convex_blend_warns_when_its_solver_stops_short(monkeypatch, caplog):
     from scipy.optimize import OptimizeResult
 
-    import pawpular.blend as blend
+    import pawpular.scores.blend as blend
 
     monkeypatch.setattr(
         blend, "minimize", lambda *a, **k: OptimizeResult(x=np.array([0.5, 0.5]), success=True, message="stopped early")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pawpular.files import atomic_path
-from pawpular.files import write_text as atomic_write_text
-from pawpular.lock import ExperimentLocked, experiment_lock
+from pawpular.store.files import atomic_path
+from pawpular.store.files import write_text as atomic_write_text
+from pawpular.store.lock import ExperimentLocked, experiment_lock
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):
@@ -32,7 +32,7 @@ def test_sigkill_mid_write_leaves_old_file_and_the_sweep_removes_the_temp(tmp_pa
     path = tmp_path / "exp" / "table.parquet"
     atomic_write_text(path, "complete")
     code = (
-        "import os, signal, sys; from pawpular.files import atomic_path\n"
+        "import os, signal, sys; from pawpular.store.files import atomic_path\n"
         f"with atomic_path({str(path)!r}) as t:\n"
         "    t.write_text('partial'); os.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -50,7 +50,7 @@ def test_sigkill_mid_write_leaves_old_file_and_the_sweep_removes_the_temp(tmp_pa
 def lock_held_elsewhere(folder: Path) -> Iterator[subprocess.Popen]:
     """Another process holding ``folder``'s lock for stage train until the block ends (then it is killed)."""
     code = (
-        "import time, sys; from pawpular.lock import experiment_lock\n"
+        "import time, sys; from pawpular.store.lock import experiment_lock\n"
         f"with experiment_lock({str(folder)!r}, 'train'):\n"
         "    print('locked', flush=True); time.sleep(60)\n"
     )
@@ -101,7 +101,7 @@ def test_release_removes_only_our_own_lock(tmp_path):
 
 RACE = """
 import sys, time
-from pawpular.lock import ExperimentLocked, experiment_lock
+from pawpular.store.lock import ExperimentLocked, experiment_lock
 sys.stdin.readline()
 try:
     with experiment_lock(sys.argv[1], "train"):
@@ -130,7 +130,7 @@ def test_racing_writers_get_exactly_one_lock(tmp_path):
 
 
 def test_report_and_export_take_the_lock_and_refuse_a_live_writer(experiment_run, tmp_path, capsys):
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     with lock_held_elsewhere(experiment_run) as holder:
         for argv in (
@@ -146,7 +146,7 @@ def test_torch_checkpoints_are_byte_stable(tmp_path):
     """Old: torch.save stored the temporary file's name inside the zip, so equal weights had other bytes."""
     import torch
 
-    from pawpular.files import save_torch
+    from pawpular.store.files import save_torch
 
     state = {"w": torch.arange(6.0).reshape(2, 3)}
     save_torch(state, tmp_path / "a" / "best.pt")

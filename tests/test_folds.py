@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pandas as pd
 
-from pawpular import artifacts
 from pawpular.api import run_config
-from pawpular.data import TARGET, read_competition
-from pawpular.duplicates import duplicate_groups
-from pawpular.splits import sturges_bins
+from pawpular.data.duplicates import duplicate_groups
+from pawpular.data.splits import sturges_bins
+from pawpular.data.tables import TARGET, read_competition
+from pawpular.store import artifacts
 
 
 def _run(make_cfg, data, *overrides, out=None):

@@ -41,7 +41,7 @@ def frozen_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def frozen_run(small_competition, tmp_path_factory) -> Path:
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     out = tmp_path_factory.mktemp("frozen") / "frozen_svr"
     assert cli.main(["all", *frozen_args(small_competition, out)]) == 0
@@ -49,7 +49,7 @@ def frozen_run(small_competition, tmp_path_factory) -> Path:
 
 
 def _status(capsys, data: Path, out: Path, *extra: str) -> tuple[dict[str, str], str]:
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     capsys.readouterr()
     assert cli.main(["status", *frozen_args(data, out, *extra)]) == 0
@@ -90,7 +90,7 @@ def test_the_report_and_the_runs_table_know_it_needs_no_training(frozen_run, sma
     import re
 
     import pawpular
-    from pawpular.reporting import write_report
+    from pawpular.views.reporting import write_report
 
     doc = write_report(frozen_run, small_competition).read_text()
     assert 'data-stage="train" data-state="not needed"' in doc
@@ -110,7 +110,7 @@ def test_the_report_and_the_runs_table_know_it_needs_no_training(frozen_run, sma
 def test_a_stage_asked_for_by_name_runs_and_a_config_that_needs_it_trains_and_reblends_only(
     frozen_run, small_competition, tmp_path, capsys, caplog
 ):
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     run = Path(shutil.copytree(frozen_run, tmp_path / "run"))
     before = {p: p.stat().st_mtime_ns for d in ("folds", "emb", "svr") for p in (run / d).rglob("*") if p.is_file()}
@@ -139,7 +139,7 @@ def test_a_stage_asked_for_by_name_runs_and_a_config_that_needs_it_trains_and_re
 def test_export_and_predict_of_the_frozen_recipe_reproduce_its_submission(frozen_run, test_only, tmp_path):
     from test_predict import assert_predict_matches
 
-    from pawpular.exporter import export
+    from pawpular.ship.exporter import export
 
     art = export(frozen_run, tmp_path / "art")
     files = sorted(str(p.relative_to(art)) for p in (art / "experiments").rglob("*") if p.is_file())

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from sklearn.svm import SVR
 
-from pawpular.files import ArtifactError
-from pawpular.svr_head import HI, LO, RbfKernel, Standardizer, SvrHead, rbf_kernel
+from pawpular.store.files import ArtifactError
+from pawpular.svr.head import HI, LO, RbfKernel, Standardizer, SvrHead, rbf_kernel
 
 
 def _data(n: int = 300, d: int = 7, seed: int = 0):
@@ -68,7 +68,7 @@ def test_shipped_head_predicts_what_the_estimator_predicts(kernel, tmp_path):
 
 
 def test_decision_in_blocks_equals_one_block(monkeypatch):
-    from pawpular import svr_head as heads
+    from pawpular.svr import head as heads
 
     x, y = _data(400)
     model = SVR(gamma=0.1, C=10.0).fit(x[:300], y[:300])

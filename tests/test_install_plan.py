@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from pawpular import cuda_builds as cb
-from pawpular import install_plan as ip
-from pawpular.install_plan import Driver, Facts, GpuInfo, TorchInfo
+from pawpular.machine import cuda_builds as cb
+from pawpular.machine import install_plan as ip
+from pawpular.machine.install_plan import Driver, Facts, GpuInfo, TorchInfo
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "src" / "pawpular" / "install_plan.py"
+SCRIPT = REPO / "src" / "pawpular" / "machine" / "install_plan.py"
 TESTED = {"torch": "2.14.1", "torchvision": "0.29.2"}
 
 SMI_12_4 = """\

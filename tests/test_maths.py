@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pawpular.blend import canonical, cross_validated, fit_weights
-from pawpular.data import TARGET
-from pawpular.metrics import rmse
-from pawpular.splits import make_folds, sturges_bins
+from pawpular.data.splits import make_folds, sturges_bins
+from pawpular.data.tables import TARGET
+from pawpular.scores.blend import canonical, cross_validated, fit_weights
+from pawpular.scores.metrics import rmse
 
 
 def _train(n: int = 600, seed: int = 0) -> pd.DataFrame:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pawpular.config import ModelConfig
-from pawpular.errors import ConfigError
-from pawpular.finetune import add_ssf, count_parameters, export_state_dict, has_ssf, merge_ssf, setup_finetune
-from pawpular.models import PretrainedWeightsError, build_model, data_config, load_checkpoint
+from pawpular.config.schema import ModelConfig
+from pawpular.model.finetune import add_ssf, count_parameters, export_state_dict, has_ssf, merge_ssf, setup_finetune
+from pawpular.model.models import PretrainedWeightsError, build_model, data_config, load_checkpoint
+from pawpular.store.errors import ConfigError
 
 SWIN = dict(
     name="swin_tiny_patch4_window7_224",

@@ -1,5 +1,5 @@
 """Scores a Kaggler can trust (issues 34, 42): the nested choice and the paired bootstrap over duplicate groups
-(nested.py, compare.py) as maths, then on real tiny experiments: each fold ships the epoch its trusted score
+(scores/nested.py, compare.py) as maths, then on real tiny experiments: each fold ships the epoch its trusted score
 describes (own-best checkpoints make every score optimistic), a new TTA leaves no stale nested score, the nested SVR
 and blend are what their files say, and `runs --baseline` widens its verdicts by the seed spread of its repeats."""
 
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import build_run, tiny_args
 
-from pawpular import compare, nested
+from pawpular.scores import compare, nested
 
 # --- the maths ----------------------------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ def test_group_codes_and_what_is_not_comparable():
 
 
 def _fold_epochs(out, k: int) -> pd.DataFrame:
-    from pawpular import artifacts
+    from pawpular.store import artifacts
 
     return pd.read_parquet(artifacts.epoch_preds(out, k))
 
@@ -113,7 +113,7 @@ def _shipped(out) -> tuple[dict, dict]:
     """train/shipped.json, and the epoch each fold's best.pt was saved at."""
     import torch
 
-    from pawpular import artifacts
+    from pawpular.store import artifacts
 
     folds = sorted(int(k) for k in json.loads(artifacts.shipped_json(out).read_text())["epochs"])
     saved = {str(k): torch.load(artifacts.best_checkpoint(out, k), weights_only=True)["epoch"] for k in folds}
@@ -127,8 +127,9 @@ def test_each_fold_ships_the_epoch_its_trusted_score_describes(experiment_run, t
     import torch
     from safetensors.torch import load_file
 
-    from pawpular import artifacts, compare
-    from pawpular.exporter import export
+    from pawpular.scores import compare
+    from pawpular.ship.exporter import export
+    from pawpular.store import artifacts
 
     out = experiment_run
     shipped, saved = _shipped(out)
@@ -164,7 +165,8 @@ def test_own_best_checkpoints_make_every_score_optimistic(best_run):
     """train.checkpoint: best ships each fold's own best epoch: the nested NN epoch (chosen on the other folds'
     curves) is not the one shipped, so nothing is called the one to trust; the nested NN score is never below the
     own-best one (each fold's own best minimizes that fold's error)."""
-    from pawpular import artifacts, compare
+    from pawpular.scores import compare
+    from pawpular.store import artifacts
 
     out = best_run
     shipped, saved = _shipped(out)
@@ -189,8 +191,9 @@ def test_own_best_checkpoints_make_every_score_optimistic(best_run):
 def test_runs_marks_an_optimistic_nested_score_in_its_table_and_page(experiment_run, best_run, tmp_path, capsys):
     """`pawpular runs`: the own-best run's nested score carries "opt." (text and HTML) with the legend saying what
     it means; the default run's nested score, the one to trust, carries none."""
-    from pawpular import api, cli
-    from pawpular.experiments_view import LEGEND, OPTIMISTIC_MARK
+    from pawpular import api
+    from pawpular.cli import main as cli
+    from pawpular.views.experiments_view import LEGEND, OPTIMISTIC_MARK
 
     df = api.runs(experiment_run, best_run).set_index("experiment")
     nested_of = {name: f"{df.loc[name, 'nested']:.3f}" for name in (experiment_run.name, best_run.name)}
@@ -216,7 +219,8 @@ def test_runs_marks_an_optimistic_nested_score_in_its_table_and_page(experiment_
 
 def _tta_off(run, small_competition, dest, *extra: str):
     """A copy of ``run`` after `all` with train.tta_hflip=false: the NN OOF before and after, and the copy."""
-    from pawpular import artifacts, cli
+    from pawpular.cli import main as cli
+    from pawpular.store import artifacts
 
     out = shutil.copytree(run, dest)
     before = pd.read_parquet(artifacts.preds(out, "nn", "oof")).sort_values("Id")
@@ -230,7 +234,7 @@ def _tta_off(run, small_competition, dest, *extra: str):
 @pytest.mark.slow
 def test_a_new_tta_re_derives_the_nested_nn_score_of_the_shipped_epoch(experiment_run, small_competition, tmp_path):
     """checkpoint last: the nested NN predictions are the shipped epoch's re-predicted OOF ones."""
-    from pawpular import artifacts
+    from pawpular.store import artifacts
 
     out, after, weights = _tta_off(experiment_run, small_competition, tmp_path / "run")
     nn = pd.read_parquet(artifacts.nested_preds(out, "nn")).merge(after, on=["Id", "fold"])
@@ -242,7 +246,7 @@ def test_a_new_tta_re_derives_the_nested_nn_score_of_the_shipped_epoch(experimen
 def test_a_new_tta_leaves_no_nested_score_of_the_old_recipe(best_run, small_competition, tmp_path):
     """checkpoint best: the per-epoch predictions were the old recipe's and their weights are gone: no nested NN
     score rather than a stale one (the blend says which is missing)."""
-    from pawpular import artifacts
+    from pawpular.store import artifacts
 
     out, _, weights = _tta_off(best_run, small_competition, tmp_path / "run", *BEST)
     assert not artifacts.nested_preds(out, "nn").exists() and "ensemble" not in weights["nested_rmse"]
@@ -253,8 +257,8 @@ def test_a_new_tta_leaves_no_nested_score_of_the_old_recipe(best_run, small_comp
 def test_nested_svr_picks_c_on_the_other_folds(experiment_run):
     import optuna
 
-    from pawpular import artifacts
     from pawpular.stages.svr import FOLD_SSE
+    from pawpular.store import artifacts
 
     out = experiment_run
     best = json.loads(artifacts.best_params(out).read_text())
@@ -276,7 +280,8 @@ def test_runs_baseline_widens_by_the_seed_spread_of_its_repeats(experiment_run, 
     """The seed run retrains (another seed, same folds): given as the baseline's repeat, its distance from the
     baseline is the seed spread every verdict allows for. The bad-C run reuses the baseline's training and
     embeddings (copied) and retunes the SVR over C in [0.001, 0.003]: the SVR nearly predicts the mean."""
-    from pawpular import api, cli
+    from pawpular import api
+    from pawpular.cli import main as cli
 
     seed = build_run(small_competition, tmp_path / "seed", "seed=1")
     bad = tmp_path / "bad_c"
@@ -332,8 +337,9 @@ def test_a_blend_member_on_a_start_of_select_starts_is_labelled_optimistic(tmp_p
     sets no start chose leave it trusted."""
     from types import SimpleNamespace
 
-    from pawpular import artifacts, trust
-    from pawpular.files import write_json
+    from pawpular.scores import trust
+    from pawpular.store import artifacts
+    from pawpular.store.files import write_json
 
     main, start2 = tmp_path / "main", tmp_path / "main-start2"
     starts = [{"start": "a", "features": ["a"]}, {"start": "b", "features": ["b", "c"]}]
@@ -355,9 +361,9 @@ def test_precision_and_crop_retrain_the_folds_a_new_tta_does_not(experiment_run,
     folds retrain: new curves, new per-epoch predictions); train.tta_hflip does not (re-predicted, see above)."""
     from conftest import CONFIG, TINY
 
-    from pawpular import artifacts, manifest
     from pawpular.runner import Context
     from pawpular.stages import train
+    from pawpular.store import artifacts, manifest
 
     def key(*extra: str) -> str:
         return train.weights_key(

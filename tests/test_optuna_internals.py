@@ -1,4 +1,4 @@
-"""The Optuna storage methods pawpular calls that Optuna does not document for users (optuna_internals.py): the
+"""The Optuna storage methods pawpular calls that Optuna does not document for users (svr/optuna_internals.py): the
 installed Optuna is one they were checked against, and each still has the parameters pawpular passes."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from pawpular import optuna_internals as internals
-from pawpular.versions import parse
+from pawpular.ship.versions import parse
+from pawpular.svr import optuna_internals as internals
 
 
 def test_installed_optuna_is_in_the_checked_range():
@@ -40,7 +40,7 @@ def test_the_calls_work_on_a_real_storage(tmp_path):
 
 
 def test_no_other_module_calls_them():
-    src = Path(internals.__file__).parent
+    src = Path(internals.__file__).parents[1]
     calls = [
         f"{path.name}: {name}"
         for path in sorted(src.rglob("*.py"))

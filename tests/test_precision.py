@@ -37,10 +37,10 @@ import torch
 from conftest import CONFIG, TINY, build_run, tiny_args
 
 import pawpular
-from pawpular import inference, training
-from pawpular.data import ID, TARGET, read_competition
-from pawpular.inference import Policy
-from pawpular.metrics import rmse
+from pawpular.data.tables import ID, TARGET, read_competition
+from pawpular.model import inference, training
+from pawpular.model.inference import Policy
+from pawpular.scores.metrics import rmse
 
 SRC = str(Path(pawpular.__file__).resolve().parents[1])
 ENV = {
@@ -130,8 +130,8 @@ def test_resume_restores_the_cuda_rng_states_that_fit(monkeypatch, caplog):
 
 
 def test_forward_batches_puts_the_model_in_the_policy_layout():
-    from pawpular.config import ModelConfig
-    from pawpular.models import build_model
+    from pawpular.config.schema import ModelConfig
+    from pawpular.model.models import build_model
 
     model = build_model(ModelConfig(name="resnet10t", img_size=32, use_meta=True), pretrained=False)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -164,8 +164,8 @@ def _assert_recorded(run: Path, precision: str) -> None:
 def _assert_predict_matches(run: Path, comp: Path, tmp_path: Path, precision: str, monkeypatch, caplog) -> None:
     """predict (this process) honours the recorded policy: the pipeline's submission; without the instructions,
     fp32 with one warning: close, not equal."""
-    from pawpular.exporter import export
-    from pawpular.predictor import predict
+    from pawpular.ship.exporter import export
+    from pawpular.ship.predictor import predict
 
     art = export(run, tmp_path / "art")
     info = json.loads((art / "manifest.json").read_text())["experiments"][run.name]
@@ -201,7 +201,7 @@ def test_fp16_end_to_end_is_close_to_fp32_and_predict_repeats_it(
 def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(
     fp16_run, small_competition, tmp_path, monkeypatch, caplog
 ):
-    from pawpular.config import load_config
+    from pawpular.config.schema import load_config
     from pawpular.runner import run_stage
 
     out, probe = tmp_path / "killed", tmp_path / "probe" / "exp"
@@ -250,8 +250,8 @@ def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(
 
 @pytest.mark.slow
 def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition, tmp_path, monkeypatch, caplog):
-    from pawpular import cli
-    from pawpular.models import load_checkpoint
+    from pawpular.cli import main as cli
+    from pawpular.model.models import load_checkpoint
 
     out = tmp_path / "ddp"
     shutil.copytree(experiment_run / "folds", out / "folds")
@@ -294,7 +294,8 @@ def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition,
 
 
 def test_kernel_budget_counts_every_worker_and_each_cuml_fits_cache(monkeypatch):
-    from pawpular import backend, svr_memory
+    from pawpular.machine import backend
+    from pawpular.svr import memory as svr_memory
 
     fold_of = np.repeat(np.arange(5), 2000)  # 8,000 train rows a fold: 3.0 GB of kernels, 0.24 GB of cache a fit
     kernels, cache = svr_memory.kernel_gb(fold_of), svr_memory.fit_cache_gb(fold_of)
@@ -314,7 +315,8 @@ def test_kernel_budget_counts_every_worker_and_each_cuml_fits_cache(monkeypatch)
 
 
 def test_a_tuned_width_counts_its_distances_and_the_kernels_of_the_folds_fit_at_once(monkeypatch):
-    from pawpular import svr_head, svr_memory
+    from pawpular.svr import head as svr_head
+    from pawpular.svr import memory as svr_memory
 
     fold_of = np.repeat(np.arange(5), 2000)  # 8,000 train x 10,000 rows a fold: 0.596 GB of float64 kernels
     one_fold = 8 * 8000 * 10000 / 2**30

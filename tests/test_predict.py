@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pawpular.exporter import export
+from pawpular.ship.exporter import export
 
 GUARD = """
 import socket, sys
@@ -31,9 +31,10 @@ pickle.Unpickler = _NoUnpickler
 sys.path.insert(0, {src!r})
 import pawpular
 assert pawpular.__file__.startswith({src!r}), pawpular.__file__
-from pawpular.cli import main
+from pawpular.cli.main import main
 code = main({args!r})
-stages = sorted(m for m in sys.modules if m.startswith(("pawpular.stages.", "pawpular.runner", "pawpular.training")))
+pipeline = ("pawpular.stages.", "pawpular.runner", "pawpular.model.training")
+stages = sorted(m for m in sys.modules if m.startswith(pipeline))
 assert not stages, f"predict imported pipeline-stage modules: {{stages}}"
 heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"sklearn", "albumentations", "optuna", "scipy", "cuml"}})
 assert not heavy, f"predict imported {{heavy}}: it needs neither scikit-learn nor cuML, nor training libraries"
@@ -69,7 +70,7 @@ def test_export_holds_models_as_data_and_no_training_data(experiment_run, tmp_pa
     name = experiment_run.name
     assert {f"experiments/{name}/train/fold{k}/model.safetensors" for k in range(3)} <= files
     assert {f"experiments/{name}/svr/fold{k}/head.safetensors" for k in range(3)} <= files
-    assert "src/pawpular/predictor.py" in files and f"experiments/{name}/config.yaml" in files
+    assert "src/pawpular/ship/predictor.py" in files and f"experiments/{name}/config.yaml" in files
     assert not [f for f in files if f.endswith((".csv", "oof.parquet", "last.pt")) or "/emb/" in f]
     # Nothing but the package source is code: no pickle (torch .pt/.pth, .pkl) anywhere, only arrays and settings
     data_files = [f for f in files if not f.startswith("src/")]
@@ -129,9 +130,10 @@ def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competit
     the int8 model on the CPU, even when predict's device is a GPU."""
     from conftest import tiny_args
 
-    from pawpular import artifacts, cli
-    from pawpular.data import read_test_set
-    from pawpular.predictor import Experiment, read_manifest
+    from pawpular.cli import main as cli
+    from pawpular.data.tables import read_test_set
+    from pawpular.ship.predictor import Experiment, read_manifest
+    from pawpular.store import artifacts
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "int8_run"))
     sets = ["embed.compress=int8", "ensemble.heads=[svr]"]
@@ -155,7 +157,7 @@ def test_round_trip_with_frozen_random_backbones(experiment_run, small_competiti
     """Random-init frozen backbones must be rebuilt with the same weights at predict time (seeded init)."""
     from conftest import tiny_args
 
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "mb_run"))
     backbones = (
@@ -190,7 +192,7 @@ MATRIX = {
 def test_predict_matrix_reproduces_the_pipeline(variant, experiment_run, small_competition, test_only, tmp_path):
     from conftest import tiny_args
 
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     sets = list(MATRIX[variant])
@@ -217,7 +219,7 @@ def test_experiments_sharing_a_folder_name_are_refused_at_ensemble(experiment_ru
     """Two blended experiments called alike would be one in weights.json and in the export: refused, nothing written."""
     from conftest import tiny_args
 
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     a = Path(shutil.copytree(experiment_run, tmp_path / "a" / OTHER))
@@ -244,7 +246,7 @@ def test_experiments_sharing_a_folder_name_are_refused_at_ensemble(experiment_ru
 @pytest.mark.slow
 def test_predict_refuses_weights_it_cannot_honour(experiment_run, test_only, tmp_path):
     """A weighted model missing from the folder, or weights not summing to 1: refused, no submission."""
-    from pawpular.predictor import manifest_digest
+    from pawpular.ship.predictor import manifest_digest
 
     art = export(experiment_run, tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
@@ -308,7 +310,8 @@ def test_each_model_ships_and_uses_its_own_policy(experiment_run, small_competit
 
     from conftest import tiny_args
 
-    from pawpular import cli, manifest
+    from pawpular.cli import main as cli
+    from pawpular.store import manifest
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     gpu = {"precision": "bf16", "channels_last": True}
@@ -328,7 +331,7 @@ def test_each_model_ships_and_uses_its_own_policy(experiment_run, small_competit
     info = json.loads((art / "manifest.json").read_text())["experiments"][run.name]
     assert info["nn"]["2"]["policy"] == gpu and info["nn"]["1"]["policy"]["precision"] == "fp32"
     assert info["embeddings"]["fold1"]["policy"] == gpu and info["embeddings"]["fold2"]["policy"]["precision"] == "fp32"
-    from pawpular.inference import cpu_native
+    from pawpular.model.inference import cpu_native
 
     if not cpu_native("bf16"):  # this CPU would only emulate bf16: predict runs those models in fp32, warned once
         r = assert_predict_matches(art, test_only, run, tmp_path)

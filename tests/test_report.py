@@ -21,10 +21,11 @@ import pytest
 from conftest import CONFIG  # noqa: F401  (the run's config)
 from PIL import Image
 
-from pawpular import cli, plots, plots_eda, results
-from pawpular import reporting as report
-from pawpular.data import ID, TARGET
-from pawpular.metrics import rmse
+from pawpular.cli import main as cli
+from pawpular.data.tables import ID, TARGET
+from pawpular.scores.metrics import rmse
+from pawpular.views import plots, plots_eda, results
+from pawpular.views import reporting as report
 
 N_FIGURES_FULL = 9  # folds, curves, OOF scatter, residuals, worst, Optuna, ensemble, target, flags
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -215,7 +216,7 @@ def test_figures_say_what_is_missing_instead_of_failing():
 def test_report_finds_the_runs_own_data(experiment_run, small_competition, tmp_path):
     """`pawpular report --output X` without --data: the config's default competition is another one; the report
     notices (its Ids are not those of folds.csv) and uses the data_dir saved in the run's config.yaml."""
-    from pawpular.synthetic import make_synthetic
+    from pawpular.data.synthetic import make_synthetic
 
     other = make_synthetic(tmp_path / "other", n_train=20, n_test=4, seed=11)
     res = results.load_results(experiment_run, other)

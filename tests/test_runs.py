@@ -17,9 +17,10 @@ import pytest
 import yaml
 
 import pawpular
-from pawpular import cli, experiments
 from pawpular.api import config_from
+from pawpular.cli import main as cli
 from pawpular.runner import status as full_status
+from pawpular.views import experiments
 
 SCORES = {"nn": "nn", "blend": "ensemble", "blend_cv": "ensemble_cv", "mean": "predict_mean"}  # weights.json's oof_rmse
 
@@ -86,7 +87,7 @@ def test_status_is_the_full_status_without_rehashing(runs_dir):
 
 
 def test_runs_hashes_no_photo_and_no_big_output(runs_dir, small_competition, monkeypatch):
-    from pawpular import files
+    from pawpular.store import files
 
     seen: list[Path] = []
     real = files.file_digest

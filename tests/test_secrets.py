@@ -35,7 +35,7 @@ def _files_holding(root: Path, secret: str) -> list[str]:
 
 
 def _svr(run: Path, comp: Path, storage: str, *extra: str) -> None:
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     assert cli.main(["svr", *tiny_args(comp, run), "--set", f"svr.storage={storage}", *extra]) == 0
 
@@ -44,7 +44,7 @@ def _svr(run: Path, comp: Path, storage: str, *extra: str) -> None:
 def test_the_password_is_in_no_file_and_no_log(
     experiment_run, small_competition, owned_db, tmp_path, caplog, capsys, monkeypatch
 ):
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
     with_password = owned_db.replace(f"{ROLE}@", f"{ROLE}:{PASSWORD}@")
@@ -84,7 +84,7 @@ def test_the_password_is_in_no_file_and_no_log(
 def test_no_password_anywhere_is_a_clear_error(
     experiment_run, small_competition, owned_db, tmp_path, capsys, monkeypatch
 ):
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     for name in ("PGPASSWORD", "PGPASSFILE"):
         monkeypatch.delenv(name, raising=False)

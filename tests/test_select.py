@@ -20,13 +20,15 @@ import pytest
 import yaml
 from conftest import adopt_folds, plant_finished
 
-from pawpular import cli, svr_head, svr_study
 from pawpular.api import run_config
-from pawpular.config import load_config
-from pawpular.data import ID, META_COLS, TARGET, read_competition
-from pawpular.metrics import rmse
-from pawpular.splits import read_folds
+from pawpular.cli import main as cli
+from pawpular.config.schema import load_config
+from pawpular.data.splits import read_folds
+from pawpular.data.tables import ID, META_COLS, TARGET, read_competition
+from pawpular.scores.metrics import rmse
 from pawpular.stages import select, svr
+from pawpular.svr import head as svr_head
+from pawpular.svr import study as svr_study
 
 N_TRAIN, N_TEST, N_FOLDS = 150, 10, 3
 BACKBONES = [{"name": n, "model": "resnet18"} for n in ("noise", "partial", "absent")]
@@ -194,7 +196,7 @@ def test_cli_prints_each_sets_own_score_and_every_step(sel_exp, capsys):
 
 
 def test_select_as_writes_the_choice_as_a_new_experiment_and_leaves_this_one(sel_exp, capsys):
-    from pawpular.files import file_digest
+    from pawpular.store.files import file_digest
 
     _, out, config = sel_exp
     taken = out.parent / "taken"
@@ -288,9 +290,11 @@ def test_select_reports_the_nested_score_and_each_steps_gain_against_the_noise(s
 def test_one_loader_reads_a_frozen_set_once_and_the_model_per_fold(tmp_path, monkeypatch):
     """embedding_sets.read_sets, what the SVR stage and select both load sets with: a frozen backbone's table is
     read once for all folds, "model" once per fold, and a missing file is a MissingArtifact naming it."""
-    from pawpular import artifacts, backend, embedding_sets
-    from pawpular.files import MissingArtifact
-    from pawpular.svr_head import embedding_table
+    from pawpular.machine import backend
+    from pawpular.store import artifacts
+    from pawpular.store.files import MissingArtifact
+    from pawpular.svr import embedding_sets
+    from pawpular.svr.head import embedding_table
 
     for name, fold in (("model", 0), ("model", 1), ("convnext", 0)):
         path = artifacts.set_file(tmp_path, name, "train", fold)

@@ -1,5 +1,5 @@
-"""The house plan, checked: no import circle, files and functions that fit a sitting, and no private name of
-another library (Optuna, timm, torch, ...) read anywhere in src/."""
+"""The house plan, checked: subpackages in layers that import one way, no import circle, files and functions that
+fit a sitting, and no private name of another library (Optuna, timm, torch, ...) read anywhere in src/."""
 
 from __future__ import annotations
 
@@ -9,6 +9,22 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "pawpular"
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+# The layers, bottom first: a module imports only from its own package and from packages of a lower layer. The
+# pipeline (the runner, the recipe, the stages) is one layer; api.py sits under the command line.
+LAYERS = [
+    ["store"],
+    ["config", "machine"],
+    ["logs"],
+    ["data"],
+    ["scores"],
+    ["model", "svr"],
+    ["pipeline"],
+    ["views", "ship"],
+    ["api"],
+    ["cli"],
+    ["pawpular"],  # the package's __init__ (its lazy API) and __main__
+]
+PIPELINE = {"stages", "runner", "recipe"}
 # Underscore names of other libraries that their documentation makes public.
 DOCUMENTED = {"_exit"}  # os._exit: "exit the process without cleanup", the documented call for a forked worker
 
@@ -51,7 +67,8 @@ def import_graph() -> dict[str, set[str]]:
                 )
                 subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules]
                 targets = subs or [base]
-            graph[name] |= {t for t in targets if t in modules and t != name}
+            # the root package (``from .. import __version__``) is no edge: Python runs it before any module of it
+            graph[name] |= {t for t in targets if t in modules and t not in (name, "pawpular")}
     return graph
 
 
@@ -86,10 +103,52 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle():
     graph = import_graph()
-    assert "pawpular.config_checks" in graph["pawpular.config"] and "pawpular.svr_study" in graph["pawpular.cli"]
+    assert (
+        "pawpular.config.checks" in graph["pawpular.config.schema"]
+        and "pawpular.svr.study" in graph["pawpular.cli.main"]
+    )
     assert cycles(graph) == []
-    assert "pawpular.config" not in graph["pawpular.config_checks"]  # the checks know the config's type only
+    assert "pawpular.config.schema" not in graph["pawpular.config.checks"]  # the checks know the config's type only
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check finds one
+
+
+def package_of(module: str) -> str:
+    """pawpular.svr.head -> svr; pawpular.stages.embed, pawpular.runner -> pipeline; pawpular, pawpular.__main__ ->
+    pawpular."""
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 and parts[1] != "__main__" else "pawpular"
+    return "pipeline" if top in PIPELINE else top
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Each import of a module from a package of the same or a higher layer (its own package aside)."""
+    rank = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+    found = []
+    for module, imported in sorted(graph.items()):
+        mine = package_of(module)
+        for target in sorted(imported):
+            theirs = package_of(target)
+            if theirs != mine and rank[theirs] >= rank[mine]:
+                found.append(f"{module} ({mine}) imports {target} ({theirs})")
+    return found
+
+
+def test_packages_import_downward_only():
+    graph = import_graph()
+    packages = {package_of(m) for m in graph}
+    assert packages == {p for layer in LAYERS for p in layer}, "every package has a layer, every layer a package"
+    assert sum(1 for m in graph if package_of(m) == "pipeline") == 9  # runner, recipe, stages and its six stages
+    assert upward_imports(graph) == []
+    # the check sees what it must: an import from a higher layer, and one between two packages of a layer
+    probe = {
+        "pawpular.store.files": {"pawpular.config.schema"},
+        "pawpular.model.models": {"pawpular.svr.head", "pawpular.store.files"},
+        "pawpular.svr.head": {"pawpular.scores.metrics"},
+    }
+    assert upward_imports(probe) == [
+        "pawpular.model.models (model) imports pawpular.svr.head (svr)",
+        "pawpular.store.files (store) imports pawpular.config.schema (config)",
+    ]
 
 
 def test_no_module_over_400_lines_and_no_function_over_60():

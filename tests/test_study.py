@@ -1,4 +1,4 @@
-"""The shared Optuna study (pawpular.svr_study): exact trial budgets across worker processes, heartbeat retries of a
+"""The shared Optuna study (pawpular.svr.study): exact trial budgets across worker processes, heartbeat retries of a
 killed worker's trial, studies that do not mix, storage errors, and odd SQLite paths.
 
 Workers are real OS processes running this file (``python test_study.py SPEC``) on a cheap deterministic
@@ -30,7 +30,7 @@ def loss(c: float) -> float:
 
 
 def _worker(spec: dict) -> None:
-    from pawpular import svr_study as st
+    from pawpular.svr import study as st
 
     storage = st.make_storage(spec["url"], Path("unused"), heartbeat_interval=HEARTBEAT, grace_period=GRACE)
     study = st.open_study(spec["name"], storage, seed=0, shared=spec.get("shared", True))
@@ -56,7 +56,7 @@ if __name__ == "__main__":  # a worker process
 from postgres import postgres_db, postgres_role, postgres_server  # noqa: E402,F401  (fixtures)
 
 import pawpular  # noqa: E402
-from pawpular import svr_study as st  # noqa: E402
+from pawpular.svr import study as st  # noqa: E402
 
 SRC = str(Path(pawpular.__file__).resolve().parents[1])  # workers import the same pawpular as the tests
 
@@ -384,7 +384,7 @@ def test_the_stages_own_study_retries_a_killed_runs_trial_at_once_and_its_heartb
     whole-second timestamps."""
     from types import SimpleNamespace
 
-    from pawpular.svr_storage import SQLITE_LOCK_WAIT
+    from pawpular.svr.storage import SQLITE_LOCK_WAIT
 
     storage = st.open_storage(SimpleNamespace(out=tmp_path, svr=SimpleNamespace(storage=None)))
     assert storage.grace_period > storage.get_heartbeat_interval() + SQLITE_LOCK_WAIT + 1

@@ -14,17 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pawpular import artifacts, backend, svr_head
-from pawpular.config import load_config
-from pawpular.data import ID, META_COLS, TARGET, read_competition
-from pawpular.files import read_json
-from pawpular.metrics import rmse
+from pawpular.config.schema import load_config
+from pawpular.data.splits import read_folds
+from pawpular.data.tables import ID, META_COLS, TARGET, read_competition
+from pawpular.machine import backend
 from pawpular.runner import Context, run_planned
-from pawpular.splits import read_folds
+from pawpular.scores.metrics import rmse
 from pawpular.stages import svr
 from pawpular.stages.svr import make_objective
-from pawpular.svr_head import SvrHead, assemble_features, rbf_kernel
-from pawpular.svr_study import storage_url
+from pawpular.store import artifacts
+from pawpular.store.files import read_json
+from pawpular.svr import head as svr_head
+from pawpular.svr.head import SvrHead, assemble_features, rbf_kernel
+from pawpular.svr.study import storage_url
 
 N_TRAIN, N_TEST, DIM, N_FOLDS = 90, 12, 16, 3
 
@@ -239,7 +241,7 @@ def test_nested_score_rechooses_the_width_with_c_per_fold(svr_exp):
     refitting that fold with those parameters gives its nested predictions."""
     import optuna
 
-    from pawpular import nested
+    from pawpular.scores import nested
 
     cfg = _cfg(*svr_exp, "svr.n_trials=6")
     _run(cfg)
@@ -258,7 +260,7 @@ def test_nested_score_rechooses_the_width_with_c_per_fold(svr_exp):
 
 
 def test_width_edge_warning_names_its_keys(svr_exp, caplog):
-    from pawpular.svr_study import at_edge
+    from pawpular.svr.study import at_edge
 
     top = at_edge("width (x scale)", 9.8, 0.01, 10.0, "svr.gamma_min", "svr.gamma_max")
     bottom = at_edge("width (x scale)", 0.0105, 0.01, 10.0, "svr.gamma_min", "svr.gamma_max")
@@ -366,7 +368,7 @@ def test_killed_study_resumes_to_the_uninterrupted_sequence(tmp_path):
     then samples exactly what an uninterrupted study samples (each trial's sampler is seeded by the progress)."""
     import optuna
 
-    from pawpular import svr_study as st
+    from pawpular.svr import study as st
 
     def objective(trial):
         c = trial.suggest_float("C", 0.1, 100, log=True)

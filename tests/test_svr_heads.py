@@ -16,9 +16,9 @@ import pytest
 from conftest import REPO
 from test_frozen import FROZEN, frozen_args
 
-from pawpular import cli
-from pawpular.config import load_config
-from pawpular.errors import ConfigError
+from pawpular.cli import main as cli
+from pawpular.config.schema import load_config
+from pawpular.store.errors import ConfigError
 
 RECOMMENDED = REPO / "configs" / "recommended.yaml"
 RESNET = "{layers: [1, 1, 1, 1], channels: [16, 32, 64, 128], stem_width: 16"
@@ -120,7 +120,7 @@ def test_an_extra_head_is_the_svr_block_run_on_its_own_settings(small_competitio
         f"{h} {weights['weights'][h]:.2f} (nested {weights['nested_rmse'][h]:.3f})" in heads for h in ("svr", "both")
     )
     assert "everything is done and current" in printed
-    from pawpular.experiments import row
+    from pawpular.views.experiments import row
 
     assert row(two_dir)["svr_heads"] == f"both {weights['nested_rmse']['both']:.3f}"  # pawpular runs' column
 
@@ -128,7 +128,7 @@ def test_an_extra_head_is_the_svr_block_run_on_its_own_settings(small_competitio
 def test_an_extra_head_alone_is_exported_and_predicted_under_its_name(small_competition, test_only, tmp_path):
     from test_predict import assert_predict_matches
 
-    from pawpular.exporter import export
+    from pawpular.ship.exporter import export
 
     out = tmp_path / "runs" / "alone"
     alone = ["svr.features=[resnet]", "svr.heads=[{name: both, features: [resnet, convnext]}]", "ensemble.heads=[both]"]
@@ -145,7 +145,7 @@ def test_an_extra_head_alone_is_exported_and_predicted_under_its_name(small_comp
 def test_the_recommended_config_runs_end_to_end_and_predict_reproduces_it(small_competition, test_only, tmp_path):
     from test_predict import assert_predict_matches
 
-    from pawpular.exporter import export
+    from pawpular.ship.exporter import export
 
     out = tmp_path / "recommended"
     assert cli.main(["all", *_args(RECOMMENDED, small_competition, out, TINY_RECOMMENDED)]) == 0

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pawpular.data import META_COLS, TARGET, read_competition
-from pawpular.synthetic import FLAG_P, baseline_scores, make_synthetic
-from pawpular.synthetic_draw import Pet, render
+from pawpular.data.synthetic import FLAG_P, baseline_scores, make_synthetic
+from pawpular.data.synthetic_draw import Pet, render
+from pawpular.data.tables import META_COLS, TARGET, read_competition
 
 
 def _digest(root: Path) -> dict[str, str]:

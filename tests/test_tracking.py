@@ -37,7 +37,7 @@ def wandb_env(mp: pytest.MonkeyPatch, home: Path) -> None:
 @pytest.fixture(scope="module")
 def tracked_run(small_competition, tmp_path_factory) -> Path:
     """The tiny holdout run again, with both backends on (the same settings as the session's ``holdout_run``)."""
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     out = tmp_path_factory.mktemp("tracked") / "tracked"
     with pytest.MonkeyPatch.context() as mp:
@@ -187,7 +187,7 @@ def test_wandb_offline_runs_read_back(tracked_run):
 
 
 def test_wandb_config_is_masked_and_the_password_reaches_no_file(tmp_path, monkeypatch, make_cfg, small_competition):
-    from pawpular import tracking
+    from pawpular.logs import tracking
     from pawpular.runner import Context
 
     wandb_env(monkeypatch, tmp_path)
@@ -204,7 +204,7 @@ def test_wandb_config_is_masked_and_the_password_reaches_no_file(tmp_path, monke
 
 
 def test_a_backend_that_is_not_installed_is_one_line_and_exit_2(monkeypatch, capsys, small_competition, tmp_path):
-    from pawpular import cli
+    from pawpular.cli import main as cli
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails as if it were not installed
     out = tmp_path / "exp"
@@ -215,8 +215,8 @@ def test_a_backend_that_is_not_installed_is_one_line_and_exit_2(monkeypatch, cap
 
 
 def test_only_rank_0_logs(monkeypatch, make_cfg, small_competition, tmp_path):
-    from pawpular import tracking
-    from pawpular.distributed import Dist
+    from pawpular.logs import tracking
+    from pawpular.machine.distributed import Dist
     from pawpular.runner import Context
 
     cfg = make_cfg(small_competition, "tracking=[tensorboard]", out=tmp_path / "exp")
@@ -233,7 +233,7 @@ def test_only_rank_0_logs(monkeypatch, make_cfg, small_competition, tmp_path):
 
 
 def test_an_unknown_backend_is_a_config_error(make_cfg, small_competition):
-    from pawpular.errors import ConfigError
+    from pawpular.store.errors import ConfigError
 
     with pytest.raises(ConfigError, match="tracking.*tensorboard, wandb"):
         make_cfg(small_competition, "tracking=[mlflow]")

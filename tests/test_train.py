@@ -14,17 +14,17 @@ import pytest
 import torch
 from conftest import adopt_folds
 
-from pawpular import training
 from pawpular.api import run_config
-from pawpular.config import ModelConfig, TrainConfig, load_config
-from pawpular.data import ID, TARGET, read_competition
-from pawpular.dataset import PetDataset, build_transform
-from pawpular.errors import ConfigError
-from pawpular.files import ArtifactError
-from pawpular.inference import predict
-from pawpular.metrics import rmse
-from pawpular.models import build_model, load_checkpoint
+from pawpular.config.schema import ModelConfig, TrainConfig, load_config
+from pawpular.data.dataset import PetDataset, build_transform
+from pawpular.data.tables import ID, TARGET, read_competition
+from pawpular.model import training
+from pawpular.model.inference import predict
+from pawpular.model.models import build_model, load_checkpoint
 from pawpular.runner import run_stage
+from pawpular.scores.metrics import rmse
+from pawpular.store.errors import ConfigError
+from pawpular.store.files import ArtifactError
 
 N_FOLDS = 3
 TINY = [
@@ -205,7 +205,7 @@ def test_ssf_run_saves_a_plain_checkpoint(small_competition, tmp_path):
 
 DDP_SCRIPT = """
 import logging, os, sys, torch
-from pawpular.config import load_config
+from pawpular.config.schema import load_config
 from pawpular.runner import run_stage
 logging.basicConfig(level=logging.INFO)
 cfg = load_config(sys.argv[1])

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from conftest import tiny_args
 
-from pawpular import cli
-from pawpular.blend import cross_validated, fit_weights
-from pawpular.config import load_config
-from pawpular.files import read_json
-from pawpular.metrics import rmse
+from pawpular.cli import main as cli
+from pawpular.config.schema import load_config
+from pawpular.scores.blend import cross_validated, fit_weights
+from pawpular.scores.metrics import rmse
+from pawpular.store.files import read_json
 
 
 def _copy(run: Path, dst: Path) -> Path:

@@ -19,11 +19,11 @@ import pytest
 from conftest import CONFIG, REPO, tiny_args
 
 import pawpular
-from pawpular import cli
-from pawpular.config import load_config
-from pawpular.data import DataError
-from pawpular.errors import ConfigError
-from pawpular.files import ArtifactError
+from pawpular.cli import main as cli
+from pawpular.config.schema import load_config
+from pawpular.data.tables import DataError
+from pawpular.store.errors import ConfigError
+from pawpular.store.files import ArtifactError
 
 
 def _env(**extra: str) -> dict:
@@ -55,7 +55,7 @@ def test_progress_lines_in_piped_output(experiment_run, small_competition, tmp_p
 
 def test_a_progress_line_is_logged_once(caplog, monkeypatch):
     """The closing line is not the last update's line again (it used to print twice)."""
-    from pawpular import progress
+    from pawpular.logs import progress
 
     monkeypatch.setattr(progress, "_bar_class", lambda: None)  # a log, as in piped output
     with caplog.at_level("INFO", logger="pawpular"):

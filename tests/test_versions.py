@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from lowest_env import lower_bounds
 
-from pawpular import versions
-from pawpular.inference import Policy, model_device
+from pawpular.model.inference import Policy, model_device
+from pawpular.ship import versions
 
 
 def test_minimum_versions_are_the_requirements_lower_bounds():
@@ -63,7 +63,7 @@ def test_inference_transform_equals_albumentations_and_needs_none():
     import albumentations as A
     from albumentations.pytorch import ToTensorV2
 
-    from pawpular.dataset import build_transform
+    from pawpular.data.dataset import build_transform
 
     rng = np.random.default_rng(0)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -81,10 +81,10 @@ def test_weights_another_timm_names_otherwise_say_so(tmp_path):
 
     import timm
 
-    from pawpular.config import ModelConfig
-    from pawpular.files import ArtifactError, read_safetensors, safetensors_bytes
-    from pawpular.model_file import MODEL_FORMAT, load_model_file, model_file_bytes
-    from pawpular.models import build_model
+    from pawpular.config.schema import ModelConfig
+    from pawpular.model.models import build_model
+    from pawpular.ship.model_file import MODEL_FORMAT, load_model_file, model_file_bytes
+    from pawpular.store.files import ArtifactError, read_safetensors, safetensors_bytes
 
     cfg = ModelConfig(name="resnet18", kwargs={"layers": [1, 1, 1, 1]}, img_size=32)
     model = build_model(cfg, pretrained=False)

@@ -14,12 +14,15 @@ import pytest
 import torch
 from test_select import sel_exp  # noqa: F401  (fixture)
 
-from pawpular import cli, embedding_cache, manifest, selection, svr_head
-from pawpular.config import ModelConfig, load_config
-from pawpular.data import ID
-from pawpular.dataset import EvalTransform, RandomSquare, square_crop
-from pawpular.metrics import rmse
-from pawpular.models import PretrainedWeightsError, build_frozen, data_config, frozen_description
+from pawpular.cli import main as cli
+from pawpular.config.schema import ModelConfig, load_config
+from pawpular.data.dataset import EvalTransform, RandomSquare, square_crop
+from pawpular.data.tables import ID
+from pawpular.model.models import PretrainedWeightsError, build_frozen, data_config, frozen_description
+from pawpular.scores.metrics import rmse
+from pawpular.store import embedding_cache, manifest
+from pawpular.svr import head as svr_head
+from pawpular.svr import selection
 
 TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
 
@@ -186,7 +189,7 @@ def test_the_budget_keeps_out_what_does_not_fit():
 
 def _plant_speed(out: Path, folder: str, ips: float) -> None:
     """The set's shared cache entry records ``ips`` (where embed measured it); the experiment's record names it."""
-    from pawpular import artifacts
+    from pawpular.store import artifacts
 
     files = sorted(p for p in (out / "emb" / folder).iterdir() if p.is_file() and p.name != "manifest.json")
     entry = artifacts.emb_cache_entry(out.parent, f"planted{folder}")
@@ -230,9 +233,9 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     from test_frozen import FROZEN
     from test_predict import assert_predict_matches
 
-    from pawpular.data import read_competition
-    from pawpular.exporter import export
-    from pawpular.images import load_image
+    from pawpular.data.images import load_image
+    from pawpular.data.tables import read_competition
+    from pawpular.ship.exporter import export
 
     path = _weights(tmp_path / "r.safetensors")
     backbones = (
@@ -303,7 +306,7 @@ def test_one_pass_gives_pooled_and_logits_as_their_own_passes_and_the_other_kind
     import yaml
     from test_frozen import FROZEN
 
-    from pawpular.inference import Policy
+    from pawpular.model.inference import Policy
     from pawpular.runner import Context
     from pawpular.stages import embed
 

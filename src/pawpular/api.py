@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import artifacts
-from .config import Config, load_config
-from .errors import ConfigError, UsageError
+from .config.schema import Config, load_config
+from .store import artifacts
+from .store.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,11 +81,11 @@ def config_from(
 
 def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     """Run ``stage`` ("all" = every pipeline stage in order, under one lock) with a resolved config."""
-    from .distributed import is_lead_process
-    from .lock import experiment_lock, interruptible
+    from .logs.tracking import require
+    from .machine.distributed import is_lead_process
     from .runner import check_data_folder, not_needed_why, run_stage
     from .stages import needed
-    from .tracking import require
+    from .store.lock import experiment_lock, interruptible
 
     if stage not in ("all", *MAIN_OUTPUT):
         raise UsageError(f"no stage {stage!r}: stages are all, {', '.join(MAIN_OUTPUT)}")
@@ -140,8 +140,8 @@ def status(
 
 def export(output: str | Path, to: str | Path, overwrite: bool = False, data: str | Path | None = None) -> Path:
     """Export a finished experiment for offline inference (see ``pawpular.export``); returns the folder."""
-    from .exporter import export as _export
-    from .lock import interruptible
+    from .ship.exporter import export as _export
+    from .store.lock import interruptible
 
     with interruptible():
         return _export(Path(output), Path(to), overwrite=overwrite, data=str(data) if data else None)
@@ -151,8 +151,8 @@ def predict(
     artifacts_dir: str | Path, data: str | Path, out: str | Path = "submission.csv", device: str = "auto"
 ) -> Path:
     """Write a validated submission from an exported folder; returns its path (raises on any problem)."""
-    from .lock import interruptible
-    from .predictor import predict as _predict
+    from .ship.predictor import predict as _predict
+    from .store.lock import interruptible
 
     with interruptible():
         return _predict(Path(artifacts_dir), Path(data), Path(out), device=device)
@@ -160,8 +160,8 @@ def predict(
 
 def report(output: str | Path, data: str | Path | None = None) -> Path:
     """Write ``report.html`` for an experiment folder; returns its path."""
-    from .guards import is_experiment
-    from .reporting import write_report
+    from .store.guards import is_experiment
+    from .views.reporting import write_report
 
     if Path(output).is_dir() and not is_experiment(Path(output)):  # never a report.html into a user's folder
         raise UsageError(f"report --output {output}: holds no pawpular experiment (no config.yaml or stage manifest)")
@@ -172,11 +172,11 @@ def runs(
     *folders: str | Path | list, sort: str | None = None, baseline: str | None = None, repeats: list | None = None
 ) -> pd.DataFrame:
     """One row per experiment (default: every one under output/): status, scores, settings, seconds per stage;
-    then the settings that differ between the rows (listed in ``attrs["settings"]``). See ``experiments.py``.
+    then the settings that differ between the rows (listed in ``attrs["settings"]``). See ``views/experiments.py``.
     ``baseline``: an experiment's name or folder: each row's nested RMSE minus its own, with a 95% interval, the
-    folds won and a verdict (``compare.py``), widened by the seed spread of ``repeats`` (the baseline's config at
+    folds won and a verdict (``scores/compare.py``), widened by the seed spread of ``repeats`` (the baseline's config at
     other seeds: experiments' names or folders); ``attrs["inside"]``: each experiment's parts against each other."""
-    from .experiments import table
+    from .views.experiments import table
 
     flat = [f for item in folders for f in (item if isinstance(item, (list, tuple)) else [item])]
     return table(flat or None, sort, baseline, repeats)

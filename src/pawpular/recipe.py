@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, manifest, svr_heads
+from .config import heads as svr_heads
+from .store import artifacts, manifest
 
 FROZEN, FINE_TUNED, BOTH = "frozen", "fine-tuned", "fine-tuned + frozen"
 DEFAULT_KIND = "pooled"  # the feature kind embed writes when a set's manifest names none

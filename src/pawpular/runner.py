@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, manifest, stages, tracking
-from .config import Config, save_config
-from .distributed import Dist, is_lead_process, process_group
-from .errors import env_number
-from .files import ArtifactError, digest_or_none, read_json, write_json
+from . import stages
+from .config.schema import Config, save_config
+from .logs import tracking
+from .machine.distributed import Dist, is_lead_process, process_group
+from .store import artifacts, manifest
+from .store.errors import env_number
+from .store.files import ArtifactError, digest_or_none, read_json, write_json
 
 log = logging.getLogger("pawpular")
 # Environment knobs a stage reads mid-run: checked before it starts, so a bad value refuses before anything changes.
@@ -51,14 +53,14 @@ class Context:
     @property
     def comp(self) -> Any:
         if self._comp is None:
-            from .data import read_competition
+            from .data.tables import read_competition
 
             self._comp = read_competition(self.cfg.data)
         return self._comp
 
     def images_digest(self, split: str) -> str:
         if self._images is None:
-            from .data_digest import images_digest
+            from .data.digest import images_digest
 
             self._images = images_digest(self.comp, artifacts.data_check_record(self.out), save=not self.read_only)
         return self._images[split]
@@ -156,10 +158,10 @@ def require_upstream(ctx: Context, name: str) -> None:
 def check_writable(folder: Path, data: Path | None = None, experiment: str | None = None) -> None:
     """Fail before any long work when the experiment folder cannot be written (read-only, a file, no space), or
     must not be (the competition folder, a non-empty folder that holds no experiment: ``guards``)."""
-    from .errors import WriteError
-    from .files import temp_path
-    from .guards import check_experiment_folder
-    from .path_faults import check_output_path
+    from .store.errors import WriteError
+    from .store.files import temp_path
+    from .store.guards import check_experiment_folder
+    from .store.path_faults import check_output_path
 
     check_output_path(folder, "output folder")  # a file, or a dangling link, where the folder should be
     check_experiment_folder(folder, data, experiment)
@@ -179,18 +181,18 @@ def check_writable(folder: Path, data: Path | None = None, experiment: str | Non
 
 def check_data_folder(data: Path) -> None:
     """The competition folder is a folder (DataError naming what it is instead), before the output is made."""
-    from .files import not_a_folder
+    from .store.files import not_a_folder
 
     if why := not_a_folder(data):
-        from .data import DataError, Problem
+        from .data.tables import DataError, Problem
 
         raise DataError([Problem(str(data), "folder", f"competition folder {why}")])
 
 
 def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Result:
     """Run one stage with everything around it; returns what it wrote (or, when cached, what it had written)."""
-    from .backend import resolve_device
-    from .lock import experiment_lock
+    from .machine.backend import resolve_device
+    from .store.lock import experiment_lock
 
     stage = stages.get(name)
     for knob, kind, low in ENV_KNOBS:
@@ -208,7 +210,7 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
             if dist.main:
                 log.info("== %s ==", name)
             if stage.IMAGES and dist.main:
-                from .data_digest import ensure_valid
+                from .data.digest import ensure_valid
 
                 ctx._comp = ensure_valid(cfg.data, artifacts.data_check_record(cfg.out))
             require_upstream(ctx, name)

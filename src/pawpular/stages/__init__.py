@@ -29,8 +29,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .. import artifacts
-from ..artifacts import PIPELINE
+from ..store import artifacts
+from ..store.artifacts import PIPELINE
 
 ON_DEMAND = ("select",)
 __all__ = ["PIPELINE", "ON_DEMAND", "Plan", "Result", "describe", "get", "needs", "needed"]
@@ -83,7 +83,7 @@ def describe(name: str) -> tuple[str, str]:
 def wants_fold_embeddings(cfg: Any) -> bool:
     """Whether the folds' own embeddings (emb/fold{k}, the SVR's set "model") are wanted: the features of an SVR
     head (svr.features, svr.heads) list it."""
-    from ..svr_heads import all_features
+    from ..config.heads import all_features
 
     return artifacts.MODEL_SET in all_features(cfg)
 

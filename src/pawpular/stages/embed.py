@@ -36,16 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import artifacts, backend, budget, embedding_cache, manifest
-from ..compress import compress_model
-from ..config import ModelConfig, backbone_configs, backbone_model_config
-from ..dataset import eval_dataset
-from ..distributed import torch_device
-from ..errors import ConfigError
-from ..files import ArtifactError, MissingArtifact, file_digest
-from ..frozen_key import weights_gone
-from ..inference import Policy, run_backbone
-from ..models import (
+from ..config.schema import ModelConfig, backbone_configs, backbone_model_config
+from ..data.dataset import eval_dataset
+from ..data.splits import written_fold_ids
+from ..machine import backend
+from ..machine.distributed import torch_device
+from ..model.compress import compress_model
+from ..model.frozen_key import weights_gone
+from ..model.inference import Policy, run_backbone
+from ..model.models import (
     PretrainedWeightsError,
     build_frozen,
     build_model,
@@ -55,8 +54,11 @@ from ..models import (
     load_checkpoint,
     read_checkpoint,
 )
-from ..splits import written_fold_ids
-from ..svr_head import embedding_table
+from ..scores import budget
+from ..store import artifacts, embedding_cache, manifest
+from ..store.errors import ConfigError
+from ..store.files import ArtifactError, MissingArtifact, file_digest
+from ..svr.head import embedding_table
 from . import Plan, Result, wants_fold_embeddings
 
 log = logging.getLogger("pawpular")

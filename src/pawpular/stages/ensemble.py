@@ -14,7 +14,7 @@ Run     pawpular ensemble --config configs/default.yaml
 Four scores: the in-sample blend RMSE (weights fit and scored on the same OOF rows: flattering), the
 cross-validated one (weights refit without each fold, scored on it: still optimistic, the SVR's C was chosen on
 those rows), the nested one (the same blend of the heads' nested predictions, ensemble/nested.parquet: C and the
-weights chosen without the fold scored; the one to trust unless ``trust.py`` names a choice made upstream on all
+weights chosen without the fold scored; the one to trust unless ``scores/trust.py`` names a choice made upstream on all
 rows: own-best checkpoints or select's sets, and then weights.json says "trusted": false), and with
 folds.holdout > 0 the holdout RMSE of the submission's own recipe on rows no stage ever fit on. A head or blend no
 better than predicting the mean is a loud warning here and in the report.
@@ -29,22 +29,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, manifest, tracking, trust
-from ..blend import canonical, cross_validated, fit_weights
-from ..data import ID, TARGET
-from ..errors import ConfigError
-from ..files import (
-    ArtifactError,
-    MissingArtifact,
-    not_a_file,
-    remove,
-    write_csv,
-    write_json,
-    write_parquet,
-)
-from ..metrics import rmse
-from ..splits import HOLDOUT, read_folds
-from ..submission import build_submission
+from ..data.splits import HOLDOUT, read_folds
+from ..data.tables import ID, TARGET
+from ..logs import tracking
+from ..scores import trust
+from ..scores.blend import canonical, cross_validated, fit_weights
+from ..scores.metrics import rmse
+from ..scores.submission import build_submission
+from ..store import artifacts, manifest
+from ..store.errors import ConfigError
+from ..store.files import ArtifactError, MissingArtifact, not_a_file, remove, write_csv, write_json, write_parquet
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
@@ -103,7 +97,7 @@ def plan(ctx) -> Plan:
 def check(ctx) -> None:
     """Before anything changes: every folder of ensemble.experiments is an experiment with whole predictions of
     the same Ids on the same folds."""
-    from ..guards import is_experiment
+    from ..store.guards import is_experiment
 
     for _prefix, folder in experiments(ctx.cfg)[1:]:
         if not folder.is_dir():
@@ -125,7 +119,7 @@ def check(ctx) -> None:
 
 def _other_data(ctx) -> list[str]:
     """Per blended experiment made on other data than this one's (``member_data.other_data``): what differs."""
-    from ..member_data import other_data
+    from ..scores.member_data import other_data
 
     now = ctx.data_inputs("train.csv", "test.csv", images=True)
     return other_data(now, ctx.cfg.data, [folder for _prefix, folder in experiments(ctx.cfg)[1:]])
@@ -276,7 +270,7 @@ def _nested(ctx, names: list[str], oof: pd.DataFrame, y: np.ndarray) -> dict:
 
 
 def optimistic_because(cfg) -> str | None:
-    """Why no score of this blend can be trusted (``trust.py``), or None."""
+    """Why no score of this blend can be trusted (``scores/trust.py``), or None."""
     members = experiments(cfg)
     return trust.optimistic_because(cfg, members, {p: _heads(f, _used(cfg, p)) for p, f in members})
 

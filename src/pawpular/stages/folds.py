@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import artifacts
-from ..data import ID, TARGET, read_csv_or_raise
-from ..duplicates import duplicate_groups, group_table, image_hashes
-from ..errors import ConfigError
-from ..files import digest_or_none, not_a_file, remove, write_csv
-from ..guards import remove_fold_folder
-from ..splits import check_enough_rows, check_folds, make_folds
+from ..data.duplicates import duplicate_groups, group_table, image_hashes
+from ..data.splits import check_enough_rows, check_folds, make_folds
+from ..data.tables import ID, TARGET, read_csv_or_raise
+from ..store import artifacts
+from ..store.errors import ConfigError
+from ..store.files import digest_or_none, not_a_file, remove, write_csv
+from ..store.guards import remove_fold_folder
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")

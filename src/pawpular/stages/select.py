@@ -25,7 +25,7 @@ measured against the noise.
 
 ``--starts N`` runs it from each of the N best single sets: up to N different feature sets, each an SVR head of
 its own, blended by ``ensemble.experiments``; ``--budget-hours H --test-images N`` tries only combinations whose
-inference fits, at the images/s each set recorded (``selection.py``, ``budget.py``).
+inference fits, at the images/s each set recorded (``svr/selection.py``, ``scores/budget.py``).
 """
 
 from __future__ import annotations
@@ -40,16 +40,20 @@ from typing import Any
 
 import numpy as np
 
-from .. import artifacts, backend, manifest, selection, svr_head, svr_memory
-from ..config import Config, backbone_configs
-from ..data import ID, META_COLS, TARGET, Competition
-from ..embedding_sets import read_sets
-from ..errors import ConfigError
-from ..files import ArtifactError, MissingArtifact
-from ..metrics import rmse
-from ..progress import Progress
-from ..selection import MIN_IMPROVEMENT, Step, forward_select
-from ..splits import read_folds
+from ..config.schema import Config, backbone_configs
+from ..data.splits import read_folds
+from ..data.tables import ID, META_COLS, TARGET, Competition
+from ..logs.progress import Progress
+from ..machine import backend
+from ..scores.metrics import rmse
+from ..store import artifacts, manifest
+from ..store.errors import ConfigError
+from ..store.files import ArtifactError, MissingArtifact
+from ..svr import head as svr_head
+from ..svr import memory as svr_memory
+from ..svr import selection
+from ..svr.embedding_sets import read_sets
+from ..svr.selection import MIN_IMPROVEMENT, Step, forward_select
 from . import Plan, Result, wants_fold_embeddings
 
 log = logging.getLogger("pawpular")
@@ -199,7 +203,7 @@ def step_gains(
 ) -> list[dict]:
     """Does each set added beat what it is added to, beyond noise? Step s against step s - 1, each with C chosen per
     fold on the other folds (``nested.leave_one_out``): ``nested.paired_bootstrap`` over duplicate groups."""
-    from .. import nested
+    from ..scores import nested
 
     folds = sorted(k for k in np.unique(fold_of).tolist() if k >= 0)
     scored = fold_of >= 0
@@ -263,8 +267,8 @@ def load_train_sets(cfg: Config, comp: Competition, folds_df: Any, names: Sequen
 
 
 def _groups(cfg: Config, ids: list[str]) -> np.ndarray:
-    from ..compare import duplicate_groups
-    from ..nested import group_codes
+    from ..scores.compare import duplicate_groups
+    from ..scores.nested import group_codes
 
     return group_codes(ids, duplicate_groups(cfg.out))
 
@@ -308,7 +312,7 @@ def check(ctx) -> None:
     fine-tuned folds it was made from); one that is not is refused naming it, what changed and the command that
     refreshes it, never scored as if it were the config's. A set whose manifest records no inputs (made by hand)
     is taken as it is. Then an inference budget no single set fits: refused naming what the fastest set needs."""
-    from ..splits import written_fold_ids
+    from ..data.splits import written_fold_ids
     from .embed import stale_sets
 
     cfg = ctx.cfg

@@ -7,7 +7,7 @@ Writes  svr/study.db (the Optuna study, unless svr.storage names a database), sv
         svr/fold{k}/head.safetensors (the head as arrays: columns, scaler, support vectors, dual
         coefficients, intercept, gamma; what predict computes from),
         svr/{oof,test,holdout}.parquet, svr/nested.parquet (fold k predicted with the C best on the other folds);
-        the same files in svr/<name>/ for every head of svr.heads (svr_heads.py: each runs this code on its own
+        the same files in svr/<name>/ for every head of svr.heads (config/heads.py: each runs this code on its own
         settings, with its own study)
 Needs   pawpular embed
 Keys    svr.n_trials, svr.c_min / c_max, svr.epsilon (svr.tune_epsilon), svr.gamma (svr.tune_gamma,
@@ -37,13 +37,20 @@ import time
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, backend, nested, svr_fits, svr_head, svr_heads, svr_space, tracking
-from .. import svr_study as studies
-from ..data import ID, META_COLS, TARGET
-from ..embedding_sets import read_sets
-from ..files import remove, write_json
-from ..metrics import rmse
-from ..splits import HOLDOUT, read_folds
+from ..config import heads as svr_heads
+from ..data.splits import HOLDOUT, read_folds
+from ..data.tables import ID, META_COLS, TARGET
+from ..logs import tracking
+from ..machine import backend
+from ..scores import nested
+from ..scores.metrics import rmse
+from ..store import artifacts
+from ..store.files import remove, write_json
+from ..svr import fits as svr_fits
+from ..svr import head as svr_head
+from ..svr import space as svr_space
+from ..svr import study as studies
+from ..svr.embedding_sets import read_sets
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")
@@ -313,7 +320,7 @@ def make_objective(folds: list, y: np.ndarray, s, device: str):
 def _tune(handle, folds: list, y: np.ndarray, cfg, mode: str, device: str, tracker=None) -> tuple[int, float]:
     """Run the trials the study lacks (with svr.workers local processes); the kernels live only while trials
     run. Returns (trials this process ran, seconds)."""
-    from ..progress import Progress
+    from ..logs.progress import Progress
 
     s, t0, study = cfg.svr, time.time(), handle.study
     missing = max(0, s.n_trials - studies.n_complete(study))
@@ -361,8 +368,8 @@ def _worker(cfg_dict: dict, name: str, device: str) -> None:
     """A local worker: the same folds and objective, trials from the shared budget; writes nothing else."""
     import os
 
-    from ..config import load_config_dict
-    from ..progress import setup_logging
+    from ..config.schema import load_config_dict
+    from ..logs.progress import setup_logging
     from ..runner import Context
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the stage stops us

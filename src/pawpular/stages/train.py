@@ -34,15 +34,16 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .. import artifacts, manifest, nested
-from ..data import ID, TARGET
-from ..errors import ConfigError
-from ..files import digest_or_none, remove, write_json, write_parquet
-from ..fold_run import FOLD_FILES, FoldRun, shipped_epoch
-from ..inference import Policy
-from ..metrics import rmse
-from ..models import check_buildable
-from ..splits import HOLDOUT, fold_ids, read_folds
+from ..data.splits import HOLDOUT, fold_ids, read_folds
+from ..data.tables import ID, TARGET
+from ..model.fold_run import FOLD_FILES, FoldRun, shipped_epoch
+from ..model.inference import Policy
+from ..model.models import check_buildable
+from ..scores import nested
+from ..scores.metrics import rmse
+from ..store import artifacts, manifest
+from ..store.errors import ConfigError
+from ..store.files import digest_or_none, remove, write_json, write_parquet
 from . import Plan, Result
 
 log = logging.getLogger("pawpular")

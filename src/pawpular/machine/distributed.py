@@ -1,0 +1,124 @@
+"""torchrun / DistributedDataParallel plumbing, shared by every stage that runs a backbone.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them everything is one process (``Dist()``). nccl on a
+GPU, gloo on a CPU. Only rank 0 writes files, takes the experiment lock and logs progress; inference shards the
+images over the ranks and gathers the parts once (``shard`` / ``gather``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..store.errors import env_number
+
+log = logging.getLogger("pawpular")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch
+
+            torch.distributed.barrier()
+
+    def shard(self, n: int) -> np.ndarray:
+        """The item positions this rank handles: every world-th from its rank."""
+        return np.arange(self.rank, n, self.world)
+
+    def gather(self, idx: np.ndarray, part: np.ndarray | None, n: int) -> np.ndarray | None:
+        """Every rank's (positions, rows) put back in order; every rank gets the whole array.
+
+        A rank with no positions (more ranks than items) sends None for its rows; None from every rank: None.
+        """
+        if not self.enabled:
+            return part
+        import torch
+
+        parts: list = [None] * self.world
+        torch.distributed.all_gather_object(parts, (idx, part))
+        rows = [p for i, p in parts if len(i) and p is not None]
+        if not rows:
+            return None
+        whole = np.empty((n, *rows[0].shape[1:]), dtype=rows[0].dtype)
+        for i, p in parts:
+            if len(i):
+                whole[i] = p
+        return whole
+
+    def mean(self, value: float, device: Any) -> float:
+        """The mean of a scalar over ranks (every rank logs and records the same number)."""
+        if not self.enabled:
+            return value
+        import torch
+
+        t = torch.tensor([value], device=device)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+
+def is_lead_process() -> bool:
+    """False in the non-zero ranks of a torchrun launch."""
+    return env_number("RANK", 0) == 0
+
+
+def current() -> Dist:
+    """The launch's Dist (a started process group, or one process)."""
+    world = int(env_number("WORLD_SIZE", 1))
+    if world <= 1:
+        return Dist()
+    return Dist(int(env_number("RANK", 0)), world, int(env_number("LOCAL_RANK", 0)))
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[Dist]:
+    """Start the process group for the block when launched by torchrun (and end it if we started it)."""
+    import torch
+
+    dist = current()
+    started = False
+    if dist.enabled:
+        if device == "cuda":
+            torch.cuda.set_device(dist.local_rank)
+        started = not torch.distributed.is_initialized()
+        if started:
+            torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+        log.info(
+            "DDP: rank %d of %d (local rank %d, %s)",
+            dist.rank,
+            dist.world,
+            dist.local_rank,
+            torch.distributed.get_backend(),
+        )
+        if not dist.main:  # one voice: progress and summaries come from rank 0
+            log.setLevel(logging.WARNING)
+    try:
+        yield dist
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def torch_device(device: str, dist: Dist) -> Any:
+    """This rank's torch.device for the resolved device name."""
+    import torch
+
+    return torch.device(f"cuda:{dist.local_rank}" if device == "cuda" else "cpu")
