@@ -26,8 +26,6 @@ a setting to every SVR head (e.g. the RBF width's tuning, where it exists).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import sys
 import time
@@ -37,10 +35,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from pawpular import api
-from pawpular.logs.progress import setup_logging
-from pawpular.scores.metrics import rmse
-from pawpular.store import artifacts
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import winners_recipe as recipe  # noqa: E402  (the CLIVE arguments and the quiet runner)
+
+from pawpular import api  # noqa: E402
+from pawpular.logs.progress import setup_logging  # noqa: E402
+from pawpular.scores.metrics import rmse  # noqa: E402
+from pawpular.store import artifacts  # noqa: E402
 
 FROZEN = {"lite0l": ("tf_efficientnet_lite0", "lite0", 224), "lite1l": ("tf_efficientnet_lite1", "lite1", 240)}
 LOGIT_HEADS = {"svr_l0": ["lite0l"], "svr_l01": ["lite0l", "lite1l"]}  # svr.heads: SVR heads on frozen logits
@@ -106,15 +107,10 @@ def write_configs(args: argparse.Namespace) -> dict[str, Path]:
     return paths
 
 
-def quiet(fn, *a, **kw):
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*a, **kw)
-
-
 def row(config: Path, out: Path, heads: list[str], answers: pd.Series, svr_sets: list[str]) -> dict:
     """``pawpular ensemble`` with these heads: its nested and cross-validated RMSE, and the held-out RMSE of its
     submission.csv."""
-    quiet(api.run, "ensemble", config=str(config), set=[f"ensemble.heads=[{','.join(heads)}]", *svr_sets])
+    recipe.quiet(api.run, "ensemble", config=str(config), set=[f"ensemble.heads=[{','.join(heads)}]", *svr_sets])
     weights = json.loads((out / "ensemble" / "weights.json").read_text())
     sub = pd.read_csv(out / "submission.csv").astype({"Id": str}).set_index("Id")["Pawpularity"]
     return {
@@ -134,11 +130,7 @@ def svr_alone(out: Path, head: str, answers: pd.Series) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    here = Path(__file__).resolve().parent.parent
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=here.parent / "shared" / "data" / "clive")
-    p.add_argument("--weights", type=Path, default=here / "input" / "weights")
-    p.add_argument("--out", type=Path, default=here / "input" / "bench_blend")
+    p = recipe.clive_parser(__doc__, "bench_blend")
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--img-size", type=int, default=160)
     p.add_argument("--epochs", type=int, default=3)
@@ -167,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     y = pd.read_csv(args.data / "train.csv")["Pawpularity"].to_numpy(np.float64)
     out, config = args.out / "tuned", configs["tuned"]
     t = time.time()
-    quiet(api.run, "svr", config=str(config), set=svr_sets)
+    recipe.quiet(api.run, "svr", config=str(config), set=svr_sets)
     print(f"svr (3 heads): {time.time() - t:.0f} s", flush=True)
     print(
         f"clive: {len(y)} train photos ({args.folds} folds), {len(answers)} held-out test photos; predicting the "

@@ -21,7 +21,6 @@ C + the width + epsilon (``svr.tune_epsilon``, in [0.01, 5]). It prints per row:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -55,11 +54,7 @@ def head_scores(config: Path, out: Path, features: list[str], space: list[str], 
 
 
 def main(argv: list[str] | None = None) -> None:
-    here = Path(__file__).resolve().parent.parent
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=here.parent / "shared" / "data" / "clive")
-    p.add_argument("--weights", type=Path, default=here / "input" / "weights")
-    p.add_argument("--out", type=Path, default=here / "input" / "bench_width")
+    p = recipe.clive_parser(__doc__, "bench_width")
     p.add_argument("--trials", type=int, default=30)
     p.add_argument("--models", default="lite0,lite1,lite2")
     p.add_argument("--embed-only", action="store_true")

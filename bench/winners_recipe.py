@@ -195,12 +195,19 @@ def print_rows(config: Path, args: argparse.Namespace) -> None:
         measure(f"{kind}, {' + '.join(CROPPED)}, centre crop", [[n + "c" for n in squash]], None)
 
 
-def main(argv: list[str] | None = None) -> None:
+def clive_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The arguments of every CLIVE benchmark (this one, svr_width.py, blend_recipe.py): the photos and their
+    answers, the real weights, and the benchmark's own working folder under input/."""
     here = Path(__file__).resolve().parent.parent
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--data", type=Path, default=here.parent / "shared" / "data" / "clive")
     p.add_argument("--weights", type=Path, default=here / "input" / "weights")
-    p.add_argument("--out", type=Path, default=here / "input" / "bench_winners")
+    p.add_argument("--out", type=Path, default=here / "input" / out)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = clive_parser(__doc__, "bench_winners")
     p.add_argument("--trials", type=int, default=15)
     p.add_argument("--starts", type=int, default=3)
     p.add_argument(
