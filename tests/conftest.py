@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,20 +60,57 @@ def default_competition(tmp_path_factory) -> Path:
 # --- one real, tiny run of the whole pipeline, shared by the report, notebook and fault tests ------------------
 
 CONFIG = REPO / "configs" / "default.yaml"
+FROZEN = REPO / "configs" / "frozen_svr.yaml"
 TINY = ["folds.n_folds=3", "train.epochs=2", "train.num_workers=0", "embed.num_workers=0", "svr.n_trials=8"]
+
+
+def config_args(config: Path, data: Path, out: Path, *settings: str) -> list[str]:
+    """CLI arguments (after the command): ``config`` on ``data`` into ``out``, each setting a ``--set``."""
+    return ["--config", str(config), "--data", str(data), "--output", str(out)] + [
+        a for s in settings for a in ("--set", s)
+    ]
 
 
 def tiny_args(data: Path, out: Path, *extra: str) -> list[str]:
     """CLI arguments (after the command) for the tiny config (plus ``extra`` settings) on ``data``, into ``out``."""
-    return [
-        "--config",
-        str(CONFIG),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        *[a for s in (*TINY, *extra) for a in ("--set", s)],
-    ]
+    return config_args(CONFIG, data, out, *TINY, *extra)
+
+
+def frozen_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """The same for configs/frozen_svr.yaml, the frozen recipe (no model of its own: see test_frozen.TINY_MODEL)."""
+    return config_args(FROZEN, data, out, *TINY, *extra)
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    """The command that runs ``args`` (``-m pawpular.cli train ...``, or a script and its arguments) in ``nproc``
+    processes under torchrun on this machine (gloo on a CPU)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def fault_commits(log: Path) -> list[tuple[int, str]]:
+    """(k, path) of each file commit a run listed under ``PAWPULAR_FAULT_LOG``: a rerun under
+    ``PAWPULAR_FAULT_KILL_AT=k`` is SIGKILLed at the k-th (``files._commit_point``)."""
+    rows = (line.split(maxsplit=2) for line in log.read_text().splitlines()) if log.is_file() else ()
+    return [(int(k), path) for k, _, path in rows]
+
+
+def _sigint_default() -> None:  # a test run in the background inherits SIGINT ignored: a terminal's child has it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def popen_cli(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Popen:
+    """Start a command as a terminal would, for the Ctrl-C tests: SIGINT at its default, stdout and stderr piped as
+    text (``start_new_session=True`` in ``kwargs`` gives it and its workers a process group of their own)."""
+    pipe = subprocess.PIPE
+    return subprocess.Popen(argv, stdout=pipe, stderr=pipe, text=True, env=env, preexec_fn=_sigint_default, **kwargs)
+
+
+def run_stages(stages: tuple[str, ...] | list[str], args: list[str]) -> None:
+    """Run each stage through the CLI in this process, each one asserted to succeed."""
+    from pawpular.cli import main as cli
+
+    for stage in stages:
+        assert cli.main([stage, *args]) == 0, stage
 
 
 def build_run(comp: Path, out: Path, *extra: str) -> Path:
@@ -132,6 +172,20 @@ def holdout_run(small_competition, tmp_path_factory) -> Path:
 
 
 HOLDOUT = ["folds.holdout=0.2"]
+
+
+@pytest.fixture
+def run(experiment_run, tmp_path) -> Path:
+    """A copy of the finished tiny run, this test's own to change."""
+    return Path(shutil.copytree(experiment_run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def art(experiment_run, tmp_path_factory) -> Path:
+    """The tiny run exported, shared by a module's tests (which only read it)."""
+    import pawpular
+
+    return pawpular.export(experiment_run, tmp_path_factory.mktemp("export") / "art")
 
 
 @pytest.fixture(scope="session")

@@ -35,17 +35,6 @@ from pawpular.store.errors import ConfigError, MissingArtifact, ReadError, Usage
 from pawpular.store.files import TEMP_GLOB, atomic_path, read_json, temp_path
 from pawpular.store.lock import experiment_lock
 
-
-@pytest.fixture
-def run(experiment_run, tmp_path) -> Path:
-    return Path(shutil.copytree(experiment_run, tmp_path / "run"))
-
-
-@pytest.fixture(scope="module")
-def art(experiment_run, tmp_path_factory) -> Path:
-    return pawpular.export(experiment_run, tmp_path_factory.mktemp("adv") / "art")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 1. A command deletes or replaces only what it provably wrote
 

@@ -26,11 +26,6 @@ from pawpular.store import artifacts
 SECRET = "s3cr@t-P@ss"  # a password that itself holds '@'
 
 
-@pytest.fixture
-def run(experiment_run, tmp_path) -> Path:
-    return Path(shutil.copytree(experiment_run, tmp_path / "run"))
-
-
 def _holding(root: Path, secret: str) -> list[str]:
     return sorted(str(p) for p in Path(root).rglob("*") if p.is_file() and secret.encode() in p.read_bytes())
 
@@ -210,11 +205,6 @@ def test_a_folds_file_that_is_a_folder_is_refused_before_folds_clears_anything(
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. What ships is verified before it is used; a unit without its record is never "done"
-
-
-@pytest.fixture(scope="module")
-def art(experiment_run, tmp_path_factory) -> Path:
-    return pawpular.export(experiment_run, tmp_path_factory.mktemp("adv3") / "art")
 
 
 def _edit_manifest(path: Path, change) -> None:

@@ -22,16 +22,6 @@ import pawpular
 SECRET = "p@ss/w0rd"  # a password with an '@' followed by a '/'
 
 
-@pytest.fixture
-def run(experiment_run, tmp_path) -> Path:
-    return Path(shutil.copytree(experiment_run, tmp_path / "run"))
-
-
-@pytest.fixture(scope="module")
-def art(experiment_run, tmp_path_factory) -> Path:
-    return pawpular.export(experiment_run, tmp_path_factory.mktemp("adv4") / "art")
-
-
 def _runs_row(capsys, folder: Path) -> tuple[int, dict]:
     """`pawpular runs FOLDER --json`: the exit code and the folder's row."""
     code, out = run_cli(capsys, "runs", folder, "--json")
@@ -175,7 +165,7 @@ def _weights(path: Path, seed: int) -> Path:
 
 
 def _frozen_args(data: Path, out: Path, weights: str, *extra: str) -> list[str]:
-    from test_frozen import FROZEN
+    from conftest import FROZEN, config_args
 
     sets = (
         "embed.backbones=[{name: r, model: resnet18, kwargs: {layers: [1, 1, 1, 1], channels: [16, 32, 64, 128], "
@@ -184,9 +174,7 @@ def _frozen_args(data: Path, out: Path, weights: str, *extra: str) -> list[str]:
     )
     settings = ["folds.n_folds=3", "embed.num_workers=0", "embed.tta_hflip=false", "svr.n_trials=4", sets]
     settings += ["svr.features=[r, q]", *extra]
-    return ["--config", str(FROZEN), "--data", str(data), "--output", str(out)] + [
-        a for s in settings for a in ("--set", s)
-    ]
+    return config_args(FROZEN, data, out, *settings)
 
 
 @pytest.fixture(scope="module")

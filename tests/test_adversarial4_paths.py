@@ -23,11 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 from adversary import one_line, run_cli, tree
-from conftest import REPO, tiny_args
+from conftest import REPO, popen_cli, tiny_args
 from test_select import sel_exp  # noqa: F401  (fixture)
 from test_winners import _plant_speed
-
-import pawpular
 
 WRONG_WORDS = ("File exists", "file exists", "No such", "no such", "Not a directory", "not a directory")
 
@@ -35,11 +33,6 @@ WRONG_WORDS = ("File exists", "file exists", "No such", "no such", "Not a direct
 @pytest.fixture
 def run(experiment_run, tmp_path) -> Path:
     return Path(shutil.copytree(experiment_run, tmp_path / "out" / "run"))
-
-
-@pytest.fixture(scope="module")
-def art(experiment_run, tmp_path_factory) -> Path:
-    return pawpular.export(experiment_run, tmp_path_factory.mktemp("adv4") / "art")
 
 
 def _says_the_path(out: str, path: Path, what: str) -> None:
@@ -159,22 +152,9 @@ def test_a_budget_no_set_fits_says_what_the_fastest_needs(sel_exp, capsys):  # n
 # 9. Ctrl-C pressed several times
 
 
-def _sigint_default() -> None:  # a test run in the background inherits SIGINT ignored: a terminal's child has it
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _popen(*args, **kwargs) -> subprocess.Popen:
+def _popen(*args) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "pawpular", *map(str, args)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env=env,
-        preexec_fn=_sigint_default,
-        **kwargs,
-    )
+    return popen_cli([sys.executable, "-m", "pawpular", *map(str, args)], env, cwd=REPO)
 
 
 def _wait_for(proc: subprocess.Popen, done, what: str, seconds: float = 300) -> None:

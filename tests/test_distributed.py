@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_args
+from conftest import popen_cli, tiny_args, torchrun
 from postgres import postgres_db, postgres_role, postgres_server  # noqa: F401  (fixtures)
 
 import pawpular
@@ -341,24 +341,13 @@ def test_local_workers_share_the_budget_and_the_stage_writes_once(
     )
 
 
-def _sigint_default() -> None:  # a test run in the background inherits SIGINT ignored: a terminal's child has it
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_with_local_workers_exits_130_and_stops_them(experiment_run, small_competition, tmp_path):
     """Ctrl-C in a terminal reaches the stage's process and its workers (one process group): the stage says
     "interrupted" and exits 130 (not a traceback about failed workers), the workers log their count and stop,
     and nothing of the stage is written."""
     out = machine(experiment_run, tmp_path / "ctrl-c")
-    proc = subprocess.Popen(
-        cli("svr", small_competition, out, "svr.n_trials=100000", flags=("--workers", "3")),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-        start_new_session=True,
-        preexec_fn=_sigint_default,
-    )
+    argv = cli("svr", small_competition, out, "svr.n_trials=100000", flags=("--workers", "3"))
+    proc = popen_cli(argv, ENV, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
@@ -395,17 +384,7 @@ def test_ctrl_c_with_local_workers_exits_130_and_stops_them(experiment_run, smal
 def test_embed_under_torchrun_equals_one_process(experiment_run, small_competition, tmp_path):
     out = Path(shutil.copytree(experiment_run, tmp_path / "ddp"))
     shutil.rmtree(out / "emb")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "pawpular.cli",
-        "embed",
-        *tiny_args(small_competition, out),
-    ]
+    cmd = torchrun("-m", "pawpular.cli", "embed", *tiny_args(small_competition, out))
     (r,) = run_all(cmd, timeout=300)
     ok([r])
     assert "DDP: rank 1 of 2" in r.stderr and "gloo" in r.stderr
@@ -458,18 +437,7 @@ with process_group("cpu") as dist:
 
 def test_sharded_inference_gathers_every_item_in_order_even_with_more_ranks_than_items(tmp_path):
     (tmp_path / "shard.py").write_text(SHARD_SCRIPT)
-    (r,) = run_all(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=3",
-            str(tmp_path / "shard.py"),
-            str(tmp_path),
-        ],
-        timeout=180,
-    )
+    (r,) = run_all(torchrun(str(tmp_path / "shard.py"), str(tmp_path), nproc=3), timeout=180)
     ok([r])
     for n in (2, 7):
         for rank in range(3):

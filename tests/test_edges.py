@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, tiny_args
+from conftest import REPO, fault_commits, tiny_args
 
 from pawpular.cli import main as cli
 from pawpular.store import artifacts
@@ -79,7 +79,7 @@ def test_embed_killed_under_other_settings_then_rerun_with_the_original_ones(
         check=True,
     )
     target = str(probe / "emb" / "fold0" / "test.parquet")
-    (k,) = [int(line.split()[0]) for line in log.read_text().splitlines() if line.split(maxsplit=2)[2] == target]
+    (k,) = [k for k, path in fault_commits(log) if path == target]
     r = _kill_at(k, "embed", *tiny_args(small_competition, run), "--set", "embed.tta_hflip=false")
     assert r.returncode == -9
     before = pd.read_parquet(experiment_run / "emb/fold0/train.parquet")

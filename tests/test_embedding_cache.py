@@ -13,29 +13,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import FROZEN, config_args, run_stages
 
-FROZEN = REPO / "configs" / "frozen_svr.yaml"
 TINY = ["folds.n_folds=3", "embed.num_workers=0", "svr.n_trials=2"]
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(FROZEN),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        *[a for s in [*TINY, *extra] for a in ("--set", s)],
-    ]
+    return config_args(FROZEN, data, out, *TINY, *extra)
 
 
 def _embed(data: Path, out: Path, *extra: str) -> None:
-    from pawpular.cli import main as cli
-
-    for stage in ("folds", "embed"):
-        assert cli.main([stage, *args(data, out, *extra)]) == 0
+    run_stages(("folds", "embed"), args(data, out, *extra))
 
 
 def _made_by(out: Path) -> dict[str, str]:

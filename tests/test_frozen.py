@@ -14,29 +14,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import frozen_args
 from test_notebooks import venv_kernel  # noqa: F401  (fixture)
 
-FROZEN = REPO / "configs" / "frozen_svr.yaml"
 # configs/frozen_svr.yaml has no model: a test that makes it train gives it the embedded default's tiny Swin
 TINY_MODEL = [
     "model.name=swin_tiny_patch4_window7_224",
     "model.img_size=64",
     "model.kwargs={embed_dim: 24, depths: [1, 1], num_heads: [1, 2], img_size: 64, window_size: 4}",
 ]
-TINY = ["folds.n_folds=3", "train.epochs=2", "train.num_workers=0", "embed.num_workers=0", "svr.n_trials=8"]
-
-
-def frozen_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--config",
-        str(FROZEN),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        *[a for s in [*TINY, *extra] for a in ("--set", s)],
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CONFIG, TINY, build_run, tiny_args
+from conftest import CONFIG, TINY, build_run, fault_commits, tiny_args, torchrun
 
 import pawpular
 from pawpular.data.tables import ID, TARGET, read_competition
@@ -218,8 +218,7 @@ def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(
     # there, epoch 2's work is lost and last.pt holds epoch 1 (a kill by the clock raced a fast epoch here).
     log = tmp_path / "commits.log"
     assert train(probe, PAWPULAR_FAULT_LOG=str(log)).returncode == 0
-    commits = [line.split(maxsplit=2) for line in log.read_text().splitlines()]
-    after_epoch_1 = next(int(k) for k, _, path in commits if path.endswith("fold0/last.pt")) + 1
+    after_epoch_1 = next(k for k, path in fault_commits(log) if path.endswith("fold0/last.pt")) + 1
     r = train(out, PAWPULAR_FAULT_KILL_AT=str(after_epoch_1))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     last = out / "train" / "fold0" / "last.pt"
@@ -258,17 +257,7 @@ def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition,
     args = tiny_args(small_competition, out, *BF16)
     for stage in ("train", "embed"):
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "pawpular.cli",
-                stage,
-                *args,
-            ],
+            torchrun("-m", "pawpular.cli", stage, *args),
             capture_output=True,
             text=True,
             env=ENV,

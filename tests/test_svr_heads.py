@@ -9,12 +9,10 @@ submission.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
-from test_frozen import FROZEN, frozen_args
+from conftest import FROZEN, REPO, config_args, frozen_args
 
 from pawpular.cli import main as cli
 from pawpular.config.schema import load_config
@@ -43,18 +41,6 @@ TINY_RECOMMENDED = [
     "svr.heads=[{name: svr_tuned, features: [model], n_trials: 4}]",
     "ensemble.heads=[nn, svr, svr_tuned]",
 ]
-
-
-def _args(config: Path, data: Path, out: Path, settings: list[str]) -> list[str]:
-    return [
-        "--config",
-        str(config),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        *[a for s in settings for a in ("--set", s)],
-    ]
 
 
 @pytest.mark.parametrize(
@@ -148,7 +134,7 @@ def test_the_recommended_config_runs_end_to_end_and_predict_reproduces_it(small_
     from pawpular.ship.exporter import export
 
     out = tmp_path / "recommended"
-    assert cli.main(["all", *_args(RECOMMENDED, small_competition, out, TINY_RECOMMENDED)]) == 0
+    assert cli.main(["all", *config_args(RECOMMENDED, small_competition, out, *TINY_RECOMMENDED)]) == 0
     weights = json.loads((out / "ensemble" / "weights.json").read_text())
     assert list(weights["weights"]) == ["nn", "svr", "svr_tuned"]
     assert json.loads((out / "svr" / "best_params.json").read_text())["features"] == ["lite0l", "lite1l"]

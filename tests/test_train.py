@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import adopt_folds
+from conftest import adopt_folds, torchrun
 
 from pawpular.api import run_config
 from pawpular.config.schema import ModelConfig, TrainConfig, load_config
@@ -225,16 +224,7 @@ def test_ddp_two_processes_gloo(small_competition, tmp_path):
     (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(tmp_path / "ddp.py"),
-            str(tmp_path / "cfg.yaml"),
-            str(tmp_path),
-        ],
+        torchrun(str(tmp_path / "ddp.py"), str(tmp_path / "cfg.yaml"), str(tmp_path)),
         capture_output=True,
         text=True,
         env=env,

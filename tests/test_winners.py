@@ -230,7 +230,7 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     """Logits of a classifier file on centred squares, a pooled set squashed, the target clipped, and a second
     start's head in its own experiment blended by ensemble.experiments: predict reproduces the submission."""
     import cv2
-    from test_frozen import FROZEN
+    from conftest import FROZEN, config_args
     from test_predict import assert_predict_matches
 
     from pawpular.data.images import load_image
@@ -254,15 +254,7 @@ def test_a_run_with_all_of_it_exports_and_predicts_its_submission(small_competit
     ]
 
     def args(out: Path, *extra: str) -> list[str]:
-        return [
-            "--config",
-            str(FROZEN),
-            "--data",
-            str(small_competition),
-            "--output",
-            str(out),
-            *[a for s in [*common, *extra] for a in ("--set", s)],
-        ]
+        return config_args(FROZEN, small_competition, out, *common, *extra)
 
     second, main = tmp_path / "start2", tmp_path / "main"
     assert cli.main(["all", *args(second, "svr.features=[rp]")]) == 0
@@ -304,7 +296,7 @@ def test_one_pass_gives_pooled_and_logits_as_their_own_passes_and_the_other_kind
     equal their own passes' (the logits within float tolerance); another experiment asking for the other kind of a
     set one pass already gave embeds nothing."""
     import yaml
-    from test_frozen import FROZEN
+    from conftest import FROZEN, config_args, run_stages
 
     from pawpular.model.inference import Policy
     from pawpular.runner import Context
@@ -322,9 +314,7 @@ def test_one_pass_gives_pooled_and_logits_as_their_own_passes_and_the_other_kind
         flow = yaml.safe_dump(sets, default_flow_style=True).strip()
         extra = ["folds.n_folds=3", "embed.num_workers=0", f"embed.backbones={flow}"]
         extra.append(f"svr.features=[{', '.join(s['name'] for s in sets)}]")
-        for stage in ("folds", "embed"):
-            argv = ["--config", str(FROZEN), "--data", str(small_competition), "--output", str(out)]
-            assert cli.main([stage, *argv, *[a for s in extra for a in ("--set", s)]]) == 0
+        run_stages(("folds", "embed"), config_args(FROZEN, small_competition, out, *extra))
 
     a, b = tmp_path / "root" / "a", tmp_path / "root" / "b"
     run(a, [rp, rl])

@@ -173,13 +173,12 @@ def heads_line(out: Path) -> str | None:
 
 def experiment_score_line(out: Path) -> str | None:
     """``score_line`` of the experiment ``out`` (None while it has no readable weights.json)."""
-    from ..store.files import read_json
+    from ..store.files import ArtifactError, read_json_object
 
     try:
-        weights = read_json(artifacts.weights_json(out))
-    except (OSError, ValueError):
+        return score_line(read_json_object(artifacts.weights_json(out)))
+    except (OSError, ArtifactError):  # missing or unreadable; not JSON or not an object
         return None
-    return score_line(weights) if isinstance(weights, dict) else None
 
 
 def _interval(r: dict) -> str:
