@@ -24,37 +24,17 @@ import numpy as np
 import pandas as pd
 
 from ..store.files import write_text
-from .experiments import table
+from .experiments import COLUMNS, table
 
 if TYPE_CHECKING:  # matplotlib loads only for the HTML page: the text table stays quick
     from matplotlib.figure import Figure
 
 SCORES = ("nested", "nn", "svr", "blend", "blend_cv", "holdout", "mean")
-SHOWN = (
-    "experiment",
-    "status",
-    "recipe",
-    "nested",
-    "holdout",
-    "nn",
-    "svr",
-    "svr_heads",
-    "blend",
-    "blend_cv",
-    "best_C",
-    "sets",
-    "model",
-    "img_size",
-    "finetune",
-    "epochs",
-    "device",
-    "precision",
-    "t_folds",
-    "t_train",
-    "t_embed",
-    "t_svr",
-    "t_ensemble",
-)
+# The table's columns (experiments.COLUMNS; --json has them all) less what the text and HTML tables leave out: the
+# nested score's trust (a mark on it), the train mean's score, the total time, the reason (listed under the table),
+# the folder and the per-stage states.
+NOT_SHOWN = ("nested_trusted", "mean", "t_total", "why", "path", "stages")
+SHOWN = tuple(c for c in COLUMNS if c not in NOT_SHOWN)
 HEADERS = {
     "nn": "nn opt.",
     "svr": "svr opt.",
