@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# torch's threads, in the tests and in every command they start (read when torch loads): the cores shared out
+# between pytest-xdist's workers (PYTEST_XDIST_WORKER_COUNT), since workers each using every core slow each other
+# down; 2 in a single process, as before.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // _WORKERS)) if _WORKERS > 1 else "2")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 SHARED = REPO.parent / "shared" / "data"
 
 
