@@ -140,13 +140,15 @@ def units(ctx) -> list[EmbeddingSet]:
 def fold_units(ctx) -> list[EmbeddingSet]:
     """The folds' own sets (the SVR's set "model"): each fold's fine-tuned checkpoint, or ``model`` frozen."""
     cfg, out = ctx.cfg, ctx.out
-    if cfg.embed.source == "finetuned":
-        return [
-            EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), checkpoint=artifacts.best_checkpoint(out, k))
-            for k in written_fold_ids(out)
-        ]
+    finetuned = cfg.embed.source == "finetuned"
     return [
-        EmbeddingSet(f"fold{k}", artifacts.emb_dir(out, fold=k), model_cfg=cfg.model) for k in written_fold_ids(out)
+        EmbeddingSet(
+            f"fold{k}",
+            artifacts.emb_dir(out, fold=k),
+            checkpoint=artifacts.best_checkpoint(out, k) if finetuned else None,
+            model_cfg=None if finetuned else cfg.model,
+        )
+        for k in written_fold_ids(out)
     ]
 
 
