@@ -1,12 +1,14 @@
 """Fault suite: SIGKILL each long stage at a random point, rerun, and get exactly what an uninterrupted run gets.
 
 Also: stale caches are invalidated by exactly what they depend on, and the same config and seed give the same
-folds, SVR predictions and ensemble weights. Everything runs the real CLI in child processes on a small
-embedded competition; on CPU the math is deterministic, so outputs are compared bitwise.
+folds, SVR predictions and ensemble weights. The runs that are killed, and the one compared with the session's run
+for determinism, are the real CLI in child processes; the others run it in this process (a child costs 4-6 s of
+imports). All on a small embedded competition; on CPU the math is deterministic, so outputs are compared bitwise.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import signal
@@ -46,6 +48,16 @@ def _run(*args: str, data: Path, out: Path, extra: list[str] | None = None) -> s
     r = subprocess.run(_cli(*args, data=data, out=out, extra=extra), capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def _run_here(caplog, *args: str, data: Path, out: Path, extra: list[str] | None = None) -> str:
+    """The same command in this process; what it logged."""
+    from pawpular.cli import main as cli
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pawpular"):
+        assert cli.main([*args, *tiny_args(data, out), *(extra or [])]) == 0
+    return caplog.text
 
 
 def _kill_when(
@@ -99,7 +111,7 @@ def reference(small_competition, experiment_run):
 
 
 @pytest.mark.parametrize("stage", ["train", "embed", "svr"])
-def test_killed_stage_resumes_to_identical_outputs(reference, tmp_path, stage):
+def test_killed_stage_resumes_to_identical_outputs(reference, tmp_path, stage, caplog):
     """Kill at a random point after the stage has made progress worth keeping, rerun, compare bitwise."""
     data, ref = reference
     out = tmp_path / "exp"
@@ -119,8 +131,8 @@ def test_killed_stage_resumes_to_identical_outputs(reference, tmp_path, stage):
         k = rng.randint(10, 45)
         ready, delay = (lambda: _complete_trials(out / "svr" / "study.db") >= k), 0.0
         twin = Path(shutil.copytree(out, tmp_path / "twin"))
-        _run("svr", data=data, out=twin, extra=extra)
-        _run("ensemble", data=data, out=twin, extra=extra)
+        _run_here(caplog, "svr", data=data, out=twin, extra=extra)
+        _run_here(caplog, "ensemble", data=data, out=twin, extra=extra)
         ref = twin
     code, log = _kill_when(stage, data, out, ready, delay, extra)
     assert code == -signal.SIGKILL, f"{stage} finished before the SIGKILL:\n{log[-2000:]}"
@@ -141,7 +153,7 @@ def test_killed_stage_resumes_to_identical_outputs(reference, tmp_path, stage):
         assert 0 < trials < 60 and f"({60 - trials} new" in r.stderr
 
 
-def test_changed_image_invalidates_exactly_its_dependents(reference, tmp_path):
+def test_changed_image_invalidates_exactly_its_dependents(reference, tmp_path, caplog):
     data, ref = reference
     data2 = Path(shutil.copytree(data, tmp_path / "data"))
     out = Path(shutil.copytree(ref, tmp_path / "exp"))
@@ -150,8 +162,8 @@ def test_changed_image_invalidates_exactly_its_dependents(reference, tmp_path):
     path = data2 / "test" / f"{victim}.jpg"
     Image.open(path).convert("RGB").transpose(Image.Transpose.ROTATE_180).save(path, quality=90)
     train_before = (out / "train" / "fold0" / "best.pt").stat().st_mtime_ns
-    r = _run("all", data=data2, out=out)
-    assert "fold0=computed" in r.stderr  # the image digest changed: embeddings recomputed
+    err = _run_here(caplog, "all", data=data2, out=out)
+    assert "fold0=computed" in err  # the image digest changed: embeddings recomputed
     assert (out / "train" / "fold0" / "best.pt").stat().st_mtime_ns == train_before  # training not redone
     for name in ("emb/fold0/test.parquet", "svr/test.parquet", "ensemble/test.parquet"):
         a, b = pd.read_parquet(ref / name).set_index("Id"), pd.read_parquet(out / name).set_index("Id")
@@ -161,13 +173,13 @@ def test_changed_image_invalidates_exactly_its_dependents(reference, tmp_path):
             assert not changed.drop(victim).any(), f"{name}: other photos' embeddings changed too"
 
 
-def test_unchanged_rerun_reuses_everything_and_transform_change_recomputes(reference, tmp_path):
+def test_unchanged_rerun_reuses_everything_and_transform_change_recomputes(reference, tmp_path, caplog):
     data, ref = reference
     out = Path(shutil.copytree(ref, tmp_path / "exp"))
-    r = _run("embed", data=data, out=out)
-    assert "embed: cached" in r.stderr and "=computed" not in r.stderr
-    r = _run("embed", data=data, out=out, extra=["--set", "embed.tta_hflip=false"])
-    assert "fold0=computed" in r.stderr
+    err = _run_here(caplog, "embed", data=data, out=out)
+    assert "embed: cached" in err and "=computed" not in err
+    err = _run_here(caplog, "embed", data=data, out=out, extra=["--set", "embed.tta_hflip=false"])
+    assert "fold0=computed" in err
     a, b = pd.read_parquet(ref / "emb/fold0/train.parquet"), pd.read_parquet(out / "emb/fold0/train.parquet")
     assert not np.allclose(a.drop(columns="Id").to_numpy(), b.drop(columns="Id").to_numpy())
 

@@ -228,9 +228,16 @@ def test_interrupt_leaves_a_resumable_run(experiment_run, small_competition, tmp
             ignore=shutil.ignore_patterns("train", "emb", "svr", "ensemble", "submission.csv"),
         )
     )
-    # 8 epochs a fold: the signal lands while it trains (with 2, a busy machine could let it finish all 3 folds
-    # between the poll that saw fold 0's checkpoint and the signal)
-    argv = [sys.executable, "-m", "pawpular", "train", *tiny_args(small_competition, run, "train.epochs=8")]
+    # fold 0 alone, 8 epochs: the signal lands while it trains (with 2 epochs and 3 folds, a busy machine could let
+    # it finish them all between the poll that saw fold 0's first checkpoint and the signal); the rerun trains the
+    # epochs left of that one fold
+    argv = [
+        sys.executable,
+        "-m",
+        "pawpular",
+        "train",
+        *tiny_args(small_competition, run, "train.epochs=8", "train.folds=[0]"),
+    ]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO, env=_env())
     deadline = time.time() + 300
     while not (run / "train" / "fold0" / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:

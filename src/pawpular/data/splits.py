@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..config.schema import FoldsConfig
 from ..store import artifacts
@@ -29,6 +28,9 @@ def sturges_bins(y: np.ndarray) -> np.ndarray:
 
 
 def _splitter(n_splits: int, seed: int, grouped: bool):
+    # imported here: the stages that only read folds.csv (train, embed, status, report) skip scikit-learn's 0.8 s
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     cls = StratifiedGroupKFold if grouped else StratifiedKFold
     return cls(n_splits, shuffle=True, random_state=seed)
 
