@@ -111,6 +111,26 @@ def popen_cli(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Pope
     return subprocess.Popen(argv, stdout=pipe, stderr=pipe, text=True, env=env, preexec_fn=_sigint_default, **kwargs)
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run once per test session, whichever pytest-xdist worker asks first (the others wait for it
+    and get the same folder): for what its tests only read, and costs more than a test. The folder is in the
+    session's temporary root, which the workers share."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # pytest-N/, above each popen-gwK/
+    folder, done = root / "built-once" / name, root / "built-once" / f".{name}.done"
+    folder.parent.mkdir(exist_ok=True)
+    with open(root / "built-once" / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 def run_stages(stages: tuple[str, ...] | list[str], args: list[str]) -> None:
     """Run each stage through the CLI in this process, each one asserted to succeed."""
     from pawpular.cli import main as cli

@@ -214,10 +214,17 @@ def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(
         cmd = [sys.executable, "-m", "pawpular.cli", "train", *args]
         return subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True)
 
-    # A probe run lists its file commits; the one after epoch 1's last.pt comes once epoch 2 has trained: killed
-    # there, epoch 2's work is lost and last.pt holds epoch 1 (a kill by the clock raced a fast epoch here).
+    # A probe run (in this process: a child costs its imports) lists its file commits; the one after epoch 1's
+    # last.pt comes once epoch 2 has trained: killed there, epoch 2's work is lost and last.pt holds epoch 1 (a kill
+    # by the clock raced a fast epoch here).
+    from pawpular.cli import main as cli
+    from pawpular.store import files
+
     log = tmp_path / "commits.log"
-    assert train(probe, PAWPULAR_FAULT_LOG=str(log)).returncode == 0
+    with monkeypatch.context() as m:
+        m.setattr(files, "_commits", 0)  # counted from this run's first commit, as in a fresh process
+        m.setenv("PAWPULAR_FAULT_LOG", str(log))
+        assert cli.main(["train", *tiny_args(small_competition, probe, *FP16, "train.folds=[0]")]) == 0
     after_epoch_1 = next(k for k, path in fault_commits(log) if path.endswith("fold0/last.pt")) + 1
     r = train(out, PAWPULAR_FAULT_KILL_AT=str(after_epoch_1))
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]

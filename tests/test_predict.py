@@ -4,6 +4,7 @@ no unpickling, and no scikit-learn, albumentations or Optuna imported."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,20 +33,26 @@ sys.path.insert(0, {src!r})
 import pawpular
 assert pawpular.__file__.startswith({src!r}), pawpular.__file__
 from pawpular.cli.main import main
-code = main({args!r})
+codes = [main(args) for args in {argvs!r}]
+print("exit codes:", codes, file=sys.stderr)
 pipeline = ("pawpular.stages.", "pawpular.runner", "pawpular.model.training")
 stages = sorted(m for m in sys.modules if m.startswith(pipeline))
 assert not stages, f"predict imported pipeline-stage modules: {{stages}}"
 heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"sklearn", "albumentations", "optuna", "scipy", "cuml"}})
 assert not heavy, f"predict imported {{heavy}}: it needs neither scikit-learn nor cuML, nor training libraries"
-sys.exit(code)
+sys.exit(max(codes))
 """
 
 
 def _predict_in_fresh_process(
-    art: Path, data: Path, *args: str, python: str | Path = sys.executable
+    art: Path, data: Path, *args: str, python: str | Path = sys.executable, more: tuple[Path, ...] = ()
 ) -> subprocess.CompletedProcess:
-    code = GUARD.format(src=str(art / "src"), args=["predict", "--artifacts", str(art), "--data", str(data), *args])
+    """predict from ``art`` in a fresh process, its package imported from ``art/src``; the folders in ``more``
+    predicted after it by the same process (the same arguments; each writes ``<folder>.csv`` beside it)."""
+    argvs = [["predict", "--artifacts", str(a), "--data", str(data), *args] for a in (art, *more)]
+    for argv, folder in zip(argvs[1:], more, strict=True):
+        argv[argv.index("--out") + 1] = str(folder.with_suffix(".csv"))
+    code = GUARD.format(src=str(art / "src"), argvs=argvs)
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=art.parent)
 
@@ -132,7 +139,8 @@ def test_round_trip_with_int8_compressed_embedder(experiment_run, small_competit
 
     from pawpular.cli import main as cli
     from pawpular.data.tables import read_test_set
-    from pawpular.ship.predictor import Experiment, read_manifest
+    from pawpular.ship.experiment import Experiment
+    from pawpular.ship.predictor import read_manifest
     from pawpular.store import artifacts
 
     run = Path(shutil.copytree(experiment_run, tmp_path / "int8_run"))
@@ -187,31 +195,57 @@ MATRIX = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("variant", list(MATRIX))
-def test_predict_matrix_reproduces_the_pipeline(variant, experiment_run, small_competition, test_only, tmp_path):
+def _matrix_run(variant: str, experiment_run: Path, comp: Path, root: Path) -> Path:
+    """The session's run copied and finished again with the variant's settings; exported to ``root/art``."""
     from conftest import tiny_args
 
     from pawpular.cli import main as cli
 
-    run = Path(shutil.copytree(experiment_run, tmp_path / "run"))
+    run = Path(shutil.copytree(experiment_run, root / "run"))
     sets = list(MATRIX[variant])
-    if OTHER in variant or OTHER in " ".join(sets):
-        other = Path(shutil.copytree(experiment_run, tmp_path / OTHER))  # its own SVR head (no flags, other C range)
-        assert (
-            cli.main(
-                ["all", *tiny_args(small_competition, other), "--set", "svr.use_meta=false", "--set", "svr.c_max=30"]
-            )
-            == 0
-        )
+    if OTHER in " ".join(sets):
+        other = Path(shutil.copytree(experiment_run, root / OTHER))  # its own SVR head (no flags, other C range)
+        assert cli.main(["all", *tiny_args(comp, other), "--set", "svr.use_meta=false", "--set", "svr.c_max=30"]) == 0
         sets = [f"ensemble.experiments=[{other}]"]
-    assert cli.main(["all", *tiny_args(small_competition, run), *[a for s in sets for a in ("--set", s)]]) == 0
+    assert cli.main(["all", *tiny_args(comp, run), *[a for s in sets for a in ("--set", s)]]) == 0
+    export(run, root / "art")
+    return run
+
+
+@pytest.fixture(scope="module")
+def matrix(experiment_run, small_competition, test_only, tmp_path_factory):
+    """Every variant's run and export, then one fresh process predicting them all (the import guard over every
+    variant's path; a process each would spend 4-5 s on imports), built once for the session: {variant: (run, its
+    predict's csv)}, and what that process printed and returned."""
+    from conftest import built_once
+
+    def build(root: Path) -> None:
+        runs = [_matrix_run(v, experiment_run, small_competition, root / f"v{i}") for i, v in enumerate(MATRIX)]
+        arts = [run.parent / "art" for run in runs]
+        r = _predict_in_fresh_process(arts[0], test_only, "--out", str(arts[0].with_suffix(".csv")), more=arts[1:])
+        (root / "predict.json").write_text(json.dumps({"returncode": r.returncode, "stderr": r.stderr}))
+
+    root = built_once(tmp_path_factory, "predict_matrix", build)
+    found = {v: (root / f"v{i}" / "run", root / f"v{i}" / "art.csv") for i, v in enumerate(MATRIX)}
+    return found, json.loads((root / "predict.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(MATRIX))
+def test_predict_matrix_reproduces_the_pipeline(variant, matrix):
+    found, r = matrix
+    run, sub = found[variant]
+    codes = re.search(r"exit codes: \[(.*)\]", r["stderr"])  # one per variant, printed before the guard's checks
+    assert codes and codes.group(1).split(", ")[list(MATRIX).index(variant)] == "0", r["stderr"][-3000:]
+    assert r["returncode"] == 0 and sub.is_file(), r["stderr"][-3000:]  # the guard held
     weights = json.loads((run / "ensemble" / "weights.json").read_text())["weights"]
     if "NN weight 0" in variant:
         assert "nn" not in weights
     if "two experiments" in variant:
         assert f"{OTHER}/svr" in weights
-    assert_predict_matches(export(run, tmp_path / "art"), test_only, run, tmp_path)
+    ours, pipeline = pd.read_csv(sub), pd.read_csv(run / "submission.csv")
+    assert ours["Id"].tolist() == pipeline["Id"].tolist()
+    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
 
 
 @pytest.mark.slow
