@@ -4,8 +4,9 @@ same command, and get byte for byte what an uninterrupted run gets.
 Every commit (an ``os.replace`` of a finished temporary file, an unlink, a folder rename or swap) passes through
 ``files._commit_point``; ``PAWPULAR_FAULT_LOG`` lists them and ``PAWPULAR_FAULT_KILL_AT=k`` SIGKILLs the process
 just before the k-th. For each command (train, embed, svr with raised n_trials, ensemble, report, export,
-predict), a reference run on a copy of the state before it counts its commits N and records its outputs; then for
-k in 1..N a fresh copy is killed at k, the same command is rerun, and the outputs must equal the reference's.
+predict), a reference run on a copy of the state before it counts its commits N and records its outputs (one
+process runs the seven references in turn); then for k in 1..N a fresh copy is killed at k, the same command is
+rerun, and the outputs must equal the reference's.
 
 The default suite takes one k per command (seeded, different each command); ``-m crash_sweep`` takes every k
 (CI runs it). Plus damaged files (each artifact kind truncated) and corrupt locks.
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import CONFIG, REPO, fault_commits
+from conftest import CONFIG, REPO, built_once, fault_commits
 
 pytestmark = pytest.mark.slow
 
@@ -114,20 +115,24 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def crash_base(small_competition, tmp_path_factory) -> tuple[Path, Path]:
-    """A finished tiny experiment (2 folds, 2 epochs) and an export of it (the starting point of predict)."""
+    """A finished tiny experiment (2 folds, 2 epochs) and an export of it (the starting point of predict), built
+    once per session; and the competition it was built on."""
     from pawpular.ship.predictor import manifest_digest
 
-    root = tmp_path_factory.mktemp("crash")
-    out = root / "exp"
-    common = ["--config", str(CONFIG), "--data", str(small_competition), "--output", str(out)]
-    r = _run(_cli("all", *common, *[a for s in SETS for a in ("--set", s)]))
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = _run(_cli("export", "--output", str(out), "--to", str(root / "art")))
-    assert r.returncode == 0, r.stderr[-2000:]
-    manifest = root / "art" / "manifest.json"  # so old and new exports differ (a stray file would be a user's:
-    record = {**json.loads(manifest.read_text()), "created": OLD_EXPORT}  # export --overwrite refuses to remove it)
-    manifest.write_text(json.dumps({**record, "digest": manifest_digest(record)}))  # signed as export signs it
-    return root, small_competition
+    def build(root: Path) -> None:
+        out = root / "exp"
+        common = ["--config", str(CONFIG), "--data", str(small_competition), "--output", str(out)]
+        r = _run(_cli("all", *common, *[a for s in SETS for a in ("--set", s)]))
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = _run(_cli("export", "--output", str(out), "--to", str(root / "art")))
+        assert r.returncode == 0, r.stderr[-2000:]
+        manifest = root / "art" / "manifest.json"  # so old and new exports differ (a stray file would be a user's:
+        record = {**json.loads(manifest.read_text()), "created": OLD_EXPORT}  # export --overwrite refuses to remove it)
+        manifest.write_text(json.dumps({**record, "digest": manifest_digest(record)}))  # signed as export signs it
+        (root / "data.txt").write_text(str(small_competition))
+
+    root = built_once(tmp_path_factory, "crash_base", build)
+    return root, Path((root / "data.txt").read_text())
 
 
 SCENARIOS = {
@@ -153,15 +158,41 @@ def _prepare(sc: Scenario, root: Path, dst: Path) -> Path:
     return dst
 
 
-def reference(sc: Scenario, root: Path, tmp: Path) -> tuple[int, dict[str, bytes]]:
-    """(commits of an uninterrupted run, its outputs)."""
-    dst = _prepare(sc, root, tmp / "reference")
-    log = tmp / "commits.log"
-    r = _run(sc.argv(dst), log=log)
-    assert r.returncode == 0, r.stderr[-3000:]
-    n = len(fault_commits(log))
-    assert n > 0, f"{sc.name}: no commits counted"
-    return n, sc.outputs(dst)
+# Every command's uninterrupted run, one after the other in one process (a process each spent 4-5 s on imports),
+# each with its commits counted from 1 as in a process of its own; the sweep checks that count against a fresh
+# process (killed at one commit more, it finishes).
+REFERENCES = """
+import json, os, sys
+from pawpular.cli.main import main
+from pawpular.store import files
+for log, argv in json.loads(sys.argv[1]):
+    files._commits = 0
+    os.environ["PAWPULAR_FAULT_LOG"] = log
+    if main(argv) != 0:
+        sys.exit(f"the uninterrupted {argv[0]} failed")
+"""
+
+
+@pytest.fixture(scope="module")
+def references(crash_base, tmp_path_factory) -> dict[str, tuple[int, dict[str, bytes]]]:
+    """{command: (the commits of its uninterrupted run, its outputs)}, each run on its own copy of the state before
+    it; made once per session."""
+
+    def build(folder: Path) -> None:
+        jobs = []
+        for name in SCENARIOS:
+            sc, root = _scenario(name, crash_base)
+            jobs.append((str(folder / f"{name}.log"), sc.argv(_prepare(sc, root, folder / name))[3:]))
+        r = _run([sys.executable, "-c", REFERENCES, json.dumps(jobs)])
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    folder = built_once(tmp_path_factory, "crash_references", build)
+    found = {}
+    for name in SCENARIOS:
+        n = len(fault_commits(folder / f"{name}.log"))
+        assert n > 0, f"{name}: no commits counted"
+        found[name] = n, _scenario(name, crash_base)[0].outputs(folder / name)
+    return found
 
 
 def _artifact_folder_whole(art: Path) -> str:
@@ -185,10 +216,10 @@ def killed_then_rerun(sc: Scenario, root: Path, tmp: Path, k: int) -> tuple[int,
     return killed.returncode, sc.outputs(dst)
 
 
-def _check(name: str, crash_base, tmp_path: Path, pick) -> None:
+def _check(name: str, crash_base, references, tmp_path: Path, pick) -> None:
     """Kill at each commit ``pick(n)`` chooses of the n an uninterrupted run makes; rerun; compare."""
     sc, root = _scenario(name, crash_base)
-    n, ref = reference(sc, root, tmp_path)
+    n, ref = references[name]
     todo = pick(n)
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda k: (k, *killed_then_rerun(sc, root, tmp_path, k)), todo))
@@ -199,11 +230,15 @@ def _check(name: str, crash_base, tmp_path: Path, pick) -> None:
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_killed_at_a_sampled_commit_then_rerun_matches(name, crash_base, tmp_path):
-    _check(name, crash_base, tmp_path, lambda n: [random.Random(f"crash-{name}").randint(1, n)])
+def test_killed_at_a_sampled_commit_then_rerun_matches(name, crash_base, references, tmp_path):
+    _check(name, crash_base, references, tmp_path, lambda n: [random.Random(f"crash-{name}").randint(1, n)])
 
 
 @pytest.mark.crash_sweep
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_killed_at_every_commit_then_rerun_matches(name, crash_base, tmp_path):
-    _check(name, crash_base, tmp_path, lambda n: list(range(1, n + 1)))
+def test_killed_at_every_commit_then_rerun_matches(name, crash_base, references, tmp_path):
+    sc, root = _scenario(name, crash_base)
+    n = references[name][0]
+    beyond = _run(sc.argv(_prepare(sc, root, tmp_path / "beyond")), kill_at=n + 1)  # a fresh process makes n too
+    assert beyond.returncode == 0, f"{name}: a fresh process made more than the {n} commits counted"
+    _check(name, crash_base, references, tmp_path, lambda n: list(range(1, n + 1)))
