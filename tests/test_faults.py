@@ -2,8 +2,9 @@
 
 Also: stale caches are invalidated by exactly what they depend on, and the same config and seed give the same
 folds, SVR predictions and ensemble weights. The runs that are killed, and the one compared with the session's run
-for determinism, are the real CLI in child processes; the others run it in this process (a child costs 4-6 s of
-imports). All on a small embedded competition; on CPU the math is deterministic, so outputs are compared bitwise.
+for determinism, are the real CLI in child processes; the others (the reruns after a kill included) run it in this
+process (a child costs 4-6 s of imports). All on a small embedded competition; on CPU the math is deterministic,
+so outputs are compared bitwise.
 """
 
 from __future__ import annotations
@@ -141,16 +142,16 @@ def test_killed_stage_resumes_to_identical_outputs(reference, tmp_path, stage, c
     kept = sorted(str(p.relative_to(out)) for p in out.glob(f"{folder}/**/*") if p.is_file())
     trials = _complete_trials(out / "svr" / "study.db")
     print(f"{stage}: SIGKILL {delay:.2f}s after progress; kept {kept}; complete trials {trials}")
-    r = _run("all", data=data, out=out, extra=extra)  # the rerun resumes what was killed and runs the rest
+    err = _run_here(caplog, "all", data=data, out=out, extra=extra)  # resumes what was killed, runs the rest
     for name in OUTPUTS:
         _same(ref, out, name)
     assert not list(out.rglob(".*.tmp")) and not (out / ".lock").exists()
     if stage == "train":
-        assert "resuming after epoch" in r.stderr  # continued from last.pt rather than starting over
+        assert "resuming after epoch" in err  # continued from last.pt rather than starting over
     if stage == "embed":
-        assert "fold0=cached" in r.stderr
+        assert "fold0=cached" in err
     if stage == "svr":
-        assert 0 < trials < 60 and f"({60 - trials} new" in r.stderr
+        assert 0 < trials < 60 and f"({60 - trials} new" in err
 
 
 def test_changed_image_invalidates_exactly_its_dependents(reference, tmp_path, caplog):
