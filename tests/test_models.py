@@ -296,3 +296,20 @@ def test_weights_load_as_torch_loads_them(tmp_path):
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(PretrainedWeightsError, match="missing key.*layers.0.blocks.0.attn.qkv.weight"):
         build_model(cfg_of("swin", pretrained=str(tmp_path / "bad.safetensors")))
+
+
+def test_timm_loads_without_the_wandb_client_which_still_imports_after():
+    """A command that builds a model does not pay for W&B's import through timm (0.5-0.7 s where it is installed);
+    tracking can still import it afterwards."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("wandb") is None:
+        pytest.skip("wandb is not installed (requirements-tracking.txt): nothing for timm to load")
+    code = (
+        "import sys; from pawpular.model.models import import_timm; import_timm(); "
+        "print('wandb' in sys.modules); import wandb; print(wandb.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "wandb"], out

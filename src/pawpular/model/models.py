@@ -107,12 +107,27 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def import_timm():
+    """timm, imported without the Weights & Biases client that it loads whenever that is installed (timm's
+    ``utils/summary.py``; 0.5-0.7 s of every command that builds a model, where the test requirements install it).
+    ``logs/tracking.py`` imports W&B itself when a config asks for it, before or after this."""
+    if "timm" not in sys.modules and "wandb" not in sys.modules:
+        sys.modules["wandb"] = None  # `import wandb` raises ImportError, which timm's import expects and skips
+        try:
+            import timm
+        finally:
+            del sys.modules["wandb"]
+    import timm
+
+    return timm
+
+
 def _create_from_hub(model_cfg: ModelConfig, kwargs: dict) -> nn.Module:
     """timm's download, failing in seconds offline (the hub's own retries take a minute) with the local-file hint.
 
     Offline, only weights already in the Hugging Face cache can load (hub's offline mode is switched on).
     """
-    import timm
+    timm = import_timm()
 
     online = _hub_reachable()
     if not online:
@@ -139,7 +154,7 @@ def _classes(model_cfg: ModelConfig) -> dict:
 
 
 def _create_backbone(model_cfg: ModelConfig, hub: bool) -> nn.Module:
-    import timm
+    timm = import_timm()
 
     kwargs = dict(model_cfg.kwargs)
     if model_cfg.output != "logits":  # pooled features whatever classifier kwargs ask for (a YAML anchor shared)
@@ -168,7 +183,7 @@ def _create_backbone(model_cfg: ModelConfig, hub: bool) -> nn.Module:
 def _blame(model_cfg: ModelConfig, e: Exception) -> Exception:
     """What to raise when timm could not build the model: model.name for an unknown one; model.kwargs when the
     same model builds without them (checked on the meta device: no memory); otherwise the error itself (a bug)."""
-    import timm
+    timm = import_timm()
 
     if "Unknown model" in str(e):
         return ConfigError(f"model.name: {e}", ("model.name",))

@@ -18,7 +18,9 @@ MODEL_FORMAT = "pawpular-model/1"
 def model_file_bytes(state: dict[str, torch.Tensor], model_cfg: dict, data_cfg: dict) -> bytes:
     """A PawModel's state dict as a safetensors file, with its ModelConfig, data config and the versions of torch
     and timm that made it in the metadata."""
-    import timm
+    from ..model.models import import_timm
+
+    timm = import_timm()
 
     from ..store.files import safetensors_bytes
 
@@ -37,7 +39,9 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
     """Rebuild a PawModel from a file of ``model_file_bytes`` (no pretrained download) in eval mode, and its data
     config. A state dict that does not fit the architecture as this timm builds it is an error naming both timm
     versions (timm renames parameters between releases)."""
-    import timm
+    from ..model.models import import_timm
+
+    timm = import_timm()
 
     from ..store.files import ArtifactError, read_safetensors
 
