@@ -204,25 +204,50 @@ def _artifact_folder_whole(art: Path) -> str:
     return "old" if json.loads((art / "manifest.json").read_text())["created"] == OLD_EXPORT else "new"
 
 
-def killed_then_rerun(sc: Scenario, root: Path, tmp: Path, k: int) -> tuple[int, dict[str, bytes]]:
+def _rerun_here(argv: list[str]) -> tuple[int, str]:
+    """The same command in this process (a process costs 4-5 s of imports), on one thread as the killed one ran
+    (bitwise the same sums); (exit code, "")."""
+    import torch
+
+    from pawpular.cli import main as cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli.main(argv[3:]), ""  # after `python -m pawpular`
+    finally:
+        torch.set_num_threads(threads)
+
+
+def killed_then_rerun(sc: Scenario, root: Path, tmp: Path, k: int, here: bool = False) -> tuple[int, dict]:
+    """Kill the command at its k-th commit (a process of its own), rerun it (``here``: in this process); the
+    killed run's exit code and the outputs after the rerun."""
     dst = _prepare(sc, root, tmp / f"k{k}")
     killed = _run(sc.argv(dst), kill_at=k)
     if sc.name == "export":  # after the kill and before any rerun: the old export whole, or the new one whole
         _artifact_folder_whole(dst / "art")
-    rerun = _run(sc.argv(dst))
-    assert rerun.returncode == 0, f"{sc.name} k={k}: the rerun failed:\n{rerun.stderr[-3000:]}"
+    if here:
+        code, err = _rerun_here(sc.argv(dst))
+    else:
+        rerun = _run(sc.argv(dst))
+        code, err = rerun.returncode, rerun.stderr
+    assert code == 0, f"{sc.name} k={k}: the rerun failed:\n{err[-3000:]}"
     assert not list((dst / "exp").rglob(".*.tmp")), f"{sc.name} k={k}: temporary files left"
     assert not (dst / "exp" / ".lock").exists() and not list(dst.glob(".*.lock"))
     return killed.returncode, sc.outputs(dst)
 
 
-def _check(name: str, crash_base, references, tmp_path: Path, pick) -> None:
-    """Kill at each commit ``pick(n)`` chooses of the n an uninterrupted run makes; rerun; compare."""
+def _check(name: str, crash_base, references, tmp_path: Path, pick, here: bool = False) -> None:
+    """Kill at each commit ``pick(n)`` chooses of the n an uninterrupted run makes; rerun (``here``: in this
+    process; the sweep's reruns run two at a time, each a process); compare."""
     sc, root = _scenario(name, crash_base)
     n, ref = references[name]
     todo = pick(n)
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda k: (k, *killed_then_rerun(sc, root, tmp_path, k)), todo))
+    if here:
+        results = [(k, *killed_then_rerun(sc, root, tmp_path, k, here=True)) for k in todo]
+    else:
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda k: (k, *killed_then_rerun(sc, root, tmp_path, k)), todo))
     for k, code, outputs in results:
         assert code == -signal.SIGKILL, f"{name}: the run meant to die at commit {k} of {n} exited {code}"
         assert not diff(ref, outputs), f"{name} killed at commit {k} of {n}, rerun: differs in {diff(ref, outputs)}"
@@ -231,7 +256,8 @@ def _check(name: str, crash_base, references, tmp_path: Path, pick) -> None:
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_killed_at_a_sampled_commit_then_rerun_matches(name, crash_base, references, tmp_path):
-    _check(name, crash_base, references, tmp_path, lambda n: [random.Random(f"crash-{name}").randint(1, n)])
+    pick = lambda n: [random.Random(f"crash-{name}").randint(1, n)]  # noqa: E731
+    _check(name, crash_base, references, tmp_path, pick, here=True)
 
 
 @pytest.mark.crash_sweep
