@@ -306,12 +306,12 @@ def test_predict_at_the_lowest_supported_versions(experiment_run, test_only, tmp
     from lowest_env import _release, build, lower_bounds
 
     python = build()
-    found = subprocess.run(
+    found = subprocess.run(  # the installed versions, read without importing them (predict below imports them)
         [
             str(python),
             "-c",
-            "import numpy, pandas, timm, PIL, pyarrow; print(numpy.__version__, "
-            "pandas.__version__, timm.__version__, PIL.__version__, pyarrow.__version__)",
+            "from importlib.metadata import version as v; "
+            "print(*(v(n) for n in ('numpy', 'pandas', 'timm', 'pillow', 'pyarrow')))",
         ],
         capture_output=True,
         text=True,
