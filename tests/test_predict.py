@@ -64,10 +64,15 @@ def assert_predict_matches(
     out = tmp_path / "submission.csv"
     r = _predict_in_fresh_process(art, data, "--out", str(out), python=python)
     assert r.returncode == 0, r.stderr[-3000:]
-    ours, pipeline = pd.read_csv(out), pd.read_csv(run / "submission.csv")
+    assert_same_submission(out, run)
+    return r
+
+
+def assert_same_submission(ours: Path, run: Path) -> None:
+    """``ours`` is the run's submission.csv: the same Ids in order, values within 1e-4."""
+    ours, pipeline = pd.read_csv(ours), pd.read_csv(run / "submission.csv")
     assert ours["Id"].tolist() == pipeline["Id"].tolist()
     assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
-    return r
 
 
 def test_export_holds_models_as_data_and_no_training_data(experiment_run, tmp_path):
@@ -243,9 +248,7 @@ def test_predict_matrix_reproduces_the_pipeline(variant, matrix):
         assert "nn" not in weights
     if "two experiments" in variant:
         assert f"{OTHER}/svr" in weights
-    ours, pipeline = pd.read_csv(sub), pd.read_csv(run / "submission.csv")
-    assert ours["Id"].tolist() == pipeline["Id"].tolist()
-    assert (ours["Pawpularity"] - pipeline["Pawpularity"]).abs().max() < 1e-4
+    assert_same_submission(sub, run)
 
 
 @pytest.mark.slow

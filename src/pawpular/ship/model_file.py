@@ -19,11 +19,9 @@ def model_file_bytes(state: dict[str, torch.Tensor], model_cfg: dict, data_cfg: 
     """A PawModel's state dict as a safetensors file, with its ModelConfig, data config and the versions of torch
     and timm that made it in the metadata."""
     from ..model.models import import_timm
-
-    timm = import_timm()
-
     from ..store.files import safetensors_bytes
 
+    timm = import_timm()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # no shared storage
     meta = {
         "format": MODEL_FORMAT,
@@ -40,11 +38,9 @@ def load_model_file(path: str | Path, device: str | torch.device = "cpu") -> tup
     config. A state dict that does not fit the architecture as this timm builds it is an error naming both timm
     versions (timm renames parameters between releases)."""
     from ..model.models import import_timm
-
-    timm = import_timm()
-
     from ..store.files import ArtifactError, read_safetensors
 
+    timm = import_timm()
     meta, state = read_safetensors(path, "pt", "a model file", MODEL_FORMAT)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in meta["model_cfg"].items() if k in names})

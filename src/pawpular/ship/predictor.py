@@ -10,15 +10,12 @@ What it checks first: every file it loads has the digest export recorded (a trun
 it); the blend's weights (every weighted model is in the folder, the weights sum to 1), both before torch loads;
 the libraries here against the export's (``versions.check``: differences logged, a missing or too old one is an
 error); the test set and its photos. It loads no pickle: models and heads are safetensors, the SVR's decision
-function is computed with numpy (no scikit-learn). The models' inference is ``experiment.Experiment``.
+function is computed with numpy (no scikit-learn).
 
-Each blended head's test predictions are recomputed as the pipeline computed them: the same transforms, TTA,
-compression and, per model, the inference policy its own manifest recorded (``inference.Policy``), through the
-same ``inference.run_backbone``. Per model, the device: an int8 model runs on the CPU (dynamic quantization has
-no CUDA kernels), bf16 becomes fp16 on a GPU without native bf16 (one warning), a CPU runs fp32. One backbone
-pass per fold feeds both the NN head and the SVR's embeddings when the two agree; models with weight 0 are
-skipped. ``--estimate N`` times a few test images and prints the run time for N images against Kaggle's 9-hour
-limit; it writes no submission.
+Each blended head's test predictions are recomputed as the pipeline computed them (``experiment.Experiment``). Per
+model, the device: an int8 model runs on the CPU (dynamic quantization has no CUDA kernels), bf16 becomes fp16 on a
+GPU without native bf16 (one warning), a CPU runs fp32. ``--estimate N`` times a few test images and prints the run
+time for N images against Kaggle's 9-hour limit; it writes no submission.
 """
 
 from __future__ import annotations
