@@ -199,9 +199,10 @@ def run_stage(name: str, cfg: Config, hooks: dict | None = None) -> stages.Resul
         env_number(knob, 1, kind, low)
     device = resolve_device(cfg.device)
     t0 = time.time()
-    if not getattr(stage, "DISTRIBUTED", False) and not is_lead_process():
+    distributed = getattr(stage, "DISTRIBUTED", False)
+    if not distributed and not is_lead_process():
         return stages.Result([], cached=True)  # under torchrun only train and embed use the other ranks
-    with process_group(device) as dist:
+    with process_group(device, distributed) as dist:  # the others run on rank 0 alone, outside the group
         ctx = Context(cfg, device, dist, hooks or {})
         if dist.main:
             check_data_folder(cfg.data)  # every stage reads the competition: refused before a folder is made

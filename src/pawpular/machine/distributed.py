@@ -88,19 +88,35 @@ def current() -> Dist:
     return Dist(int(env_number("RANK", 0)), world, int(env_number("LOCAL_RANK", 0)))
 
 
-@contextlib.contextmanager
-def process_group(device: str) -> Iterator[Dist]:
-    """Start the process group for the block when launched by torchrun (and end it if we started it)."""
+def _join(dist: Dist, device: str) -> bool:
+    """This rank in the launch's process group: started here (True), or the one ``held_group`` holds, joined at a
+    barrier, so that no rank reads a stage's upstream before rank 0 has finished the stage before it."""
     import torch
 
-    dist = current()
+    if device == "cuda":
+        torch.cuda.set_device(dist.local_rank)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        return False
+    torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+    return True
+
+
+@contextlib.contextmanager
+def process_group(device: str, distributed: bool = True) -> Iterator[Dist]:
+    """Start the process group for the block when launched by torchrun (and end it if we started it).
+
+    ``distributed`` False: a stage that rank 0 runs alone (folds, svr, ensemble, ...) gets ``Dist()`` and no group.
+    """
+    dist, level = current(), log.level  # the launch's variables checked for any stage
+    if not distributed:
+        yield Dist()
+        return
+    import torch
+
     started = False
     if dist.enabled:
-        if device == "cuda":
-            torch.cuda.set_device(dist.local_rank)
-        started = not torch.distributed.is_initialized()
-        if started:
-            torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+        started = _join(dist, device)
         log.info(
             "DDP: rank %d of %d (local rank %d, %s)",
             dist.rank,
@@ -112,6 +128,31 @@ def process_group(device: str) -> Iterator[Dist]:
             log.setLevel(logging.WARNING)
     try:
         yield dist
+    finally:
+        log.setLevel(level)  # each stage's group starts with every rank saying it joined
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def held_group(device: str) -> Iterator[None]:
+    """``torchrun ... all``: one process group for all the stages, ended after the last (nothing without torchrun).
+
+    A group started again in a process that ended one can hang in its rendezvous (seen with gloo); and the ranks
+    that skip what rank 0 runs alone (folds before train, svr and ensemble after embed) wait for it at the next
+    distributed stage's barrier (``_join``). ``device``: the config's (auto | cpu | cuda).
+    """
+    dist = current()
+    if not dist.enabled:
+        yield
+        return
+    import torch
+
+    from .backend import resolve_device
+
+    started = _join(dist, resolve_device(device))
+    try:
+        yield
     finally:
         if started:
             torch.distributed.destroy_process_group()
