@@ -4,8 +4,9 @@ same command, and get byte for byte what an uninterrupted run gets.
 Every commit (an ``os.replace`` of a finished temporary file, an unlink, a folder rename or swap) passes through
 ``files._commit_point``; ``PAWPULAR_FAULT_LOG`` lists them and ``PAWPULAR_FAULT_KILL_AT=k`` SIGKILLs the process
 just before the k-th. For each command (train, embed, svr with raised n_trials, ensemble, report, export,
-predict), a reference run on a copy of the state before it counts its commits N and records its outputs (one
-process runs the seven references in turn); then for k in 1..N a fresh copy is killed at k, the same command is
+predict), a reference run on a copy of the state before it counts its commits N and records its outputs (the
+test process runs the seven in turn, on one thread, each counted from 1; the sweep checks that a fresh process makes
+N too); then for k in 1..N a fresh copy is killed at k, the same command is
 rerun, and the outputs must equal the reference's.
 
 The default suite takes one k per command (seeded, different each command); ``-m crash_sweep`` takes every k
@@ -46,14 +47,34 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pawpular", *args]
 
 
-def _run(argv: list[str], kill_at: int | None = None, log: Path | None = None) -> subprocess.CompletedProcess:
+def _run(argv: list[str], kill_at: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PAWPULAR_PROGRESS_SECONDS": "-1"}
     env.pop("PAWPULAR_FAULT_KILL_AT", None)
     if kill_at is not None:
         env["PAWPULAR_FAULT_KILL_AT"] = str(kill_at)
-    if log is not None:
-        env["PAWPULAR_FAULT_LOG"] = str(log)
     return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
+def _run_here(argv: list[str], log: Path | None = None) -> int:
+    """The same command in this process (a process costs 4-5 s of imports), on one thread as the killed ones run
+    (bitwise the same sums); with ``log``, its file commits counted from 1 into it, as a fresh process counts them
+    under ``PAWPULAR_FAULT_LOG``. Its exit code (its log is in the test's captured output)."""
+    import torch
+
+    from pawpular.cli import main as cli
+    from pawpular.store import files
+
+    threads, before = torch.get_num_threads(), os.environ.get("PAWPULAR_FAULT_LOG")
+    torch.set_num_threads(1)
+    if log is not None:
+        files._commits, os.environ["PAWPULAR_FAULT_LOG"] = 0, str(log)
+    try:
+        return cli.main(argv[3:])  # after `python -m pawpular`
+    finally:
+        torch.set_num_threads(threads)
+        os.environ.pop("PAWPULAR_FAULT_LOG", None)
+        if before is not None:
+            os.environ["PAWPULAR_FAULT_LOG"] = before
 
 
 def _normalize(rel: str, data: bytes) -> bytes:
@@ -122,10 +143,8 @@ def crash_base(small_competition, tmp_path_factory) -> tuple[Path, Path]:
     def build(root: Path) -> None:
         out = root / "exp"
         common = ["--config", str(CONFIG), "--data", str(small_competition), "--output", str(out)]
-        r = _run(_cli("all", *common, *[a for s in SETS for a in ("--set", s)]))
-        assert r.returncode == 0, r.stderr[-2000:]
-        r = _run(_cli("export", "--output", str(out), "--to", str(root / "art")))
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert _run_here(_cli("all", *common, *[a for s in SETS for a in ("--set", s)])) == 0
+        assert _run_here(_cli("export", "--output", str(out), "--to", str(root / "art"))) == 0
         manifest = root / "art" / "manifest.json"  # so old and new exports differ (a stray file would be a user's:
         record = {**json.loads(manifest.read_text()), "created": OLD_EXPORT}  # export --overwrite refuses to remove it)
         manifest.write_text(json.dumps({**record, "digest": manifest_digest(record)}))  # signed as export signs it
@@ -161,30 +180,16 @@ def _prepare(sc: Scenario, root: Path, dst: Path) -> Path:
 # Every command's uninterrupted run, one after the other in one process (a process each spent 4-5 s on imports),
 # each with its commits counted from 1 as in a process of its own; the sweep checks that count against a fresh
 # process (killed at one commit more, it finishes).
-REFERENCES = """
-import json, os, sys
-from pawpular.cli.main import main
-from pawpular.store import files
-for log, argv in json.loads(sys.argv[1]):
-    files._commits = 0
-    os.environ["PAWPULAR_FAULT_LOG"] = log
-    if main(argv) != 0:
-        sys.exit(f"the uninterrupted {argv[0]} failed")
-"""
-
-
 @pytest.fixture(scope="module")
 def references(crash_base, tmp_path_factory) -> dict[str, tuple[int, dict[str, bytes]]]:
     """{command: (the commits of its uninterrupted run, its outputs)}, each run on its own copy of the state before
     it; made once per session."""
 
     def build(folder: Path) -> None:
-        jobs = []
         for name in SCENARIOS:
             sc, root = _scenario(name, crash_base)
-            jobs.append((str(folder / f"{name}.log"), sc.argv(_prepare(sc, root, folder / name))[3:]))
-        r = _run([sys.executable, "-c", REFERENCES, json.dumps(jobs)])
-        assert r.returncode == 0, r.stderr[-3000:]
+            argv = sc.argv(_prepare(sc, root, folder / name))
+            assert _run_here(argv, log=folder / f"{name}.log") == 0, f"the uninterrupted {name} failed"
 
     folder = built_once(tmp_path_factory, "crash_references", build)
     found = {}
@@ -204,21 +209,6 @@ def _artifact_folder_whole(art: Path) -> str:
     return "old" if json.loads((art / "manifest.json").read_text())["created"] == OLD_EXPORT else "new"
 
 
-def _rerun_here(argv: list[str]) -> int:
-    """The same command in this process (a process costs 4-5 s of imports), on one thread as the killed one ran
-    (bitwise the same sums); its exit code (its log is in the test's captured output)."""
-    import torch
-
-    from pawpular.cli import main as cli
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return cli.main(argv[3:])  # after `python -m pawpular`
-    finally:
-        torch.set_num_threads(threads)
-
-
 def killed_then_rerun(sc: Scenario, root: Path, tmp: Path, k: int, here: bool = False) -> tuple[int, dict]:
     """Kill the command at its k-th commit (a process of its own), rerun it (``here``: in this process); the
     killed run's exit code and the outputs after the rerun."""
@@ -227,7 +217,7 @@ def killed_then_rerun(sc: Scenario, root: Path, tmp: Path, k: int, here: bool = 
     if sc.name == "export":  # after the kill and before any rerun: the old export whole, or the new one whole
         _artifact_folder_whole(dst / "art")
     if here:
-        code, err = _rerun_here(sc.argv(dst)), "(its log: the captured output below)"
+        code, err = _run_here(sc.argv(dst)), "(its log: the captured output below)"
     else:
         rerun = _run(sc.argv(dst))
         code, err = rerun.returncode, rerun.stderr[-3000:]
