@@ -25,10 +25,14 @@ SHARED = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def small_competition(tmp_path_factory) -> Path:
-    """A 120-train / 16-test synthetic competition (read-only: copy it before breaking it)."""
+    """A 120-train / 16-test synthetic competition, one for the session's workers (read-only: copy it before
+    breaking it)."""
     from pawpular.data.synthetic import make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("comp") / "small", n_train=120, n_test=16, seed=3)
+    def build(folder: Path) -> None:
+        make_synthetic(folder / "small", n_train=120, n_test=16, seed=3)
+
+    return built_once(tmp_path_factory, "small_competition", build) / "small"
 
 
 @pytest.fixture
@@ -60,7 +64,10 @@ def default_competition(tmp_path_factory) -> Path:
     """The synthetic competition at its default size (what `./run.sh` uses)."""
     from pawpular.data.synthetic import DEFAULT_N_TEST, DEFAULT_N_TRAIN, make_synthetic
 
-    return make_synthetic(tmp_path_factory.mktemp("comp") / "default", DEFAULT_N_TRAIN, DEFAULT_N_TEST, seed=0)
+    def build(folder: Path) -> None:
+        make_synthetic(folder / "default", DEFAULT_N_TRAIN, DEFAULT_N_TEST, seed=0)
+
+    return built_once(tmp_path_factory, "default_competition", build) / "default"
 
 
 # --- one real, tiny run of the whole pipeline, shared by the report, notebook and fault tests ------------------
@@ -186,15 +193,39 @@ def make_partial(run: Path, dest: Path) -> Path:
     return dest
 
 
+def session_run(tmp_path_factory, comp: Path, name: str, *extra: str) -> Path:
+    """``build_run`` once per session (``built_once``), and this worker's own copy of it, ``name`` in its temporary
+    folder: the tests that use it write into it (reports, locks), and a copy takes milliseconds where the run takes
+    10-15 s. The copy is what a run made there leaves: its embedding sets in the shared cache beside it
+    (``.embeddings``), its emb/ files hard links into that cache, and its config.yaml naming the copy."""
+    built = built_once(tmp_path_factory, name, lambda folder: build_run(comp, folder / "exp", *extra)) / "exp"
+    mine = tmp_path_factory.getbasetemp() / name
+    if not mine.is_dir():
+        cache, my_cache = built.parent / ".embeddings", mine.parent / ".embeddings"
+        shutil.copytree(cache, my_cache, dirs_exist_ok=True)
+        cached = {(p.stat().st_dev, p.stat().st_ino): my_cache / p.relative_to(cache) for p in cache.rglob("*")}
+
+        def copy(src: str, dst: str) -> None:
+            found = os.stat(src)
+            linked = cached.get((found.st_dev, found.st_ino)) if found.st_nlink > 1 else None
+            os.link(linked, dst) if linked else shutil.copy2(src, dst)
+
+        shutil.copytree(built, mine, copy_function=copy)
+        config, line = mine / "config.yaml", f"output_dir: {built}\n"
+        assert line in config.read_text(), f"{config} does not name the folder it was built in"
+        config.write_text(config.read_text().replace(line, f"output_dir: {mine}\n"))
+    return mine
+
+
 @pytest.fixture(scope="session")
 def experiment_run(small_competition, tmp_path_factory) -> Path:
-    return build_run(small_competition, tmp_path_factory.getbasetemp() / "report_run")
+    return session_run(tmp_path_factory, small_competition, "report_run")
 
 
 @pytest.fixture(scope="session")
 def holdout_run(small_competition, tmp_path_factory) -> Path:
     """The tiny run with a holdout (folds.holdout=0.2): holdout predictions and a holdout RMSE in weights.json."""
-    return build_run(small_competition, tmp_path_factory.getbasetemp() / "holdout_run", *HOLDOUT)
+    return session_run(tmp_path_factory, small_competition, "holdout_run", *HOLDOUT)
 
 
 HOLDOUT = ["folds.holdout=0.2"]
