@@ -187,14 +187,42 @@ def test_ctrl_c_pressed_three_times_is_one_line(small_competition, tmp_path):
 # 13. A read-only experiment (an earlier run attached as a read-only dataset)
 
 
-def _read_only(folder: Path, *args) -> subprocess.CompletedProcess:
-    """`pawpular ARGS` with ``folder`` mounted read-only (a private mount namespace: nobody else sees it)."""
+READ_ONLY = """
+import json, sys
+from pawpular.cli.main import main
+for argv in json.loads(sys.argv[1]):
+    for stream in (sys.stdout, sys.stderr):
+        print("@@ command", file=stream, flush=True)
+    code = main(argv)
+    sys.stdout.flush()
+    print(f"@@ exit {code}", file=sys.stderr, flush=True)
+"""
+
+
+def _read_only(folder: Path, *commands: list) -> list[tuple[int, str, str]]:
+    """Each command (``pawpular ARGS``) in turn, in one process that has ``folder`` mounted read-only (a private
+    mount namespace: nobody else sees it; one process: a process costs 4-5 s of imports); (exit code, stdout,
+    stderr) of each."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("unshare -rm is not available here: no read-only mount to test with")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     script = 'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
-    argv = ["unshare", "-rm", "sh", "-c", script, "sh", str(folder), sys.executable, "-m", "pawpular", *map(str, args)]
-    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    argv = json.dumps([[str(a) for a in args] for args in commands])
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", str(folder), sys.executable, "-c", READ_ONLY, argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    outs, errs = done.stdout.split("@@ command\n")[1:], done.stderr.split("@@ command\n")[1:]
+    assert len(outs) == len(errs) == len(commands), done.stderr[-3000:]
+    found = []
+    for out, err in zip(outs, errs, strict=True):
+        err, _, code = err.rpartition("@@ exit ")
+        found.append((int(code), out, err))
+    return found
 
 
 def test_status_writes_nothing(run, small_competition, capsys):
@@ -208,15 +236,18 @@ def test_status_writes_nothing(run, small_competition, capsys):
 def test_reading_commands_work_on_a_read_only_experiment(run, small_competition, tmp_path):
     (run / ".data_check.json").unlink()
     before = tree(run)
-    done = _read_only(run, "status", *tiny_args(small_competition, run))
-    assert done.returncode == 0 and "everything is done and current" in done.stdout, done.stderr[-2000:]
-    done = _read_only(run, "runs", run)
-    assert done.returncode == 0 and "error" not in done.stderr and str(run.name) in done.stdout, done.stderr[-2000:]
-    done = _read_only(run, "export", "--output", run, "--to", tmp_path / "art", "--data", small_competition)
-    assert done.returncode == 0 and (tmp_path / "art" / "manifest.json").is_file(), done.stderr[-2000:]
-    done = _read_only(run, "report", "--output", run)
-    assert done.returncode == 2 and one_line(done.stderr), done.stderr[-2000:]
-    assert "read-only" in done.stderr and str(run / "report.html") in done.stderr, done.stderr
+    status, runs, export, report = _read_only(
+        run,
+        ["status", *tiny_args(small_competition, run)],
+        ["runs", run],
+        ["export", "--output", run, "--to", tmp_path / "art", "--data", small_competition],
+        ["report", "--output", run],
+    )
+    assert status[0] == 0 and "everything is done and current" in status[1], status[2][-2000:]
+    assert runs[0] == 0 and "error" not in runs[2] and str(run.name) in runs[1], runs[2][-2000:]
+    assert export[0] == 0 and (tmp_path / "art" / "manifest.json").is_file(), export[2][-2000:]
+    assert report[0] == 2 and one_line(report[2]), report[2][-2000:]
+    assert "read-only" in report[2] and str(run / "report.html") in report[2], report[2]
     assert tree(run) == before
 
 
@@ -270,12 +301,15 @@ def test_a_read_only_shared_cache(run, small_competition, experiment_run):
     shutil.copytree(experiment_run.parent / ".embeddings", run.parent / ".embeddings")
     shutil.rmtree(run / "emb")
     cache = run.parent / ".embeddings"
-    done = _read_only(cache, "embed", *tiny_args(small_competition, run))  # the sets are there: read, linked
-    assert done.returncode == 0, done.stderr[-2000:]
     before = tree(cache)
-    done = _read_only(cache, "embed", *tiny_args(small_competition, run, "embed.tta_hflip=false"))
-    assert done.returncode == 2 and one_line(done.stderr), done.stderr[-2000:]
-    assert "embedding cache" in done.stderr and "read-only" in done.stderr and str(cache) in done.stderr
+    found, other = _read_only(
+        cache,
+        ["embed", *tiny_args(small_competition, run)],  # the sets are there: read, linked
+        ["embed", *tiny_args(small_competition, run, "embed.tta_hflip=false")],  # new sets: nowhere to write them
+    )
+    assert found[0] == 0, found[2][-2000:]
+    assert other[0] == 2 and one_line(other[2]), other[2][-2000:]
+    assert "embedding cache" in other[2] and "read-only" in other[2] and str(cache) in other[2]
     assert tree(cache) == before
 
 
