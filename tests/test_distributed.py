@@ -378,26 +378,7 @@ def test_ctrl_c_with_local_workers_exits_130_and_stops_them(experiment_run, smal
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# f. embed under torchrun; the sharding itself
-
-
-def test_embed_under_torchrun_equals_one_process(experiment_run, small_competition, tmp_path):
-    out = Path(shutil.copytree(experiment_run, tmp_path / "ddp"))
-    shutil.rmtree(out / "emb")
-    cmd = torchrun("-m", "pawpular.cli", "embed", *tiny_args(small_competition, out))
-    (r,) = run_all(cmd, timeout=300)
-    ok([r])
-    assert "DDP: rank 1 of 2" in r.stderr and "gloo" in r.stderr
-    assert r.stderr.count("embed summary: fold0=computed, fold1=computed, fold2=computed") == 1  # rank 0 speaks
-    for k in range(3):
-        assert (out / "emb" / f"fold{k}" / "manifest.json").is_file()
-        for split in ("train", "test"):
-            one = pd.read_parquet(experiment_run / "emb" / f"fold{k}" / f"{split}.parquet")
-            two = pd.read_parquet(out / "emb" / f"fold{k}" / f"{split}.parquet")
-            assert list(two.columns) == list(one.columns) and two[ID].tolist() == one[ID].tolist()
-            np.testing.assert_allclose(two.drop(columns=ID).to_numpy(), one.drop(columns=ID).to_numpy(), atol=1e-5)
-    assert artifacts.manifest(out, "embed").is_file()
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".write-probe")]
+# f. the sharding of inference under torchrun (embed under torchrun: test_train.py's DDP test)
 
 
 SHARD_SCRIPT = """

@@ -4,6 +4,7 @@ DDP (gloo, 2 processes) trains in sync. Tiny random-weight Swin at 32 px on the 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -212,11 +213,14 @@ rank = int(os.environ["RANK"])
 def record(fold, epoch, model):
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, f"{sys.argv[2]}/rank{rank}_fold{fold}.pt")
 run_stage("train", cfg, {"on_epoch_end": record})
+run_stage("embed", cfg)
 """
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(small_competition, tmp_path):
+def test_ddp_two_processes_gloo_train_then_embed(small_competition, tmp_path):
+    """train, then embed, in one torchrun launch of two processes (gloo): the ranks end each fold with the same
+    weights, each sees half of the batches; the embeddings equal one process's (float rounding), rank 0 speaks."""
     import yaml
 
     cfg = make_experiment(small_competition, tmp_path / "exp", "train.epochs=1", "train.batch_size=8")
@@ -240,4 +244,14 @@ def test_ddp_two_processes_gloo(small_competition, tmp_path):
     assert sorted(oof[ID]) == sorted(comp.train[ID]) and oof["pred"].between(0, 100).all()
     # each rank saw half of the fold's training images: 80 / 2 / 8 = 5 steps, logged once (rank 0 only)
     assert proc.stderr.count("fold 0: 80 train / 40 val images") == 1 and "5 steps/epoch" in proc.stderr
-    assert not list(cfg.out.rglob(".*.tmp"))
+    # embed: each rank embeds every 2nd image, one gather, rank 0 writes; one process on the same checkpoints
+    assert proc.stderr.count("embed summary: fold0=computed, fold1=computed, fold2=computed") == 1
+    one = Path(shutil.copytree(cfg.out, tmp_path / "one" / "exp", ignore=shutil.ignore_patterns("emb")))
+    run_stage("embed", load_config(str(tmp_path / "cfg.yaml"), [], output_dir=str(one)))
+    for k in range(N_FOLDS):
+        assert (cfg.out / "emb" / f"fold{k}" / "manifest.json").is_file()
+        for split in ("train", "test"):
+            ddp, alone = (pd.read_parquet(r / "emb" / f"fold{k}" / f"{split}.parquet") for r in (cfg.out, one))
+            assert list(ddp.columns) == list(alone.columns) and ddp[ID].tolist() == alone[ID].tolist()
+            np.testing.assert_allclose(ddp.drop(columns=ID).to_numpy(), alone.drop(columns=ID).to_numpy(), atol=1e-5)
+    assert not [p for p in cfg.out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".write-probe")]
