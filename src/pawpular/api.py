@@ -82,7 +82,7 @@ def config_from(
 def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
     """Run ``stage`` ("all" = every pipeline stage in order, under one lock) with a resolved config."""
     from .logs.tracking import require
-    from .machine.distributed import held_group, is_lead_process
+    from .machine.distributed import is_lead_process
     from .runner import check_data_folder, not_needed_why, run_stage
     from .stages import needed
     from .store.lock import experiment_lock, interruptible
@@ -95,8 +95,8 @@ def run_config(stage: str, cfg: Config, hooks: dict | None = None) -> Path:
         if stage != "all":
             run_stage(stage, cfg, hooks)
             return MAIN_OUTPUT[stage](cfg.out)
-        lock = experiment_lock(cfg.out, "all") if is_lead_process() else contextlib.nullcontext()
-        with lock, held_group(cfg.device):  # under torchrun: train and embed on every rank, the rest on rank 0
+        # under torchrun: train and embed on every rank, the rest on rank 0 (machine/distributed.py)
+        with experiment_lock(cfg.out, "all") if is_lead_process() else contextlib.nullcontext():
             if is_lead_process():
                 from .recipe import describe
 

@@ -7,6 +7,7 @@ images over the ranks and gathers the parts once (``shard`` / ``gather``).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -88,23 +89,33 @@ def current() -> Dist:
     return Dist(int(env_number("RANK", 0)), world, int(env_number("LOCAL_RANK", 0)))
 
 
-def _join(dist: Dist, device: str) -> bool:
-    """This rank in the launch's process group: started here (True), or the one ``held_group`` holds, joined at a
-    barrier, so that no rank reads a stage's upstream before rank 0 has finished the stage before it."""
+def _join(dist: Dist, device: str) -> None:
+    """This rank in the launch's process group. The first distributed stage of the process starts it, and it stays up
+    for the process's later stages (ended at exit): a group started again in a process that ended one can hang in
+    its rendezvous (seen with gloo). Starting it is a meeting of every rank, and a later stage joins it at a barrier:
+    no rank reads a stage's upstream before rank 0 has finished what came before (``torchrun ... all``: rank 0 runs
+    folds before train, and svr and ensemble after embed, alone)."""
     import torch
 
     if device == "cuda":
         torch.cuda.set_device(dist.local_rank)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        return False
+        return
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
-    return True
+    atexit.register(_end)
+
+
+def _end() -> None:
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
 def process_group(device: str, distributed: bool = True) -> Iterator[Dist]:
-    """Start the process group for the block when launched by torchrun (and end it if we started it).
+    """This rank in the process group for the block when launched by torchrun (see ``_join``).
 
     ``distributed`` False: a stage that rank 0 runs alone (folds, svr, ensemble, ...) gets ``Dist()`` and no group.
     """
@@ -112,11 +123,10 @@ def process_group(device: str, distributed: bool = True) -> Iterator[Dist]:
     if not distributed:
         yield Dist()
         return
-    import torch
-
-    started = False
     if dist.enabled:
-        started = _join(dist, device)
+        import torch
+
+        _join(dist, device)
         log.info(
             "DDP: rank %d of %d (local rank %d, %s)",
             dist.rank,
@@ -130,32 +140,6 @@ def process_group(device: str, distributed: bool = True) -> Iterator[Dist]:
         yield dist
     finally:
         log.setLevel(level)  # each stage's group starts with every rank saying it joined
-        if started:
-            torch.distributed.destroy_process_group()
-
-
-@contextlib.contextmanager
-def held_group(device: str) -> Iterator[None]:
-    """``torchrun ... all``: one process group for all the stages, ended after the last (nothing without torchrun).
-
-    A group started again in a process that ended one can hang in its rendezvous (seen with gloo); and the ranks
-    that skip what rank 0 runs alone (folds before train, svr and ensemble after embed) wait for it at the next
-    distributed stage's barrier (``_join``). ``device``: the config's (auto | cpu | cuda).
-    """
-    dist = current()
-    if not dist.enabled:
-        yield
-        return
-    import torch
-
-    from .backend import resolve_device
-
-    started = _join(dist, resolve_device(device))
-    try:
-        yield
-    finally:
-        if started:
-            torch.distributed.destroy_process_group()
 
 
 def torch_device(device: str, dist: Dist) -> Any:
