@@ -262,13 +262,17 @@ def test_torchrun_bf16_compiled_channels_last(experiment_run, small_competition,
     out = tmp_path / "ddp"
     shutil.copytree(experiment_run / "folds", out / "folds")
     args = tiny_args(small_competition, out, *BF16)
-    proc = subprocess.run(torchrun("-m", "pawpular.cli", "all", *args), capture_output=True, text=True, env=ENV)
+    cmd = torchrun("-m", "pawpular.cli", "all", *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     err = proc.stderr  # `all` in one launch: train and embed on both ranks, folds, svr and ensemble on rank 0
     assert err.count("DDP: rank 1 of 2 (local rank 1, gloo)") == 2 and "== embed done" in err
     assert "Grad strides do not match" not in err  # channels_last before DDP builds its buckets
     assert "cpu, bf16, channels_last, compiled" in err
-    assert (out / "submission.csv").is_file() and cli.main(["all", *args]) == 0  # done: every stage cached
+    with caplog.at_level(logging.INFO, logger="pawpular"):
+        assert (out / "submission.csv").is_file() and cli.main(["all", *args]) == 0
+    assert caplog.text.count("cached in") == 5, caplog.text  # done: folds, train, embed, svr, ensemble
+    caplog.clear()
     _assert_recorded(out, "bf16")
     for k in range(3):  # the compiled module's keys (_orig_mod.) never reach a checkpoint: a plain model loads it
         ckpt = torch.load(out / "train" / f"fold{k}" / "best.pt", weights_only=True)

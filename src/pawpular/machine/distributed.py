@@ -92,7 +92,7 @@ def current() -> Dist:
 def _join(dist: Dist, device: str) -> None:
     """This rank in the launch's process group. The first distributed stage of the process starts it, and it stays up
     for the process's later stages (ended at exit): a group started again in a process that ended one can hang in
-    its rendezvous (seen with gloo). Starting it is a meeting of every rank, and a later stage joins it at a barrier:
+    its rendezvous (seen with gloo). Starting it ends at a barrier, and a later stage joins it at one:
     no rank reads a stage's upstream before rank 0 has finished what came before (``torchrun ... all``: rank 0 runs
     folds before train, and svr and ensemble after embed, alone)."""
     import torch
@@ -104,6 +104,7 @@ def _join(dist: Dist, device: str) -> None:
         return
     torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
     atexit.register(_end)
+    torch.distributed.barrier()  # the meeting itself: nccl's init returns at once (gloo's waits for every rank)
 
 
 def _end() -> None:
