@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,18 @@ def fault_commits(log: Path) -> list[tuple[int, str]]:
     ``PAWPULAR_FAULT_KILL_AT=k`` is SIGKILLed at the k-th (``files._commit_point``)."""
     rows = (line.split(maxsplit=2) for line in log.read_text().splitlines()) if log.is_file() else ()
     return [(int(k), path) for k, _, path in rows]
+
+
+@contextlib.contextmanager
+def commits_counted(log: Path) -> Iterator[None]:
+    """A command run in this process within the block lists its file commits in ``log``, counted from 1 as a fresh
+    process counts them (``fault_commits`` reads them back)."""
+    from pawpular.store import files
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(files, "_commits", 0)
+        m.setenv("PAWPULAR_FAULT_LOG", str(log))
+        yield
 
 
 def _sigint_default() -> None:  # a test run in the background inherits SIGINT ignored: a terminal's child has it

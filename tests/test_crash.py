@@ -15,6 +15,7 @@ The default suite takes one k per command (seeded, different each command); ``-m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import CONFIG, REPO, built_once, fault_commits
+from conftest import CONFIG, REPO, built_once, commits_counted, fault_commits
 
 pytestmark = pytest.mark.slow
 
@@ -62,19 +63,14 @@ def _run_here(argv: list[str], log: Path | None = None) -> int:
     import torch
 
     from pawpular.cli import main as cli
-    from pawpular.store import files
 
-    threads, before = torch.get_num_threads(), os.environ.get("PAWPULAR_FAULT_LOG")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    if log is not None:
-        files._commits, os.environ["PAWPULAR_FAULT_LOG"] = 0, str(log)
     try:
-        return cli.main(argv[3:])  # after `python -m pawpular`
+        with commits_counted(log) if log is not None else contextlib.nullcontext():
+            return cli.main(argv[3:])  # after `python -m pawpular`
     finally:
         torch.set_num_threads(threads)
-        os.environ.pop("PAWPULAR_FAULT_LOG", None)
-        if before is not None:
-            os.environ["PAWPULAR_FAULT_LOG"] = before
 
 
 def _normalize(rel: str, data: bytes) -> bytes:

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CONFIG, TINY, build_run, fault_commits, tiny_args, torchrun
+from conftest import CONFIG, TINY, build_run, commits_counted, fault_commits, tiny_args, torchrun
 
 import pawpular
 from pawpular.data.tables import ID, TARGET, read_competition
@@ -218,12 +218,9 @@ def test_sigkill_mid_epoch_in_fp16_resumes_with_the_scalers_state(
     # last.pt comes once epoch 2 has trained: killed there, epoch 2's work is lost and last.pt holds epoch 1 (a kill
     # by the clock raced a fast epoch here).
     from pawpular.cli import main as cli
-    from pawpular.store import files
 
     log = tmp_path / "commits.log"
-    with monkeypatch.context() as m:
-        m.setattr(files, "_commits", 0)  # counted from this run's first commit, as in a fresh process
-        m.setenv("PAWPULAR_FAULT_LOG", str(log))
+    with commits_counted(log):
         assert cli.main(["train", *tiny_args(small_competition, probe, *FP16, "train.folds=[0]")]) == 0
     after_epoch_1 = next(k for k, path in fault_commits(log) if path.endswith("fold0/last.pt")) + 1
     r = train(out, PAWPULAR_FAULT_KILL_AT=str(after_epoch_1))
